@@ -1,0 +1,258 @@
+//! Administration, run by the controller (the metadata group's leader): tenants, stations and
+//! their placement, plus node liveness probes and the cluster's view of each partition.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use junction_proto::peer::{NodeStatusRequest, NodeStatusResponse};
+use junction_types::meta::place_replicas;
+use junction_types::names::validate_tenant;
+use junction_types::{
+    Command, CommandResponse, GroupId, MAX_PARTITIONS, META_GROUP, MetaCommand, NodeId,
+    StationMeta, StationName,
+};
+use openraft::errors::{ClientWriteError, RaftError};
+
+use crate::partition::now_ms;
+use crate::{Broker, BrokerError};
+
+/// How long a liveness probe waits for a node.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The cluster's view of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionView {
+    pub partition: u32,
+    pub group_id: GroupId,
+    pub replicas: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    pub next_offset: u64,
+    pub start_offset: u64,
+}
+
+/// What a status probe of every member found.
+pub type Probe = BTreeMap<NodeId, Option<NodeStatusResponse>>;
+
+impl Broker {
+    /// Fails with `NotLeader` (naming the leader) unless this node leads the metadata group.
+    pub fn ensure_controller(&self) -> Result<(), BrokerError> {
+        let (leader, _) = self.meta_leader();
+        if leader == Some(self.node_id()) {
+            return Ok(());
+        }
+        Err(BrokerError::NotLeader {
+            node: self.node_id(),
+            group: META_GROUP,
+            leader: leader.and_then(|l| self.addr_of(l).map(|a| (l, a))),
+        })
+    }
+
+    async fn meta_write(&self, cmd: MetaCommand) -> Result<CommandResponse, BrokerError> {
+        match self.meta_raft().client_write(Command::Meta(cmd)).await {
+            Ok(resp) => match resp.data {
+                CommandResponse::MetaRejected(e) => Err(BrokerError::Meta(e)),
+                other => Ok(other),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(BrokerError::NotLeader {
+                    node: self.node_id(),
+                    group: META_GROUP,
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                })
+            }
+            Err(e) => Err(BrokerError::Unavailable(format!(
+                "metadata write failed: {e}"
+            ))),
+        }
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, name: &str) -> Result<(), BrokerError> {
+        validate_tenant(name)?;
+        self.ensure_controller()?;
+        self.meta_write(MetaCommand::CreateTenant {
+            name: name.to_string(),
+            now_ms: now_ms(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Creates a station, placing its replicas on the least-loaded live nodes, and waits (up to
+    /// 10 s) until every partition has a leader.
+    pub async fn create_station(
+        &self,
+        name: &StationName,
+        partitions: u32,
+        replication_factor: u32,
+        max_message_bytes: u32,
+    ) -> Result<StationMeta, BrokerError> {
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(BrokerError::InvalidArgument(format!(
+                "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
+            )));
+        }
+        if ![1, 3, 5].contains(&replication_factor) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "replication factor must be 1, 3 or 5, got {replication_factor}"
+            )));
+        }
+        let ceiling = self.config().max_message_bytes;
+        let max_message_bytes = if max_message_bytes == 0 {
+            ceiling
+        } else {
+            max_message_bytes
+        };
+        if max_message_bytes > ceiling {
+            return Err(BrokerError::InvalidArgument(format!(
+                "max message size {max_message_bytes} exceeds the server's limit of {ceiling} bytes"
+            )));
+        }
+        self.ensure_controller()?;
+        let members = self.node_addrs().len();
+        let live: BTreeSet<NodeId> = self
+            .probe_nodes()
+            .await
+            .into_iter()
+            .filter(|(_, s)| s.is_some())
+            .map(|(id, _)| id)
+            .collect();
+        if (replication_factor as usize) > live.len() {
+            return Err(BrokerError::TooFewNodes {
+                requested: replication_factor,
+                live: live.len(),
+                members,
+            });
+        }
+        let placement = place_replicas(
+            &live,
+            &self.metadata().replica_counts(),
+            partitions,
+            replication_factor,
+        );
+        let cmd = MetaCommand::CreateStation {
+            tenant: name.tenant.clone(),
+            name: name.name.clone(),
+            placement,
+            replication_factor,
+            max_message_bytes,
+            now_ms: now_ms(),
+        };
+        let station = match self.meta_write(cmd).await? {
+            CommandResponse::StationCreated(s) => s,
+            other => {
+                return Err(BrokerError::Raft(format!(
+                    "unexpected create result {other:?}"
+                )));
+            }
+        };
+        self.wait_for_leaders(&station, Duration::from_secs(10))
+            .await;
+        Ok(station)
+    }
+
+    async fn wait_for_leaders(&self, station: &StationMeta, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let views = self.partition_views(station, &self.probe_nodes().await);
+            if views.iter().all(|v| v.leader.is_some()) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(station = %station.full_name(), "some partitions have no leader yet");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deletes a station; every replica removes its data when it applies the change.
+    pub async fn delete_station(&self, name: &StationName) -> Result<(), BrokerError> {
+        self.ensure_controller()?;
+        self.meta_write(MetaCommand::DeleteStation {
+            tenant: name.tenant.clone(),
+            name: name.name.clone(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Returns a station from this node's metadata.
+    pub fn station(&self, name: &StationName) -> Result<StationMeta, BrokerError> {
+        self.metadata()
+            .stations
+            .get(&name.full())
+            .cloned()
+            .ok_or_else(|| BrokerError::StationNotFound(name.full()))
+    }
+
+    /// Asks every member for its status; `None` for members that did not answer in time.
+    pub async fn probe_nodes(&self) -> Probe {
+        let me = self.node_id();
+        let calls = self.node_addrs().into_iter().map(|(id, addr)| async move {
+            if id == me {
+                return (id, Some(self.local_status()));
+            }
+            let Ok(mut client) = self.peers().client(&addr) else {
+                return (id, None);
+            };
+            let r =
+                tokio::time::timeout(PROBE_TIMEOUT, client.node_status(NodeStatusRequest {})).await;
+            (
+                id,
+                r.ok().and_then(Result::ok).map(tonic::Response::into_inner),
+            )
+        });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    /// Combines probe answers into one view per partition: the leader as reported by the
+    /// replica with the highest term, and the offsets reported by that leader (or the highest
+    /// seen when the leader did not answer).
+    pub fn partition_views(&self, station: &StationMeta, probe: &Probe) -> Vec<PartitionView> {
+        let mut by_group: BTreeMap<GroupId, Vec<&junction_proto::peer::GroupStatus>> =
+            BTreeMap::new();
+        for status in probe.values().flatten() {
+            for g in &status.groups {
+                by_group.entry(g.group).or_default().push(g);
+            }
+        }
+        station
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let reports = by_group
+                    .get(&p.group_id)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let best = reports
+                    .iter()
+                    .filter(|g| g.leader.is_some())
+                    .max_by_key(|g| g.term);
+                let leader = best.and_then(|g| g.leader);
+                let from_leader = leader.and_then(|l| {
+                    probe
+                        .get(&l)
+                        .and_then(Option::as_ref)
+                        .and_then(|s| s.groups.iter().find(|g| g.group == p.group_id))
+                });
+                let (next_offset, start_offset) = match from_leader {
+                    Some(g) => (g.next_offset, g.start_offset),
+                    None => (
+                        reports.iter().map(|g| g.next_offset).max().unwrap_or(0),
+                        reports.iter().map(|g| g.start_offset).max().unwrap_or(0),
+                    ),
+                };
+                PartitionView {
+                    partition: i as u32,
+                    group_id: p.group_id,
+                    replicas: p.replicas.clone(),
+                    leader,
+                    next_offset,
+                    start_offset,
+                }
+            })
+            .collect()
+    }
+}

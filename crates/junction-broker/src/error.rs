@@ -1,0 +1,65 @@
+//! The broker's error type. The server maps each variant to one gRPC status.
+
+use junction_types::{GroupId, MetaError, NameError, NodeId};
+
+/// Everything a broker operation can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("station '{0}' does not exist")]
+    StationNotFound(String),
+    #[error(
+        "partition {partition} is out of range: station '{station}' has {partitions} partitions (0..{partitions})"
+    )]
+    PartitionOutOfRange {
+        station: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error(
+        "replication factor {requested} needs {requested} live nodes, but only {live} of {members} nodes are reachable"
+    )]
+    TooFewNodes {
+        requested: u32,
+        live: usize,
+        members: usize,
+    },
+    #[error("message of {size} bytes exceeds the station's limit of {max} bytes")]
+    MessageTooLarge { size: usize, max: usize },
+    /// Not the leader of the group; retry on `leader` (when known).
+    #[error("node {node} is not the leader of group {group}{}", leader_hint(.leader))]
+    NotLeader {
+        node: NodeId,
+        group: GroupId,
+        leader: Option<(NodeId, String)>,
+    },
+    /// This node does not host the group (yet, or any more).
+    #[error("group {group} is not hosted on node {node}")]
+    NotHosted { node: NodeId, group: GroupId },
+    /// Transient: no leader, raft shutting down, peer unreachable, outcome unknown.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Storage(#[from] junction_storage::StorageError),
+    #[error("raft failed: {0}")]
+    Raft(String),
+}
+
+fn leader_hint(leader: &Option<(NodeId, String)>) -> String {
+    match leader {
+        Some((id, addr)) => format!("; the leader is node {id} at {addr}"),
+        None => "; no leader is known yet".to_string(),
+    }
+}
+
+impl From<std::io::Error> for BrokerError {
+    fn from(e: std::io::Error) -> Self {
+        BrokerError::Raft(e.to_string())
+    }
+}

@@ -1,0 +1,415 @@
+//! The broker: everything one Junction node does, independent of the wire protocol.
+//!
+//! - [`Broker`]: owns the node's Raft groups — the metadata group (whose leader is the
+//!   controller) and one group per hosted partition replica — and bootstraps the cluster.
+//! - [`reconcile`]: makes the partition groups running on this node match the metadata.
+//! - [`controller`]: station and tenant administration, node liveness, cluster status.
+//! - [`partition`]: a hosted replica and its group-commit batcher.
+//!
+//! Depends on types, storage and raft; knows nothing of gRPC services (the server crate maps
+//! requests onto these calls and [`BrokerError`] onto statuses).
+
+pub mod controller;
+mod error;
+pub mod partition;
+mod reconcile;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use junction_proto::peer::{GroupStatus, NodeStatusResponse};
+use junction_raft::{
+    GroupHost, LogStore, MetaRaft, MetaShared, MetaStateMachine, NetworkFactory, PartitionRaft,
+    PartitionState, PeerPool, RaftTuning,
+};
+use junction_storage::{RawMessage, Store};
+use junction_types::{GroupId, META_GROUP, MetaState, NodeId, Record};
+use openraft::async_runtime::watch::WatchReceiver;
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::error::BrokerError;
+pub use crate::partition::{Appended, BatchLimits, PartitionReplica};
+
+/// What the broker needs to know about its node and cluster.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub node_id: NodeId,
+    /// Initial members: id → advertised `host:port` (client and peer gRPC).
+    pub members: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    pub tuning: RaftTuning,
+    /// Station default and ceiling for one message.
+    pub max_message_bytes: u32,
+    pub batch: BatchLimits,
+}
+
+/// One node's broker. Shared as `Arc<Broker>`.
+pub struct Broker {
+    cfg: BrokerConfig,
+    store: Store,
+    pool: Arc<PeerPool>,
+    meta: MetaRaft,
+    meta_shared: Arc<MetaShared>,
+    partitions: RwLock<HashMap<GroupId, Arc<PartitionReplica>>>,
+    /// Serialises reconciliation (the loop and explicit calls).
+    reconcile_lock: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Broker {
+    /// Opens the node's groups and starts the metadata group. The lowest-id member with empty
+    /// state initialises the cluster; a node with existing state never re-initialises.
+    pub async fn start(cfg: BrokerConfig, store: Store) -> Result<Arc<Self>, BrokerError> {
+        let pool = Arc::new(PeerPool::default());
+        let sm = MetaStateMachine::open(store.clone())?;
+        let meta_shared = sm.shared();
+        let config = cfg
+            .tuning
+            .config("junction-meta")
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        let meta = MetaRaft::new(
+            cfg.node_id,
+            config,
+            NetworkFactory::new(META_GROUP, pool.clone()),
+            LogStore::new(store.clone(), META_GROUP),
+            sm,
+        )
+        .await
+        .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        let broker = Arc::new(Self {
+            cfg,
+            store,
+            pool,
+            meta,
+            meta_shared,
+            partitions: RwLock::new(HashMap::new()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        broker.bootstrap_metadata().await?;
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.reconcile_loop().await });
+        Ok(broker)
+    }
+
+    async fn bootstrap_metadata(&self) -> Result<(), BrokerError> {
+        let lowest = self.cfg.members.keys().next().copied();
+        if lowest != Some(self.cfg.node_id) {
+            return Ok(());
+        }
+        let initialized = self
+            .meta
+            .is_initialized()
+            .await
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        let nodes: BTreeMap<NodeId, openraft::BasicNode> = self
+            .cfg
+            .members
+            .iter()
+            .map(|(id, addr)| (*id, openraft::BasicNode::new(addr)))
+            .collect();
+        tracing::info!(members = ?self.cfg.members, "initialising a new cluster");
+        match self.meta.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(openraft::errors::RaftError::APIError(
+                openraft::errors::InitializeError::NotAllowed(e),
+            )) => {
+                tracing::info!("cluster already initialised: {e}");
+                Ok(())
+            }
+            Err(e) => Err(BrokerError::Raft(e.to_string())),
+        }
+    }
+
+    /// Returns this node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    /// Returns the broker's configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// Returns the metadata as this node last applied it.
+    pub fn metadata(&self) -> Arc<MetaState> {
+        self.meta_shared.current()
+    }
+
+    /// Returns a receiver of metadata changes.
+    pub fn subscribe_metadata(&self) -> tokio::sync::watch::Receiver<Arc<MetaState>> {
+        self.meta_shared.subscribe()
+    }
+
+    /// Returns the metadata group's Raft handle.
+    pub fn meta_raft(&self) -> &MetaRaft {
+        &self.meta
+    }
+
+    /// Returns (leader id, term) of the metadata group as this node sees it.
+    pub fn meta_leader(&self) -> (Option<NodeId>, u64) {
+        let m = self.meta.metrics();
+        let m = m.borrow_watched();
+        (m.current_leader, m.current_term)
+    }
+
+    /// Returns the advertised address of every member, from the metadata group's membership.
+    pub fn node_addrs(&self) -> BTreeMap<NodeId, String> {
+        let m = self.meta.metrics();
+        let m = m.borrow_watched();
+        let from_membership: BTreeMap<NodeId, String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        if from_membership.is_empty() {
+            self.cfg.members.clone()
+        } else {
+            from_membership
+        }
+    }
+
+    /// Returns the address of `node`, if known.
+    pub fn addr_of(&self, node: NodeId) -> Option<String> {
+        self.node_addrs().remove(&node)
+    }
+
+    /// Returns the replica of `group` hosted here.
+    pub fn partition(&self, group: GroupId) -> Option<Arc<PartitionReplica>> {
+        self.partitions.read().get(&group).cloned()
+    }
+
+    /// Returns the ids of the partition groups hosted here.
+    pub fn hosted(&self) -> Vec<GroupId> {
+        self.partitions.read().keys().copied().collect()
+    }
+
+    /// Returns the node-to-node client pool.
+    pub fn peers(&self) -> &Arc<PeerPool> {
+        &self.pool
+    }
+
+    /// Appends records to a partition this node leads. Resolves once they are committed by a
+    /// majority (fsynced) and applied.
+    pub async fn append(
+        &self,
+        group: GroupId,
+        records: Vec<Record>,
+    ) -> Result<Appended, BrokerError> {
+        let replica = self.partition(group).ok_or(BrokerError::NotHosted {
+            node: self.cfg.node_id,
+            group,
+        })?;
+        let bytes = records.iter().map(Record::size).sum();
+        let (tx, rx) = oneshot::channel();
+        replica
+            .appends
+            .send(partition::AppendRequest {
+                records,
+                bytes,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| {
+                BrokerError::Unavailable(format!("partition group {group} is stopping"))
+            })?;
+        rx.await.map_err(|_| {
+            BrokerError::Unavailable(format!(
+                "partition group {group} stopped; the append's outcome is unknown"
+            ))
+        })?
+    }
+
+    /// Reads committed messages of a hosted partition from `from`; returns them with the
+    /// partition state they were read against.
+    pub fn read(
+        &self,
+        group: GroupId,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<RawMessage>, PartitionState), BrokerError> {
+        let replica = self.partition(group).ok_or(BrokerError::NotHosted {
+            node: self.cfg.node_id,
+            group,
+        })?;
+        let state = replica.shared.current();
+        let from = from.max(state.start_offset);
+        let msgs = self.store.read_messages(
+            group,
+            from,
+            state.next_offset,
+            max_count.max(1),
+            max_bytes.max(1),
+        )?;
+        Ok((msgs, state))
+    }
+
+    /// Returns the offset of the first message at or after `ts_ms` (or the end).
+    pub fn offset_for_time(&self, group: GroupId, ts_ms: i64) -> Result<u64, BrokerError> {
+        let replica = self.partition(group).ok_or(BrokerError::NotHosted {
+            node: self.cfg.node_id,
+            group,
+        })?;
+        let end = replica.shared.current().next_offset;
+        Ok(self
+            .store
+            .seek_time(group, ts_ms)?
+            .map_or(end, |o| o.min(end)))
+    }
+
+    /// Returns the RocksDB handle.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Returns the token cancelled when the broker shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops every group: hands off nothing yet, but stops Raft cores cleanly so that RocksDB
+    /// can be closed.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let groups: Vec<Arc<PartitionReplica>> =
+            self.partitions.write().drain().map(|(_, r)| r).collect();
+        for r in groups {
+            let _ignored = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+        }
+        let _ignored = tokio::time::timeout(Duration::from_secs(5), self.meta.shutdown()).await;
+        let _ignored = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+
+    async fn open_partition(&self, group: GroupId, replicas: &[NodeId]) -> Result<(), BrokerError> {
+        let sm = junction_raft::PartitionStateMachine::open(self.store.clone(), group)?;
+        let shared = sm.shared();
+        let config = self
+            .cfg
+            .tuning
+            .config(&format!("junction-partition-{group}"))
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        let raft = PartitionRaft::new(
+            self.cfg.node_id,
+            config,
+            NetworkFactory::new(group, self.pool.clone()),
+            LogStore::new(self.store.clone(), group),
+            sm,
+        )
+        .await
+        .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        if replicas.first() == Some(&self.cfg.node_id)
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| BrokerError::Raft(e.to_string()))?
+        {
+            let addrs = self.node_addrs();
+            let mut nodes = BTreeMap::new();
+            for r in replicas {
+                let addr = addrs.get(r).cloned().ok_or_else(|| {
+                    BrokerError::Unavailable(format!(
+                        "no address known for node {r} (group {group})"
+                    ))
+                })?;
+                nodes.insert(*r, openraft::BasicNode::new(addr));
+            }
+            if let Err(e) = raft.initialize(nodes).await {
+                tracing::debug!(group, "partition group initialise: {e}");
+            }
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let node = self.cfg.node_id;
+        let limits = self.cfg.batch;
+        let r2 = raft.clone();
+        self.tasks
+            .spawn(partition::run_batcher(node, group, r2, rx, limits));
+        let replica = Arc::new(PartitionReplica {
+            group,
+            raft,
+            shared,
+            appends: tx,
+        });
+        self.partitions.write().insert(group, replica);
+        tracing::info!(group, ?replicas, "partition replica started");
+        Ok(())
+    }
+
+    async fn close_partition(&self, group: GroupId, delete_data: bool) {
+        let replica = self.partitions.write().remove(&group);
+        if let Some(r) = replica {
+            let _ignored = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+        }
+        if delete_data {
+            let store = self.store.clone();
+            let res = tokio::task::spawn_blocking(move || store.delete_group(group)).await;
+            match res {
+                Ok(Ok(())) => tracing::info!(group, "partition replica deleted"),
+                Ok(Err(e)) => tracing::error!(group, error = %e, "deleting partition data failed"),
+                Err(e) => tracing::error!(group, error = %e, "deleting partition data panicked"),
+            }
+        }
+    }
+
+    /// Returns the status of every group hosted here (for peers and the admin API).
+    pub fn local_status(&self) -> NodeStatusResponse {
+        let mut groups = Vec::new();
+        {
+            let m = self.meta.metrics();
+            let m = m.borrow_watched();
+            groups.push(GroupStatus {
+                group: META_GROUP,
+                leader: m.current_leader,
+                next_offset: 0,
+                start_offset: 0,
+                term: m.current_term,
+            });
+        }
+        let replicas: Vec<Arc<PartitionReplica>> =
+            self.partitions.read().values().cloned().collect();
+        for r in replicas {
+            let s = r.shared.current();
+            groups.push(GroupStatus {
+                group: r.group,
+                leader: r.leader(),
+                next_offset: s.next_offset,
+                start_offset: s.start_offset,
+                term: r.term(),
+            });
+        }
+        NodeStatusResponse {
+            node_id: self.cfg.node_id,
+            groups,
+        }
+    }
+}
+
+impl GroupHost for Broker {
+    fn meta_raft(&self) -> Option<MetaRaft> {
+        Some(self.meta.clone())
+    }
+
+    fn partition_raft(&self, group: GroupId) -> Option<PartitionRaft> {
+        self.partition(group).map(|r| r.raft.clone())
+    }
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("snapshots")
+    }
+
+    fn node_status(&self) -> NodeStatusResponse {
+        self.local_status()
+    }
+}

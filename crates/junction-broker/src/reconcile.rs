@@ -1,0 +1,65 @@
+//! Keeps the partition groups running on this node equal to what the metadata assigns it.
+//!
+//! Runs after every metadata change and once a second (to retry failures). A group is only
+//! removed when the metadata has seen its creation (`group < next_group_id`) and no longer
+//! lists this node: a node whose metadata lags never deletes a group it was just given.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use junction_types::{GroupId, META_GROUP, MetaState};
+
+use crate::Broker;
+
+impl Broker {
+    pub(crate) async fn reconcile_loop(self: Arc<Self>) {
+        let mut rx = self.subscribe_metadata();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            self.reconcile(&state).await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Starts missing replicas and removes ones the metadata no longer assigns here.
+    pub async fn reconcile(&self, state: &MetaState) {
+        let _serial = self.reconcile_lock.lock().await;
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let wanted = state.groups_of(self.node_id());
+        let running: BTreeSet<GroupId> = self.hosted().into_iter().collect();
+        for (group, replicas) in &wanted {
+            if !running.contains(group) {
+                if let Err(e) = self.open_partition(*group, replicas).await {
+                    tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
+                }
+            }
+        }
+        for group in &running {
+            if !wanted.contains_key(group) && *group < state.next_group_id {
+                self.close_partition(*group, true).await;
+            }
+        }
+        // Data of groups deleted while this node was down.
+        match self.store.hosted_groups() {
+            Ok(stored) => {
+                for group in stored {
+                    if group != META_GROUP
+                        && group < state.next_group_id
+                        && !wanted.contains_key(&group)
+                        && self.partition(group).is_none()
+                    {
+                        self.close_partition(group, true).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing stored groups failed"),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Tenants, stations and cluster status.
+
+use junction_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, CreateStationRequest, CreateTenantRequest,
+    DeleteStationRequest, DescribeStationRequest, ListStationsRequest, ListTenantsRequest,
+    StationInfo,
+};
+
+use crate::client::Client;
+use crate::error::ClientError;
+
+/// What [`Client::create_station_with`] creates. Zero fields mean the server's default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StationSpec {
+    /// `tenant/name`, or `name` for the `default` tenant.
+    pub name: String,
+    /// 1 to 1024; 0 means 1.
+    pub partitions: u32,
+    /// 1, 3 or 5; 0 lets the server choose (3 on clusters of three or more nodes).
+    pub replication_factor: u32,
+    /// Largest accepted message; 0 means the server's configured maximum.
+    pub max_message_bytes: u32,
+}
+
+impl StationSpec {
+    /// A station with server defaults for everything but the name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            partitions: 0,
+            replication_factor: 0,
+            max_message_bytes: 0,
+        }
+    }
+
+    /// Sets the number of partitions.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Sets the replication factor.
+    pub fn replication_factor(mut self, replication_factor: u32) -> Self {
+        self.replication_factor = replication_factor;
+        self
+    }
+
+    /// Sets the largest accepted message size.
+    pub fn max_message_bytes(mut self, max_message_bytes: u32) -> Self {
+        self.max_message_bytes = max_message_bytes;
+        self
+    }
+}
+
+impl Client {
+    /// Creates a tenant. A retry after a lost reply can report ALREADY_EXISTS.
+    pub async fn create_tenant(&self, name: &str) -> Result<(), ClientError> {
+        let req = CreateTenantRequest {
+            name: name.to_owned(),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut admin = self.admin(ch);
+            async move { admin.create_tenant(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Every tenant's name.
+    pub async fn list_tenants(&self) -> Result<Vec<String>, ClientError> {
+        let resp = self
+            .with_retry(|ch| {
+                let mut admin = self.admin(ch);
+                async move { admin.list_tenants(ListTenantsRequest {}).await }
+            })
+            .await?;
+        Ok(resp.into_inner().tenants)
+    }
+
+    /// Creates a station (`tenant/name` or `name`) with the server's maximum message size.
+    /// A retry after a lost reply can report ALREADY_EXISTS.
+    pub async fn create_station(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+    ) -> Result<StationInfo, ClientError> {
+        self.create_station_with(
+            StationSpec::new(name)
+                .partitions(partitions)
+                .replication_factor(replication_factor),
+        )
+        .await
+    }
+
+    /// Creates a station from a full [`StationSpec`].
+    pub async fn create_station_with(&self, spec: StationSpec) -> Result<StationInfo, ClientError> {
+        let req = CreateStationRequest {
+            name: spec.name,
+            partitions: spec.partitions,
+            replication_factor: spec.replication_factor,
+            max_message_bytes: spec.max_message_bytes,
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.create_station(req).await }
+            })
+            .await?;
+        resp.into_inner()
+            .station
+            .ok_or_else(|| ClientError::invalid_response("CreateStation reply has no station"))
+    }
+
+    /// The stations of one tenant, or of every tenant when `tenant` is `None`.
+    pub async fn list_stations(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<StationInfo>, ClientError> {
+        let req = ListStationsRequest {
+            tenant: tenant.unwrap_or_default().to_owned(),
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.list_stations(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner().stations)
+    }
+
+    /// One station with its partitions' leaders, replicas and offsets.
+    pub async fn describe_station(&self, name: &str) -> Result<StationInfo, ClientError> {
+        let req = DescribeStationRequest {
+            name: name.to_owned(),
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.describe_station(req).await }
+            })
+            .await?;
+        resp.into_inner()
+            .station
+            .ok_or_else(|| ClientError::invalid_response("DescribeStation reply has no station"))
+    }
+
+    /// Deletes a station and its messages. A retry after a lost reply can report NOT_FOUND.
+    pub async fn delete_station(&self, name: &str) -> Result<(), ClientError> {
+        let req = DeleteStationRequest {
+            name: name.to_owned(),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut admin = self.admin(ch);
+            async move { admin.delete_station(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Nodes, the metadata leader, and every station with its partitions.
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        let resp = self
+            .with_retry(|ch| {
+                let mut admin = self.admin(ch);
+                async move { admin.cluster_status(ClusterStatusRequest {}).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+}

@@ -1,0 +1,447 @@
+//! The client handle: address book, cached channels and the retry loop every call goes through.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use junction_proto::v1::admin_client::AdminClient;
+use junction_proto::v1::broker_client::BrokerClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::ClientError;
+use crate::retry::{self, Backoff, Disposition};
+
+/// Settings of a [`Client`]; `ClientOptions::default()` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// How long a call keeps retrying UNAVAILABLE / connection failures (default 30 s). For a
+    /// [`crate::TailStream`] and a [`crate::Producer`] stream it bounds one run of consecutive
+    /// failures.
+    pub retry_deadline: Duration,
+    /// First delay between retries (default 50 ms); doubles after each failure.
+    pub initial_backoff: Duration,
+    /// Longest delay between retries (default 1 s).
+    pub max_backoff: Duration,
+    /// Timeout of establishing one TCP/HTTP2 connection (default 5 s).
+    pub connect_timeout: Duration,
+    /// Largest gRPC message sent or received (default 64 MiB).
+    pub max_message_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            retry_deadline: Duration::from_secs(30),
+            initial_backoff: retry::INITIAL_BACKOFF,
+            max_backoff: retry::MAX_BACKOFF,
+            connect_timeout: Duration::from_secs(5),
+            max_message_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Sets [`ClientOptions::retry_deadline`].
+    pub fn with_retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// Sets [`ClientOptions::connect_timeout`].
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(self.initial_backoff, self.max_backoff)
+    }
+}
+
+/// A handle on a Junction cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addresses", &self.addresses())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) options: ClientOptions,
+    pool: Mutex<Pool>,
+}
+
+/// Known addresses (seeds, then leader hints), the one calls go to first, and their channels.
+struct Pool {
+    addrs: Vec<String>,
+    current: usize,
+    channels: HashMap<String, Channel>,
+}
+
+impl Client {
+    /// Creates a client for the given seed addresses (`host:port` or `http://host:port`) with
+    /// default options. No connection is made until the first call.
+    pub fn connect(
+        seeds: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<Client, ClientError> {
+        Self::connect_with(seeds, ClientOptions::default())
+    }
+
+    /// Like [`Client::connect`], with explicit options.
+    pub fn connect_with(
+        seeds: impl IntoIterator<Item = impl Into<String>>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let mut addrs: Vec<String> = Vec::new();
+        for seed in seeds {
+            let addr = retry::normalize_address(&seed.into())?;
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(ClientError::NoAddresses);
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                options,
+                pool: Mutex::new(Pool {
+                    addrs,
+                    current: 0,
+                    channels: HashMap::new(),
+                }),
+            }),
+        })
+    }
+
+    /// The options this client was created with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// Every address the client knows (seeds and leaders it was pointed to), `http://` form.
+    pub fn addresses(&self) -> Vec<String> {
+        self.inner.lock().addrs.clone()
+    }
+
+    pub(crate) fn broker(&self, channel: Channel) -> BrokerClient<Channel> {
+        let max = self.inner.options.max_message_size;
+        BrokerClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    pub(crate) fn admin(&self, channel: Channel) -> AdminClient<Channel> {
+        let max = self.inner.options.max_message_size;
+        AdminClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    /// Runs `op` against one address after another until it succeeds, fails with a final
+    /// status, or the retry deadline passes.
+    pub(crate) async fn with_retry<T, F, Fut>(&self, mut op: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut attempts = Attempts::new(&self.inner.options);
+        loop {
+            let addr = attempts.next_address(self);
+            let channel = self.inner.channel(&addr)?;
+            let remaining = attempts.remaining();
+            let outcome = tokio::time::timeout(remaining, op(channel)).await;
+            let status = match outcome {
+                Ok(Ok(value)) => {
+                    self.inner.succeeded(&addr);
+                    return Ok(value);
+                }
+                Ok(Err(status)) => status,
+                Err(_elapsed) => {
+                    return Err(attempts.exhausted(Code::DeadlineExceeded, "retry deadline passed"));
+                }
+            };
+            match retry::classify(&status) {
+                Disposition::Fail => return Err(status.into()),
+                Disposition::Retry { leader_hint } => {
+                    tracing::debug!(%addr, code = ?status.code(), message = status.message(), "retrying");
+                    let delay = attempts.failed(self, &addr, &status, leader_hint)?;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The address calls go to first.
+    pub(crate) fn current_address(&self) -> String {
+        let pool = self.lock();
+        pool.addrs
+            .get(pool.current)
+            .or_else(|| pool.addrs.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The (lazily connecting) channel of an address, created on first use.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut pool = self.lock();
+        if let Some(channel) = pool.channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint =
+            Endpoint::from_shared(addr.to_owned()).map_err(|err| ClientError::InvalidAddress {
+                addr: addr.to_owned(),
+                reason: err.to_string(),
+            })?;
+        let channel = endpoint
+            .connect_timeout(self.options.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        pool.channels.insert(addr.to_owned(), channel.clone());
+        if !pool.addrs.iter().any(|a| a == addr) {
+            pool.addrs.push(addr.to_owned());
+        }
+        Ok(channel)
+    }
+
+    /// Makes `addr` the address calls go to first.
+    pub(crate) fn succeeded(&self, addr: &str) {
+        let mut pool = self.lock();
+        if let Some(i) = pool.addrs.iter().position(|a| a == addr) {
+            pool.current = i;
+        }
+    }
+
+    /// Moves calls on to the next address if `addr` is still the first choice. A channel whose
+    /// internal worker died ("Service was not ready") is dropped so that it is rebuilt.
+    pub(crate) fn failed(&self, addr: &str, status: &Status) {
+        let mut pool = self.lock();
+        if status.message().starts_with("Service was not ready") {
+            pool.channels.remove(addr);
+        }
+        let len = pool.addrs.len();
+        if len > 0 && pool.addrs.get(pool.current).is_some_and(|a| a == addr) {
+            pool.current = (pool.current + 1) % len;
+        }
+    }
+
+    /// Learns a leader address and makes it the first choice.
+    pub(crate) fn prefer(&self, addr: &str) {
+        let mut pool = self.lock();
+        let i = match pool.addrs.iter().position(|a| a == addr) {
+            Some(i) => i,
+            None => {
+                pool.addrs.push(addr.to_owned());
+                pool.addrs.len() - 1
+            }
+        };
+        pool.current = i;
+    }
+}
+
+/// Bookkeeping of one run of retries: deadline, backoff and where to go next.
+pub(crate) struct Attempts {
+    started: Instant,
+    deadline: Instant,
+    backoff: Backoff,
+    count: u32,
+    hint: Option<String>,
+    last_was_hint: bool,
+    last: Option<(Code, String)>,
+}
+
+impl Attempts {
+    pub(crate) fn new(options: &ClientOptions) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            deadline: started + options.retry_deadline,
+            backoff: options.backoff(),
+            count: 0,
+            hint: None,
+            last_was_hint: false,
+            last: None,
+        }
+    }
+
+    /// The address of the next attempt: a leader hint if one arrived, else the current one.
+    pub(crate) fn next_address(&mut self, client: &Client) -> String {
+        self.count += 1;
+        self.hint
+            .take()
+            .unwrap_or_else(|| client.inner.current_address())
+    }
+
+    pub(crate) fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Records a retryable failure of an attempt at `addr` and returns how long to wait
+    /// before the next one, or the final error when the deadline does not leave room for it.
+    pub(crate) fn failed(
+        &mut self,
+        client: &Client,
+        addr: &str,
+        status: &Status,
+        leader_hint: Option<String>,
+    ) -> Result<Duration, ClientError> {
+        self.record(client, addr, status.code(), status.message(), leader_hint);
+        self.delay()
+    }
+
+    /// Like [`Attempts::failed`] for failures that are not a [`Status`].
+    pub(crate) fn record(
+        &mut self,
+        client: &Client,
+        addr: &str,
+        code: Code,
+        message: &str,
+        leader_hint: Option<String>,
+    ) {
+        self.last = Some((code, message.to_owned()));
+        match leader_hint.filter(|hint| hint != addr) {
+            Some(hint) => {
+                client.inner.prefer(&hint);
+                self.hint = Some(hint);
+            }
+            None => {
+                let pseudo = Status::new(code, message);
+                client.inner.failed(addr, &pseudo);
+            }
+        }
+    }
+
+    /// The wait before the next attempt (none for the first jump to a leader hint), or the
+    /// final error if that wait would end past the deadline.
+    pub(crate) fn delay(&mut self) -> Result<Duration, ClientError> {
+        let delay = if self.hint.is_some() && !self.last_was_hint {
+            self.last_was_hint = true;
+            Duration::ZERO
+        } else {
+            self.last_was_hint = false;
+            self.backoff.next_delay()
+        };
+        if Instant::now() + delay >= self.deadline {
+            let (code, message) = self
+                .last
+                .clone()
+                .unwrap_or((Code::Unavailable, "retry deadline passed".to_owned()));
+            return Err(self.exhausted(code, &message));
+        }
+        Ok(delay)
+    }
+
+    /// Starts over after a success (used by long-lived streams).
+    pub(crate) fn reset(&mut self, options: &ClientOptions) {
+        *self = Self::new(options);
+    }
+
+    pub(crate) fn exhausted(&self, code: Code, message: &str) -> ClientError {
+        ClientError::RetriesExhausted {
+            attempts: self.count,
+            elapsed: self.started.elapsed(),
+            code,
+            message: message.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_normalizes_and_dedups_seeds() {
+        let client = Client::connect(["127.0.0.1:1", "http://127.0.0.1:1", "127.0.0.1:2"]).unwrap();
+        assert_eq!(
+            client.addresses(),
+            vec![
+                "http://127.0.0.1:1".to_owned(),
+                "http://127.0.0.1:2".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_rejects_nothing_and_garbage() {
+        let none: [&str; 0] = [];
+        assert!(matches!(
+            Client::connect(none),
+            Err(ClientError::NoAddresses)
+        ));
+        assert!(matches!(
+            Client::connect(["https://x:1"]),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn failures_rotate_and_hints_are_preferred() {
+        let client = Client::connect(["a:1", "b:1"]).unwrap();
+        let inner = &client.inner;
+        assert_eq!(inner.current_address(), "http://a:1");
+        inner.failed("http://a:1", &Status::unavailable("x"));
+        assert_eq!(inner.current_address(), "http://b:1");
+        // A stale failure report of an address that is no longer current changes nothing.
+        inner.failed("http://a:1", &Status::unavailable("x"));
+        assert_eq!(inner.current_address(), "http://b:1");
+        inner.failed("http://b:1", &Status::unavailable("x"));
+        assert_eq!(inner.current_address(), "http://a:1");
+        inner.prefer("http://c:1");
+        assert_eq!(inner.current_address(), "http://c:1");
+        assert_eq!(client.addresses().len(), 3);
+        inner.succeeded("http://b:1");
+        assert_eq!(inner.current_address(), "http://b:1");
+    }
+
+    #[test]
+    fn attempts_follow_hint_then_back_off_until_deadline() {
+        let options = ClientOptions::default().with_retry_deadline(Duration::from_secs(2));
+        let client = Client::connect(["a:1", "b:1"]).unwrap();
+        let mut attempts = Attempts::new(&options);
+        let first = attempts.next_address(&client);
+        assert_eq!(first, "http://a:1");
+        let delay = attempts
+            .failed(
+                &client,
+                &first,
+                &Status::unavailable("x"),
+                Some("http://c:1".into()),
+            )
+            .unwrap();
+        assert_eq!(delay, Duration::ZERO);
+        assert_eq!(attempts.next_address(&client), "http://c:1");
+        let delay = attempts
+            .failed(&client, "http://c:1", &Status::unavailable("x"), None)
+            .unwrap();
+        assert_eq!(delay, Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_exhaust_the_deadline() {
+        // Port 1 on localhost refuses connections.
+        let options = ClientOptions::default().with_retry_deadline(Duration::from_millis(400));
+        let client = Client::connect_with(["127.0.0.1:1"], options).unwrap();
+        let err = client.list_tenants().await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        assert!(matches!(err, ClientError::RetriesExhausted { attempts, .. } if attempts >= 2));
+    }
+}

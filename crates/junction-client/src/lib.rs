@@ -1,0 +1,41 @@
+//! The Rust SDK of Junction, a Raft-replicated log store.
+//!
+//! Contract:
+//! - [`Client::connect`] takes seed addresses (`host:port` or `http://host:port`) and connects
+//!   lazily; a [`Client`] is cheap to clone and clones share one channel per address.
+//! - Every call is retried on UNAVAILABLE and on connection failures, on the next known
+//!   address, with exponential backoff (50 ms doubling to 1 s) until
+//!   [`ClientOptions::retry_deadline`] (30 s by default) passes; the call then fails with
+//!   [`ClientError::RetriesExhausted`]. A status carrying an `ErrorInfo` with reason
+//!   `NOT_LEADER` and metadata `leader_addr` is retried at that address first. Every other
+//!   status fails at once as [`ClientError::Status`]; [`ClientError::code`] gives its code.
+//! - Produce is at-least-once: a retried batch whose first attempt's outcome was unknown may
+//!   be stored twice. Creating tenants or stations likewise may report ALREADY_EXISTS after a
+//!   retry, and deleting a station NOT_FOUND.
+//! - [`Client::tail`] re-opens a broken stream, resuming after the last message delivered.
+//! - [`Producer`] pipelines batches over one `ProduceStream`; see its documentation.
+//!
+//! The wire types are those of `junction_proto::v1`, re-exported as [`proto`].
+
+mod admin;
+mod batch;
+mod broker;
+mod client;
+mod error;
+mod producer;
+mod retry;
+mod tail;
+
+pub use admin::StationSpec;
+pub use broker::Start;
+pub use client::{Client, ClientOptions};
+pub use error::ClientError;
+pub use junction_proto::v1 as proto;
+pub use junction_proto::v1::{
+    ClusterStatusResponse, Header, Message, MessagePosition, NodeInfo, PartitionInfo, ReadResponse,
+    StationInfo, StoredMessage,
+};
+pub use producer::{Producer, ProducerOptions, SendFuture};
+pub use retry::{LEADER_ADDR_KEY, NOT_LEADER_REASON};
+pub use tail::TailStream;
+pub use tonic::Code;

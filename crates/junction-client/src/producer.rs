@@ -1,0 +1,161 @@
+//! A pipelined producer: messages are queued, grouped into batches by a background task and
+//! sent over one `ProduceStream` with several batches in flight.
+
+mod worker;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use junction_proto::v1::{Message, MessagePosition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::Client;
+use crate::error::ClientError;
+use worker::Worker;
+
+/// Settings of a [`Producer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerOptions {
+    /// Most messages in one batch (default 500).
+    pub max_batch_messages: usize,
+    /// Most bytes in one batch, roughly (default 1 MiB); a larger single message goes alone.
+    pub max_batch_bytes: usize,
+    /// How long a queued message waits for more to fill its batch (default 2 ms).
+    pub linger: Duration,
+    /// Most batches sent and not yet acknowledged (default 8).
+    pub max_in_flight: usize,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch_messages: 500,
+            max_batch_bytes: 1024 * 1024,
+            linger: Duration::from_millis(2),
+            max_in_flight: 8,
+        }
+    }
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<MessagePosition, ClientError>>;
+
+pub(crate) enum Command {
+    Send(Message, Reply),
+    Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Sends messages to one station in pipelined batches.
+///
+/// [`Producer::send`] only queues the message and returns a future of its position; a
+/// background task groups queued messages into batches (up to `max_batch_messages` /
+/// `max_batch_bytes`, waiting at most `linger`) and sends them over a `ProduceStream` with up
+/// to `max_in_flight` batches unacknowledged.
+///
+/// Failure handling: a batch rejected with UNAVAILABLE or a leader change, or caught in a
+/// broken stream, is sent again (the stream is re-opened at the next address, unacknowledged
+/// batches are re-sent in order) until the client's retry deadline passes from the batch's
+/// creation; any other error fails the batch's messages at once. Delivery is therefore
+/// at-least-once, and order is kept within a partition except when a batch is retried while
+/// a later one succeeds.
+///
+/// Clones share the same queue and task. Dropping every clone (or [`Producer::close`]) still
+/// completes everything queued, as long as the Tokio runtime runs.
+#[derive(Clone)]
+pub struct Producer {
+    tx: mpsc::UnboundedSender<Command>,
+    station: Arc<str>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("station", &self.station)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The position of one message sent with [`Producer::send`], once acknowledged. Dropping it
+/// does not cancel the send.
+#[derive(Debug)]
+pub struct SendFuture {
+    state: SendState,
+}
+
+#[derive(Debug)]
+enum SendState {
+    Waiting(oneshot::Receiver<Result<MessagePosition, ClientError>>),
+    Done,
+}
+
+impl Future for SendFuture {
+    type Output = Result<MessagePosition, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            SendState::Waiting(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Ready(result) => {
+                    self.state = SendState::Done;
+                    Poll::Ready(result.unwrap_or(Err(ClientError::ProducerClosed)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            SendState::Done => Poll::Ready(Err(ClientError::ProducerClosed)),
+        }
+    }
+}
+
+impl Client {
+    /// Starts a producer for `station` (`tenant/name` or `name`). Must be called inside a
+    /// Tokio runtime: it spawns the producer's background task.
+    pub fn producer(&self, station: &str, options: ProducerOptions) -> Producer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker::new(self.clone(), station.to_owned(), options, rx);
+        tokio::spawn(worker.run());
+        Producer {
+            tx,
+            station: station.into(),
+        }
+    }
+}
+
+impl Producer {
+    /// The station this producer writes to.
+    pub fn station(&self) -> &str {
+        &self.station
+    }
+
+    /// Queues a message and returns a future of its position. The message is sent whether or
+    /// not the future is awaited. Queueing never waits: to bound memory, keep a limited number
+    /// of these futures outstanding.
+    pub fn send(&self, message: Message) -> SendFuture {
+        let (reply, rx) = oneshot::channel();
+        let state = match self.tx.send(Command::Send(message, reply)) {
+            Ok(()) => SendState::Waiting(rx),
+            Err(_) => SendState::Done,
+        };
+        SendFuture { state }
+    }
+
+    /// Waits until every message queued before this call is acknowledged or failed (their
+    /// outcome is reported by their own futures).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush(done))
+            .map_err(|_| ClientError::ProducerClosed)?;
+        rx.await.map_err(|_| ClientError::ProducerClosed)
+    }
+
+    /// Completes everything queued so far, then stops the background task. Sends after this
+    /// (from any clone) fail with [`ClientError::ProducerClosed`].
+    pub async fn close(self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(done)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}

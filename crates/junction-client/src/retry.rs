@@ -1,0 +1,261 @@
+//! Pure retry logic: backoff, address normalisation, and which failures are worth retrying.
+
+use std::time::Duration;
+
+use junction_proto::v1::BatchError;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::error::ClientError;
+
+/// First delay between attempts.
+pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest delay between attempts.
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The `ErrorInfo.reason` a node uses when it is not the leader it needs to be.
+pub const NOT_LEADER_REASON: &str = "NOT_LEADER";
+/// The `ErrorInfo.metadata` key that carries the leader's address.
+pub const LEADER_ADDR_KEY: &str = "leader_addr";
+
+/// Exponential backoff: `initial`, doubling each time, capped at `max`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            max,
+            next: initial.min(max),
+        }
+    }
+
+    /// The delay to wait now; the following one doubles (up to the cap).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(INITIAL_BACKOFF, MAX_BACKOFF)
+    }
+}
+
+/// What to do about a failed call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Try again, at the leader's address first when one is known (already normalised).
+    Retry { leader_hint: Option<String> },
+    /// Give the error to the caller.
+    Fail,
+}
+
+/// Decides whether a failed call is retried. UNAVAILABLE, transport failures (connection
+/// refused, reset, dropped mid-stream) and `NOT_LEADER` error details are retried; every other
+/// status is final.
+pub(crate) fn classify(status: &Status) -> Disposition {
+    if let Some(info) = status.get_details_error_info()
+        && info.reason == NOT_LEADER_REASON
+    {
+        let leader_hint = info
+            .metadata
+            .get(LEADER_ADDR_KEY)
+            .and_then(|addr| normalize_address(addr).ok());
+        return Disposition::Retry { leader_hint };
+    }
+    if status.code() == Code::Unavailable || is_transport_failure(status) {
+        Disposition::Retry { leader_hint: None }
+    } else {
+        Disposition::Fail
+    }
+}
+
+/// Whether a status was made up locally by tonic from a connection-level failure rather than
+/// sent by a server: such statuses carry the underlying error as their source.
+pub(crate) fn is_transport_failure(status: &Status) -> bool {
+    let local_code = matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Cancelled
+    );
+    local_code
+        && (std::error::Error::source(status).is_some()
+            || status.message().starts_with("Service was not ready")
+            || status.message().starts_with("h2 protocol error"))
+}
+
+/// Decides whether a failed batch on a produce stream is retried.
+pub(crate) fn classify_batch(error: &BatchError) -> Disposition {
+    let leader_hint = Some(error.leader_addr.as_str())
+        .filter(|addr| !addr.is_empty())
+        .and_then(|addr| normalize_address(addr).ok());
+    if Code::from_i32(error.code) == Code::Unavailable || leader_hint.is_some() {
+        Disposition::Retry { leader_hint }
+    } else {
+        Disposition::Fail
+    }
+}
+
+/// Turns `host:port` or `http://host:port` into the `http://host:port` form channels use.
+pub(crate) fn normalize_address(addr: &str) -> Result<String, ClientError> {
+    let invalid = |reason: &str| ClientError::InvalidAddress {
+        addr: addr.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = addr.trim();
+    let rest = match trimmed.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some(_) => return Err(invalid("only http:// addresses are supported")),
+        None => trimmed,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(invalid("empty address"));
+    }
+    if rest.contains('/') || rest.chars().any(char::is_whitespace) {
+        return Err(invalid("expected host:port"));
+    }
+    let normalized = format!("http://{rest}");
+    match normalized.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) && uri.port_u16().is_some() => {
+            Ok(normalized)
+        }
+        Ok(_) => Err(invalid("expected host:port")),
+        Err(err) => Err(invalid(&err.to_string())),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(delays, vec![50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn backoff_initial_above_cap_is_capped() {
+        let mut b = Backoff::new(Duration::from_secs(5), Duration::from_secs(1));
+        assert_eq!(b.next_delay(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn addresses_are_normalized() {
+        assert_eq!(
+            normalize_address("127.0.0.1:7701").unwrap(),
+            "http://127.0.0.1:7701"
+        );
+        assert_eq!(
+            normalize_address(" http://node1:7701/ ").unwrap(),
+            "http://node1:7701"
+        );
+        assert_eq!(
+            normalize_address("HTTP://node1:7701").unwrap(),
+            "http://node1:7701"
+        );
+        assert_eq!(
+            normalize_address("[::1]:7701").unwrap(),
+            "http://[::1]:7701"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        for bad in [
+            "",
+            "  ",
+            "https://x:1",
+            "grpc://x:1",
+            "http://",
+            "a b:1",
+            "x:1/path",
+            "host",
+            "host:",
+            "host:99999",
+        ] {
+            let err = normalize_address(bad).unwrap_err();
+            assert!(
+                matches!(err, ClientError::InvalidAddress { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unavailable_is_retried_others_are_not() {
+        assert_eq!(
+            classify(&Status::unavailable("down")),
+            Disposition::Retry { leader_hint: None }
+        );
+        for status in [
+            Status::invalid_argument("x"),
+            Status::not_found("x"),
+            Status::already_exists("x"),
+            Status::failed_precondition("x"),
+            Status::resource_exhausted("x"),
+            Status::unknown("server bug"),
+        ] {
+            assert_eq!(classify(&status), Disposition::Fail, "{status:?}");
+        }
+        assert_eq!(
+            classify(&Status::unknown("Service was not ready: transport error")),
+            Disposition::Retry { leader_hint: None }
+        );
+    }
+
+    #[test]
+    fn not_leader_details_give_a_hint() {
+        let details = tonic_types::ErrorDetails::with_error_info(
+            NOT_LEADER_REASON,
+            "junction",
+            [(LEADER_ADDR_KEY.to_owned(), "10.0.0.2:7702".to_owned())],
+        );
+        let status = Status::with_error_details(Code::FailedPrecondition, "not leader", details);
+        assert_eq!(
+            classify(&status),
+            Disposition::Retry {
+                leader_hint: Some("http://10.0.0.2:7702".to_owned())
+            }
+        );
+
+        let details = tonic_types::ErrorDetails::with_error_info(
+            NOT_LEADER_REASON,
+            "junction",
+            std::collections::HashMap::new(),
+        );
+        let status = Status::with_error_details(Code::FailedPrecondition, "not leader", details);
+        assert_eq!(classify(&status), Disposition::Retry { leader_hint: None });
+    }
+
+    #[test]
+    fn batch_errors() {
+        let err = |code: Code, leader: &str| BatchError {
+            code: code as i32,
+            message: "m".into(),
+            leader_addr: leader.into(),
+        };
+        assert_eq!(
+            classify_batch(&err(Code::Unavailable, "")),
+            Disposition::Retry { leader_hint: None }
+        );
+        assert_eq!(
+            classify_batch(&err(Code::FailedPrecondition, "n2:7702")),
+            Disposition::Retry {
+                leader_hint: Some("http://n2:7702".into())
+            }
+        );
+        assert_eq!(
+            classify_batch(&err(Code::InvalidArgument, "")),
+            Disposition::Fail
+        );
+    }
+}

@@ -1,0 +1,70 @@
+//! Junction's use of openraft: one type configuration for every group, the RocksDB-backed
+//! log store and state machines, snapshots streamed from RocksDB, and the gRPC transport that
+//! carries every group's Raft RPCs between nodes.
+//!
+//! - [`types`]: `TypeConfig` and aliases; [`tuning`]: the openraft `Config` we run with.
+//! - [`log_store`]: `RaftLogStorage` over the shared RocksDB, one key range per group.
+//! - [`partition_sm`] / [`meta_sm`]: the partition (message log) and metadata state machines.
+//! - [`snapshot`]: snapshot data — dumped lazily from RocksDB on the sender, spooled to a file
+//!   on the receiver; never held in memory whole.
+//! - [`network`]: `RaftNetworkV2` over the `Peer` gRPC service; [`peer_service`]: its server.
+//!
+//! Depends on types, proto and storage; knows nothing of stations, produce or read requests.
+
+pub mod log_store;
+pub mod meta_sm;
+pub mod network;
+pub mod partition_sm;
+pub mod peer_service;
+mod sm_common;
+pub mod snapshot;
+pub mod tuning;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use meta_sm::{MetaShared, MetaStateMachine};
+pub use network::{NetworkFactory, PeerPool};
+pub use partition_sm::{PartitionShared, PartitionState, PartitionStateMachine};
+pub use peer_service::{GroupHost, PeerService};
+pub use snapshot::SnapshotData;
+pub use tuning::RaftTuning;
+pub use types::*;
+
+/// Errors of this crate's own code (openraft's errors are passed through as they are).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RaftStoreError {
+    #[error(transparent)]
+    Storage(#[from] junction_storage::StorageError),
+    #[error("cannot decode {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: postcard::Error,
+    },
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: postcard::Error,
+    },
+    #[error("bad snapshot stream: {0}")]
+    BadSnapshot(&'static str),
+}
+
+impl From<RaftStoreError> for std::io::Error {
+    fn from(e: RaftStoreError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// Encodes a value with postcard (the format of log entries and peer payloads).
+pub fn encode<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, RaftStoreError> {
+    postcard::to_stdvec(v).map_err(|source| RaftStoreError::Encode { what, source })
+}
+
+/// Decodes a postcard value; never panics on bad bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    b: &[u8],
+) -> Result<T, RaftStoreError> {
+    postcard::from_bytes(b).map_err(|source| RaftStoreError::Decode { what, source })
+}

@@ -1,0 +1,166 @@
+//! The metadata state machine: tenants, stations and placement ([`MetaState`]), kept in
+//! memory and persisted whole (it is small) with `last_applied` on every apply.
+
+use std::io;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use junction_storage::Store;
+use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_types::{Command, CommandResponse, META_GROUP, MetaState};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use tokio::sync::watch;
+
+use crate::sm_common::{self, SnapshotBuilder};
+use crate::snapshot::SnapshotData;
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::{RaftStoreError, decode, encode};
+
+/// Followers of the metadata: a watch of the applied state.
+#[derive(Debug)]
+pub struct MetaShared {
+    tx: watch::Sender<Arc<MetaState>>,
+}
+
+impl MetaShared {
+    /// Returns the metadata as of the last apply.
+    pub fn current(&self) -> Arc<MetaState> {
+        self.tx.borrow().clone()
+    }
+
+    /// Returns a receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
+        self.tx.subscribe()
+    }
+}
+
+/// The metadata group's state machine.
+pub struct MetaStateMachine {
+    store: Store,
+    state: MetaState,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    shared: Arc<MetaShared>,
+}
+
+impl MetaStateMachine {
+    /// Opens the metadata state machine, recovering it from the store.
+    pub fn open(store: Store) -> io::Result<Self> {
+        let (applied, membership) = sm_common::load_applied(&store, META_GROUP)?;
+        let state = match store.get_tag(CF_SM_META, META_GROUP, sm_tag::STATE)? {
+            Some(b) => decode("metadata state", &b)?,
+            None => MetaState::default(),
+        };
+        let (tx, _) = watch::channel(Arc::new(state.clone()));
+        Ok(Self {
+            store,
+            state,
+            applied,
+            membership,
+            shared: Arc::new(MetaShared { tx }),
+        })
+    }
+
+    /// Returns the handle that follows the applied metadata.
+    pub fn shared(&self) -> Arc<MetaShared> {
+        self.shared.clone()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for MetaStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut applied = None;
+        let mut membership = None;
+        let mut replies = Vec::new();
+        let mut changed = false;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            applied = Some(entry.log_id);
+            let resp = match entry.payload {
+                EntryPayload::Blank => CommandResponse::None,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    CommandResponse::None
+                }
+                EntryPayload::Normal(Command::Meta(cmd)) => {
+                    changed = true;
+                    self.state.apply(&cmd)
+                }
+                EntryPayload::Normal(Command::Partition(_)) => CommandResponse::WrongGroup,
+            };
+            if let Some(r) = responder {
+                replies.push((r, resp));
+            }
+        }
+        let mut b = self.store.batch();
+        let bytes = encode("metadata state", &self.state)?;
+        sm_common::put_applied(
+            &mut b,
+            META_GROUP,
+            applied.as_ref(),
+            membership.as_ref(),
+            &bytes,
+        )?;
+        self.store.write(b).map_err(RaftStoreError::from)?;
+        if applied.is_some() {
+            self.applied = applied;
+        }
+        if let Some(m) = membership {
+            self.membership = m;
+        }
+        if changed {
+            self.shared.tx.send_replace(Arc::new(self.state.clone()));
+        }
+        for (r, resp) in replies {
+            r.send(resp);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            group: META_GROUP,
+            applied: self.applied,
+            membership: self.membership.clone(),
+            state: encode("metadata state", &self.state).unwrap_or_default(),
+            messages_below: None,
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        let SnapshotData::Received(path) = snapshot else {
+            return Err(RaftStoreError::BadSnapshot("a local snapshot cannot be installed").into());
+        };
+        let store = self.store.clone();
+        let meta2 = meta.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            sm_common::install_from_file(&store, META_GROUP, &meta2, &path, |_| None)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.state = decode("metadata state", &bytes)?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.shared.tx.send_replace(Arc::new(self.state.clone()));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        sm_common::current_snapshot(&self.store, META_GROUP)
+    }
+}

@@ -1,0 +1,227 @@
+//! `RaftNetworkV2` over the `Peer` gRPC service. Every group on a node shares one HTTP/2
+//! channel per peer (tonic multiplexes the calls); each request names its group.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use junction_proto::peer::peer_client::PeerClient;
+use junction_proto::peer::{RaftReply, RaftRequest, SnapshotChunk};
+use junction_types::GroupId;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetworkFactory, RaftNetworkV2};
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::snapshot::SnapshotData;
+use crate::types::{Node, Snapshot, TypeConfig, Vote};
+use crate::{decode, encode};
+
+type RpcErr = RPCError<TypeConfig>;
+
+/// Lazily connected gRPC clients to peers, keyed by address. Reconnects by itself.
+#[derive(Debug, Default)]
+pub struct PeerPool {
+    clients: Mutex<HashMap<String, PeerClient<Channel>>>,
+}
+
+impl PeerPool {
+    /// Returns a client for `addr` (`host:port`).
+    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let mut map = self.clients.lock();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let client = PeerClient::new(ep.connect_lazy())
+            .max_decoding_message_size(512 << 20)
+            .max_encoding_message_size(512 << 20);
+        map.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// Creates the per-peer connections of one group.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    group: GroupId,
+    pool: Arc<PeerPool>,
+}
+
+impl NetworkFactory {
+    /// Returns the factory for `group`.
+    pub fn new(group: GroupId, pool: Arc<PeerPool>) -> Self {
+        Self { group, pool }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: u64, node: &Node) -> PeerConnection {
+        PeerConnection {
+            group: self.group,
+            target,
+            client: self.pool.client(&node.addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// One group's connection to one peer.
+pub struct PeerConnection {
+    group: GroupId,
+    target: u64,
+    client: Result<PeerClient<Channel>, String>,
+}
+
+fn unreachable(msg: impl ToString) -> RpcErr {
+    RPCError::Unreachable(Unreachable::from_string(msg))
+}
+
+fn network(msg: impl ToString) -> RpcErr {
+    RPCError::Network(NetworkError::from_string(msg))
+}
+
+/// Turns a gRPC outcome into the reply payload, classifying failures the way openraft's
+/// backoff expects: a peer that is down or does not host the group yet is "unreachable".
+fn payload_of(
+    target: u64,
+    r: Result<Result<tonic::Response<RaftReply>, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Result<Vec<u8>, RpcErr> {
+    match r {
+        Err(_) => Err(network(format!("request to node {target} timed out"))),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            Err(unreachable(format!("node {target}: {}", status.message())))
+        }
+        Ok(Err(status)) => Err(network(format!("node {target}: {status}"))),
+        Ok(Ok(resp)) => {
+            let reply = resp.into_inner();
+            if reply.not_hosted {
+                Err(unreachable(format!(
+                    "node {target} does not host the group yet"
+                )))
+            } else if !reply.error.is_empty() {
+                Err(network(format!("node {target}: {}", reply.error)))
+            } else {
+                Ok(reply.payload)
+            }
+        }
+    }
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<PeerClient<Channel>, RpcErr> {
+        self.client.clone().map_err(unreachable)
+    }
+
+    fn request<T: serde::Serialize>(
+        &self,
+        what: &'static str,
+        v: &T,
+    ) -> Result<RaftRequest, RpcErr> {
+        Ok(RaftRequest {
+            group: self.group,
+            payload: encode(what, v).map_err(|e| network(e))?,
+        })
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
+        let req = self.request("append entries", &rpc)?;
+        let mut c = self.client()?;
+        let r = tokio::time::timeout(option.hard_ttl(), c.append_entries(req)).await;
+        let payload = payload_of(self.target, r)?;
+        decode("append entries reply", &payload).map_err(network)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
+        let req = self.request("vote", &rpc)?;
+        let mut c = self.client()?;
+        let r = tokio::time::timeout(option.hard_ttl(), c.vote(req)).await;
+        let payload = payload_of(self.target, r)?;
+        decode("vote reply", &payload).map_err(network)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
+        let req = self.request("pre-vote", &rpc)?;
+        let mut c = self.client()?;
+        let r = tokio::time::timeout(option.hard_ttl(), c.pre_vote(req)).await;
+        let payload = payload_of(self.target, r)?;
+        decode("pre-vote reply", &payload).map_err(network)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let net = |m: String| StreamingError::Network(NetworkError::from_string(m));
+        let SnapshotData::Local(local) = snapshot.snapshot else {
+            return Err(net("only a local snapshot can be sent".into()));
+        };
+        let header = SnapshotChunk {
+            group: self.group,
+            vote: encode("vote", &vote).map_err(|e| net(e.to_string()))?,
+            meta: encode("snapshot meta", &snapshot.meta).map_err(|e| net(e.to_string()))?,
+            data: Vec::new(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let dumper = tokio::task::spawn_blocking(move || local.dump(1 << 20, &tx));
+        let group = self.group;
+        let chunks = futures::stream::once(async move { header }).chain(
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(move |data| SnapshotChunk {
+                group,
+                data,
+                ..Default::default()
+            }),
+        );
+        let mut c = self
+            .client
+            .clone()
+            .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))?;
+        let target = self.target;
+        let send = tokio::time::timeout(option.hard_ttl(), c.install_snapshot(chunks));
+        let r = tokio::select! {
+            r = send => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        match dumper.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(net(format!("reading the snapshot failed: {e}"))),
+            Err(e) => return Err(net(format!("snapshot reader panicked: {e}"))),
+        }
+        let payload = payload_of(target, r).map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => net(other.to_string()),
+        })?;
+        decode("snapshot reply", &payload).map_err(|e| net(e.to_string()))
+    }
+}

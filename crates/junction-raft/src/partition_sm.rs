@@ -1,0 +1,217 @@
+//! The partition state machine: an append-only message log with dense offsets.
+//!
+//! Applying `Append` writes each record at the next offset, the batch's first offset under
+//! its timestamp in the time index, and the new state with `last_applied` — all in one
+//! RocksDB write batch, so the state machine is always at a consistent log prefix.
+
+use std::io;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use junction_storage::Store;
+use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, StoredRecord};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::sm_common::{self, SnapshotBuilder};
+use crate::snapshot::SnapshotData;
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::{RaftStoreError, decode, encode};
+
+/// The small state of a partition besides its messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// The offset the next message gets (the high watermark).
+    pub next_offset: u64,
+    /// The first offset still stored.
+    pub start_offset: u64,
+    /// The largest timestamp assigned so far; timestamps never go backwards.
+    pub last_timestamp_ms: i64,
+}
+
+/// What readers of a partition watch: the applied state, updated after every apply.
+#[derive(Debug)]
+pub struct PartitionShared {
+    tx: watch::Sender<PartitionState>,
+}
+
+impl PartitionShared {
+    /// Returns the state as of the last apply.
+    pub fn current(&self) -> PartitionState {
+        *self.tx.borrow()
+    }
+
+    /// Returns a receiver that sees every new applied state.
+    pub fn subscribe(&self) -> watch::Receiver<PartitionState> {
+        self.tx.subscribe()
+    }
+}
+
+/// The state machine of one partition group.
+pub struct PartitionStateMachine {
+    store: Store,
+    group: GroupId,
+    state: PartitionState,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    shared: Arc<PartitionShared>,
+}
+
+impl PartitionStateMachine {
+    /// Opens the state machine of `group`, recovering its state from the store.
+    pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
+        let (applied, membership) = sm_common::load_applied(&store, group)?;
+        let state = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
+            Some(b) => decode("partition state", &b)?,
+            None => PartitionState::default(),
+        };
+        let (tx, _) = watch::channel(state);
+        Ok(Self {
+            store,
+            group,
+            state,
+            applied,
+            membership,
+            shared: Arc::new(PartitionShared { tx }),
+        })
+    }
+
+    /// Returns the handle readers use to follow this partition.
+    pub fn shared(&self) -> Arc<PartitionShared> {
+        self.shared.clone()
+    }
+
+    fn encode_state(&self, s: &PartitionState) -> Result<Vec<u8>, RaftStoreError> {
+        encode("partition state", s)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut b = self.store.batch();
+        let mut state = self.state;
+        let mut applied = None;
+        let mut membership = None;
+        let mut replies = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            applied = Some(entry.log_id);
+            let resp = match entry.payload {
+                EntryPayload::Blank => CommandResponse::None,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    CommandResponse::None
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::Append {
+                    timestamp_ms,
+                    records,
+                })) => {
+                    let ts = timestamp_ms.max(state.last_timestamp_ms);
+                    let base = state.next_offset;
+                    let count = records.len() as u32;
+                    if ts > state.last_timestamp_ms || base == 0 {
+                        b.put_time_index(self.group, ts, base)
+                            .map_err(RaftStoreError::from)?;
+                    }
+                    for (i, r) in records.into_iter().enumerate() {
+                        let stored = StoredRecord {
+                            timestamp_ms: ts,
+                            key: r.key,
+                            headers: r.headers,
+                            payload: r.payload,
+                        };
+                        b.put_message(self.group, base + i as u64, &encode("record", &stored)?)
+                            .map_err(RaftStoreError::from)?;
+                    }
+                    state.next_offset = base + u64::from(count);
+                    state.last_timestamp_ms = ts;
+                    CommandResponse::Appended {
+                        base_offset: base,
+                        count,
+                        timestamp_ms: ts,
+                    }
+                }
+                EntryPayload::Normal(Command::Meta(_)) => CommandResponse::WrongGroup,
+            };
+            if let Some(r) = responder {
+                replies.push((r, resp));
+            }
+        }
+        let state_bytes = self.encode_state(&state)?;
+        sm_common::put_applied(
+            &mut b,
+            self.group,
+            applied.as_ref(),
+            membership.as_ref(),
+            &state_bytes,
+        )?;
+        self.store.write(b).map_err(RaftStoreError::from)?;
+        if applied.is_some() {
+            self.applied = applied;
+        }
+        if let Some(m) = membership {
+            self.membership = m;
+        }
+        self.state = state;
+        self.shared.tx.send_replace(state);
+        for (r, resp) in replies {
+            r.send(resp);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            group: self.group,
+            applied: self.applied,
+            membership: self.membership.clone(),
+            state: self.encode_state(&self.state).unwrap_or_default(),
+            messages_below: Some(self.state.next_offset),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        let SnapshotData::Received(path) = snapshot else {
+            return Err(RaftStoreError::BadSnapshot("a local snapshot cannot be installed").into());
+        };
+        let store = self.store.clone();
+        let group = self.group;
+        let meta2 = meta.clone();
+        let state_bytes = tokio::task::spawn_blocking(move || {
+            sm_common::install_from_file(&store, group, &meta2, &path, |s| {
+                decode::<PartitionState>("partition state", s)
+                    .ok()
+                    .map(|st| st.next_offset)
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let state: PartitionState = decode("partition state", &state_bytes)?;
+        self.state = state;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.shared.tx.send_replace(state);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        sm_common::current_snapshot(&self.store, self.group)
+    }
+}

@@ -1,0 +1,185 @@
+//! The server side of the `Peer` service: routes each Raft RPC to the group it names.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{Stream, StreamExt};
+use junction_proto::peer::peer_server::Peer;
+use junction_proto::peer::{
+    NodeStatusRequest, NodeStatusResponse, RaftReply, RaftRequest, SnapshotChunk,
+};
+use junction_types::{GroupId, META_GROUP};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot::SnapshotData;
+use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::{decode, encode};
+
+/// What the peer service needs from the node: its Raft groups and a place for snapshots.
+pub trait GroupHost: Send + Sync + 'static {
+    fn meta_raft(&self) -> Option<MetaRaft>;
+    fn partition_raft(&self, group: GroupId) -> Option<PartitionRaft>;
+    fn snapshot_dir(&self) -> PathBuf;
+    fn node_status(&self) -> NodeStatusResponse;
+}
+
+/// Either kind of Raft group (they differ only in their state machine type).
+enum AnyRaft {
+    Meta(MetaRaft),
+    Partition(PartitionRaft),
+}
+
+/// Serves the `Peer` gRPC service for every group on this node.
+pub struct PeerService<H> {
+    host: Arc<H>,
+    spool_seq: AtomicU64,
+}
+
+impl<H: GroupHost> PeerService<H> {
+    pub fn new(host: Arc<H>) -> Self {
+        Self {
+            host,
+            spool_seq: AtomicU64::new(0),
+        }
+    }
+
+    fn raft(&self, group: GroupId) -> Option<AnyRaft> {
+        if group == META_GROUP {
+            self.host.meta_raft().map(AnyRaft::Meta)
+        } else {
+            self.host.partition_raft(group).map(AnyRaft::Partition)
+        }
+    }
+}
+
+fn not_hosted() -> Response<RaftReply> {
+    Response::new(RaftReply {
+        not_hosted: true,
+        ..Default::default()
+    })
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    r: Result<T, E>,
+) -> Result<Response<RaftReply>, Status> {
+    Ok(Response::new(match r {
+        Ok(v) => RaftReply {
+            payload: encode("raft reply", &v).map_err(|e| Status::internal(e.to_string()))?,
+            ..Default::default()
+        },
+        Err(e) => RaftReply {
+            error: e.to_string(),
+            ..Default::default()
+        },
+    }))
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable raft payload: {e}"))
+}
+
+#[tonic::async_trait]
+impl<H: GroupHost> Peer for PeerService<H> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode("append entries", &r.payload).map_err(bad)?;
+        match self.raft(r.group) {
+            None => Ok(not_hosted()),
+            Some(AnyRaft::Meta(raft)) => reply(raft.append_entries(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(raft.append_entries(rpc).await),
+        }
+    }
+
+    async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let rpc: VoteRequest<TypeConfig> = decode("vote", &r.payload).map_err(bad)?;
+        match self.raft(r.group) {
+            None => Ok(not_hosted()),
+            Some(AnyRaft::Meta(raft)) => reply(raft.vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(raft.vote(rpc).await),
+        }
+    }
+
+    async fn pre_vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let rpc: VoteRequest<TypeConfig> = decode("pre-vote", &r.payload).map_err(bad)?;
+        match self.raft(r.group) {
+            None => Ok(not_hosted()),
+            Some(AnyRaft::Meta(raft)) => reply(raft.pre_vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(raft.pre_vote(rpc).await),
+        }
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let group = first.group;
+        let vote: Vote = decode("vote", &first.vote).map_err(bad)?;
+        let meta: SnapshotMeta = decode("snapshot meta", &first.meta).map_err(bad)?;
+        let Some(raft) = self.raft(group) else {
+            return Ok(not_hosted());
+        };
+        let dir = self.host.snapshot_dir();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Status::internal(format!("snapshot dir: {e}")))?;
+        let seq = self.spool_seq.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("recv-{group}-{seq}-{}.snap", std::process::id()));
+        let spooled = spool(&path, first.data, &mut stream).await;
+        if let Err(e) = spooled {
+            let _ignored = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
+        let snapshot = Snapshot {
+            meta,
+            snapshot: SnapshotData::Received(path.clone()),
+        };
+        let r = match raft {
+            AnyRaft::Meta(raft) => reply(raft.install_full_snapshot(vote, snapshot).await),
+            AnyRaft::Partition(raft) => reply(raft.install_full_snapshot(vote, snapshot).await),
+        };
+        // Installed snapshots delete their file; a rejected one must not leak it.
+        let _ignored = tokio::fs::remove_file(&path).await;
+        r
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        Ok(Response::new(self.host.node_status()))
+    }
+}
+
+async fn spool(
+    path: &std::path::Path,
+    first: Vec<u8>,
+    stream: &mut Streaming<SnapshotChunk>,
+) -> Result<(), Status> {
+    let io = |e: std::io::Error| Status::internal(format!("spooling snapshot: {e}"));
+    let file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut w = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&first).await.map_err(io)?;
+    while let Some(chunk) = stream.next().await {
+        w.write_all(&chunk?.data).await.map_err(io)?;
+    }
+    w.flush().await.map_err(io)?;
+    Ok(())
+}
+
+/// The type of a boxed stream, for services that return one.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

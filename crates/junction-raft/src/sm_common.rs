@@ -1,0 +1,205 @@
+//! What both state machines share: where `last_applied`, membership and the current
+//! snapshot's record live, the snapshot builder, and installing a received snapshot file.
+
+use std::io;
+use std::path::Path;
+
+use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_storage::{Batch, Store};
+use junction_types::GroupId;
+use openraft::RaftSnapshotBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{DumpFilter, FRAME_STATE, FrameReader, LocalSnapshot, SnapshotData};
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::{RaftStoreError, decode, encode};
+
+/// The persisted description of the current snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: SnapshotMeta,
+    state: Vec<u8>,
+    messages_below: Option<u64>,
+}
+
+/// Reads `last_applied` and the last membership of `group`.
+pub(crate) fn load_applied(
+    store: &Store,
+    group: GroupId,
+) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let applied = match store.get_tag(CF_SM_META, group, sm_tag::APPLIED)? {
+        Some(b) => Some(decode::<LogId>("last applied", &b)?),
+        None => None,
+    };
+    let membership = match store.get_tag(CF_SM_META, group, sm_tag::MEMBERSHIP)? {
+        Some(b) => decode::<StoredMembership>("membership", &b)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// Adds `last_applied`, membership (when changed) and the state to `batch`.
+pub(crate) fn put_applied(
+    b: &mut Batch<'_>,
+    group: GroupId,
+    applied: Option<&LogId>,
+    membership: Option<&StoredMembership>,
+    state: &[u8],
+) -> Result<(), RaftStoreError> {
+    if let Some(a) = applied {
+        b.put_tag(
+            CF_SM_META,
+            group,
+            sm_tag::APPLIED,
+            &encode("last applied", a)?,
+        )?;
+    }
+    if let Some(m) = membership {
+        b.put_tag(
+            CF_SM_META,
+            group,
+            sm_tag::MEMBERSHIP,
+            &encode("membership", m)?,
+        )?;
+    }
+    b.put_tag(CF_SM_META, group, sm_tag::STATE, state)?;
+    Ok(())
+}
+
+fn filter_of(messages_below: Option<u64>) -> DumpFilter {
+    match messages_below {
+        Some(n) => DumpFilter::MessagesBelow(n),
+        None => DumpFilter::StateOnly,
+    }
+}
+
+/// Returns the current snapshot of `group`, if one was built or installed.
+pub(crate) fn current_snapshot(store: &Store, group: GroupId) -> io::Result<Option<Snapshot>> {
+    let Some(b) = store.get_tag(CF_SM_META, group, sm_tag::SNAPSHOT_META)? else {
+        return Ok(None);
+    };
+    let rec: SnapshotRecord = decode("snapshot record", &b)?;
+    Ok(Some(Snapshot {
+        meta: rec.meta,
+        snapshot: SnapshotData::Local(LocalSnapshot {
+            store: store.clone(),
+            group,
+            state: rec.state,
+            filter: filter_of(rec.messages_below),
+        }),
+    }))
+}
+
+fn put_snapshot_record(
+    b: &mut Batch<'_>,
+    group: GroupId,
+    rec: &SnapshotRecord,
+) -> Result<(), RaftStoreError> {
+    b.put_tag(
+        CF_SM_META,
+        group,
+        sm_tag::SNAPSHOT_META,
+        &encode("snapshot record", rec)?,
+    )?;
+    Ok(())
+}
+
+/// Builds a snapshot from state captured by the state machine between two applies.
+pub struct SnapshotBuilder {
+    pub(crate) store: Store,
+    pub(crate) group: GroupId,
+    pub(crate) applied: Option<LogId>,
+    pub(crate) membership: StoredMembership,
+    pub(crate) state: Vec<u8>,
+    pub(crate) messages_below: Option<u64>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+        };
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            state: self.state.clone(),
+            messages_below: self.messages_below,
+        };
+        let store = self.store.clone();
+        let group = self.group;
+        tokio::task::spawn_blocking(move || -> Result<(), RaftStoreError> {
+            // Invariant: once a snapshot exists, openraft may purge the logs it covers, so the
+            // state machine writes it covers (never synced on apply) must be durable first.
+            store.sync_wal()?;
+            let mut b = store.batch();
+            put_snapshot_record(&mut b, group, &rec)?;
+            store.write(b)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Snapshot {
+            meta,
+            snapshot: SnapshotData::Local(LocalSnapshot {
+                store: self.store.clone(),
+                group: self.group,
+                state: self.state.clone(),
+                filter: filter_of(self.messages_below),
+            }),
+        })
+    }
+}
+
+/// Installs a received snapshot file into `group`: clears the group's state machine keys,
+/// writes the streamed keys in bounded batches, then the state, `last_applied`, membership
+/// and the snapshot record, and syncs. Returns the state frame's bytes.
+pub(crate) fn install_from_file(
+    store: &Store,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    path: &Path,
+    messages_below: impl Fn(&[u8]) -> Option<u64>,
+) -> Result<Vec<u8>, RaftStoreError> {
+    let file = std::fs::File::open(path)
+        .map_err(|_| RaftStoreError::BadSnapshot("snapshot file is missing"))?;
+    let mut reader = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let first = reader
+        .next_frame()?
+        .ok_or(RaftStoreError::BadSnapshot("empty snapshot"))?;
+    if first.cf != FRAME_STATE {
+        return Err(RaftStoreError::BadSnapshot(
+            "snapshot does not start with its state",
+        ));
+    }
+    let state = first.value;
+    store.clear_group_sm(group)?;
+    let mut b = store.batch();
+    while let Some(f) = reader.next_frame()? {
+        if f.cf == FRAME_STATE {
+            return Err(RaftStoreError::BadSnapshot("second state frame"));
+        }
+        b.put_sm_raw(group, f.cf, &f.key, &f.value)?;
+        if b.size_bytes() >= 4 << 20 {
+            store.write(std::mem::replace(&mut b, store.batch()))?;
+        }
+    }
+    put_applied(
+        &mut b,
+        group,
+        meta.last_log_id.as_ref(),
+        Some(&meta.last_membership),
+        &state,
+    )?;
+    let rec = SnapshotRecord {
+        meta: meta.clone(),
+        state: state.clone(),
+        messages_below: messages_below(&state),
+    };
+    put_snapshot_record(&mut b, group, &rec)?;
+    store.write(b)?;
+    store.sync_wal()?;
+    let _ignored = std::fs::remove_file(path);
+    Ok(state)
+}

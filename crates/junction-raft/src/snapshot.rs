@@ -1,0 +1,175 @@
+//! Snapshot data: a stream of frames, never a whole copy in memory.
+//!
+//! On the sending node a snapshot is a [`LocalSnapshot`]: the state machine's small state
+//! captured when the snapshot was built, plus a bound on the immutable data to dump (messages
+//! below `next_offset`), read from a consistent RocksDB snapshot only while it is being sent.
+//! On the receiving node the stream is spooled to a file and installed from there.
+//!
+//! Frame: `cf u8 · key_len u32 BE · key · value_len u32 BE · value`; cf 255 is the state frame.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use junction_storage::Store;
+use junction_storage::keys::u64_at;
+use junction_types::GroupId;
+
+use crate::RaftStoreError;
+
+/// The frame kind carrying the state machine's own state.
+pub const FRAME_STATE: u8 = 255;
+const MAX_KEY: usize = 1024;
+const MAX_VALUE: usize = 256 << 20;
+
+/// What a snapshot holds, on the sender or on the receiver.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// This node's own state, dumped from RocksDB when sent.
+    Local(LocalSnapshot),
+    /// A snapshot received from a leader, spooled to this file.
+    Received(PathBuf),
+}
+
+/// Which stored keys of the group belong to the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub enum DumpFilter {
+    /// Only the state frame (the metadata group keeps everything in its state).
+    StateOnly,
+    /// Messages (and time-index entries) with offsets below this bound. Messages are
+    /// immutable once written, so reading them later gives the same bytes.
+    MessagesBelow(u64),
+}
+
+/// A snapshot of this node's group state, read lazily.
+#[derive(Debug, Clone)]
+pub struct LocalSnapshot {
+    pub store: Store,
+    pub group: GroupId,
+    pub state: Vec<u8>,
+    pub filter: DumpFilter,
+}
+
+/// Appends one frame to `buf`.
+pub fn write_frame(buf: &mut Vec<u8>, cf: u8, key: &[u8], value: &[u8]) {
+    buf.push(cf);
+    buf.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    buf.extend_from_slice(value);
+}
+
+impl LocalSnapshot {
+    /// Streams the snapshot in chunks of about `chunk_bytes` to `tx`. Blocking: call it from
+    /// `spawn_blocking`. Stops early (Ok) if the receiver is gone.
+    pub fn dump(
+        &self,
+        chunk_bytes: usize,
+        tx: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), RaftStoreError> {
+        let mut buf = Vec::with_capacity(chunk_bytes + 4096);
+        write_frame(&mut buf, FRAME_STATE, &[], &self.state);
+        if let DumpFilter::MessagesBelow(upto) = self.filter {
+            let mut open = true;
+            self.store.scan_group_sm(self.group, |cf, key, value| {
+                let keep = match cf {
+                    0 => u64_at(key, 0).is_some_and(|o| o < upto),
+                    1 => u64_at(value, 0).is_some_and(|o| o < upto),
+                    _ => false,
+                };
+                if keep {
+                    write_frame(&mut buf, cf, key, value);
+                    if buf.len() >= chunk_bytes {
+                        let full =
+                            std::mem::replace(&mut buf, Vec::with_capacity(chunk_bytes + 4096));
+                        open = tx.blocking_send(full).is_ok();
+                    }
+                }
+                Ok(open)
+            })?;
+            if !open {
+                return Ok(());
+            }
+        }
+        if !buf.is_empty() {
+            let _closed = tx.blocking_send(buf);
+        }
+        Ok(())
+    }
+}
+
+/// Reads frames back; rejects oversized or truncated frames instead of allocating blindly.
+pub struct FrameReader<R: Read> {
+    r: R,
+}
+
+/// One decoded frame.
+pub struct Frame {
+    pub cf: u8,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(r: R) -> Self {
+        Self { r }
+    }
+
+    fn read_len(&mut self, max: usize) -> Result<usize, RaftStoreError> {
+        let mut b = [0u8; 4];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| RaftStoreError::BadSnapshot("truncated frame length"))?;
+        let n = u32::from_be_bytes(b) as usize;
+        if n > max {
+            return Err(RaftStoreError::BadSnapshot("frame larger than allowed"));
+        }
+        Ok(n)
+    }
+
+    /// Returns the next frame, or `None` at a clean end of stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, RaftStoreError> {
+        let mut cf = [0u8; 1];
+        match self.r.read(&mut cf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(_) => return Err(RaftStoreError::BadSnapshot("unreadable frame")),
+        }
+        let klen = self.read_len(MAX_KEY)?;
+        let mut key = vec![0u8; klen];
+        self.r
+            .read_exact(&mut key)
+            .map_err(|_| RaftStoreError::BadSnapshot("truncated key"))?;
+        let vlen = self.read_len(MAX_VALUE)?;
+        let mut value = vec![0u8; vlen];
+        self.r
+            .read_exact(&mut value)
+            .map_err(|_| RaftStoreError::BadSnapshot("truncated value"))?;
+        Ok(Some(Frame {
+            cf: cf[0],
+            key,
+            value,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_truncation_is_an_error() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FRAME_STATE, &[], b"state");
+        write_frame(&mut buf, 0, &7u64.to_be_bytes(), b"msg");
+        let mut r = FrameReader::new(&buf[..]);
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!((f.cf, f.value.as_slice()), (FRAME_STATE, &b"state"[..]));
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!((f.cf, f.key.as_slice()), (0, &7u64.to_be_bytes()[..]));
+        assert!(r.next_frame().unwrap().is_none());
+        let cut = &buf[..buf.len() - 1];
+        let mut r = FrameReader::new(cut);
+        r.next_frame().unwrap();
+        assert!(r.next_frame().is_err());
+    }
+}

@@ -1,0 +1,217 @@
+//! The `Admin` gRPC service. Changes run on the controller (the metadata leader); a call that
+//! reaches another node is forwarded there.
+
+use std::sync::Arc;
+
+use junction_broker::controller::{PartitionView, Probe};
+use junction_broker::{Broker, BrokerError};
+use junction_proto::v1::admin_server::Admin;
+use junction_proto::v1::*;
+use junction_types::{StationMeta, StationName};
+use tonic::{Request, Response, Status};
+
+use crate::forward::{ClientPool, MAX_HOPS, hops_of, with_hops};
+use crate::status::to_status;
+
+/// Serves station, tenant and cluster administration.
+pub struct AdminService {
+    broker: Arc<Broker>,
+    clients: Arc<ClientPool>,
+}
+
+impl AdminService {
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
+        Self { broker, clients }
+    }
+
+    /// Returns the controller's address when this node is not the controller.
+    fn controller_addr(&self, hops: u32) -> Result<Option<String>, Status> {
+        match self.broker.ensure_controller() {
+            Ok(()) => Ok(None),
+            Err(BrokerError::NotLeader {
+                leader: Some((_, addr)),
+                ..
+            }) if hops < MAX_HOPS => Ok(Some(addr)),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+}
+
+fn parse(name: &str) -> Result<StationName, Status> {
+    StationName::parse(name).map_err(|e| to_status(e.into()))
+}
+
+/// Converts a station and (optionally) the cluster's view of its partitions.
+pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> StationInfo {
+    StationInfo {
+        tenant: s.tenant.clone(),
+        name: s.name.clone(),
+        partitions: s.partitions.len() as u32,
+        replication_factor: s.replication_factor,
+        max_message_bytes: s.max_message_bytes,
+        created_at_ms: s.created_at_ms,
+        partition_info: views
+            .unwrap_or_default()
+            .iter()
+            .map(|v| PartitionInfo {
+                partition: v.partition,
+                group_id: v.group_id,
+                replicas: v.replicas.clone(),
+                leader: v.leader,
+                next_offset: v.next_offset,
+                start_offset: v.start_offset,
+            })
+            .collect(),
+    }
+}
+
+fn describe(broker: &Broker, s: &StationMeta, probe: &Probe) -> StationInfo {
+    let views = broker.partition_views(s, probe);
+    station_info(s, Some(&views))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_tenant(
+        &self,
+        req: Request<CreateTenantRequest>,
+    ) -> Result<Response<CreateTenantResponse>, Status> {
+        let hops = hops_of(&req);
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .create_tenant(with_hops(req.into_inner(), hops + 1))
+                .await;
+        }
+        self.broker
+            .create_tenant(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(CreateTenantResponse {}))
+    }
+
+    async fn list_tenants(
+        &self,
+        _req: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        let tenants = self.broker.metadata().tenants.keys().cloned().collect();
+        Ok(Response::new(ListTenantsResponse { tenants }))
+    }
+
+    async fn create_station(
+        &self,
+        req: Request<CreateStationRequest>,
+    ) -> Result<Response<CreateStationResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        // Validate here too, so a bad request fails fast on any node.
+        let name = parse(&r.name)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .create_station(with_hops(r, hops + 1))
+                .await;
+        }
+        let partitions = if r.partitions == 0 { 1 } else { r.partitions };
+        let rf = match r.replication_factor {
+            0 if self.broker.node_addrs().len() >= 3 => 3,
+            0 => 1,
+            n => n,
+        };
+        let s = self
+            .broker
+            .create_station(&name, partitions, rf, r.max_message_bytes)
+            .await
+            .map_err(to_status)?;
+        let probe = self.broker.probe_nodes().await;
+        Ok(Response::new(CreateStationResponse {
+            station: Some(describe(&self.broker, &s, &probe)),
+        }))
+    }
+
+    async fn list_stations(
+        &self,
+        req: Request<ListStationsRequest>,
+    ) -> Result<Response<ListStationsResponse>, Status> {
+        let tenant = req.into_inner().tenant;
+        let meta = self.broker.metadata();
+        let stations = meta
+            .stations
+            .values()
+            .filter(|s| tenant.is_empty() || s.tenant == tenant)
+            .map(|s| station_info(s, None))
+            .collect();
+        Ok(Response::new(ListStationsResponse { stations }))
+    }
+
+    async fn describe_station(
+        &self,
+        req: Request<DescribeStationRequest>,
+    ) -> Result<Response<DescribeStationResponse>, Status> {
+        let name = parse(&req.into_inner().name)?;
+        let s = self.broker.station(&name).map_err(to_status)?;
+        let probe = self.broker.probe_nodes().await;
+        Ok(Response::new(DescribeStationResponse {
+            station: Some(describe(&self.broker, &s, &probe)),
+        }))
+    }
+
+    async fn delete_station(
+        &self,
+        req: Request<DeleteStationRequest>,
+    ) -> Result<Response<DeleteStationResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let name = parse(&r.name)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .delete_station(with_hops(r, hops + 1))
+                .await;
+        }
+        self.broker.delete_station(&name).await.map_err(to_status)?;
+        Ok(Response::new(DeleteStationResponse {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let probe = self.broker.probe_nodes().await;
+        let addrs = self.broker.node_addrs();
+        let meta = self.broker.metadata();
+        let stations: Vec<StationInfo> = meta
+            .stations
+            .values()
+            .map(|s| describe(&self.broker, s, &probe))
+            .collect();
+        let nodes = addrs
+            .iter()
+            .map(|(id, addr)| {
+                let replicas = meta.replica_counts().get(id).copied().unwrap_or(0) as u32;
+                let leaders = stations
+                    .iter()
+                    .flat_map(|s| &s.partition_info)
+                    .filter(|p| p.leader == Some(*id))
+                    .count() as u32;
+                NodeInfo {
+                    id: *id,
+                    addr: addr.clone(),
+                    alive: probe.get(id).is_some_and(Option::is_some),
+                    partition_replicas: replicas,
+                    partition_leaders: leaders,
+                }
+            })
+            .collect();
+        let (leader, term) = self.broker.meta_leader();
+        Ok(Response::new(ClusterStatusResponse {
+            nodes,
+            metadata_leader: leader,
+            metadata_term: term,
+            stations,
+        }))
+    }
+}

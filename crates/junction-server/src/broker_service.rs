@@ -1,0 +1,482 @@
+//! The `Broker` gRPC service: validate, route to the partition leader (here or by
+//! forwarding), map the result.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use junction_broker::{Broker, BrokerError};
+use junction_proto::v1::broker_server::Broker as BrokerApi;
+use junction_proto::v1::read_request::Start;
+use junction_proto::v1::{
+    BatchError, Header, Message, MessagePosition, ProduceRequest, ProduceResponse, ReadRequest,
+    ReadResponse, StartPosition, StoredMessage,
+};
+use junction_raft::peer_service::BoxStream;
+use junction_types::partitioner::partition_for_key;
+use junction_types::{GroupId, Record, StationMeta, StationName, StoredRecord};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::forward::{ClientPool, MAX_HOPS, hops_of, with_hops};
+use crate::status::to_status;
+
+const DEFAULT_MAX_MESSAGES: usize = 1000;
+const DEFAULT_MAX_BYTES: usize = 4 << 20;
+/// How long a follower waits for a partition to elect a leader before answering UNAVAILABLE.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// Serves produce and read calls.
+pub struct BrokerService {
+    broker: Arc<Broker>,
+    clients: Arc<ClientPool>,
+    sticky: AtomicU32,
+}
+
+impl BrokerService {
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
+        Self {
+            broker,
+            clients,
+            sticky: AtomicU32::new(0),
+        }
+    }
+
+    /// Finds a station in this node's metadata, waiting briefly for metadata that may lag the
+    /// controller (a station created a moment ago through another node).
+    async fn station(&self, name: &str) -> Result<StationMeta, Status> {
+        let name = StationName::parse(name).map_err(|e| to_status(e.into()))?;
+        if let Ok(s) = self.broker.station(&name) {
+            return Ok(s);
+        }
+        let mut rx = self.broker.subscribe_metadata();
+        let wait = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                if let Some(s) = rx.borrow_and_update().stations.get(&name.full()).cloned() {
+                    return Some(s);
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(500), wait).await {
+            Ok(Some(s)) => Ok(s),
+            _ => Err(to_status(BrokerError::StationNotFound(name.full()))),
+        }
+    }
+
+    /// Returns where to send a call for `group`: `None` when this node leads it, otherwise the
+    /// address of the leader (or of a replica that will know it).
+    async fn route(&self, group: GroupId, replicas: &[u64]) -> Result<Option<String>, Status> {
+        let me = self.broker.node_id();
+        if let Some(r) = self.broker.partition(group) {
+            let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+            loop {
+                match r.leader() {
+                    Some(l) if l == me => return Ok(None),
+                    Some(l) => {
+                        return self.broker.addr_of(l).map(Some).ok_or_else(|| {
+                            Status::unavailable(format!("no address known for node {l}"))
+                        });
+                    }
+                    None if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None => {
+                        return Err(Status::unavailable(format!(
+                            "partition group {group} has no leader yet; retry shortly"
+                        )));
+                    }
+                }
+            }
+        }
+        // Not a replica here: any live replica knows the leader and forwards once more.
+        let addrs = self.broker.node_addrs();
+        let pick = self.sticky.fetch_add(1, Ordering::Relaxed) as usize;
+        let candidates: Vec<&String> = replicas.iter().filter_map(|r| addrs.get(r)).collect();
+        if candidates.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no replica address known for group {group}"
+            )));
+        }
+        Ok(Some(candidates[pick % candidates.len()].clone()))
+    }
+
+    async fn produce_batch(
+        &self,
+        req: ProduceRequest,
+        hops: u32,
+    ) -> Result<Vec<MessagePosition>, Status> {
+        if req.messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "empty batch: a produce request needs at least one message",
+            ));
+        }
+        let station = self.station(&req.station).await?;
+        let partitions = station.partitions.len() as u32;
+        let max = station.max_message_bytes as usize;
+        let sticky = self.sticky.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
+        let mut by_partition: BTreeMap<u32, Vec<(usize, Message)>> = BTreeMap::new();
+        for (i, mut m) in req.messages.into_iter().enumerate() {
+            let size = m.key.as_ref().map_or(0, Vec::len)
+                + m.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len())
+                    .sum::<usize>()
+                + m.payload.len();
+            if size > max {
+                return Err(to_status(BrokerError::MessageTooLarge { size, max }));
+            }
+            let p = match (m.partition, &m.key) {
+                (Some(p), _) if p >= partitions => {
+                    return Err(to_status(BrokerError::PartitionOutOfRange {
+                        station: station.full_name(),
+                        partition: p,
+                        partitions,
+                    }));
+                }
+                (Some(p), _) => p,
+                (None, Some(k)) => partition_for_key(k, partitions),
+                (None, None) => sticky,
+            };
+            m.partition = Some(p);
+            by_partition.entry(p).or_default().push((i, m));
+        }
+        let total: usize = by_partition.values().map(Vec::len).sum();
+        let calls = by_partition.into_iter().map(|(p, msgs)| {
+            let station = &station;
+            async move {
+                let (idx, msgs): (Vec<usize>, Vec<Message>) = msgs.into_iter().unzip();
+                let offsets = self.append_partition(station, p, msgs, hops).await?;
+                Ok::<_, Status>((p, idx, offsets))
+            }
+        });
+        let mut positions = vec![MessagePosition::default(); total];
+        for r in futures::future::join_all(calls).await {
+            let (p, idx, offsets) = r?;
+            for (i, off) in idx.into_iter().zip(offsets) {
+                positions[i] = MessagePosition {
+                    partition: p,
+                    offset: off,
+                };
+            }
+        }
+        metrics::counter!("junction_produce_messages_total").increment(total as u64);
+        Ok(positions)
+    }
+
+    /// Appends messages (all for partition `p`) and returns their offsets.
+    async fn append_partition(
+        &self,
+        station: &StationMeta,
+        p: u32,
+        msgs: Vec<Message>,
+        hops: u32,
+    ) -> Result<Vec<u64>, Status> {
+        let part = &station.partitions[p as usize];
+        let n = msgs.len() as u64;
+        match self.route(part.group_id, &part.replicas).await? {
+            None => {
+                let records = msgs.into_iter().map(record_of).collect();
+                match self.broker.append(part.group_id, records).await {
+                    Ok(a) => Ok((a.base_offset..a.base_offset + n).collect()),
+                    Err(e) => Err(to_status(e)),
+                }
+            }
+            Some(addr) => {
+                if hops >= MAX_HOPS {
+                    return Err(Status::unavailable(format!(
+                        "partition {p} of {} is moving between leaders; retry",
+                        station.full_name()
+                    )));
+                }
+                let mut client = self.clients.broker(&addr)?;
+                let req = ProduceRequest {
+                    station: station.full_name(),
+                    messages: msgs,
+                    request_id: 0,
+                };
+                let resp = client.produce(with_hops(req, hops + 1)).await?.into_inner();
+                Ok(resp.positions.into_iter().map(|m| m.offset).collect())
+            }
+        }
+    }
+
+    fn read_local(
+        &self,
+        station: &StationMeta,
+        req: &ReadRequest,
+        group: GroupId,
+    ) -> Result<ReadResponse, Status> {
+        let replica = self.broker.partition(group).ok_or_else(|| {
+            to_status(BrokerError::NotHosted {
+                node: self.broker.node_id(),
+                group,
+            })
+        })?;
+        let state = replica.shared.current();
+        let from = match req.start {
+            Some(Start::Offset(o)) => {
+                if o > state.next_offset {
+                    return Err(Status::out_of_range(format!(
+                        "offset {o} is beyond the end of partition {} (next offset {})",
+                        req.partition, state.next_offset
+                    )));
+                }
+                o
+            }
+            Some(Start::Position(p)) if p == StartPosition::Latest as i32 => state.next_offset,
+            Some(Start::Position(_)) | None => state.start_offset,
+            Some(Start::TimestampMs(ts)) => {
+                self.broker.offset_for_time(group, ts).map_err(to_status)?
+            }
+        };
+        let max_messages = if req.max_messages == 0 {
+            DEFAULT_MAX_MESSAGES
+        } else {
+            req.max_messages as usize
+        };
+        let max_bytes = if req.max_bytes == 0 {
+            DEFAULT_MAX_BYTES
+        } else {
+            req.max_bytes as usize
+        };
+        let (raw, state) = self
+            .broker
+            .read(group, from, max_messages, max_bytes)
+            .map_err(to_status)?;
+        let mut messages = Vec::with_capacity(raw.len());
+        for (offset, bytes) in raw {
+            let r: StoredRecord = junction_raft::decode("stored record", &bytes).map_err(|e| {
+                Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition))
+            })?;
+            messages.push(stored_message(req.partition, offset, r));
+        }
+        let next_offset = messages
+            .last()
+            .map_or(from.max(state.start_offset), |m| m.offset + 1);
+        metrics::counter!("junction_read_messages_total").increment(messages.len() as u64);
+        let _ = station;
+        Ok(ReadResponse {
+            messages,
+            next_offset,
+            high_watermark: state.next_offset,
+            start_offset: state.start_offset,
+        })
+    }
+
+    fn partition_of<'a>(
+        &self,
+        station: &'a StationMeta,
+        p: u32,
+    ) -> Result<&'a junction_types::PartitionMeta, Status> {
+        station.partitions.get(p as usize).ok_or_else(|| {
+            to_status(BrokerError::PartitionOutOfRange {
+                station: station.full_name(),
+                partition: p,
+                partitions: station.partitions.len() as u32,
+            })
+        })
+    }
+}
+
+fn record_of(m: Message) -> Record {
+    Record {
+        key: m.key,
+        headers: m.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+        payload: m.payload.to_vec(),
+    }
+}
+
+fn stored_message(partition: u32, offset: u64, r: StoredRecord) -> StoredMessage {
+    StoredMessage {
+        partition,
+        offset,
+        timestamp_ms: r.timestamp_ms,
+        key: r.key,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(key, value)| Header { key, value })
+            .collect(),
+        payload: r.payload.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerApi for BrokerService {
+    async fn produce(
+        &self,
+        req: Request<ProduceRequest>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let hops = hops_of(&req);
+        let req = req.into_inner();
+        let request_id = req.request_id;
+        let positions = self.produce_batch(req, hops).await?;
+        Ok(Response::new(ProduceResponse {
+            request_id,
+            positions,
+            error: None,
+        }))
+    }
+
+    type ProduceStreamStream = BoxStream<ProduceResponse>;
+
+    async fn produce_stream(
+        &self,
+        req: Request<Streaming<ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let hops = hops_of(&req);
+        let mut input = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
+        let svc = Self {
+            broker: self.broker.clone(),
+            clients: self.clients.clone(),
+            sticky: AtomicU32::new(0),
+        };
+        let svc = Arc::new(svc);
+        tokio::spawn(async move {
+            // Batches run concurrently; replies go out as each completes.
+            let mut running = futures::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    next = input.next() => match next {
+                        Some(Ok(batch)) => {
+                            let svc = svc.clone();
+                            running.push(async move {
+                                let id = batch.request_id;
+                                match svc.produce_batch(batch, hops).await {
+                                    Ok(positions) => ProduceResponse { request_id: id, positions, error: None },
+                                    Err(s) => ProduceResponse { request_id: id, positions: vec![], error: Some(batch_error(&s)) },
+                                }
+                            });
+                        }
+                        Some(Err(_)) | None => break,
+                    },
+                    Some(resp) = running.next(), if !running.is_empty() => {
+                        if tx.send(Ok(resp)).await.is_err() { return; }
+                    }
+                }
+            }
+            while let Some(resp) = running.next().await {
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let hops = hops_of(&req);
+        let req = req.into_inner();
+        let station = self.station(&req.station).await?;
+        let part = self.partition_of(&station, req.partition)?;
+        match self.route(part.group_id, &part.replicas).await? {
+            None => Ok(Response::new(self.read_local(
+                &station,
+                &req,
+                part.group_id,
+            )?)),
+            Some(addr) => {
+                if hops >= MAX_HOPS {
+                    return Err(Status::unavailable("partition leadership is moving; retry"));
+                }
+                let mut client = self.clients.broker(&addr)?;
+                client.read(with_hops(req, hops + 1)).await
+            }
+        }
+    }
+
+    type TailStream = BoxStream<ReadResponse>;
+
+    async fn tail(&self, req: Request<ReadRequest>) -> Result<Response<Self::TailStream>, Status> {
+        let hops = hops_of(&req);
+        let req = req.into_inner();
+        let station = self.station(&req.station).await?;
+        let part = self.partition_of(&station, req.partition)?.clone();
+        // Any replica can serve a tail: it only ever holds committed messages.
+        let Some(replica) = self.broker.partition(part.group_id) else {
+            let addr = self
+                .route(part.group_id, &part.replicas)
+                .await?
+                .ok_or_else(|| {
+                    Status::unavailable("partition replica is not ready on this node yet; retry")
+                })?;
+            if hops >= MAX_HOPS {
+                return Err(Status::unavailable("partition leadership is moving; retry"));
+            }
+            let mut client = self.clients.broker(&addr)?;
+            let remote = client.tail(with_hops(req, hops + 1)).await?.into_inner();
+            return Ok(Response::new(Box::pin(remote)));
+        };
+        let first = self.read_local(&station, &req, part.group_id)?;
+        let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
+        let svc = Arc::new(Self {
+            broker: self.broker.clone(),
+            clients: self.clients.clone(),
+            sticky: AtomicU32::new(0),
+        });
+        let mut watch = replica.shared.subscribe();
+        let shutdown = self.broker.shutdown_token();
+        tokio::spawn(async move {
+            let mut next = first.next_offset;
+            let mut resp = first;
+            loop {
+                if !resp.messages.is_empty() && tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+                // Wait for new commits, the client leaving, or shutdown.
+                loop {
+                    if watch.borrow_and_update().next_offset > next {
+                        break;
+                    }
+                    tokio::select! {
+                        changed = watch.changed() => if changed.is_err() {
+                            let _ = tx.send(Err(Status::unavailable("the partition replica stopped; resume elsewhere"))).await;
+                            return;
+                        },
+                        _ = tx.closed() => return,
+                        _ = shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("node shutting down; resume elsewhere"))).await;
+                            return;
+                        }
+                    }
+                }
+                let mut r = req.clone();
+                r.start = Some(Start::Offset(next));
+                resp = match svc.read_local(&station, &r, part.group_id) {
+                    Ok(resp) => resp,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                };
+                next = resp.next_offset;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn batch_error(s: &Status) -> BatchError {
+    use tonic_types::StatusExt;
+    let leader_addr = s
+        .get_details_error_info()
+        .and_then(|i| i.metadata.get("leader_addr").cloned())
+        .unwrap_or_default();
+    BatchError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+        leader_addr,
+    }
+}
+
+/// Whether a status means "try again" (used by tests and forwarding).
+pub fn is_retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable)
+}

@@ -1,0 +1,68 @@
+//! Forwarding calls to the node that can answer them, with a hop limit so that two nodes
+//! with stale views can never bounce a request forever.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use junction_proto::v1::admin_client::AdminClient;
+use junction_proto::v1::broker_client::BrokerClient;
+use parking_lot::Mutex;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+/// gRPC metadata key counting how many times a request was forwarded.
+pub const HOPS_HEADER: &str = "x-junction-hops";
+/// Forwarding stops after this many hops (client → any node → replica → leader).
+pub const MAX_HOPS: u32 = 2;
+
+/// Returns the hop count of a request.
+pub fn hops_of<T>(req: &tonic::Request<T>) -> u32 {
+    req.metadata()
+        .get(HOPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wraps `msg` in a request marked with `hops`.
+pub fn with_hops<T>(msg: T, hops: u32) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = hops.to_string().parse() {
+        r.metadata_mut().insert(HOPS_HEADER, v);
+    }
+    r
+}
+
+/// Lazily connected channels to other nodes' public API.
+#[derive(Default)]
+pub struct ClientPool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl ClientPool {
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad node address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let ch = ep.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Returns a Broker client for `addr`.
+    pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>, Status> {
+        Ok(BrokerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
+    }
+
+    /// Returns an Admin client for `addr`.
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
+        Ok(AdminClient::new(self.channel(addr)?))
+    }
+}

@@ -1,0 +1,78 @@
+//! The HTTP side: `/healthz` (the process serves), `/readyz` (the node has joined a cluster
+//! with a metadata leader), `/metrics` (Prometheus).
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use junction_broker::Broker;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// The process-wide Prometheus recorder. The `metrics` facade is global by design; every node
+/// in one process (tests) reports into the same registry.
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+/// Installs the recorder (idempotent).
+pub fn init_metrics() {
+    let _ = prometheus();
+}
+
+/// Returns the HTTP router.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .with_state(broker)
+}
+
+async fn readyz(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {
+    match broker.meta_leader() {
+        (Some(leader), term) => (
+            StatusCode::OK,
+            format!("ready: metadata leader {leader}, term {term}\n"),
+        ),
+        (None, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no metadata leader\n".into(),
+        ),
+    }
+}
+
+async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {
+    let status = broker.local_status();
+    let node = broker.node_id();
+    let node_label = node.to_string();
+    let mut leaders = 0u64;
+    for g in &status.groups {
+        let group = g.group.to_string();
+        let is_leader = g.leader == Some(node);
+        if is_leader && g.group != 0 {
+            leaders += 1;
+        }
+        metrics::gauge!("junction_raft_term", "node" => node_label.clone(), "group" => group.clone()).set(g.term as f64);
+        metrics::gauge!("junction_raft_is_leader", "node" => node_label.clone(), "group" => group.clone())
+            .set(if is_leader { 1.0 } else { 0.0 });
+        if g.group != 0 {
+            metrics::gauge!("junction_partition_next_offset", "node" => node_label.clone(), "group" => group)
+                .set(g.next_offset as f64);
+        }
+    }
+    metrics::gauge!("junction_partition_replicas", "node" => node_label.clone())
+        .set((status.groups.len().saturating_sub(1)) as f64);
+    metrics::gauge!("junction_partition_leaders", "node" => node_label).set(leaders as f64);
+    match prometheus() {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics recorder unavailable\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,196 @@
+//! A Junction node as a server: configuration, the gRPC services (public `Broker` and `Admin`,
+//! node-to-node `Peer`, health and reflection) on one port, and HTTP on another.
+//!
+//! - [`config`]: the one configuration struct (defaults < TOML < env < flags).
+//! - [`broker_service`], [`admin_service`]: thin handlers — validate, route, call, map.
+//! - [`status`]: the one error → gRPC status table. [`forward`]: hop-limited forwarding.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! [`Server::start`] takes bound listeners and returns a [`ServerHandle`] with the real
+//! addresses, so tests run many nodes in one process on port 0.
+
+pub mod admin_service;
+pub mod broker_service;
+pub mod config;
+pub mod forward;
+pub mod http;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use junction_broker::{Broker, BrokerError};
+use junction_proto::peer::peer_server::PeerServer;
+use junction_proto::v1::admin_server::AdminServer;
+use junction_proto::v1::broker_server::BrokerServer;
+use junction_raft::PeerService;
+use junction_storage::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::{Config, ConfigError, ServeArgs};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] junction_storage::StorageError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running node.
+pub struct ServerHandle {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops serving, shuts every Raft group down and closes RocksDB.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.broker.shutdown().await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Returns a future that resolves when the node is asked to stop.
+    pub fn stopped(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Starts a node.
+pub struct Server;
+
+impl Server {
+    /// Binds the configured addresses and starts the node.
+    pub async fn start(config: Config) -> Result<ServerHandle, ServerError> {
+        let grpc = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let http = TcpListener::bind(&config.http)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.http.clone(),
+                source,
+            })?;
+        Self::start_with_listeners(config, grpc, http).await
+    }
+
+    /// Starts a node on already-bound listeners.
+    pub async fn start_with_listeners(
+        config: Config,
+        grpc: TcpListener,
+        http: TcpListener,
+    ) -> Result<ServerHandle, ServerError> {
+        config.validate()?;
+        http::init_metrics();
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.http.clone(),
+            source,
+        })?;
+        tracing::info!(?config, %grpc_addr, %http_addr, "starting node");
+        let store = {
+            let path = config.data_dir.join("db");
+            tokio::task::spawn_blocking(move || Store::open(&path))
+                .await
+                .map_err(|e| BrokerError::Raft(format!("opening the store panicked: {e}")))??
+        };
+        let broker = Broker::start(config.broker_config()?, store).await?;
+        let clients = Arc::new(forward::ClientPool::default());
+        let stop = CancellationToken::new();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<BrokerServer<broker_service::BrokerService>>()
+            .await;
+        health
+            .set_serving::<AdminServer<admin_service::AdminService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(junction_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| BrokerError::Raft(format!("reflection: {e}")))?;
+
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                BrokerServer::new(broker_service::BrokerService::new(
+                    broker.clone(),
+                    clients.clone(),
+                ))
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+            )
+            .add_service(AdminServer::new(admin_service::AdminService::new(
+                broker.clone(),
+                clients.clone(),
+            )))
+            .add_service(
+                PeerServer::new(PeerService::new(broker.clone()))
+                    .max_decoding_message_size(512 << 20)
+                    .max_encoding_message_size(512 << 20),
+            );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let s1 = stop.clone();
+        let grpc_task = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, s1.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        let s2 = stop.clone();
+        let app = http::router(broker.clone());
+        let http_task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app)
+                .with_graceful_shutdown(s2.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        Ok(ServerHandle {
+            grpc_addr,
+            http_addr,
+            broker,
+            stop,
+            tasks: vec![grpc_task, http_task],
+        })
+    }
+}

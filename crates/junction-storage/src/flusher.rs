@@ -1,0 +1,83 @@
+//! Group commit for the shared WAL: one thread fsyncs on behalf of every append queued
+//! since its last fsync, across all Raft groups of the node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use rocksdb::DB;
+
+/// Called once the WAL is durable (or the fsync failed).
+pub type FlushCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+pub(crate) struct Flusher {
+    tx: Option<mpsc::Sender<FlushCallback>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    pub(crate) fn start(db: Arc<DB>, poisoned: Arc<AtomicBool>) -> Self {
+        let (tx, rx) = mpsc::channel::<FlushCallback>();
+        let spawned = std::thread::Builder::new()
+            .name("junction-wal-sync".into())
+            .spawn(move || run(db, poisoned, rx));
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the WAL sync thread");
+                None
+            }
+        };
+        Self {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    pub(crate) fn submit(&self, cb: FlushCallback) {
+        let Some(tx) = &self.tx else {
+            return cb(Err(std::io::Error::other(
+                "the WAL sync thread has stopped",
+            )));
+        };
+        if let Err(mpsc::SendError(cb)) = tx.send(cb) {
+            cb(Err(std::io::Error::other(
+                "the WAL sync thread has stopped",
+            )));
+        }
+    }
+}
+
+impl Drop for Flusher {
+    /// Stops the thread after it has answered every queued callback, so that the thread's
+    /// handle on the DB is gone when the store is dropped (the DB can then be reopened).
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ignored = t.join();
+        }
+    }
+}
+
+fn run(db: Arc<DB>, poisoned: Arc<AtomicBool>, rx: mpsc::Receiver<FlushCallback>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        // A failed fsync leaves the page cache in an unknown state (fsyncgate): never report
+        // success again after one, so no write is acknowledged that might not be on disk.
+        let result = if poisoned.load(Ordering::Acquire) {
+            Err("the store is poisoned by an earlier failed fsync".to_string())
+        } else {
+            db.flush_wal(true).map_err(|e| {
+                poisoned.store(true, Ordering::Release);
+                tracing::error!(error = %e, "WAL fsync failed; the store is now poisoned");
+                e.to_string()
+            })
+        };
+        for cb in waiting {
+            cb(result.clone().map_err(std::io::Error::other));
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The node's storage: one RocksDB holding every Raft group's log, vote and state machine
+//! data, keyed by group id (see [`keys`]). This is the only crate that names `rocksdb`.
+//!
+//! - [`Store`]: open/close, typed reads and writes per group, range deletes.
+//! - [`flusher`]: one thread that fsyncs the shared WAL for many appends at once (group
+//!   commit across every Raft group), and poisons the store if an fsync ever fails.
+//!
+//! Durability rules enforced here:
+//! - a vote is written with `sync = true` before `save_vote` returns;
+//! - a log append is acknowledged (its callback fired) only after the WAL holding it is
+//!   fsynced;
+//! - state machine writes are not synced: the Raft log is the source of truth and replays
+//!   anything lost; [`Store::sync_wal`] makes them durable before logs may be purged.
+
+pub mod flusher;
+pub mod keys;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use junction_types::GroupId;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+};
+
+pub use crate::flusher::FlushCallback;
+use crate::flusher::Flusher;
+use crate::keys::*;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("rocksdb {op} failed: {source}")]
+    Rocks {
+        op: &'static str,
+        source: rocksdb::Error,
+    },
+    #[error("column family {0} is missing")]
+    MissingCf(&'static str),
+    #[error("corrupt {what} in group {group}: {detail}")]
+    Corrupt {
+        what: &'static str,
+        group: GroupId,
+        detail: String,
+    },
+    #[error("the store is poisoned by an earlier failed fsync and accepts no more writes")]
+    Poisoned,
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
+    move |source| StorageError::Rocks { op, source }
+}
+
+/// A handle to the node's RocksDB. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Field order matters: the flusher (and its thread's DB handle) goes first.
+    flusher: Flusher,
+    db: Arc<DB>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.db.path())
+            .finish()
+    }
+}
+
+/// One message read back: its offset and the encoded `StoredRecord`.
+pub type RawMessage = (u64, Vec<u8>);
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        // Cold column families are flushed so WAL files can be recycled.
+        opts.set_max_total_wal_size(256 << 20);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_wal_bytes_per_sync(1 << 20);
+        let cache = Cache::new_lru_cache(64 << 20);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            cf.set_block_based_table_factory(&block);
+            cf.set_compression_type(DBCompressionType::Lz4);
+            cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+            cf.set_write_buffer_size(32 << 20);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(rocks("open"))?);
+        for cf in ALL_CFS {
+            if db.cf_handle(cf).is_none() {
+                return Err(StorageError::MissingCf(cf));
+            }
+        }
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let flusher = Flusher::start(db.clone(), poisoned.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                flusher,
+                db,
+                poisoned,
+            }),
+        })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
+        self.inner
+            .db
+            .cf_handle(name)
+            .ok_or(StorageError::MissingCf(name))
+    }
+
+    fn check_poisoned(&self) -> Result<(), StorageError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Returns a new write batch.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+        }
+    }
+
+    /// Writes a batch without waiting for fsync.
+    pub fn write(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        self.inner.db.write(batch.wb).map_err(rocks("write"))
+    }
+
+    /// Writes a batch and fsyncs the WAL before returning.
+    pub fn write_sync(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.inner.db.write_opt(batch.wb, &wo).map_err(|source| {
+            self.inner.poisoned.store(true, Ordering::Release);
+            StorageError::Rocks {
+                op: "sync write",
+                source,
+            }
+        })
+    }
+
+    /// Writes a batch now and calls `done` once the WAL holding it is fsynced (from the
+    /// flusher thread). The write is readable when this returns.
+    pub fn write_then_flush(
+        &self,
+        batch: Batch<'_>,
+        done: FlushCallback,
+    ) -> Result<(), StorageError> {
+        self.write(batch)?;
+        self.inner.flusher.submit(done);
+        Ok(())
+    }
+
+    /// Fsyncs the WAL: everything written so far becomes durable.
+    pub fn sync_wal(&self) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        self.inner.db.flush_wal(true).map_err(|source| {
+            self.inner.poisoned.store(true, Ordering::Release);
+            StorageError::Rocks {
+                op: "flush_wal",
+                source,
+            }
+        })
+    }
+
+    /// Reads `group · tag` in `cf`.
+    pub fn get_tag(
+        &self,
+        cf: &'static str,
+        group: GroupId,
+        tag: u8,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner
+            .db
+            .get_cf(self.cf(cf)?, group_tag(group, tag))
+            .map_err(rocks("get"))
+    }
+
+    /// Returns log entries of `group` with index in `[start, end)`, in order.
+    pub fn log_range(
+        &self,
+        group: GroupId,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(group_u64(group, end).to_vec());
+        let from = group_u64(group, start);
+        let it = self.inner.db.iterator_cf_opt(
+            self.cf(CF_RAFT_LOG)?,
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(rocks("iterate log"))?;
+            let index = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
+                what: "log key",
+                group,
+                detail: format!("{} bytes", k.len()),
+            })?;
+            out.push((index, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Returns the last log entry of `group`.
+    pub fn last_log(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(group_start(group).to_vec());
+        ro.set_iterate_upper_bound(group_end(group));
+        let mut it = self
+            .inner
+            .db
+            .iterator_cf_opt(self.cf(CF_RAFT_LOG)?, ro, IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, v) = item.map_err(rocks("iterate log"))?;
+                let index = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
+                    what: "log key",
+                    group,
+                    detail: format!("{} bytes", k.len()),
+                })?;
+                Ok(Some((index, v.to_vec())))
+            }
+        }
+    }
+
+    /// Returns up to `max_count` messages of `group` from `from` (inclusive) to `upto`
+    /// (exclusive), stopping once `max_bytes` is reached (at least one message is returned).
+    pub fn read_messages(
+        &self,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RawMessage>, StorageError> {
+        let mut out = Vec::new();
+        if from >= upto {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(group_u64(group, upto).to_vec());
+        let start = group_u64(group, from);
+        let it = self.inner.db.iterator_cf_opt(
+            self.cf(CF_MESSAGES)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut bytes = 0usize;
+        for item in it {
+            let (k, v) = item.map_err(rocks("iterate messages"))?;
+            let offset = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
+                what: "message key",
+                group,
+                detail: format!("{} bytes", k.len()),
+            })?;
+            bytes += v.len();
+            out.push((offset, v.to_vec()));
+            if out.len() >= max_count || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns the offset of the first message at or after `ts_ms`, if the time index has one.
+    pub fn seek_time(&self, group: GroupId, ts_ms: i64) -> Result<Option<u64>, StorageError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(group_end(group));
+        let start = group_time(group, ts_ms);
+        let mut it = self.inner.db.iterator_cf_opt(
+            self.cf(CF_TIME_INDEX)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        match it.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, v) = item.map_err(rocks("iterate time index"))?;
+                Ok(u64_at(&v, 0))
+            }
+        }
+    }
+
+    /// Visits every state-machine key of `group` (column families [`SM_CFS`]) from one
+    /// consistent RocksDB snapshot. `visit(cf_index, key_suffix, value)` returns `false` to stop.
+    pub fn scan_group_sm(
+        &self,
+        group: GroupId,
+        mut visit: impl FnMut(u8, &[u8], &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        let snap = self.inner.db.snapshot();
+        for (i, cf_name) in SM_CFS.iter().enumerate() {
+            let cf = self.cf(cf_name)?;
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(group_end(group));
+            ro.set_snapshot(&snap);
+            let start = group_start(group);
+            let it = self.inner.db.iterator_cf_opt(
+                cf,
+                ro,
+                IteratorMode::From(&start, Direction::Forward),
+            );
+            for item in it {
+                let (k, v) = item.map_err(rocks("scan group"))?;
+                let suffix = k.get(8..).unwrap_or_default();
+                if !visit(i as u8, suffix, &v)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists the groups that have Raft state on this node.
+    pub fn hosted_groups(&self) -> Result<Vec<GroupId>, StorageError> {
+        let cf = self.cf(CF_RAFT_META)?;
+        let mut out = Vec::new();
+        let mut next: Vec<u8> = Vec::new();
+        loop {
+            let mut it = self
+                .inner
+                .db
+                .iterator_cf(cf, IteratorMode::From(&next, Direction::Forward));
+            let Some(item) = it.next() else { break };
+            let (k, _) = item.map_err(rocks("iterate raft meta"))?;
+            let Some(group) = u64_at(&k, 0) else { break };
+            out.push(group);
+            match group.checked_add(1) {
+                Some(n) => next = n.to_be_bytes().to_vec(),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every key of `group` in every column family and syncs the removal.
+    pub fn delete_group(&self, group: GroupId) -> Result<(), StorageError> {
+        let mut b = self.batch();
+        for cf in ALL_CFS {
+            b.delete_group_range(cf, group)?;
+        }
+        self.write_sync(b)
+    }
+
+    /// Removes every state-machine key of `group` (before installing a snapshot).
+    pub fn clear_group_sm(&self, group: GroupId) -> Result<(), StorageError> {
+        let mut b = self.batch();
+        for cf in SM_CFS {
+            b.delete_group_range(cf, group)?;
+        }
+        self.write(b)
+    }
+
+    /// Returns RocksDB's own statistics line for a property (for metrics and debugging).
+    pub fn property(&self, name: &str) -> Option<String> {
+        self.inner.db.property_value(name).ok().flatten()
+    }
+}
+
+/// A write batch bound to its store, with typed writes.
+pub struct Batch<'a> {
+    store: &'a Store,
+    wb: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Puts `group · tag` in `cf`.
+    pub fn put_tag(
+        &mut self,
+        cf: &'static str,
+        group: GroupId,
+        tag: u8,
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        self.wb
+            .put_cf(self.store.cf(cf)?, group_tag(group, tag), value);
+        Ok(())
+    }
+
+    /// Deletes `group · tag` in `cf`.
+    pub fn delete_tag(
+        &mut self,
+        cf: &'static str,
+        group: GroupId,
+        tag: u8,
+    ) -> Result<(), StorageError> {
+        self.wb.delete_cf(self.store.cf(cf)?, group_tag(group, tag));
+        Ok(())
+    }
+
+    /// Puts a log entry.
+    pub fn put_log(
+        &mut self,
+        group: GroupId,
+        index: u64,
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        self.wb
+            .put_cf(self.store.cf(CF_RAFT_LOG)?, group_u64(group, index), value);
+        Ok(())
+    }
+
+    /// Deletes log entries with index in `[from, to)`.
+    pub fn delete_logs(&mut self, group: GroupId, from: u64, to: u64) -> Result<(), StorageError> {
+        let cf = self.store.cf(CF_RAFT_LOG)?;
+        if to == u64::MAX {
+            self.wb
+                .delete_range_cf(cf, &group_u64(group, from)[..], &group_end(group)[..]);
+        } else {
+            self.wb
+                .delete_range_cf(cf, &group_u64(group, from)[..], &group_u64(group, to)[..]);
+        }
+        Ok(())
+    }
+
+    /// Puts a message at `offset`.
+    pub fn put_message(
+        &mut self,
+        group: GroupId,
+        offset: u64,
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        self.wb
+            .put_cf(self.store.cf(CF_MESSAGES)?, group_u64(group, offset), value);
+        Ok(())
+    }
+
+    /// Records that the first message at time `ts_ms` has `offset`.
+    pub fn put_time_index(
+        &mut self,
+        group: GroupId,
+        ts_ms: i64,
+        offset: u64,
+    ) -> Result<(), StorageError> {
+        self.wb.put_cf(
+            self.store.cf(CF_TIME_INDEX)?,
+            group_time(group, ts_ms),
+            offset.to_be_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Puts a raw state-machine key (from a snapshot stream) into `SM_CFS[cf_index]`.
+    pub fn put_sm_raw(
+        &mut self,
+        group: GroupId,
+        cf_index: u8,
+        suffix: &[u8],
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        let name = SM_CFS
+            .get(cf_index as usize)
+            .copied()
+            .ok_or_else(|| StorageError::Corrupt {
+                what: "snapshot column family",
+                group,
+                detail: format!("index {cf_index}"),
+            })?;
+        let mut key = Vec::with_capacity(8 + suffix.len());
+        key.extend_from_slice(&group.to_be_bytes());
+        key.extend_from_slice(suffix);
+        self.wb.put_cf(self.store.cf(name)?, key, value);
+        Ok(())
+    }
+
+    fn delete_group_range(&mut self, cf: &'static str, group: GroupId) -> Result<(), StorageError> {
+        self.wb.delete_range_cf(
+            self.store.cf(cf)?,
+            &group_start(group)[..],
+            &group_end(group)[..],
+        );
+        Ok(())
+    }
+
+    /// Returns the encoded size of the batch.
+    pub fn size_bytes(&self) -> usize {
+        self.wb.size_in_bytes()
+    }
+
+    /// Returns whether the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_isolated_and_deletable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = store.batch();
+        for g in [1u64, 2] {
+            for i in 0..5u64 {
+                b.put_log(g, i, format!("e{g}-{i}").as_bytes()).unwrap();
+                b.put_message(g, i, b"m").unwrap();
+            }
+            b.put_tag(CF_RAFT_META, g, raft_tag::VOTE, b"v").unwrap();
+        }
+        store.write_sync(b).unwrap();
+        assert_eq!(store.log_range(1, 1, 3).unwrap().len(), 2);
+        assert_eq!(store.last_log(2).unwrap().unwrap().0, 4);
+        assert_eq!(store.hosted_groups().unwrap(), vec![1, 2]);
+        store.delete_group(1).unwrap();
+        assert_eq!(store.hosted_groups().unwrap(), vec![2]);
+        assert!(store.last_log(1).unwrap().is_none());
+        assert_eq!(
+            store.read_messages(2, 0, 10, 100, 1 << 20).unwrap().len(),
+            5
+        );
+        assert!(
+            store
+                .read_messages(1, 0, 10, 100, 1 << 20)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn flushed_callback_fires_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut b = store.batch();
+            b.put_log(9, 1, b"x").unwrap();
+            store
+                .write_then_flush(b, Box::new(move |r| tx.send(r.is_ok()).unwrap_or_default()))
+                .unwrap();
+            assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.log_range(9, 0, 5).unwrap(), vec![(1, b"x".to_vec())]);
+    }
+
+    #[test]
+    fn time_index_finds_first_offset_at_or_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = store.batch();
+        b.put_time_index(3, 100, 0).unwrap();
+        b.put_time_index(3, 200, 10).unwrap();
+        b.put_time_index(4, 150, 99).unwrap();
+        store.write(b).unwrap();
+        assert_eq!(store.seek_time(3, 50).unwrap(), Some(0));
+        assert_eq!(store.seek_time(3, 150).unwrap(), Some(10));
+        assert_eq!(store.seek_time(3, 201).unwrap(), None);
+    }
+}

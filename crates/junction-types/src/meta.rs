@@ -1,0 +1,296 @@
+//! The metadata group's state: tenants, stations and where each partition's replicas live.
+//! `MetaState::apply` is the whole of the metadata state machine's logic; it is pure so that
+//! every replica computes the same state from the same log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{CommandResponse, MetaCommand};
+use crate::{DEFAULT_TENANT, GroupId, NodeId};
+
+/// Why the metadata group refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaError {
+    #[error("tenant '{tenant}' already exists")]
+    TenantExists { tenant: String },
+    #[error("tenant '{tenant}' does not exist; create it first")]
+    TenantNotFound { tenant: String },
+    #[error("station '{station}' already exists")]
+    StationExists { station: String },
+    #[error("station '{station}' does not exist")]
+    StationNotFound { station: String },
+}
+
+/// One partition: its Raft group and the nodes holding a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    pub group_id: GroupId,
+    pub replicas: Vec<NodeId>,
+}
+
+/// A station's configuration and placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StationMeta {
+    pub tenant: String,
+    pub name: String,
+    pub replication_factor: u32,
+    pub max_message_bytes: u32,
+    pub created_at_ms: i64,
+    pub partitions: Vec<PartitionMeta>,
+}
+
+impl StationMeta {
+    /// Returns `tenant/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.tenant, self.name)
+    }
+}
+
+/// The replicated metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// Tenant name → creation time (ms).
+    pub tenants: BTreeMap<String, i64>,
+    /// `tenant/name` → station.
+    pub stations: BTreeMap<String, StationMeta>,
+    /// The next partition group id to hand out. Group ids are never reused, so a node can tell
+    /// a group that metadata has not heard of yet (id ≥ this) from one that was deleted.
+    pub next_group_id: GroupId,
+}
+
+impl Default for MetaState {
+    fn default() -> Self {
+        let mut tenants = BTreeMap::new();
+        tenants.insert(DEFAULT_TENANT.to_string(), 0);
+        Self {
+            tenants,
+            stations: BTreeMap::new(),
+            next_group_id: 1,
+        }
+    }
+}
+
+impl MetaState {
+    /// Applies one command and returns its result.
+    pub fn apply(&mut self, cmd: &MetaCommand) -> CommandResponse {
+        match cmd {
+            MetaCommand::CreateTenant { name, now_ms } => {
+                if self.tenants.contains_key(name) {
+                    return CommandResponse::MetaRejected(MetaError::TenantExists {
+                        tenant: name.clone(),
+                    });
+                }
+                self.tenants.insert(name.clone(), *now_ms);
+                CommandResponse::Done
+            }
+            MetaCommand::CreateStation {
+                tenant,
+                name,
+                placement,
+                replication_factor,
+                max_message_bytes,
+                now_ms,
+            } => {
+                let full = format!("{tenant}/{name}");
+                if !self.tenants.contains_key(tenant) {
+                    return CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                        tenant: tenant.clone(),
+                    });
+                }
+                if self.stations.contains_key(&full) {
+                    return CommandResponse::MetaRejected(MetaError::StationExists {
+                        station: full,
+                    });
+                }
+                let partitions = placement
+                    .iter()
+                    .map(|replicas| {
+                        let group_id = self.next_group_id;
+                        self.next_group_id += 1;
+                        PartitionMeta {
+                            group_id,
+                            replicas: replicas.clone(),
+                        }
+                    })
+                    .collect();
+                let station = StationMeta {
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    replication_factor: *replication_factor,
+                    max_message_bytes: *max_message_bytes,
+                    created_at_ms: *now_ms,
+                    partitions,
+                };
+                self.stations.insert(full, station.clone());
+                CommandResponse::StationCreated(station)
+            }
+            MetaCommand::DeleteStation { tenant, name } => {
+                let full = format!("{tenant}/{name}");
+                if self.stations.remove(&full).is_none() {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: full,
+                    });
+                }
+                CommandResponse::Done
+            }
+        }
+    }
+
+    /// Returns every partition group whose replicas include `node`, with its members.
+    pub fn groups_of(&self, node: NodeId) -> BTreeMap<GroupId, Vec<NodeId>> {
+        let mut out = BTreeMap::new();
+        for s in self.stations.values() {
+            for p in &s.partitions {
+                if p.replicas.contains(&node) {
+                    out.insert(p.group_id, p.replicas.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Returns how many partition replicas each node holds.
+    pub fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
+        let mut counts = BTreeMap::new();
+        for s in self.stations.values() {
+            for p in &s.partitions {
+                for r in &p.replicas {
+                    *counts.entry(*r).or_insert(0) += 1;
+                }
+            }
+        }
+        counts
+    }
+}
+
+/// Chooses the replicas of `partitions` new partitions among `live` nodes so that replica
+/// counts stay balanced: each partition takes the `rf` least-loaded live nodes (ties broken by
+/// node id, rotated per partition so leaders spread too). The first replica of each list is
+/// the one that initialises the partition's Raft group.
+pub fn place_replicas(
+    live: &BTreeSet<NodeId>,
+    existing: &BTreeMap<NodeId, usize>,
+    partitions: u32,
+    rf: u32,
+) -> Vec<Vec<NodeId>> {
+    let mut load: BTreeMap<NodeId, usize> = live
+        .iter()
+        .map(|n| (*n, existing.get(n).copied().unwrap_or(0)))
+        .collect();
+    let mut firsts: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(partitions as usize);
+    for p in 0..partitions {
+        let mut nodes: Vec<NodeId> = load.keys().copied().collect();
+        let n = nodes.len().max(1);
+        nodes.rotate_left(p as usize % n);
+        // Stable sort keeps the rotation order among equally loaded nodes.
+        nodes.sort_by_key(|id| load.get(id).copied().unwrap_or(0));
+        let mut chosen: Vec<NodeId> = nodes.into_iter().take(rf as usize).collect();
+        // The first replica initialises the group and usually leads it: spread that role too.
+        if let Some(pos) =
+            (0..chosen.len()).min_by_key(|i| firsts.get(&chosen[*i]).copied().unwrap_or(0))
+        {
+            let first = chosen.remove(pos);
+            chosen.insert(0, first);
+            *firsts.entry(first).or_insert(0) += 1;
+        }
+        for id in &chosen {
+            if let Some(l) = load.get_mut(id) {
+                *l += 1;
+            }
+        }
+        out.push(chosen);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(state: &mut MetaState, name: &str, parts: u32) -> CommandResponse {
+        let live: BTreeSet<u64> = [1, 2, 3].into();
+        let placement = place_replicas(&live, &state.replica_counts(), parts, 3);
+        state.apply(&MetaCommand::CreateStation {
+            tenant: "default".into(),
+            name: name.into(),
+            placement,
+            replication_factor: 3,
+            max_message_bytes: 1 << 20,
+            now_ms: 1,
+        })
+    }
+
+    #[test]
+    fn station_creation_assigns_fresh_group_ids() {
+        let mut s = MetaState::default();
+        let CommandResponse::StationCreated(a) = create(&mut s, "a", 2) else {
+            panic!()
+        };
+        let CommandResponse::StationCreated(b) = create(&mut s, "b", 1) else {
+            panic!()
+        };
+        let ids: Vec<u64> = a
+            .partitions
+            .iter()
+            .chain(&b.partitions)
+            .map(|p| p.group_id)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        // Deleting never makes an id reusable.
+        assert_eq!(
+            s.apply(&MetaCommand::DeleteStation {
+                tenant: "default".into(),
+                name: "a".into()
+            }),
+            CommandResponse::Done
+        );
+        let CommandResponse::StationCreated(c) = create(&mut s, "a", 1) else {
+            panic!()
+        };
+        assert_eq!(c.partitions[0].group_id, 4);
+    }
+
+    #[test]
+    fn duplicate_station_and_unknown_tenant_are_rejected() {
+        let mut s = MetaState::default();
+        create(&mut s, "a", 1);
+        assert!(matches!(
+            create(&mut s, "a", 1),
+            CommandResponse::MetaRejected(MetaError::StationExists { .. })
+        ));
+        let r = s.apply(&MetaCommand::CreateStation {
+            tenant: "nope".into(),
+            name: "x".into(),
+            placement: vec![vec![1]],
+            replication_factor: 1,
+            max_message_bytes: 1,
+            now_ms: 1,
+        });
+        assert!(matches!(
+            r,
+            CommandResponse::MetaRejected(MetaError::TenantNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn placement_balances_replicas_and_leaders() {
+        let live: BTreeSet<u64> = [1, 2, 3, 4, 5].into();
+        let placement = place_replicas(&live, &BTreeMap::new(), 10, 3);
+        let mut counts = BTreeMap::<u64, usize>::new();
+        let mut firsts = BTreeMap::<u64, usize>::new();
+        for replicas in &placement {
+            assert_eq!(replicas.len(), 3);
+            let distinct: BTreeSet<_> = replicas.iter().collect();
+            assert_eq!(distinct.len(), 3, "replicas on distinct nodes");
+            for r in replicas {
+                *counts.entry(*r).or_default() += 1;
+            }
+            *firsts.entry(replicas[0]).or_default() += 1;
+        }
+        assert!(counts.values().all(|c| *c == 6), "{counts:?}");
+        assert!(firsts.values().all(|c| *c == 2), "{firsts:?}");
+    }
+}

@@ -1,0 +1,58 @@
+//! The `junction` binary: `serve` runs a node, `dev` a local three-node cluster, and the
+//! client subcommands talk to a cluster. This file only parses and dispatches.
+
+use clap::{Parser, Subcommand};
+
+/// Junction: a Raft-replicated, tenant-aware log store.
+#[derive(Parser)]
+#[command(name = "junction", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node.
+    Serve(junction_server::ServeArgs),
+    /// Run a local three-node cluster (data under ./data) until Ctrl-C.
+    Dev(junction_cli::DevArgs),
+    #[command(flatten)]
+    Client(junction_cli::ClientCommand),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JUNCTION_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
+    let config = junction_server::Config::load(&args)?;
+    let handle = junction_server::Server::start(config).await?;
+    tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, "node serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            serve(args).await
+        }
+        Command::Dev(args) => junction_cli::run_dev(args).await,
+        Command::Client(cmd) => junction_cli::run_client(cmd).await,
+    }
+}
