@@ -1,1 +1,9 @@
-fn main() {}
+//! Integration tests: real nodes (in-process, or real `junction serve` processes) on
+//! ephemeral loopback ports, real RocksDB in temp dirs.
+
+mod bad_input;
+mod cluster;
+mod failover;
+mod harness;
+mod process;
+mod snapshot;

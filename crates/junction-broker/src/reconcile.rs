@@ -35,10 +35,11 @@ impl Broker {
         let wanted = state.groups_of(self.node_id());
         let running: BTreeSet<GroupId> = self.hosted().into_iter().collect();
         for (group, replicas) in &wanted {
-            if !running.contains(group) {
-                if let Err(e) = self.open_partition(*group, replicas).await {
-                    tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
-                }
+            if running.contains(group) {
+                continue;
+            }
+            if let Err(e) = self.open_partition(*group, replicas).await {
+                tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
             }
         }
         for group in &running {

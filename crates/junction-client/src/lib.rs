@@ -12,7 +12,8 @@
 //! - Produce is at-least-once: a retried batch whose first attempt's outcome was unknown may
 //!   be stored twice. Creating tenants or stations likewise may report ALREADY_EXISTS after a
 //!   retry, and deleting a station NOT_FOUND.
-//! - [`Client::tail`] re-opens a broken stream, resuming after the last message delivered.
+//! - [`Client::tail`] opens its stream at once (in a background task, so it needs a Tokio
+//!   runtime) and re-opens it when it breaks, resuming after the last message delivered.
 //! - [`Producer`] pipelines batches over one `ProduceStream`; see its documentation.
 //!
 //! The wire types are those of `junction_proto::v1`, re-exported as [`proto`].
@@ -37,5 +38,5 @@ pub use junction_proto::v1::{
 };
 pub use producer::{Producer, ProducerOptions, SendFuture};
 pub use retry::{LEADER_ADDR_KEY, NOT_LEADER_REASON};
-pub use tail::TailStream;
+pub use tail::{TAIL_BUFFER, TailStream};
 pub use tonic::Code;

@@ -4,8 +4,10 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use junction_proto::v1::{ReadResponse, StoredMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::{Code, Status};
 
@@ -40,8 +42,12 @@ impl Stream for TailStream {
 
 impl Client {
     /// Follows one partition of `station` from `start`: yields stored messages, then new ones
-    /// as they commit, until dropped or a non-retryable error. Nothing is sent until the
-    /// stream is first polled.
+    /// as they commit, until dropped or a non-retryable error.
+    ///
+    /// The stream is opened at once by a background task (so `Start::Latest` means about
+    /// "when `tail` was called", not "when first polled"), which must therefore run inside a
+    /// Tokio runtime. Up to [`TAIL_BUFFER`] messages are read ahead; dropping the stream stops
+    /// the task.
     pub fn tail(&self, station: &str, partition: u32, start: Start) -> TailStream {
         let state = TailState {
             attempts: Attempts::new(&self.inner.options),
@@ -59,11 +65,28 @@ impl Client {
             let item = state.next().await?;
             Some((item, state))
         });
+        let (tx, rx) = mpsc::channel(TAIL_BUFFER);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    () = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
         TailStream {
-            inner: Box::pin(stream),
+            inner: Box::pin(ReceiverStream::new(rx)),
         }
     }
 }
+
+/// How many messages a [`TailStream`] reads ahead of its consumer.
+pub const TAIL_BUFFER: usize = 256;
 
 struct TailState {
     client: Client,

@@ -132,7 +132,7 @@ impl PeerConnection {
     ) -> Result<RaftRequest, RpcErr> {
         Ok(RaftRequest {
             group: self.group,
-            payload: encode(what, v).map_err(|e| network(e))?,
+            payload: encode(what, v).map_err(network)?,
         })
     }
 }

@@ -1,0 +1,94 @@
+//! `junction cluster ...`
+
+use anyhow::Context;
+use junction_client::proto::ClusterStatusResponse;
+use serde_json::json;
+
+use crate::common::{
+    ConnArgs, Table, full_name, id_list, leader_cell, node_json, out, out_json, station_json,
+};
+
+/// Inspect the cluster.
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Nodes, the metadata leader, and where every partition's leader and replicas are.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let client = args.conn.client()?;
+    match args.command {
+        ClusterCommand::Status { json } => {
+            let status = client
+                .cluster_status()
+                .await
+                .context("getting cluster status")?;
+            if json {
+                out_json(&json!({
+                    "nodes": status.nodes.iter().map(node_json).collect::<Vec<_>>(),
+                    "metadata_leader": status.metadata_leader,
+                    "metadata_term": status.metadata_term,
+                    "stations": status.stations.iter().map(station_json).collect::<Vec<_>>(),
+                }))
+            } else {
+                out(&status_text(&status))
+            }
+        }
+    }
+}
+
+pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {
+    let mut text = match status.metadata_leader {
+        Some(id) => format!(
+            "metadata leader: node {id} (term {})\n\n",
+            status.metadata_term
+        ),
+        None => format!("metadata leader: none (term {})\n\n", status.metadata_term),
+    };
+    let mut nodes = Table::new(["NODE", "ADDRESS", "ALIVE", "REPLICAS", "LEADERS"]);
+    for n in &status.nodes {
+        nodes.row(vec![
+            n.id.to_string(),
+            n.addr.clone(),
+            if n.alive { "yes" } else { "no" }.to_owned(),
+            n.partition_replicas.to_string(),
+            n.partition_leaders.to_string(),
+        ]);
+    }
+    text.push_str(&nodes.render());
+    if status.stations.is_empty() {
+        text.push_str("\nno stations\n");
+        return text;
+    }
+    let mut partitions = Table::new(["STATION", "PARTITION", "LEADER", "REPLICAS", "NEXT OFFSET"]);
+    for s in &status.stations {
+        let name = full_name(s);
+        for p in &s.partition_info {
+            partitions.row(vec![
+                name.clone(),
+                p.partition.to_string(),
+                leader_cell(p.leader),
+                id_list(&p.replicas),
+                p.next_offset.to_string(),
+            ]);
+        }
+        if s.partition_info.is_empty() {
+            partitions.row(vec![name, "-".into(), "-".into(), "-".into(), "-".into()]);
+        }
+    }
+    text.push('\n');
+    text.push_str(&partitions.render());
+    text
+}

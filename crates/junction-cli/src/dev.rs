@@ -1,0 +1,370 @@
+//! `junction dev`: a local cluster of child `junction serve` processes.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use junction_client::{Client, ClientOptions};
+use tokio::process::{Child, Command};
+
+use crate::common::{DEFAULT_SERVERS, out};
+
+/// How long the cluster has to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long stopping nodes get after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run a local cluster: N `junction serve` child processes on consecutive ports.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Directory of the nodes' data (`nodeI/`) and logs (`nodeI.log`).
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// gRPC port of node 1; node I listens on BASE+I-1.
+    #[arg(long, default_value_t = 7701)]
+    pub base_port: u16,
+    /// HTTP (health, metrics) port of node 1; node I listens on BASE+I-1.
+    #[arg(long, default_value_t = 8701)]
+    pub http_base_port: u16,
+}
+
+/// The ports and paths of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodePlan {
+    pub(crate) id: u16,
+    pub(crate) listen: String,
+    pub(crate) http: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) log: PathBuf,
+}
+
+/// Checks the arguments and lays out the nodes and the `--members` list.
+pub(crate) fn plan(args: &DevArgs) -> anyhow::Result<(Vec<NodePlan>, String)> {
+    if args.nodes == 0 || args.nodes > 99 {
+        bail!("--nodes must be between 1 and 99");
+    }
+    let last = |base: u16| base.checked_add(args.nodes - 1);
+    let (Some(grpc_last), Some(http_last)) = (last(args.base_port), last(args.http_base_port))
+    else {
+        bail!("ports beyond 65535");
+    };
+    if args.base_port == 0 || args.http_base_port == 0 {
+        bail!("ports must not be 0");
+    }
+    if args.base_port <= http_last && args.http_base_port <= grpc_last {
+        bail!("the gRPC and HTTP port ranges overlap");
+    }
+    let nodes: Vec<NodePlan> = (1..=args.nodes)
+        .map(|id| NodePlan {
+            id,
+            listen: format!("127.0.0.1:{}", args.base_port + id - 1),
+            http: format!("127.0.0.1:{}", args.http_base_port + id - 1),
+            data_dir: args.data_dir.join(format!("node{id}")),
+            log: args.data_dir.join(format!("node{id}.log")),
+        })
+        .collect();
+    let members = nodes
+        .iter()
+        .map(|n| format!("{}={}", n.id, n.listen))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((nodes, members))
+}
+
+struct Node {
+    plan: NodePlan,
+    child: Child,
+}
+
+/// The running children. Dropping it stops them (SIGTERM, a short wait, then SIGKILL), so
+/// that no exit path leaves nodes behind; [`Cluster::shutdown`] is the patient version.
+#[derive(Default)]
+struct Cluster {
+    nodes: Vec<Node>,
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    if let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+        // SAFETY: `kill` has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+impl Cluster {
+    /// The first node that exited, with its status.
+    fn exited(&mut self) -> Option<(NodePlan, String)> {
+        for node in &mut self.nodes {
+            match node.child.try_wait() {
+                Ok(Some(status)) => return Some((node.plan.clone(), status.to_string())),
+                Ok(None) => {}
+                Err(err) => return Some((node.plan.clone(), err.to_string())),
+            }
+        }
+        None
+    }
+
+    async fn shutdown(&mut self) {
+        for node in &self.nodes {
+            signal(&node.child, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        for mut node in self.nodes.drain(..) {
+            let stopped = tokio::time::timeout_at(deadline, node.child.wait()).await;
+            if stopped.is_err() {
+                eprintln!("node {} did not stop in time; killing it", node.plan.id);
+                let _ = node.child.start_kill();
+                let _ = node.child.wait().await;
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        for node in &self.nodes {
+            signal(&node.child, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for node in &mut self.nodes {
+            while matches!(node.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = node.child.start_kill();
+        }
+    }
+}
+
+fn spawn(exe: &Path, node: &NodePlan, members: &str) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(&node.data_dir)
+        .with_context(|| format!("creating {}", node.data_dir.display()))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&node.log)
+        .with_context(|| format!("opening {}", node.log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .arg("--id")
+        .arg(node.id.to_string())
+        .arg("--listen")
+        .arg(&node.listen)
+        .arg("--http")
+        .arg(&node.http)
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .arg("--members")
+        .arg(members)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        // Own process group: Ctrl-C reaches only this process, which stops the nodes in order.
+        .process_group(0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure only calls `prctl`, which is async-signal-safe, between fork and
+    // exec. It makes the kernel send SIGTERM to the node if this process dies (even by
+    // SIGKILL), so nodes never outlive `junction dev`.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting node {} ({})", node.id, exe.display()))
+}
+
+/// The last lines of a log file, for error messages.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn exited_error(plan: &NodePlan, status: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "node {} exited unexpectedly ({status}); last lines of {}:\n{}",
+        plan.id,
+        plan.log.display(),
+        log_tail(&plan.log, 20)
+    )
+}
+
+/// Polls the cluster until it has a metadata leader and every node is alive.
+async fn wait_ready(client: &Client, cluster: &mut Cluster, nodes: usize) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last_state = String::new();
+    loop {
+        if let Some((plan, status)) = cluster.exited() {
+            return Err(exited_error(&plan, &status));
+        }
+        let state =
+            match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
+                Ok(Ok(status)) => {
+                    let alive = status.nodes.iter().filter(|n| n.alive).count();
+                    match status.metadata_leader {
+                        Some(leader) if alive >= nodes => return Ok(leader),
+                        Some(leader) => {
+                            format!("{alive}/{nodes} nodes alive, metadata leader node {leader}")
+                        }
+                        None => format!("{alive}/{nodes} nodes alive, no metadata leader yet"),
+                    }
+                }
+                Ok(Err(_)) | Err(_) => "waiting for the nodes to answer".to_owned(),
+            };
+        if state != last_state {
+            eprintln!("  {state}");
+            last_state = state;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "cluster not ready after {} s ({last_state})",
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits for Ctrl-C / SIGTERM (Ok) or for a node to exit (Err).
+async fn wait_for_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            result = &mut ctrl_c => {
+                result.context("waiting for Ctrl-C")?;
+                return Ok(());
+            }
+            _ = term.recv() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some((plan, status)) = cluster.exited() {
+                    return Err(exited_error(&plan, &status));
+                }
+            }
+        }
+    }
+}
+
+/// Starts the nodes, waits until the cluster is ready, then runs until Ctrl-C or until a
+/// node exits; every node is stopped before this returns, whatever happens.
+pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let (plans, members) = plan(&args)?;
+    let exe = std::env::current_exe().context("finding the junction executable")?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let mut cluster = Cluster::default();
+    for plan in &plans {
+        let child = spawn(&exe, plan, &members)?;
+        out(&format!(
+            "node {}: grpc {}  http {}  log {}\n",
+            plan.id,
+            plan.listen,
+            plan.http,
+            plan.log.display()
+        ))?;
+        cluster.nodes.push(Node {
+            plan: plan.clone(),
+            child,
+        });
+    }
+    let result = run_cluster(&args, &plans, &mut cluster).await;
+    eprintln!("stopping {} nodes", cluster.nodes.len());
+    cluster.shutdown().await;
+    eprintln!("stopped");
+    result
+}
+
+async fn run_cluster(
+    args: &DevArgs,
+    plans: &[NodePlan],
+    cluster: &mut Cluster,
+) -> anyhow::Result<()> {
+    let servers = plans
+        .iter()
+        .map(|p| p.listen.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = Client::connect_with(
+        crate::common::split_addresses(&servers),
+        ClientOptions::default().with_retry_deadline(Duration::from_secs(2)),
+    )?;
+    eprintln!("waiting for the cluster to be ready");
+    let leader = tokio::select! {
+        ready = wait_ready(&client, cluster, plans.len()) => ready?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    let mut text = format!(
+        "\njunction dev cluster ready: {} nodes, metadata leader node {leader}\n",
+        plans.len()
+    );
+    if servers != DEFAULT_SERVERS {
+        text.push_str(&format!("  export JUNCTION_SERVER={servers}\n"));
+    }
+    let rf = if args.nodes >= 3 {
+        ""
+    } else {
+        " --replication-factor 1"
+    };
+    text.push_str(&format!(
+        "try:\n  junction station create demo --partitions 3{rf}\n  echo hello | junction produce demo\n  junction read demo\npress Ctrl-C to stop\n"
+    ));
+    out(&text)?;
+    wait_for_stop(cluster).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn args(nodes: u16, base: u16, http: u16) -> DevArgs {
+        DevArgs {
+            data_dir: PathBuf::from("./data"),
+            nodes,
+            base_port: base,
+            http_base_port: http,
+        }
+    }
+
+    #[test]
+    fn default_plan() {
+        let (nodes, members) = plan(&args(3, 7701, 8701)).unwrap();
+        assert_eq!(
+            members,
+            "1=127.0.0.1:7701,2=127.0.0.1:7702,3=127.0.0.1:7703"
+        );
+        assert_eq!(nodes[2].listen, "127.0.0.1:7703");
+        assert_eq!(nodes[2].http, "127.0.0.1:8703");
+        assert_eq!(nodes[2].data_dir, PathBuf::from("./data/node3"));
+        assert_eq!(nodes[2].log, PathBuf::from("./data/node3.log"));
+    }
+
+    #[test]
+    fn bad_plans() {
+        assert!(plan(&args(0, 7701, 8701)).is_err());
+        assert!(plan(&args(3, 65534, 8701)).is_err());
+        assert!(plan(&args(3, 7701, 7702)).is_err());
+        assert!(plan(&args(1, 7701, 7702)).is_ok());
+    }
+}

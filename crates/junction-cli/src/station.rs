@@ -1,0 +1,160 @@
+//! `junction station ...`
+
+use anyhow::Context;
+use junction_client::StationSpec;
+use junction_client::proto::StationInfo;
+
+use crate::common::{
+    ConnArgs, Table, format_time_ms, full_name, id_list, leader_cell, out, out_json, station_json,
+};
+
+/// Create, list, describe and delete stations.
+#[derive(clap::Args, Debug)]
+pub struct StationArgs {
+    #[command(subcommand)]
+    pub command: StationCommand,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum StationCommand {
+    /// Create a station (NAME or TENANT/NAME).
+    Create {
+        name: String,
+        /// Number of partitions (1 to 1024).
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas of each partition: 1, 3 or 5 (use 1 on a single-node cluster).
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+        /// Largest accepted message in bytes [default: the server's maximum].
+        #[arg(long)]
+        max_message_bytes: Option<u32>,
+    },
+    /// List stations.
+    List {
+        /// Only this tenant's stations.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a station and its partitions.
+    Describe {
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a station and all its messages.
+    Delete { name: String },
+}
+
+pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
+    let client = args.conn.client()?;
+    match args.command {
+        StationCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            max_message_bytes,
+        } => {
+            let spec = StationSpec::new(&name)
+                .partitions(partitions)
+                .replication_factor(replication_factor)
+                .max_message_bytes(max_message_bytes.unwrap_or(0));
+            let station = client
+                .create_station_with(spec)
+                .await
+                .with_context(|| format!("creating station {name}"))?;
+            out(&format!(
+                "created station {} ({} partitions, replication factor {})\n",
+                full_name(&station),
+                station.partitions,
+                station.replication_factor
+            ))
+        }
+        StationCommand::List { tenant, json } => {
+            let stations = client
+                .list_stations(tenant.as_deref())
+                .await
+                .context("listing stations")?;
+            if json {
+                return out_json(&stations.iter().map(station_json).collect());
+            }
+            if stations.is_empty() {
+                return out("no stations\n");
+            }
+            let mut table = Table::new([
+                "STATION",
+                "PARTITIONS",
+                "REPLICATION",
+                "MAX MESSAGE",
+                "CREATED",
+            ]);
+            for s in &stations {
+                table.row(vec![
+                    full_name(s),
+                    s.partitions.to_string(),
+                    s.replication_factor.to_string(),
+                    max_message(s),
+                    format_time_ms(s.created_at_ms),
+                ]);
+            }
+            out(&table.render())
+        }
+        StationCommand::Describe { name, json } => {
+            let station = client
+                .describe_station(&name)
+                .await
+                .with_context(|| format!("describing station {name}"))?;
+            if json {
+                out_json(&station_json(&station))
+            } else {
+                out(&describe_text(&station))
+            }
+        }
+        StationCommand::Delete { name } => {
+            client
+                .delete_station(&name)
+                .await
+                .with_context(|| format!("deleting station {name}"))?;
+            out(&format!("deleted station {name}\n"))
+        }
+    }
+}
+
+fn max_message(s: &StationInfo) -> String {
+    if s.max_message_bytes == 0 {
+        "default".to_owned()
+    } else {
+        format!("{} B", s.max_message_bytes)
+    }
+}
+
+fn describe_text(s: &StationInfo) -> String {
+    let mut header = Table::new(["station", &full_name(s)]);
+    header.row(vec!["partitions".into(), s.partitions.to_string()]);
+    header.row(vec!["replication".into(), s.replication_factor.to_string()]);
+    header.row(vec!["max message".into(), max_message(s)]);
+    header.row(vec!["created".into(), format_time_ms(s.created_at_ms)]);
+    let mut table = Table::new([
+        "PARTITION",
+        "LEADER",
+        "REPLICAS",
+        "START OFFSET",
+        "NEXT OFFSET",
+    ]);
+    for p in &s.partition_info {
+        table.row(vec![
+            p.partition.to_string(),
+            leader_cell(p.leader),
+            id_list(&p.replicas),
+            p.start_offset.to_string(),
+            p.next_offset.to_string(),
+        ]);
+    }
+    format!("{}\n{}", header.render(), table.render())
+}

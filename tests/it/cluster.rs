@@ -1,0 +1,287 @@
+//! A healthy cluster: create, produce, read, tail, describe, delete, restart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use junction_client::Start;
+
+use crate::harness::{TestCluster, keyed, local_contents, read_all, wait_until};
+
+/// Every acknowledged message is on every replica, byte for byte, at the offset it was
+/// acknowledged with, and keyed messages stay in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_messages_are_on_every_replica() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_tenant("acme").await.expect("create tenant");
+    let station = client
+        .create_station("acme/orders", 3, 3)
+        .await
+        .expect("create");
+    assert_eq!(station.partition_info.len(), 3);
+    assert!(
+        station
+            .partition_info
+            .iter()
+            .all(|p| p.leader.is_some() && p.replicas.len() == 3)
+    );
+
+    let mut acked = Vec::new();
+    for batch in 0..20 {
+        let msgs: Vec<_> = (0..25)
+            .map(|i| keyed(&format!("tenant-{}", i % 7), format!("b{batch}-m{i}")))
+            .collect();
+        let positions = client
+            .produce("acme/orders", msgs.clone())
+            .await
+            .expect("produce");
+        for (m, p) in msgs.into_iter().zip(positions) {
+            acked.push((p.partition, p.offset, m));
+        }
+    }
+    assert_eq!(acked.len(), 500);
+
+    // Each message readable where it was acknowledged, and per-key order equals send order.
+    let mut by_partition: HashMap<u32, Vec<junction_proto::v1::StoredMessage>> = HashMap::new();
+    for p in 0..3 {
+        by_partition.insert(p, read_all(&client, "acme/orders", p).await);
+    }
+    for (p, off, m) in &acked {
+        let stored = &by_partition[p][*off as usize];
+        assert_eq!(stored.offset, *off);
+        assert_eq!(stored.payload, m.payload);
+        assert_eq!(stored.key, m.key);
+        let expected =
+            junction_types::partitioner::partition_for_key(m.key.as_deref().unwrap_or_default(), 3);
+        assert_eq!(
+            *p, expected,
+            "keyed messages go to the documented partition"
+        );
+    }
+    for msgs in by_partition.values() {
+        assert!(
+            msgs.iter().enumerate().all(|(i, m)| m.offset == i as u64),
+            "offsets are dense"
+        );
+    }
+
+    // Replicas converge to identical contents.
+    let described = client
+        .describe_station("acme/orders")
+        .await
+        .expect("describe");
+    for p in &described.partition_info {
+        let want = local_contents(&cluster.broker(p.leader.expect("leader")), p.group_id);
+        assert_eq!(want.len() as u64, p.next_offset);
+        for r in &p.replicas {
+            let broker = cluster.broker(*r);
+            wait_until(
+                Duration::from_secs(10),
+                "replica to hold every message",
+                || async { (local_contents(&broker, p.group_id) == want).then_some(()) },
+            )
+            .await;
+        }
+    }
+    cluster.shutdown().await;
+}
+
+/// Any node answers any call: produce through one node, read through another, even when
+/// neither holds the partition (replication factor 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_node_forwards_to_the_partition_leader() {
+    let cluster = TestCluster::start(3).await;
+    let admin = cluster.client_of(2);
+    let s = admin.create_station("single", 3, 1).await.expect("create");
+    for p in &s.partition_info {
+        let holder = p.replicas[0];
+        let other = (1..=3).find(|n| *n != holder).expect("another node");
+        let msg = junction_proto::v1::Message {
+            partition: Some(p.partition),
+            ..keyed("k", format!("to-{}", p.partition))
+        };
+        let pos = cluster
+            .client_of(other)
+            .produce("single", vec![msg])
+            .await
+            .expect("forwarded produce");
+        assert_eq!(pos[0].partition, p.partition);
+        let third = (1..=3)
+            .find(|n| *n != holder && *n != other)
+            .expect("a third node");
+        let read = cluster
+            .client_of(third)
+            .read("single", p.partition, Start::Earliest, 10)
+            .await
+            .expect("read");
+        assert_eq!(read.messages.len(), 1);
+        assert_eq!(
+            read.messages[0].payload.as_ref(),
+            format!("to-{}", p.partition).as_bytes()
+        );
+    }
+    cluster.shutdown().await;
+}
+
+/// A tail delivers messages committed after it started, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_follows_new_messages() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("events", 1, 3).await.expect("create");
+    client
+        .produce("events", vec![keyed("a", "before")])
+        .await
+        .expect("produce");
+    let mut tail = client.tail("events", 0, Start::Latest);
+    let producer = client.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..50 {
+            producer
+                .produce("events", vec![keyed("a", format!("after-{i}"))])
+                .await
+                .expect("produce");
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 50 {
+        let m = tokio::time::timeout(Duration::from_secs(10), tail.next())
+            .await
+            .expect("tail delivers within 10 s")
+            .expect("stream open")
+            .expect("message");
+        seen.push(String::from_utf8_lossy(&m.payload).to_string());
+    }
+    sender.await.expect("producer");
+    let want: Vec<String> = (0..50).map(|i| format!("after-{i}")).collect();
+    assert_eq!(seen, want);
+    cluster.shutdown().await;
+}
+
+/// Deleting a station removes its data from every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_station_data_is_removed_everywhere() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client.create_station("tmp", 2, 3).await.expect("create");
+    let msgs: Vec<_> = (0..100)
+        .map(|i| keyed(&format!("k{i}"), vec![7u8; 100]))
+        .collect();
+    client.produce("tmp", msgs).await.expect("produce");
+    let groups: Vec<u64> = s.partition_info.iter().map(|p| p.group_id).collect();
+    client.delete_station("tmp").await.expect("delete");
+    for id in 1..=3 {
+        let broker = cluster.broker(id);
+        wait_until(
+            Duration::from_secs(10),
+            "replicas to be removed",
+            || async {
+                let stored = broker.store().hosted_groups().ok()?;
+                let gone = groups
+                    .iter()
+                    .all(|g| broker.partition(*g).is_none() && !stored.contains(g));
+                gone.then_some(())
+            },
+        )
+        .await;
+        for g in &groups {
+            let left = broker
+                .store()
+                .read_messages(*g, 0, u64::MAX, 10, 1 << 20)
+                .expect("read store");
+            assert!(left.is_empty(), "node {id} still has messages of group {g}");
+        }
+    }
+    let err = client.describe_station("tmp").await.expect_err("gone");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    cluster.shutdown().await;
+}
+
+/// Restarting every node keeps every acknowledged message, and the cluster serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restart_keeps_messages() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client
+        .create_station("durable", 2, 3)
+        .await
+        .expect("create");
+    let msgs: Vec<_> = (0..200)
+        .map(|i| keyed(&format!("k{}", i % 10), format!("m{i}")))
+        .collect();
+    let positions = client.produce("durable", msgs).await.expect("produce");
+    for id in 1..=3 {
+        cluster.stop(id).await;
+    }
+    for id in 1..=3 {
+        cluster.restart(id).await;
+    }
+    cluster.wait_for_metadata_leader().await;
+    let client = cluster.client();
+    let mut total = 0;
+    for p in 0..2 {
+        let msgs = read_all(&client, "durable", p).await;
+        total += msgs.len();
+        for pos in positions.iter().filter(|x| x.partition == p) {
+            assert_eq!(msgs[pos.offset as usize].offset, pos.offset);
+        }
+    }
+    assert_eq!(total, 200);
+    // And it still takes writes.
+    client
+        .produce("durable", vec![keyed("k0", "after restart")])
+        .await
+        .expect("produce after restart");
+    cluster.shutdown().await;
+}
+
+/// The standard health service answers SERVING, and /metrics exposes produce counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_metrics_endpoints_answer() {
+    let cluster = TestCluster::start(1).await;
+    let client = cluster.client();
+    client.create_station("m", 1, 1).await.expect("create");
+    client
+        .produce("m", vec![keyed("k", "v")])
+        .await
+        .expect("produce");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "junction.v1.Broker".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let body = http_get(cluster.http_addr(1), "/metrics").await;
+    assert!(
+        body.contains("junction_produce_messages_total"),
+        "metrics page: {body}"
+    );
+    assert!(body.contains("junction_raft_is_leader"));
+    let ready = http_get(cluster.http_addr(1), "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    cluster.shutdown().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).to_string()
+}

@@ -1,0 +1,219 @@
+//! Real processes: three `junction serve` processes, `kill -9` mid-produce, restart, then
+//! `kill -9` all three and restart: nothing acknowledged is gone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use junction_proto::peer::NodeStatusRequest;
+use junction_proto::peer::peer_client::PeerClient;
+
+use crate::failover::{check_history, spawn_producers};
+use crate::harness::{read_all, wait_until};
+
+/// Three node processes; every child is killed when this is dropped.
+struct ProcessCluster {
+    dir: tempfile::TempDir,
+    grpc: BTreeMap<u64, String>,
+    http: BTreeMap<u64, String>,
+    children: BTreeMap<u64, Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl ProcessCluster {
+    fn new(n: u64) -> Self {
+        let grpc: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let http = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            grpc,
+            http,
+            children: BTreeMap::new(),
+        }
+    }
+
+    fn members(&self) -> String {
+        self.grpc
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    fn start(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_junction"))
+            .args([
+                "serve",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &self.grpc[&id],
+                "--http",
+                &self.http[&id],
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--members", &self.members()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn junction serve");
+        self.children.insert(id, child);
+    }
+
+    fn kill9(&mut self, id: u64) {
+        if let Some(mut c) = self.children.remove(&id) {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    fn client(&self) -> junction_client::Client {
+        junction_client::Client::connect(self.grpc.values().cloned()).expect("client")
+    }
+
+    async fn wait_ready(&self) {
+        let client = self.client();
+        let n = self.grpc.len();
+        wait_until(
+            Duration::from_secs(60),
+            "all nodes alive with a metadata leader",
+            || async {
+                let s = client.cluster_status().await.ok()?;
+                (s.metadata_leader.is_some() && s.nodes.iter().filter(|x| x.alive).count() == n)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Returns (group → next offset) as node `id` itself has applied it.
+    async fn local_offsets(&self, id: u64) -> Option<BTreeMap<u64, u64>> {
+        let mut c = PeerClient::connect(format!("http://{}", self.grpc[&id]))
+            .await
+            .ok()?;
+        let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        Some(
+            status
+                .groups
+                .into_iter()
+                .filter(|g| g.group != 0)
+                .map(|g| (g.group, g.next_offset))
+                .collect(),
+        )
+    }
+
+    fn dump_logs(&self) {
+        for id in self.grpc.keys() {
+            let p = self.dir.path().join(format!("node{id}.log"));
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!(
+                    "--- {} (last lines)\n{}",
+                    display(&p),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for (_, mut c) in std::mem::take(&mut self.children) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_minus_nine_loses_nothing_acknowledged() {
+    let mut cluster = ProcessCluster::new(3);
+    for id in [3, 1, 2] {
+        cluster.start(id); // any start order works
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_station("crash", 2, 3).await.expect("create");
+
+    let (acked, stop, handles) = spawn_producers(client.clone(), "crash", 3);
+    wait_until(Duration::from_secs(30), "acknowledged writes", || async {
+        (acked.lock().len() >= 150).then_some(())
+    })
+    .await;
+    cluster.kill9(2);
+    let after_kill = acked.lock().len();
+    wait_until(
+        Duration::from_secs(30),
+        "progress with a node down",
+        || async { (acked.lock().len() >= after_kill + 150).then_some(()) },
+    )
+    .await;
+    cluster.start(2);
+    wait_until(
+        Duration::from_secs(10),
+        "more writes after the restart",
+        || async { (acked.lock().len() >= after_kill + 300).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await.expect("producer");
+    }
+
+    // The restarted node catches up with the others.
+    let reference = cluster.local_offsets(1).await.expect("node 1 status");
+    assert_eq!(reference.len(), 2);
+    wait_until(Duration::from_secs(30), "node 2 to catch up", || async {
+        let mine = cluster.local_offsets(2).await?;
+        let theirs = cluster.local_offsets(1).await?;
+        (mine == theirs && theirs == cluster.local_offsets(3).await?).then_some(())
+    })
+    .await;
+
+    // kill -9 everything, restart, and every acknowledged message is still there.
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    let mut stored = BTreeMap::new();
+    for p in 0..2 {
+        stored.insert(p, read_all(&client, "crash", p).await);
+    }
+    let acked = acked.lock().clone();
+    assert!(acked.len() >= 450);
+    check_history(&acked, &stored);
+}
