@@ -46,6 +46,8 @@ pub struct BrokerConfig {
     /// Station default and ceiling for one message.
     pub max_message_bytes: u32,
     pub batch: BatchLimits,
+    /// Advertised address → address to dial (fault-injection proxies in the chaos suite).
+    pub dial_overrides: junction_raft::DialOverrides,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -66,7 +68,7 @@ impl Broker {
     /// Opens the node's groups and starts the metadata group. The lowest-id member with empty
     /// state initialises the cluster; a node with existing state never re-initialises.
     pub async fn start(cfg: BrokerConfig, store: Store) -> Result<Arc<Self>, BrokerError> {
-        let pool = Arc::new(PeerPool::default());
+        let pool = Arc::new(PeerPool::with_overrides(cfg.dial_overrides.clone()));
         let sm = MetaStateMachine::open(store.clone())?;
         let meta_shared = sm.shared();
         let config = cfg

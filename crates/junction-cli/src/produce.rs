@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use junction_client::proto::{Header, Message};
 use junction_client::{ClientError, ProducerOptions, SendFuture};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use crate::common::{ConnArgs, out};
 
@@ -119,6 +119,16 @@ impl Tally {
 }
 
 pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
+    let acknowledged = run_from(args, BufReader::new(tokio::io::stdin())).await?;
+    out(&format!("acknowledged {acknowledged} messages\n"))
+}
+
+/// Sends one message per line of `input`; returns how many were acknowledged, or an error
+/// (after printing the count) if any failed.
+pub(crate) async fn run_from(
+    args: ProduceArgs,
+    mut input: impl AsyncBufRead + Unpin,
+) -> anyhow::Result<u64> {
     let client = args.conn.client()?;
     let format = LineFormat {
         key: args.key.map(String::into_bytes),
@@ -138,12 +148,11 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let mut last_progress = Instant::now();
     let mut tally = Tally::default();
     let mut pending: VecDeque<SendFuture> = VecDeque::new();
-    let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = Vec::new();
     let mut stopped_early = false;
     loop {
         line.clear();
-        let read = stdin
+        let read = input
             .read_until(b'\n', &mut line)
             .await
             .context("reading standard input")?;
@@ -182,8 +191,8 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     if progress && tally.acknowledged > 0 {
         eprint!("\r");
     }
-    out(&format!("acknowledged {} messages\n", tally.acknowledged))?;
     if let Some(err) = tally.first_error {
+        out(&format!("acknowledged {} messages\n", tally.acknowledged))?;
         let stopped = if stopped_early {
             " (stopped reading input)"
         } else {
@@ -194,7 +203,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
             tally.failed
         );
     }
-    Ok(())
+    Ok(tally.acknowledged)
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
 /// Writes messages to stdout; remembers when the reader went away (`| head`).
 struct Printer {
     json: bool,
-    out: std::io::BufWriter<std::io::Stdout>,
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
     closed: bool,
 }
 
@@ -91,6 +91,11 @@ impl Printer {
 }
 
 pub(crate) async fn run(args: ReadArgs) -> anyhow::Result<()> {
+    run_to(args, Box::new(std::io::stdout())).await
+}
+
+/// Like [`run`], writing to `output`.
+pub(crate) async fn run_to(args: ReadArgs, output: Box<dyn Write + Send>) -> anyhow::Result<()> {
     let client = args.conn.client()?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) => vec![p],
@@ -104,7 +109,7 @@ pub(crate) async fn run(args: ReadArgs) -> anyhow::Result<()> {
     };
     let mut printer = Printer {
         json: args.json,
-        out: std::io::BufWriter::new(std::io::stdout()),
+        out: std::io::BufWriter::new(output),
         closed: false,
     };
     if args.count == Some(0) {

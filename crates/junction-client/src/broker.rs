@@ -44,6 +44,7 @@ pub(crate) fn read_request(
         start: Some(start.to_proto()),
         max_messages,
         max_bytes: 0,
+        local_replica: false,
     }
 }
 
@@ -100,7 +101,8 @@ impl Client {
             .await
     }
 
-    /// Like [`Client::read`] with a raw request (e.g. to set `max_bytes`).
+    /// Like [`Client::read`] with a raw request (e.g. to set `max_bytes`, or `local_replica`
+    /// with a client that knows only that node).
     pub async fn read_with(&self, req: ReadRequest) -> Result<ReadResponse, ClientError> {
         let resp = self
             .with_retry(|ch| {

@@ -23,7 +23,7 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use meta_sm::{MetaShared, MetaStateMachine};
-pub use network::{NetworkFactory, PeerPool};
+pub use network::{DialOverrides, NetworkFactory, PeerPool};
 pub use partition_sm::{PartitionShared, PartitionState, PartitionStateMachine};
 pub use peer_service::{GroupHost, PeerService};
 pub use snapshot::SnapshotData;

@@ -29,16 +29,34 @@ type RpcErr = RPCError<TypeConfig>;
 #[derive(Debug, Default)]
 pub struct PeerPool {
     clients: Mutex<HashMap<String, PeerClient<Channel>>>,
+    dial: DialOverrides,
 }
 
+/// Advertised address → address actually dialled. Empty in production; the chaos suite uses
+/// it to send each node-to-node link through its own fault-injecting proxy.
+pub type DialOverrides = Arc<HashMap<String, String>>;
+
 impl PeerPool {
+    /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
+    pub fn with_overrides(dial: DialOverrides) -> Self {
+        Self {
+            clients: Mutex::default(),
+            dial,
+        }
+    }
+
+    /// Returns the address to dial for an advertised address.
+    pub fn dial_addr<'a>(&'a self, addr: &'a str) -> &'a str {
+        self.dial.get(addr).map_or(addr, String::as_str)
+    }
+
     /// Returns a client for `addr` (`host:port`).
     pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
         let mut map = self.clients.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))?
+        let ep = Endpoint::from_shared(format!("http://{}", self.dial_addr(addr)))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))

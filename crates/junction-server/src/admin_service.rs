@@ -10,7 +10,7 @@ use junction_proto::v1::*;
 use junction_types::{StationMeta, StationName};
 use tonic::{Request, Response, Status};
 
-use crate::forward::{ClientPool, MAX_HOPS, hops_of, with_hops};
+use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
 use crate::status::to_status;
 
 /// Serves station, tenant and cluster administration.
@@ -82,7 +82,8 @@ impl Admin for AdminService {
                 .clients
                 .admin(&addr)?
                 .create_tenant(with_hops(req.into_inner(), hops + 1))
-                .await;
+                .await
+                .map_err(forwarded);
         }
         self.broker
             .create_tenant(&req.into_inner().name)
@@ -112,7 +113,8 @@ impl Admin for AdminService {
                 .clients
                 .admin(&addr)?
                 .create_station(with_hops(r, hops + 1))
-                .await;
+                .await
+                .map_err(forwarded);
         }
         let partitions = if r.partitions == 0 { 1 } else { r.partitions };
         let rf = match r.replication_factor {
@@ -170,7 +172,8 @@ impl Admin for AdminService {
                 .clients
                 .admin(&addr)?
                 .delete_station(with_hops(r, hops + 1))
-                .await;
+                .await
+                .map_err(forwarded);
         }
         self.broker.delete_station(&name).await.map_err(to_status)?;
         Ok(Response::new(DeleteStationResponse {}))

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::forward::{ClientPool, MAX_HOPS, hops_of, with_hops};
+use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
 use crate::status::to_status;
 
 const DEFAULT_MAX_MESSAGES: usize = 1000;
@@ -200,7 +200,11 @@ impl BrokerService {
                     messages: msgs,
                     request_id: 0,
                 };
-                let resp = client.produce(with_hops(req, hops + 1)).await?.into_inner();
+                let resp = client
+                    .produce(with_hops(req, hops + 1))
+                    .await
+                    .map_err(forwarded)?
+                    .into_inner();
                 Ok(resp.positions.into_iter().map(|m| m.offset).collect())
             }
         }
@@ -376,6 +380,21 @@ impl BrokerApi for BrokerService {
         let req = req.into_inner();
         let station = self.station(&req.station).await?;
         let part = self.partition_of(&station, req.partition)?;
+        if req.local_replica {
+            if self.broker.partition(part.group_id).is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "node {} holds no replica of partition {} of {}",
+                    self.broker.node_id(),
+                    req.partition,
+                    station.full_name()
+                )));
+            }
+            return Ok(Response::new(self.read_local(
+                &station,
+                &req,
+                part.group_id,
+            )?));
+        }
         match self.route(part.group_id, &part.replicas).await? {
             None => Ok(Response::new(self.read_local(
                 &station,
@@ -387,7 +406,10 @@ impl BrokerApi for BrokerService {
                     return Err(Status::unavailable("partition leadership is moving; retry"));
                 }
                 let mut client = self.clients.broker(&addr)?;
-                client.read(with_hops(req, hops + 1)).await
+                client
+                    .read(with_hops(req, hops + 1))
+                    .await
+                    .map_err(forwarded)
             }
         }
     }
@@ -411,7 +433,11 @@ impl BrokerApi for BrokerService {
                 return Err(Status::unavailable("partition leadership is moving; retry"));
             }
             let mut client = self.clients.broker(&addr)?;
-            let remote = client.tail(with_hops(req, hops + 1)).await?.into_inner();
+            let remote = client
+                .tail(with_hops(req, hops + 1))
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             return Ok(Response::new(Box::pin(remote)));
         };
         let first = self.read_local(&station, &req, part.group_id)?;

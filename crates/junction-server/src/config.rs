@@ -28,6 +28,8 @@ pub enum ConfigError {
     BadMember { entry: String },
     #[error("node id {id} is not in the member list ({members})")]
     NotAMember { id: NodeId, members: String },
+    #[error("invalid dial override '{entry}': expected ADVERTISED=DIALLED")]
+    BadOverride { entry: String },
     #[error("node id must be at least 1")]
     ZeroId,
     #[error("{field} must be {rule}, got {value}")]
@@ -67,6 +69,9 @@ pub struct Config {
     pub keep_logs: u64,
     /// Raft entries of one partition replicating at once (group commit merges the rest).
     pub max_in_flight: usize,
+    /// `ADVERTISED=DIALLED,...`: dial another address for a peer (for fault-injecting
+    /// proxies in the chaos suite). Empty in production.
+    pub dial_overrides: String,
 }
 
 impl Default for Config {
@@ -86,6 +91,7 @@ impl Default for Config {
             snapshot_every: t.snapshot_every,
             keep_logs: t.keep_logs,
             max_in_flight: 8,
+            dial_overrides: String::new(),
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct ServeArgs {
     /// Raft entries kept below a snapshot.
     #[arg(long, env = "JUNCTION_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
+    /// ADVERTISED=DIALLED,... peer address overrides (fault-injection proxies).
+    #[arg(long, env = "JUNCTION_DIAL_OVERRIDES")]
+    pub dial_overrides: Option<String>,
 }
 
 impl Config {
@@ -177,6 +186,9 @@ impl Config {
         if let Some(v) = args.keep_logs {
             c.keep_logs = v;
         }
+        if let Some(v) = &args.dial_overrides {
+            c.dial_overrides = v.clone();
+        }
         c.validate()?;
         Ok(c)
     }
@@ -187,6 +199,7 @@ impl Config {
             return Err(ConfigError::ZeroId);
         }
         let members = self.member_map()?;
+        self.dial_overrides()?;
         if !members.contains_key(&self.node_id) {
             return Err(ConfigError::NotAMember {
                 id: self.node_id,
@@ -229,6 +242,25 @@ impl Config {
         parse_members(&self.members, self.node_id, &self.advertised())
     }
 
+    /// Parses `ADVERTISED=DIALLED,...`.
+    pub fn dial_overrides(&self) -> Result<junction_raft::DialOverrides, ConfigError> {
+        let mut map = std::collections::HashMap::new();
+        for entry in self
+            .dial_overrides
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let (from, to) = entry
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride {
+                    entry: entry.to_string(),
+                })?;
+            map.insert(from.trim().to_string(), to.trim().to_string());
+        }
+        Ok(std::sync::Arc::new(map))
+    }
+
     /// Returns the broker's part of the configuration.
     pub fn broker_config(&self) -> Result<BrokerConfig, ConfigError> {
         Ok(BrokerConfig {
@@ -247,6 +279,7 @@ impl Config {
                 max_in_flight: self.max_in_flight,
                 max_entry_bytes: 4 << 20,
             },
+            dial_overrides: self.dial_overrides()?,
         })
     }
 }

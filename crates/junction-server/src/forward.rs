@@ -37,15 +37,39 @@ pub fn with_hops<T>(msg: T, hops: u32) -> tonic::Request<T> {
 #[derive(Default)]
 pub struct ClientPool {
     channels: Mutex<HashMap<String, Channel>>,
+    dial: junction_raft::DialOverrides,
+}
+
+/// Maps the failure of a forwarded call: a broken connection to the other node means the
+/// outcome is unknown, which clients must treat as retryable (UNAVAILABLE).
+pub fn forwarded(s: Status) -> Status {
+    match s.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+            Status::unavailable(format!(
+                "forwarded call failed, outcome unknown: {}",
+                s.message()
+            ))
+        }
+        _ => s,
+    }
 }
 
 impl ClientPool {
+    /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
+    pub fn with_overrides(dial: junction_raft::DialOverrides) -> Self {
+        Self {
+            channels: Mutex::default(),
+            dial,
+        }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut map = self.channels.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
+        let target = self.dial.get(addr).map_or(addr, String::as_str);
+        let ep = Endpoint::from_shared(format!("http://{target}"))
             .map_err(|e| Status::internal(format!("bad node address {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true);

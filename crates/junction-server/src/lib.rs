@@ -129,7 +129,9 @@ impl Server {
                 .map_err(|e| BrokerError::Raft(format!("opening the store panicked: {e}")))??
         };
         let broker = Broker::start(config.broker_config()?, store).await?;
-        let clients = Arc::new(forward::ClientPool::default());
+        let clients = Arc::new(forward::ClientPool::with_overrides(
+            config.dial_overrides()?,
+        ));
         let stop = CancellationToken::new();
 
         let (health, health_service) = tonic_health::server::health_reporter();
