@@ -289,7 +289,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         });
     }
     let result = run_cluster(&args, &plans, &mut cluster).await;
-    eprintln!("stopping {} nodes", cluster.nodes.len());
+    eprintln!("stopping the nodes");
     cluster.shutdown().await;
     eprintln!("stopped");
     result
@@ -358,6 +358,26 @@ mod tests {
         assert_eq!(nodes[2].http, "127.0.0.1:8703");
         assert_eq!(nodes[2].data_dir, PathBuf::from("./data/node3"));
         assert_eq!(nodes[2].log, PathBuf::from("./data/node3.log"));
+    }
+
+    /// In tests the current executable is the test harness, which rejects `serve --id ...`
+    /// and exits: `run_dev` must report that and leave no process behind.
+    #[tokio::test]
+    async fn a_node_that_exits_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = DevArgs {
+            data_dir: dir.path().to_path_buf(),
+            nodes: 2,
+            base_port: 17_701,
+            http_base_port: 18_701,
+        };
+        let err = tokio::time::timeout(Duration::from_secs(30), run_dev(args))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("exited unexpectedly"), "{err:#}");
+        assert!(dir.path().join("node1.log").exists());
+        assert!(dir.path().join("node2").is_dir());
     }
 
     #[test]

@@ -199,8 +199,9 @@ pub(crate) async fn run_from(
             ""
         };
         bail!(
-            "{} messages failed{stopped}; first error: {err}",
-            tally.failed
+            "{} of {} messages failed{stopped}; first error: {err}",
+            tally.failed,
+            tally.failed + tally.acknowledged
         );
     }
     Ok(tally.acknowledged)

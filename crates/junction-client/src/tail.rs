@@ -46,7 +46,8 @@ impl Client {
     ///
     /// The stream is opened at once by a background task (so `Start::Latest` means about
     /// "when `tail` was called", not "when first polled"), which must therefore run inside a
-    /// Tokio runtime. Up to [`TAIL_BUFFER`] messages are read ahead; dropping the stream stops
+    /// Tokio runtime. `Start::Latest` is first resolved to the partition's high watermark with
+    /// a Read call, so that reconnects resume from there. Up to [`TAIL_BUFFER`] messages are read ahead; dropping the stream stops
     /// the task.
     pub fn tail(&self, station: &str, partition: u32, start: Start) -> TailStream {
         let state = TailState {
@@ -144,6 +145,15 @@ impl TailState {
 
     /// Opens the Tail stream at the next address.
     async fn open(&mut self) -> Result<(), ClientError> {
+        if self.start == Start::Latest {
+            // Pin "latest" to an offset once, so that a reconnect does not skip what was
+            // produced while the stream was down.
+            let end = self
+                .client
+                .read(&self.station, self.partition, Start::Latest, 1)
+                .await?;
+            self.start = Start::Offset(end.high_watermark);
+        }
         let addr = self.attempts.next_address(&self.client);
         let channel = self.client.inner.channel(&addr)?;
         let req = read_request(&self.station, self.partition, self.start, 0);

@@ -29,11 +29,13 @@ const DEFAULT_MAX_BYTES: usize = 4 << 20;
 /// How long a follower waits for a partition to elect a leader before answering UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 
-/// Serves produce and read calls.
+/// Serves produce and read calls. Cheap to clone (streams hand a clone to their task).
+#[derive(Clone)]
 pub struct BrokerService {
     broker: Arc<Broker>,
     clients: Arc<ClientPool>,
-    sticky: AtomicU32,
+    /// Round-robin counter for unkeyed batches and replica choice.
+    sticky: Arc<AtomicU32>,
 }
 
 impl BrokerService {
@@ -41,7 +43,7 @@ impl BrokerService {
         Self {
             broker,
             clients,
-            sticky: AtomicU32::new(0),
+            sticky: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -320,7 +322,10 @@ impl BrokerApi for BrokerService {
         let hops = hops_of(&req);
         let req = req.into_inner();
         let request_id = req.request_id;
-        let positions = self.produce_batch(req, hops).await?;
+        let positions = self
+            .produce_batch(req, hops)
+            .await
+            .inspect_err(count_error)?;
         Ok(Response::new(ProduceResponse {
             request_id,
             positions,
@@ -337,12 +342,7 @@ impl BrokerApi for BrokerService {
         let hops = hops_of(&req);
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
-        let svc = Self {
-            broker: self.broker.clone(),
-            clients: self.clients.clone(),
-            sticky: AtomicU32::new(0),
-        };
-        let svc = Arc::new(svc);
+        let svc = self.clone();
         tokio::spawn(async move {
             // Batches run concurrently; replies go out as each completes.
             let mut running = futures::stream::FuturesUnordered::new();
@@ -353,7 +353,7 @@ impl BrokerApi for BrokerService {
                             let svc = svc.clone();
                             running.push(async move {
                                 let id = batch.request_id;
-                                match svc.produce_batch(batch, hops).await {
+                                match svc.produce_batch(batch, hops).await.inspect_err(count_error) {
                                     Ok(positions) => ProduceResponse { request_id: id, positions, error: None },
                                     Err(s) => ProduceResponse { request_id: id, positions: vec![], error: Some(batch_error(&s)) },
                                 }
@@ -442,11 +442,7 @@ impl BrokerApi for BrokerService {
         };
         let first = self.read_local(&station, &req, part.group_id)?;
         let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
-        let svc = Arc::new(Self {
-            broker: self.broker.clone(),
-            clients: self.clients.clone(),
-            sticky: AtomicU32::new(0),
-        });
+        let svc = self.clone();
         let mut watch = replica.shared.subscribe();
         let shutdown = self.broker.shutdown_token();
         tokio::spawn(async move {
@@ -487,6 +483,11 @@ impl BrokerApi for BrokerService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+fn count_error(s: &Status) {
+    metrics::counter!("junction_produce_errors_total", "code" => format!("{:?}", s.code()))
+        .increment(1);
 }
 
 fn batch_error(s: &Status) -> BatchError {
