@@ -15,6 +15,10 @@ struct Cli {
 enum Command {
     /// Run one node.
     Serve(junction_server::ServeArgs),
+    /// Run a local three-node cluster (data under ./data) until Ctrl-C.
+    Dev(junction_cli::DevArgs),
+    #[command(flatten)]
+    Client(junction_cli::ClientCommand),
 }
 
 fn init_tracing() {
@@ -48,5 +52,7 @@ async fn main() -> anyhow::Result<()> {
             init_tracing();
             serve(args).await
         }
+        Command::Dev(args) => junction_cli::run_dev(args).await,
+        Command::Client(cmd) => junction_cli::run_client(cmd).await,
     }
 }

@@ -165,6 +165,11 @@ fn spawn(exe: &Path, node: &NodePlan, members: &str) -> anyhow::Result<Child> {
         .arg(&node.data_dir)
         .arg("--members")
         .arg(members)
+        // Settings meant for a single node would break a local cluster.
+        .env_remove("JUNCTION_CONFIG")
+        .env_remove("JUNCTION_ADVERTISE")
+        // The logs are files: no terminal colours.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -244,27 +249,46 @@ async fn wait_ready(client: &Client, cluster: &mut Cluster, nodes: usize) -> any
     }
 }
 
-/// Waits for Ctrl-C / SIGTERM (Ok) or for a node to exit (Err).
-async fn wait_for_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_requested(term: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Waits for Ctrl-C / SIGTERM. A node that exits meanwhile (a crash, or a `kill -9` while
+/// trying out failover) is reported and started again after a pause, with its data kept.
+async fn wait_for_stop(
+    cluster: &mut Cluster,
+    term: &mut tokio::signal::unix::Signal,
+    exe: &Path,
+    members: &str,
+) -> anyhow::Result<()> {
+    let stop = stop_requested(term);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            result = &mut ctrl_c => {
-                result.context("waiting for Ctrl-C")?;
-                return Ok(());
-            }
-            _ = term.recv() => return Ok(()),
+            () = &mut stop => return Ok(()),
             () = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some((plan, status)) = cluster.exited() {
-                    return Err(exited_error(&plan, &status));
+                let Some((plan, status)) = cluster.exited() else { continue };
+                eprintln!("node {} exited ({status}); restarting it in {RESTART_DELAY:?} with its data", plan.id);
+                tokio::select! {
+                    () = &mut stop => return Ok(()),
+                    () = tokio::time::sleep(RESTART_DELAY) => {}
                 }
+                let child = spawn(exe, &plan, members)?;
+                if let Some(node) = cluster.nodes.iter_mut().find(|n| n.plan.id == plan.id) {
+                    node.child = child;
+                }
+                eprintln!("node {} restarted", plan.id);
             }
         }
     }
 }
+
+/// How long `junction dev` waits before restarting a node that exited.
+const RESTART_DELAY: Duration = Duration::from_secs(3);
 
 /// Starts the nodes, waits until the cluster is ready, then runs until Ctrl-C or until a
 /// node exits; every node is stopped before this returns, whatever happens.
@@ -309,10 +333,12 @@ async fn run_cluster(
         crate::common::split_addresses(&servers),
         ClientOptions::default().with_retry_deadline(Duration::from_secs(2)),
     )?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     eprintln!("waiting for the cluster to be ready");
     let leader = tokio::select! {
         ready = wait_ready(&client, cluster, plans.len()) => ready?,
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        () = stop_requested(&mut term) => return Ok(()),
     };
     let mut text = format!(
         "\njunction dev cluster ready: {} nodes, metadata leader node {leader}\n",
@@ -330,7 +356,13 @@ async fn run_cluster(
         "try:\n  junction station create demo --partitions 3{rf}\n  echo hello | junction produce demo\n  junction read demo\npress Ctrl-C to stop\n"
     ));
     out(&text)?;
-    wait_for_stop(cluster).await
+    let exe = std::env::current_exe().context("finding the junction executable")?;
+    let members = plans
+        .iter()
+        .map(|p| format!("{}={}", p.id, p.listen))
+        .collect::<Vec<_>>()
+        .join(",");
+    wait_for_stop(cluster, &mut term, &exe, &members).await
 }
 
 #[cfg(test)]

@@ -440,7 +440,22 @@ impl BrokerApi for BrokerService {
                 .into_inner();
             return Ok(Response::new(Box::pin(remote)));
         };
-        let first = self.read_local(&station, &req, part.group_id)?;
+        let state = replica.shared.current();
+        let first = match req.start {
+            // A follower that lags behind the offset the client already reached waits for it
+            // instead of failing; only the leader knows an offset is truly past the end.
+            Some(Start::Offset(o))
+                if o > state.next_offset && replica.leader() != Some(self.broker.node_id()) =>
+            {
+                ReadResponse {
+                    messages: vec![],
+                    next_offset: o,
+                    high_watermark: state.next_offset,
+                    start_offset: state.start_offset,
+                }
+            }
+            _ => self.read_local(&station, &req, part.group_id)?,
+        };
         let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
         let svc = self.clone();
         let mut watch = replica.shared.subscribe();
