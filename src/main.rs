@@ -17,6 +17,8 @@ enum Command {
     Serve(junction_server::ServeArgs),
     /// Run a local three-node cluster (data under ./data) until Ctrl-C.
     Dev(junction_cli::DevArgs),
+    /// Load a cluster and report throughput and latency (see docs/benchmarks.md).
+    Bench(junction_bench::BenchArgs),
     #[command(flatten)]
     Client(junction_cli::ClientCommand),
 }
@@ -53,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             serve(args).await
         }
         Command::Dev(args) => junction_cli::run_dev(args).await,
+        Command::Bench(args) => junction_bench::run(args).await,
         Command::Client(cmd) => junction_cli::run_client(cmd).await,
     }
 }

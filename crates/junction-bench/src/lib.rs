@@ -1,0 +1,162 @@
+//! `junction bench`: load a Junction cluster and report throughput, latency percentiles
+//! (HdrHistogram), server CPU per message and write amplification.
+//!
+//! - [`spawn`]: `--spawn N` real `junction serve` processes, with /proc counters.
+//! - [`load`]: the produce (closed loop or fixed rate, coordinated-omission corrected), read
+//!   and end-to-end workloads, over the raw gRPC API (no client-side retries: a benchmark
+//!   must count errors, not hide them).
+//! - [`report`]: the table, `--json` and `--plot` SVG.
+
+pub mod load;
+pub mod report;
+pub mod spawn;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Which workload to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Produce messages and measure produce → ack.
+    Produce,
+    /// Replay `--messages` messages from earliest (produced first if the station is new).
+    Read,
+    /// Produce and tail at once, measuring produce → delivery.
+    E2e,
+}
+
+/// Flags of `junction bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// produce | read | e2e
+    #[arg(value_enum)]
+    pub workload: Workload,
+    /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
+    #[arg(long, env = "JUNCTION_SERVER")]
+    pub server: Option<String>,
+    /// Start this many `junction serve` processes on loopback and stop them afterwards.
+    #[arg(long, default_value_t = 3)]
+    pub spawn: u64,
+    /// Where spawned nodes keep their data (a temp dir inside; default: the system temp dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Station to use (created if missing). Default: a fresh `bench-<pid>-<time>`.
+    #[arg(long)]
+    pub station: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    pub partitions: u32,
+    #[arg(long, default_value_t = 3)]
+    pub replication_factor: u32,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 128)]
+    pub message_size: usize,
+    /// Messages to produce (or to replay, for `read`).
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Run for this long instead of a message count (e.g. 30s, 2m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Concurrent producers, each with its own gRPC stream.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Batches in flight per producer.
+    #[arg(long, default_value_t = 8)]
+    pub in_flight: usize,
+    /// Messages per produce batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Distinct keys (0: unkeyed, sticky round-robin per batch).
+    #[arg(long, default_value_t = 0)]
+    pub keys: u64,
+    /// Fixed total rate in messages/s (open loop; latency counted from each message's
+    /// intended send time, so stalls are not hidden). 0: closed loop.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Concurrent tail readers for `e2e` (spread over partitions).
+    #[arg(long, default_value_t = 0)]
+    pub readers: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw throughput over time and the latency distribution as SVG to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Do not draw the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration '{s}'"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in '{s}' (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs a benchmark and prints (and optionally writes) its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.message_size < 8 && args.workload == Workload::E2e {
+        bail!("e2e needs --message-size of at least 8 (the send time travels in the payload)");
+    }
+    if args.batch_size == 0 || args.in_flight == 0 || args.producers == 0 {
+        bail!("--batch-size, --in-flight and --producers must be at least 1");
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let exe = std::env::current_exe().context("finding the junction executable")?;
+    let mut spawned = None;
+    let addrs: Vec<String> = match &args.server {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => {
+            eprintln!("starting {} junction nodes on loopback", args.spawn);
+            let s = spawn::Spawned::start(&exe, args.spawn, args.data_dir.clone())?;
+            let addrs = s.addrs.clone();
+            spawned = Some(s);
+            addrs
+        }
+    };
+    spawn::wait_ready(&addrs, Duration::from_secs(60)).await?;
+    let result = load::run(&args, &addrs, spawned.as_mut()).await?;
+    let report = report::Report::new(&args, command, &result);
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report::svg(&report, &result))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(spawned);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

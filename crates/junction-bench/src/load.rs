@@ -1,0 +1,591 @@
+//! The workloads. Producers speak the raw `ProduceStream` RPC with a window of batches in
+//! flight; readers use `Read`/`Tail`. Latencies are recorded in microseconds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use junction_proto::v1::admin_client::AdminClient;
+use junction_proto::v1::broker_client::BrokerClient;
+use junction_proto::v1::read_request::Start;
+use junction_proto::v1::{
+    CreateStationRequest, DescribeStationRequest, Message, ProduceRequest, ReadRequest,
+    StartPosition,
+};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tonic::transport::Channel;
+
+use crate::spawn::{ProcUsage, Spawned};
+use crate::{BenchArgs, Workload};
+
+/// What a run measured.
+pub struct LoadResult {
+    pub workload: Workload,
+    /// Messages acknowledged (produce), read (read) or delivered (e2e).
+    pub messages: u64,
+    pub payload_bytes: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    /// Microseconds.
+    pub latency: Histogram<u64>,
+    /// Messages completed in each second of the run.
+    pub per_second: Vec<u64>,
+    /// Server process usage over the measured interval (spawned clusters only).
+    pub usage: Option<ProcUsage>,
+}
+
+struct Counters {
+    done: AtomicU64,
+    errors: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn error(&self, n: u64, msg: String) {
+        self.errors.fetch_add(n, Ordering::Relaxed);
+        if let Ok(mut e) = self.first_error.lock() {
+            e.get_or_insert(msg);
+        }
+    }
+}
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).context("creating a histogram")
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+/// Creates the station if it does not exist yet.
+async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<()> {
+    let ch = channel(&addrs[0]).await?;
+    let mut admin = AdminClient::new(ch);
+    let created = admin
+        .create_station(CreateStationRequest {
+            name: station.to_string(),
+            partitions: args.partitions,
+            replication_factor: args.replication_factor,
+            max_message_bytes: 0,
+        })
+        .await;
+    match created {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => bail!("creating station {station}: {}", s.message()),
+    }
+    Ok(())
+}
+
+/// Runs the selected workload.
+pub async fn run(
+    args: &BenchArgs,
+    addrs: &[String],
+    mut spawned: Option<&mut Spawned>,
+) -> anyhow::Result<LoadResult> {
+    let station = args.station.clone().unwrap_or_else(|| {
+        format!(
+            "bench-{}-{}",
+            std::process::id(),
+            now_us() / 1_000_000 % 100_000
+        )
+    });
+    prepare(args, addrs, &station).await?;
+    if args.workload == Workload::Read {
+        let existing = total_offsets(addrs, &station).await?;
+        if existing < args.messages {
+            eprintln!("writing {} messages to replay", args.messages - existing);
+            let mut fill = args.clone();
+            fill.duration = None;
+            fill.rate = 0;
+            fill.messages = args.messages - existing;
+            produce(&fill, addrs, &station, &Counters::new(), None).await?;
+        }
+    }
+    let counters = Arc::new(Counters::new());
+    let before = spawned.as_deref().map(Spawned::usage);
+    let started = Instant::now();
+    let series = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ticker = tokio::spawn(tick(
+        counters.clone(),
+        args.quiet,
+        target(args),
+        series.clone(),
+    ));
+    let (latency, messages) = match args.workload {
+        Workload::Produce => {
+            let h = produce(args, addrs, &station, &counters, None).await?;
+            (h, counters.done.load(Ordering::Relaxed))
+        }
+        Workload::Read => read(args, addrs, &station, &counters).await?,
+        Workload::E2e => e2e(args, addrs, &station, &counters).await?,
+    };
+    let elapsed = started.elapsed();
+    ticker.abort();
+    let per_second = series.lock().map(|s| s.clone()).unwrap_or_default();
+    let usage = match (before, spawned.as_deref_mut()) {
+        (Some(b), Some(s)) => {
+            s.all_running()?;
+            let a = s.usage();
+            Some(ProcUsage {
+                cpu_us: a.cpu_us.saturating_sub(b.cpu_us),
+                write_bytes: a.write_bytes.saturating_sub(b.write_bytes),
+            })
+        }
+        _ => None,
+    };
+    if !args.quiet {
+        eprintln!();
+    }
+    let first_error = counters.first_error.lock().ok().and_then(|e| e.clone());
+    Ok(LoadResult {
+        workload: args.workload,
+        messages,
+        payload_bytes: messages * args.message_size as u64,
+        errors: counters.errors.load(Ordering::Relaxed),
+        first_error,
+        elapsed,
+        latency,
+        per_second,
+        usage,
+    })
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_error: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+fn target(args: &BenchArgs) -> Option<u64> {
+    if args.duration.is_some() {
+        None
+    } else {
+        Some(args.messages)
+    }
+}
+
+/// Samples progress once a second into `series`, drawing a progress line.
+async fn tick(
+    c: Arc<Counters>,
+    quiet: bool,
+    target: Option<u64>,
+    series: Arc<std::sync::Mutex<Vec<u64>>>,
+) {
+    let mut last = 0;
+    let mut seconds = 0u64;
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        seconds += 1;
+        let done = c.done.load(Ordering::Relaxed);
+        if let Ok(mut s) = series.lock() {
+            s.push(done - last);
+        }
+        if !quiet {
+            let bar = match target {
+                Some(t) if t > 0 => {
+                    let filled = ((done as f64 / t as f64) * 30.0).min(30.0) as usize;
+                    format!(
+                        "[{}{}] {:>3}%",
+                        "#".repeat(filled),
+                        ".".repeat(30 - filled),
+                        (done * 100 / t).min(100)
+                    )
+                }
+                _ => format!("{seconds:>5}s"),
+            };
+            eprint!(
+                "\r{bar}  {done:>10} msgs  {:>9} msg/s  errors {}   ",
+                done - last,
+                c.errors.load(Ordering::Relaxed)
+            );
+        }
+        last = done;
+    }
+}
+
+async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
+    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
+    let info = admin
+        .describe_station(DescribeStationRequest {
+            name: station.to_string(),
+        })
+        .await?
+        .into_inner()
+        .station
+        .context("no station")?;
+    Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
+}
+
+/// Produces per the arguments; returns the produce → ack latency histogram.
+async fn produce(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    counters: &Counters,
+    _unused: Option<()>,
+) -> anyhow::Result<Histogram<u64>> {
+    let counters_ptr: &Counters = counters;
+    let quota = Arc::new(AtomicU64::new(if args.duration.is_some() {
+        u64::MAX
+    } else {
+        args.messages
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let batch_seq = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let filler = Bytes::from(vec![b'x'; args.message_size]);
+    let mut tasks = futures::stream::FuturesUnordered::new();
+    for p in 0..args.producers {
+        let addr = addrs[p % addrs.len()].clone();
+        let (quota, stop, batch_seq, filler) = (
+            quota.clone(),
+            stop.clone(),
+            batch_seq.clone(),
+            filler.clone(),
+        );
+        let args = args.clone();
+        let station = station.to_string();
+        tasks.push(async move {
+            producer(
+                &args,
+                &addr,
+                &station,
+                counters_ptr,
+                quota,
+                stop,
+                batch_seq,
+                started,
+                filler,
+            )
+            .await
+        });
+    }
+    let stopper = async {
+        if let Some(d) = args.duration {
+            tokio::time::sleep(d).await;
+            stop.store(true, Ordering::Relaxed);
+        } else {
+            futures::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopper);
+    let mut total = new_histogram()?;
+    let mut left = args.producers;
+    while left > 0 {
+        tokio::select! {
+            () = &mut stopper => {}
+            r = tasks.next() => match r {
+                Some(h) => { total.add(h?).context("merging histograms")?; left -= 1; }
+                None => break,
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn producer(
+    args: &BenchArgs,
+    addr: &str,
+    station: &str,
+    counters: &Counters,
+    quota: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    batch_seq: Arc<AtomicU64>,
+    started: Instant,
+    filler: Bytes,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut client = BrokerClient::new(channel(addr).await?)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel::<ProduceRequest>(args.in_flight);
+    let mut replies = client
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let window = Arc::new(Semaphore::new(args.in_flight));
+    let pending: Arc<Mutex<HashMap<u64, (Instant, u64)>>> = Arc::default();
+    let hist = Arc::new(Mutex::new(new_histogram()?));
+    let receiver = {
+        let (window, pending, hist) = (window.clone(), pending.clone(), hist.clone());
+        async move {
+            while let Some(reply) = replies.next().await {
+                let reply = match reply {
+                    Ok(r) => r,
+                    Err(s) => {
+                        let n: u64 = pending.lock().await.drain().map(|(_, (_, n))| n).sum();
+                        counters.error(n.max(1), format!("stream failed: {s}"));
+                        return;
+                    }
+                };
+                let Some((due, n)) = pending.lock().await.remove(&reply.request_id) else {
+                    continue;
+                };
+                match reply.error {
+                    Some(e) => counters.error(n, format!("batch failed: {}", e.message)),
+                    None => {
+                        let us = due.elapsed().as_micros() as u64;
+                        let _ = hist.lock().await.record_n(us.max(1), n);
+                        counters.done.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                window.add_permits(1);
+            }
+        }
+    };
+    let sender = async {
+        let mut key_counter = 0u64;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let want = args.batch_size as u64;
+            let got = quota.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(want))
+            });
+            let n = match got {
+                Ok(q) => q.min(want),
+                Err(_) => 0,
+            };
+            if n == 0 {
+                break;
+            }
+            let seq = batch_seq.fetch_add(1, Ordering::Relaxed);
+            let due = if args.rate > 0 {
+                let at = started
+                    + Duration::from_secs_f64(
+                        seq as f64 * args.batch_size as f64 / args.rate as f64,
+                    );
+                tokio::time::sleep_until(at.into()).await;
+                at
+            } else {
+                Instant::now()
+            };
+            let Ok(permit) = window.acquire().await else {
+                break;
+            };
+            permit.forget();
+            let messages = (0..n)
+                .map(|_| {
+                    let key = (args.keys > 0).then(|| {
+                        key_counter += 1;
+                        format!("key-{}", key_counter % args.keys).into_bytes()
+                    });
+                    Message {
+                        key,
+                        headers: vec![],
+                        payload: payload(args.workload, &filler, due),
+                        partition: None,
+                    }
+                })
+                .collect();
+            pending.lock().await.insert(seq, (due, n));
+            if tx
+                .send(ProduceRequest {
+                    station: station.to_string(),
+                    messages,
+                    request_id: seq,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(tx);
+    };
+    let ((), ()) = futures::join!(sender, receiver);
+    let h = hist.lock().await.clone();
+    Ok(h)
+}
+
+/// For e2e the first 8 bytes carry the intended send time (µs since the epoch).
+fn payload(w: Workload, filler: &Bytes, due: Instant) -> Bytes {
+    if w != Workload::E2e {
+        return filler.clone();
+    }
+    let sent = now_us().saturating_sub(due.elapsed().as_micros() as u64);
+    let mut v = filler.to_vec();
+    v[..8].copy_from_slice(&sent.to_be_bytes());
+    Bytes::from(v)
+}
+
+/// Replays `args.messages` messages from earliest, all partitions in parallel.
+async fn read(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let mut tasks = Vec::new();
+    let per_partition = args.messages.div_ceil(u64::from(args.partitions.max(1)));
+    for p in 0..args.partitions {
+        let addr = addrs[p as usize % addrs.len()].clone();
+        let (station, counters) = (station.to_string(), counters.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client =
+                BrokerClient::new(channel(&addr).await?).max_decoding_message_size(64 << 20);
+            let mut h = new_histogram()?;
+            let mut next = 0u64;
+            let mut got = 0u64;
+            while got < per_partition {
+                let t = Instant::now();
+                let r = client
+                    .read(ReadRequest {
+                        station: station.clone(),
+                        partition: p,
+                        start: Some(Start::Offset(next)),
+                        max_messages: 10_000,
+                        max_bytes: 8 << 20,
+                        local_replica: false,
+                    })
+                    .await?
+                    .into_inner();
+                let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                if r.messages.is_empty() {
+                    break;
+                }
+                got += r.messages.len() as u64;
+                counters
+                    .done
+                    .fetch_add(r.messages.len() as u64, Ordering::Relaxed);
+                next = r.next_offset;
+            }
+            Ok::<_, anyhow::Error>((h, got))
+        }));
+    }
+    let mut total = new_histogram()?;
+    let mut n = 0;
+    for t in tasks {
+        let (h, got) = t.await??;
+        total.add(h).context("merging histograms")?;
+        n += got;
+    }
+    Ok((total, n))
+}
+
+/// Produces while tails follow every partition; latency is produce → delivery.
+async fn e2e(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let readers = if args.readers == 0 {
+        args.partitions as usize
+    } else {
+        args.readers
+    };
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tails = Vec::new();
+    for r in 0..readers {
+        let partition = (r % args.partitions.max(1) as usize) as u32;
+        let addr = addrs[r % addrs.len()].clone();
+        let (station, delivered, stop) = (station.to_string(), delivered.clone(), stop.clone());
+        let count_this = r < args.partitions as usize;
+        tails.push(tokio::spawn(async move {
+            let mut client =
+                BrokerClient::new(channel(&addr).await?).max_decoding_message_size(64 << 20);
+            let mut stream = client
+                .tail(ReadRequest {
+                    station,
+                    partition,
+                    start: Some(Start::Position(StartPosition::Latest as i32)),
+                    max_messages: 10_000,
+                    max_bytes: 8 << 20,
+                    local_replica: false,
+                })
+                .await?
+                .into_inner();
+            let mut h = new_histogram()?;
+            while !stop.load(Ordering::Relaxed) {
+                let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+                let Ok(Some(batch)) = next else { continue };
+                let batch = batch?;
+                let now = now_us();
+                for m in &batch.messages {
+                    if let Some(b) = m.payload.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                        let _ = h.record(now.saturating_sub(u64::from_be_bytes(b)).max(1));
+                    }
+                }
+                if count_this {
+                    delivered.fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, anyhow::Error>(h)
+        }));
+    }
+    // Producers count into a private counter; progress shows deliveries.
+    let produced = Counters::new();
+    let mirror = {
+        let (delivered, counters) = (delivered.clone(), counters.clone());
+        tokio::spawn(async move {
+            loop {
+                counters
+                    .done
+                    .store(delivered.load(Ordering::Relaxed), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    produce(args, addrs, station, &produced, None).await?;
+    let acked = produced.done.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    mirror.abort();
+    let mut total = new_histogram()?;
+    for t in tails {
+        total.add(t.await??).context("merging histograms")?;
+    }
+    let n = delivered.load(Ordering::Relaxed);
+    counters.done.store(n, Ordering::Relaxed);
+    if produced.errors.load(Ordering::Relaxed) > 0 {
+        counters.error(
+            produced.errors.load(Ordering::Relaxed),
+            produced
+                .first_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_default(),
+        );
+    }
+    if n < acked {
+        counters.error(
+            acked - n,
+            format!(
+                "{} acknowledged messages were not delivered within 30 s",
+                acked - n
+            ),
+        );
+    }
+    Ok((total, n))
+}

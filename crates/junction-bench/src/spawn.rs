@@ -1,0 +1,162 @@
+//! A cluster of real `junction serve` processes for `--spawn N`, stopped when dropped, with
+//! the per-process CPU and disk-write counters the report needs.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Spawned nodes; every child is killed and its data removed on drop.
+pub struct Spawned {
+    _dir: tempfile::TempDir,
+    pub addrs: Vec<String>,
+    children: Vec<Child>,
+}
+
+/// CPU time (µs) and bytes written to storage, summed over the spawned processes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcUsage {
+    pub cpu_us: u64,
+    pub write_bytes: u64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Spawned {
+    /// Starts `n` nodes with data in a temp dir (under `base` when given).
+    pub fn start(exe: &std::path::Path, n: u64, base: Option<PathBuf>) -> anyhow::Result<Self> {
+        let dir = match base {
+            Some(b) => tempfile::Builder::new()
+                .prefix("junction-bench-")
+                .tempdir_in(b)?,
+            None => tempfile::Builder::new()
+                .prefix("junction-bench-")
+                .tempdir()?,
+        };
+        let mut grpc = Vec::new();
+        let mut http = Vec::new();
+        for _ in 0..n {
+            grpc.push(format!("127.0.0.1:{}", free_port()?));
+            http.push(format!("127.0.0.1:{}", free_port()?));
+        }
+        let members = grpc
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut children = Vec::new();
+        for i in 0..n as usize {
+            let log = std::fs::File::create(dir.path().join(format!("node{}.log", i + 1)))?;
+            let child = Command::new(exe)
+                .args([
+                    "serve",
+                    "--id",
+                    &(i + 1).to_string(),
+                    "--listen",
+                    &grpc[i],
+                    "--http",
+                    &http[i],
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("node{}", i + 1)))
+                .args(["--members", &members])
+                .env("JUNCTION_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?;
+            children.push(child);
+        }
+        Ok(Self {
+            _dir: dir,
+            addrs: grpc,
+            children,
+        })
+    }
+
+    /// Sums CPU time and storage writes of every node process (Linux `/proc`).
+    pub fn usage(&self) -> ProcUsage {
+        let mut u = ProcUsage::default();
+        for c in &self.children {
+            let pid = c.id();
+            if let Some(cpu) = proc_cpu_us(pid) {
+                u.cpu_us += cpu;
+            }
+            if let Some(w) = proc_write_bytes(pid) {
+                u.write_bytes += w;
+            }
+        }
+        u
+    }
+
+    /// Returns whether every child is still running.
+    pub fn all_running(&mut self) -> anyhow::Result<()> {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait()? {
+                bail!("node {} exited during the benchmark ({status})", i + 1);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn proc_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    Some((utime + stime) * 1_000_000 / ticks)
+}
+
+fn proc_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the cluster answers ClusterStatus with a metadata leader and all nodes alive.
+pub async fn wait_ready(addrs: &[String], limit: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        for a in addrs {
+            if let Ok(mut c) =
+                junction_proto::v1::admin_client::AdminClient::connect(format!("http://{a}")).await
+                && let Ok(s) = c
+                    .cluster_status(junction_proto::v1::ClusterStatusRequest {})
+                    .await
+            {
+                let s = s.into_inner();
+                if s.metadata_leader.is_some() && s.nodes.iter().all(|n| n.alive) {
+                    return Ok(());
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the cluster was not ready within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
