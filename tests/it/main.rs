@@ -2,6 +2,8 @@
 //! ephemeral loopback ports, real RocksDB in temp dirs.
 
 mod bad_input;
+mod cli;
+mod client;
 mod cluster;
 mod failover;
 mod harness;

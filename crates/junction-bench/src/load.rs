@@ -98,7 +98,7 @@ async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::R
 pub async fn run(
     args: &BenchArgs,
     addrs: &[String],
-    mut spawned: Option<&mut Spawned>,
+    spawned: Option<&mut Spawned>,
 ) -> anyhow::Result<LoadResult> {
     let station = args.station.clone().unwrap_or_else(|| {
         format!(
@@ -140,7 +140,7 @@ pub async fn run(
     let elapsed = started.elapsed();
     ticker.abort();
     let per_second = series.lock().map(|s| s.clone()).unwrap_or_default();
-    let usage = match (before, spawned.as_deref_mut()) {
+    let usage = match (before, spawned) {
         (Some(b), Some(s)) => {
             s.all_running()?;
             let a = s.usage();

@@ -11,6 +11,7 @@
 
 pub mod controller;
 mod error;
+mod leadership;
 pub mod partition;
 mod reconcile;
 
@@ -209,6 +210,23 @@ impl Broker {
         group: GroupId,
         records: Vec<Record>,
     ) -> Result<Appended, BrokerError> {
+        self.enqueue_append(group, records)
+            .await?
+            .await
+            .map_err(|_| {
+                BrokerError::Unavailable(format!(
+                    "partition group {group} stopped; the append's outcome is unknown"
+                ))
+            })?
+    }
+
+    /// Queues records for the partition's group-commit loop and returns the receiver of the
+    /// outcome. Appends queued one after another land in the log in that order.
+    pub async fn enqueue_append(
+        &self,
+        group: GroupId,
+        records: Vec<Record>,
+    ) -> Result<oneshot::Receiver<Result<Appended, BrokerError>>, BrokerError> {
         let replica = self.partition(group).ok_or(BrokerError::NotHosted {
             node: self.cfg.node_id,
             group,
@@ -226,11 +244,7 @@ impl Broker {
             .map_err(|_| {
                 BrokerError::Unavailable(format!("partition group {group} is stopping"))
             })?;
-        rx.await.map_err(|_| {
-            BrokerError::Unavailable(format!(
-                "partition group {group} stopped; the append's outcome is unknown"
-            ))
-        })?
+        Ok(rx)
     }
 
     /// Reads committed messages of a hosted partition from `from`; returns them with the
@@ -281,9 +295,10 @@ impl Broker {
         self.shutdown.clone()
     }
 
-    /// Stops every group: hands off nothing yet, but stops Raft cores cleanly so that RocksDB
-    /// can be closed.
+    /// Hands leadership off (bounded), then stops every group cleanly so that RocksDB can be
+    /// closed.
     pub async fn shutdown(&self) {
+        self.hand_off_leadership(Duration::from_secs(2)).await;
         self.shutdown.cancel();
         self.tasks.close();
         let groups: Vec<Arc<PartitionReplica>> =

@@ -15,9 +15,14 @@ use crate::Broker;
 impl Broker {
     pub(crate) async fn reconcile_loop(self: Arc<Self>) {
         let mut rx = self.subscribe_metadata();
+        let mut rounds = 0u64;
         loop {
             let state = rx.borrow_and_update().clone();
             self.reconcile(&state).await;
+            rounds += 1;
+            if rounds.is_multiple_of(5) {
+                self.rebalance_leaders().await;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = rx.changed() => if changed.is_err() { return },

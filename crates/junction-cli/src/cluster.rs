@@ -92,3 +92,44 @@ pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {
     text.push_str(&partitions.render());
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use junction_client::proto::*;
+
+    #[test]
+    fn status_text_lists_nodes_and_partitions() {
+        let status = ClusterStatusResponse {
+            nodes: vec![NodeInfo {
+                id: 1,
+                addr: "127.0.0.1:7701".into(),
+                alive: true,
+                partition_replicas: 2,
+                partition_leaders: 1,
+            }],
+            metadata_leader: Some(1),
+            metadata_term: 3,
+            stations: vec![StationInfo {
+                tenant: "default".into(),
+                name: "demo".into(),
+                partitions: 1,
+                partition_info: vec![PartitionInfo {
+                    partition: 0,
+                    replicas: vec![1, 2, 3],
+                    leader: None,
+                    next_offset: 9,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(
+            super::status_text(&status),
+            "metadata leader: node 1 (term 3)\n\n\
+             NODE  ADDRESS         ALIVE  REPLICAS  LEADERS\n\
+             1     127.0.0.1:7701  yes    2         1\n\n\
+             STATION       PARTITION  LEADER  REPLICAS  NEXT OFFSET\n\
+             default/demo  0          -       1,2,3     9\n"
+        );
+    }
+}

@@ -10,10 +10,6 @@
 mod cluster;
 mod common;
 mod dev;
-#[cfg(test)]
-mod e2e_tests;
-#[cfg(test)]
-mod mock;
 mod produce;
 mod read;
 mod station;

@@ -353,6 +353,14 @@ impl Attempts {
         *self = Self::new(options);
     }
 
+    /// Starts a new run of failures with a new deadline, but keeps the backoff grown so far
+    /// (used by streams that opened but delivered nothing before failing again).
+    pub(crate) fn restart_clock(&mut self, options: &ClientOptions) {
+        let backoff = self.backoff.clone();
+        *self = Self::new(options);
+        self.backoff = backoff;
+    }
+
     pub(crate) fn exhausted(&self, code: Code, message: &str) -> ClientError {
         ClientError::RetriesExhausted {
             attempts: self.count,
@@ -433,6 +441,68 @@ mod tests {
             .failed(&client, "http://c:1", &Status::unavailable("x"), None)
             .unwrap();
         assert_eq!(delay, Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn calls_follow_a_not_leader_hint() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tonic_types::{ErrorDetails, StatusExt};
+
+        let client = Client::connect(["127.0.0.1:1"]).unwrap();
+        let calls = AtomicU32::new(0);
+        let answer = client
+            .with_retry(|_channel| {
+                let call = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if call == 0 {
+                        // What a node answers when it may not forward to the leader.
+                        let details = ErrorDetails::with_error_info(
+                            crate::NOT_LEADER_REASON,
+                            "junction.dev",
+                            [(crate::LEADER_ADDR_KEY.to_owned(), "127.0.0.1:2".to_owned())],
+                        );
+                        Err(Status::with_error_details(
+                            Code::Unavailable,
+                            "not the leader",
+                            details,
+                        ))
+                    } else {
+                        Ok(call)
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer, 1, "retried once");
+        assert_eq!(
+            client.addresses(),
+            vec![
+                "http://127.0.0.1:1".to_owned(),
+                "http://127.0.0.1:2".to_owned()
+            ]
+        );
+        assert_eq!(client.inner.current_address(), "http://127.0.0.1:2");
+    }
+
+    #[tokio::test]
+    async fn final_statuses_are_not_retried() {
+        let client = Client::connect(["127.0.0.1:1"]).unwrap();
+        let mut calls = 0;
+        let err = client
+            .with_retry(|_channel| {
+                calls += 1;
+                async { Err::<(), _>(Status::invalid_argument("bad")) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls, 1);
+        assert!(matches!(
+            err,
+            ClientError::Status {
+                code: Code::InvalidArgument,
+                ..
+            }
+        ));
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The Rust SDK of Junction, a Raft-replicated log store.
 //!
 //! Contract:
-//! - [`Client::connect`] takes seed addresses (`host:port` or `http://host:port`) and connects
-//!   lazily; a [`Client`] is cheap to clone and clones share one channel per address.
+//! - [`Client::connect`] (not async) takes seed addresses (`host:port` or `http://host:port`)
+//!   and connects lazily; a [`Client`] is cheap to clone and clones share one channel per
+//!   address. Leader hints add addresses to the ones it knows.
 //! - Every call is retried on UNAVAILABLE and on connection failures, on the next known
 //!   address, with exponential backoff (50 ms doubling to 1 s) until
 //!   [`ClientOptions::retry_deadline`] (30 s by default) passes; the call then fails with
@@ -14,7 +15,8 @@
 //!   retry, and deleting a station NOT_FOUND.
 //! - [`Client::tail`] opens its stream at once (in a background task, so it needs a Tokio
 //!   runtime) and re-opens it when it breaks, resuming after the last message delivered.
-//! - [`Producer`] pipelines batches over one `ProduceStream`; see its documentation.
+//! - [`Client::producer`] spawns a [`Producer`]'s background task (Tokio runtime needed); it
+//!   pipelines batches over one `ProduceStream`, see its documentation.
 //!
 //! The wire types are those of `junction_proto::v1`, re-exported as [`proto`].
 

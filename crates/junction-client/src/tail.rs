@@ -21,7 +21,9 @@ use crate::retry::{self, Disposition};
 /// When the stream breaks with UNAVAILABLE or a connection error (or the server ends it), it
 /// is re-opened on the next address after a backoff, resuming after the last message
 /// delivered; a run of failures longer than the client's retry deadline ends the stream with
-/// [`ClientError::RetriesExhausted`]. Any other error is yielded once and ends the stream.
+/// [`ClientError::RetriesExhausted`]. OUT_OF_RANGE on resuming from an offset the cluster
+/// already reported (a lagging replica) is retried the same way. Any other error is yielded
+/// once and ends the stream.
 pub struct TailStream {
     inner: Pin<Box<dyn Stream<Item = Result<StoredMessage, ClientError>> + Send>>,
 }
@@ -52,11 +54,13 @@ impl Client {
     pub fn tail(&self, station: &str, partition: u32, start: Start) -> TailStream {
         let state = TailState {
             attempts: Attempts::new(&self.inner.options),
+            since: Since::Failure,
             client: self.clone(),
             station: station.to_owned(),
             partition,
             start,
             next_expected: None,
+            offset_known: false,
             stream: None,
             addr: String::new(),
             buffer: VecDeque::new(),
@@ -97,12 +101,32 @@ struct TailState {
     start: Start,
     /// The offset after the last message delivered.
     next_expected: Option<u64>,
+    /// Whether `start` is an offset the cluster reported (not one the caller asked for): then
+    /// OUT_OF_RANGE only means the replica serving the tail lags behind, and is retried.
+    offset_known: bool,
     stream: Option<Streaming<ReadResponse>>,
     /// The address `stream` is connected to.
     addr: String,
     buffer: VecDeque<StoredMessage>,
+    /// The current run of failures (its deadline, backoff and addresses).
     attempts: Attempts,
+    /// What happened since the last failure.
+    since: Since,
     done: bool,
+}
+
+/// What happened since the last failure of a tail: decides whether the next failure
+/// continues the current run of failures or starts a new one (with a new deadline), so that
+/// the retry deadline bounds consecutive failures and not, say, an idle time without
+/// messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Since {
+    /// Nothing went right yet: a failure continues the current run.
+    Failure,
+    /// A stream opened: a failure starts a new run, keeping the grown backoff.
+    Opened,
+    /// Messages arrived: a failure starts a new run from the first backoff.
+    Delivered,
 }
 
 impl TailState {
@@ -153,6 +177,7 @@ impl TailState {
                 .read(&self.station, self.partition, Start::Latest, 1)
                 .await?;
             self.start = Start::Offset(end.high_watermark);
+            self.offset_known = true;
         }
         let addr = self.attempts.next_address(&self.client);
         let channel = self.client.inner.channel(&addr)?;
@@ -162,6 +187,9 @@ impl TailState {
             Ok(Ok(resp)) => {
                 self.stream = Some(resp.into_inner());
                 self.addr = addr;
+                if self.since == Since::Failure {
+                    self.since = Since::Opened;
+                }
                 Ok(())
             }
             Ok(Err(status)) => self.retry(&addr, status).await,
@@ -174,7 +202,7 @@ impl TailState {
     /// Takes one response's messages, skipping any already delivered, and moves the resume
     /// point past them.
     fn accept(&mut self, resp: ReadResponse) {
-        self.attempts.reset(&self.client.inner.options);
+        self.since = Since::Delivered;
         self.client.inner.succeeded(&self.addr);
         let empty_partition = resp.messages.is_empty() && resp.high_watermark == 0;
         let mut resume = resp.next_offset;
@@ -195,12 +223,18 @@ impl TailState {
         }
         if resume > 0 || empty_partition {
             self.start = Start::Offset(resume);
+            self.offset_known = true;
         }
     }
 
     /// Waits before the next attempt if `status` is retryable, else returns it as the error.
     async fn retry(&mut self, addr: &str, status: Status) -> Result<(), ClientError> {
-        match retry::classify(&status) {
+        let disposition = if status.code() == Code::OutOfRange && self.offset_known {
+            Disposition::Retry { leader_hint: None }
+        } else {
+            retry::classify(&status)
+        };
+        match disposition {
             Disposition::Fail => Err(status.into()),
             Disposition::Retry { leader_hint } => {
                 tracing::debug!(
@@ -211,6 +245,12 @@ impl TailState {
                     message = status.message(),
                     "tail stream broke; reconnecting"
                 );
+                let options = &self.client.inner.options;
+                match std::mem::replace(&mut self.since, Since::Failure) {
+                    Since::Delivered => self.attempts.reset(options),
+                    Since::Opened => self.attempts.restart_clock(options),
+                    Since::Failure => {}
+                }
                 let delay = self
                     .attempts
                     .failed(&self.client, addr, &status, leader_hint)?;
@@ -230,11 +270,13 @@ mod tests {
         let client = Client::connect(["127.0.0.1:1"]).unwrap();
         TailState {
             attempts: Attempts::new(client.options()),
+            since: Since::Failure,
             client,
             station: "s".into(),
             partition: 0,
             start: Start::Latest,
             next_expected: None,
+            offset_known: false,
             stream: None,
             addr: "http://127.0.0.1:1".into(),
             buffer: VecDeque::new(),
@@ -282,6 +324,88 @@ mod tests {
         let mut st = state();
         st.accept(resp(&[], 42, 42));
         assert_eq!(st.start, Start::Offset(42));
+    }
+
+    #[tokio::test]
+    async fn out_of_range_is_retried_only_from_an_offset_the_cluster_reported() {
+        // The caller's own offset: OUT_OF_RANGE is final.
+        let mut st = state();
+        st.start = Start::Offset(100);
+        let err = st
+            .retry("http://127.0.0.1:1", Status::out_of_range("beyond the end"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(Code::OutOfRange));
+
+        // After a reply the resume offset is the cluster's: a replica that has not caught up
+        // yet answers OUT_OF_RANGE, which is retried.
+        let mut st = state();
+        st.accept(resp(&[0, 1, 2], 3, 3));
+        assert!(st.offset_known);
+        st.retry(
+            "http://127.0.0.1:1",
+            Status::out_of_range("lagging replica"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st.start, Start::Offset(3));
+        // Other final codes stay final.
+        let err = st
+            .retry("http://127.0.0.1:1", Status::not_found("station deleted"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(Code::NotFound));
+    }
+
+    /// A state whose client gives up after 200 ms of failures.
+    fn impatient() -> TailState {
+        let options = crate::ClientOptions::default()
+            .with_retry_deadline(std::time::Duration::from_millis(200));
+        let client = Client::connect_with(["127.0.0.1:1"], options).unwrap();
+        TailState {
+            attempts: Attempts::new(client.options()),
+            client,
+            ..state()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_deadline_counts_from_the_first_failure_not_the_last_message() {
+        let mut st = impatient();
+        st.accept(resp(&[0], 1, 1));
+        // Idle for longer than the retry deadline, then the stream breaks: retried.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        st.retry(
+            "http://127.0.0.1:1",
+            Status::unavailable("node shutting down"),
+        )
+        .await
+        .unwrap();
+        // A reconnect that opens but delivers nothing also ends the run of failures.
+        st.since = Since::Opened;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        st.retry(
+            "http://127.0.0.1:1",
+            Status::unavailable("node shutting down"),
+        )
+        .await
+        .unwrap();
+        // Failures with nothing in between do exhaust the deadline.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let err = st
+            .retry("http://127.0.0.1:1", Status::unavailable("still down"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::RetriesExhausted {
+                    code: Code::Unavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]

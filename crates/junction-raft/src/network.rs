@@ -13,7 +13,8 @@ use junction_types::GroupId;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{RaftNetworkFactory, RaftNetworkV2};
 use parking_lot::Mutex;
@@ -192,6 +193,18 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let r = tokio::time::timeout(option.hard_ttl(), c.pre_vote(req)).await;
         let payload = payload_of(self.target, r)?;
         decode("pre-vote reply", &payload).map_err(network)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
+        let req = self.request("transfer leader", &req)?;
+        let mut c = self.client()?;
+        let r = tokio::time::timeout(option.hard_ttl(), c.transfer_leader(req)).await;
+        let payload = payload_of(self.target, r)?;
+        decode("transfer leader reply", &payload).map_err(network)
     }
 
     async fn full_snapshot(

@@ -11,7 +11,7 @@ use junction_proto::peer::{
     NodeStatusRequest, NodeStatusResponse, RaftReply, RaftRequest, SnapshotChunk,
 };
 use junction_types::{GroupId, META_GROUP};
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -115,6 +115,20 @@ impl<H: GroupHost> Peer for PeerService<H> {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => reply(raft.pre_vote(rpc).await),
             Some(AnyRaft::Partition(raft)) => reply(raft.pre_vote(rpc).await),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let rpc: TransferLeaderRequest<TypeConfig> =
+            decode("transfer leader", &r.payload).map_err(bad)?;
+        match self.raft(r.group) {
+            None => Ok(not_hosted()),
+            Some(AnyRaft::Meta(raft)) => reply(raft.handle_transfer_leader(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(raft.handle_transfer_leader(rpc).await),
         }
     }
 

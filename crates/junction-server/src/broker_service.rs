@@ -11,17 +11,20 @@ use junction_broker::{Broker, BrokerError};
 use junction_proto::v1::broker_server::Broker as BrokerApi;
 use junction_proto::v1::read_request::Start;
 use junction_proto::v1::{
-    BatchError, Header, Message, MessagePosition, ProduceRequest, ProduceResponse, ReadRequest,
-    ReadResponse, StartPosition, StoredMessage,
+    BatchError, Header, ProduceRequest, ProduceResponse, ReadRequest, ReadResponse, StartPosition,
+    StoredMessage,
 };
 use junction_raft::peer_service::BoxStream;
 use junction_types::partitioner::partition_for_key;
-use junction_types::{GroupId, Record, StationMeta, StationName, StoredRecord};
+use junction_types::{GroupId, StationMeta, StationName, StoredRecord};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
+use crate::produce_path::{
+    Forwarders, Part, PartWait, Planned, complete, may_forward, record_of, too_many_hops,
+};
 use crate::status::to_status;
 
 const DEFAULT_MAX_MESSAGES: usize = 1000;
@@ -108,11 +111,8 @@ impl BrokerService {
         Ok(Some(candidates[pick % candidates.len()].clone()))
     }
 
-    async fn produce_batch(
-        &self,
-        req: ProduceRequest,
-        hops: u32,
-    ) -> Result<Vec<MessagePosition>, Status> {
+    /// Validates a batch and splits it by partition.
+    async fn plan(&self, req: ProduceRequest) -> Result<Planned, Status> {
         if req.messages.is_empty() {
             return Err(Status::invalid_argument(
                 "empty batch: a produce request needs at least one message",
@@ -122,7 +122,8 @@ impl BrokerService {
         let partitions = station.partitions.len() as u32;
         let max = station.max_message_bytes as usize;
         let sticky = self.sticky.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
-        let mut by_partition: BTreeMap<u32, Vec<(usize, Message)>> = BTreeMap::new();
+        let mut by_partition: BTreeMap<u32, Part> = BTreeMap::new();
+        let total = req.messages.len();
         for (i, mut m) in req.messages.into_iter().enumerate() {
             let size = m.key.as_ref().map_or(0, Vec::len)
                 + m.headers
@@ -146,70 +147,86 @@ impl BrokerService {
                 (None, None) => sticky,
             };
             m.partition = Some(p);
-            by_partition.entry(p).or_default().push((i, m));
+            let part = by_partition.entry(p).or_insert_with(|| Part {
+                partition: p,
+                idx: vec![],
+                msgs: vec![],
+            });
+            part.idx.push(i);
+            part.msgs.push(m);
         }
-        let total: usize = by_partition.values().map(Vec::len).sum();
-        let calls = by_partition.into_iter().map(|(p, msgs)| {
-            let station = &station;
-            async move {
-                let (idx, msgs): (Vec<usize>, Vec<Message>) = msgs.into_iter().unzip();
-                let offsets = self.append_partition(station, p, msgs, hops).await?;
-                Ok::<_, Status>((p, idx, offsets))
-            }
-        });
-        let mut positions = vec![MessagePosition::default(); total];
-        for r in futures::future::join_all(calls).await {
-            let (p, idx, offsets) = r?;
-            for (i, off) in idx.into_iter().zip(offsets) {
-                positions[i] = MessagePosition {
-                    partition: p,
-                    offset: off,
-                };
-            }
-        }
-        metrics::counter!("junction_produce_messages_total").increment(total as u64);
-        Ok(positions)
+        Ok(Planned {
+            station,
+            parts: by_partition.into_values().collect(),
+            total,
+        })
     }
 
-    /// Appends messages (all for partition `p`) and returns their offsets.
-    async fn append_partition(
+    /// Starts every part of a planned batch, in order: queued on the local group-commit loop,
+    /// written to an ordered forward stream (`fwd`), or sent as a unary call (no `fwd`).
+    /// Returns the waits; their completion does not affect the order any more.
+    async fn dispatch(
         &self,
-        station: &StationMeta,
-        p: u32,
-        msgs: Vec<Message>,
+        planned: Planned,
         hops: u32,
-    ) -> Result<Vec<u64>, Status> {
-        let part = &station.partitions[p as usize];
-        let n = msgs.len() as u64;
-        match self.route(part.group_id, &part.replicas).await? {
-            None => {
-                let records = msgs.into_iter().map(record_of).collect();
-                match self.broker.append(part.group_id, records).await {
-                    Ok(a) => Ok((a.base_offset..a.base_offset + n).collect()),
-                    Err(e) => Err(to_status(e)),
+        mut fwd: Option<&mut Forwarders>,
+    ) -> Result<Vec<PartWait>, Status> {
+        let mut waits = Vec::with_capacity(planned.parts.len());
+        let full = planned.station.full_name();
+        for part in planned.parts {
+            let meta = &planned.station.partitions[part.partition as usize];
+            let n = part.msgs.len() as u64;
+            match self.route(meta.group_id, &meta.replicas).await? {
+                None => {
+                    let records = part.msgs.into_iter().map(record_of).collect();
+                    let rx = self
+                        .broker
+                        .enqueue_append(meta.group_id, records)
+                        .await
+                        .map_err(to_status)?;
+                    waits.push(PartWait::Local {
+                        part: part.partition,
+                        idx: part.idx,
+                        n,
+                        rx,
+                    });
                 }
-            }
-            Some(addr) => {
-                if hops >= MAX_HOPS {
-                    return Err(Status::unavailable(format!(
-                        "partition {p} of {} is moving between leaders; retry",
-                        station.full_name()
-                    )));
+                Some(_) if !may_forward(hops) => {
+                    return Err(too_many_hops(&planned.station, part.partition));
                 }
-                let mut client = self.clients.broker(&addr)?;
-                let req = ProduceRequest {
-                    station: station.full_name(),
-                    messages: msgs,
-                    request_id: 0,
-                };
-                let resp = client
-                    .produce(with_hops(req, hops + 1))
-                    .await
-                    .map_err(forwarded)?
-                    .into_inner();
-                Ok(resp.positions.into_iter().map(|m| m.offset).collect())
+                Some(addr) => match fwd.as_deref_mut() {
+                    Some(f) => {
+                        let rx = f.send(&addr, full.clone(), part.msgs, hops).await?;
+                        waits.push(PartWait::Remote {
+                            part: part.partition,
+                            idx: part.idx,
+                            rx,
+                        });
+                    }
+                    None => {
+                        let mut client = self.clients.broker(&addr)?;
+                        let req = ProduceRequest {
+                            station: full.clone(),
+                            messages: part.msgs,
+                            request_id: 0,
+                        };
+                        let fut = async move {
+                            Ok(client
+                                .produce(with_hops(req, hops + 1))
+                                .await
+                                .map_err(forwarded)?
+                                .into_inner())
+                        };
+                        waits.push(PartWait::Unary {
+                            part: part.partition,
+                            idx: part.idx,
+                            fut: Box::pin(fut),
+                        });
+                    }
+                },
             }
         }
+        Ok(waits)
     }
 
     fn read_local(
@@ -290,14 +307,6 @@ impl BrokerService {
     }
 }
 
-fn record_of(m: Message) -> Record {
-    Record {
-        key: m.key,
-        headers: m.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-        payload: m.payload.to_vec(),
-    }
-}
-
 fn stored_message(partition: u32, offset: u64, r: StoredRecord) -> StoredMessage {
     StoredMessage {
         partition,
@@ -322,10 +331,15 @@ impl BrokerApi for BrokerService {
         let hops = hops_of(&req);
         let req = req.into_inner();
         let request_id = req.request_id;
-        let positions = self
-            .produce_batch(req, hops)
-            .await
-            .inspect_err(count_error)?;
+        let positions = async {
+            let planned = self.plan(req).await?;
+            let total = planned.total;
+            let waits = self.dispatch(planned, hops, None).await?;
+            complete(total, waits).await
+        }
+        .await
+        .inspect_err(count_error)?;
+        metrics::counter!("junction_produce_messages_total").increment(positions.len() as u64);
         Ok(Response::new(ProduceResponse {
             request_id,
             positions,
@@ -344,17 +358,31 @@ impl BrokerApi for BrokerService {
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
         let svc = self.clone();
         tokio::spawn(async move {
-            // Batches run concurrently; replies go out as each completes.
+            // Each batch is planned and dispatched in arrival order (which fixes its place in
+            // every partition's log); the replies go out as batches complete.
+            let mut forwarders = Forwarders::new(svc.clients.clone());
             let mut running = futures::stream::FuturesUnordered::new();
             loop {
                 tokio::select! {
                     next = input.next() => match next {
                         Some(Ok(batch)) => {
-                            let svc = svc.clone();
+                            let id = batch.request_id;
+                            let started = async {
+                                let planned = svc.plan(batch).await?;
+                                let total = planned.total;
+                                Ok::<_, Status>((total, svc.dispatch(planned, hops, Some(&mut forwarders)).await?))
+                            }
+                            .await;
                             running.push(async move {
-                                let id = batch.request_id;
-                                match svc.produce_batch(batch, hops).await.inspect_err(count_error) {
-                                    Ok(positions) => ProduceResponse { request_id: id, positions, error: None },
+                                let result = match started {
+                                    Ok((total, waits)) => complete(total, waits).await,
+                                    Err(s) => Err(s),
+                                };
+                                match result.inspect_err(count_error) {
+                                    Ok(positions) => {
+                                        metrics::counter!("junction_produce_messages_total").increment(positions.len() as u64);
+                                        ProduceResponse { request_id: id, positions, error: None }
+                                    }
                                     Err(s) => ProduceResponse { request_id: id, positions: vec![], error: Some(batch_error(&s)) },
                                 }
                             });
@@ -462,6 +490,10 @@ impl BrokerApi for BrokerService {
         let shutdown = self.broker.shutdown_token();
         tokio::spawn(async move {
             let mut next = first.next_offset;
+            // A lagging follower gets a while to reach an offset the client already had; an
+            // offset that never arrives is past the end everywhere.
+            let mut catch_up = (next > watch.borrow().next_offset)
+                .then(|| tokio::time::Instant::now() + Duration::from_secs(5));
             let mut resp = first;
             loop {
                 if !resp.messages.is_empty() && tx.send(Ok(resp)).await.is_err() {
@@ -469,10 +501,22 @@ impl BrokerApi for BrokerService {
                 }
                 // Wait for new commits, the client leaving, or shutdown.
                 loop {
-                    if watch.borrow_and_update().next_offset > next {
+                    let end = watch.borrow_and_update().next_offset;
+                    if end >= next {
+                        catch_up = None;
+                    }
+                    if end > next {
                         break;
                     }
+                    let catch_up_at = catch_up.unwrap_or_else(tokio::time::Instant::now);
                     tokio::select! {
+                        _ = tokio::time::sleep_until(catch_up_at), if catch_up.is_some() => {
+                            let _ = tx.send(Err(Status::out_of_range(format!(
+                                "offset {next} is beyond the end of partition {} (this replica has {end} messages and did not catch up within 5 s)",
+                                req.partition
+                            )))).await;
+                            return;
+                        },
                         changed = watch.changed() => if changed.is_err() {
                             let _ = tx.send(Err(Status::unavailable("the partition replica stopped; resume elsewhere"))).await;
                             return;

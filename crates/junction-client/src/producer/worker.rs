@@ -509,3 +509,93 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use junction_proto::v1::BatchError;
+
+    use super::*;
+
+    type Answer = oneshot::Receiver<Result<MessagePosition, ClientError>>;
+
+    fn worker() -> Worker {
+        let client = Client::connect(["127.0.0.1:1"]).unwrap();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        Worker::new(client, "s".into(), ProducerOptions::default(), rx)
+    }
+
+    /// Puts a one-message batch on the (pretend) stream as `id`.
+    fn sent(worker: &mut Worker, id: u64) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let batch = Batch {
+            messages: vec![Message::default()],
+            replies: vec![reply],
+            first_seq: 0,
+            created: Instant::now(),
+            state: BatchState::Sent,
+            backoff: worker.client.inner.options.backoff(),
+            attempts: 1,
+        };
+        worker.outstanding.insert(id, batch);
+        answer
+    }
+
+    fn failed(id: u64, code: Code, leader_addr: &str) -> Result<Option<ProduceResponse>, Status> {
+        Ok(Some(ProduceResponse {
+            request_id: id,
+            positions: vec![],
+            error: Some(BatchError {
+                code: code as i32,
+                message: "m".into(),
+                leader_addr: leader_addr.into(),
+            }),
+        }))
+    }
+
+    #[test]
+    fn a_batch_naming_the_leader_is_retried_there() {
+        let mut w = worker();
+        let mut answer = sent(&mut w, 1);
+        w.on_response(failed(1, Code::Unavailable, "127.0.0.1:2"));
+        assert_eq!(w.client.inner.current_address(), "http://127.0.0.1:2");
+        assert!(matches!(
+            w.outstanding[&1].state,
+            BatchState::WaitingUntil(_)
+        ));
+        assert!(answer.try_recv().is_err(), "not answered yet");
+    }
+
+    #[test]
+    fn a_rejected_batch_fails_with_its_code() {
+        let mut w = worker();
+        let mut answer = sent(&mut w, 1);
+        w.on_response(failed(1, Code::InvalidArgument, ""));
+        assert!(w.outstanding.is_empty());
+        let err = answer.try_recv().unwrap().unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Status {
+                code: Code::InvalidArgument,
+                ..
+            }
+        ));
+        assert_eq!(w.client.inner.current_address(), "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn an_acknowledged_batch_gets_its_positions() {
+        let mut w = worker();
+        let mut answer = sent(&mut w, 7);
+        w.on_response(Ok(Some(ProduceResponse {
+            request_id: 7,
+            positions: vec![MessagePosition {
+                partition: 2,
+                offset: 41,
+            }],
+            error: None,
+        })));
+        let pos = answer.try_recv().unwrap().unwrap();
+        assert_eq!((pos.partition, pos.offset), (2, 41));
+    }
+}

@@ -1,0 +1,111 @@
+//! Where leaders live: moving partition leadership back to each partition's preferred
+//! replica (the first in its replica list, which placement spreads evenly), and handing
+//! leadership off before a graceful shutdown so that clients see a handover, not an election.
+
+use std::time::Duration;
+
+use junction_raft::PartitionRaft;
+use junction_types::NodeId;
+use openraft::async_runtime::watch::WatchReceiver;
+
+use crate::Broker;
+
+/// A preferred replica within this many entries of the leader counts as caught up.
+const CAUGHT_UP_ENTRIES: u64 = 64;
+
+/// Returns the follower to hand leadership to: `preferred` if caught up, else (when
+/// `preferred` is `None`) the most up-to-date follower; `None` if this node is not the leader.
+fn handoff_target<SM>(
+    raft: &openraft::Raft<junction_raft::TypeConfig, SM>,
+    preferred: Option<NodeId>,
+) -> Option<NodeId>
+where
+    SM: openraft::storage::RaftStateMachine<junction_raft::TypeConfig>,
+{
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    if m.current_leader != Some(m.id) {
+        return None;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let replication = m.replication.as_ref()?;
+    let caught_up = |id: &NodeId| {
+        replication
+            .get(id)
+            .and_then(|l| l.as_ref())
+            .is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+    };
+    match preferred {
+        Some(p) => (p != m.id && caught_up(&p)).then_some(p),
+        None => replication
+            .iter()
+            .filter(|(id, _)| **id != m.id)
+            .max_by_key(|(_, l)| l.as_ref().map(|l| l.index))
+            .map(|(id, _)| *id)
+            .filter(caught_up),
+    }
+}
+
+impl Broker {
+    /// Moves leadership of partitions this node leads to their preferred replica when that
+    /// replica is caught up. Runs periodically from the reconcile loop.
+    pub(crate) async fn rebalance_leaders(&self) {
+        let assigned = self.metadata().groups_of(self.node_id());
+        for (group, replicas) in assigned {
+            let Some(replica) = self.partition(group) else {
+                continue;
+            };
+            let preferred = replicas.first().copied();
+            if preferred == Some(self.node_id()) {
+                continue;
+            }
+            if let Some(to) = handoff_target(&replica.raft, preferred) {
+                tracing::info!(
+                    group,
+                    to,
+                    "moving partition leadership to its preferred replica"
+                );
+                let _ = replica.raft.trigger().transfer_leader(to).await;
+            }
+        }
+    }
+
+    /// Hands off leadership of every group this node leads and waits (bounded) until it has
+    /// moved, so a graceful stop costs clients a handover rather than an election timeout.
+    pub(crate) async fn hand_off_leadership(&self, limit: Duration) {
+        let mut waits = Vec::new();
+        let partitions: Vec<PartitionRaft> = self
+            .partitions
+            .read()
+            .values()
+            .map(|r| r.raft.clone())
+            .collect();
+        for raft in partitions {
+            if let Some(to) = handoff_target(&raft, None) {
+                let _ = raft.trigger().transfer_leader(to).await;
+                let r = raft.clone();
+                let leader = move || r.metrics().borrow_watched().current_leader;
+                waits.push(Box::pin(wait_not_leader(leader, self.node_id(), limit))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+            }
+        }
+        if let Some(to) = handoff_target(self.meta_raft(), None) {
+            let _ = self.meta_raft().trigger().transfer_leader(to).await;
+            let r = self.meta_raft().clone();
+            let leader = move || r.metrics().borrow_watched().current_leader;
+            waits.push(Box::pin(wait_not_leader(leader, self.node_id(), limit)));
+        }
+        futures::future::join_all(waits).await;
+    }
+}
+
+/// Polls `leader` until it names another node, or `limit` passes.
+async fn wait_not_leader(leader: impl Fn() -> Option<NodeId>, me: NodeId, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if leader().is_some_and(|l| l != me) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
