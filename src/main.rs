@@ -17,6 +17,9 @@ enum Command {
     Serve(junction_server::ServeArgs),
     /// Run a local three-node cluster (data under ./data) until Ctrl-C.
     Dev(junction_cli::DevArgs),
+    /// Run a real cluster under seeded faults and check that nothing acknowledged is lost,
+    /// duplicated without cause, or reordered.
+    Chaos(junction_chaos::ChaosArgs),
     /// Load a cluster and report throughput and latency (see docs/benchmarks.md).
     Bench(junction_bench::BenchArgs),
     #[command(flatten)]
@@ -56,6 +59,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => junction_cli::run_dev(args).await,
         Command::Bench(args) => junction_bench::run(args).await,
+        Command::Chaos(args) => {
+            if junction_chaos::run(args).await? {
+                Ok(())
+            } else {
+                eprintln!("chaos: violations found (see the report above)");
+                std::process::exit(1)
+            }
+        }
         Command::Client(cmd) => junction_cli::run_client(cmd).await,
     }
 }

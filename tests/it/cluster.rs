@@ -285,3 +285,29 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_end(&mut buf).await.expect("read");
     String::from_utf8_lossy(&buf).to_string()
 }
+
+/// A tail from an offset past the end fails with OUT_OF_RANGE on a follower too (after the
+/// follower's catch-up allowance), instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_past_the_end_fails_on_a_follower_too() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client.create_station("edge", 1, 3).await.expect("create");
+    client
+        .produce("edge", vec![keyed("k", "one")])
+        .await
+        .expect("produce");
+    let group = s.partition_info[0].group_id;
+    let leader = cluster.partition_leader(group).expect("leader");
+    let follower = (1..=3).find(|n| *n != leader).expect("follower");
+    let mut tail = cluster
+        .client_of(follower)
+        .tail("edge", 0, Start::Offset(1_000));
+    let first = tokio::time::timeout(Duration::from_secs(15), tail.next())
+        .await
+        .expect("the tail answers within 15 s")
+        .expect("an item");
+    let err = first.expect_err("offset 1000 is past the end");
+    assert_eq!(err.code(), Some(tonic::Code::OutOfRange), "{err}");
+    cluster.shutdown().await;
+}

@@ -1,0 +1,390 @@
+//! One chaos run, start to finish: cluster, station, workload, faults, heal, convergence,
+//! replica reads, check, report. The cluster is torn down on every exit path.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use junction_client::{Client, ClientOptions};
+use tokio::time::Instant;
+
+use crate::args::ChaosArgs;
+use crate::checker::{CheckInput, Violation, ViolationKind, check};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::history::History;
+use crate::nemesis::Nemesis;
+use crate::report::{self, Distribution, Results};
+use crate::schedule::{self, PlannedFault, ScheduleParams, SplitMix64};
+use crate::verify::{self, PartitionLayout};
+use crate::workload::{Recorder, Workload, WorkloadSpec};
+
+const STATION: &str = "chaos";
+const SETUP_LIMIT: Duration = Duration::from_secs(90);
+const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
+const CONVERGENCE_LIMIT: Duration = Duration::from_secs(120);
+const READER_CATCH_UP: Duration = Duration::from_secs(30);
+
+/// What the suite cannot inject (printed and recorded in every run).
+const NOT_INJECTABLE: &[&str] = &[
+    "machine crash / power loss (loss of un-fsynced page cache): kill -9 keeps the page cache; needs a VM or a crash-simulating file system",
+    "clock skew and jumps: nodes share the host clock (needs time namespaces or libfaketime)",
+    "packet-level loss, reordering and duplication: the proxy works on TCP streams, so loss is emulated by stalls and resets",
+    "disk corruption / bit flips and slow disks",
+    "faults between clients and nodes: clients reach nodes directly; only node-to-node links go through proxies",
+    "overlapping faults: faults run one at a time",
+];
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    SplitMix64::new(nanos ^ u64::from(std::process::id()).rotate_left(32)).next_u64()
+        % 1_000_000_000
+}
+
+/// Runs the chaos suite. `Ok(true)`: no violation; `Ok(false)`: violations (see the summary
+/// and `results.json`); `Err`: the run could not be carried out.
+pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let bin = match &args.junction_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("cannot find the junction binary")?,
+    };
+    if !bin.is_file() {
+        bail!("junction binary {} does not exist", bin.display());
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("chaos-out").join(seed.to_string()));
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create the output dir {}", out.display()))?;
+    let plan = schedule::plan(&ScheduleParams {
+        seed,
+        nodes: args.nodes,
+        partitions: args.partitions,
+        duration: args.duration,
+        mean_interval: args.fault_interval,
+        kinds: args.faults.clone(),
+    });
+    println!(
+        "chaos: seed {seed} (rerun with --seed {seed}); {} nodes, {:?} of faults, {} planned:",
+        args.nodes,
+        args.duration,
+        plan.len()
+    );
+    print!("{}", schedule::render(&plan));
+    let _ignored = std::io::stdout().flush();
+
+    let extra_args = vec![
+        "--snapshot-every".to_owned(),
+        args.snapshot_every.to_string(),
+        "--keep-logs".to_owned(),
+        args.keep_logs.to_string(),
+    ];
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: args.nodes,
+        bin,
+        seed,
+        extra_args,
+        disk_faults: !args.no_disk_faults,
+    })
+    .await
+    .context("starting the cluster")?;
+    println!(
+        "chaos: cluster of {} nodes in {}",
+        args.nodes,
+        cluster.path().display()
+    );
+    if let Err(why) = cluster.disk_faults() {
+        eprintln!("chaos: !!! disk-fill faults will be SKIPPED: {why}");
+    }
+    // Ctrl-C ends the run early but still tears the cluster down (and unmounts its disks).
+    let outcome = tokio::select! {
+        outcome = drive(&args, seed, &plan, &mut cluster, &out) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if outcome.is_err() {
+        let _ignored = cluster.copy_logs(&out.join("logs"));
+    }
+    if let Some(kept) = cluster.shutdown(args.keep_data).await {
+        println!("chaos: data and logs kept in {}", kept.display());
+    }
+    outcome
+}
+
+async fn drive(
+    args: &ChaosArgs,
+    seed: u64,
+    plan: &[PlannedFault],
+    cluster: &mut Cluster,
+    out: &Path,
+) -> anyhow::Result<bool> {
+    let addrs = cluster.grpc_addrs();
+    let admin = Client::connect_with(
+        addrs.values().cloned(),
+        ClientOptions::default().with_retry_deadline(Duration::from_secs(10)),
+    )?;
+    wait_ready(&admin, args.nodes, cluster).await?;
+    let layout = create_station(&admin, args).await?;
+    println!("chaos: station {STATION:?} ready: {layout:?}");
+
+    let origin = Instant::now();
+    let recorder = Arc::new(Recorder::new(origin));
+    let reader_client = Client::connect_with(
+        addrs.values().cloned(),
+        ClientOptions::default().with_retry_deadline(Duration::from_secs(60)),
+    )?;
+    let mut workload = Workload::start(
+        &WorkloadSpec {
+            station: STATION.to_owned(),
+            partitions: args.partitions,
+            producers: args.producers,
+            keys: args.keys,
+            seed,
+            nodes: addrs.iter().map(|(id, a)| (*id, a.clone())).collect(),
+            rpc_timeout: args.rpc_timeout,
+            inflight: args.inflight,
+        },
+        recorder.clone(),
+        reader_client,
+    )?;
+
+    // Faults.
+    let mut nemesis = Nemesis::new(origin, layout.iter().map(|l| l.group).collect());
+    let run_end = origin + args.duration;
+    let mut records = Vec::new();
+    for f in plan {
+        let at = origin + Duration::from_millis(f.at_ms);
+        tokio::time::sleep_until(at).await;
+        if Instant::now() >= run_end {
+            break;
+        }
+        nemesis.revive_crashed(cluster).await;
+        println!(
+            "chaos: t+{:>6.1}s fault #{} {} (hold {:.1}s)",
+            recorder.now_ms() as f64 / 1000.0,
+            f.index,
+            f.action,
+            f.hold_ms as f64 / 1000.0
+        );
+        let rec = nemesis.execute(cluster, f).await;
+        for n in &rec.notes {
+            println!("chaos:          note: {n}");
+        }
+        records.push(rec);
+    }
+    tokio::time::sleep_until(run_end).await;
+
+    // Heal, and check the cluster serves again.
+    let mut notes = nemesis.heal_all(cluster).await;
+    let heal_ms = recorder.now_ms();
+    println!(
+        "chaos: t+{:.1}s healed; waiting for every partition to accept writes",
+        heal_ms as f64 / 1000.0
+    );
+    let mut extra_violations = Vec::new();
+    let deadline = Instant::now() + RECOVERY_LIMIT;
+    let stalled = loop {
+        let stalled: Vec<u32> = (0..args.partitions)
+            .filter(|p| !recorder.acked_since(*p, heal_ms))
+            .collect();
+        if stalled.is_empty() || Instant::now() >= deadline {
+            break stalled;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if !stalled.is_empty() {
+        extra_violations.push(Violation::new(
+            ViolationKind::NoRecovery,
+            format!("partitions {stalled:?} acknowledged no produce within {RECOVERY_LIMIT:?} of the heal"),
+        ));
+    }
+    workload.stop_producers().await;
+    nemesis.revive_crashed(cluster).await;
+
+    // Convergence, then the readers catch up, then read every replica.
+    println!("chaos: producers stopped; waiting for the replicas to converge");
+    let converged = verify::wait_converged(cluster, &layout, CONVERGENCE_LIMIT).await;
+    if let Err(detail) = &converged {
+        extra_violations.push(Violation::new(ViolationKind::NotConverged, detail.clone()));
+    }
+    if let Ok(ends) = &converged {
+        let deadline = Instant::now() + READER_CATCH_UP;
+        loop {
+            let seen = recorder.observed_ends();
+            let behind: Vec<u32> = ends
+                .iter()
+                .filter(|(p, end)| **end > 0 && seen.get(p).copied().unwrap_or(0) < **end)
+                .map(|(p, _)| *p)
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                notes.push(format!(
+                    "tailing readers of partitions {behind:?} had not caught up {READER_CATCH_UP:?} after convergence"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    workload.stop_readers().await;
+    let replicas = verify::read_replicas(&addrs, STATION, &layout).await;
+    nemesis.collect_elections(&mut records).await;
+
+    let attempts = recorder.attempts();
+    let observations = recorder.observations();
+    let mut report = check(&CheckInput {
+        partitions: args.partitions,
+        attempts: &attempts,
+        observations: &observations,
+        replicas: &replicas,
+    });
+    report.violations.extend(extra_violations);
+    let passed = report.violations.is_empty();
+
+    let samples = report::recoveries(&records, &attempts);
+    let faults_by_kind = report::count_faults(&records);
+    let mut not_injected: Vec<String> = NOT_INJECTABLE.iter().map(|s| (*s).to_owned()).collect();
+    if let Err(why) = cluster.disk_faults() {
+        not_injected.insert(0, format!("disk-fill: {why}"));
+    }
+    let results = Results {
+        passed,
+        seed,
+        nodes: args.nodes,
+        partitions: args.partitions,
+        producers: args.producers,
+        keys: args.keys,
+        duration_s: args.duration.as_secs_f64(),
+        faults_injected: faults_by_kind.values().map(|c| c.injected).sum(),
+        faults_skipped: faults_by_kind.values().map(|c| c.skipped).sum(),
+        faults_by_kind,
+        check: report.stats.clone(),
+        violations_by_kind: report::violations_by_kind(&report.violations),
+        violations: report.violations.iter().take(1000).cloned().collect(),
+        produce_recovery: Distribution::of(samples.iter().filter_map(|s| s.produce_ms)),
+        election_recovery: Distribution::of(samples.iter().filter_map(|s| s.election_ms)),
+        recovery_samples: samples,
+        outages: report::outages(&attempts, &records, 5),
+        converged: converged.is_ok(),
+        crashes: nemesis.crashes.clone(),
+        not_injected,
+        notes,
+        link_stats: cluster.link_stats(),
+    };
+    let history = History {
+        seed,
+        nodes: args.nodes,
+        partitions: args.partitions,
+        station: STATION.to_owned(),
+        schedule: plan.to_vec(),
+        faults: records,
+        attempts,
+        observations,
+    };
+    write_outputs(out, &history, &results)?;
+    if !passed {
+        let logs = out.join("logs");
+        if cluster.copy_logs(&logs).is_ok() {
+            println!("chaos: node logs copied to {}", logs.display());
+        }
+    }
+    print!("{}", report::summary(&results));
+    println!("chaos: wrote {}", out.display());
+    Ok(passed)
+}
+
+async fn wait_ready(admin: &Client, nodes: u64, cluster: &mut Cluster) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_LIMIT;
+    loop {
+        if let Ok(s) = admin.cluster_status().await
+            && s.metadata_leader.is_some()
+            && s.nodes.iter().filter(|n| n.alive).count() as u64 == nodes
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let mut tails = String::new();
+            for id in cluster.ids() {
+                tails.push_str(&format!("--- node {id}\n{}\n", cluster.log_tail(id, 20)));
+            }
+            bail!("the cluster did not become ready within {SETUP_LIMIT:?}\n{tails}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn create_station(admin: &Client, args: &ChaosArgs) -> anyhow::Result<Vec<PartitionLayout>> {
+    let deadline = Instant::now() + SETUP_LIMIT;
+    loop {
+        match admin
+            .create_station(STATION, args.partitions, args.replication_factor)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.is_already_exists() => break,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).context("creating the station under test");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+    loop {
+        if let Ok(info) = admin.describe_station(STATION).await {
+            let layout: Vec<PartitionLayout> = info
+                .partition_info
+                .iter()
+                .map(|p| PartitionLayout {
+                    partition: p.partition,
+                    group: p.group_id,
+                    replicas: p.replicas.clone(),
+                })
+                .collect();
+            let complete = layout.len() == args.partitions as usize
+                && info.partition_info.iter().all(|p| p.leader.is_some());
+            if complete {
+                let mut by_partition = layout;
+                by_partition.sort_by_key(|l| l.partition);
+                return Ok(by_partition);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the station's partitions did not all elect a leader within {SETUP_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T, pretty: bool) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    if pretty {
+        serde_json::to_writer_pretty(&mut w, value)?;
+    } else {
+        serde_json::to_writer(&mut w, value)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn write_outputs(out: &Path, history: &History, results: &Results) -> anyhow::Result<()> {
+    write_json(&out.join("history.json"), history, false)?;
+    write_json(&out.join("results.json"), results, true)?;
+    let title = format!(
+        "junction chaos seed {} - {} nodes, {} faults, {} violations",
+        results.seed,
+        results.nodes,
+        results.faults_injected,
+        results.violations_by_kind.values().sum::<u64>()
+    );
+    let svg = crate::svg::timeline_svg(&title, &history.attempts, &history.faults);
+    std::fs::write(out.join("timeline.svg"), svg).context("cannot write timeline.svg")?;
+    Ok(())
+}
