@@ -105,7 +105,9 @@ pub(crate) async fn run_batcher(
             timestamp_ms: now_ms(),
             records,
         });
-        let (responder, _committed, complete) = ProgressResponder::new();
+        // The commit notification is not used, but its receiver must live until the entry
+        // completes, or openraft logs a warning for every entry.
+        let (responder, committed, complete) = ProgressResponder::new();
         if let Err(fatal) = raft.client_write_ff(cmd, Some(responder)).await {
             let msg = format!("partition group {group} stopped: {fatal}");
             for (_, tx) in waiters {
@@ -115,6 +117,7 @@ pub(crate) async fn run_batcher(
         }
         tokio::spawn(async move {
             let outcome = complete.await;
+            drop(committed);
             drop(permit);
             let result: Result<Appended, Failure> = match outcome {
                 Ok(Ok(resp)) => match resp.data {

@@ -12,16 +12,22 @@ use junction_types::{GroupId, META_GROUP, MetaState};
 
 use crate::Broker;
 
+/// How often a node moves leaderships back to preferred replicas.
+const REBALANCE_EVERY: Duration = Duration::from_secs(30);
+
 impl Broker {
     pub(crate) async fn reconcile_loop(self: Arc<Self>) {
         let mut rx = self.subscribe_metadata();
-        let mut rounds = 0u64;
+        // Moving a leader makes in-flight produces fail and be retried (duplicates until the
+        // idempotent producer exists), so leadership is rebalanced rarely: first 30 s after
+        // start, then every 30 s.
+        let mut last_rebalance = tokio::time::Instant::now();
         loop {
             let state = rx.borrow_and_update().clone();
             self.reconcile(&state).await;
-            rounds += 1;
-            if rounds.is_multiple_of(5) {
+            if last_rebalance.elapsed() >= REBALANCE_EVERY {
                 self.rebalance_leaders().await;
+                last_rebalance = tokio::time::Instant::now();
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,

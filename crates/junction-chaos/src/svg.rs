@@ -90,14 +90,17 @@ pub fn timeline_svg(title: &str, attempts: &[Attempt], faults: &[FaultRecord]) -
                 ""
             }
         );
-        let _ = writeln!(
-            s,
-            r#"<text transform="translate({:.1},{:.1}) rotate(-90)" font-size="9" text-anchor="end" fill="{}">{}</text>"#,
-            x0 + 9.0,
-            top + 4.0,
-            color(f.kind),
-            f.kind.name()
-        );
+        // Labels only while they fit; long runs rely on colours, the legend and the tooltips.
+        if faults.len() <= 60 {
+            let _ = writeln!(
+                s,
+                r#"<text transform="translate({:.1},{:.1}) rotate(-90)" font-size="9" text-anchor="end" fill="{}">{}</text>"#,
+                x0 + 9.0,
+                top + 4.0,
+                color(f.kind),
+                f.kind.name()
+            );
+        }
     }
     // Axes and ticks.
     let _ = writeln!(

@@ -152,9 +152,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Installs a received snapshot file into `group`: clears the group's state machine keys,
-/// writes the streamed keys in bounded batches, then the state, `last_applied`, membership
-/// and the snapshot record, and syncs. Returns the state frame's bytes.
+/// Installs a received snapshot file into `group`: writes the streamed keys in bounded
+/// batches, then — in one final batch — the state, `last_applied`, membership and the
+/// snapshot record, and syncs. Returns the state frame's bytes.
+///
+/// Crash safety: nothing is cleared first. Until the final batch lands, the old state and
+/// `last_applied` stay in force, so a crash mid-install leaves a consistent (older) state
+/// machine that is never behind the purged log. Overwriting instead of clearing is correct
+/// because committed messages are identical on every replica: a key the snapshot writes
+/// below the old end holds the same bytes, and keys above it stay invisible until re-applied
+/// (deterministically, to the same bytes). (Chaos seed 7 found the clear-first version: a
+/// `kill -9` mid-install lost `last_applied` while the log stayed purged, and the replica
+/// could never restart.)
 pub(crate) fn install_from_file(
     store: &Store,
     group: GroupId,
@@ -174,7 +183,6 @@ pub(crate) fn install_from_file(
         ));
     }
     let state = first.value;
-    store.clear_group_sm(group)?;
     let mut b = store.batch();
     while let Some(f) = reader.next_frame()? {
         if f.cf == FRAME_STATE {
@@ -202,4 +210,61 @@ pub(crate) fn install_from_file(
     store.sync_wal()?;
     let _ignored = std::fs::remove_file(path);
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use junction_storage::keys::{CF_SM_META, sm_tag};
+
+    use super::*;
+    use crate::snapshot::write_frame;
+
+    fn log_id(index: u64) -> LogId {
+        openraft::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            index,
+        )
+    }
+
+    /// Regression (chaos seed 7): an install that dies midway must leave `last_applied` and
+    /// the state as they were, never behind the purged log.
+    #[test]
+    fn an_interrupted_install_keeps_the_old_applied_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut b = store.batch();
+        put_applied(&mut b, 7, Some(&log_id(100)), None, b"old state").unwrap();
+        b.put_message(7, 0, b"m0").unwrap();
+        store.write(b).unwrap();
+
+        let mut stream = Vec::new();
+        write_frame(&mut stream, FRAME_STATE, &[], b"new state");
+        write_frame(&mut stream, 0, &0u64.to_be_bytes(), b"m0");
+        write_frame(&mut stream, 0, &1u64.to_be_bytes(), b"m1");
+        stream.truncate(stream.len() - 1); // the sender died mid-frame
+        let path = dir.path().join("snap");
+        std::fs::write(&path, &stream).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(200)),
+            last_membership: StoredMembership::default(),
+        };
+        assert!(install_from_file(&store, 7, &meta, &path, |_| Some(2)).is_err());
+
+        let (applied, _) = load_applied(&store, 7).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(100));
+        assert_eq!(
+            store
+                .get_tag(CF_SM_META, 7, sm_tag::STATE)
+                .unwrap()
+                .as_deref(),
+            Some(&b"old state"[..])
+        );
+        assert_eq!(
+            store.read_messages(7, 0, 1, 10, 1 << 20).unwrap(),
+            vec![(0, b"m0".to_vec())]
+        );
+    }
 }

@@ -377,15 +377,6 @@ impl Store {
         self.write_sync(b)
     }
 
-    /// Removes every state-machine key of `group` (before installing a snapshot).
-    pub fn clear_group_sm(&self, group: GroupId) -> Result<(), StorageError> {
-        let mut b = self.batch();
-        for cf in SM_CFS {
-            b.delete_group_range(cf, group)?;
-        }
-        self.write(b)
-    }
-
     /// Returns RocksDB's own statistics line for a property (for metrics and debugging).
     pub fn property(&self, name: &str) -> Option<String> {
         self.inner.db.property_value(name).ok().flatten()
