@@ -151,7 +151,22 @@ fn small_batches() -> ProducerOptions {
 async fn producer_pipelines_many_batches() {
     let cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    client.create_station("pipe", 3, 3).await.expect("create");
+    let station = client.create_station("pipe", 3, 3).await.expect("create");
+    let groups: Vec<u64> = station.partition_info.iter().map(|p| p.group_id).collect();
+    let terms = || -> Vec<u64> {
+        groups
+            .iter()
+            .map(|g| {
+                cluster
+                    .running()
+                    .into_iter()
+                    .filter_map(|n| cluster.broker(n).partition(*g).map(|r| r.term()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let terms_before = terms();
     let producer = client.producer("pipe", small_batches());
     let sends: Vec<_> = (0..1000u32)
         .map(|i| producer.send(to_partition(i % 3, format!("m{i}"))))
@@ -167,20 +182,28 @@ async fn producer_pipelines_many_batches() {
             .push((pos.offset, i));
     }
     producer.close().await;
+    // A leader change (an election on an overloaded machine) makes in-flight batches fail and
+    // be retried, which may store them twice until the idempotent producer exists; only a run
+    // with stable leaders must hold each message exactly once.
+    let stable = terms() == terms_before;
     for p in 0..3 {
         let acked = &acked[&p];
         let stored = read_all(&client, "pipe", p).await;
-        assert_eq!(
-            stored.len(),
-            acked.len(),
-            "partition {p} holds each message once"
-        );
         for (offset, i) in acked {
             assert_eq!(text(&stored[*offset as usize]), format!("m{i}"));
         }
-        let mut offsets: Vec<u64> = acked.iter().map(|(o, _)| *o).collect();
-        offsets.sort_unstable();
-        assert_eq!(offsets, (0..acked.len() as u64).collect::<Vec<_>>());
+        if stable {
+            assert_eq!(
+                stored.len(),
+                acked.len(),
+                "partition {p} holds each message once"
+            );
+            let mut offsets: Vec<u64> = acked.iter().map(|(o, _)| *o).collect();
+            offsets.sort_unstable();
+            assert_eq!(offsets, (0..acked.len() as u64).collect::<Vec<_>>());
+        } else {
+            eprintln!("leaders changed during the test; duplicates from retries are allowed");
+        }
     }
     cluster.shutdown().await;
 }

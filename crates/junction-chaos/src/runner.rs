@@ -102,10 +102,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     if let Err(why) = cluster.disk_faults() {
         eprintln!("chaos: !!! disk-fill faults will be SKIPPED: {why}");
     }
-    // Ctrl-C ends the run early but still tears the cluster down (and unmounts its disks).
+    // SIGINT / SIGTERM end the run early but still tear the cluster down (and unmount its
+    // disks).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let outcome = tokio::select! {
         outcome = drive(&args, seed, &plan, &mut cluster, &out) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (SIGINT)")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated (SIGTERM)")),
     };
     if outcome.is_err() {
         let _ignored = cluster.copy_logs(&out.join("logs"));
