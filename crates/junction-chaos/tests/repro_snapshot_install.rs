@@ -7,16 +7,24 @@
 //! LogIndex(0): Cannot re-apply logs: need logs from index 0, but purged up to T55-N1.77231
 //! ```
 //!
-//! Recipe: cut the leader → follower link so the follower falls behind the leader's purged
-//! log, heal it (the leader then streams a snapshot), kill the follower while it installs it,
-//! restart it. Ignored until the bug is fixed; then it becomes the regression test:
+//! Recipe: kill a follower, write more entries than the leader keeps below its snapshots,
+//! restart the follower (the leader then streams it a snapshot), kill it again while it
+//! installs the snapshot, restart it; the follower must host the partition and catch up.
+//! In every broken replica the chaos runs produced (two with seed 7, two with
+//! `junction chaos --duration 5m --seed 11 --faults one-way,cluster-restart,kill-node
+//! --fault-interval 1s`), a whole-cluster `kill -9` hit a node that was catching up through
+//! a snapshot: after a blocked link healed (seed 7), or ~0.3 s after it was restarted from
+//! an earlier kill (seed 11).
+//!
+//! Fixed in 04adbab (the install no longer clears `last_applied` first; `junction-raft` has
+//! the unit regression test). This process-level check passes on the fixed code; it was not
+//! run against the pre-fix binary, so it stays ignored (about 40 s):
 //! `cargo test --workspace --test repro_snapshot_install -- --ignored`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use junction_chaos::cluster::{Cluster, ClusterSpec};
-use junction_chaos::proxy::{BlockMode, LinkMode};
 use junction_client::{Client, ClientOptions, Message};
 use tokio::time::Instant;
 
@@ -58,7 +66,7 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "reproduces a Junction bug (snapshot install is not crash-safe); run after fixing it"]
+#[ignore = "process-level check of the snapshot-install crash fix; about 40 s"]
 async fn a_follower_killed_while_installing_a_snapshot_restarts_cleanly() {
     let mut cluster = Cluster::start(ClusterSpec {
         nodes: 3,
@@ -102,28 +110,36 @@ async fn a_follower_killed_while_installing_a_snapshot_restarts_cleanly() {
             .into_iter()
             .find(|id| *id != leader)
             .expect("follower");
-        cluster.set_link(
-            leader,
-            follower,
-            LinkMode::Blocked {
-                how: BlockMode::Reset,
-            },
-        );
-        for _ in 0..20 {
-            let batch: Vec<Message> = (0..100)
-                .map(|_| Message {
-                    key: None,
-                    headers: Vec::new(),
-                    payload: payload.clone().into(),
-                    partition: Some(0),
-                })
-                .collect();
-            client.produce("repro", batch).await.expect("produce");
+        // The follower misses more entries than the leader keeps below its snapshots (one
+        // message per produce, so one Raft entry each).
+        cluster.kill(follower).await.expect("kill");
+        let mut producers = Vec::new();
+        for _ in 0..8 {
+            let client = client.clone();
+            let payload = payload.clone();
+            producers.push(tokio::spawn(async move {
+                for _ in 0..60 {
+                    let m = Message {
+                        key: None,
+                        headers: Vec::new(),
+                        payload: payload.clone().into(),
+                        partition: Some(0),
+                    };
+                    client.produce("repro", vec![m]).await.expect("produce");
+                }
+            }));
         }
-        cluster.set_link(leader, follower, LinkMode::Up);
-        // The leader now streams a snapshot; kill the follower at a different moment of the
-        // transfer/install each round.
-        tokio::time::sleep(Duration::from_millis(150 + 120 * round)).await;
+        for p in producers {
+            p.await.expect("producer task");
+        }
+        // Back up: the leader streams it a snapshot. Kill it again at a different moment of
+        // the transfer/install each round.
+        cluster.start_node(follower).expect("restart");
+        cluster
+            .wait_answering(&[follower], Duration::from_secs(30))
+            .await
+            .expect("follower answers");
+        tokio::time::sleep(Duration::from_millis(120 * round)).await;
         cluster.kill(follower).await.expect("kill");
         cluster.start_node(follower).expect("restart");
         let caught_up = {
