@@ -45,7 +45,7 @@ pub struct ChaosArgs {
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<FaultKind>,
     /// Output directory (default `./chaos-out/<seed>`): history.json, results.json,
-    /// timeline.svg, and the node logs when a violation is found.
+    /// timeline.svg and the nodes' logs.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// The `junction` binary to run nodes with (default: this executable).

@@ -293,11 +293,11 @@ async fn drive(
         observations,
     };
     write_outputs(out, &history, &results)?;
-    if !passed {
-        let logs = out.join("logs");
-        if cluster.copy_logs(&logs).is_ok() {
-            println!("chaos: node logs copied to {}", logs.display());
-        }
+    // Always kept: slow failovers and outages are investigated from them even when nothing
+    // was violated.
+    let logs = out.join("logs");
+    if cluster.copy_logs(&logs).is_ok() {
+        println!("chaos: node logs copied to {}", logs.display());
     }
     print!("{}", report::summary(&results));
     println!("chaos: wrote {}", out.display());
