@@ -229,12 +229,7 @@ impl BrokerService {
         Ok(waits)
     }
 
-    fn read_local(
-        &self,
-        station: &StationMeta,
-        req: &ReadRequest,
-        group: GroupId,
-    ) -> Result<ReadResponse, Status> {
+    fn read_local(&self, req: &ReadRequest, group: GroupId) -> Result<ReadResponse, Status> {
         let replica = self.broker.partition(group).ok_or_else(|| {
             to_status(BrokerError::NotHosted {
                 node: self.broker.node_id(),
@@ -283,7 +278,6 @@ impl BrokerService {
             .last()
             .map_or(from.max(state.start_offset), |m| m.offset + 1);
         metrics::counter!("junction_read_messages_total").increment(messages.len() as u64);
-        let _ = station;
         Ok(ReadResponse {
             messages,
             next_offset,
@@ -417,18 +411,10 @@ impl BrokerApi for BrokerService {
                     station.full_name()
                 )));
             }
-            return Ok(Response::new(self.read_local(
-                &station,
-                &req,
-                part.group_id,
-            )?));
+            return Ok(Response::new(self.read_local(&req, part.group_id)?));
         }
         match self.route(part.group_id, &part.replicas).await? {
-            None => Ok(Response::new(self.read_local(
-                &station,
-                &req,
-                part.group_id,
-            )?)),
+            None => Ok(Response::new(self.read_local(&req, part.group_id)?)),
             Some(addr) => {
                 if hops >= MAX_HOPS {
                     return Err(Status::unavailable("partition leadership is moving; retry"));
@@ -482,7 +468,7 @@ impl BrokerApi for BrokerService {
                     start_offset: state.start_offset,
                 }
             }
-            _ => self.read_local(&station, &req, part.group_id)?,
+            _ => self.read_local(&req, part.group_id)?,
         };
         let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
         let svc = self.clone();
@@ -530,7 +516,7 @@ impl BrokerApi for BrokerService {
                 }
                 let mut r = req.clone();
                 r.start = Some(Start::Offset(next));
-                resp = match svc.read_local(&station, &r, part.group_id) {
+                resp = match svc.read_local(&r, part.group_id) {
                     Ok(resp) => resp,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
