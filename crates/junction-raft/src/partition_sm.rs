@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
 use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_types::groups::{GroupCursors, apply_cursor_command};
 use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, StoredRecord};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
@@ -32,10 +33,19 @@ pub struct PartitionState {
     pub last_timestamp_ms: i64,
 }
 
+/// What the state machine persists besides messages (and what a snapshot's state frame holds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct PersistedState {
+    log: PartitionState,
+    /// Consumer group name → position in this partition.
+    groups: GroupCursors,
+}
+
 /// What readers of a partition watch: the applied state, updated after every apply.
 #[derive(Debug)]
 pub struct PartitionShared {
     tx: watch::Sender<PartitionState>,
+    groups: watch::Sender<Arc<GroupCursors>>,
 }
 
 impl PartitionShared {
@@ -48,6 +58,16 @@ impl PartitionShared {
     pub fn subscribe(&self) -> watch::Receiver<PartitionState> {
         self.tx.subscribe()
     }
+
+    /// Returns the consumer group cursors as of the last apply.
+    pub fn cursors(&self) -> Arc<GroupCursors> {
+        self.groups.borrow().clone()
+    }
+
+    /// Returns a receiver that sees every change of the consumer group cursors.
+    pub fn subscribe_cursors(&self) -> watch::Receiver<Arc<GroupCursors>> {
+        self.groups.subscribe()
+    }
 }
 
 /// The state machine of one partition group.
@@ -55,6 +75,7 @@ pub struct PartitionStateMachine {
     store: Store,
     group: GroupId,
     state: PartitionState,
+    groups: Arc<GroupCursors>,
     applied: Option<LogId>,
     membership: StoredMembership,
     shared: Arc<PartitionShared>,
@@ -64,18 +85,22 @@ impl PartitionStateMachine {
     /// Opens the state machine of `group`, recovering its state from the store.
     pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, group)?;
-        let state = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
+        let persisted: PersistedState = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
             Some(b) => decode("partition state", &b)?,
-            None => PartitionState::default(),
+            None => PersistedState::default(),
         };
+        let state = persisted.log;
+        let groups = Arc::new(persisted.groups);
         let (tx, _) = watch::channel(state);
+        let (gtx, _) = watch::channel(groups.clone());
         Ok(Self {
             store,
             group,
             state,
+            groups,
             applied,
             membership,
-            shared: Arc::new(PartitionShared { tx }),
+            shared: Arc::new(PartitionShared { tx, groups: gtx }),
         })
     }
 
@@ -84,8 +109,18 @@ impl PartitionStateMachine {
         self.shared.clone()
     }
 
-    fn encode_state(&self, s: &PartitionState) -> Result<Vec<u8>, RaftStoreError> {
-        encode("partition state", s)
+    fn encode_state(
+        &self,
+        log: &PartitionState,
+        groups: &GroupCursors,
+    ) -> Result<Vec<u8>, RaftStoreError> {
+        encode(
+            "partition state",
+            &PersistedState {
+                log: *log,
+                groups: groups.clone(),
+            },
+        )
     }
 }
 
@@ -103,6 +138,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     {
         let mut b = self.store.batch();
         let mut state = self.state;
+        let mut groups: Option<GroupCursors> = None;
         let mut applied = None;
         let mut membership = None;
         let mut replies = Vec::new();
@@ -143,13 +179,17 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         timestamp_ms: ts,
                     }
                 }
+                EntryPayload::Normal(Command::Partition(cmd)) => {
+                    let g = groups.get_or_insert_with(|| (*self.groups).clone());
+                    apply_cursor_command(g, &cmd, state.start_offset, state.next_offset)
+                }
                 EntryPayload::Normal(Command::Meta(_)) => CommandResponse::WrongGroup,
             };
             if let Some(r) = responder {
                 replies.push((r, resp));
             }
         }
-        let state_bytes = self.encode_state(&state)?;
+        let state_bytes = self.encode_state(&state, groups.as_ref().unwrap_or(&self.groups))?;
         sm_common::put_applied(
             &mut b,
             self.group,
@@ -166,6 +206,10 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         }
         self.state = state;
         self.shared.tx.send_replace(state);
+        if let Some(g) = groups {
+            self.groups = Arc::new(g);
+            self.shared.groups.send_replace(self.groups.clone());
+        }
         for (r, resp) in replies {
             r.send(resp);
         }
@@ -178,7 +222,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             group: self.group,
             applied: self.applied,
             membership: self.membership.clone(),
-            state: self.encode_state(&self.state).unwrap_or_default(),
+            state: self
+                .encode_state(&self.state, &self.groups)
+                .unwrap_or_default(),
             messages_below: Some(self.state.next_offset),
         }
     }
@@ -196,15 +242,18 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let meta2 = meta.clone();
         let state_bytes = tokio::task::spawn_blocking(move || {
             sm_common::install_from_file(&store, group, &meta2, &path, |s| {
-                decode::<PartitionState>("partition state", s)
+                decode::<PersistedState>("partition state", s)
                     .ok()
-                    .map(|st| st.next_offset)
+                    .map(|st| st.log.next_offset)
             })
         })
         .await
         .map_err(io::Error::other)??;
-        let state: PartitionState = decode("partition state", &state_bytes)?;
+        let persisted: PersistedState = decode("partition state", &state_bytes)?;
+        let state = persisted.log;
         self.state = state;
+        self.groups = Arc::new(persisted.groups);
+        self.shared.groups.send_replace(self.groups.clone());
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(state);

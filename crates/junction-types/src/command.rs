@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::groups::{GroupMeta, GroupSettings};
 use crate::meta::{MetaError, StationMeta};
 use crate::record::Record;
 
@@ -38,6 +39,33 @@ pub enum MetaCommand {
         tenant: String,
         name: String,
     },
+    /// Creates a consumer group of `station` (`tenant/name`) with no members.
+    CreateGroup {
+        station: String,
+        group: String,
+        settings: GroupSettings,
+        now_ms: i64,
+    },
+    /// Adds a member (creating the group with `settings` if it does not exist) and
+    /// rebalances. Joining again as an existing member changes nothing.
+    JoinGroup {
+        station: String,
+        group: String,
+        member: String,
+        client: String,
+        settings: GroupSettings,
+        now_ms: i64,
+    },
+    /// Removes members (left, or their session expired) and rebalances.
+    LeaveGroup {
+        station: String,
+        group: String,
+        members: Vec<String>,
+    },
+    DeleteGroup {
+        station: String,
+        group: String,
+    },
 }
 
 /// Changes to one partition.
@@ -49,6 +77,26 @@ pub enum PartitionCommand {
         timestamp_ms: i64,
         records: Vec<Record>,
     },
+    /// Creates the cursor of a consumer group at `start` (no effect if the group `uid`
+    /// already has one).
+    GroupInit { group: String, uid: u64, start: u64 },
+    /// Acknowledges offsets for a group (acked or dead-lettered).
+    GroupAck {
+        group: String,
+        uid: u64,
+        offsets: Vec<u64>,
+    },
+    /// Moves a group's cursor to `offset` (clamped to the partition), forgetting later acks.
+    GroupSeek { group: String, uid: u64, offset: u64 },
+    /// Copies a group's cursor into another group.
+    GroupClone {
+        from: String,
+        from_uid: u64,
+        to: String,
+        to_uid: u64,
+    },
+    /// Forgets a group's cursor.
+    GroupDelete { group: String },
 }
 
 /// The result of applying one entry.
@@ -64,6 +112,10 @@ pub enum CommandResponse {
         timestamp_ms: i64,
     },
     StationCreated(StationMeta),
+    /// A consumer group after a metadata change.
+    Group(GroupMeta),
+    /// A consumer group's cursor after a partition command (`None`: the group has none).
+    Cursor(Option<crate::groups::GroupCursor>),
     Done,
     MetaRejected(MetaError),
     /// A command was sent to a group of the wrong kind (a bug, reported rather than panicking).
@@ -77,6 +129,10 @@ impl fmt::Display for Command {
             Command::Partition(PartitionCommand::Append { records, .. }) => {
                 write!(f, "append({} records)", records.len())
             }
+            Command::Partition(PartitionCommand::GroupAck { group, offsets, .. }) => {
+                write!(f, "group-ack({group}, {} offsets)", offsets.len())
+            }
+            Command::Partition(p) => write!(f, "partition:{p:?}"),
         }
     }
 }

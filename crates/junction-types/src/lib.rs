@@ -8,9 +8,12 @@
 //! - [`partitioner`]: the documented key → partition hash (Kafka-compatible murmur2).
 //! - [`record`]: a message as stored, and its on-disk encoding.
 //! - [`command`]: what a Raft log entry carries and what applying it returns.
-//! - [`meta`]: the metadata group's state (tenants, stations, placement) and its pure apply.
+//! - [`meta`]: the metadata group's state (tenants, stations, placement, consumer groups) and
+//!   its pure apply.
+//! - [`groups`]: consumer group settings, sticky assignment and per-partition cursors.
 
 pub mod command;
+pub mod groups;
 pub mod meta;
 pub mod names;
 pub mod partitioner;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandResponse, MetaCommand};
+use crate::groups::{GroupMeta, MemberMeta};
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
 
 /// Why the metadata group refused a command.
@@ -21,6 +22,10 @@ pub enum MetaError {
     StationExists { station: String },
     #[error("station '{station}' does not exist")]
     StationNotFound { station: String },
+    #[error("consumer group '{group}' of station '{station}' already exists")]
+    GroupExists { station: String, group: String },
+    #[error("consumer group '{group}' of station '{station}' does not exist")]
+    GroupNotFound { station: String, group: String },
 }
 
 /// One partition: its Raft group and the nodes holding a replica.
@@ -58,6 +63,10 @@ pub struct MetaState {
     /// The next partition group id to hand out. Group ids are never reused, so a node can tell
     /// a group that metadata has not heard of yet (id ≥ this) from one that was deleted.
     pub next_group_id: GroupId,
+    /// (`tenant/station`, group name) → consumer group.
+    pub groups: BTreeMap<(String, String), GroupMeta>,
+    /// The next consumer group incarnation id.
+    pub next_group_uid: u64,
 }
 
 impl Default for MetaState {
@@ -68,6 +77,8 @@ impl Default for MetaState {
             tenants,
             stations: BTreeMap::new(),
             next_group_id: 1,
+            groups: BTreeMap::new(),
+            next_group_uid: 1,
         }
     }
 }
@@ -133,9 +144,135 @@ impl MetaState {
                         station: full,
                     });
                 }
+                self.groups.retain(|(s, _), _| *s != full);
+                CommandResponse::Done
+            }
+            MetaCommand::CreateGroup {
+                station,
+                group,
+                settings,
+                now_ms,
+            } => {
+                let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len())
+                else {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: station.clone(),
+                    });
+                };
+                let key = (station.clone(), group.clone());
+                if self.groups.contains_key(&key) {
+                    return CommandResponse::MetaRejected(MetaError::GroupExists {
+                        station: station.clone(),
+                        group: group.clone(),
+                    });
+                }
+                let g = self.new_group(station, group, *settings, *now_ms, partitions);
+                self.groups.insert(key, g.clone());
+                CommandResponse::Group(g)
+            }
+            MetaCommand::JoinGroup {
+                station,
+                group,
+                member,
+                client,
+                settings,
+                now_ms,
+            } => {
+                let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len())
+                else {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: station.clone(),
+                    });
+                };
+                let key = (station.clone(), group.clone());
+                if !self.groups.contains_key(&key) {
+                    let g = self.new_group(station, group, *settings, *now_ms, partitions);
+                    self.groups.insert(key.clone(), g);
+                }
+                let Some(g) = self.groups.get_mut(&key) else {
+                    return CommandResponse::WrongGroup;
+                };
+                if !g.members.contains_key(member) {
+                    g.members.insert(
+                        member.clone(),
+                        MemberMeta {
+                            client: client.clone(),
+                            joined_at_ms: *now_ms,
+                        },
+                    );
+                    g.rebalance();
+                }
+                CommandResponse::Group(g.clone())
+            }
+            MetaCommand::LeaveGroup {
+                station,
+                group,
+                members,
+            } => {
+                let Some(g) = self.groups.get_mut(&(station.clone(), group.clone())) else {
+                    return CommandResponse::MetaRejected(MetaError::GroupNotFound {
+                        station: station.clone(),
+                        group: group.clone(),
+                    });
+                };
+                let before = g.members.len();
+                for m in members {
+                    g.members.remove(m);
+                }
+                if g.members.len() != before {
+                    g.rebalance();
+                }
+                CommandResponse::Group(g.clone())
+            }
+            MetaCommand::DeleteGroup { station, group } => {
+                if self
+                    .groups
+                    .remove(&(station.clone(), group.clone()))
+                    .is_none()
+                {
+                    return CommandResponse::MetaRejected(MetaError::GroupNotFound {
+                        station: station.clone(),
+                        group: group.clone(),
+                    });
+                }
                 CommandResponse::Done
             }
         }
+    }
+
+    fn new_group(
+        &mut self,
+        station: &str,
+        name: &str,
+        settings: crate::groups::GroupSettings,
+        now_ms: i64,
+        partitions: usize,
+    ) -> GroupMeta {
+        let uid = self.next_group_uid;
+        self.next_group_uid += 1;
+        GroupMeta {
+            station: station.to_string(),
+            name: name.to_string(),
+            uid,
+            settings,
+            created_at_ms: now_ms,
+            generation: 0,
+            members: BTreeMap::new(),
+            assignment: vec![None; partitions],
+        }
+    }
+
+    /// Returns a consumer group.
+    pub fn group(&self, station: &str, group: &str) -> Option<&GroupMeta> {
+        self.groups.get(&(station.to_string(), group.to_string()))
+    }
+
+    /// Returns the consumer groups of a station.
+    pub fn groups_of_station<'a>(&'a self, station: &'a str) -> impl Iterator<Item = &'a GroupMeta> {
+        self.groups
+            .iter()
+            .filter(move |((s, _), _)| s == station)
+            .map(|(_, g)| g)
     }
 
     /// Returns every partition group whose replicas include `node`, with its members.

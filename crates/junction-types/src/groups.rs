@@ -1,0 +1,629 @@
+//! Consumer groups.
+//!
+//! Two halves, each replicated by a different Raft group:
+//! - [`GroupMeta`] lives in the metadata group: the group's settings, its members and which
+//!   member owns each partition. Assignment is computed inside the metadata apply
+//!   ([`GroupMeta::rebalance`]), so it is deterministic, and it is *sticky*: a rebalance moves
+//!   as few partitions as possible and only the moved partitions get a new epoch (fencing the
+//!   previous owner) — the others keep flowing.
+//! - [`GroupCursor`] lives in each partition's group: the contiguous acknowledged prefix plus
+//!   what is acknowledged beyond it. It is what survives a leader failover.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{CommandResponse, PartitionCommand};
+use crate::names::{NameError, validate_part};
+
+/// Longest consumer group name.
+pub const MAX_GROUP_NAME_LEN: usize = 128;
+/// Suffix of a station's dead-letter station.
+pub const DEAD_LETTER_SUFFIX: &str = ".dls";
+
+/// Validates a consumer group name (same alphabet as station names).
+pub fn validate_group_name(name: &str) -> Result<(), NameError> {
+    validate_part("consumer group", name, MAX_GROUP_NAME_LEN)
+}
+
+/// Returns the dead-letter station of `station` (`tenant/name` → `tenant/name.dls`).
+pub fn dead_letter_station(station: &str) -> String {
+    format!("{station}{DEAD_LETTER_SUFFIX}")
+}
+
+/// Where a new group starts reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFrom {
+    /// The first retained message: replay everything.
+    Earliest,
+    /// The end of the partition when the group first reads it.
+    Latest,
+    /// A given offset (clamped to what is retained).
+    Offset(u64),
+    /// The first message at or after this time (ms since the Unix epoch).
+    Timestamp(i64),
+}
+
+/// A group's delivery settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSettings {
+    pub start: StartFrom,
+    /// How long a delivered message may stay unacknowledged before it is redelivered.
+    pub ack_wait_ms: u64,
+    /// After this many deliveries without an ack the message goes to the dead-letter station.
+    pub max_deliveries: u32,
+    /// Most unacknowledged messages per member and partition.
+    pub max_in_flight: u32,
+    /// A member that has not sent a heartbeat for this long is removed from the group.
+    pub session_timeout_ms: u64,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        Self {
+            start: StartFrom::Earliest,
+            ack_wait_ms: 30_000,
+            max_deliveries: 5,
+            max_in_flight: 1000,
+            session_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Why group settings or a group operation were refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    #[error("ack_wait must be between 100 ms and 12 hours, got {0} ms")]
+    AckWait(u64),
+    #[error("max_deliveries must be between 1 and 1000, got {0}")]
+    MaxDeliveries(u32),
+    #[error("max_in_flight must be between 1 and 100000, got {0}")]
+    MaxInFlight(u32),
+    #[error("session_timeout must be between 1 s and 10 minutes, got {0} ms")]
+    SessionTimeout(u64),
+}
+
+impl GroupSettings {
+    /// Checks every setting's range.
+    pub fn validate(&self) -> Result<(), GroupError> {
+        if !(100..=12 * 3_600_000).contains(&self.ack_wait_ms) {
+            return Err(GroupError::AckWait(self.ack_wait_ms));
+        }
+        if !(1..=1000).contains(&self.max_deliveries) {
+            return Err(GroupError::MaxDeliveries(self.max_deliveries));
+        }
+        if !(1..=100_000).contains(&self.max_in_flight) {
+            return Err(GroupError::MaxInFlight(self.max_in_flight));
+        }
+        if !(1000..=600_000).contains(&self.session_timeout_ms) {
+            return Err(GroupError::SessionTimeout(self.session_timeout_ms));
+        }
+        Ok(())
+    }
+}
+
+/// Who owns one partition, and since which generation (the partition's fencing epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub member: String,
+    pub epoch: u64,
+}
+
+/// One live member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberMeta {
+    /// Free-form client identification (host, process), for `describe`.
+    pub client: String,
+    pub joined_at_ms: i64,
+}
+
+/// A consumer group as the metadata group holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// `tenant/name` of the station the group reads.
+    pub station: String,
+    pub name: String,
+    /// Unique across the cluster's life: a deleted and re-created group never inherits the
+    /// old group's positions.
+    pub uid: u64,
+    pub settings: GroupSettings,
+    pub created_at_ms: i64,
+    /// Increases with every change of membership or assignment.
+    pub generation: u64,
+    pub members: BTreeMap<String, MemberMeta>,
+    /// Index = partition.
+    pub assignment: Vec<Option<Assignment>>,
+}
+
+impl GroupMeta {
+    /// Returns the partitions `member` owns, with their epochs.
+    pub fn partitions_of(&self, member: &str) -> Vec<(u32, u64)> {
+        self.assignment
+            .iter()
+            .enumerate()
+            .filter_map(|(p, a)| match a {
+                Some(a) if a.member == member => Some((p as u32, a.epoch)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Recomputes the assignment after a membership change: balanced (counts differ by at
+    /// most one) and sticky (a partition stays with its owner unless that owner left or holds
+    /// more than its share). Partitions that change owner get the new generation as epoch.
+    /// Returns whether anything changed; the generation advances only then.
+    pub fn rebalance(&mut self) -> bool {
+        let n = self.assignment.len();
+        let next_gen = self.generation + 1;
+        let mut changed = false;
+        // Orphans: owners that left.
+        for slot in self.assignment.iter_mut() {
+            if let Some(a) = slot
+                && !self.members.contains_key(&a.member)
+            {
+                *slot = None;
+                changed = true;
+            }
+        }
+        let m = self.members.len();
+        if m > 0 {
+            let mut held: BTreeMap<&str, Vec<usize>> =
+                self.members.keys().map(|k| (k.as_str(), vec![])).collect();
+            for (p, slot) in self.assignment.iter().enumerate() {
+                if let Some(a) = slot
+                    && let Some(v) = held.get_mut(a.member.as_str())
+                {
+                    v.push(p);
+                }
+            }
+            // Quotas: `base` each, and one more for the `extra` members already holding most,
+            // which keeps moves to a minimum.
+            let base = n / m;
+            let extra = n % m;
+            let mut order: Vec<&str> = held.keys().copied().collect();
+            order.sort_by(|a, b| held[b].len().cmp(&held[a].len()).then(a.cmp(b)));
+            let quota: BTreeMap<&str, usize> = order
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (*k, base + usize::from(i < extra)))
+                .collect();
+            let mut release = Vec::new();
+            for (member, parts) in held.iter_mut() {
+                let q = quota[member];
+                while parts.len() > q {
+                    if let Some(p) = parts.pop() {
+                        release.push(p);
+                    }
+                }
+            }
+            for p in release {
+                self.assignment[p] = None;
+                changed = true;
+            }
+            for p in 0..n {
+                if self.assignment[p].is_some() {
+                    continue;
+                }
+                let taker = held
+                    .iter()
+                    .filter(|(k, v)| v.len() < quota[*k])
+                    .min_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(b.0)))
+                    .map(|(k, _)| k.to_string());
+                if let Some(member) = taker {
+                    if let Some(v) = held.get_mut(member.as_str()) {
+                        v.push(p);
+                    }
+                    self.assignment[p] = Some(Assignment {
+                        member,
+                        epoch: next_gen,
+                    });
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.generation = next_gen;
+        }
+        changed
+    }
+}
+
+/// A group's position in one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCursor {
+    /// The group incarnation this cursor belongs to ([`GroupMeta::uid`]).
+    pub uid: u64,
+    /// Every offset below this one is acknowledged (or dead-lettered).
+    pub committed: u64,
+    /// Acknowledged ranges `[start, end)` above `committed`, disjoint and not adjacent.
+    pub acked: BTreeMap<u64, u64>,
+    /// Increases with every seek, so the delivering leader knows to start over.
+    pub seek_epoch: u64,
+}
+
+impl GroupCursor {
+    /// A cursor starting at `start`.
+    pub fn new(uid: u64, start: u64) -> Self {
+        Self {
+            uid,
+            committed: start,
+            acked: BTreeMap::new(),
+            seek_epoch: 0,
+        }
+    }
+
+    /// Whether `offset` is acknowledged.
+    pub fn is_acked(&self, offset: u64) -> bool {
+        offset < self.committed
+            || self
+                .acked
+                .range(..=offset)
+                .next_back()
+                .is_some_and(|(_, end)| offset < *end)
+    }
+
+    /// How many offsets above `committed` are acknowledged.
+    pub fn acked_beyond(&self) -> u64 {
+        self.acked.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// Marks `offset` acknowledged, merging ranges and advancing `committed`.
+    pub fn ack(&mut self, offset: u64) {
+        if self.is_acked(offset) {
+            return;
+        }
+        let mut start = offset;
+        let mut end = offset + 1;
+        if let Some((s, e)) = self.acked.range(..offset).next_back().map(|(s, e)| (*s, *e))
+            && e == offset
+        {
+            self.acked.remove(&s);
+            start = s;
+        }
+        if let Some(e) = self.acked.remove(&end) {
+            end = e;
+        }
+        if start == self.committed {
+            self.committed = end;
+        } else {
+            self.acked.insert(start, end);
+        }
+    }
+
+    /// Moves the cursor to `offset`, forgetting acks beyond it.
+    pub fn seek(&mut self, offset: u64) {
+        self.committed = offset;
+        self.acked.clear();
+        self.seek_epoch += 1;
+    }
+
+    /// Skips everything below `first` (retention removed it).
+    pub fn skip_to(&mut self, first: u64) {
+        if first <= self.committed {
+            return;
+        }
+        self.committed = first;
+        let below: Vec<u64> = self.acked.range(..first).map(|(s, _)| *s).collect();
+        for s in below {
+            if let Some(e) = self.acked.remove(&s)
+                && e > first
+            {
+                self.acked.insert(first, e);
+            }
+        }
+        if let Some(e) = self.acked.remove(&self.committed) {
+            self.committed = e;
+        }
+    }
+}
+
+/// The cursors of every group reading one partition, keyed by group name.
+pub type GroupCursors = BTreeMap<String, GroupCursor>;
+
+/// Applies a consumer-group command to a partition's cursors; `start..end` is the partition's
+/// retained offset range. Commands for another incarnation of a group (a stale `uid`) change
+/// nothing. Pure, so every replica ends with the same cursors.
+pub fn apply_cursor_command(
+    cursors: &mut GroupCursors,
+    cmd: &PartitionCommand,
+    start: u64,
+    end: u64,
+) -> CommandResponse {
+    match cmd {
+        PartitionCommand::Append { .. } => CommandResponse::WrongGroup,
+        PartitionCommand::GroupInit { group, uid, start: s } => {
+            let fresh = cursors.get(group).is_none_or(|c| c.uid != *uid);
+            if fresh {
+                cursors.insert(group.clone(), GroupCursor::new(*uid, (*s).clamp(start, end)));
+            }
+            CommandResponse::Cursor(cursors.get(group).cloned())
+        }
+        PartitionCommand::GroupAck {
+            group,
+            uid,
+            offsets,
+        } => {
+            if let Some(c) = cursors.get_mut(group)
+                && c.uid == *uid
+            {
+                for o in offsets {
+                    if *o < end {
+                        c.ack(*o);
+                    }
+                }
+            }
+            CommandResponse::Cursor(cursors.get(group).cloned())
+        }
+        PartitionCommand::GroupSeek { group, uid, offset } => {
+            let target = (*offset).clamp(start, end);
+            match cursors.get_mut(group) {
+                Some(c) if c.uid == *uid => c.seek(target),
+                _ => {
+                    let mut c = GroupCursor::new(*uid, target);
+                    c.seek_epoch = 1;
+                    cursors.insert(group.clone(), c);
+                }
+            }
+            CommandResponse::Cursor(cursors.get(group).cloned())
+        }
+        PartitionCommand::GroupClone {
+            from,
+            from_uid,
+            to,
+            to_uid,
+        } => {
+            let src = cursors.get(from).filter(|c| c.uid == *from_uid).cloned();
+            if let Some(mut c) = src {
+                c.uid = *to_uid;
+                c.seek_epoch += 1;
+                cursors.insert(to.clone(), c);
+            }
+            CommandResponse::Cursor(cursors.get(to).cloned())
+        }
+        PartitionCommand::GroupDelete { group } => {
+            cursors.remove(group);
+            CommandResponse::Done
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(partitions: usize, members: &[&str]) -> GroupMeta {
+        let mut g = GroupMeta {
+            station: "default/s".into(),
+            name: "g".into(),
+            uid: 1,
+            settings: GroupSettings::default(),
+            created_at_ms: 0,
+            generation: 0,
+            members: BTreeMap::new(),
+            assignment: vec![None; partitions],
+        };
+        for m in members {
+            g.members.insert(
+                (*m).into(),
+                MemberMeta {
+                    client: String::new(),
+                    joined_at_ms: 0,
+                },
+            );
+        }
+        g.rebalance();
+        g
+    }
+
+    fn counts(g: &GroupMeta) -> BTreeMap<String, usize> {
+        let mut c = BTreeMap::new();
+        for a in g.assignment.iter().flatten() {
+            *c.entry(a.member.clone()).or_insert(0) += 1;
+        }
+        c
+    }
+
+    fn owners(g: &GroupMeta) -> Vec<Option<String>> {
+        g.assignment
+            .iter()
+            .map(|a| a.as_ref().map(|a| a.member.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn assignment_is_balanced_and_complete() {
+        for parts in [1usize, 2, 5, 12, 13] {
+            for m in 1..=6usize {
+                let names: Vec<String> = (0..m).map(|i| format!("m{i}")).collect();
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let g = group(parts, &refs);
+                assert!(g.assignment.iter().all(Option::is_some));
+                let c = counts(&g);
+                let max = c.values().max().copied().unwrap_or(0);
+                let min = if c.len() < m {
+                    0
+                } else {
+                    c.values().min().copied().unwrap_or(0)
+                };
+                assert!(max - min <= 1, "parts {parts} members {m}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_moves_only_what_it_must_and_keeps_other_epochs() {
+        let mut g = group(12, &["a", "b", "c"]);
+        let before = g.assignment.clone();
+        g.members.insert(
+            "d".into(),
+            MemberMeta {
+                client: String::new(),
+                joined_at_ms: 0,
+            },
+        );
+        assert!(g.rebalance());
+        let moved: Vec<usize> = (0..12)
+            .filter(|p| before[*p].as_ref().map(|a| &a.member) != g.assignment[*p].as_ref().map(|a| &a.member))
+            .collect();
+        assert_eq!(moved.len(), 3, "exactly the new member's share moves");
+        for p in 0..12 {
+            if !moved.contains(&p) {
+                assert_eq!(before[p], g.assignment[p], "unmoved partitions keep their epoch");
+            } else {
+                assert_eq!(g.assignment[p].as_ref().map(|a| a.epoch), Some(g.generation));
+            }
+        }
+        assert!(counts(&g).values().all(|c| *c == 3));
+    }
+
+    #[test]
+    fn a_leave_reassigns_only_the_orphans() {
+        let mut g = group(6, &["a", "b", "c"]);
+        let before = owners(&g);
+        g.members.remove("b");
+        assert!(g.rebalance());
+        for (p, o) in before.iter().enumerate() {
+            if o.as_deref() != Some("b") {
+                assert_eq!(o, &owners(&g)[p]);
+            }
+        }
+        assert!(counts(&g).values().all(|c| *c == 3));
+        // Nothing to do: no new generation.
+        let gen_before = g.generation;
+        assert!(!g.rebalance());
+        assert_eq!(g.generation, gen_before);
+        g.members.clear();
+        assert!(g.rebalance());
+        assert!(g.assignment.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn cursor_merges_acks_into_the_committed_prefix() {
+        let mut c = GroupCursor::new(1, 10);
+        c.ack(12);
+        c.ack(14);
+        assert_eq!(c.committed, 10);
+        assert_eq!(c.acked_beyond(), 2);
+        assert!(c.is_acked(12) && !c.is_acked(11) && c.is_acked(9));
+        c.ack(13);
+        assert_eq!(c.acked.len(), 1, "12..15 merged");
+        c.ack(10);
+        assert_eq!(c.committed, 11);
+        c.ack(11);
+        assert_eq!(c.committed, 15);
+        assert!(c.acked.is_empty());
+        c.ack(3); // below the prefix: ignored
+        assert_eq!(c.committed, 15);
+    }
+
+    #[test]
+    fn cursor_ack_matches_a_set_model() {
+        // Deterministic pseudo-random orders against a plain set.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..200 {
+            let mut c = GroupCursor::new(1, 0);
+            let mut model = std::collections::BTreeSet::new();
+            for _ in 0..60 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let o = x % 50;
+                c.ack(o);
+                model.insert(o);
+                let prefix = (0..).take_while(|i| model.contains(i)).count() as u64;
+                assert_eq!(c.committed, prefix);
+                for i in 0..55 {
+                    assert_eq!(c.is_acked(i), model.contains(&i), "offset {i}");
+                }
+                assert_eq!(c.committed + c.acked_beyond(), model.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn skip_to_drops_what_retention_removed() {
+        let mut c = GroupCursor::new(1, 0);
+        c.ack(5);
+        c.ack(6);
+        c.ack(9);
+        c.skip_to(6);
+        assert_eq!(c.committed, 7);
+        assert!(c.is_acked(9) && !c.is_acked(8));
+        c.seek(2);
+        assert_eq!((c.committed, c.acked_beyond(), c.seek_epoch), (2, 0, 1));
+    }
+
+    #[test]
+    fn cursor_commands_respect_the_group_incarnation() {
+        let mut cs = GroupCursors::new();
+        let init = |uid, start| PartitionCommand::GroupInit {
+            group: "g".into(),
+            uid,
+            start,
+        };
+        apply_cursor_command(&mut cs, &init(1, 0), 5, 100);
+        assert_eq!(cs["g"].committed, 5, "clamped to the retained range");
+        apply_cursor_command(&mut cs, &init(1, 50), 5, 100);
+        assert_eq!(cs["g"].committed, 5, "init never moves an existing cursor");
+        let ack = |uid, offsets: Vec<u64>| PartitionCommand::GroupAck {
+            group: "g".into(),
+            uid,
+            offsets,
+        };
+        apply_cursor_command(&mut cs, &ack(1, vec![5, 6, 8, 200]), 5, 100);
+        assert_eq!(cs["g"].committed, 7);
+        assert!(cs["g"].is_acked(8) && !cs["g"].is_acked(99));
+        apply_cursor_command(&mut cs, &ack(9, vec![7]), 5, 100);
+        assert_eq!(cs["g"].committed, 7, "a stale incarnation's ack is ignored");
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupClone {
+                from: "g".into(),
+                from_uid: 1,
+                to: "h".into(),
+                to_uid: 2,
+            },
+            5,
+            100,
+        );
+        assert_eq!((cs["h"].uid, cs["h"].committed), (2, 7));
+        apply_cursor_command(&mut cs, &init(3, 0), 5, 100);
+        assert_eq!(
+            (cs["g"].uid, cs["g"].committed),
+            (3, 5),
+            "a re-created group starts afresh"
+        );
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupSeek {
+                group: "h".into(),
+                uid: 2,
+                offset: 1000,
+            },
+            5,
+            100,
+        );
+        assert_eq!(cs["h"].committed, 100);
+        apply_cursor_command(&mut cs, &PartitionCommand::GroupDelete { group: "h".into() }, 5, 100);
+        assert!(!cs.contains_key("h"));
+    }
+
+    #[test]
+    fn settings_are_range_checked() {
+        assert!(GroupSettings::default().validate().is_ok());
+        let bad = GroupSettings {
+            max_deliveries: 0,
+            ..GroupSettings::default()
+        };
+        assert_eq!(bad.validate(), Err(GroupError::MaxDeliveries(0)));
+        assert!(
+            GroupSettings {
+                ack_wait_ms: 5,
+                ..GroupSettings::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}
