@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("junction/v1/broker.proto"),
         root.join("junction/v1/peer.proto"),
+        root.join("junction/v1/groups.proto"),
     ];
     let fds = protox::compile(&files, [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -49,6 +49,37 @@ pub enum BrokerError {
     Storage(#[from] junction_storage::StorageError),
     #[error("raft failed: {0}")]
     Raft(String),
+    /// A consumer group member acted on an assignment it no longer holds.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// A heartbeat from a member the group does not have (its session expired).
+    #[error("member '{member}' is not in consumer group '{group}' (its session expired?); join again")]
+    MemberNotFound { group: String, member: String },
+}
+
+impl BrokerError {
+    /// A copy for one more receiver of the same failure (the error type is not `Clone`
+    /// because storage errors are not).
+    pub fn for_subscriber(&self) -> BrokerError {
+        match self {
+            BrokerError::Fenced(s) => BrokerError::Fenced(s.clone()),
+            BrokerError::NotLeader {
+                node,
+                group,
+                leader,
+            } => BrokerError::NotLeader {
+                node: *node,
+                group: *group,
+                leader: leader.clone(),
+            },
+            BrokerError::Meta(m) => BrokerError::Meta(m.clone()),
+            BrokerError::MemberNotFound { group, member } => BrokerError::MemberNotFound {
+                group: group.clone(),
+                member: member.clone(),
+            },
+            other => BrokerError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 fn leader_hint(leader: &Option<(NodeId, String)>) -> String {

@@ -10,7 +10,9 @@
 //! requests onto these calls and [`BrokerError`] onto statuses).
 
 pub mod controller;
+pub mod delivery;
 mod error;
+pub mod groups;
 mod leadership;
 pub mod partition;
 mod reconcile;
@@ -61,6 +63,11 @@ pub struct Broker {
     partitions: RwLock<HashMap<GroupId, Arc<PartitionReplica>>>,
     /// Serialises reconciliation (the loop and explicit calls).
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// Consumer group sessions (used while this node is the controller).
+    sessions: parking_lot::Mutex<groups::Sessions>,
+    /// Running consumer group deliveries of partitions this node leads.
+    dispatchers: parking_lot::Mutex<HashMap<delivery::DispatcherKey, delivery::DispatcherHandle>>,
+    dead_letters: std::sync::OnceLock<Arc<dyn delivery::DeadLetterSink>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -93,12 +100,17 @@ impl Broker {
             meta_shared,
             partitions: RwLock::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
+            sessions: parking_lot::Mutex::default(),
+            dispatchers: parking_lot::Mutex::default(),
+            dead_letters: std::sync::OnceLock::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         broker.bootstrap_metadata().await?;
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.session_loop().await });
         Ok(broker)
     }
 
@@ -132,6 +144,23 @@ impl Broker {
             }
             Err(e) => Err(BrokerError::Raft(e.to_string())),
         }
+    }
+
+    /// Sets where dead letters are appended (once; later calls are ignored).
+    pub fn set_dead_letter_sink(&self, sink: Arc<dyn delivery::DeadLetterSink>) {
+        let _ = self.dead_letters.set(sink);
+    }
+
+    pub(crate) fn dead_letter_sink(&self) -> Option<Arc<dyn delivery::DeadLetterSink>> {
+        self.dead_letters.get().cloned()
+    }
+
+    /// Runs a background task that shutdown waits for.
+    pub(crate) fn tasks_spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(f);
     }
 
     /// Returns this node's id.

@@ -52,7 +52,7 @@ impl BrokerService {
 
     /// Finds a station in this node's metadata, waiting briefly for metadata that may lag the
     /// controller (a station created a moment ago through another node).
-    async fn station(&self, name: &str) -> Result<StationMeta, Status> {
+    pub(crate) async fn station(&self, name: &str) -> Result<StationMeta, Status> {
         let name = StationName::parse(name).map_err(|e| to_status(e.into()))?;
         if let Ok(s) = self.broker.station(&name) {
             return Ok(s);
@@ -76,7 +76,7 @@ impl BrokerService {
 
     /// Returns where to send a call for `group`: `None` when this node leads it, otherwise the
     /// address of the leader (or of a replica that will know it).
-    async fn route(&self, group: GroupId, replicas: &[u64]) -> Result<Option<String>, Status> {
+    pub(crate) async fn route(&self, group: GroupId, replicas: &[u64]) -> Result<Option<String>, Status> {
         let me = self.broker.node_id();
         if let Some(r) = self.broker.partition(group) {
             let deadline = tokio::time::Instant::now() + LEADER_WAIT;
@@ -301,7 +301,7 @@ impl BrokerService {
     }
 }
 
-fn stored_message(partition: u32, offset: u64, r: StoredRecord) -> StoredMessage {
+pub(crate) fn stored_message(partition: u32, offset: u64, r: StoredRecord) -> StoredMessage {
     StoredMessage {
         partition,
         offset,

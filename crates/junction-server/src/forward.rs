@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use junction_proto::v1::admin_client::AdminClient;
 use junction_proto::v1::broker_client::BrokerClient;
+use junction_proto::v1::groups_client::GroupsClient;
 use parking_lot::Mutex;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
@@ -81,6 +82,13 @@ impl ClientPool {
     /// Returns a Broker client for `addr`.
     pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>, Status> {
         Ok(BrokerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
+    }
+
+    /// Returns a Groups client for `addr`.
+    pub fn groups(&self, addr: &str) -> Result<GroupsClient<Channel>, Status> {
+        Ok(GroupsClient::new(self.channel(addr)?)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20))
     }

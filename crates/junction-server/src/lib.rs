@@ -13,6 +13,7 @@ pub mod admin_service;
 pub mod broker_service;
 pub mod config;
 pub mod forward;
+pub mod groups_service;
 pub mod http;
 pub mod produce_path;
 pub mod status;
@@ -25,6 +26,7 @@ use junction_broker::{Broker, BrokerError};
 use junction_proto::peer::peer_server::PeerServer;
 use junction_proto::v1::admin_server::AdminServer;
 use junction_proto::v1::broker_server::BrokerServer;
+use junction_proto::v1::groups_server::GroupsServer;
 use junction_raft::PeerService;
 use junction_storage::Store;
 use tokio::net::TcpListener;
@@ -134,6 +136,12 @@ impl Server {
             config.dial_overrides()?,
         ));
         let stop = CancellationToken::new();
+        if let Some(self_addr) = broker.addr_of(broker.node_id()) {
+            broker.set_dead_letter_sink(Arc::new(groups_service::LoopbackDeadLetters {
+                clients: clients.clone(),
+                self_addr,
+            }));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -141,6 +149,9 @@ impl Server {
             .await;
         health
             .set_serving::<AdminServer<admin_service::AdminService>>()
+            .await;
+        health
+            .set_serving::<GroupsServer<groups_service::GroupsService>>()
             .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(junction_proto::FILE_DESCRIPTOR_SET)
@@ -163,6 +174,14 @@ impl Server {
                 broker.clone(),
                 clients.clone(),
             )))
+            .add_service(
+                GroupsServer::new(groups_service::GroupsService::new(
+                    broker.clone(),
+                    clients.clone(),
+                ))
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+            )
             .add_service(
                 PeerServer::new(PeerService::new(broker.clone()))
                     .max_decoding_message_size(512 << 20)

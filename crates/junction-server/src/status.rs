@@ -11,6 +11,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const ERROR_DOMAIN: &str = "junction.dev";
 /// `ErrorInfo` reason when a call reached a node that does not lead the group.
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
+/// `ErrorInfo` reason when a consumer group member acted on an assignment it lost.
+pub const REASON_FENCED: &str = "FENCED";
 
 /// Returns the gRPC code of an error.
 pub fn code_of(e: &BrokerError) -> Code {
@@ -19,9 +21,13 @@ pub fn code_of(e: &BrokerError) -> Code {
         | BrokerError::InvalidArgument(_)
         | BrokerError::MessageTooLarge { .. }
         | BrokerError::PartitionOutOfRange { .. } => Code::InvalidArgument,
-        BrokerError::Meta(MetaError::TenantExists { .. } | MetaError::StationExists { .. }) => {
-            Code::AlreadyExists
-        }
+        BrokerError::Meta(
+            MetaError::TenantExists { .. }
+            | MetaError::StationExists { .. }
+            | MetaError::GroupExists { .. },
+        ) => Code::AlreadyExists,
+        BrokerError::Fenced(_) => Code::FailedPrecondition,
+        BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
         BrokerError::TooFewNodes { .. } => Code::FailedPrecondition,
         BrokerError::NotLeader { .. }
@@ -50,6 +56,13 @@ pub fn to_status(e: BrokerError) -> Status {
             code,
             message,
             ErrorDetails::with_error_info(REASON_NOT_LEADER, ERROR_DOMAIN, meta),
+        );
+    }
+    if let BrokerError::Fenced(_) = &e {
+        return Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(REASON_FENCED, ERROR_DOMAIN, HashMap::new()),
         );
     }
     Status::new(code, message)

@@ -1,0 +1,733 @@
+//! The `Groups` gRPC service: consumer group membership (on the controller), positions (on
+//! the partition leaders), delivery streams, and dead letters.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use junction_broker::delivery::{ConsumeControl, ConsumeEvent, DeadLetterSink, dls_headers};
+use junction_broker::groups::{GroupPosition, MemberView, SeekTarget};
+use junction_broker::{Broker, BrokerError};
+use junction_proto::v1::consume_request::Request as ConsumeReq;
+use junction_proto::v1::groups_server::Groups;
+use junction_proto::v1::*;
+use junction_types::groups::{self as tg, GroupMeta, StartFrom, dead_letter_station};
+use junction_types::{Record, StationName};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::broker_service::{BrokerService, stored_message};
+use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
+use crate::status::to_status;
+
+/// How long a dead-letter append may take.
+const DLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves consumer groups.
+pub struct GroupsService {
+    broker: Arc<Broker>,
+    clients: Arc<ClientPool>,
+    routes: BrokerService,
+}
+
+impl GroupsService {
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
+        let routes = BrokerService::new(broker.clone(), clients.clone());
+        Self {
+            broker,
+            clients,
+            routes,
+        }
+    }
+
+    fn controller_addr(&self, hops: u32) -> Result<Option<String>, Status> {
+        match self.broker.ensure_controller() {
+            Ok(()) => Ok(None),
+            Err(BrokerError::NotLeader {
+                leader: Some((_, addr)),
+                ..
+            }) if hops < MAX_HOPS => Ok(Some(addr)),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+
+    /// Where to run a call for one partition: `None` here (this node leads it), else the
+    /// address to forward to.
+    async fn partition_route(
+        &self,
+        station: &str,
+        partition: u32,
+        hops: u32,
+    ) -> Result<Option<String>, Status> {
+        let meta = self.routes.station(station).await?;
+        let pm = meta.partitions.get(partition as usize).ok_or_else(|| {
+            to_status(BrokerError::PartitionOutOfRange {
+                station: meta.full_name(),
+                partition,
+                partitions: meta.partitions.len() as u32,
+            })
+        })?;
+        let route = self.routes.route(pm.group_id, &pm.replicas).await?;
+        if route.is_some() && hops >= MAX_HOPS {
+            return Err(Status::unavailable(format!(
+                "partition {partition} of '{station}': leader not found within {MAX_HOPS} hops; retry"
+            )));
+        }
+        Ok(route)
+    }
+
+    /// A node holding a replica of the partition (this one when it does).
+    async fn replica_route(&self, station: &str, partition: u32) -> Result<Option<String>, Status> {
+        let meta = self.routes.station(station).await?;
+        let pm = meta.partitions.get(partition as usize).ok_or_else(|| {
+            to_status(BrokerError::PartitionOutOfRange {
+                station: meta.full_name(),
+                partition,
+                partitions: meta.partitions.len() as u32,
+            })
+        })?;
+        if self.broker.partition(pm.group_id).is_some() {
+            return Ok(None);
+        }
+        let addrs = self.broker.node_addrs();
+        pm.replicas
+            .iter()
+            .find_map(|r| addrs.get(r).cloned())
+            .map(Some)
+            .ok_or_else(|| Status::unavailable("no replica address known"))
+    }
+
+    fn my_addr(&self) -> Result<String, Status> {
+        self.broker
+            .addr_of(self.broker.node_id())
+            .ok_or_else(|| Status::internal("this node's own address is unknown"))
+    }
+}
+
+fn parse(name: &str) -> Result<StationName, Status> {
+    StationName::parse(name).map_err(|e| to_status(e.into()))
+}
+
+/// Converts settings from the wire, applying defaults for zero values.
+pub fn settings_from_proto(s: Option<&GroupSettings>) -> tg::GroupSettings {
+    let d = tg::GroupSettings::default();
+    let Some(s) = s else {
+        return d;
+    };
+    let start = match s.start {
+        Some(group_settings::Start::Offset(o)) => StartFrom::Offset(o),
+        Some(group_settings::Start::TimestampMs(t)) => StartFrom::Timestamp(t),
+        Some(group_settings::Start::Position(p)) if p == StartPosition::Latest as i32 => {
+            StartFrom::Latest
+        }
+        _ => StartFrom::Earliest,
+    };
+    let or = |v: u64, dflt: u64| if v == 0 { dflt } else { v };
+    tg::GroupSettings {
+        start,
+        ack_wait_ms: or(s.ack_wait_ms, d.ack_wait_ms),
+        max_deliveries: or(u64::from(s.max_deliveries), u64::from(d.max_deliveries)) as u32,
+        max_in_flight: or(u64::from(s.max_in_flight), u64::from(d.max_in_flight)) as u32,
+        session_timeout_ms: or(s.session_timeout_ms, d.session_timeout_ms),
+    }
+}
+
+fn settings_to_proto(s: &tg::GroupSettings) -> GroupSettings {
+    let start = match s.start {
+        StartFrom::Earliest => group_settings::Start::Position(StartPosition::Earliest as i32),
+        StartFrom::Latest => group_settings::Start::Position(StartPosition::Latest as i32),
+        StartFrom::Offset(o) => group_settings::Start::Offset(o),
+        StartFrom::Timestamp(t) => group_settings::Start::TimestampMs(t),
+    };
+    GroupSettings {
+        start: Some(start),
+        ack_wait_ms: s.ack_wait_ms,
+        max_deliveries: s.max_deliveries,
+        max_in_flight: s.max_in_flight,
+        session_timeout_ms: s.session_timeout_ms,
+    }
+}
+
+/// Converts a group (without positions).
+pub fn group_info(g: &GroupMeta) -> GroupInfo {
+    GroupInfo {
+        station: g.station.clone(),
+        group: g.name.clone(),
+        settings: Some(settings_to_proto(&g.settings)),
+        generation: g.generation,
+        created_at_ms: g.created_at_ms,
+        members: g
+            .members
+            .iter()
+            .map(|(id, m)| GroupMember {
+                member_id: id.clone(),
+                client: m.client.clone(),
+                joined_at_ms: m.joined_at_ms,
+                partitions: g.partitions_of(id).into_iter().map(|(p, _)| p).collect(),
+            })
+            .collect(),
+        partitions: vec![],
+    }
+}
+
+fn member_assignment(v: MemberView) -> MemberAssignment {
+    // Heartbeat three times per session.
+    let session = v.group.settings.session_timeout_ms;
+    MemberAssignment {
+        member_id: v.member,
+        generation: v.group.generation,
+        partitions: v
+            .partitions
+            .into_iter()
+            .map(|(partition, epoch, leader_addr)| PartitionAssignment {
+                partition,
+                epoch,
+                leader_addr,
+            })
+            .collect(),
+        heartbeat_interval_ms: (session / 3).max(100),
+        session_timeout_ms: session,
+    }
+}
+
+fn group_partition(g: &GroupMeta, p: u32, pos: Option<GroupPosition>) -> GroupPartition {
+    let a = g.assignment.get(p as usize).and_then(Option::as_ref);
+    let known = pos.is_some();
+    let pos = pos.unwrap_or_default();
+    GroupPartition {
+        partition: p,
+        member_id: a.map(|a| a.member.clone()),
+        epoch: a.map_or(0, |a| a.epoch),
+        committed: pos.committed,
+        acked_beyond: pos.acked_beyond,
+        high_watermark: pos.high_watermark,
+        lag: pos.lag,
+        oldest_unacked_age_ms: pos.oldest_unacked_age_ms,
+        known,
+    }
+}
+
+type ConsumeStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Groups for GroupsService {
+    async fn create_group(
+        &self,
+        req: Request<CreateGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .create_group(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let g = self
+            .broker
+            .create_group(&station, &r.group, settings_from_proto(r.settings.as_ref()))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(group_info(&g)))
+    }
+
+    async fn join_group(
+        &self,
+        req: Request<JoinGroupRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .join_group(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let v = self
+            .broker
+            .join_group(
+                &station,
+                &r.group,
+                &r.member_id,
+                &r.client,
+                settings_from_proto(r.settings.as_ref()),
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(member_assignment(v)))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .heartbeat(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let v = self
+            .broker
+            .heartbeat(&station, &r.group, &r.member_id)
+            .map_err(to_status)?;
+        Ok(Response::new(member_assignment(v)))
+    }
+
+    async fn leave_group(
+        &self,
+        req: Request<LeaveGroupRequest>,
+    ) -> Result<Response<LeaveGroupResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .leave_group(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        self.broker
+            .leave_group(&station, &r.group, &r.member_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(LeaveGroupResponse {}))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        let r = req.into_inner();
+        let filter = if r.station.is_empty() {
+            None
+        } else {
+            Some(parse(&r.station)?.full())
+        };
+        let meta = self.broker.metadata();
+        let groups = meta
+            .groups
+            .values()
+            .filter(|g| filter.as_ref().is_none_or(|s| *s == g.station))
+            .map(group_info)
+            .collect();
+        Ok(Response::new(ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        req: Request<DescribeGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        let g = self
+            .broker
+            .describe_group_meta(&station, &r.group)
+            .map_err(to_status)?;
+        let mut info = group_info(&g);
+        let parts: Vec<u32> = if r.only_partitions.is_empty() {
+            (0..g.assignment.len() as u32).collect()
+        } else {
+            r.only_partitions.clone()
+        };
+        for p in parts {
+            let pos = match self.broker.group_position(&station, &r.group, p) {
+                Ok(pos) => Some(pos),
+                Err(BrokerError::NotHosted { .. }) if hops < MAX_HOPS => {
+                    match self.replica_route(&r.station, p).await {
+                        Ok(Some(addr)) => {
+                            let sub = DescribeGroupRequest {
+                                station: r.station.clone(),
+                                group: r.group.clone(),
+                                only_partitions: vec![p],
+                            };
+                            match self.clients.groups(&addr)?.describe_group(with_hops(sub, hops + 1)).await {
+                                Ok(resp) => resp.into_inner().partitions.into_iter().next().filter(|x| x.known).map(|x| GroupPosition {
+                                    committed: x.committed,
+                                    acked_beyond: x.acked_beyond,
+                                    high_watermark: x.high_watermark,
+                                    lag: x.lag,
+                                    oldest_unacked_age_ms: x.oldest_unacked_age_ms,
+                                }),
+                                Err(_) => None,
+                            }
+                        }
+                        _ => None,
+                    }
+                }
+                Err(BrokerError::NotHosted { .. }) => None,
+                Err(e) => return Err(to_status(e)),
+            };
+            info.partitions.push(group_partition(&g, p, pos));
+        }
+        Ok(Response::new(info))
+    }
+
+    async fn seek_group(
+        &self,
+        req: Request<SeekGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        let g = self
+            .broker
+            .describe_group_meta(&station, &r.group)
+            .map_err(to_status)?;
+        let target = match r.target {
+            Some(seek_group_request::Target::Offset(o)) => SeekTarget::Offset(o),
+            Some(seek_group_request::Target::TimestampMs(t)) => SeekTarget::Timestamp(t),
+            Some(seek_group_request::Target::Position(p)) if p == StartPosition::Latest as i32 => {
+                SeekTarget::Latest
+            }
+            Some(seek_group_request::Target::Position(_)) => SeekTarget::Earliest,
+            None => {
+                return Err(Status::invalid_argument(
+                    "seek needs a target: offset, timestamp_ms or position",
+                ));
+            }
+        };
+        let n = g.assignment.len() as u32;
+        let parts: Vec<u32> = match r.partition {
+            Some(p) if p >= n => {
+                return Err(to_status(BrokerError::PartitionOutOfRange {
+                    station: station.full(),
+                    partition: p,
+                    partitions: n,
+                }));
+            }
+            Some(p) => vec![p],
+            None => (0..n).collect(),
+        };
+        if matches!(target, SeekTarget::Offset(_)) && r.partition.is_none() && n > 1 {
+            return Err(Status::invalid_argument(
+                "an offset seek needs a partition (offsets differ per partition); use a time or position for all partitions",
+            ));
+        }
+        for p in parts {
+            match self.partition_route(&r.station, p, hops).await? {
+                None => self
+                    .broker
+                    .seek_partition(&station, &r.group, p, target)
+                    .await
+                    .map_err(to_status)?,
+                Some(addr) => {
+                    let mut sub = r.clone();
+                    sub.partition = Some(p);
+                    self.clients
+                        .groups(&addr)?
+                        .seek_group(with_hops(sub, hops + 1))
+                        .await
+                        .map_err(forwarded)?;
+                }
+            }
+        }
+        Ok(Response::new(group_info(&g)))
+    }
+
+    async fn clone_group(
+        &self,
+        req: Request<CloneGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(p) = r.partition {
+            // One partition's position, on its leader.
+            if let Some(addr) = self.partition_route(&r.station, p, hops).await? {
+                return self
+                    .clients
+                    .groups(&addr)?
+                    .clone_group(with_hops(r, hops + 1))
+                    .await
+                    .map_err(forwarded);
+            }
+            self.broker
+                .clone_partition(&station, &r.from_group, &r.to_group, p)
+                .await
+                .map_err(to_status)?;
+            let g = self
+                .broker
+                .describe_group_meta(&station, &r.to_group)
+                .map_err(to_status)?;
+            return Ok(Response::new(group_info(&g)));
+        }
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .clone_group(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let src = self
+            .broker
+            .describe_group_meta(&station, &r.from_group)
+            .map_err(to_status)?;
+        let dst = self
+            .broker
+            .create_group(&station, &r.to_group, src.settings)
+            .await
+            .map_err(to_status)?;
+        for p in 0..src.assignment.len() as u32 {
+            let sub = CloneGroupRequest {
+                partition: Some(p),
+                ..r.clone()
+            };
+            let res = match self.partition_route(&r.station, p, 0).await {
+                Ok(None) => self
+                    .broker
+                    .clone_partition(&station, &r.from_group, &r.to_group, p)
+                    .await
+                    .map_err(to_status),
+                Ok(Some(addr)) => self
+                    .clients
+                    .groups(&addr)?
+                    .clone_group(with_hops(sub, 1))
+                    .await
+                    .map(|_| ())
+                    .map_err(forwarded),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "group '{}' was created but copying partition {p}'s position failed ({}); delete it and clone again",
+                        r.to_group,
+                        e.message()
+                    ),
+                ));
+            }
+        }
+        Ok(Response::new(group_info(&dst)))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .groups(&addr)?
+                .delete_group(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        self.broker
+            .delete_group(&station, &r.group)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(DeleteGroupResponse {}))
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn consume(
+        &self,
+        req: Request<Streaming<ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty consume stream"))?;
+        let Some(ConsumeReq::Subscribe(sub)) = first.request else {
+            return Err(Status::invalid_argument(
+                "the first message of a consume stream must be `subscribe`",
+            ));
+        };
+        let station = parse(&sub.station)?;
+        let subscription = self
+            .broker
+            .subscribe(
+                &station,
+                &sub.group,
+                sub.partition,
+                &sub.member_id,
+                sub.epoch,
+                sub.max_in_flight,
+            )
+            .await
+            .map_err(to_status)?;
+        let control = subscription.control;
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let c = match m.request {
+                    Some(ConsumeReq::Ack(o)) => ConsumeControl::Ack(o.offsets),
+                    Some(ConsumeReq::Nack(n)) => ConsumeControl::Nack {
+                        offsets: n.offsets,
+                        delay_ms: n.delay_ms,
+                    },
+                    Some(ConsumeReq::InProgress(o)) => ConsumeControl::InProgress(o.offsets),
+                    Some(ConsumeReq::Subscribe(_)) | None => continue,
+                };
+                if control.send(c).is_err() {
+                    break;
+                }
+            }
+            // Dropping `control` detaches the subscriber.
+        });
+        let partition = sub.partition;
+        let out = tokio_stream::wrappers::UnboundedReceiverStream::new(subscription.events).map(
+            move |e| match e {
+                Ok(ConsumeEvent::Deliveries(d)) => {
+                    metrics::counter!("junction_group_delivered_total").increment(d.len() as u64);
+                    Ok(ConsumeResponse {
+                        deliveries: d
+                            .into_iter()
+                            .map(|d| Delivery {
+                                message: Some(stored_message(partition, d.offset, d.record)),
+                                delivery_count: d.delivery_count,
+                            })
+                            .collect(),
+                        committed_acks: vec![],
+                        committed: 0,
+                    })
+                }
+                Ok(ConsumeEvent::Committed { acks, committed }) => Ok(ConsumeResponse {
+                    deliveries: vec![],
+                    committed_acks: acks,
+                    committed,
+                }),
+                Err(e) => Err(to_status(e)),
+            },
+        );
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn resend_dead_letters(
+        &self,
+        req: Request<ResendDeadLettersRequest>,
+    ) -> Result<Response<ResendDeadLettersResponse>, Status> {
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        let dls = dead_letter_station(&station.full());
+        let me = self.my_addr()?;
+        let mut client = self.clients.broker(&me)?;
+        let mut next = r.from_offset;
+        let mut resent = 0u64;
+        loop {
+            if r.to_offset != 0 && next >= r.to_offset {
+                break;
+            }
+            let resp = client
+                .read(ReadRequest {
+                    station: dls.clone(),
+                    partition: 0,
+                    start: Some(read_request::Start::Offset(next)),
+                    max_messages: 500,
+                    max_bytes: 0,
+                    local_replica: false,
+                })
+                .await
+                .map_err(forwarded)?
+                .into_inner();
+            if resp.messages.is_empty() {
+                next = next.max(resp.next_offset);
+                break;
+            }
+            let mut batch = Vec::new();
+            for m in resp.messages {
+                if r.to_offset != 0 && m.offset >= r.to_offset {
+                    break;
+                }
+                next = m.offset + 1;
+                let group = m
+                    .headers
+                    .iter()
+                    .find(|h| h.key == dls_headers::GROUP)
+                    .map(|h| String::from_utf8_lossy(&h.value).into_owned());
+                if !r.group.is_empty() && group.as_deref() != Some(r.group.as_str()) {
+                    continue;
+                }
+                batch.push(Message {
+                    key: m.key,
+                    headers: m
+                        .headers
+                        .into_iter()
+                        .filter(|h| !h.key.starts_with("junction-dls-"))
+                        .collect(),
+                    payload: m.payload,
+                    partition: None,
+                });
+            }
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                client
+                    .produce(ProduceRequest {
+                        station: station.full(),
+                        messages: batch,
+                        request_id: 0,
+                    })
+                    .await
+                    .map_err(forwarded)?;
+                resent += n;
+            }
+        }
+        Ok(Response::new(ResendDeadLettersResponse {
+            resent,
+            next_offset: next,
+        }))
+    }
+}
+
+/// Appends dead letters through this node's own public API, which routes them to the
+/// dead-letter station's leader wherever it is.
+pub struct LoopbackDeadLetters {
+    pub clients: Arc<ClientPool>,
+    pub self_addr: String,
+}
+
+impl DeadLetterSink for LoopbackDeadLetters {
+    fn append(
+        &self,
+        station: String,
+        record: Record,
+    ) -> futures::future::BoxFuture<'static, Result<(), BrokerError>> {
+        let client = self.clients.broker(&self.self_addr);
+        Box::pin(async move {
+            let mut client = client.map_err(|s| BrokerError::Unavailable(s.message().to_string()))?;
+            let req = ProduceRequest {
+                station,
+                messages: vec![Message {
+                    key: record.key,
+                    headers: record
+                        .headers
+                        .into_iter()
+                        .map(|(key, value)| Header { key, value })
+                        .collect(),
+                    payload: record.payload.into(),
+                    partition: Some(0),
+                }],
+                request_id: 0,
+            };
+            match tokio::time::timeout(DLS_TIMEOUT, client.produce(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(s)) => Err(BrokerError::Unavailable(format!(
+                    "dead-letter append failed: {}",
+                    s.message()
+                ))),
+                Err(_) => Err(BrokerError::Unavailable("dead-letter append timed out".into())),
+            }
+        })
+    }
+}
