@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod cluster;
 mod failover;
+mod groups;
 mod harness;
 mod process;
 mod snapshot;

@@ -47,7 +47,10 @@ impl Broker {
         })
     }
 
-    pub(crate) async fn meta_write(&self, cmd: MetaCommand) -> Result<CommandResponse, BrokerError> {
+    pub(crate) async fn meta_write(
+        &self,
+        cmd: MetaCommand,
+    ) -> Result<CommandResponse, BrokerError> {
         match self.meta_raft().client_write(Command::Meta(cmd)).await {
             Ok(resp) => match resp.data {
                 CommandResponse::MetaRejected(e) => Err(BrokerError::Meta(e)),

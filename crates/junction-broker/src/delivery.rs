@@ -82,7 +82,10 @@ pub struct Delivered {
 pub enum ConsumeEvent {
     Deliveries(Vec<Delivered>),
     /// These acks are replicated; `committed` is the group's contiguous acked prefix.
-    Committed { acks: Vec<u64>, committed: u64 },
+    Committed {
+        acks: Vec<u64>,
+        committed: u64,
+    },
 }
 
 /// What a subscriber sends.
@@ -152,7 +155,11 @@ fn check_owner(
     member: &str,
     epoch: u64,
 ) -> Result<(), (bool, String)> {
-    match g.assignment.get(partition as usize).and_then(Option::as_ref) {
+    match g
+        .assignment
+        .get(partition as usize)
+        .and_then(Option::as_ref)
+    {
         Some(a) if a.member == member && a.epoch == epoch => Ok(()),
         Some(a) if a.epoch < epoch => Err((true, format!("epoch {epoch} is not known yet"))),
         Some(a) => Err((
@@ -182,14 +189,14 @@ impl Broker {
     ) -> Result<Subscription, BrokerError> {
         let meta = self.station(station)?;
         let full = station.full();
-        let pm = meta
-            .partitions
-            .get(partition as usize)
-            .ok_or(BrokerError::PartitionOutOfRange {
-                station: full.clone(),
-                partition,
-                partitions: meta.partitions.len() as u32,
-            })?;
+        let pm =
+            meta.partitions
+                .get(partition as usize)
+                .ok_or(BrokerError::PartitionOutOfRange {
+                    station: full.clone(),
+                    partition,
+                    partitions: meta.partitions.len() as u32,
+                })?;
         let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
             node: self.node_id(),
             group: pm.group_id,
@@ -199,7 +206,7 @@ impl Broker {
         let deadline = Instant::now() + EPOCH_WAIT;
         let mut meta_rx = self.subscribe_metadata();
         let settings = loop {
-            let g = self.group_meta(&full, group)?;
+            let g = self.group_meta_soon(&full, group).await?;
             match check_owner(&g, partition, member, epoch) {
                 Ok(()) => break g.settings,
                 Err((true, _)) if Instant::now() < deadline => {
@@ -255,7 +262,10 @@ impl Broker {
         )))
     }
 
-    pub(crate) fn ensure_partition_leader(&self, replica: &PartitionReplica) -> Result<(), BrokerError> {
+    pub(crate) fn ensure_partition_leader(
+        &self,
+        replica: &PartitionReplica,
+    ) -> Result<(), BrokerError> {
         match replica.leader() {
             Some(l) if l == self.node_id() => Ok(()),
             leader => Err(BrokerError::NotLeader {
@@ -267,7 +277,11 @@ impl Broker {
     }
 
     /// The offset where a new group starts in a partition.
-    fn start_offset_for(&self, replica: &PartitionReplica, start: StartFrom) -> Result<u64, BrokerError> {
+    fn start_offset_for(
+        &self,
+        replica: &PartitionReplica,
+        start: StartFrom,
+    ) -> Result<u64, BrokerError> {
         let s = replica.shared.current();
         Ok(match start {
             StartFrom::Earliest => s.start_offset,
@@ -310,7 +324,12 @@ impl Broker {
         replica: &PartitionReplica,
         g: &GroupMeta,
     ) -> Result<GroupCursor, BrokerError> {
-        if let Some(c) = replica.shared.cursors().get(&g.name).filter(|c| c.uid == g.uid) {
+        if let Some(c) = replica
+            .shared
+            .cursors()
+            .get(&g.name)
+            .filter(|c| c.uid == g.uid)
+        {
             return Ok(c.clone());
         }
         let start = self.start_offset_for(replica, g.settings.start)?;
@@ -562,7 +581,11 @@ impl Dispatcher {
             };
             match next {
                 Some(n) => {
-                    if self.pending.get(&n).is_some_and(|p| p.state == PState::Ready) {
+                    if self
+                        .pending
+                        .get(&n)
+                        .is_some_and(|p| p.state == PState::Ready)
+                    {
                         self.ready.insert(n);
                     }
                 }
@@ -599,8 +622,8 @@ impl Dispatcher {
                 if self.cursor.is_acked(offset) {
                     continue;
                 }
-                let record: StoredRecord = junction_raft::decode("stored record", &bytes)
-                    .map_err(|e| {
+                let record: StoredRecord =
+                    junction_raft::decode("stored record", &bytes).map_err(|e| {
                         BrokerError::Raft(format!(
                             "partition {} offset {offset} is unreadable: {e}",
                             self.partition
@@ -608,7 +631,10 @@ impl Dispatcher {
                     })?;
                 let key = record.key.clone();
                 if let Some(k) = &key {
-                    self.key_queues.entry(k.clone()).or_default().push_back(offset);
+                    self.key_queues
+                        .entry(k.clone())
+                        .or_default()
+                        .push_back(offset);
                 }
                 self.pending.insert(
                     offset,
@@ -793,18 +819,27 @@ impl Dispatcher {
         };
         let mut headers = p.record.headers.clone();
         headers.extend([
-            (dls_headers::GROUP.to_string(), self.group.clone().into_bytes()),
+            (
+                dls_headers::GROUP.to_string(),
+                self.group.clone().into_bytes(),
+            ),
             (dls_headers::REASON.to_string(), reason.as_bytes().to_vec()),
             (
                 dls_headers::DELIVERIES.to_string(),
                 p.deliveries.to_string().into_bytes(),
             ),
-            (dls_headers::STATION.to_string(), self.station.clone().into_bytes()),
+            (
+                dls_headers::STATION.to_string(),
+                self.station.clone().into_bytes(),
+            ),
             (
                 dls_headers::PARTITION.to_string(),
                 self.partition.to_string().into_bytes(),
             ),
-            (dls_headers::OFFSET.to_string(), offset.to_string().into_bytes()),
+            (
+                dls_headers::OFFSET.to_string(),
+                offset.to_string().into_bytes(),
+            ),
         ]);
         let record = Record {
             key: p.record.key.clone(),
@@ -847,12 +882,14 @@ impl Dispatcher {
             Internal::AcksCommitted(acks, r) => {
                 self.ack_writing = false;
                 let cursor = r?;
-                let committed = cursor.as_ref().map_or(self.cursor.committed, |c| c.committed);
-                if let Some(c) = cursor {
-                    self.cursor = c;
-                }
+                // Through the same path as the watch, so that a seek applied meanwhile is
+                // noticed whichever of the two arrives first.
+                self.on_cursor(cursor);
+                let committed = self.cursor.committed;
                 if let Some(a) = &self.attached {
-                    let _ = a.events.send(Ok(ConsumeEvent::Committed { acks, committed }));
+                    let _ = a
+                        .events
+                        .send(Ok(ConsumeEvent::Committed { acks, committed }));
                 }
             }
             Internal::DeadLettered(offset, r) => {
@@ -907,7 +944,12 @@ impl Dispatcher {
                 Err((_, d)) => d,
             },
         };
-        let _ = a.events.send(Err(fenced(&self.station, &self.group, self.partition, detail)));
+        let _ = a.events.send(Err(fenced(
+            &self.station,
+            &self.group,
+            self.partition,
+            detail,
+        )));
         self.detach();
         true
     }

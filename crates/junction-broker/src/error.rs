@@ -53,7 +53,9 @@ pub enum BrokerError {
     #[error("fenced: {0}")]
     Fenced(String),
     /// A heartbeat from a member the group does not have (its session expired).
-    #[error("member '{member}' is not in consumer group '{group}' (its session expired?); join again")]
+    #[error(
+        "member '{member}' is not in consumer group '{group}' (its session expired?); join again"
+    )]
     MemberNotFound { group: String, member: String },
 }
 

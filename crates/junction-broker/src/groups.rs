@@ -56,12 +56,35 @@ fn validate_member(member: &str) -> Result<(), BrokerError> {
 
 impl Broker {
     pub(crate) fn group_meta(&self, station: &str, group: &str) -> Result<GroupMeta, BrokerError> {
-        self.metadata().group(station, group).cloned().ok_or_else(|| {
-            BrokerError::Meta(MetaError::GroupNotFound {
-                station: station.to_string(),
-                group: group.to_string(),
+        self.metadata()
+            .group(station, group)
+            .cloned()
+            .ok_or_else(|| {
+                BrokerError::Meta(MetaError::GroupNotFound {
+                    station: station.to_string(),
+                    group: group.to_string(),
+                })
             })
-        })
+    }
+
+    /// Like `group_meta`, but waits briefly for this node's metadata to catch up with a group
+    /// created a moment ago through the controller.
+    pub(crate) async fn group_meta_soon(
+        &self,
+        station: &str,
+        group: &str,
+    ) -> Result<GroupMeta, BrokerError> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut rx = self.subscribe_metadata();
+        loop {
+            match self.group_meta(station, group) {
+                Ok(g) => return Ok(g),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+                }
+            }
+        }
     }
 
     /// Returns a group as this node knows it.
@@ -82,7 +105,12 @@ impl Broker {
             return Ok(());
         }
         match self
-            .create_station(&dls, 1, meta.replication_factor, meta.max_message_bytes + 4096)
+            .create_station(
+                &dls,
+                1,
+                meta.replication_factor,
+                meta.max_message_bytes + 4096,
+            )
             .await
         {
             Ok(_) | Err(BrokerError::Meta(MetaError::StationExists { .. })) => Ok(()),
@@ -197,10 +225,11 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.ensure_controller()?;
         let full = station.full();
-        self.sessions
-            .lock()
-            .last_seen
-            .remove(&(full.clone(), group.to_string(), member.to_string()));
+        self.sessions.lock().last_seen.remove(&(
+            full.clone(),
+            group.to_string(),
+            member.to_string(),
+        ));
         self.group_write(MetaCommand::LeaveGroup {
             station: full,
             group: group.to_string(),
@@ -212,7 +241,11 @@ impl Broker {
 
     /// Deletes a group. Its cursors in the partitions become unreachable: a group created
     /// later under the same name is a new incarnation and starts afresh.
-    pub async fn delete_group(&self, station: &StationName, group: &str) -> Result<(), BrokerError> {
+    pub async fn delete_group(
+        &self,
+        station: &StationName,
+        group: &str,
+    ) -> Result<(), BrokerError> {
         self.ensure_controller()?;
         self.meta_write(MetaCommand::DeleteGroup {
             station: station.full(),
@@ -243,7 +276,10 @@ impl Broker {
             .map(|(p, epoch)| {
                 let addr = groups
                     .get(p as usize)
-                    .and_then(|g| self.local_leader_addr(*g).or_else(|| sessions.leaders.get(g).cloned()))
+                    .and_then(|g| {
+                        self.local_leader_addr(*g)
+                            .or_else(|| sessions.leaders.get(g).cloned())
+                    })
                     .unwrap_or_default();
                 (p, epoch, addr)
             })
@@ -381,14 +417,14 @@ impl Broker {
         partition: u32,
     ) -> Result<std::sync::Arc<crate::PartitionReplica>, BrokerError> {
         let meta = self.station(station)?;
-        let pm = meta
-            .partitions
-            .get(partition as usize)
-            .ok_or(BrokerError::PartitionOutOfRange {
-                station: station.full(),
-                partition,
-                partitions: meta.partitions.len() as u32,
-            })?;
+        let pm =
+            meta.partitions
+                .get(partition as usize)
+                .ok_or(BrokerError::PartitionOutOfRange {
+                    station: station.full(),
+                    partition,
+                    partitions: meta.partitions.len() as u32,
+                })?;
         let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
             node: self.node_id(),
             group: pm.group_id,
@@ -407,7 +443,7 @@ impl Broker {
         target: SeekTarget,
     ) -> Result<(), BrokerError> {
         let replica = self.led_replica(station, partition)?;
-        let g = self.group_meta(&station.full(), group)?;
+        let g = self.group_meta_soon(&station.full(), group).await?;
         let s = replica.shared.current();
         let offset = match target {
             SeekTarget::Earliest => s.start_offset,
@@ -445,8 +481,8 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let replica = self.led_replica(station, partition)?;
         let full = station.full();
-        let src = self.group_meta(&full, from)?;
-        let dst = self.group_meta(&full, to)?;
+        let src = self.group_meta_soon(&full, from).await?;
+        let dst = self.group_meta_soon(&full, to).await?;
         self.ensure_cursor(&replica, &src).await?;
         self.cursor_write(
             &replica,
@@ -471,14 +507,14 @@ impl Broker {
         partition: u32,
     ) -> Result<GroupPosition, BrokerError> {
         let meta = self.station(station)?;
-        let pm = meta
-            .partitions
-            .get(partition as usize)
-            .ok_or(BrokerError::PartitionOutOfRange {
-                station: station.full(),
-                partition,
-                partitions: meta.partitions.len() as u32,
-            })?;
+        let pm =
+            meta.partitions
+                .get(partition as usize)
+                .ok_or(BrokerError::PartitionOutOfRange {
+                    station: station.full(),
+                    partition,
+                    partitions: meta.partitions.len() as u32,
+                })?;
         let g = self.group_meta(&station.full(), group)?;
         let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
             node: self.node_id(),

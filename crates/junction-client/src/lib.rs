@@ -18,6 +18,11 @@
 //! - [`Client::producer`] spawns a [`Producer`]'s background task (Tokio runtime needed); it
 //!   pipelines batches over one `ProduceStream`, see its documentation.
 //!
+//! - [`Client::group_consumer`] joins a consumer group run by the cluster and consumes the
+//!   partitions assigned to it (see [`GroupConsumer`]); the other group calls
+//!   (`create_group`, `describe_group`, `seek_group`, `clone_group`, `delete_group`,
+//!   `resend_dead_letters`) are plain retried calls.
+//!
 //! The wire types are those of `junction_proto::v1`, re-exported as [`proto`].
 
 mod admin;
@@ -25,6 +30,7 @@ mod batch;
 mod broker;
 mod client;
 mod error;
+mod group;
 mod producer;
 mod retry;
 mod tail;
@@ -33,6 +39,7 @@ pub use admin::StationSpec;
 pub use broker::Start;
 pub use client::{Client, ClientOptions};
 pub use error::ClientError;
+pub use group::{FENCED_REASON, GroupConsumer, GroupMessage, GroupOptions};
 pub use junction_proto::v1 as proto;
 pub use junction_proto::v1::{
     ClusterStatusResponse, Header, Message, MessagePosition, NodeInfo, PartitionInfo, ReadResponse,

@@ -76,7 +76,11 @@ impl BrokerService {
 
     /// Returns where to send a call for `group`: `None` when this node leads it, otherwise the
     /// address of the leader (or of a replica that will know it).
-    pub(crate) async fn route(&self, group: GroupId, replicas: &[u64]) -> Result<Option<String>, Status> {
+    pub(crate) async fn route(
+        &self,
+        group: GroupId,
+        replicas: &[u64],
+    ) -> Result<Option<String>, Status> {
         let me = self.broker.node_id();
         if let Some(r) = self.broker.partition(group) {
             let deadline = tokio::time::Instant::now() + LEADER_WAIT;

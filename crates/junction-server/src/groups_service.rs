@@ -355,14 +355,25 @@ impl Groups for GroupsService {
                                 group: r.group.clone(),
                                 only_partitions: vec![p],
                             };
-                            match self.clients.groups(&addr)?.describe_group(with_hops(sub, hops + 1)).await {
-                                Ok(resp) => resp.into_inner().partitions.into_iter().next().filter(|x| x.known).map(|x| GroupPosition {
-                                    committed: x.committed,
-                                    acked_beyond: x.acked_beyond,
-                                    high_watermark: x.high_watermark,
-                                    lag: x.lag,
-                                    oldest_unacked_age_ms: x.oldest_unacked_age_ms,
-                                }),
+                            match self
+                                .clients
+                                .groups(&addr)?
+                                .describe_group(with_hops(sub, hops + 1))
+                                .await
+                            {
+                                Ok(resp) => resp
+                                    .into_inner()
+                                    .partitions
+                                    .into_iter()
+                                    .next()
+                                    .filter(|x| x.known)
+                                    .map(|x| GroupPosition {
+                                        committed: x.committed,
+                                        acked_beyond: x.acked_beyond,
+                                        high_watermark: x.high_watermark,
+                                        lag: x.lag,
+                                        oldest_unacked_age_ms: x.oldest_unacked_age_ms,
+                                    }),
                                 Err(_) => None,
                             }
                         }
@@ -705,7 +716,8 @@ impl DeadLetterSink for LoopbackDeadLetters {
     ) -> futures::future::BoxFuture<'static, Result<(), BrokerError>> {
         let client = self.clients.broker(&self.self_addr);
         Box::pin(async move {
-            let mut client = client.map_err(|s| BrokerError::Unavailable(s.message().to_string()))?;
+            let mut client =
+                client.map_err(|s| BrokerError::Unavailable(s.message().to_string()))?;
             let req = ProduceRequest {
                 station,
                 messages: vec![Message {
@@ -726,7 +738,9 @@ impl DeadLetterSink for LoopbackDeadLetters {
                     "dead-letter append failed: {}",
                     s.message()
                 ))),
-                Err(_) => Err(BrokerError::Unavailable("dead-letter append timed out".into())),
+                Err(_) => Err(BrokerError::Unavailable(
+                    "dead-letter append timed out".into(),
+                )),
             }
         })
     }

@@ -87,7 +87,11 @@ pub enum PartitionCommand {
         offsets: Vec<u64>,
     },
     /// Moves a group's cursor to `offset` (clamped to the partition), forgetting later acks.
-    GroupSeek { group: String, uid: u64, offset: u64 },
+    GroupSeek {
+        group: String,
+        uid: u64,
+        offset: u64,
+    },
     /// Copies a group's cursor into another group.
     GroupClone {
         from: String,

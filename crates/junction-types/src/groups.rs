@@ -166,8 +166,8 @@ impl GroupMeta {
                 changed = true;
             }
         }
-        let m = self.members.len();
-        if m > 0 {
+        if let Some(base) = n.checked_div(self.members.len()) {
+            let m = self.members.len();
             let mut held: BTreeMap<&str, Vec<usize>> =
                 self.members.keys().map(|k| (k.as_str(), vec![])).collect();
             for (p, slot) in self.assignment.iter().enumerate() {
@@ -179,8 +179,7 @@ impl GroupMeta {
             }
             // Quotas: `base` each, and one more for the `extra` members already holding most,
             // which keeps moves to a minimum.
-            let base = n / m;
-            let extra = n % m;
+            let extra = n - base * m;
             let mut order: Vec<&str> = held.keys().copied().collect();
             order.sort_by(|a, b| held[b].len().cmp(&held[a].len()).then(a.cmp(b)));
             let quota: BTreeMap<&str, usize> = order
@@ -275,7 +274,11 @@ impl GroupCursor {
         }
         let mut start = offset;
         let mut end = offset + 1;
-        if let Some((s, e)) = self.acked.range(..offset).next_back().map(|(s, e)| (*s, *e))
+        if let Some((s, e)) = self
+            .acked
+            .range(..offset)
+            .next_back()
+            .map(|(s, e)| (*s, *e))
             && e == offset
         {
             self.acked.remove(&s);
@@ -332,10 +335,17 @@ pub fn apply_cursor_command(
 ) -> CommandResponse {
     match cmd {
         PartitionCommand::Append { .. } => CommandResponse::WrongGroup,
-        PartitionCommand::GroupInit { group, uid, start: s } => {
+        PartitionCommand::GroupInit {
+            group,
+            uid,
+            start: s,
+        } => {
             let fresh = cursors.get(group).is_none_or(|c| c.uid != *uid);
             if fresh {
-                cursors.insert(group.clone(), GroupCursor::new(*uid, (*s).clamp(start, end)));
+                cursors.insert(
+                    group.clone(),
+                    GroupCursor::new(*uid, (*s).clamp(start, end)),
+                );
             }
             CommandResponse::Cursor(cursors.get(group).cloned())
         }
@@ -464,14 +474,17 @@ mod tests {
         );
         assert!(g.rebalance());
         let moved: Vec<usize> = (0..12)
-            .filter(|p| before[*p].as_ref().map(|a| &a.member) != g.assignment[*p].as_ref().map(|a| &a.member))
+            .filter(|p| {
+                before[*p].as_ref().map(|a| &a.member)
+                    != g.assignment[*p].as_ref().map(|a| &a.member)
+            })
             .collect();
         assert_eq!(moved.len(), 3, "exactly the new member's share moves");
-        for p in 0..12 {
+        for (p, (was, now)) in before.iter().zip(&g.assignment).enumerate() {
             if !moved.contains(&p) {
-                assert_eq!(before[p], g.assignment[p], "unmoved partitions keep their epoch");
+                assert_eq!(was, now, "unmoved partitions keep their epoch");
             } else {
-                assert_eq!(g.assignment[p].as_ref().map(|a| a.epoch), Some(g.generation));
+                assert_eq!(now.as_ref().map(|a| a.epoch), Some(g.generation));
             }
         }
         assert!(counts(&g).values().all(|c| *c == 3));
@@ -605,7 +618,12 @@ mod tests {
             100,
         );
         assert_eq!(cs["h"].committed, 100);
-        apply_cursor_command(&mut cs, &PartitionCommand::GroupDelete { group: "h".into() }, 5, 100);
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupDelete { group: "h".into() },
+            5,
+            100,
+        );
         assert!(!cs.contains_key("h"));
     }
 

@@ -268,7 +268,10 @@ impl MetaState {
     }
 
     /// Returns the consumer groups of a station.
-    pub fn groups_of_station<'a>(&'a self, station: &'a str) -> impl Iterator<Item = &'a GroupMeta> {
+    pub fn groups_of_station<'a>(
+        &'a self,
+        station: &'a str,
+    ) -> impl Iterator<Item = &'a GroupMeta> {
         self.groups
             .iter()
             .filter(move |((s, _), _)| s == station)

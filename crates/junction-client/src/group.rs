@@ -1,0 +1,586 @@
+//! Consumer groups: administration calls and the [`GroupConsumer`].
+//!
+//! A [`GroupConsumer`] joins its group, heartbeats, and follows the assignment the cluster
+//! gives it: for each assigned partition a worker task opens a `Consume` stream to the
+//! partition's leader, hands deliveries to [`GroupConsumer::recv`], and sends acks back in
+//! batches. It follows leader changes (NOT_LEADER hints, then every known address) and stops a
+//! partition's worker when the partition moves to another member (FENCED, or the next
+//! heartbeat). Delivery is at least once: a message may come again (its
+//! [`GroupMessage::delivery_count`] grows) when its ack did not reach the leader in time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use junction_proto::v1::consume_request::Request as ConsumeReq;
+use junction_proto::v1::groups_client::GroupsClient;
+use junction_proto::v1::{
+    CloneGroupRequest, ConsumeRequest, CreateGroupRequest, DeleteGroupRequest,
+    DescribeGroupRequest, GroupInfo, GroupSettings, HeartbeatRequest, JoinGroupRequest,
+    LeaveGroupRequest, ListGroupsRequest, MemberAssignment, Nack, Offsets,
+    ResendDeadLettersRequest, ResendDeadLettersResponse, SeekGroupRequest, StoredMessage,
+    Subscribe, seek_group_request,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::client::Client;
+use crate::error::ClientError;
+use crate::retry::{self, Backoff, Disposition};
+
+/// `ErrorInfo.reason` of a subscription whose partition moved to another member.
+pub const FENCED_REASON: &str = "FENCED";
+/// Messages buffered between the partition workers and [`GroupConsumer::recv`].
+const BUFFER: usize = 1024;
+
+/// How a [`GroupConsumer`] joins.
+#[derive(Debug, Clone, Default)]
+pub struct GroupOptions {
+    /// Settings used if the join creates the group (zero fields: server defaults).
+    pub settings: GroupSettings,
+    /// This member's in-flight limit per partition (0: the group's `max_in_flight`).
+    pub max_in_flight: u32,
+    /// Member id; a random one when `None`.
+    pub member_id: Option<String>,
+    /// Shown by `describe` (e.g. host and process id).
+    pub client: String,
+}
+
+/// A message delivered to a group member.
+#[derive(Debug, Clone)]
+pub struct GroupMessage {
+    pub message: StoredMessage,
+    /// 1 on first delivery.
+    pub delivery_count: u32,
+    /// The assignment epoch it was delivered under (acks for older epochs are dropped).
+    pub epoch: u64,
+}
+
+impl GroupMessage {
+    pub fn partition(&self) -> u32 {
+        self.message.partition
+    }
+    pub fn offset(&self) -> u64 {
+        self.message.offset
+    }
+}
+
+enum Reply {
+    Ack(u64),
+    Nack(u64, u64),
+    InProgress(u64),
+}
+
+struct Worker {
+    epoch: u64,
+    replies: mpsc::UnboundedSender<Reply>,
+    task: JoinHandle<()>,
+}
+
+type Workers = Arc<Mutex<HashMap<u32, Worker>>>;
+
+/// A member of a consumer group. Dropping it stops its tasks; [`GroupConsumer::close`] also
+/// leaves the group at once (otherwise its partitions move after the session timeout).
+pub struct GroupConsumer {
+    client: Client,
+    station: String,
+    group: String,
+    member_id: String,
+    rx: mpsc::Receiver<GroupMessage>,
+    workers: Workers,
+    coordinator: JoinHandle<()>,
+}
+
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("m-{:016x}", h.finish())
+}
+
+fn is_fenced(s: &Status) -> bool {
+    s.get_details_error_info()
+        .is_some_and(|i| i.reason == FENCED_REASON)
+}
+
+impl Client {
+    pub(crate) fn groups(&self, channel: Channel) -> GroupsClient<Channel> {
+        let max = self.inner.options.max_message_size;
+        GroupsClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    /// Creates a consumer group with no members.
+    pub async fn create_group(
+        &self,
+        station: &str,
+        group: &str,
+        settings: GroupSettings,
+    ) -> Result<GroupInfo, ClientError> {
+        let req = CreateGroupRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            settings: Some(settings),
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.create_group(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Lists the groups of a station (every station's when `station` is empty).
+    pub async fn list_groups(&self, station: &str) -> Result<Vec<GroupInfo>, ClientError> {
+        let req = ListGroupsRequest {
+            station: station.to_owned(),
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.list_groups(req).await }
+            })
+            .await?;
+        Ok(r.into_inner().groups)
+    }
+
+    /// Settings, members, assignment and per-partition positions and lag.
+    pub async fn describe_group(
+        &self,
+        station: &str,
+        group: &str,
+    ) -> Result<GroupInfo, ClientError> {
+        let req = DescribeGroupRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            only_partitions: vec![],
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.describe_group(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Moves a group (one partition, or all) to `target` while it runs.
+    pub async fn seek_group(
+        &self,
+        station: &str,
+        group: &str,
+        partition: Option<u32>,
+        target: seek_group_request::Target,
+    ) -> Result<(), ClientError> {
+        let req = SeekGroupRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            partition,
+            target: Some(target),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.groups(ch);
+            async move { c.seek_group(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Creates `to` with `from`'s settings and positions.
+    pub async fn clone_group(
+        &self,
+        station: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<GroupInfo, ClientError> {
+        let req = CloneGroupRequest {
+            station: station.to_owned(),
+            from_group: from.to_owned(),
+            to_group: to.to_owned(),
+            partition: None,
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.clone_group(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Deletes a group.
+    pub async fn delete_group(&self, station: &str, group: &str) -> Result<(), ClientError> {
+        let req = DeleteGroupRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.groups(ch);
+            async move { c.delete_group(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Appends dead letters of `station` (optionally only `group`'s, from dead-letter offset
+    /// `from`) back to `station`.
+    pub async fn resend_dead_letters(
+        &self,
+        station: &str,
+        group: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<ResendDeadLettersResponse, ClientError> {
+        let req = ResendDeadLettersRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            from_offset: from,
+            to_offset: to,
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.resend_dead_letters(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    async fn join(&self, req: &JoinGroupRequest) -> Result<MemberAssignment, ClientError> {
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.join_group(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Joins a consumer group and starts consuming (needs a Tokio runtime). Returns once the
+    /// join succeeded.
+    pub async fn group_consumer(
+        &self,
+        station: &str,
+        group: &str,
+        options: GroupOptions,
+    ) -> Result<GroupConsumer, ClientError> {
+        let member_id = options.member_id.clone().unwrap_or_else(random_id);
+        let join = JoinGroupRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            member_id: member_id.clone(),
+            client: options.client.clone(),
+            settings: Some(options.settings),
+        };
+        let first = self.join(&join).await?;
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let workers: Workers = Arc::default();
+        let ctx = Coordinator {
+            client: self.clone(),
+            join,
+            max_in_flight: options.max_in_flight,
+            workers: workers.clone(),
+            tx,
+        };
+        let coordinator = tokio::spawn(ctx.run(first));
+        Ok(GroupConsumer {
+            client: self.clone(),
+            station: station.to_owned(),
+            group: group.to_owned(),
+            member_id,
+            rx,
+            workers,
+            coordinator,
+        })
+    }
+}
+
+impl GroupConsumer {
+    /// The next delivered message; `None` once the consumer stopped.
+    pub async fn recv(&mut self) -> Option<GroupMessage> {
+        self.rx.recv().await
+    }
+
+    /// The member id.
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// Partitions this member currently consumes.
+    pub fn partitions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Worker>> {
+        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reply(&self, m: &GroupMessage, r: Reply) -> bool {
+        match self.lock().get(&m.partition()) {
+            Some(w) if w.epoch == m.epoch => w.replies.send(r).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Acknowledges a message. Returns false when this member no longer owns its partition
+    /// (the message will be delivered to the new owner).
+    pub fn ack(&self, m: &GroupMessage) -> bool {
+        self.reply(m, Reply::Ack(m.offset()))
+    }
+
+    /// Asks for redelivery after `delay`.
+    pub fn nack(&self, m: &GroupMessage, delay: Duration) -> bool {
+        self.reply(m, Reply::Nack(m.offset(), delay.as_millis() as u64))
+    }
+
+    /// Extends the ack deadline of a message still being worked on.
+    pub fn in_progress(&self, m: &GroupMessage) -> bool {
+        self.reply(m, Reply::InProgress(m.offset()))
+    }
+
+    /// Stops consuming and leaves the group, so its partitions move at once.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.stop();
+        let req = LeaveGroupRequest {
+            station: self.station.clone(),
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+        };
+        self.client
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.client.groups(ch);
+                async move { c.leave_group(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.coordinator.abort();
+        for (_, w) in self.lock().drain() {
+            w.task.abort();
+        }
+    }
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Coordinator {
+    client: Client,
+    join: JoinGroupRequest,
+    max_in_flight: u32,
+    workers: Workers,
+    tx: mpsc::Sender<GroupMessage>,
+}
+
+impl Coordinator {
+    async fn run(self, first: MemberAssignment) {
+        let mut assignment = first;
+        loop {
+            self.apply(&assignment);
+            let interval = Duration::from_millis(assignment.heartbeat_interval_ms.max(100));
+            tokio::time::sleep(interval).await;
+            if self.tx.is_closed() {
+                return;
+            }
+            let hb = HeartbeatRequest {
+                station: self.join.station.clone(),
+                group: self.join.group.clone(),
+                member_id: self.join.member_id.clone(),
+            };
+            let r = self
+                .client
+                .with_retry(|ch| {
+                    let hb = hb.clone();
+                    let mut c = self.client.groups(ch);
+                    async move { c.heartbeat(hb).await }
+                })
+                .await;
+            match r {
+                Ok(a) => assignment = a.into_inner(),
+                Err(e) if e.code() == Some(Code::NotFound) => {
+                    tracing::info!(member = %self.join.member_id, "session expired; joining again");
+                    match self.client.join(&self.join).await {
+                        Ok(a) => assignment = a,
+                        Err(e) => tracing::warn!(error = %e, "rejoin failed"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Starts workers for new (or re-epoched) partitions and stops revoked ones.
+    fn apply(&self, a: &MemberAssignment) {
+        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted: HashMap<u32, (u64, String)> = a
+            .partitions
+            .iter()
+            .map(|p| (p.partition, (p.epoch, p.leader_addr.clone())))
+            .collect();
+        workers.retain(|p, w| {
+            let keep = wanted.get(p).is_some_and(|(e, _)| *e == w.epoch) && !w.task.is_finished();
+            if !keep {
+                w.task.abort();
+            }
+            keep
+        });
+        for (p, (epoch, hint)) in wanted {
+            if workers.contains_key(&p) {
+                continue;
+            }
+            let (rtx, rrx) = mpsc::unbounded_channel();
+            let w = PartitionWorker {
+                client: self.client.clone(),
+                subscribe: Subscribe {
+                    station: self.join.station.clone(),
+                    group: self.join.group.clone(),
+                    partition: p,
+                    member_id: self.join.member_id.clone(),
+                    epoch,
+                    max_in_flight: self.max_in_flight,
+                },
+                hint: (!hint.is_empty())
+                    .then(|| retry::normalize_address(&hint).ok())
+                    .flatten(),
+                tx: self.tx.clone(),
+            };
+            let task = tokio::spawn(w.run(rrx));
+            workers.insert(
+                p,
+                Worker {
+                    epoch,
+                    replies: rtx,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+struct PartitionWorker {
+    client: Client,
+    subscribe: Subscribe,
+    hint: Option<String>,
+    tx: mpsc::Sender<GroupMessage>,
+}
+
+impl PartitionWorker {
+    async fn run(mut self, mut replies: mpsc::UnboundedReceiver<Reply>) {
+        let mut backoff = Backoff::default();
+        let mut rotate = 0usize;
+        loop {
+            let addr = match self.hint.take() {
+                Some(a) => a,
+                None => {
+                    let addrs = self.client.addresses();
+                    if addrs.is_empty() {
+                        return;
+                    }
+                    rotate += 1;
+                    addrs[rotate % addrs.len()].clone()
+                }
+            };
+            let status = self.session(&addr, &mut replies, &mut backoff).await;
+            if is_fenced(&status) || status.code() == Code::NotFound || self.tx.is_closed() {
+                tracing::debug!(partition = self.subscribe.partition, %status, "partition worker stops");
+                return;
+            }
+            match retry::classify(&status) {
+                Disposition::Retry { leader_hint } => self.hint = leader_hint,
+                Disposition::Fail if status.code() == Code::Ok => {}
+                Disposition::Fail => {
+                    tracing::warn!(partition = self.subscribe.partition, %status, "consume failed");
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// One `Consume` stream; returns why it ended.
+    async fn session(
+        &mut self,
+        addr: &str,
+        replies: &mut mpsc::UnboundedReceiver<Reply>,
+        backoff: &mut Backoff,
+    ) -> Status {
+        let channel = match self.client.inner.channel(addr) {
+            Ok(c) => c,
+            Err(e) => return Status::unavailable(e.to_string()),
+        };
+        let (req_tx, req_rx) = mpsc::unbounded_channel();
+        let _ = req_tx.send(ConsumeRequest {
+            request: Some(ConsumeReq::Subscribe(self.subscribe.clone())),
+        });
+        let mut c = self.client.groups(channel);
+        let mut stream = match c
+            .consume(tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx))
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(s) => return s,
+        };
+        let epoch = self.subscribe.epoch;
+        let mut buf = Vec::new();
+        loop {
+            tokio::select! {
+                m = stream.message() => match m {
+                    Ok(Some(resp)) => {
+                        *backoff = Backoff::default();
+                        for d in resp.deliveries {
+                            let Some(message) = d.message else { continue };
+                            let gm = GroupMessage { message, delivery_count: d.delivery_count, epoch };
+                            if self.tx.send(gm).await.is_err() {
+                                return Status::cancelled("consumer dropped");
+                            }
+                        }
+                    }
+                    Ok(None) => return Status::unavailable("consume stream ended"),
+                    Err(s) => return s,
+                },
+                n = replies.recv_many(&mut buf, 4096) => {
+                    if n == 0 {
+                        return Status::cancelled("consumer dropped");
+                    }
+                    let mut acks = Vec::new();
+                    for r in buf.drain(..) {
+                        let req = match r {
+                            Reply::Ack(o) => { acks.push(o); continue; }
+                            Reply::Nack(o, delay_ms) => ConsumeReq::Nack(Nack { offsets: vec![o], delay_ms }),
+                            Reply::InProgress(o) => ConsumeReq::InProgress(Offsets { offsets: vec![o] }),
+                        };
+                        let _ = req_tx.send(ConsumeRequest { request: Some(req) });
+                    }
+                    if !acks.is_empty() {
+                        let _ = req_tx.send(ConsumeRequest { request: Some(ConsumeReq::Ack(Offsets { offsets: acks })) });
+                    }
+                }
+            }
+        }
+    }
+}
