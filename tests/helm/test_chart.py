@@ -368,6 +368,17 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def peer_host() -> str:
+    """The host the pods' DNS names are mapped to. `localhost` when it resolves to 127.0.0.1
+    only, so peers are dialled by *name* as in Kubernetes (the resolver path of the dialer is
+    exercised); otherwise the address itself."""
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo("localhost", 7701, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return "127.0.0.1"
+    return "localhost" if addrs == {"127.0.0.1"} else "127.0.0.1"
+
+
 def expand_k8s(value: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined variables are replaced, $$ escapes, others stay."""
 
@@ -389,7 +400,8 @@ class PodSim:
       configMap volumes get the ConfigMap's keys as files, emptyDir/PVC start empty and the data
       volume is kept across restarts of the same pod (a PVC);
     - networking: each pod's headless DNS name `<pod>.<headless>.<ns>.svc.<domain>:<grpc port>`
-      becomes 127.0.0.1:<that pod's own ephemeral port>, and the bind addresses
+      becomes localhost:<that pod's own ephemeral port> (a name resolved by the dialer, when
+      localhost is 127.0.0.1 only; else 127.0.0.1:<port>), and the bind addresses
       `<bindAddress>:<grpc/http port>` of this pod become 127.0.0.1:<its ports>, in env values,
       args and the mounted config file;
     - the image's /usr/local/bin/junction becomes the built binary.
@@ -403,7 +415,7 @@ class PodSim:
         self.ordinal = ordinal
         self.name = f"{self.sts_name}-{ordinal}"
         self.grpc, self.http = grpc_ports[ordinal], http_ports[ordinal]
-        self.addr = f"127.0.0.1:{self.grpc}"
+        self.addr = f"{peer_host()}:{self.grpc}"
         pod = sts["spec"]["template"]["spec"]
         c = pod["containers"][0]
         self.container = c
@@ -414,8 +426,8 @@ class PodSim:
         self.port_by_name = {"grpc": self.grpc, "http": self.http}
         self.subst: list[tuple[str, str]] = []
         for j, port in enumerate(grpc_ports):
-            self.subst.append((f"{self.sts_name}-{j}.{headless}.{NAMESPACE}.svc.{domain}:{cport['grpc']}", f"127.0.0.1:{port}"))
-        self.subst += [(f"{bind}:{cport['grpc']}", self.addr), (f"{bind}:{cport['http']}", f"127.0.0.1:{self.http}")]
+            self.subst.append((f"{self.sts_name}-{j}.{headless}.{NAMESPACE}.svc.{domain}:{cport['grpc']}", f"{peer_host()}:{port}"))
+        self.subst += [(f"{bind}:{cport['grpc']}", f"127.0.0.1:{self.grpc}"), (f"{bind}:{cport['http']}", f"127.0.0.1:{self.http}")]
 
         self.dir = root / self.name
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -585,6 +597,7 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
         t0 = time.monotonic()
         for p in pods:  # podManagementPolicy: Parallel
             p.start()
+        print(f"  headless DNS names mapped to {peer_host()}:<port>; bind addresses to 127.0.0.1:<port>")
         print(f"  started {n} pods: " + ", ".join(f"{p.name} (node {p.ordinal + 1}) grpc {p.addr} http :{p.http}" for p in pods))
         for p in pods:
             wait_for(f"{p.name} startupProbe", lambda p=p: p.probe("startupProbe"), 60)
