@@ -215,6 +215,31 @@ def test_bad_values() -> None:
     check(one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 2, "accepted: five replicas with maxUnavailable 2")
 
 
+def test_replica_guard() -> None:
+    section("upgrade guard: a running cluster's size cannot change (membership is static)")
+    # `lookup` returns nothing offline, so render a copy of the chart whose lookup is replaced
+    # by the live StatefulSet a cluster would return (spec.replicas as JSON gives it: a float).
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    call = 'lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .)'
+    check(helpers.count(call) == 1, "the guard looks up the live StatefulSet of this release")
+    with tempfile.TemporaryDirectory(prefix="junction-chart-guard-") as tmp:
+        copy = Path(tmp) / "junction"
+        shutil.copytree(CHART, copy)
+        (copy / "templates" / "_helpers.tpl").write_text(
+            helpers.replace(call, 'dict "spec" (dict "replicas" (float64 3))'))
+        chart = helm_python.Chart.load(str(copy))
+        chart.render({"replicaCount": 3}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+        check(True, "upgrade of a 3-node cluster with replicaCount 3 renders")
+        try:
+            chart.render({"replicaCount": 5}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+        except helm_python.HelmRenderError as e:
+            msg = " ".join(str(e).split())
+            check("replicaCount 5 differs from the running cluster's 3" in msg and "static" in msg,
+                  "upgrade of a 3-node cluster to replicaCount 5 is refused", msg)
+            return
+        raise Failure("an upgrade changing the size of a running cluster was accepted")
+
+
 def members_of(toml_text: str) -> dict[int, str]:
     m = re.search(r'^members = "([^"]*)"$', toml_text, re.M)
     if not m:
@@ -663,10 +688,13 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
         test_pod = one(objs, "Pod")
         tc = test_pod["spec"]["containers"][0]
         client_addr = f"{sts['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{pods[0].container['ports'][0]['containerPort']}"
-        tenv = {e["name"]: e["value"].replace(client_addr, ",".join(every)) for e in tc["env"]}
+        tenv: dict[str, str] = {}
+        for e in tc["env"]:
+            tenv[e["name"]] = expand_k8s(e["value"], tenv).replace(client_addr, ",".join(every))
         if tenv.get("JUNCTION_SERVER") != ",".join(every):
             raise Failure(f"helm test pod env not understood: {tc['env']}")
-        r = subprocess.run(tc["command"], env={"PATH": f"{binary.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **tenv},
+        tcmd = [expand_k8s(a, tenv) for a in tc["command"] + tc.get("args", [])]
+        r = subprocess.run(tcmd, env={"PATH": f"{binary.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **tenv},
                            capture_output=True, text=True, timeout=90, cwd=root)
         check(r.returncode == 0 and "round trip ok" in r.stdout,
               "the helm test pod's script (status over gRPC, produce/read round trip) passes",
@@ -735,6 +763,9 @@ def test_boot(binary: Path) -> dict[str, dict[str, float]]:
 
 
 def main() -> int:
+    # A SIGTERM (CI cancelling the run) unwinds normally, so the pods are stopped and the
+    # temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     binary = Path(os.environ.get("JUNCTION_BIN", ""))
     if not binary.is_file():
         print(f"JUNCTION_BIN={binary} is not the built junction binary", file=sys.stderr)
@@ -745,6 +776,7 @@ def main() -> int:
         test_lint()
         rendered = test_render_and_validate()
         test_bad_values()
+        test_replica_guard()
         test_ha_properties(rendered)
         timings = test_boot(binary)
     except Failure as e:
