@@ -614,8 +614,10 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
     sts = one(objs, "StatefulSet")
     n = sts["spec"]["replicas"]
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    ports = free_ports(2 * n)
-    pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, ports[:n], ports[n:]) for i in range(n)]
+    # Ports for one more pod than the StatefulSet has, to play `kubectl scale` up.
+    ports = free_ports(2 * (n + 1))
+    grpc_ports, http_ports = ports[: n + 1], ports[n + 1 :]
+    pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports) for i in range(n)]
     cli = Cli(binary)
     every = [p.addr for p in pods]
     try:
@@ -649,6 +651,24 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
 
         if not chaos:
             return timings
+
+        # `kubectl scale --replicas=4` behind the chart's back: the new pod is not a member,
+        # so it must refuse to start rather than join or disturb the cluster.
+        extra = PodSim(n, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports)
+        extra.start()
+        assert extra.proc
+        try:
+            code = extra.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            extra.kill9()
+            raise Failure(f"{extra.name} (not in the member list) kept running") from None
+        log = extra.log.read_text(errors="replace")
+        check(code != 0 and f"node id {n + 1} is not in the member list" in log,
+              f"kubectl scale up: {extra.name} exits ({code}) with 'node id {n + 1} is not in the member list'",
+              extra.log_tail())
+        st_after = cli.status(every)
+        check(sorted(x["id"] for x in st_after["nodes"]) == list(range(1, n + 1)) and all(x["alive"] for x in st_after["nodes"]),
+              f"the cluster still has exactly its {n} nodes, all alive")
 
         # kill -9 the pod that leads the metadata group.
         leader = st["metadata_leader"]
