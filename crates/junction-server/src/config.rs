@@ -32,6 +32,17 @@ pub enum ConfigError {
     BadOverride { entry: String },
     #[error("node id must be at least 1")]
     ZeroId,
+    #[error(
+        "cannot take a node id from pod name '{name}': expected NAME-ORDINAL, e.g. junction-0 \
+         (node id = ordinal + 1)"
+    )]
+    BadPodName { name: String },
+    #[error("--id {id} contradicts --id-from-pod-name {pod_name} (node id {derived}); give one")]
+    IdConflict {
+        id: NodeId,
+        pod_name: String,
+        derived: NodeId,
+    },
     #[error("{field} must be {rule}, got {value}")]
     OutOfRange {
         field: &'static str,
@@ -105,6 +116,10 @@ pub struct ServeArgs {
     /// Node id (≥ 1).
     #[arg(long = "id", env = "JUNCTION_NODE_ID")]
     pub node_id: Option<NodeId>,
+    /// Node id from a StatefulSet pod name: NAME-ORDINAL is node ORDINAL + 1 (`junction-0` is
+    /// node 1). On Kubernetes, pass the pod name from the downward API.
+    #[arg(long, env = "JUNCTION_ID_FROM_POD_NAME", value_name = "POD_NAME")]
+    pub id_from_pod_name: Option<String>,
     /// gRPC bind address (public API and node-to-node traffic).
     #[arg(long, env = "JUNCTION_LISTEN")]
     pub listen: Option<String>,
@@ -155,6 +170,17 @@ impl Config {
         };
         if let Some(v) = args.node_id {
             c.node_id = v;
+        }
+        if let Some(pod_name) = &args.id_from_pod_name {
+            let derived = node_id_from_pod_name(pod_name)?;
+            if let Some(id) = args.node_id.filter(|id| *id != derived) {
+                return Err(ConfigError::IdConflict {
+                    id,
+                    pod_name: pod_name.clone(),
+                    derived,
+                });
+            }
+            c.node_id = derived;
         }
         if let Some(v) = &args.listen {
             c.listen = v.clone();
@@ -284,7 +310,24 @@ impl Config {
     }
 }
 
-/// Parses `1=host:port,2=host:port`.
+/// The node id of a StatefulSet pod: `NAME-ORDINAL` → ORDINAL + 1 (ids start at 1, ordinals
+/// at 0), so `junction-0` is node 1 and `my-release-junction-4` node 5.
+pub fn node_id_from_pod_name(pod_name: &str) -> Result<NodeId, ConfigError> {
+    let bad = || ConfigError::BadPodName {
+        name: pod_name.to_string(),
+    };
+    let (prefix, ordinal) = pod_name.trim().rsplit_once('-').ok_or_else(bad)?;
+    if prefix.is_empty() || ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let ordinal: NodeId = ordinal.parse().map_err(|_| bad())?;
+    ordinal.checked_add(1).ok_or_else(bad)
+}
+
+/// Parses `1=host:port,2=host:port`. Hosts may be IP addresses or DNS names (e.g. a
+/// Kubernetes headless Service's `pod.service.namespace.svc.cluster.local`); names are
+/// resolved each time a peer connection is (re)established, so a pod that comes back with a
+/// new IP is found again.
 pub fn parse_members(
     list: &str,
     me: NodeId,
@@ -322,6 +365,93 @@ mod tests {
         assert!(parse_members("1=a:1,nope", 1, "x").is_err());
         assert!(parse_members("0=a:1", 1, "x").is_err());
         assert_eq!(parse_members("", 4, "me:1").unwrap()[&4], "me:1");
+    }
+
+    #[test]
+    fn node_id_from_statefulset_pod_names() {
+        assert_eq!(node_id_from_pod_name("junction-0").unwrap(), 1);
+        assert_eq!(node_id_from_pod_name("my-release-junction-4").unwrap(), 5);
+        for bad in [
+            "junction",
+            "junction-",
+            "-3",
+            "junction-x",
+            "junction-+1",
+            "j-99999999999999999999",
+        ] {
+            assert!(
+                matches!(
+                    node_id_from_pod_name(bad),
+                    Err(ConfigError::BadPodName { .. })
+                ),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn statefulset_pod_takes_its_id_from_its_name_and_dns_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junction.toml");
+        let members: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "{}=junction-{i}.junction-headless.ns.svc.cluster.local:7701",
+                    i + 1
+                )
+            })
+            .collect();
+        std::fs::write(
+            &path,
+            format!(
+                "members = \"{}\"\nlisten = \"0.0.0.0:7701\"\nhttp = \"0.0.0.0:8701\"\n",
+                members.join(",")
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            id_from_pod_name: Some("junction-2".into()),
+            advertise: Some("junction-2.junction-headless.ns.svc.cluster.local:7701".into()),
+            ..Default::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.node_id, 3);
+        let m = c.broker_config().unwrap().members;
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            m[&3],
+            "junction-2.junction-headless.ns.svc.cluster.local:7701"
+        );
+        assert_eq!(c.advertised(), m[&3]);
+
+        // An explicit id that agrees is fine; one that contradicts the pod name is refused.
+        let agree = ServeArgs {
+            node_id: Some(3),
+            ..args.clone()
+        };
+        assert_eq!(Config::load(&agree).unwrap().node_id, 3);
+        let clash = ServeArgs {
+            node_id: Some(1),
+            ..args.clone()
+        };
+        assert!(matches!(
+            Config::load(&clash),
+            Err(ConfigError::IdConflict {
+                id: 1,
+                derived: 3,
+                ..
+            })
+        ));
+        // A pod whose ordinal is outside the member list (scaled up without new members).
+        let outside = ServeArgs {
+            id_from_pod_name: Some("junction-3".into()),
+            ..args
+        };
+        assert!(matches!(
+            Config::load(&outside),
+            Err(ConfigError::NotAMember { id: 4, .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,93 @@
+{{/* Names, labels and the member list shared by the templates. */}}
+
+{{- define "junction.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The StatefulSet's name. Pod names are <fullname>-<ordinal> and the node id is ordinal + 1, so
+it must leave room for "-NN" within 63 characters.
+*/}}
+{{- define "junction.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "junction.headless" -}}
+{{- printf "%s-headless" (include "junction.fullname" .) }}
+{{- end }}
+
+{{- define "junction.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "junction.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "junction.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "junction.labels" -}}
+helm.sh/chart: {{ include "junction.chart" . }}
+{{ include "junction.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: junction
+{{- end }}
+
+{{- define "junction.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "junction.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "junction.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The DNS name of pod <ordinal> through the headless Service. */}}
+{{- define "junction.podHost" -}}
+{{- $ := index . 0 }}
+{{- $ordinal := index . 1 }}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "junction.fullname" $) (int $ordinal) (include "junction.headless" $) $.Release.Namespace $.Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The initial member list: node (ordinal + 1) at its pod's stable DNS name, for every replica.
+*/}}
+{{- define "junction.members" -}}
+{{- $members := list }}
+{{- range $ordinal := until (int .Values.replicaCount) }}
+{{- $members = append $members (printf "%d=%s:%d" (add1 $ordinal) (include "junction.podHost" (list $ $ordinal)) (int $.Values.ports.grpc)) }}
+{{- end }}
+{{- join "," $members }}
+{{- end }}
+
+{{/* The client address (the client Service) used by NOTES and the test pod. */}}
+{{- define "junction.clientAddress" -}}
+{{- printf "%s.%s.svc.%s:%d" (include "junction.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.ports.grpc) }}
+{{- end }}
+
+{{/*
+Refuse to change the size of a running cluster: membership is static (see values.yaml,
+replicaCount). lookup sees the live StatefulSet during install/upgrade; it returns nothing in
+`helm template` and dry runs, where there is no cluster to protect.
+*/}}
+{{- define "junction.guardReplicaChange" -}}
+{{- $live := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .) }}
+{{- if and $live $live.spec }}
+{{- $current := int (default 0 $live.spec.replicas) }}
+{{- if and (gt $current 0) (ne $current (int .Values.replicaCount)) }}
+{{- fail (printf "replicaCount %d differs from the running cluster's %d: Junction's membership is static (set when the cluster first starts), so changing the number of nodes of a running release is not supported yet. Keep replicaCount=%d, or install a new release with the size you want and move clients to it (README: Deploy on Kubernetes, Scaling)." (int .Values.replicaCount) $current $current) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,815 @@
+#!/usr/bin/env python3
+"""Tests of the Helm chart helm/junction, run by scripts/test-helm (part of ./scripts/test).
+
+No Kubernetes is available, so this does the next best things:
+
+1. lint: `helm lint --strict` (the Helm v4 engine embedded in helm-python-sdk), once per
+   Kubernetes version in K8S_VERSIONS.
+2. render + validate: render the chart with the defaults and with variants; every object must
+   validate strictly (unknown fields are errors) against the OpenAPI schemas of every version
+   in K8S_VERSIONS (kubernetes-validate). Bad values must be refused with a clear message.
+3. HA properties asserted on the rendered objects.
+4. boot: the rendered StatefulSet's container (command, args, env, the ConfigMap-mounted TOML)
+   is run as real `junction serve` processes, one per pod, with only what Kubernetes itself
+   would supply substituted (see `PodSim`): the cluster must form, take a produce and a read,
+   survive kill -9 of one pod, let it rejoin and catch up, pass the chart's own `helm test`
+   script, and stop gracefully within terminationGracePeriodSeconds.
+
+Every check prints one line; the first failure stops the run with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import helm_python
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "junction"
+K8S_VERSIONS = ["1.29.0", "1.31.0", "1.33.0"]
+RELEASE = "junction"
+NAMESPACE = "streaming"
+
+CHECKS = 0
+STARTED = time.monotonic()
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond: bool, what: str, detail: str = "") -> None:
+    global CHECKS
+    CHECKS += 1
+    if not cond:
+        raise Failure(f"{what}{': ' + detail if detail else ''}")
+    print(f"  ok  {what}")
+
+
+def section(title: str) -> None:
+    print(f"\n--- {title}  [{time.monotonic() - STARTED:.1f}s]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(values: dict[str, Any] | None = None, name: str = RELEASE) -> dict[str, str]:
+    chart = helm_python.Chart.load(str(CHART))
+    return chart.render(values or {}, name=name, namespace=NAMESPACE, is_install=True)
+
+
+def objects(manifests: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith(".yaml"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                out.append(doc)
+    return out
+
+
+def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    if len(found) != 1:
+        raise Failure(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
+
+
+def validate_all(label: str, objs: list[dict[str, Any]]) -> None:
+    for version in K8S_VERSIONS:
+        builtin = 0
+        for o in objs:
+            if o["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # a CRD: checked structurally where it is rendered
+            try:
+                kubernetes_validate.validate(o, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = "/".join(str(p) for p in e.path)
+                raise Failure(
+                    f"{label}: {o['kind']}/{o['metadata']['name']} is invalid for Kubernetes "
+                    f"{version} at {path or '/'}: {e.message}"
+                ) from None
+            builtin += 1
+        check(True, f"{label}: {builtin} objects valid (strict) for Kubernetes {version}")
+
+
+def toml_of(objs: list[dict[str, Any]]) -> str:
+    cm = one(objs, "ConfigMap", f"{fullname()}-config")
+    return cm["data"]["junction.toml"]
+
+
+def fullname(release: str = RELEASE) -> str:
+    return release if "junction" in release else f"{release}-junction"
+
+
+def pod_labels(sts: dict[str, Any]) -> dict[str, str]:
+    return sts["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-3: lint, validation, bad values, HA properties
+
+
+def test_lint() -> None:
+    section("helm lint --strict")
+    for version in K8S_VERSIONS:
+        report = helm_python.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version=f"v{version}")
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        check(not problems, f"lint --strict clean for Kubernetes {version}", json.dumps(problems))
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "five replicas": {"replicaCount": 5},
+    "persistence off": {"persistence": {"enabled": False}},
+    "ServiceMonitor and dashboard on": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "grafanaDashboard": {"enabled": True},
+    },
+    "custom resources, hard anti-affinity, storage class, extras": {
+        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}},
+        "podAntiAffinity": "hard",
+        "topologySpread": {"enabled": True, "whenUnsatisfiable": "DoNotSchedule"},
+        "persistence": {"storageClass": "fast-ssd", "size": "200Gi"},
+        "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+        "extraVolumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        "priorityClassName": "streaming-critical",
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "junction", "effect": "NoSchedule"}],
+        "nodeSelector": {"node-pool": "junction"},
+        "service": {"type": "LoadBalancer", "annotations": {"a": "b"}},
+    },
+    "release name without 'junction'": {},
+}
+
+
+def test_render_and_validate() -> dict[str, list[dict[str, Any]]]:
+    section(f"render variants and validate strictly against Kubernetes {', '.join(K8S_VERSIONS)}")
+    rendered = {}
+    for label, values in VARIANTS.items():
+        release = "events" if "without" in label else RELEASE
+        objs = objects(render(values, name=release))
+        validate_all(label, objs)
+        rendered[label] = objs
+    return rendered
+
+
+BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("replicaCount 2", {"replicaCount": 2}, "/replicaCount"),
+    ("replicaCount 4 (even)", {"replicaCount": 4}, "/replicaCount"),
+    ("replicaCount 1", {"replicaCount": 1}, "/replicaCount"),
+    ("replicaCount 7", {"replicaCount": 7}, "/replicaCount"),
+    ("replicaCount as a string", {"replicaCount": "3"}, "/replicaCount"),
+    ("negative volume size", {"persistence": {"size": "-10Gi"}}, "/persistence/size"),
+    ("zero volume size", {"persistence": {"size": "0"}}, "/persistence/size"),
+    ("volume size without a number", {"persistence": {"size": "Gi"}}, "/persistence/size"),
+    ("negative grace period", {"terminationGracePeriodSeconds": -1}, "/terminationGracePeriodSeconds"),
+    ("grace period too short for a handoff", {"terminationGracePeriodSeconds": 5}, "/terminationGracePeriodSeconds"),
+    ("negative minReadySeconds", {"minReadySeconds": -5}, "/minReadySeconds"),
+    ("zero max message size", {"config": {"maxMessageBytes": 0}}, "/config/maxMessageBytes"),
+    ("max message size above 64 MiB", {"config": {"maxMessageBytes": 67108865}}, "/config/maxMessageBytes"),
+    ("unknown top-level key", {"replicas": 3}, "additional properties 'replicas'"),
+    ("unknown config key (typo)", {"config": {"heartbeatMS": 100}}, "additional properties 'heartbeatMS'"),
+    ("OrderedReady pod management", {"podManagementPolicy": "OrderedReady"}, "/podManagementPolicy"),
+    ("anti-affinity 'medium'", {"podAntiAffinity": "medium"}, "/podAntiAffinity"),
+    ("port 0", {"ports": {"grpc": 0}}, "/ports/grpc"),
+    ("PDB allowing two of three down", {"podDisruptionBudget": {"maxUnavailable": 2}}, "at most 1"),
+    ("election timeout under two heartbeats", {"config": {"heartbeatMs": 500, "electionMinMs": 600, "electionMaxMs": 900}}, "twice"),
+    ("election max not above min", {"config": {"electionMinMs": 900, "electionMaxMs": 900}}, "greater than"),
+]
+
+
+def test_bad_values() -> None:
+    section("bad values are refused with a clear message")
+    for label, values, expect in BAD_VALUES:
+        try:
+            render(values)
+        except (helm_python.HelmValuesError, helm_python.HelmRenderError) as e:
+            msg = " ".join(str(e).split())
+            check(expect in msg, f"refused: {label}", f"message does not name {expect!r}: {msg}")
+            continue
+        raise Failure(f"accepted bad values: {label}: {values}")
+    # Five replicas with a PDB of two is a legal choice.
+    objs = objects(render({"replicaCount": 5, "podDisruptionBudget": {"maxUnavailable": 2}}))
+    check(one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 2, "accepted: five replicas with maxUnavailable 2")
+
+
+def test_replica_guard() -> None:
+    section("upgrade guard: a running cluster's size cannot change (membership is static)")
+    # `lookup` returns nothing offline, so render a copy of the chart whose lookup is replaced
+    # by the live StatefulSet a cluster would return (spec.replicas as JSON gives it: a float).
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    call = 'lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .)'
+    check(helpers.count(call) == 1, "the guard looks up the live StatefulSet of this release")
+    with tempfile.TemporaryDirectory(prefix="junction-chart-guard-") as tmp:
+        copy = Path(tmp) / "junction"
+        shutil.copytree(CHART, copy)
+        (copy / "templates" / "_helpers.tpl").write_text(
+            helpers.replace(call, 'dict "spec" (dict "replicas" (float64 3))'))
+        chart = helm_python.Chart.load(str(copy))
+        chart.render({"replicaCount": 3}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+        check(True, "upgrade of a 3-node cluster with replicaCount 3 renders")
+        try:
+            chart.render({"replicaCount": 5}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+        except helm_python.HelmRenderError as e:
+            msg = " ".join(str(e).split())
+            check("replicaCount 5 differs from the running cluster's 3" in msg and "static" in msg,
+                  "upgrade of a 3-node cluster to replicaCount 5 is refused", msg)
+            return
+        raise Failure("an upgrade changing the size of a running cluster was accepted")
+
+
+def members_of(toml_text: str) -> dict[int, str]:
+    m = re.search(r'^members = "([^"]*)"$', toml_text, re.M)
+    if not m:
+        raise Failure(f"no members line in the rendered config:\n{toml_text}")
+    out = {}
+    for entry in m.group(1).split(","):
+        node, addr = entry.split("=", 1)
+        out[int(node)] = addr
+    return out
+
+
+def test_ha_properties(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    section("HA properties of the rendered objects")
+    objs = rendered["defaults"]
+    name = fullname()
+    headless_name = f"{name}-headless"
+    sts = one(objs, "StatefulSet", name)
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    labels = pod_labels(sts)
+    c = pod["containers"][0]
+    values = helm_python.Chart.load(str(CHART)).values
+
+    check(spec["replicas"] == 3, "StatefulSet: 3 replicas by default")
+    check(spec["podManagementPolicy"] == "Parallel", "StatefulSet: podManagementPolicy Parallel")
+    check(spec["serviceName"] == headless_name, "StatefulSet: serviceName is the headless Service")
+    check(spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+          "StatefulSet: RollingUpdate, one pod at a time (no maxUnavailable)")
+    check(spec["minReadySeconds"] >= 5, f"StatefulSet: minReadySeconds {spec['minReadySeconds']} before the next pod")
+    check(selects(spec["selector"]["matchLabels"], labels), "StatefulSet: selector matches the pod labels")
+    check("checksum/config" in spec["template"]["metadata"]["annotations"], "pod: config checksum rolls pods on config change")
+
+    headless = one(objs, "Service", headless_name)
+    check(headless["spec"]["clusterIP"] == "None", "headless Service: clusterIP None")
+    check(headless["spec"]["publishNotReadyAddresses"] is True, "headless Service: publishNotReadyAddresses")
+    check(selects(headless["spec"]["selector"], labels), "headless Service: selects the pods")
+    client = one(objs, "Service", name)
+    check(client["spec"].get("clusterIP") != "None" and not client["spec"].get("publishNotReadyAddresses"),
+          "client Service: a virtual IP over ready pods only")
+    check(selects(client["spec"]["selector"], labels), "client Service: selects the pods")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for svc in (headless, client):
+        for p in svc["spec"]["ports"]:
+            check(p["targetPort"] in ports and ports[p["targetPort"]] == p["port"],
+                  f"{svc['metadata']['name']}: port {p['name']} → container port {p['targetPort']}")
+
+    pdb = one(objs, "PodDisruptionBudget", name)
+    check(pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": spec["selector"]["matchLabels"]}},
+          "PDB: maxUnavailable 1 over exactly the StatefulSet's pods")
+
+    aa = pod["affinity"]["podAntiAffinity"]
+    soft = aa["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    check(soft["topologyKey"] == "kubernetes.io/hostname" and selects(soft["labelSelector"]["matchLabels"], labels)
+          and "requiredDuringSchedulingIgnoredDuringExecution" not in aa,
+          "anti-affinity: soft, one pod per hostname preferred")
+    hard_pod = one(rendered["custom resources, hard anti-affinity, storage class, extras"], "StatefulSet")["spec"]["template"]["spec"]
+    hard = hard_pod["affinity"]["podAntiAffinity"]
+    check("requiredDuringSchedulingIgnoredDuringExecution" in hard
+          and hard["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname",
+          "anti-affinity: hard when podAntiAffinity=hard")
+    tsc = pod["topologySpreadConstraints"][0]
+    check(tsc["topologyKey"] == "topology.kubernetes.io/zone" and tsc["maxSkew"] == 1
+          and selects(tsc["labelSelector"]["matchLabels"], labels), "topology spread across zones, maxSkew 1")
+
+    http_port = values["ports"]["http"]
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        check(get["path"] == path and ports.get(get["port"]) == http_port,
+              f"{probe}: GET {path} on the HTTP port ({http_port})")
+    toml = toml_of(objs)
+    check(f':{http_port}"' in re.search(r'^http = .*$', toml, re.M).group(0), "config: HTTP server on the probed port")
+
+    vct = spec["volumeClaimTemplates"][0]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    data_dir = re.search(r'^data-dir = "([^"]*)"$', toml, re.M).group(1)
+    check(vct["metadata"]["name"] == "data" and vct["spec"]["resources"]["requests"]["storage"] == "10Gi"
+          and vct["spec"]["accessModes"] == ["ReadWriteOnce"], "volumeClaimTemplate 'data', 10Gi, ReadWriteOnce")
+    check(data_dir.startswith(mounts["data"]["mountPath"] + "/"), f"config: data-dir {data_dir} is on the data volume")
+    check(all(v["name"] != "data" for v in pod["volumes"]), "persistence on: no emptyDir for data")
+    check(spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"},
+          "PVCs retained when the StatefulSet is deleted or scaled")
+    np_objs = rendered["persistence off"]
+    np_sts = one(np_objs, "StatefulSet")
+    check("volumeClaimTemplates" not in np_sts["spec"]
+          and {"name": "data", "emptyDir": {}} in np_sts["spec"]["template"]["spec"]["volumes"],
+          "persistence off: data in an emptyDir, no claims")
+    notes = render({"persistence": {"enabled": False}})[f"{RELEASE}/templates/NOTES.txt"]
+    check("WARNING: persistence.enabled=false" in notes, "persistence off: NOTES warns that data is lost with the pod")
+    custom_vct = one(rendered["custom resources, hard anti-affinity, storage class, extras"], "StatefulSet")["spec"]["volumeClaimTemplates"][0]
+    check(custom_vct["spec"]["storageClassName"] == "fast-ssd" and custom_vct["spec"]["resources"]["requests"]["storage"] == "200Gi",
+          "persistence: storage class and size from values")
+
+    psc, csc = pod["securityContext"], c["securityContext"]
+    check(psc["runAsNonRoot"] and psc["runAsUser"] != 0 and psc["seccompProfile"]["type"] == "RuntimeDefault",
+          "pod securityContext: non-root, RuntimeDefault seccomp")
+    check(csc["readOnlyRootFilesystem"] and csc["allowPrivilegeEscalation"] is False and csc["capabilities"] == {"drop": ["ALL"]},
+          "container securityContext: read-only root, no privilege escalation, all capabilities dropped")
+    sa = one(objs, "ServiceAccount", name)
+    check(pod["serviceAccountName"] == name and sa["automountServiceAccountToken"] is False
+          and pod["automountServiceAccountToken"] is False, "ServiceAccount, no API token mounted")
+    check(pod["enableServiceLinks"] is False, "no service-link env vars in the JUNCTION_* namespace")
+    res = c["resources"]
+    check(res["requests"]["memory"] and res["requests"]["cpu"] and res["limits"]["memory"], "resources: requests and a memory limit")
+    custom = one(rendered["custom resources, hard anti-affinity, storage class, extras"], "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    check(custom["resources"] == VARIANTS["custom resources, hard anti-affinity, storage class, extras"]["resources"],
+          "resources: custom values rendered verbatim")
+    check(pod["terminationGracePeriodSeconds"] >= 30, f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']}")
+
+    for label, n in (("defaults", 3), ("five replicas", 5)):
+        sts_n = one(rendered[label], "StatefulSet")
+        members = members_of(toml_of(rendered[label]))
+        want = {i + 1: f"{name}-{i}.{headless_name}.{NAMESPACE}.svc.cluster.local:7701" for i in range(n)}
+        check(sts_n["spec"]["replicas"] == n and members == want,
+              f"{label}: {n} replicas and all {n} members, node i+1 at pod i's headless DNS name", json.dumps(members))
+    other = rendered["release name without 'junction'"]
+    check(one(other, "StatefulSet")["metadata"]["name"] == "events-junction"
+          and members_of(toml_of_named(other, "events-junction"))[1].startswith("events-junction-0.events-junction-headless."),
+          "release 'events': names and member DNS names follow the release")
+
+    sm_objs = rendered["ServiceMonitor and dashboard on"]
+    sm = one(sm_objs, "ServiceMonitor", name)
+    sm_headless = one(sm_objs, "Service", headless_name)
+    ep = sm["spec"]["endpoints"][0]
+    check(sm["apiVersion"] == "monitoring.coreos.com/v1" and selects(sm["spec"]["selector"]["matchLabels"], sm_headless["metadata"]["labels"])
+          and not selects(sm["spec"]["selector"]["matchLabels"], one(sm_objs, "Service", name)["metadata"]["labels"])
+          and ep["port"] == "http" and ep["path"] == "/metrics" and sm["metadata"]["labels"]["release"] == "prom",
+          "ServiceMonitor (CRD, checked structurally): /metrics on port http of every pod via the headless Service")
+    check(not any(o["kind"] == "ServiceMonitor" for o in objs), "ServiceMonitor off by default")
+
+    test_pod = [o for o in objs if o["kind"] == "Pod"]
+    check(len(test_pod) == 1 and test_pod[0]["metadata"]["annotations"]["helm.sh/hook"] == "test", "a helm test pod")
+
+
+def toml_of_named(objs: list[dict[str, Any]], name: str) -> str:
+    return one(objs, "ConfigMap", f"{name}-config")["data"]["junction.toml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: boot the rendered cluster
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def peer_host() -> str:
+    """The host the pods' DNS names are mapped to. `localhost` when it resolves to 127.0.0.1
+    only, so peers are dialled by *name* as in Kubernetes (the resolver path of the dialer is
+    exercised); otherwise the address itself."""
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo("localhost", 7701, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return "127.0.0.1"
+    return "localhost" if addrs == {"127.0.0.1"} else "127.0.0.1"
+
+
+def expand_k8s(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: defined variables are replaced, $$ escapes, others stay."""
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0).startswith("$$"):
+            return m.group(0)[1:]
+        return env.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$\([A-Za-z_][A-Za-z0-9_]*\)|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", repl, value)
+
+
+class PodSim:
+    """One pod of the rendered StatefulSet, run as a local process.
+
+    What Kubernetes would supply, and what it is replaced with here (nothing else is changed):
+    - the pod name `<statefulset>-<ordinal>` and namespace, through the downward API env
+      (fieldRef metadata.name / metadata.namespace), then Kubernetes' $(VAR) expansion;
+    - the volumes: each volumeMount's mountPath becomes a directory of this pod's temp dir;
+      configMap volumes get the ConfigMap's keys as files, emptyDir/PVC start empty and the data
+      volume is kept across restarts of the same pod (a PVC);
+    - networking: each pod's headless DNS name `<pod>.<headless>.<ns>.svc.<domain>:<grpc port>`
+      becomes localhost:<that pod's own ephemeral port> (a name resolved by the dialer, when
+      localhost is 127.0.0.1 only; else 127.0.0.1:<port>), and the bind addresses
+      `<bindAddress>:<grpc/http port>` of this pod become 127.0.0.1:<its ports>, in env values,
+      args and the mounted config file;
+    - the image's /usr/local/bin/junction becomes the built binary.
+    After the substitution nothing may still name a .svc address or the wildcard bind address.
+    """
+
+    def __init__(self, ordinal: int, objs: list[dict[str, Any]], root: Path, binary: Path,
+                 grpc_ports: list[int], http_ports: list[int]) -> None:
+        sts = one(objs, "StatefulSet")
+        self.sts_name = sts["metadata"]["name"]
+        self.ordinal = ordinal
+        self.name = f"{self.sts_name}-{ordinal}"
+        self.grpc, self.http = grpc_ports[ordinal], http_ports[ordinal]
+        self.addr = f"{peer_host()}:{self.grpc}"
+        pod = sts["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        self.container = c
+        values = helm_python.Chart.load(str(CHART)).values
+        headless = sts["spec"]["serviceName"]
+        domain, bind = values["clusterDomain"], values["bindAddress"]
+        cport = {p["name"]: p["containerPort"] for p in c["ports"]}
+        self.port_by_name = {"grpc": self.grpc, "http": self.http}
+        self.subst: list[tuple[str, str]] = []
+        for j, port in enumerate(grpc_ports):
+            self.subst.append((f"{self.sts_name}-{j}.{headless}.{NAMESPACE}.svc.{domain}:{cport['grpc']}", f"{peer_host()}:{port}"))
+        self.subst += [(f"{bind}:{cport['grpc']}", f"127.0.0.1:{self.grpc}"), (f"{bind}:{cport['http']}", f"127.0.0.1:{self.http}")]
+
+        self.dir = root / self.name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
+        self.mounts = {}
+        for m in c["volumeMounts"]:
+            if m["name"] not in volumes and m["name"] not in claims:
+                raise Failure(f"volumeMount {m['name']} has no volume or claim template")
+            host = self.dir / "volumes" / m["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            self.mounts[m["mountPath"]] = host
+        for m in c["volumeMounts"]:
+            vol = volumes.get(m["name"])
+            if vol and "configMap" in vol:
+                cm = one(objs, "ConfigMap", vol["configMap"]["name"])
+                for key, text in cm["data"].items():
+                    (self.mounts[m["mountPath"]] / key).write_text(self.substitute(text))
+        self.cwd = self.dir / "cwd"
+        self.cwd.mkdir(parents=True, exist_ok=True)
+
+        env: dict[str, str] = {}
+        for e in c.get("env", []):
+            if "valueFrom" in e:
+                field = e["valueFrom"]["fieldRef"]["fieldPath"]
+                env[e["name"]] = {"metadata.name": self.name, "metadata.namespace": NAMESPACE}[field]
+            else:
+                env[e["name"]] = expand_k8s(e.get("value", ""), env)
+        self.env = {k: self.substitute(v) for k, v in env.items()}
+        argv = [expand_k8s(a, env) for a in c["command"] + c.get("args", [])]
+        if argv[0] != "/usr/local/bin/junction":
+            raise Failure(f"unexpected container command {argv[0]}")
+        self.argv = [str(binary)] + [self.substitute(a) for a in argv[1:]]
+        for text in [*self.env.values(), *self.argv, *(p.read_text() for h in self.mounts.values() for p in h.glob("*.toml"))]:
+            if ".svc." in text or f"{bind}:" in text:
+                raise Failure(f"{self.name}: unsubstituted cluster address in {text!r}")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "junction.log"
+
+    def substitute(self, text: str) -> str:
+        for old, new in self.subst:
+            text = text.replace(old, new)
+        # Mount paths, in one pass (a host path may itself start with a mount path like /tmp).
+        paths = sorted(self.mounts, key=len, reverse=True)
+        pattern = r"(?<![\w./-])(" + "|".join(re.escape(m) for m in paths) + r")(?=/|\"|'|$|\s)"
+        return re.sub(pattern, lambda m: str(self.mounts[m.group(1)]), text)
+
+    def start(self) -> None:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOSTNAME": self.name,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": "1",
+            **self.env,
+        }
+        with open(self.log, "ab") as log:
+            log.write(f"\n=== start {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.argv, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def probe(self, probe: str) -> bool:
+        get = self.container[probe]["httpGet"]
+        return http_get(f"http://127.0.0.1:{self.port_by_name[get['port']]}{get['path']}")[0] == 200
+
+    def metrics(self) -> str:
+        status, body = http_get(f"http://127.0.0.1:{self.http}/metrics")
+        if status != 200:
+            raise Failure(f"{self.name}: /metrics answered {status}")
+        return body
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, grace: float, since: float | None = None) -> tuple[float, int | None]:
+        """SIGTERM, as the kubelet does, then SIGKILL after `grace` seconds; returns (seconds to
+        exit, exit code or None if it had to be killed). With `since`, SIGTERM was already sent
+        at that time."""
+        assert self.proc is not None
+        t = since if since is not None else time.monotonic()
+        if since is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(max(grace - (time.monotonic() - t), 1))
+            return time.monotonic() - t, code
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return time.monotonic() - t, None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError:
+        return 0, ""
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last_err = ""
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Failure as e:
+            last_err = str(e)
+        time.sleep(interval)
+    raise Failure(f"timed out after {timeout:.0f}s waiting for {what}{': ' + last_err if last_err else ''}")
+
+
+class Cli:
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+
+    def run(self, servers: list[str], *args: str, stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_")}
+        return subprocess.run([str(self.binary), *args, "--server", ",".join(servers)], input=stdin, text=True,
+                              capture_output=True, timeout=timeout, env=env)
+
+    def ok(self, servers: list[str], *args: str, stdin: str | None = None, timeout: float = 30) -> str:
+        r = self.run(servers, *args, stdin=stdin, timeout=timeout)
+        if r.returncode != 0:
+            raise Failure(f"junction {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
+        return r.stdout
+
+    def status(self, servers: list[str]) -> dict[str, Any]:
+        return json.loads(self.ok(servers, "cluster", "status", "--json", timeout=15))
+
+    def read_all(self, servers: list[str], station: str, count: int) -> list[str]:
+        out = self.ok(servers, "read", station, "--count", str(count), "--json", timeout=60)
+        return [json.loads(line)["payload"] for line in out.splitlines() if line.strip()]
+
+
+def formed(cli: Cli, pods: list[PodSim], servers: list[str]) -> dict[str, Any] | None:
+    st = cli.status(servers)
+    alive = {n["id"] for n in st["nodes"] if n["alive"]}
+    if st.get("metadata_leader") and alive == {p.ordinal + 1 for p in pods if p.alive()}:
+        return st
+    return None
+
+
+def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Path, chaos: bool) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    sts = one(objs, "StatefulSet")
+    n = sts["spec"]["replicas"]
+    grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    # Ports for one more pod than the StatefulSet has, to play `kubectl scale` up.
+    ports = free_ports(2 * (n + 1))
+    grpc_ports, http_ports = ports[: n + 1], ports[n + 1 :]
+    pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports) for i in range(n)]
+    cli = Cli(binary)
+    every = [p.addr for p in pods]
+    try:
+        t0 = time.monotonic()
+        for p in pods:  # podManagementPolicy: Parallel
+            p.start()
+        print(f"  headless DNS names mapped to {peer_host()}:<port>; bind addresses to 127.0.0.1:<port>")
+        print(f"  started {n} pods: " + ", ".join(f"{p.name} (node {p.ordinal + 1}) grpc {p.addr} http :{p.http}" for p in pods))
+        for p in pods:
+            wait_for(f"{p.name} startupProbe", lambda p=p: p.probe("startupProbe"), 60)
+            check(p.probe("livenessProbe"), f"{p.name}: startup and liveness probes answer 200")
+        for p in pods:
+            wait_for(f"{p.name} readinessProbe", lambda p=p: p.probe("readinessProbe"), 60)
+        timings["all pods ready"] = time.monotonic() - t0
+        check(True, f"all {n} pods ready (readiness probe /readyz) in {timings['all pods ready']:.1f}s")
+        st = wait_for("a cluster of every pod", lambda: formed(cli, pods, every), 30)
+        ids = {n_["addr"]: n_["id"] for n_ in st["nodes"]}
+        check(ids == {p.addr: p.ordinal + 1 for p in pods},
+              f"one cluster of {n} nodes, node id = ordinal + 1, metadata leader node {st['metadata_leader']}", json.dumps(st["nodes"]))
+
+        station = "chart-boot"
+        cli.ok(every, "station", "create", station, "--partitions", "3", "--replication-factor", str(min(n, 5)))
+        first = [f"k{i % 10}\tmsg-{i}" for i in range(200)]
+        cli.ok([pods[0].addr], "produce", station, "--key-sep", "TAB", stdin="\n".join(first) + "\n")
+        got = cli.read_all([pods[-1].addr], station, len(first))
+        check(sorted(got) == sorted(line.split("\t")[1] for line in first),
+              f"produced {len(first)} messages through {pods[0].name}, read all back through {pods[-1].name}")
+        r = cli.run(every, "produce", "no-such-station", stdin="x\n")
+        check(r.returncode != 0 and re.search(r"not ?found", r.stderr + r.stdout, re.I) is not None,
+              "producing to a missing station fails with NOT_FOUND", f"exit {r.returncode}: {r.stderr}{r.stdout}")
+
+        if not chaos:
+            return timings
+
+        # `kubectl scale --replicas=4` behind the chart's back: the new pod is not a member,
+        # so it must refuse to start rather than join or disturb the cluster.
+        extra = PodSim(n, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports)
+        extra.start()
+        assert extra.proc
+        try:
+            code = extra.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            extra.kill9()
+            raise Failure(f"{extra.name} (not in the member list) kept running") from None
+        log = extra.log.read_text(errors="replace")
+        check(code != 0 and f"node id {n + 1} is not in the member list" in log,
+              f"kubectl scale up: {extra.name} exits ({code}) with 'node id {n + 1} is not in the member list'",
+              extra.log_tail())
+        st_after = cli.status(every)
+        check(sorted(x["id"] for x in st_after["nodes"]) == list(range(1, n + 1)) and all(x["alive"] for x in st_after["nodes"]),
+              f"the cluster still has exactly its {n} nodes, all alive")
+
+        # kill -9 the pod that leads the metadata group.
+        leader = st["metadata_leader"]
+        victim = pods[leader - 1]
+        rest = [p for p in pods if p is not victim]
+        t = time.monotonic()
+        victim.kill9()
+        check(True, f"kill -9 {victim.name} (node {leader}, the metadata leader)")
+        st2 = wait_for("a new metadata leader among the survivors",
+                       lambda: (s := cli.status([p.addr for p in rest]))["metadata_leader"] not in (None, leader) and s, 30)
+        timings["new metadata leader after kill -9"] = time.monotonic() - t
+        check(True, f"node {st2['metadata_leader']} leads the metadata group {timings['new metadata leader after kill -9']:.1f}s later")
+        second = [f"k{i % 10}\tmsg-{i}" for i in range(200, 400)]
+        cli.ok([rest[0].addr], "produce", station, "--key-sep", "TAB", stdin="\n".join(second) + "\n", timeout=60)
+        got = cli.read_all([rest[1].addr], station, 400)
+        check(len(got) == 400 and set(got) == {f"msg-{i}" for i in range(400)},
+              f"with {victim.name} down: 200 more produced, all 400 read through {rest[1].name}")
+
+        # The pod comes back on the same volume (its PVC) and catches up.
+        t = time.monotonic()
+        victim.start()
+        wait_for(f"{victim.name} ready again", lambda: victim.probe("readinessProbe"), 60)
+        wait_for(f"{victim.name} alive in the cluster status", lambda: formed(cli, pods, every), 30)
+
+        def caught_up() -> bool:
+            offsets = re.findall(r'^junction_partition_next_offset\{[^}]*\} (\d+)', victim.metrics(), re.M)
+            return len(offsets) == 3 and sum(int(o) for o in offsets) == 400
+
+        wait_for(f"{victim.name}'s replicas to hold all 400 messages", caught_up, 60)
+        timings["rejoin and catch up after restart"] = time.monotonic() - t
+        check(True, f"{victim.name} rejoined and its 3 partition replicas hold all 400 messages "
+                    f"{timings['rejoin and catch up after restart']:.1f}s after restart")
+        got = cli.read_all([victim.addr], station, 400)
+        check(sorted(got) == sorted(f"msg-{i}" for i in range(400)), f"all 400 read through the restarted {victim.name}")
+
+        # The chart's own `helm test` pod, its script run as rendered.
+        test_pod = one(objs, "Pod")
+        tc = test_pod["spec"]["containers"][0]
+        client_addr = f"{sts['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{pods[0].container['ports'][0]['containerPort']}"
+        tenv: dict[str, str] = {}
+        for e in tc["env"]:
+            tenv[e["name"]] = expand_k8s(e["value"], tenv).replace(client_addr, ",".join(every))
+        if tenv.get("JUNCTION_SERVER") != ",".join(every):
+            raise Failure(f"helm test pod env not understood: {tc['env']}")
+        tcmd = [expand_k8s(a, tenv) for a in tc["command"] + tc.get("args", [])]
+        r = subprocess.run(tcmd, env={"PATH": f"{binary.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **tenv},
+                           capture_output=True, text=True, timeout=90, cwd=root)
+        check(r.returncode == 0 and "round trip ok" in r.stdout,
+              "the helm test pod's script (status over gRPC, produce/read round trip) passes",
+              f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+
+        # The Grafana dashboard names only metrics a real node exports (each node has now taken a
+        # produce, a read and a failed produce since its last start).
+        for p in pods:
+            cli.run([p.addr], "produce", "no-such-station", stdin="x\n")
+        exported = set()
+        for p in pods:
+            exported |= set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", p.metrics(), re.M))
+        dash_objs = objects(render({"grafanaDashboard": {"enabled": True}}))
+        dash = json.loads(one(dash_objs, "ConfigMap", f"{fullname()}-dashboard")["data"]["junction.json"])
+        used = {m for panel in dash["panels"] for t in panel["targets"] for m in re.findall(r"\bjunction_[a-z_]+", t["expr"])}
+        missing = sorted(used - exported)
+        check(not missing and len(used) >= 8, f"dashboard: all {len(used)} metric names it queries are exported by the nodes",
+              f"missing {missing}")
+
+        # Graceful stop of the metadata leader: it hands leadership off, exits 0, within the grace period.
+        st = cli.status(every)
+        leader = st["metadata_leader"]
+        stopping = pods[leader - 1]
+        others = [p.addr for p in pods if p is not stopping]
+        assert stopping.proc
+        t = time.monotonic()
+        stopping.proc.send_signal(signal.SIGTERM)
+        st3 = wait_for("another metadata leader after SIGTERM to the leader",
+                       lambda: (s := cli.status(others))["metadata_leader"] not in (None, leader) and s, 15, interval=0.05)
+        timings["SIGTERM to the metadata leader → another leader seen"] = time.monotonic() - t
+        took, code = stopping.terminate(grace, since=t)
+        timings["graceful stop (SIGTERM) of the metadata leader"] = took
+        check(True, f"SIGTERM to {stopping.name}: node {st3['metadata_leader']} leads "
+                    f"{timings['SIGTERM to the metadata leader → another leader seen']:.2f}s later")
+        check(code == 0 and took < grace,
+              f"SIGTERM: {stopping.name} exited 0 in {took:.1f}s, within terminationGracePeriodSeconds {grace}",
+              f"exit {code} after {took:.1f}s\n{stopping.log_tail()}")
+        return timings
+    except BaseException:
+        for p in pods:
+            print(f"\n  --- log tail of {p.name} ({p.log}):\n{p.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        stops = []
+        for p in pods:
+            if p.alive():
+                took, code = p.terminate(grace)
+                if code is not None:
+                    stops.append(took)
+        if stops:
+            timings["slowest final graceful stop"] = max(stops)
+        for p in pods:
+            leftovers = list(p.cwd.iterdir())
+            if leftovers:
+                raise Failure(f"{p.name} wrote outside its volumes (the root filesystem is read-only): {leftovers}")
+
+
+def test_boot(binary: Path) -> dict[str, dict[str, float]]:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="junction-chart-boot-") as tmp:
+        section("boot the rendered three-node cluster (defaults) as real processes")
+        results["3 nodes"] = boot_cluster("three", objects(render()), binary, Path(tmp), chaos=True)
+        section("boot the rendered five-node cluster (replicaCount=5)")
+        results["5 nodes"] = boot_cluster("five", objects(render({"replicaCount": 5})), binary, Path(tmp), chaos=False)
+    return results
+
+
+def main() -> int:
+    # A SIGTERM (CI cancelling the run) unwinds normally, so the pods are stopped and the
+    # temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    binary = Path(os.environ.get("JUNCTION_BIN", ""))
+    if not binary.is_file():
+        print(f"JUNCTION_BIN={binary} is not the built junction binary", file=sys.stderr)
+        return 2
+    print(f"chart {CHART}, helm-python-sdk {helm_python.helm_sdk_version()}, kubernetes-validate "
+          f"{kubernetes_validate.__version__}, Kubernetes versions {', '.join(K8S_VERSIONS)}")
+    try:
+        test_lint()
+        rendered = test_render_and_validate()
+        test_bad_values()
+        test_replica_guard()
+        test_ha_properties(rendered)
+        timings = test_boot(binary)
+    except Failure as e:
+        print(f"\nFAIL  {e}\n\nhelm chart tests FAILED after {CHECKS} passed checks "
+              f"({time.monotonic() - STARTED:.1f}s)", file=sys.stderr)
+        return 1
+    print("\n--- timings")
+    for cluster, ts in timings.items():
+        for what, secs in ts.items():
+            print(f"  {cluster}: {what}: {secs:.1f}s")
+    print(f"\nhelm chart tests passed: {CHECKS} checks in {time.monotonic() - STARTED:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
