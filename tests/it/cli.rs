@@ -595,3 +595,79 @@ async fn cluster_status_text_and_json() {
     assert_eq!(out, "v\n");
     cluster.shutdown().await;
 }
+
+/// `consume` prints and acknowledges; `group` and `dls` show and move what the cluster holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_group_commands() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("work", 2, 3).await.expect("station");
+    let lines: String = (0..10).map(|i| format!("job-{i}\n")).collect();
+    let r = run_with_input(&cluster, &["produce", "work"], lines.as_bytes()).await;
+    assert!(r.ok, "{}", r.stderr);
+
+    // Six now, as JSON with delivery counts; the group remembers them.
+    let out = ok(
+        &cluster,
+        &["consume", "work", "--group", "g", "--count", "6", "--json"],
+    )
+    .await;
+    let first: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(first.len(), 6);
+    assert!(first.iter().all(|v| v["delivery_count"] == 1));
+    // The rest: exactly the four not printed before.
+    let out = ok(
+        &cluster,
+        &["consume", "work", "--group", "g", "--idle-exit", "2"],
+    )
+    .await;
+    let mut all: Vec<String> = out.lines().map(str::to_owned).collect();
+    all.extend(
+        first
+            .iter()
+            .map(|v| v["payload"].as_str().expect("payload").to_owned()),
+    );
+    all.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("job-{i}")).collect();
+    want.sort();
+    assert_eq!(all, want);
+
+    let d = ok_json(&cluster, &["group", "describe", "work", "g", "--json"]).await;
+    let lag: u64 = d["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["lag"].as_u64().expect("lag"))
+        .sum();
+    assert_eq!(lag, 0, "{d}");
+    let text = ok(&cluster, &["group", "list", "work"]).await;
+    assert_eq!(row(&text, "default/work")[1], "g");
+
+    // Seek back to earliest: everything comes again.
+    ok(&cluster, &["group", "seek", "work", "g", "earliest"]).await;
+    let d = ok_json(&cluster, &["group", "describe", "work", "g", "--json"]).await;
+    let lag: u64 = d["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["lag"].as_u64().expect("lag"))
+        .sum();
+    assert_eq!(lag, 10, "{d}");
+    ok(&cluster, &["group", "clone", "work", "g", "g2"]).await;
+    ok(&cluster, &["group", "delete", "work", "g2"]).await;
+    let gone = run(&cluster, &["group", "describe", "work", "g2"]).await;
+    assert!(
+        !gone.ok && gone.stderr.contains("does not exist"),
+        "{}",
+        gone.stderr
+    );
+
+    // Nothing dead-lettered yet.
+    assert_eq!(ok(&cluster, &["dls", "list", "work"]).await, "");
+    let out = ok(&cluster, &["dls", "resend", "work"]).await;
+    assert!(out.starts_with("resent 0 dead letter(s)"), "{out}");
+    cluster.shutdown().await;
+}

@@ -274,7 +274,7 @@ async fn health_and_metrics_endpoints_answer() {
     cluster.shutdown().await;
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await

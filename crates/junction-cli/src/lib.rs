@@ -10,6 +10,7 @@
 mod cluster;
 mod common;
 mod dev;
+mod group;
 mod produce;
 mod read;
 mod station;
@@ -18,6 +19,7 @@ mod tenant;
 pub use cluster::{ClusterArgs, ClusterCommand};
 pub use common::{ConnArgs, DEFAULT_SERVERS};
 pub use dev::{DevArgs, run_dev};
+pub use group::{ConsumeArgs, DlsArgs, DlsCommand, GroupArgs, GroupCommand};
 pub use produce::ProduceArgs;
 pub use read::ReadArgs;
 pub use station::{StationArgs, StationCommand};
@@ -36,6 +38,12 @@ pub enum ClientCommand {
     Read(ReadArgs),
     /// Inspect the cluster.
     Cluster(ClusterArgs),
+    /// Consume a station as a member of a consumer group (acks what it prints).
+    Consume(ConsumeArgs),
+    /// List, describe, seek, clone and delete consumer groups.
+    Group(GroupArgs),
+    /// List and re-send dead letters.
+    Dls(DlsArgs),
 }
 
 /// Runs one client command.
@@ -46,6 +54,9 @@ pub async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Produce(args) => produce::run(args).await,
         ClientCommand::Read(args) => read::run(args).await,
         ClientCommand::Cluster(args) => cluster::run(args).await,
+        ClientCommand::Consume(args) => group::consume(args).await,
+        ClientCommand::Group(args) => group::group(args).await,
+        ClientCommand::Dls(args) => group::dls(args).await,
     }
 }
 

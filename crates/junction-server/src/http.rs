@@ -68,6 +68,18 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
     metrics::gauge!("junction_partition_replicas", "node" => node_label.clone())
         .set((status.groups.len().saturating_sub(1)) as f64);
     metrics::gauge!("junction_partition_leaders", "node" => node_label).set(leaders as f64);
+    // Consumer group lag, exported by each partition's leader.
+    for (station, group, partition, pos) in broker.led_group_positions() {
+        let labels = [
+            ("station", station),
+            ("group", group),
+            ("partition", partition.to_string()),
+        ];
+        metrics::gauge!("junction_group_lag_messages", &labels).set(pos.lag as f64);
+        metrics::gauge!("junction_group_oldest_unacked_age_seconds", &labels)
+            .set(pos.oldest_unacked_age_ms as f64 / 1000.0);
+        metrics::gauge!("junction_group_committed_offset", &labels).set(pos.committed as f64);
+    }
     match prometheus() {
         Some(h) => (StatusCode::OK, h.render()),
         None => (

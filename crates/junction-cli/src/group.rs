@@ -1,0 +1,401 @@
+//! `junction consume`, `junction group ...` and `junction dls ...`: consumer groups from the
+//! command line.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use junction_client::proto::{
+    GroupInfo, GroupSettings, StartPosition, group_settings, seek_group_request,
+};
+use junction_client::{GroupOptions, Start};
+use serde_json::json;
+
+use crate::common::{ConnArgs, Table, format_time_ms, message_json, out, out_json};
+use crate::read::parse_start;
+
+/// Consume a station as a member of a consumer group, acknowledging what is printed.
+#[derive(clap::Args, Debug)]
+pub struct ConsumeArgs {
+    /// The station (NAME or TENANT/NAME).
+    pub station: String,
+    /// The consumer group (created on first use).
+    #[arg(long, short = 'g')]
+    pub group: String,
+    /// Where a new group starts: `earliest`, `latest`, an offset, or `@MS`.
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    pub from: Start,
+    /// Stop after this many messages [default: run until Ctrl-C].
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop when no message arrived for this many seconds.
+    #[arg(long)]
+    pub idle_exit: Option<u64>,
+    /// A new group's ack wait, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ack_wait: u64,
+    /// A new group's deliveries before a message goes to the dead-letter station.
+    #[arg(long, default_value_t = 5)]
+    pub max_deliveries: u32,
+    /// One JSON object per line (with `delivery_count`).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// List, describe, seek, clone and delete consumer groups.
+#[derive(clap::Args, Debug)]
+pub struct GroupArgs {
+    #[command(subcommand)]
+    pub command: GroupCommand,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum GroupCommand {
+    /// List the groups of a station (or of every station).
+    List {
+        station: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settings, members, and per partition the owner, position and lag.
+    Describe {
+        station: String,
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a group to `earliest`, `latest`, an offset (needs --partition) or `@MS`.
+    Seek {
+        station: String,
+        group: String,
+        #[arg(value_parser = parse_start)]
+        to: Start,
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Create a new group with the settings and positions of another.
+    Clone {
+        station: String,
+        from: String,
+        to: String,
+    },
+    /// Delete a group.
+    Delete { station: String, group: String },
+}
+
+/// List and re-send a station's dead letters.
+#[derive(clap::Args, Debug)]
+pub struct DlsArgs {
+    #[command(subcommand)]
+    pub command: DlsCommand,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DlsCommand {
+    /// Print the dead letters of a station (one JSON object per line with --json).
+    List {
+        station: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Append dead letters back to their station.
+    Resend {
+        station: String,
+        /// Only this group's dead letters.
+        #[arg(long)]
+        group: Option<String>,
+        /// First dead-letter offset to resend.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Dead-letter offset to stop before [default: the end].
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+fn start_setting(s: Start) -> group_settings::Start {
+    match s {
+        Start::Earliest => group_settings::Start::Position(StartPosition::Earliest as i32),
+        Start::Latest => group_settings::Start::Position(StartPosition::Latest as i32),
+        Start::Offset(o) => group_settings::Start::Offset(o),
+        Start::Timestamp(t) => group_settings::Start::TimestampMs(t),
+    }
+}
+
+pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let client = args.conn.client()?;
+    let options = GroupOptions {
+        settings: GroupSettings {
+            start: Some(start_setting(args.from)),
+            ack_wait_ms: args.ack_wait.saturating_mul(1000),
+            max_deliveries: args.max_deliveries,
+            max_in_flight: 0,
+            session_timeout_ms: 0,
+        },
+        client: format!("junction-cli pid {}", std::process::id()),
+        ..GroupOptions::default()
+    };
+    let mut consumer = client
+        .group_consumer(&args.station, &args.group, options)
+        .await
+        .with_context(|| format!("joining group {} of {}", args.group, args.station))?;
+    let mut stdout = std::io::BufWriter::new(std::io::stdout());
+    let mut printed = 0u64;
+    let idle = args.idle_exit.map(Duration::from_secs);
+    while args.count.is_none_or(|c| printed < c) {
+        let next = match idle {
+            Some(d) => match tokio::time::timeout(d, consumer.recv()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => tokio::select! {
+                m = consumer.recv() => m,
+                _ = tokio::signal::ctrl_c() => break,
+            },
+        };
+        let Some(m) = next else { break };
+        let written = if args.json {
+            let mut v: serde_json::Value = serde_json::from_str(&message_json(&m.message))?;
+            v["delivery_count"] = json!(m.delivery_count);
+            writeln!(stdout, "{v}")
+        } else {
+            stdout
+                .write_all(&m.message.payload)
+                .and_then(|()| stdout.write_all(b"\n"))
+        };
+        match written.and_then(|()| stdout.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => return Err(e.into()),
+        }
+        // Printed, so handled: acknowledge.
+        consumer.ack(&m);
+        printed += 1;
+    }
+    // Give the last acks a moment to be replicated, then leave so partitions move at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    consumer.close().await.context("leaving the group")?;
+    Ok(())
+}
+
+fn group_json(g: &GroupInfo) -> serde_json::Value {
+    let s = g.settings.clone().unwrap_or_default();
+    json!({
+        "station": g.station,
+        "group": g.group,
+        "generation": g.generation,
+        "created_at_ms": g.created_at_ms,
+        "settings": {
+            "ack_wait_ms": s.ack_wait_ms,
+            "max_deliveries": s.max_deliveries,
+            "max_in_flight": s.max_in_flight,
+            "session_timeout_ms": s.session_timeout_ms,
+        },
+        "members": g.members.iter().map(|m| json!({
+            "member_id": m.member_id, "client": m.client, "partitions": m.partitions,
+        })).collect::<Vec<_>>(),
+        "partitions": g.partitions.iter().map(|p| json!({
+            "partition": p.partition, "member_id": p.member_id, "epoch": p.epoch,
+            "committed": p.committed, "acked_beyond": p.acked_beyond,
+            "high_watermark": p.high_watermark, "lag": p.lag,
+            "oldest_unacked_age_ms": p.oldest_unacked_age_ms, "known": p.known,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
+    let client = args.conn.client()?;
+    match args.command {
+        GroupCommand::List { station, json } => {
+            let groups = client
+                .list_groups(station.as_deref().unwrap_or(""))
+                .await
+                .context("listing groups")?;
+            if json {
+                return out_json(&json!(groups.iter().map(group_json).collect::<Vec<_>>()));
+            }
+            let mut t = Table::new(["STATION", "GROUP", "MEMBERS", "GENERATION", "CREATED"]);
+            for g in &groups {
+                t.row(vec![
+                    g.station.clone(),
+                    g.group.clone(),
+                    g.members.len().to_string(),
+                    g.generation.to_string(),
+                    format_time_ms(g.created_at_ms),
+                ]);
+            }
+            out(&t.render())
+        }
+        GroupCommand::Describe {
+            station,
+            group,
+            json,
+        } => {
+            let g = client
+                .describe_group(&station, &group)
+                .await
+                .with_context(|| format!("describing group {group}"))?;
+            if json {
+                return out_json(&group_json(&g));
+            }
+            let s = g.settings.clone().unwrap_or_default();
+            let mut text = format!(
+                "group {} of {}: generation {}, {} member(s), ack wait {} ms, max deliveries {}, max in flight {}, session timeout {} ms\n\n",
+                g.group,
+                g.station,
+                g.generation,
+                g.members.len(),
+                s.ack_wait_ms,
+                s.max_deliveries,
+                s.max_in_flight,
+                s.session_timeout_ms
+            );
+            let mut t = Table::new([
+                "PARTITION",
+                "MEMBER",
+                "COMMITTED",
+                "ACKED-BEYOND",
+                "END",
+                "LAG",
+                "OLDEST-UNACKED",
+            ]);
+            for p in &g.partitions {
+                t.row(vec![
+                    p.partition.to_string(),
+                    p.member_id.clone().unwrap_or_else(|| "-".into()),
+                    if p.known {
+                        p.committed.to_string()
+                    } else {
+                        "?".into()
+                    },
+                    p.acked_beyond.to_string(),
+                    p.high_watermark.to_string(),
+                    if p.known {
+                        p.lag.to_string()
+                    } else {
+                        "?".into()
+                    },
+                    format!("{:.1}s", p.oldest_unacked_age_ms as f64 / 1000.0),
+                ]);
+            }
+            text.push_str(&t.render());
+            out(&text)
+        }
+        GroupCommand::Seek {
+            station,
+            group,
+            to,
+            partition,
+        } => {
+            let target = match to {
+                Start::Earliest => {
+                    seek_group_request::Target::Position(StartPosition::Earliest as i32)
+                }
+                Start::Latest => seek_group_request::Target::Position(StartPosition::Latest as i32),
+                Start::Offset(o) => seek_group_request::Target::Offset(o),
+                Start::Timestamp(t) => seek_group_request::Target::TimestampMs(t),
+            };
+            client
+                .seek_group(&station, &group, partition, target)
+                .await
+                .context("seeking")?;
+            out(&format!("group {group} moved"))
+        }
+        GroupCommand::Clone { station, from, to } => {
+            client
+                .clone_group(&station, &from, &to)
+                .await
+                .context("cloning")?;
+            out(&format!("group {to} created from {from}"))
+        }
+        GroupCommand::Delete { station, group } => {
+            client
+                .delete_group(&station, &group)
+                .await
+                .context("deleting")?;
+            out(&format!("group {group} deleted"))
+        }
+    }
+}
+
+pub(crate) async fn dls(args: DlsArgs) -> anyhow::Result<()> {
+    let client = args.conn.client()?;
+    match args.command {
+        DlsCommand::List {
+            station,
+            json,
+            count,
+        } => {
+            let dls = format!("{station}{}", junction_types::groups::DEAD_LETTER_SUFFIX);
+            let mut next = Start::Earliest;
+            let mut left = count.unwrap_or(u64::MAX);
+            let mut stdout = std::io::BufWriter::new(std::io::stdout());
+            while left > 0 {
+                let r = client
+                    .read(&dls, 0, next, left.min(1000) as u32)
+                    .await
+                    .with_context(|| format!("reading {dls}"))?;
+                if r.messages.is_empty() {
+                    break;
+                }
+                for m in &r.messages {
+                    if json {
+                        writeln!(stdout, "{}", message_json(m))?;
+                    } else {
+                        let h = |k: &str| {
+                            m.headers
+                                .iter()
+                                .find(|h| h.key == k)
+                                .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+                                .unwrap_or_default()
+                        };
+                        writeln!(
+                            stdout,
+                            "#{} group={} from={}:{}@{} deliveries={} reason={} payload={}",
+                            m.offset,
+                            h("junction-dls-group"),
+                            h("junction-dls-station"),
+                            h("junction-dls-partition"),
+                            h("junction-dls-offset"),
+                            h("junction-dls-deliveries"),
+                            h("junction-dls-reason"),
+                            String::from_utf8_lossy(&m.payload)
+                        )?;
+                    }
+                    left = left.saturating_sub(1);
+                }
+                next = Start::Offset(r.next_offset);
+            }
+            stdout.flush()?;
+            Ok(())
+        }
+        DlsCommand::Resend {
+            station,
+            group,
+            from,
+            to,
+        } => {
+            let r = client
+                .resend_dead_letters(
+                    &station,
+                    group.as_deref().unwrap_or(""),
+                    from,
+                    to.unwrap_or(0),
+                )
+                .await
+                .context("resending dead letters")?;
+            out(&format!(
+                "resent {} dead letter(s) to {station}; next dead-letter offset {}",
+                r.resent, r.next_offset
+            ))
+        }
+    }
+}
