@@ -187,7 +187,7 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
 }
 
 fn group_json(g: &GroupInfo) -> serde_json::Value {
-    let s = g.settings.clone().unwrap_or_default();
+    let s = g.settings.unwrap_or_default();
     json!({
         "station": g.station,
         "group": g.group,
@@ -246,7 +246,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             if json {
                 return out_json(&group_json(&g));
             }
-            let s = g.settings.clone().unwrap_or_default();
+            let s = g.settings.unwrap_or_default();
             let mut text = format!(
                 "group {} of {}: generation {}, {} member(s), ack wait {} ms, max deliveries {}, max in flight {}, session timeout {} ms\n\n",
                 g.group,
