@@ -583,3 +583,45 @@ async fn a_stalled_group_slows_neither_producers_nor_other_groups() {
     drop((stalled, healthy));
     cluster.shutdown().await;
 }
+
+/// Acks race a leader change: what the group sees again afterwards is bounded by what was in
+/// flight plus the acks not yet replicated, never the whole partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redelivery_after_a_leader_change_is_bounded() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("stream", 1, 3).await.expect("station");
+    for round in 0..20 {
+        let msgs = (0..100)
+            .map(|i| keyed(&format!("k{}", i % 10), format!("{round}:{i}")))
+            .collect();
+        client.produce("stream", msgs).await.expect("produce");
+    }
+    let mut s = settings(30_000, 5);
+    s.max_in_flight = 50;
+    let mut c = client
+        .group_consumer("stream", "g", opts(s))
+        .await
+        .expect("join");
+    let first = consume(&mut c, 700, true, Duration::from_secs(30)).await;
+    let group = cluster.broker(1).metadata().stations["default/stream"].partitions[0].group_id;
+    let leader = cluster.partition_leader(group).expect("leader");
+    cluster.stop(leader).await;
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for m in &first {
+        *seen.entry(m.offset()).or_default() += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..2000).any(|o| !seen.contains_key(&o)) {
+        assert!(Instant::now() < deadline, "{} of 2000 seen", seen.len());
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
+            c.ack(&m);
+            *seen.entry(m.offset()).or_default() += 1;
+        }
+    }
+    let again: u32 = seen.values().map(|n| n - 1).sum();
+    eprintln!("redelivered after the leader change: {again} of 2000 (max_in_flight 50)");
+    assert!(again <= 100, "redelivery bounded by in-flight + unreplicated acks: {again}");
+    drop(c);
+    cluster.shutdown().await;
+}
