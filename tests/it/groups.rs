@@ -590,7 +590,10 @@ async fn a_stalled_group_slows_neither_producers_nor_other_groups() {
 async fn redelivery_after_a_leader_change_is_bounded() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    client.create_station("stream", 1, 3).await.expect("station");
+    client
+        .create_station("stream", 1, 3)
+        .await
+        .expect("station");
     for round in 0..20 {
         let msgs = (0..100)
             .map(|i| keyed(&format!("k{}", i % 10), format!("{round}:{i}")))
@@ -621,7 +624,10 @@ async fn redelivery_after_a_leader_change_is_bounded() {
     }
     let again: u32 = seen.values().map(|n| n - 1).sum();
     eprintln!("redelivered after the leader change: {again} of 2000 (max_in_flight 50)");
-    assert!(again <= 100, "redelivery bounded by in-flight + unreplicated acks: {again}");
+    assert!(
+        again <= 100,
+        "redelivery bounded by in-flight + unreplicated acks: {again}"
+    );
     drop(c);
     cluster.shutdown().await;
 }

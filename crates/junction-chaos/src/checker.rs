@@ -62,6 +62,14 @@ pub enum ViolationKind {
     NotConverged,
     /// The cluster did not serve produces again after the heal.
     NoRecovery,
+    /// An acknowledged message was never delivered to the consumer group.
+    GroupUndelivered,
+    /// A key's messages were first delivered to the group out of sequence order.
+    GroupReordered,
+    /// The group dead-lettered a message although every delivery was acked.
+    GroupDeadLettered,
+    /// The group's lag did not reach zero after the drain.
+    GroupLag,
 }
 
 impl ViolationKind {
@@ -80,6 +88,10 @@ impl ViolationKind {
             ViolationKind::TailGap => "tail-gap",
             ViolationKind::NotConverged => "not-converged",
             ViolationKind::NoRecovery => "no-recovery",
+            ViolationKind::GroupUndelivered => "group-undelivered",
+            ViolationKind::GroupReordered => "group-reordered",
+            ViolationKind::GroupDeadLettered => "group-dead-lettered",
+            ViolationKind::GroupLag => "group-lag",
         }
     }
 }

@@ -23,6 +23,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod disk;
+pub mod group_check;
 pub mod history;
 pub mod nemesis;
 pub mod proxy;

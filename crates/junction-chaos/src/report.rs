@@ -188,6 +188,8 @@ pub struct Results {
     pub not_injected: Vec<String>,
     pub notes: Vec<String>,
     pub link_stats: BTreeMap<String, crate::proxy::LinkStats>,
+    /// The consumer group's check (absent when the run had no group).
+    pub group: Option<crate::group_check::GroupStats>,
 }
 
 /// Faults by kind.
@@ -227,6 +229,19 @@ pub fn summary(r: &Results) -> String {
     let _ = writeln!(s, "  {:<24}{:>9}{:>9}", "kind", "injected", "skipped");
     for (k, c) in &r.faults_by_kind {
         let _ = writeln!(s, "  {:<24}{:>9}{:>9}", k.name(), c.injected, c.skipped);
+    }
+    if let Some(g) = &r.group {
+        let _ = writeln!(
+            s,
+            "consumer group: {} deliveries, {} distinct, {} redelivered, {} dead letters, final lag {}, {} rejoins",
+            g.deliveries,
+            g.distinct_delivered,
+            g.redeliveries,
+            g.dead_letters,
+            g.final_lag
+                .map_or_else(|| "unknown".to_string(), |l| l.to_string()),
+            g.rejoins
+        );
     }
     let c = &r.check;
     let _ = writeln!(
@@ -427,6 +442,7 @@ mod tests {
             not_injected: vec!["disk-fill: no".into()],
             notes: vec![],
             link_stats: BTreeMap::new(),
+            group: None,
         };
         let text = summary(&r);
         assert!(text.contains("RESULT: PASS (seed 9)"));

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::args::ChaosArgs;
 use crate::checker::{CheckInput, Violation, ViolationKind, check};
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::group_check::{GroupChecker, check_group};
 use crate::history::History;
 use crate::nemesis::Nemesis;
 use crate::report::{self, Distribution, Results};
@@ -25,6 +26,8 @@ const SETUP_LIMIT: Duration = Duration::from_secs(90);
 const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
 const CONVERGENCE_LIMIT: Duration = Duration::from_secs(120);
 const READER_CATCH_UP: Duration = Duration::from_secs(30);
+/// How long the consumer group may take to drain after convergence.
+const GROUP_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the suite cannot inject (printed and recorded in every run).
 const NOT_INJECTABLE: &[&str] = &[
@@ -157,6 +160,12 @@ async fn drive(
         reader_client,
     )?;
 
+    let group_client = Client::connect_with(
+        addrs.values().cloned(),
+        ClientOptions::default().with_retry_deadline(Duration::from_secs(20)),
+    )?;
+    let group = GroupChecker::start(group_client.clone(), STATION.to_owned(), recorder.clone());
+
     // Faults.
     let mut nemesis = Nemesis::new(origin, layout.iter().map(|l| l.group).collect());
     let run_end = origin + args.duration;
@@ -238,6 +247,11 @@ async fn drive(
         }
     }
     workload.stop_readers().await;
+    let ends = converged.clone().unwrap_or_default();
+    println!("chaos: draining the consumer group");
+    let (deliveries, lag, dead_letters, rejoins) = group
+        .finish(&group_client, STATION, &ends, GROUP_DRAIN_LIMIT)
+        .await;
     let replicas = verify::read_replicas(&addrs, STATION, &layout).await;
     nemesis.collect_elections(&mut records).await;
 
@@ -250,6 +264,9 @@ async fn drive(
         replicas: &replicas,
     });
     report.violations.extend(extra_violations);
+    let (group_stats, group_violations) =
+        check_group(&attempts, &deliveries, lag, dead_letters, rejoins);
+    report.violations.extend(group_violations);
     let passed = report.violations.is_empty();
 
     let samples = report::recoveries(&records, &attempts);
@@ -281,6 +298,7 @@ async fn drive(
         not_injected,
         notes,
         link_stats: cluster.link_stats(),
+        group: Some(group_stats),
     };
     let history = History {
         seed,
