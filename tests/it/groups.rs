@@ -631,3 +631,39 @@ async fn redelivery_after_a_leader_change_is_bounded() {
     drop(c);
     cluster.shutdown().await;
 }
+
+/// The controller (metadata leader) fails over: members keep their session and partitions,
+/// and the group goes on from its replicated positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_failover_keeps_members_and_positions() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("ctl", 2, 3).await.expect("station");
+    produce_keyed(&client, "ctl", 10, 20, "before").await;
+    let mut c = client
+        .group_consumer("ctl", "g", opts(settings(30_000, 5)))
+        .await
+        .expect("join");
+    consume(&mut c, 200, true, Duration::from_secs(30)).await;
+    drain_to_zero_lag(&mut c, &client, "ctl", "g").await;
+    let before = client.describe_group("ctl", "g").await.expect("describe");
+
+    let controller = cluster.wait_for_metadata_leader().await;
+    cluster.stop(controller).await;
+    let new_controller = cluster.wait_for_metadata_leader().await;
+    assert_ne!(new_controller, controller);
+    produce_keyed(&client, "ctl", 10, 10, "after").await;
+    let got = consume(&mut c, 100, true, Duration::from_secs(30)).await;
+    assert!(
+        got.iter().all(|m| payload(m).starts_with("after:")),
+        "nothing acked before the failover comes again"
+    );
+    drain_to_zero_lag(&mut c, &client, "ctl", "g").await;
+    // Still the same single member, never expired, same generation.
+    let after = client.describe_group("ctl", "g").await.expect("describe");
+    assert_eq!(after.members.len(), 1);
+    assert_eq!(after.members[0].member_id, c.member_id());
+    assert_eq!(after.generation, before.generation);
+    drop(c);
+    cluster.shutdown().await;
+}

@@ -34,6 +34,37 @@ async fn lagging_follower_catches_up_by_snapshot() {
             .await
             .expect("produce while a follower is down");
     }
+    // A consumer group acks part of it while the follower is down: its position must reach the
+    // follower through the snapshot too.
+    let mut consumer = client
+        .group_consumer("snap", "g", junction_client::GroupOptions::default())
+        .await
+        .expect("join");
+    let mut acked = 0;
+    while acked < 1000 {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("deliveries")
+            .expect("consumer running");
+        consumer.ack(&m);
+        acked += 1;
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the acks to be replicated",
+        || async {
+            let d = client.describe_group("snap", "g").await.ok()?;
+            (d.partitions[0].committed >= 1000).then_some(())
+        },
+    )
+    .await;
+    drop(consumer);
+    for b in 300..320 {
+        let msgs = (0..10)
+            .map(|i| keyed(&format!("k{i}"), format!("batch {b} message {i}")))
+            .collect();
+        client.produce("snap", msgs).await.expect("produce");
+    }
     let leader = cluster.partition_leader(group).expect("leader");
     let purged = wait_until(
         Duration::from_secs(20),
@@ -54,7 +85,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
 
     cluster.restart(follower).await;
     let want = local_contents(&cluster.broker(leader), group);
-    assert_eq!(want.len(), 3000);
+    assert_eq!(want.len(), 3200);
     let broker = cluster.broker(follower);
     wait_until(
         Duration::from_secs(30),
@@ -75,6 +106,18 @@ async fn lagging_follower_catches_up_by_snapshot() {
     );
     // Reads of the caught-up node equal the leader's, through the time index too.
     let state = replica.shared.current();
-    assert_eq!(state.next_offset, 3000);
+    assert_eq!(state.next_offset, 3200);
+    let leader_cursors = cluster
+        .broker(leader)
+        .partition(group)
+        .expect("leader replica")
+        .shared
+        .cursors();
+    assert!(leader_cursors["g"].committed >= 1000);
+    assert_eq!(
+        replica.shared.cursors(),
+        leader_cursors,
+        "group positions came with the snapshot"
+    );
     cluster.shutdown().await;
 }

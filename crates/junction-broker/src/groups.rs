@@ -128,6 +128,15 @@ impl Broker {
         }
     }
 
+    /// Creates the dead-letter station now if it can. When it cannot (say, a replica node is
+    /// down), the group is created anyway and the controller's session loop keeps trying;
+    /// dead letters wait for it.
+    async fn try_dead_letter_station(&self, station: &StationName) {
+        if let Err(e) = self.ensure_dead_letter_station(station).await {
+            tracing::warn!(station = %station.full(), error = %e, "dead-letter station not created yet; will retry");
+        }
+    }
+
     async fn group_write(&self, cmd: MetaCommand) -> Result<GroupMeta, BrokerError> {
         match self.meta_write(cmd).await? {
             CommandResponse::Group(g) => Ok(g),
@@ -150,7 +159,7 @@ impl Broker {
             .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
         self.ensure_controller()?;
         self.station(station)?;
-        self.ensure_dead_letter_station(station).await?;
+        self.try_dead_letter_station(station).await;
         self.group_write(MetaCommand::CreateGroup {
             station: station.full(),
             group: group.to_string(),
@@ -178,7 +187,7 @@ impl Broker {
         self.station(station)?;
         let full = station.full();
         if self.metadata().group(&full, group).is_none() {
-            self.ensure_dead_letter_station(station).await?;
+            self.try_dead_letter_station(station).await;
         }
         self.touch(&full, group, member);
         let g = self
@@ -303,6 +312,7 @@ impl Broker {
         let mut tick = tokio::time::interval(SESSION_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_probe: Option<Instant> = None;
+        let mut last_dls_check: Option<Instant> = None;
         let shutdown = self.shutdown_token();
         loop {
             tokio::select! {
@@ -323,6 +333,20 @@ impl Broker {
                 continue;
             }
             let meta = self.metadata();
+            if last_dls_check.is_none_or(|t| t.elapsed() >= LEADER_REFRESH) {
+                last_dls_check = Some(Instant::now());
+                let missing: std::collections::BTreeSet<String> = meta
+                    .groups
+                    .values()
+                    .filter(|g| !meta.stations.contains_key(&dead_letter_station(&g.station)))
+                    .map(|g| g.station.clone())
+                    .collect();
+                for st in missing {
+                    if let Ok(name) = StationName::parse(&st) {
+                        self.try_dead_letter_station(&name).await;
+                    }
+                }
+            }
             if meta.groups.values().all(|g| g.members.is_empty()) {
                 continue;
             }
