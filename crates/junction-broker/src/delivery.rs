@@ -13,8 +13,9 @@
 //!   the next batch gathering meanwhile), and tells the member which acks are durable.
 //!
 //! Nothing but the cursor is replicated: after a leader failover the new leader's dispatcher
-//! starts from the replicated cursor, so what can be redelivered is bounded by the acks not yet
-//! replicated (one batch) plus what was in flight. Delivery counts restart there too.
+//! starts from the replicated cursor. Acks count against the in-flight limit until they are
+//! replicated, so what a failover can redeliver is at most `max_in_flight` messages per
+//! partition. Delivery counts restart there too.
 //!
 //! Fencing: a subscription names the partition's assignment epoch. When the metadata moves the
 //! partition to another member (a new epoch), the old subscription ends with `Fenced` and its
@@ -365,6 +366,9 @@ struct Dispatcher {
     detached_since: Instant,
     ack_batch: Vec<u64>,
     ack_writing: bool,
+    /// Acks in the replication write under way: with `ack_batch`, they count against the
+    /// in-flight limit, so what a failover can redeliver is at most `max_in_flight`.
+    ack_writing_count: usize,
     dead_lettering: usize,
     internal: mpsc::UnboundedSender<Internal>,
     internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
@@ -398,6 +402,7 @@ impl Dispatcher {
             detached_since: Instant::now(),
             ack_batch: Vec::new(),
             ack_writing: false,
+            ack_writing_count: 0,
             dead_lettering: 0,
             internal: itx,
             internal_rx: Some(irx),
@@ -661,7 +666,7 @@ impl Dispatcher {
         let events = a.events.clone();
         let ack_wait = Duration::from_millis(self.settings.ack_wait_ms);
         let mut batch = Vec::new();
-        while self.in_flight < limit {
+        while self.in_flight + self.ack_batch.len() + self.ack_writing_count < limit {
             let Some(offset) = self.ready.pop_first() else {
                 break;
             };
@@ -696,6 +701,7 @@ impl Dispatcher {
         offsets.sort_unstable();
         offsets.dedup();
         self.ack_writing = true;
+        self.ack_writing_count = offsets.len();
         let broker = self.broker.clone();
         let replica = self.replica.clone();
         let tx = self.internal.clone();
@@ -881,6 +887,7 @@ impl Dispatcher {
         match m {
             Internal::AcksCommitted(acks, r) => {
                 self.ack_writing = false;
+                self.ack_writing_count = 0;
                 let cursor = r?;
                 // Through the same path as the watch, so that a seek applied meanwhile is
                 // noticed whichever of the two arrives first.
