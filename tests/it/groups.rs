@@ -549,16 +549,16 @@ async fn a_stalled_group_slows_neither_producers_nor_other_groups() {
         .await
         .expect("join stalled");
     consume(&mut stalled, 20, false, Duration::from_secs(20)).await;
-    // ... and a healthy group.
-    let mut healthy = client
-        .group_consumer("feed", "healthy", opts(settings(30_000, 5)))
-        .await
-        .expect("join healthy");
     let t = Instant::now();
     for round in 20..40 {
         client.produce("feed", batch(round)).await.expect("produce");
     }
     let with_stalled = t.elapsed();
+    // ... and a healthy group, which reads everything while the stalled one holds its window.
+    let mut healthy = client
+        .group_consumer("feed", "healthy", opts(settings(30_000, 5)))
+        .await
+        .expect("join healthy");
     consume(&mut healthy, 2000, true, Duration::from_secs(30)).await;
     drain_to_zero_lag(&mut healthy, &client, "feed", "healthy").await;
     // The stalled member holds its in-flight limit per partition and gets nothing beyond it
