@@ -9,7 +9,7 @@ use junction_types::meta::place_replicas;
 use junction_types::names::validate_tenant;
 use junction_types::{
     Command, CommandResponse, GroupId, MAX_PARTITIONS, META_GROUP, MetaCommand, NodeId,
-    StationMeta, StationName,
+    StationMeta, StationName, StationPolicy, StorageTier,
 };
 use openraft::errors::{ClientWriteError, RaftError};
 
@@ -18,6 +18,28 @@ use crate::{Broker, BrokerError};
 
 /// How long a liveness probe waits for a node.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Rejects policies this build cannot honour or that make no sense.
+pub fn validate_policy(p: &StationPolicy) -> Result<(), BrokerError> {
+    if p.storage == StorageTier::Memory {
+        return Err(BrokerError::Unimplemented(
+            "memory storage is not available yet in this build; use file storage".into(),
+        ));
+    }
+    let r = &p.retention;
+    for (what, v) in [
+        ("retention age", r.max_age_ms),
+        ("retention bytes", r.max_bytes),
+        ("retention messages", r.max_messages),
+    ] {
+        if v == Some(0) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{what} must be greater than 0 (leave it unset for no limit)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The cluster's view of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +109,26 @@ impl Broker {
         replication_factor: u32,
         max_message_bytes: u32,
     ) -> Result<StationMeta, BrokerError> {
+        self.create_station_with_policy(
+            name,
+            partitions,
+            replication_factor,
+            max_message_bytes,
+            StationPolicy::default(),
+        )
+        .await
+    }
+
+    /// Like [`Broker::create_station`], with storage, retention and compaction settings.
+    pub async fn create_station_with_policy(
+        &self,
+        name: &StationName,
+        partitions: u32,
+        replication_factor: u32,
+        max_message_bytes: u32,
+        policy: StationPolicy,
+    ) -> Result<StationMeta, BrokerError> {
+        validate_policy(&policy)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(BrokerError::InvalidArgument(format!(
                 "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
@@ -137,6 +179,7 @@ impl Broker {
             replication_factor,
             max_message_bytes,
             now_ms: now_ms(),
+            policy,
         };
         let station = match self.meta_write(cmd).await? {
             CommandResponse::StationCreated(s) => s,
@@ -163,6 +206,38 @@ impl Broker {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Replaces a station's retention, discard and compaction settings; leaders apply them
+    /// from their next retention tick. The storage tier cannot change.
+    pub async fn update_station(
+        &self,
+        name: &StationName,
+        policy: StationPolicy,
+    ) -> Result<StationMeta, BrokerError> {
+        validate_policy(&policy)?;
+        let current = self.station(name)?;
+        if current.policy.storage != policy.storage {
+            return Err(BrokerError::InvalidArgument(format!(
+                "station '{}' uses {} storage; the storage tier is chosen at creation and cannot change",
+                name.full(),
+                current.policy.storage
+            )));
+        }
+        self.ensure_controller()?;
+        match self
+            .meta_write(MetaCommand::UpdateStation {
+                tenant: name.tenant.clone(),
+                name: name.name.clone(),
+                policy,
+            })
+            .await?
+        {
+            CommandResponse::StationCreated(s) => Ok(s),
+            other => Err(BrokerError::Raft(format!(
+                "unexpected update result {other:?}"
+            ))),
         }
     }
 

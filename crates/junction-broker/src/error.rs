@@ -49,6 +49,12 @@ pub enum BrokerError {
     Storage(#[from] junction_storage::StorageError),
     #[error("raft failed: {0}")]
     Raft(String),
+    /// A limit refuses the request (`discard: new` station full, memory limit reached).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The feature exists in the API but this build does not provide it.
+    #[error("{0}")]
+    Unimplemented(String),
 }
 
 fn leader_hint(leader: &Option<(NodeId, String)>) -> String {

@@ -14,6 +14,7 @@ mod error;
 mod leadership;
 pub mod partition;
 mod reconcile;
+pub mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::error::BrokerError;
 pub use crate::partition::{Appended, BatchLimits, PartitionReplica};
+pub use crate::retention::{PartitionStats, RetentionTuning};
 
 /// What the broker needs to know about its node and cluster.
 #[derive(Debug, Clone)]
@@ -49,6 +51,8 @@ pub struct BrokerConfig {
     pub batch: BatchLimits,
     /// Advertised address → address to dial (fault-injection proxies in the chaos suite).
     pub dial_overrides: junction_raft::DialOverrides,
+    /// Retention and compaction periods.
+    pub retention: RetentionTuning,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -99,6 +103,8 @@ impl Broker {
         broker.bootstrap_metadata().await?;
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.retention_loop().await });
         Ok(broker)
     }
 
@@ -351,13 +357,27 @@ impl Broker {
         let node = self.cfg.node_id;
         let limits = self.cfg.batch;
         let r2 = raft.clone();
-        self.tasks
-            .spawn(partition::run_batcher(node, group, r2, rx, limits));
+        let policy = Arc::new(RwLock::new(
+            self.metadata()
+                .partition_of_group(group)
+                .map(|(s, _)| s.policy)
+                .unwrap_or_default(),
+        ));
+        let admission = retention::Admission {
+            store: self.store.clone(),
+            group,
+            shared: shared.clone(),
+            policy: policy.clone(),
+        };
+        self.tasks.spawn(partition::run_batcher(
+            node, group, r2, rx, limits, admission,
+        ));
         let replica = Arc::new(PartitionReplica {
             group,
             raft,
             shared,
             appends: tx,
+            policy,
         });
         self.partitions.write().insert(group, replica);
         tracing::info!(group, ?replicas, "partition replica started");

@@ -72,6 +72,10 @@ pub struct Config {
     /// `ADVERTISED=DIALLED,...`: dial another address for a peer (for fault-injecting
     /// proxies in the chaos suite). Empty in production.
     pub dial_overrides: String,
+    /// How often partition leaders apply retention limits, in ms.
+    pub retention_tick_ms: u64,
+    /// Least time between two key compactions of a partition, in ms.
+    pub compaction_every_ms: u64,
 }
 
 impl Default for Config {
@@ -92,6 +96,8 @@ impl Default for Config {
             keep_logs: t.keep_logs,
             max_in_flight: 8,
             dial_overrides: String::new(),
+            retention_tick_ms: 1000,
+            compaction_every_ms: 60_000,
         }
     }
 }
@@ -280,6 +286,10 @@ impl Config {
                 max_entry_bytes: 4 << 20,
             },
             dial_overrides: self.dial_overrides()?,
+            retention: junction_broker::RetentionTuning {
+                tick: Duration::from_millis(self.retention_tick_ms.max(10)),
+                compaction_every: Duration::from_millis(self.compaction_every_ms),
+            },
         })
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod flusher;
 pub mod keys;
+pub mod retention;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use rocksdb::{
 };
 
 pub use crate::flusher::FlushCallback;
+pub use crate::retention::{SizeEntry, TruncatePlan};
 use crate::flusher::Flusher;
 use crate::keys::*;
 

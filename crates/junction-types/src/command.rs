@@ -8,6 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{MetaError, StationMeta};
+use crate::policy::StationPolicy;
 use crate::record::Record;
 
 /// The application data of a Raft entry.
@@ -33,10 +34,20 @@ pub enum MetaCommand {
         replication_factor: u32,
         max_message_bytes: u32,
         now_ms: i64,
+        /// Storage, retention and compaction settings.
+        #[serde(default)]
+        policy: StationPolicy,
     },
     DeleteStation {
         tenant: String,
         name: String,
+    },
+    /// Replaces a station's retention, discard and compaction settings (the storage tier is
+    /// fixed at creation).
+    UpdateStation {
+        tenant: String,
+        name: String,
+        policy: StationPolicy,
     },
 }
 
@@ -48,6 +59,15 @@ pub enum PartitionCommand {
     Append {
         timestamp_ms: i64,
         records: Vec<Record>,
+    },
+    /// Removes every message below `before` (retention). Decided by the leader, applied by
+    /// every replica with range deletes; offsets are never reused.
+    Truncate { before: u64 },
+    /// Key compaction of the offsets below `upto`: only the newest message per key is kept;
+    /// tombstones with a timestamp below `tombstones_before_ms` are dropped with their key.
+    Compact {
+        upto: u64,
+        tombstones_before_ms: i64,
     },
 }
 
@@ -68,6 +88,9 @@ pub enum CommandResponse {
     MetaRejected(MetaError),
     /// A command was sent to a group of the wrong kind (a bug, reported rather than panicking).
     WrongGroup,
+    /// A `Truncate` or `Compact` was applied: the partition's first offset afterwards and the
+    /// messages the command removed on this replica.
+    Retained { start_offset: u64, removed: u64 },
 }
 
 impl fmt::Display for Command {
@@ -77,6 +100,7 @@ impl fmt::Display for Command {
             Command::Partition(PartitionCommand::Append { records, .. }) => {
                 write!(f, "append({} records)", records.len())
             }
+            Command::Partition(p) => write!(f, "{p:?}"),
         }
     }
 }

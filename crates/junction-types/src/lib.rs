@@ -8,17 +8,22 @@
 //! - [`partitioner`]: the documented key → partition hash (Kafka-compatible murmur2).
 //! - [`record`]: a message as stored, and its on-disk encoding.
 //! - [`command`]: what a Raft log entry carries and what applying it returns.
+//! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 //! - [`meta`]: the metadata group's state (tenants, stations, placement) and its pure apply.
 
 pub mod command;
 pub mod meta;
 pub mod names;
 pub mod partitioner;
+pub mod policy;
 pub mod record;
 
 pub use command::{Command, CommandResponse, MetaCommand, PartitionCommand};
 pub use meta::{MetaError, MetaState, PartitionMeta, StationMeta};
 pub use names::{NameError, StationName};
+pub use policy::{
+    CompactionPolicy, DiscardPolicy, PolicyError, Retention, StationPolicy, StorageTier,
+};
 pub use record::{Record, StoredRecord};
 
 /// Raft group id. Group 0 is the metadata group; partitions get ids from 1 upwards.

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandResponse, MetaCommand};
+use crate::policy::StationPolicy;
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
 
 /// Why the metadata group refused a command.
@@ -39,6 +40,9 @@ pub struct StationMeta {
     pub max_message_bytes: u32,
     pub created_at_ms: i64,
     pub partitions: Vec<PartitionMeta>,
+    /// Storage, retention and compaction settings.
+    #[serde(default)]
+    pub policy: StationPolicy,
 }
 
 impl StationMeta {
@@ -92,6 +96,7 @@ impl MetaState {
                 replication_factor,
                 max_message_bytes,
                 now_ms,
+                policy,
             } => {
                 let full = format!("{tenant}/{name}");
                 if !self.tenants.contains_key(tenant) {
@@ -122,6 +127,7 @@ impl MetaState {
                     max_message_bytes: *max_message_bytes,
                     created_at_ms: *now_ms,
                     partitions,
+                    policy: *policy,
                 };
                 self.stations.insert(full, station.clone());
                 CommandResponse::StationCreated(station)
@@ -135,7 +141,33 @@ impl MetaState {
                 }
                 CommandResponse::Done
             }
+            MetaCommand::UpdateStation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let full = format!("{tenant}/{name}");
+                let Some(station) = self.stations.get_mut(&full) else {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: full,
+                    });
+                };
+                // The tier is fixed at creation: data cannot move between tiers in place.
+                let storage = station.policy.storage;
+                station.policy = StationPolicy { storage, ..*policy };
+                CommandResponse::StationCreated(station.clone())
+            }
         }
+    }
+
+    /// Returns the station and partition index of a partition group.
+    pub fn partition_of_group(&self, group: GroupId) -> Option<(&StationMeta, u32)> {
+        self.stations.values().find_map(|s| {
+            s.partitions
+                .iter()
+                .position(|p| p.group_id == group)
+                .map(|i| (s, i as u32))
+        })
     }
 
     /// Returns every partition group whose replicas include `node`, with its members.
@@ -220,6 +252,7 @@ mod tests {
             replication_factor: 3,
             max_message_bytes: 1 << 20,
             now_ms: 1,
+            policy: StationPolicy::default(),
         })
     }
 
@@ -268,6 +301,7 @@ mod tests {
             replication_factor: 1,
             max_message_bytes: 1,
             now_ms: 1,
+            policy: StationPolicy::default(),
         });
         assert!(matches!(
             r,
