@@ -50,6 +50,9 @@ pub struct PartitionView {
     pub leader: Option<NodeId>,
     pub next_offset: u64,
     pub start_offset: u64,
+    /// Messages stored and their bytes, when measured ([`Broker::measure_partitions`]).
+    pub messages: u64,
+    pub bytes: u64,
 }
 
 /// What a status probe of every member found.
@@ -326,8 +329,59 @@ impl Broker {
                     leader,
                     next_offset,
                     start_offset,
+                    messages: 0,
+                    bytes: 0,
                 }
             })
             .collect()
+    }
+
+    /// Fills in the stored size of each partition, as its leader (or, without a leader, its
+    /// first answering replica) measures it.
+    pub async fn measure_partitions(&self, views: &mut [PartitionView]) {
+        let me = self.node_id();
+        let addrs = self.node_addrs();
+        let mut asks: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
+        for v in views.iter() {
+            let node = v
+                .leader
+                .or_else(|| v.replicas.iter().copied().find(|r| *r == me))
+                .or_else(|| v.replicas.first().copied());
+            if let Some(n) = node {
+                asks.entry(n).or_default().push(v.group_id);
+            }
+        }
+        let calls = asks.into_iter().map(|(node, groups)| {
+            let addr = addrs.get(&node).cloned();
+            async move {
+                if node == me {
+                    return junction_raft::GroupHost::partition_stats(self, &groups);
+                }
+                let Some(addr) = addr else { return Vec::new() };
+                let Ok(mut client) = self.peers().client(&addr) else {
+                    return Vec::new();
+                };
+                let req = junction_proto::peer::PartitionStatsRequest { groups };
+                match tokio::time::timeout(PROBE_TIMEOUT, client.partition_stats(req)).await {
+                    Ok(Ok(r)) => r.into_inner().groups,
+                    _ => Vec::new(),
+                }
+            }
+        });
+        let stats: BTreeMap<GroupId, junction_proto::peer::GroupStats> =
+            futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .flatten()
+                .map(|g| (g.group, g))
+                .collect();
+        for v in views.iter_mut() {
+            if let Some(g) = stats.get(&v.group_id) {
+                v.messages = g.messages;
+                v.bytes = g.bytes;
+                v.start_offset = g.start_offset;
+                v.next_offset = g.next_offset;
+            }
+        }
     }
 }

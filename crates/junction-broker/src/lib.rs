@@ -449,4 +449,20 @@ impl GroupHost for Broker {
     fn node_status(&self) -> NodeStatusResponse {
         self.local_status()
     }
+
+    fn partition_stats(&self, groups: &[GroupId]) -> Vec<junction_proto::peer::GroupStats> {
+        groups
+            .iter()
+            .filter_map(|g| {
+                let s = Broker::partition_stats(self, *g).ok()?;
+                Some(junction_proto::peer::GroupStats {
+                    group: *g,
+                    start_offset: s.start_offset,
+                    next_offset: s.next_offset,
+                    messages: s.messages,
+                    bytes: s.bytes,
+                })
+            })
+            .collect()
+    }
 }

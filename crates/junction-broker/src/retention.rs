@@ -133,8 +133,11 @@ pub fn partition_stats(
     let mut bytes = span_bytes(store, group, dense_from, next)?;
     if dense_from > start {
         let mut bad = None;
-        store.scan_messages(group, start, dense_from, |_, v| {
-            match junction_raft::decode::<StoredRecord>("stored record", v) {
+        store.scan_messages(
+            group,
+            start,
+            dense_from,
+            |_, v| match junction_raft::decode::<StoredRecord>("stored record", v) {
                 Ok(r) => {
                     messages += 1;
                     bytes += (r.key.as_ref().map_or(0, Vec::len)
@@ -149,8 +152,8 @@ pub fn partition_stats(
                     bad = Some(e);
                     Ok(false)
                 }
-            }
-        })?;
+            },
+        )?;
         if let Some(e) = bad {
             return Err(BrokerError::Raft(e.to_string()));
         }
@@ -357,9 +360,8 @@ impl Broker {
             let work = state.next_offset > state.compacted_upto.max(state.start_offset)
                 || state.tombstones > 0;
             if due && work {
-                let cutoff = now.saturating_sub(
-                    i64::try_from(policy.tombstone_delay_ms).unwrap_or(i64::MAX),
-                );
+                let cutoff = now
+                    .saturating_sub(i64::try_from(policy.tombstone_delay_ms).unwrap_or(i64::MAX));
                 self.propose(
                     replica,
                     PartitionCommand::Compact {
@@ -401,12 +403,7 @@ impl Broker {
 mod tests {
     use super::*;
 
-    fn ret(
-        age: Option<u64>,
-        bytes: Option<u64>,
-        messages: Option<u64>,
-        ack: bool,
-    ) -> Retention {
+    fn ret(age: Option<u64>, bytes: Option<u64>, messages: Option<u64>, ack: bool) -> Retention {
         Retention {
             max_age_ms: age,
             max_bytes: bytes,
@@ -477,12 +474,26 @@ mod tests {
             None
         );
         assert_eq!(
-            truncate_before(&only_ack, DiscardPolicy::Old, 4, 20, Cuts::default(), Some(4)),
+            truncate_before(
+                &only_ack,
+                DiscardPolicy::Old,
+                4,
+                20,
+                Cuts::default(),
+                Some(4)
+            ),
             None
         );
         // A floor past the end (cannot happen, but) is clamped.
         assert_eq!(
-            truncate_before(&only_ack, DiscardPolicy::Old, 4, 20, Cuts::default(), Some(99)),
+            truncate_before(
+                &only_ack,
+                DiscardPolicy::Old,
+                4,
+                20,
+                Cuts::default(),
+                Some(99)
+            ),
             Some(20)
         );
     }

@@ -10,6 +10,7 @@
 mod cluster;
 mod common;
 mod dev;
+mod policy;
 mod produce;
 mod read;
 mod station;

@@ -14,6 +14,7 @@ pub mod broker_service;
 pub mod config;
 pub mod forward;
 pub mod http;
+pub mod policy;
 pub mod produce_path;
 pub mod status;
 

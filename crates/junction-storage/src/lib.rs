@@ -27,9 +27,9 @@ use rocksdb::{
 };
 
 pub use crate::flusher::FlushCallback;
-pub use crate::retention::{SizeEntry, TruncatePlan};
 use crate::flusher::Flusher;
 use crate::keys::*;
+pub use crate::retention::{SizeEntry, TruncatePlan};
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]

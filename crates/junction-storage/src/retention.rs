@@ -5,7 +5,7 @@ use junction_types::GroupId;
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
 use crate::keys::*;
-use crate::{Batch, Store, StorageError, rocks};
+use crate::{Batch, StorageError, Store, rocks};
 
 /// One decoded `size_index` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,7 +264,10 @@ mod tests {
             .map(|(o, _)| o)
             .collect();
         assert_eq!(left, vec![6, 7, 8, 9]);
-        assert_eq!(store.read_messages(6, 0, 100, 100, 1 << 20).unwrap().len(), 10);
+        assert_eq!(
+            store.read_messages(6, 0, 100, 100, 1 << 20).unwrap().len(),
+            10
+        );
         // The entry covering offset 6 (time 200 → 4) stays; time 100 is gone.
         assert_eq!(store.seek_time(5, 0).unwrap(), Some(4));
         assert_eq!(store.bytes_before(5, 6).unwrap(), Some(6));

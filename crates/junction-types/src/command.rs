@@ -90,7 +90,10 @@ pub enum CommandResponse {
     WrongGroup,
     /// A `Truncate` or `Compact` was applied: the partition's first offset afterwards and the
     /// messages the command removed on this replica.
-    Retained { start_offset: u64, removed: u64 },
+    Retained {
+        start_offset: u64,
+        removed: u64,
+    },
 }
 
 impl fmt::Display for Command {

@@ -242,7 +242,10 @@ mod tests {
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("99999999999999999999").is_err());
         assert!(parse_bytes("1ZiB").is_err());
-        assert_eq!("memory".parse::<StorageTier>().unwrap(), StorageTier::Memory);
+        assert_eq!(
+            "memory".parse::<StorageTier>().unwrap(),
+            StorageTier::Memory
+        );
         assert!("disk".parse::<StorageTier>().is_err());
     }
 
