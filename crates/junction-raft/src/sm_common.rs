@@ -256,7 +256,7 @@ pub(crate) fn install_from_file(
 
 #[cfg(test)]
 mod tests {
-    use junction_storage::keys::{CF_SM_META, sm_tag};
+    use junction_storage::keys::{CF_SM_META, SM_CF_MESSAGES, sm_tag};
 
     use super::*;
     use crate::snapshot::write_frame;
@@ -314,5 +314,48 @@ mod tests {
             store.read_messages(7, 0, 1, 10, 1 << 20).unwrap(),
             vec![(0, b"m0".to_vec())]
         );
+    }
+
+    /// A replica that was down while retention and compaction ran ends, after installing
+    /// the snapshot, with exactly the sender's messages: nothing below the first offset and
+    /// no local message the sender compacted away.
+    #[test]
+    fn install_drops_truncated_and_compacted_local_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut b = store.batch();
+        put_applied(&mut b, 9, Some(&log_id(10)), None, b"old").unwrap();
+        for o in 0..10u64 {
+            b.put_message(9, o, b"local").unwrap();
+        }
+        b.put_size_index(9, 0, 0, &[5; 10]).unwrap();
+        store.write(b).unwrap();
+
+        let mut stream = Vec::new();
+        write_frame(&mut stream, FRAME_STATE, &[], b"new");
+        for o in [5u64, 7, 8, 9, 10, 11] {
+            write_frame(&mut stream, SM_CF_MESSAGES, &o.to_be_bytes(), b"sent");
+        }
+        let path = dir.path().join("snap");
+        std::fs::write(&path, &stream).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(20)),
+            last_membership: StoredMembership::default(),
+        };
+        install_from_file(&store, 9, &meta, &path, |_| InstallPlan {
+            messages_below: Some(12),
+            start_offset: 4,
+            compacted_upto: 8,
+        })
+        .unwrap();
+        let left: Vec<u64> = store
+            .read_messages(9, 0, 100, 100, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect();
+        assert_eq!(left, vec![5, 7, 8, 9, 10, 11]);
+        let (applied, _) = load_applied(&store, 9).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(20));
     }
 }

@@ -327,4 +327,39 @@ mod tests {
         assert!(counts.values().all(|c| *c == 6), "{counts:?}");
         assert!(firsts.values().all(|c| *c == 2), "{firsts:?}");
     }
+
+    #[test]
+    fn update_changes_retention_but_never_the_storage_tier() {
+        let mut s = MetaState::default();
+        create(&mut s, "a", 1);
+        let mut policy = StationPolicy::default();
+        policy.storage = crate::StorageTier::Memory;
+        policy.retention.max_messages = Some(5);
+        policy.discard = crate::DiscardPolicy::New;
+        let r = s.apply(&MetaCommand::UpdateStation {
+            tenant: "default".into(),
+            name: "a".into(),
+            policy,
+        });
+        let CommandResponse::StationCreated(st) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(st.policy.storage, crate::StorageTier::File);
+        assert_eq!(st.policy.retention.max_messages, Some(5));
+        assert_eq!(st.policy.discard, crate::DiscardPolicy::New);
+        assert_eq!(s.stations["default/a"].policy, st.policy);
+        assert_eq!(
+            s.partition_of_group(st.partitions[0].group_id)
+                .map(|(x, i)| (x.name.as_str(), i)),
+            Some(("a", 0))
+        );
+        assert!(matches!(
+            s.apply(&MetaCommand::UpdateStation {
+                tenant: "default".into(),
+                name: "zz".into(),
+                policy,
+            }),
+            CommandResponse::MetaRejected(MetaError::StationNotFound { .. })
+        ));
+    }
 }
