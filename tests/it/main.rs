@@ -8,4 +8,5 @@ mod cluster;
 mod failover;
 mod harness;
 mod process;
+mod retention;
 mod snapshot;

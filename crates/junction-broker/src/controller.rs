@@ -219,7 +219,6 @@ impl Broker {
         name: &StationName,
         policy: StationPolicy,
     ) -> Result<StationMeta, BrokerError> {
-        validate_policy(&policy)?;
         let current = self.station(name)?;
         if current.policy.storage != policy.storage {
             return Err(BrokerError::InvalidArgument(format!(
@@ -228,6 +227,7 @@ impl Broker {
                 current.policy.storage
             )));
         }
+        validate_policy(&policy)?;
         self.ensure_controller()?;
         match self
             .meta_write(MetaCommand::UpdateStation {
