@@ -33,14 +33,14 @@ pub enum StationCommand {
         #[arg(long)]
         max_message_bytes: Option<u32>,
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
     },
     /// Change a station's retention, discard and compaction settings (unset flags keep
     /// their value; `none` removes a limit).
     Update {
         name: String,
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
     },
     /// List stations.
     List {

@@ -332,10 +332,15 @@ mod tests {
     fn update_changes_retention_but_never_the_storage_tier() {
         let mut s = MetaState::default();
         create(&mut s, "a", 1);
-        let mut policy = StationPolicy::default();
-        policy.storage = crate::StorageTier::Memory;
-        policy.retention.max_messages = Some(5);
-        policy.discard = crate::DiscardPolicy::New;
+        let policy = StationPolicy {
+            storage: crate::StorageTier::Memory,
+            retention: crate::Retention {
+                max_messages: Some(5),
+                ..Default::default()
+            },
+            discard: crate::DiscardPolicy::New,
+            ..Default::default()
+        };
         let r = s.apply(&MetaCommand::UpdateStation {
             tenant: "default".into(),
             name: "a".into(),
