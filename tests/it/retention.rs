@@ -625,3 +625,81 @@ async fn cli_creates_updates_and_describes_policies() {
     assert!(none.stderr.contains("nothing to update"), "{}", none.stderr);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compacted_station_catches_up_by_snapshot() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        fast(c);
+        c.snapshot_every = 50;
+        c.keep_logs = 10;
+    })
+    .await;
+    let client = cluster.client();
+    let s = create(
+        &client,
+        "table",
+        policy(|p, _| {
+            p.compaction = CompactionPolicy::Key as i32;
+            p.tombstone_delay_ms = Some(1);
+        }),
+    )
+    .await;
+    let group = s.partition_info[0].group_id;
+    let leader = cluster.partition_leader(group).expect("leader");
+    let follower = s.partition_info[0]
+        .replicas
+        .iter()
+        .copied()
+        .find(|r| *r != leader)
+        .expect("follower");
+    cluster.stop(follower).await;
+    for b in 0..300 {
+        let msgs = (0..10)
+            .map(|i| keyed(&format!("k{}", (b * 10 + i) % 20), format!("b{b}")))
+            .collect();
+        client.produce("table", msgs).await.expect("produce");
+    }
+    let dead: Vec<Message> = (0..5).map(|i| tombstone(&format!("k{i}"))).collect();
+    client.produce("table", dead).await.expect("tombstones");
+    let leader = cluster.partition_leader(group).expect("leader");
+    wait_until(
+        Duration::from_secs(20),
+        "the leader to compact and purge its log",
+        || async {
+            let b = cluster.broker(leader);
+            let r = b.partition(group)?;
+            let purged = r.raft.metrics().borrow_watched().purged.map(|l| l.index);
+            (purged.is_some_and(|p| p >= 100) && local_contents(&b, group).len() == 15)
+                .then_some(())
+        },
+    )
+    .await;
+    cluster.restart(follower).await;
+    let want = local_contents(&cluster.broker(leader), group);
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted follower to hold exactly the compacted messages",
+        || async {
+            let b = cluster.broker(follower);
+            b.partition(group)?;
+            (local_contents(&b, group) == want).then_some(())
+        },
+    )
+    .await;
+    let read = read_all(&client, "table", 0).await;
+    assert_eq!(read.len(), 15);
+    for m in &read {
+        // Even batches wrote k0..k9, odd ones k10..k19; k0..k4 are deleted.
+        let key: u32 = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default())[1..]
+            .parse()
+            .expect("key number");
+        let last = if key < 10 { "b298" } else { "b299" };
+        assert!(key >= 5, "k{key} was deleted by its tombstone");
+        assert_eq!(
+            &m.payload[..],
+            last.as_bytes(),
+            "only the last value of k{key}"
+        );
+    }
+    cluster.shutdown().await;
+}

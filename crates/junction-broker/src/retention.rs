@@ -362,14 +362,19 @@ impl Broker {
             if due && work {
                 let cutoff = now
                     .saturating_sub(i64::try_from(policy.tombstone_delay_ms).unwrap_or(i64::MAX));
-                self.propose(
-                    replica,
-                    PartitionCommand::Compact {
-                        upto: state.next_offset,
-                        tombstones_before_ms: cutoff,
-                    },
-                )
-                .await?;
+                let resp = self
+                    .propose(
+                        replica,
+                        PartitionCommand::Compact {
+                            upto: state.next_offset,
+                            tombstones_before_ms: cutoff,
+                        },
+                    )
+                    .await?;
+                if let CommandResponse::Retained { removed, .. } = resp {
+                    metrics::counter!("junction_compaction_removed_messages_total")
+                        .increment(removed);
+                }
                 last_compaction.insert(group, tokio::time::Instant::now());
             }
         }

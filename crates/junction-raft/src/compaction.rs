@@ -65,10 +65,10 @@ pub fn plan_compaction(
     }
 }
 
-/// Compacts `group`'s messages in `[from, upto)` as stored now, adding the deletes to `b`.
-pub(crate) fn compact_stored(
+/// Plans the compaction of `group`'s messages in `[from, upto)` as stored now. Blocking (it
+/// reads every message in the range): call it from `spawn_blocking`.
+pub(crate) fn plan_stored(
     store: &Store,
-    b: &mut Batch<'_>,
     group: GroupId,
     from: u64,
     upto: u64,
@@ -97,11 +97,19 @@ pub(crate) fn compact_stored(
     if let Some(e) = bad {
         return Err(e);
     }
-    let plan = plan_compaction(items, tombstones_before_ms);
+    Ok(plan_compaction(items, tombstones_before_ms))
+}
+
+/// Adds the deletes of `plan` to `b`.
+pub(crate) fn apply_plan(
+    b: &mut Batch<'_>,
+    group: GroupId,
+    plan: &CompactionPlan,
+) -> Result<(), RaftStoreError> {
     for offset in &plan.remove {
         b.delete_message(group, *offset)?;
     }
-    Ok(plan)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -221,8 +229,9 @@ mod tests {
                     let next = log.len() as u64;
                     let upto = compacted_upto + rng.below(next - compacted_upto + 1);
                     cutoff = cutoff.max(rng.below(next + 1) as i64);
+                    let plan = plan_stored(&store, group, 0, upto, cutoff).unwrap();
                     let mut b = store.batch();
-                    compact_stored(&store, &mut b, group, 0, upto, cutoff).unwrap();
+                    apply_plan(&mut b, group, &plan).unwrap();
                     store.write(b).unwrap();
                     compacted_upto = upto;
                 }

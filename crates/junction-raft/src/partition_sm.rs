@@ -197,14 +197,14 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         .map_err(RaftStoreError::from)?;
                     let upto = upto.min(state.next_offset);
                     let cutoff = tombstones_before_ms.max(state.tombstone_cutoff_ms);
-                    let plan = crate::compaction::compact_stored(
-                        &self.store,
-                        &mut b,
-                        self.group,
-                        state.start_offset,
-                        upto,
-                        cutoff,
-                    )?;
+                    // The scan reads the whole range: keep it off the async workers.
+                    let (store, group, from) = (self.store.clone(), self.group, state.start_offset);
+                    let plan = tokio::task::spawn_blocking(move || {
+                        crate::compaction::plan_stored(&store, group, from, upto, cutoff)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
+                    crate::compaction::apply_plan(&mut b, self.group, &plan)?;
                     state.compacted_upto = state.compacted_upto.max(upto);
                     state.tombstone_cutoff_ms = cutoff;
                     state.tombstones = plan.tombstones_kept;
