@@ -7,6 +7,7 @@ mod client;
 mod cluster;
 mod failover;
 mod harness;
+mod memory;
 mod process;
 mod retention;
 mod snapshot;

@@ -500,13 +500,6 @@ async fn bad_policies_get_clear_statuses() {
     let cluster = TestCluster::start(3).await;
     let client = cluster.client();
     let e = client
-        .create_station_with(StationSpec::new("mem").policy(policy(|p, _| {
-            p.storage = StorageTier::Memory as i32;
-        })))
-        .await
-        .expect_err("memory storage");
-    assert_eq!(e.code(), Some(Code::Unimplemented), "{e}");
-    let e = client
         .create_station_with(StationSpec::new("zero").policy(policy(|_, r| {
             r.max_messages = Some(0);
         })))

@@ -9,7 +9,7 @@ use junction_types::meta::place_replicas;
 use junction_types::names::validate_tenant;
 use junction_types::{
     Command, CommandResponse, GroupId, MAX_PARTITIONS, META_GROUP, MetaCommand, NodeId,
-    StationMeta, StationName, StationPolicy, StorageTier,
+    StationMeta, StationName, StationPolicy,
 };
 use openraft::errors::{ClientWriteError, RaftError};
 
@@ -21,11 +21,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Rejects policies this build cannot honour or that make no sense.
 pub fn validate_policy(p: &StationPolicy) -> Result<(), BrokerError> {
-    if p.storage == StorageTier::Memory {
-        return Err(BrokerError::Unimplemented(
-            "memory storage is not available yet in this build; use file storage".into(),
-        ));
-    }
     let r = &p.retention;
     for (what, v) in [
         ("retention age", r.max_age_ms),
@@ -53,6 +48,8 @@ pub struct PartitionView {
     /// Messages stored and their bytes, when measured ([`Broker::measure_partitions`]).
     pub messages: u64,
     pub bytes: u64,
+    /// When a memory partition lost every replica and restarted empty (0: never).
+    pub data_lost_at_ms: i64,
 }
 
 /// What a status probe of every member found.
@@ -331,6 +328,7 @@ impl Broker {
                     start_offset,
                     messages: 0,
                     bytes: 0,
+                    data_lost_at_ms: 0,
                 }
             })
             .collect()
@@ -379,6 +377,7 @@ impl Broker {
             if let Some(g) = stats.get(&v.group_id) {
                 v.messages = g.messages;
                 v.bytes = g.bytes;
+                v.data_lost_at_ms = g.data_lost_at_ms;
                 v.start_offset = g.start_offset;
                 v.next_offset = g.next_offset;
             }

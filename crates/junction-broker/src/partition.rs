@@ -35,6 +35,9 @@ pub struct PartitionReplica {
     pub(crate) appends: mpsc::Sender<AppendRequest>,
     /// The station's storage and retention policy, refreshed from the metadata.
     pub(crate) policy: Arc<parking_lot::RwLock<junction_types::StationPolicy>>,
+    /// Where this replica's log and messages live: the node's disk store, or its memory
+    /// store for memory stations.
+    pub store: junction_storage::Store,
 }
 
 impl PartitionReplica {
@@ -101,15 +104,19 @@ pub(crate) async fn run_batcher(
         // discard=new: refuse what does not fit, counting what is accepted but not applied.
         let mut reserved = Pending::default();
         if let Some(lim) = admission.limits() {
-            match admission.applied() {
-                Ok(applied) => {
+            match admission.used(&lim) {
+                Ok(mut used) => {
                     let inflight = *pending.lock();
-                    let mut used = (applied.0 + inflight.messages, applied.1 + inflight.bytes);
+                    used.messages += inflight.messages;
+                    used.bytes += inflight.bytes;
+                    used.memory += inflight.bytes;
                     let mut kept = Vec::with_capacity(reqs.len());
                     for r in reqs {
-                        match Admission::check(lim, used, &r.records) {
+                        match Admission::check(&lim, &used, &r.records) {
                             Ok((n, b)) => {
-                                used = (used.0 + n, used.1 + b);
+                                used.messages += n;
+                                used.bytes += b;
+                                used.memory += b;
                                 reserved.messages += n;
                                 reserved.bytes += b;
                                 kept.push(r);

@@ -101,6 +101,8 @@ pub struct PartitionStats {
     pub next_offset: u64,
     pub messages: u64,
     pub bytes: u64,
+    /// When a memory partition lost every replica and restarted empty (0: never).
+    pub data_lost_at_ms: i64,
 }
 
 /// Returns the bytes stored in `[from, next)` according to the size index (messages removed
@@ -163,6 +165,7 @@ pub fn partition_stats(
         next_offset: next,
         messages,
         bytes,
+        data_lost_at_ms: state.data_lost_at_ms,
     })
 }
 
@@ -216,13 +219,41 @@ fn measure_cuts(
     Ok(cuts)
 }
 
-/// The discard-new check of one partition, used by its batcher.
+/// The admission checks of one partition, run by its batcher: the discard-new limits and,
+/// for memory stations, the node's memory limit.
 pub struct Admission {
     pub(crate) store: Store,
     pub(crate) group: GroupId,
     pub(crate) shared: Arc<PartitionShared>,
     /// The station's policy, refreshed by reconciliation.
     pub(crate) policy: Arc<RwLock<StationPolicy>>,
+    /// For memory stations: the node's memory limit and what counts against it.
+    pub(crate) memory: Option<(u64, MemoryGauge)>,
+}
+
+/// The message bytes (key + headers + payload) held by every memory-station replica on this
+/// node: what the node's memory limit counts. Raft log and index overhead come on top (the
+/// log is bounded by the snapshot interval).
+#[derive(Clone)]
+pub(crate) struct MemoryGauge {
+    pub(crate) store: Store,
+    pub(crate) groups: Arc<RwLock<HashMap<GroupId, Arc<PartitionShared>>>>,
+}
+
+impl MemoryGauge {
+    pub(crate) fn used(&self) -> u64 {
+        let groups: Vec<(GroupId, PartitionState)> = self
+            .groups
+            .read()
+            .iter()
+            .map(|(g, s)| (*g, s.current()))
+            .collect();
+        groups
+            .iter()
+            .filter_map(|(g, st)| partition_stats(&self.store, *g, st).ok())
+            .map(|s| s.bytes)
+            .sum()
+    }
 }
 
 /// Messages and bytes a batcher has accepted but not seen applied yet.
@@ -232,45 +263,84 @@ pub(crate) struct Pending {
     pub(crate) bytes: u64,
 }
 
+/// The limits a produce is checked against; `None` fields do not apply.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) messages: Option<u64>,
+    pub(crate) bytes: Option<u64>,
+    pub(crate) memory: Option<u64>,
+}
+
+/// What the limits are compared with: the partition's messages and bytes, and the node's
+/// memory store's bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Used {
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
+    pub(crate) memory: u64,
+}
+
 impl Admission {
-    /// Returns the limits that refuse produces, if the station discards new messages.
-    pub(crate) fn limits(&self) -> Option<(Option<u64>, Option<u64>)> {
+    /// Returns the limits that can refuse produces, if any apply.
+    pub(crate) fn limits(&self) -> Option<Limits> {
         let p = *self.policy.read();
         let r = p.retention;
-        (p.discard == DiscardPolicy::New && (r.max_messages.is_some() || r.max_bytes.is_some()))
-            .then_some((r.max_messages, r.max_bytes))
+        let mut l = Limits {
+            memory: self.memory.as_ref().map(|(limit, _)| *limit),
+            ..Limits::default()
+        };
+        if p.discard == DiscardPolicy::New {
+            l.messages = r.max_messages;
+            l.bytes = r.max_bytes;
+        }
+        (l != Limits::default()).then_some(l)
     }
 
-    /// Returns the partition's applied size (messages, bytes) against which limits are checked.
-    pub(crate) fn applied(&self) -> Result<(u64, u64), BrokerError> {
-        let s = partition_stats(&self.store, self.group, &self.shared.current())?;
-        Ok((s.messages, s.bytes))
+    /// Measures what the limits are compared with (applied data only).
+    pub(crate) fn used(&self, limits: &Limits) -> Result<Used, BrokerError> {
+        let mut used = Used::default();
+        if limits.messages.is_some() || limits.bytes.is_some() {
+            let s = partition_stats(&self.store, self.group, &self.shared.current())?;
+            used.messages = s.messages;
+            used.bytes = s.bytes;
+        }
+        if let (Some(_), Some((_, gauge))) = (limits.memory, &self.memory) {
+            used.memory = gauge.used();
+        }
+        Ok(used)
     }
 
-    /// Checks one produce request against the limits, given the applied size plus what is
-    /// already accepted and in flight.
+    /// Checks one produce request against the limits, given what is used plus what is
+    /// already accepted and in flight. Returns the request's (messages, bytes).
     pub(crate) fn check(
-        limits: (Option<u64>, Option<u64>),
-        used: (u64, u64),
+        limits: &Limits,
+        used: &Used,
         records: &[Record],
     ) -> Result<(u64, u64), BrokerError> {
         let n = records.len() as u64;
         let b: u64 = records.iter().map(|r| r.size() as u64).sum();
-        let (max_messages, max_bytes) = limits;
-        if let Some(max) = max_messages
-            && used.0 + n > max
+        if let Some(max) = limits.messages
+            && used.messages + n > max
         {
             return Err(BrokerError::ResourceExhausted(format!(
                 "the partition holds {} of its {max} messages and the station discards new messages; {n} more do not fit",
-                used.0
+                used.messages
             )));
         }
-        if let Some(max) = max_bytes
-            && used.1 + b > max
+        if let Some(max) = limits.bytes
+            && used.bytes + b > max
         {
             return Err(BrokerError::ResourceExhausted(format!(
                 "the partition holds {} of its {max} bytes and the station discards new messages; {b} more bytes do not fit",
-                used.1
+                used.bytes
+            )));
+        }
+        if let Some(max) = limits.memory
+            && used.memory + b > max
+        {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "this node's memory storage is full ({} of its {max} bytes are used by memory stations); retention or deleting a memory station frees it",
+                used.memory
             )));
         }
         Ok((n, b))
@@ -330,7 +400,7 @@ impl Broker {
         let state = replica.shared.current();
         let now = now_ms();
         if policy.retention.is_limited() {
-            let store = self.store().clone();
+            let store = replica.store.clone();
             let retention = policy.retention;
             let cuts = tokio::task::spawn_blocking(move || {
                 measure_cuts(&store, group, &state, &retention, now)
@@ -400,7 +470,7 @@ impl Broker {
             node: self.node_id(),
             group,
         })?;
-        partition_stats(self.store(), group, &replica.shared.current())
+        partition_stats(&replica.store, group, &replica.shared.current())
     }
 }
 
@@ -510,16 +580,36 @@ mod tests {
             headers: vec![],
             payload: vec![0; n],
         };
-        let limits = (Some(10), Some(1000));
+        let limits = Limits {
+            messages: Some(10),
+            bytes: Some(1000),
+            memory: None,
+        };
+        let used = |messages, bytes| Used {
+            messages,
+            bytes,
+            memory: 0,
+        };
         assert_eq!(
-            Admission::check(limits, (8, 0), &[rec(1), rec(1)]).unwrap(),
+            Admission::check(&limits, &used(8, 0), &[rec(1), rec(1)]).unwrap(),
             (2, 2)
         );
-        let e = Admission::check(limits, (9, 0), &[rec(1), rec(1)]).unwrap_err();
+        let e = Admission::check(&limits, &used(9, 0), &[rec(1), rec(1)]).unwrap_err();
         assert!(matches!(e, BrokerError::ResourceExhausted(_)), "{e}");
         assert!(e.to_string().contains("discards new"), "{e}");
-        let e = Admission::check(limits, (0, 990), &[rec(11)]).unwrap_err();
+        let e = Admission::check(&limits, &used(0, 990), &[rec(11)]).unwrap_err();
         assert!(e.to_string().contains("bytes"), "{e}");
+        let mem = Limits {
+            memory: Some(100),
+            ..Limits::default()
+        };
+        let full = Used {
+            memory: 95,
+            ..Used::default()
+        };
+        assert!(Admission::check(&mem, &full, &[rec(5)]).is_ok());
+        let e = Admission::check(&mem, &full, &[rec(6)]).unwrap_err();
+        assert!(e.to_string().contains("memory storage is full"), "{e}");
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub(crate) fn partition_json(p: &PartitionInfo) -> Value {
         "next_offset": p.next_offset,
         "messages": p.messages,
         "bytes": p.bytes,
+        "data_lost_at_ms": p.data_lost_at_ms,
     })
 }
 

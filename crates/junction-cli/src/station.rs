@@ -202,5 +202,15 @@ fn describe_text(s: &StationInfo) -> String {
             p.bytes.to_string(),
         ]);
     }
-    format!("{}\n{}", header.render(), table.render())
+    let mut lost = String::new();
+    for p in &s.partition_info {
+        if let Some(at) = p.data_lost_at_ms {
+            lost.push_str(&format!(
+                "partition {} lost every replica at {} (memory storage) and restarted empty\n",
+                p.partition,
+                format_time_ms(at)
+            ));
+        }
+    }
+    format!("{}\n{}{lost}", header.render(), table.render())
 }

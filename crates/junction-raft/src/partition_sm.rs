@@ -44,6 +44,8 @@ pub struct PartitionState {
     pub tombstones: u64,
     /// The largest tombstone cut-off applied so far (compaction never un-expires).
     pub tombstone_cutoff_ms: i64,
+    /// When a memory partition lost every replica and restarted empty (0: never).
+    pub data_lost_at_ms: i64,
 }
 
 /// What readers of a partition watch: the applied state, updated after every apply.
@@ -212,6 +214,10 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         start_offset: state.start_offset,
                         removed: plan.remove.len() as u64,
                     }
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::DataLost { at_ms })) => {
+                    state.data_lost_at_ms = at_ms;
+                    CommandResponse::Done
                 }
                 EntryPayload::Normal(Command::Meta(_)) => CommandResponse::WrongGroup,
             };

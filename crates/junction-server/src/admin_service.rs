@@ -62,6 +62,7 @@ pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> Station
                 start_offset: v.start_offset,
                 messages: v.messages,
                 bytes: v.bytes,
+                data_lost_at_ms: (v.data_lost_at_ms != 0).then_some(v.data_lost_at_ms),
             })
             .collect(),
         policy: Some(crate::policy::to_proto(&s.policy)),

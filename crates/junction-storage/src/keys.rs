@@ -47,6 +47,9 @@ pub mod raft_tag {
     pub const VOTE: u8 = 1;
     pub const COMMITTED: u8 = 2;
     pub const LAST_PURGED: u8 = 3;
+    /// On the disk store, for a memory group: set when this node first initialised it, so a
+    /// later re-initialisation is known to follow the loss of every replica.
+    pub const MEMORY_INITIALISED: u8 = 10;
 }
 
 /// Tags under `sm_meta`.

@@ -69,6 +69,9 @@ pub enum PartitionCommand {
         upto: u64,
         tombstones_before_ms: i64,
     },
+    /// A memory partition lost every replica at `at_ms` and restarted empty (recorded so that
+    /// `station describe` says so).
+    DataLost { at_ms: i64 },
 }
 
 /// The result of applying one entry.
