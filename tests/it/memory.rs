@@ -213,3 +213,84 @@ async fn a_full_memory_store_refuses_produces() {
         .expect("file stations ignore the memory limit");
     cluster.shutdown().await;
 }
+
+/// Produce throughput of a memory station vs a file station, and of a file station while
+/// retention cuts it every tick vs one without limits. In-process three-node cluster, debug
+/// build, shared machine: the ratios are indicative, not benchmark figures. Run with
+/// `cargo test --workspace --test it throughput_ratios -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn throughput_ratios() {
+    let cluster = TestCluster::start_with(3, |c| c.retention_tick_ms = 100).await;
+    let client = cluster.client();
+    create_memory(&client, "bench-memory").await;
+    for (name, p) in [
+        ("bench-file", StationPolicy::default()),
+        (
+            "bench-retained",
+            StationPolicy {
+                retention: Some(RetentionPolicy {
+                    max_messages: Some(20_000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+    ] {
+        client
+            .create_station_with(
+                StationSpec::new(name)
+                    .partitions(1)
+                    .replication_factor(3)
+                    .policy(p),
+            )
+            .await
+            .expect("create");
+    }
+    async fn load(client: &Client, station: &str) -> f64 {
+        const PRODUCERS: usize = 8;
+        const BATCHES: usize = 150;
+        const BATCH: usize = 50;
+        let t0 = std::time::Instant::now();
+        let tasks: Vec<_> = (0..PRODUCERS)
+            .map(|_| {
+                let client = client.clone();
+                let station = station.to_string();
+                tokio::spawn(async move {
+                    for _ in 0..BATCHES {
+                        let msgs = (0..BATCH)
+                            .map(|_| Message {
+                                key: None,
+                                headers: vec![],
+                                payload: vec![b'x'; 1024].into(),
+                                partition: None,
+                            })
+                            .collect();
+                        client.produce(&station, msgs).await.expect("produce");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("producer");
+        }
+        (PRODUCERS * BATCHES * BATCH) as f64 / t0.elapsed().as_secs_f64()
+    }
+    // Warm up, then alternate to spread the machine's noise.
+    load(&client, "bench-file").await;
+    let (mut mem, mut file, mut retained) = (0.0, 0.0, 0.0);
+    for _ in 0..2 {
+        mem += load(&client, "bench-memory").await;
+        file += load(&client, "bench-file").await;
+        retained += load(&client, "bench-retained").await;
+    }
+    eprintln!(
+        "msgs/s (1 KiB, 8 producers, batches of 50, RF 3): memory {:.0}, file {:.0}, file with retention {:.0}; memory/file {:.2}, retention kept {:.1} %",
+        mem / 2.0,
+        file / 2.0,
+        retained / 2.0,
+        mem / file,
+        100.0 * retained / file
+    );
+    cluster.shutdown().await;
+}
