@@ -14,10 +14,10 @@ use crate::harness::{TestCluster, keyed, read_all, wait_until};
 /// How long one CLI command may take.
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) ok: bool,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 fn junction(cluster: &TestCluster, args: &[&str]) -> Command {
@@ -55,24 +55,24 @@ async fn run_with_input(cluster: &TestCluster, args: &[&str], input: &[u8]) -> R
     }
 }
 
-async fn run(cluster: &TestCluster, args: &[&str]) -> Run {
+pub(crate) async fn run(cluster: &TestCluster, args: &[&str]) -> Run {
     run_with_input(cluster, args, b"").await
 }
 
 /// Runs a command that must succeed; returns its stdout.
-async fn ok(cluster: &TestCluster, args: &[&str]) -> String {
+pub(crate) async fn ok(cluster: &TestCluster, args: &[&str]) -> String {
     let r = run(cluster, args).await;
     assert!(r.ok, "junction {args:?} failed: {}", r.stderr);
     r.stdout
 }
 
-async fn ok_json(cluster: &TestCluster, args: &[&str]) -> Value {
+pub(crate) async fn ok_json(cluster: &TestCluster, args: &[&str]) -> Value {
     let out = ok(cluster, args).await;
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("junction {args:?}: {e}: {out}"))
 }
 
 /// Splits a table line into its cells (columns are separated by two or more spaces).
-fn cells(line: &str) -> Vec<&str> {
+pub(crate) fn cells(line: &str) -> Vec<&str> {
     line.split("  ")
         .map(str::trim)
         .filter(|c| !c.is_empty())
@@ -80,7 +80,7 @@ fn cells(line: &str) -> Vec<&str> {
 }
 
 /// The table row whose first cell is `first`.
-fn row<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
+pub(crate) fn row<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
     text.lines()
         .map(cells)
         .find(|c| c.first() == Some(&first))
@@ -206,7 +206,9 @@ async fn station_and_tenant_commands() {
             "LEADER",
             "REPLICAS",
             "START OFFSET",
-            "NEXT OFFSET"
+            "NEXT OFFSET",
+            "MESSAGES",
+            "BYTES"
         ]
     );
     for p in &info.partition_info {
@@ -221,7 +223,7 @@ async fn station_and_tenant_commands() {
         sorted.sort_unstable();
         assert_eq!(sorted, replicas, "{r:?}");
         assert!(r[1] == "-" || replicas.contains(&r[1].parse().expect("leader id")));
-        assert_eq!(r[3..], ["0", "0"]);
+        assert_eq!(r[3..], ["0", "0", "0", "0"]);
     }
     let json = ok_json(&cluster, &["station", "describe", "acme/orders", "--json"]).await;
     assert_eq!(json["tenant"], "acme");

@@ -8,5 +8,7 @@ mod cluster;
 mod failover;
 mod groups;
 mod harness;
+mod memory;
 mod process;
+mod retention;
 mod snapshot;

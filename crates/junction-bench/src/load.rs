@@ -84,6 +84,7 @@ async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::R
             partitions: args.partitions,
             replication_factor: args.replication_factor,
             max_message_bytes: 0,
+            policy: None,
         })
         .await;
     match created {

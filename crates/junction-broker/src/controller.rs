@@ -9,7 +9,7 @@ use junction_types::meta::place_replicas;
 use junction_types::names::validate_tenant;
 use junction_types::{
     Command, CommandResponse, GroupId, MAX_PARTITIONS, META_GROUP, MetaCommand, NodeId,
-    StationMeta, StationName,
+    StationMeta, StationName, StationPolicy,
 };
 use openraft::errors::{ClientWriteError, RaftError};
 
@@ -18,6 +18,23 @@ use crate::{Broker, BrokerError};
 
 /// How long a liveness probe waits for a node.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Rejects policies this build cannot honour or that make no sense.
+pub fn validate_policy(p: &StationPolicy) -> Result<(), BrokerError> {
+    let r = &p.retention;
+    for (what, v) in [
+        ("retention age", r.max_age_ms),
+        ("retention bytes", r.max_bytes),
+        ("retention messages", r.max_messages),
+    ] {
+        if v == Some(0) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{what} must be greater than 0 (leave it unset for no limit)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The cluster's view of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +45,11 @@ pub struct PartitionView {
     pub leader: Option<NodeId>,
     pub next_offset: u64,
     pub start_offset: u64,
+    /// Messages stored and their bytes, when measured ([`Broker::measure_partitions`]).
+    pub messages: u64,
+    pub bytes: u64,
+    /// When a memory partition lost every replica and restarted empty (0: never).
+    pub data_lost_at_ms: i64,
 }
 
 /// What a status probe of every member found.
@@ -90,6 +112,26 @@ impl Broker {
         replication_factor: u32,
         max_message_bytes: u32,
     ) -> Result<StationMeta, BrokerError> {
+        self.create_station_with_policy(
+            name,
+            partitions,
+            replication_factor,
+            max_message_bytes,
+            StationPolicy::default(),
+        )
+        .await
+    }
+
+    /// Like [`Broker::create_station`], with storage, retention and compaction settings.
+    pub async fn create_station_with_policy(
+        &self,
+        name: &StationName,
+        partitions: u32,
+        replication_factor: u32,
+        max_message_bytes: u32,
+        policy: StationPolicy,
+    ) -> Result<StationMeta, BrokerError> {
+        validate_policy(&policy)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(BrokerError::InvalidArgument(format!(
                 "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
@@ -140,6 +182,7 @@ impl Broker {
             replication_factor,
             max_message_bytes,
             now_ms: now_ms(),
+            policy,
         };
         let station = match self.meta_write(cmd).await? {
             CommandResponse::StationCreated(s) => s,
@@ -166,6 +209,38 @@ impl Broker {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Replaces a station's retention, discard and compaction settings; leaders apply them
+    /// from their next retention tick. The storage tier cannot change.
+    pub async fn update_station(
+        &self,
+        name: &StationName,
+        policy: StationPolicy,
+    ) -> Result<StationMeta, BrokerError> {
+        let current = self.station(name)?;
+        if current.policy.storage != policy.storage {
+            return Err(BrokerError::InvalidArgument(format!(
+                "station '{}' uses {} storage; the storage tier is chosen at creation and cannot change",
+                name.full(),
+                current.policy.storage
+            )));
+        }
+        validate_policy(&policy)?;
+        self.ensure_controller()?;
+        match self
+            .meta_write(MetaCommand::UpdateStation {
+                tenant: name.tenant.clone(),
+                name: name.name.clone(),
+                policy,
+            })
+            .await?
+        {
+            CommandResponse::StationCreated(s) => Ok(s),
+            other => Err(BrokerError::Raft(format!(
+                "unexpected update result {other:?}"
+            ))),
         }
     }
 
@@ -254,8 +329,61 @@ impl Broker {
                     leader,
                     next_offset,
                     start_offset,
+                    messages: 0,
+                    bytes: 0,
+                    data_lost_at_ms: 0,
                 }
             })
             .collect()
+    }
+
+    /// Fills in the stored size of each partition, as its leader (or, without a leader, its
+    /// first answering replica) measures it.
+    pub async fn measure_partitions(&self, views: &mut [PartitionView]) {
+        let me = self.node_id();
+        let addrs = self.node_addrs();
+        let mut asks: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
+        for v in views.iter() {
+            let node = v
+                .leader
+                .or_else(|| v.replicas.iter().copied().find(|r| *r == me))
+                .or_else(|| v.replicas.first().copied());
+            if let Some(n) = node {
+                asks.entry(n).or_default().push(v.group_id);
+            }
+        }
+        let calls = asks.into_iter().map(|(node, groups)| {
+            let addr = addrs.get(&node).cloned();
+            async move {
+                if node == me {
+                    return junction_raft::GroupHost::partition_stats(self, &groups);
+                }
+                let Some(addr) = addr else { return Vec::new() };
+                let Ok(mut client) = self.peers().client(&addr) else {
+                    return Vec::new();
+                };
+                let req = junction_proto::peer::PartitionStatsRequest { groups };
+                match tokio::time::timeout(PROBE_TIMEOUT, client.partition_stats(req)).await {
+                    Ok(Ok(r)) => r.into_inner().groups,
+                    _ => Vec::new(),
+                }
+            }
+        });
+        let stats: BTreeMap<GroupId, junction_proto::peer::GroupStats> =
+            futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .flatten()
+                .map(|g| (g.group, g))
+                .collect();
+        for v in views.iter_mut() {
+            if let Some(g) = stats.get(&v.group_id) {
+                v.messages = g.messages;
+                v.bytes = g.bytes;
+                v.data_lost_at_ms = g.data_lost_at_ms;
+                v.start_offset = g.start_offset;
+                v.next_offset = g.next_offset;
+            }
+        }
     }
 }

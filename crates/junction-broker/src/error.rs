@@ -57,6 +57,12 @@ pub enum BrokerError {
         "member '{member}' is not in consumer group '{group}' (its session expired?); join again"
     )]
     MemberNotFound { group: String, member: String },
+    /// A limit refuses the request (`discard: new` station full, memory limit reached).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The feature exists in the API but this build does not provide it.
+    #[error("{0}")]
+    Unimplemented(String),
 }
 
 impl BrokerError {

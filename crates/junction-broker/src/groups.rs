@@ -547,7 +547,11 @@ impl Broker {
         Ok(self.position_of(&replica, &g))
     }
 
-    fn position_of(&self, replica: &crate::PartitionReplica, g: &GroupMeta) -> GroupPosition {
+    pub(crate) fn position_of(
+        &self,
+        replica: &crate::PartitionReplica,
+        g: &GroupMeta,
+    ) -> GroupPosition {
         let s = replica.shared.current();
         let (committed, acked_beyond) = match replica.shared.cursors().get(&g.name) {
             Some(c) if c.uid == g.uid => (c.committed.max(s.start_offset), c.acked_beyond()),
@@ -564,7 +568,8 @@ impl Broker {
             .saturating_sub(committed)
             .saturating_sub(acked_beyond);
         let oldest_unacked_age_ms = if committed < s.next_offset {
-            self.store()
+            replica
+                .store
                 .read_messages(replica.group, committed, s.next_offset, 1, 1 << 20)
                 .ok()
                 .and_then(|m| m.into_iter().next())

@@ -14,8 +14,10 @@ pub mod delivery;
 mod error;
 pub mod groups;
 mod leadership;
+mod memory;
 pub mod partition;
 mod reconcile;
+pub mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -37,6 +39,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::error::BrokerError;
 pub use crate::partition::{Appended, BatchLimits, PartitionReplica};
+pub use crate::retention::{PartitionStats, RetentionTuning};
 
 /// What the broker needs to know about its node and cluster.
 #[derive(Debug, Clone)]
@@ -51,12 +54,20 @@ pub struct BrokerConfig {
     pub batch: BatchLimits,
     /// Advertised address → address to dial (fault-injection proxies in the chaos suite).
     pub dial_overrides: junction_raft::DialOverrides,
+    /// Retention and compaction periods.
+    pub retention: RetentionTuning,
+    /// Most bytes the memory stations' replicas may use on this node.
+    pub memory_limit_bytes: u64,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
 pub struct Broker {
     cfg: BrokerConfig,
     store: Store,
+    /// Log and messages of memory stations' replicas (RocksDB in memory, never on disk).
+    mem_store: Store,
+    /// The memory-station replicas hosted here (for the memory limit).
+    memory_groups: Arc<RwLock<HashMap<GroupId, Arc<junction_raft::PartitionShared>>>>,
     pool: Arc<PeerPool>,
     meta: MetaRaft,
     meta_shared: Arc<MetaShared>,
@@ -92,9 +103,12 @@ impl Broker {
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        let mem_store = Store::open_in_memory(&cfg.data_dir.join("memory"))?;
         let broker = Arc::new(Self {
             cfg,
             store,
+            mem_store,
+            memory_groups: Arc::new(RwLock::new(HashMap::new())),
             pool,
             meta,
             meta_shared,
@@ -111,6 +125,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.reconcile_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.session_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.retention_loop().await });
         Ok(broker)
     }
 
@@ -291,7 +307,7 @@ impl Broker {
         })?;
         let state = replica.shared.current();
         let from = from.max(state.start_offset);
-        let msgs = self.store.read_messages(
+        let msgs = replica.store.read_messages(
             group,
             from,
             state.next_offset,
@@ -308,7 +324,7 @@ impl Broker {
             group,
         })?;
         let end = replica.shared.current().next_offset;
-        Ok(self
+        Ok(replica
             .store
             .seek_time(group, ts_ms)?
             .map_or(end, |o| o.min(end)))
@@ -340,23 +356,48 @@ impl Broker {
     }
 
     async fn open_partition(&self, group: GroupId, replicas: &[NodeId]) -> Result<(), BrokerError> {
-        let sm = junction_raft::PartitionStateMachine::open(self.store.clone(), group)?;
+        let policy = self
+            .metadata()
+            .partition_of_group(group)
+            .map(|(s, _)| s.policy)
+            .unwrap_or_default();
+        let memory = policy.storage == junction_types::StorageTier::Memory;
+        let store = if memory {
+            self.mem_store.clone()
+        } else {
+            self.store.clone()
+        };
+        let sm = junction_raft::PartitionStateMachine::open(store.clone(), group)?;
         let shared = sm.shared();
         let config = self
             .cfg
             .tuning
-            .config(&format!("junction-partition-{group}"))
+            .config_with(&format!("junction-partition-{group}"), memory)
             .map_err(|e| BrokerError::Raft(e.to_string()))?;
         let raft = PartitionRaft::new(
             self.cfg.node_id,
             config,
             NetworkFactory::new(group, self.pool.clone()),
-            LogStore::new(self.store.clone(), group),
+            LogStore::new(store.clone(), group),
             sm,
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
-        if replicas.first() == Some(&self.cfg.node_id)
+        let first = replicas.first() == Some(&self.cfg.node_id);
+        if first && memory {
+            self.tasks
+                .spawn(memory::init_memory_group(memory::MemoryInit {
+                    me: self.cfg.node_id,
+                    group,
+                    replicas: replicas.to_vec(),
+                    raft: raft.clone(),
+                    pool: self.pool.clone(),
+                    meta: self.meta.clone(),
+                    members: self.cfg.members.clone(),
+                    disk: self.store.clone(),
+                    shutdown: self.shutdown.clone(),
+                }));
+        } else if first
             && !raft
                 .is_initialized()
                 .await
@@ -380,13 +421,35 @@ impl Broker {
         let node = self.cfg.node_id;
         let limits = self.cfg.batch;
         let r2 = raft.clone();
-        self.tasks
-            .spawn(partition::run_batcher(node, group, r2, rx, limits));
+        let policy = Arc::new(RwLock::new(policy));
+        let admission = retention::Admission {
+            store: store.clone(),
+            group,
+            shared: shared.clone(),
+            policy: policy.clone(),
+            memory: memory.then(|| {
+                (
+                    self.cfg.memory_limit_bytes,
+                    retention::MemoryGauge {
+                        store: self.mem_store.clone(),
+                        groups: self.memory_groups.clone(),
+                    },
+                )
+            }),
+        };
+        if memory {
+            self.memory_groups.write().insert(group, shared.clone());
+        }
+        self.tasks.spawn(partition::run_batcher(
+            node, group, r2, rx, limits, admission,
+        ));
         let replica = Arc::new(PartitionReplica {
             group,
             raft,
             shared,
             appends: tx,
+            policy,
+            store,
         });
         self.partitions.write().insert(group, replica);
         tracing::info!(group, ?replicas, "partition replica started");
@@ -395,12 +458,18 @@ impl Broker {
 
     async fn close_partition(&self, group: GroupId, delete_data: bool) {
         let replica = self.partitions.write().remove(&group);
+        self.memory_groups.write().remove(&group);
         if let Some(r) = replica {
             let _ignored = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
         }
         if delete_data {
             let store = self.store.clone();
-            let res = tokio::task::spawn_blocking(move || store.delete_group(group)).await;
+            let mem = self.mem_store.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                mem.delete_group(group)?;
+                store.delete_group(group)
+            })
+            .await;
             match res {
                 Ok(Ok(())) => tracing::info!(group, "partition replica deleted"),
                 Ok(Err(e)) => tracing::error!(group, error = %e, "deleting partition data failed"),
@@ -457,5 +526,22 @@ impl GroupHost for Broker {
 
     fn node_status(&self) -> NodeStatusResponse {
         self.local_status()
+    }
+
+    fn partition_stats(&self, groups: &[GroupId]) -> Vec<junction_proto::peer::GroupStats> {
+        groups
+            .iter()
+            .filter_map(|g| {
+                let s = Broker::partition_stats(self, *g).ok()?;
+                Some(junction_proto::peer::GroupStats {
+                    group: *g,
+                    start_offset: s.start_offset,
+                    next_offset: s.next_offset,
+                    messages: s.messages,
+                    bytes: s.bytes,
+                    data_lost_at_ms: s.data_lost_at_ms,
+                })
+            })
+            .collect()
     }
 }

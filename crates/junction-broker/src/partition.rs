@@ -12,6 +12,7 @@ use openraft::impls::ProgressResponder;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::BrokerError;
+use crate::retention::{Admission, Pending};
 
 /// Where an appended batch landed: its first offset and the timestamp it was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,11 @@ pub struct PartitionReplica {
     pub raft: PartitionRaft,
     pub shared: Arc<PartitionShared>,
     pub(crate) appends: mpsc::Sender<AppendRequest>,
+    /// The station's storage and retention policy, refreshed from the metadata.
+    pub(crate) policy: Arc<parking_lot::RwLock<junction_types::StationPolicy>>,
+    /// Where this replica's log and messages live: the node's disk store, or its memory
+    /// store for memory stations.
+    pub store: junction_storage::Store,
 }
 
 impl PartitionReplica {
@@ -75,8 +81,10 @@ pub(crate) async fn run_batcher(
     raft: PartitionRaft,
     mut rx: mpsc::Receiver<AppendRequest>,
     limits: BatchLimits,
+    admission: Admission,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -92,6 +100,49 @@ pub(crate) async fn run_batcher(
                 }
                 Err(_) => break,
             }
+        }
+        // discard=new: refuse what does not fit, counting what is accepted but not applied.
+        let mut reserved = Pending::default();
+        if let Some(lim) = admission.limits() {
+            match admission.used(&lim) {
+                Ok(mut used) => {
+                    let inflight = *pending.lock();
+                    used.messages += inflight.messages;
+                    used.bytes += inflight.bytes;
+                    used.memory += inflight.bytes;
+                    let mut kept = Vec::with_capacity(reqs.len());
+                    for r in reqs {
+                        match Admission::check(&lim, &used, &r.records) {
+                            Ok((n, b)) => {
+                                used.messages += n;
+                                used.bytes += b;
+                                used.memory += b;
+                                reserved.messages += n;
+                                reserved.bytes += b;
+                                kept.push(r);
+                            }
+                            Err(e) => {
+                                let _gone = r.reply.send(Err(e));
+                            }
+                        }
+                    }
+                    reqs = kept;
+                }
+                Err(e) => {
+                    for r in reqs {
+                        let _gone = r.reply.send(Err(BrokerError::Unavailable(format!(
+                            "cannot check the partition's limits: {e}"
+                        ))));
+                    }
+                    continue;
+                }
+            }
+            if reqs.is_empty() {
+                continue;
+            }
+            let mut p = pending.lock();
+            p.messages += reserved.messages;
+            p.bytes += reserved.bytes;
         }
         let total: usize = reqs.iter().map(|r| r.records.len()).sum();
         let mut records = Vec::with_capacity(total);
@@ -115,10 +166,17 @@ pub(crate) async fn run_batcher(
             }
             return;
         }
+        let pending2 = pending.clone();
         tokio::spawn(async move {
             let outcome = complete.await;
             drop(committed);
             drop(permit);
+            {
+                // Applied (or failed) now: the applied state counts it from here on.
+                let mut p = pending2.lock();
+                p.messages = p.messages.saturating_sub(reserved.messages);
+                p.bytes = p.bytes.saturating_sub(reserved.bytes);
+            }
             let result: Result<Appended, Failure> = match outcome {
                 Ok(Ok(resp)) => match resp.data {
                     CommandResponse::Appended {

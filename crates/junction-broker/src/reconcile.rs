@@ -47,6 +47,11 @@ impl Broker {
         let running: BTreeSet<GroupId> = self.hosted().into_iter().collect();
         for (group, replicas) in &wanted {
             if running.contains(group) {
+                if let (Some(r), Some((station, _))) =
+                    (self.partition(*group), state.partition_of_group(*group))
+                {
+                    *r.policy.write() = station.policy;
+                }
                 continue;
             }
             if let Err(e) = self.open_partition(*group, replicas).await {

@@ -164,6 +164,9 @@ pub(crate) fn partition_json(p: &PartitionInfo) -> Value {
         "replicas": p.replicas,
         "start_offset": p.start_offset,
         "next_offset": p.next_offset,
+        "messages": p.messages,
+        "bytes": p.bytes,
+        "data_lost_at_ms": p.data_lost_at_ms,
     })
 }
 
@@ -176,6 +179,7 @@ pub(crate) fn station_json(s: &StationInfo) -> Value {
         "max_message_bytes": s.max_message_bytes,
         "created_at_ms": s.created_at_ms,
         "partition_info": s.partition_info.iter().map(partition_json).collect::<Vec<_>>(),
+        "policy": crate::policy::policy_json(s),
     })
 }
 

@@ -11,6 +11,7 @@ mod cluster;
 mod common;
 mod dev;
 mod group;
+mod policy;
 mod produce;
 mod read;
 mod station;

@@ -7,6 +7,7 @@ use junction_client::proto::StationInfo;
 use crate::common::{
     ConnArgs, Table, format_time_ms, full_name, id_list, leader_cell, out, out_json, station_json,
 };
+use crate::policy::{PolicyArgs, policy_rows};
 
 /// Create, list, describe and delete stations.
 #[derive(clap::Args, Debug)]
@@ -31,6 +32,15 @@ pub enum StationCommand {
         /// Largest accepted message in bytes [default: the server's maximum].
         #[arg(long)]
         max_message_bytes: Option<u32>,
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
+    },
+    /// Change a station's retention, discard and compaction settings (unset flags keep
+    /// their value; `none` removes a limit).
+    Update {
+        name: String,
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
     },
     /// List stations.
     List {
@@ -60,11 +70,15 @@ pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
             partitions,
             replication_factor,
             max_message_bytes,
+            policy,
         } => {
-            let spec = StationSpec::new(&name)
+            let mut spec = StationSpec::new(&name)
                 .partitions(partitions)
                 .replication_factor(replication_factor)
                 .max_message_bytes(max_message_bytes.unwrap_or(0));
+            if policy.any() {
+                spec = spec.policy(policy.apply(Default::default())?);
+            }
             let station = client
                 .create_station_with(spec)
                 .await
@@ -74,6 +88,31 @@ pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
                 full_name(&station),
                 station.partitions,
                 station.replication_factor
+            ))
+        }
+        StationCommand::Update { name, policy } => {
+            if !policy.any() {
+                anyhow::bail!(
+                    "nothing to update: give at least one of --retention-age, --retention-bytes, --retention-messages, --retention-ack, --compaction, --discard, --tombstone-delay"
+                );
+            }
+            let current = client
+                .describe_station(&name)
+                .await
+                .with_context(|| format!("reading station {name}"))?;
+            let new = policy.apply(current.policy.unwrap_or_default())?;
+            let station = client
+                .update_station(&name, new)
+                .await
+                .with_context(|| format!("updating station {name}"))?;
+            let rows: Vec<String> = policy_rows(&station)
+                .into_iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            out(&format!(
+                "updated station {}: {}\n",
+                full_name(&station),
+                rows.join("; ")
             ))
         }
         StationCommand::List { tenant, json } => {
@@ -140,12 +179,17 @@ fn describe_text(s: &StationInfo) -> String {
     header.row(vec!["replication".into(), s.replication_factor.to_string()]);
     header.row(vec!["max message".into(), max_message(s)]);
     header.row(vec!["created".into(), format_time_ms(s.created_at_ms)]);
+    for (k, v) in policy_rows(s) {
+        header.row(vec![k, v]);
+    }
     let mut table = Table::new([
         "PARTITION",
         "LEADER",
         "REPLICAS",
         "START OFFSET",
         "NEXT OFFSET",
+        "MESSAGES",
+        "BYTES",
     ]);
     for p in &s.partition_info {
         table.row(vec![
@@ -154,7 +198,19 @@ fn describe_text(s: &StationInfo) -> String {
             id_list(&p.replicas),
             p.start_offset.to_string(),
             p.next_offset.to_string(),
+            p.messages.to_string(),
+            p.bytes.to_string(),
         ]);
     }
-    format!("{}\n{}", header.render(), table.render())
+    let mut lost = String::new();
+    for p in &s.partition_info {
+        if let Some(at) = p.data_lost_at_ms {
+            lost.push_str(&format!(
+                "partition {} lost every replica at {} (memory storage) and restarted empty\n",
+                p.partition,
+                format_time_ms(at)
+            ));
+        }
+    }
+    format!("{}\n{}{lost}", header.render(), table.render())
 }

@@ -3,7 +3,7 @@
 use junction_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, CreateStationRequest, CreateTenantRequest,
     DeleteStationRequest, DescribeStationRequest, ListStationsRequest, ListTenantsRequest,
-    StationInfo,
+    StationInfo, StationPolicy, UpdateStationRequest,
 };
 
 use crate::client::Client;
@@ -20,6 +20,8 @@ pub struct StationSpec {
     pub replication_factor: u32,
     /// Largest accepted message; 0 means the server's configured maximum.
     pub max_message_bytes: u32,
+    /// Storage, retention and compaction; `None` means file storage and no limits.
+    pub policy: Option<StationPolicy>,
 }
 
 impl StationSpec {
@@ -30,7 +32,14 @@ impl StationSpec {
             partitions: 0,
             replication_factor: 0,
             max_message_bytes: 0,
+            policy: None,
         }
+    }
+
+    /// Sets the storage, retention and compaction policy.
+    pub fn policy(mut self, policy: StationPolicy) -> Self {
+        self.policy = Some(policy);
+        self
     }
 
     /// Sets the number of partitions.
@@ -101,6 +110,7 @@ impl Client {
             partitions: spec.partitions,
             replication_factor: spec.replication_factor,
             max_message_bytes: spec.max_message_bytes,
+            policy: spec.policy,
         };
         let resp = self
             .with_retry(|ch| {
@@ -147,6 +157,28 @@ impl Client {
         resp.into_inner()
             .station
             .ok_or_else(|| ClientError::invalid_response("DescribeStation reply has no station"))
+    }
+
+    /// Replaces a station's retention, discard and compaction settings.
+    pub async fn update_station(
+        &self,
+        name: &str,
+        policy: StationPolicy,
+    ) -> Result<StationInfo, ClientError> {
+        let req = UpdateStationRequest {
+            name: name.to_owned(),
+            policy: Some(policy),
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.update_station(req).await }
+            })
+            .await?;
+        resp.into_inner()
+            .station
+            .ok_or_else(|| ClientError::invalid_response("UpdateStation reply has no station"))
     }
 
     /// Deletes a station and its messages. A retry after a lost reply can report NOT_FOUND.

@@ -297,6 +297,7 @@ mod tests {
             next_offset: next,
             high_watermark: hw,
             start_offset: 0,
+            below_start: false,
         }
     }
 

@@ -11,6 +11,7 @@
 //!
 //! Depends on types, proto and storage; knows nothing of stations, produce or read requests.
 
+pub mod compaction;
 pub mod log_store;
 pub mod meta_sm;
 pub mod network;

@@ -149,7 +149,9 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         let store = self.store.clone();
         let meta2 = meta.clone();
         let bytes = tokio::task::spawn_blocking(move || {
-            sm_common::install_from_file(&store, META_GROUP, &meta2, &path, |_| None)
+            sm_common::install_from_file(&store, META_GROUP, &meta2, &path, |_| {
+                sm_common::InstallPlan::default()
+            })
         })
         .await
         .map_err(io::Error::other)??;

@@ -3,6 +3,11 @@
 //! Applying `Append` writes each record at the next offset, the batch's first offset under
 //! its timestamp in the time index, and the new state with `last_applied` — all in one
 //! RocksDB write batch, so the state machine is always at a consistent log prefix.
+//!
+//! `Truncate` (retention) and `Compact` (key compaction) are decided by the leader and
+//! applied here by every replica: truncation is a range delete below the cut, compaction
+//! removes superseded messages below its point (see [`crate::compaction`]). Both first write
+//! the entries applied before them in the same call, because they read the stored data.
 
 use std::io;
 use std::sync::Arc;
@@ -31,6 +36,17 @@ pub struct PartitionState {
     pub start_offset: u64,
     /// The largest timestamp assigned so far; timestamps never go backwards.
     pub last_timestamp_ms: i64,
+    /// Key compaction has run over the offsets below this one.
+    pub compacted_upto: u64,
+    /// The bytes (key + headers + payload) of every message ever appended; the size index
+    /// records it per batch.
+    pub appended_bytes: u64,
+    /// Tombstones kept by the last compaction (younger than their delay).
+    pub tombstones: u64,
+    /// The largest tombstone cut-off applied so far (compaction never un-expires).
+    pub tombstone_cutoff_ms: i64,
+    /// When a memory partition lost every replica and restarted empty (0: never).
+    pub data_lost_at_ms: i64,
 }
 
 /// What the state machine persists besides messages (and what a snapshot's state frame holds).
@@ -157,6 +173,15 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     let ts = timestamp_ms.max(state.last_timestamp_ms);
                     let base = state.next_offset;
                     let count = records.len() as u32;
+                    let sizes: Vec<u32> = records
+                        .iter()
+                        .map(|r| u32::try_from(r.size()).unwrap_or(u32::MAX))
+                        .collect();
+                    if !sizes.is_empty() {
+                        b.put_size_index(self.group, base, state.appended_bytes, &sizes)
+                            .map_err(RaftStoreError::from)?;
+                        state.appended_bytes += sizes.iter().map(|s| u64::from(*s)).sum::<u64>();
+                    }
                     if ts > state.last_timestamp_ms || base == 0 {
                         b.put_time_index(self.group, ts, base)
                             .map_err(RaftStoreError::from)?;
@@ -178,6 +203,62 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         count,
                         timestamp_ms: ts,
                     }
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::Truncate { before })) => {
+                    // The cut reads the stored indexes: write what this call applied so far.
+                    self.store
+                        .write(std::mem::replace(&mut b, self.store.batch()))
+                        .map_err(RaftStoreError::from)?;
+                    let before = before.min(state.next_offset);
+                    let mut removed = 0;
+                    if before > state.start_offset {
+                        let plan = self
+                            .store
+                            .plan_truncate(self.group, before)
+                            .map_err(RaftStoreError::from)?;
+                        b.truncate_below(self.group, before, &plan)
+                            .map_err(RaftStoreError::from)?;
+                        removed = before - state.start_offset;
+                        state.start_offset = before;
+                        // Group positions below the cut skip forward with it.
+                        let g = groups.get_or_insert_with(|| (*self.groups).clone());
+                        for c in g.values_mut() {
+                            c.skip_to(before);
+                        }
+                    }
+                    CommandResponse::Retained {
+                        start_offset: state.start_offset,
+                        removed,
+                    }
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::Compact {
+                    upto,
+                    tombstones_before_ms,
+                })) => {
+                    self.store
+                        .write(std::mem::replace(&mut b, self.store.batch()))
+                        .map_err(RaftStoreError::from)?;
+                    let upto = upto.min(state.next_offset);
+                    let cutoff = tombstones_before_ms.max(state.tombstone_cutoff_ms);
+                    // The scan reads the whole range: keep it off the async workers.
+                    let (store, group, from) = (self.store.clone(), self.group, state.start_offset);
+                    let plan = tokio::task::spawn_blocking(move || {
+                        crate::compaction::plan_stored(&store, group, from, upto, cutoff)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
+                    crate::compaction::apply_plan(&mut b, self.group, &plan)?;
+                    state.compacted_upto = state.compacted_upto.max(upto);
+                    state.tombstone_cutoff_ms = cutoff;
+                    state.tombstones = plan.tombstones_kept;
+                    CommandResponse::Retained {
+                        start_offset: state.start_offset,
+                        removed: plan.remove.len() as u64,
+                    }
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::DataLost { at_ms })) => {
+                    state.data_lost_at_ms = at_ms;
+                    CommandResponse::Done
                 }
                 EntryPayload::Normal(Command::Partition(cmd)) => {
                     let g = groups.get_or_insert_with(|| (*self.groups).clone());
@@ -244,7 +325,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             sm_common::install_from_file(&store, group, &meta2, &path, |s| {
                 decode::<PersistedState>("partition state", s)
                     .ok()
-                    .map(|st| st.log.next_offset)
+                    .map(|st| st.log)
+                    .map(|st| sm_common::InstallPlan {
+                        messages_below: Some(st.next_offset),
+                        start_offset: st.start_offset,
+                        compacted_upto: st.compacted_upto,
+                    })
+                    .unwrap_or_default()
             })
         })
         .await

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use junction_proto::peer::peer_server::Peer;
 use junction_proto::peer::{
-    NodeStatusRequest, NodeStatusResponse, RaftReply, RaftRequest, SnapshotChunk,
+    GroupStats, NodeStatusRequest, NodeStatusResponse, PartitionStatsRequest,
+    PartitionStatsResponse, RaftReply, RaftRequest, SnapshotChunk,
 };
 use junction_types::{GroupId, META_GROUP};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
@@ -25,6 +26,10 @@ pub trait GroupHost: Send + Sync + 'static {
     fn partition_raft(&self, group: GroupId) -> Option<PartitionRaft>;
     fn snapshot_dir(&self) -> PathBuf;
     fn node_status(&self) -> NodeStatusResponse;
+    /// The stored size of the requested partition groups hosted here.
+    fn partition_stats(&self, _groups: &[GroupId]) -> Vec<GroupStats> {
+        Vec::new()
+    }
 }
 
 /// Either kind of Raft group (they differ only in their state machine type).
@@ -176,6 +181,14 @@ impl<H: GroupHost> Peer for PeerService<H> {
         _req: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
         Ok(Response::new(self.host.node_status()))
+    }
+
+    async fn partition_stats(
+        &self,
+        req: Request<PartitionStatsRequest>,
+    ) -> Result<Response<PartitionStatsResponse>, Status> {
+        let groups = self.host.partition_stats(&req.into_inner().groups);
+        Ok(Response::new(PartitionStatsResponse { groups }))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::Path;
 
-use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_storage::keys::{CF_SM_META, SM_CF_MESSAGES, sm_tag, u64_at};
 use junction_storage::{Batch, Store};
 use junction_types::GroupId;
 use openraft::RaftSnapshotBuilder;
@@ -13,6 +13,18 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::{DumpFilter, FRAME_STATE, FrameReader, LocalSnapshot, SnapshotData};
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::{RaftStoreError, decode, encode};
+
+/// What the state frame of a received snapshot says about the data around it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct InstallPlan {
+    /// Messages below this offset belong to the snapshot (`None`: the state is everything).
+    pub messages_below: Option<u64>,
+    /// Messages below this offset were removed by retention: local copies go too.
+    pub start_offset: u64,
+    /// Compaction ran below this offset: a local message there that the snapshot does not
+    /// carry was compacted away on the sender and goes too.
+    pub compacted_upto: u64,
+}
 
 /// The persisted description of the current snapshot.
 #[derive(Serialize, Deserialize)]
@@ -169,7 +181,7 @@ pub(crate) fn install_from_file(
     group: GroupId,
     meta: &SnapshotMeta,
     path: &Path,
-    messages_below: impl Fn(&[u8]) -> Option<u64>,
+    plan_of: impl Fn(&[u8]) -> InstallPlan,
 ) -> Result<Vec<u8>, RaftStoreError> {
     let file = std::fs::File::open(path)
         .map_err(|_| RaftStoreError::BadSnapshot("snapshot file is missing"))?;
@@ -183,14 +195,44 @@ pub(crate) fn install_from_file(
         ));
     }
     let state = first.value;
+    let plan = plan_of(&state);
+    let compacted = plan.start_offset..plan.compacted_upto;
+    // Offsets the snapshot carries in the compacted range, ascending (frames come in order).
+    let mut carried: Vec<u64> = Vec::new();
     let mut b = store.batch();
     while let Some(f) = reader.next_frame()? {
         if f.cf == FRAME_STATE {
             return Err(RaftStoreError::BadSnapshot("second state frame"));
         }
+        if f.cf == SM_CF_MESSAGES
+            && let Some(o) = u64_at(&f.key, 0)
+            && compacted.contains(&o)
+        {
+            carried.push(o);
+        }
         b.put_sm_raw(group, f.cf, &f.key, &f.value)?;
         if b.size_bytes() >= 4 << 20 {
             store.write(std::mem::replace(&mut b, store.batch()))?;
+        }
+    }
+    if plan.start_offset > 0 || !compacted.is_empty() {
+        // The cleanup reads the stored data: write the streamed keys first (harmless, see
+        // above), then delete in the final batch.
+        store.write(std::mem::replace(&mut b, store.batch()))?;
+        if plan.start_offset > 0 {
+            let cut = store.plan_truncate(group, plan.start_offset)?;
+            b.truncate_below(group, plan.start_offset, &cut)?;
+        }
+        carried.sort_unstable();
+        let mut stale = Vec::new();
+        store.scan_messages(group, compacted.start, compacted.end, |o, _| {
+            if carried.binary_search(&o).is_err() {
+                stale.push(o);
+            }
+            Ok(true)
+        })?;
+        for o in stale {
+            b.delete_message(group, o)?;
         }
     }
     put_applied(
@@ -203,7 +245,7 @@ pub(crate) fn install_from_file(
     let rec = SnapshotRecord {
         meta: meta.clone(),
         state: state.clone(),
-        messages_below: messages_below(&state),
+        messages_below: plan.messages_below,
     };
     put_snapshot_record(&mut b, group, &rec)?;
     store.write(b)?;
@@ -214,7 +256,7 @@ pub(crate) fn install_from_file(
 
 #[cfg(test)]
 mod tests {
-    use junction_storage::keys::{CF_SM_META, sm_tag};
+    use junction_storage::keys::{CF_SM_META, SM_CF_MESSAGES, sm_tag};
 
     use super::*;
     use crate::snapshot::write_frame;
@@ -251,7 +293,13 @@ mod tests {
             last_log_id: Some(log_id(200)),
             last_membership: StoredMembership::default(),
         };
-        assert!(install_from_file(&store, 7, &meta, &path, |_| Some(2)).is_err());
+        assert!(
+            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+                messages_below: Some(2),
+                ..InstallPlan::default()
+            })
+            .is_err()
+        );
 
         let (applied, _) = load_applied(&store, 7).unwrap();
         assert_eq!(applied.map(|l| l.index), Some(100));
@@ -266,5 +314,48 @@ mod tests {
             store.read_messages(7, 0, 1, 10, 1 << 20).unwrap(),
             vec![(0, b"m0".to_vec())]
         );
+    }
+
+    /// A replica that was down while retention and compaction ran ends, after installing
+    /// the snapshot, with exactly the sender's messages: nothing below the first offset and
+    /// no local message the sender compacted away.
+    #[test]
+    fn install_drops_truncated_and_compacted_local_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut b = store.batch();
+        put_applied(&mut b, 9, Some(&log_id(10)), None, b"old").unwrap();
+        for o in 0..10u64 {
+            b.put_message(9, o, b"local").unwrap();
+        }
+        b.put_size_index(9, 0, 0, &[5; 10]).unwrap();
+        store.write(b).unwrap();
+
+        let mut stream = Vec::new();
+        write_frame(&mut stream, FRAME_STATE, &[], b"new");
+        for o in [5u64, 7, 8, 9, 10, 11] {
+            write_frame(&mut stream, SM_CF_MESSAGES, &o.to_be_bytes(), b"sent");
+        }
+        let path = dir.path().join("snap");
+        std::fs::write(&path, &stream).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(20)),
+            last_membership: StoredMembership::default(),
+        };
+        install_from_file(&store, 9, &meta, &path, |_| InstallPlan {
+            messages_below: Some(12),
+            start_offset: 4,
+            compacted_upto: 8,
+        })
+        .unwrap();
+        let left: Vec<u64> = store
+            .read_messages(9, 0, 100, 100, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect();
+        assert_eq!(left, vec![5, 7, 8, 9, 10, 11]);
+        let (applied, _) = load_applied(&store, 9).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(20));
     }
 }

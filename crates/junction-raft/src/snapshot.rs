@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use junction_storage::Store;
-use junction_storage::keys::u64_at;
+use junction_storage::keys::{SM_CF_MESSAGES, SM_CF_SIZE_INDEX, SM_CF_TIME_INDEX, u64_at};
 use junction_types::GroupId;
 
 use crate::RaftStoreError;
@@ -72,8 +72,8 @@ impl LocalSnapshot {
             let mut open = true;
             self.store.scan_group_sm(self.group, |cf, key, value| {
                 let keep = match cf {
-                    0 => u64_at(key, 0).is_some_and(|o| o < upto),
-                    1 => u64_at(value, 0).is_some_and(|o| o < upto),
+                    SM_CF_MESSAGES | SM_CF_SIZE_INDEX => u64_at(key, 0).is_some_and(|o| o < upto),
+                    SM_CF_TIME_INDEX => u64_at(value, 0).is_some_and(|o| o < upto),
                     _ => false,
                 };
                 if keep {

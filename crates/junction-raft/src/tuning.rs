@@ -37,7 +37,19 @@ impl Default for RaftTuning {
 impl RaftTuning {
     /// Returns the validated openraft config.
     pub fn config(&self, cluster_name: &str) -> Result<Arc<Config>, openraft::ConfigError> {
+        self.config_with(cluster_name, false)
+    }
+
+    /// Like [`RaftTuning::config`]; `memory` is for groups whose replicas keep their log in
+    /// memory: a restarted replica comes back with an empty log, and the leader accepts that
+    /// reversion and replicates everything (entries or a snapshot) to it again.
+    pub fn config_with(
+        &self,
+        cluster_name: &str,
+        memory: bool,
+    ) -> Result<Arc<Config>, openraft::ConfigError> {
         let c = Config {
+            allow_log_reversion: memory.then_some(true),
             cluster_name: cluster_name.to_string(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
             election_timeout_min: self.election_min.as_millis() as u64,

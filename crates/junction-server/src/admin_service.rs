@@ -60,13 +60,24 @@ pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> Station
                 leader: v.leader,
                 next_offset: v.next_offset,
                 start_offset: v.start_offset,
+                messages: v.messages,
+                bytes: v.bytes,
+                data_lost_at_ms: (v.data_lost_at_ms != 0).then_some(v.data_lost_at_ms),
             })
             .collect(),
+        policy: Some(crate::policy::to_proto(&s.policy)),
     }
 }
 
 fn describe(broker: &Broker, s: &StationMeta, probe: &Probe) -> StationInfo {
     let views = broker.partition_views(s, probe);
+    station_info(s, Some(&views))
+}
+
+/// Like [`describe`], with each partition's stored messages and bytes.
+async fn describe_measured(broker: &Broker, s: &StationMeta, probe: &Probe) -> StationInfo {
+    let mut views = broker.partition_views(s, probe);
+    broker.measure_partitions(&mut views).await;
     station_info(s, Some(&views))
 }
 
@@ -116,6 +127,7 @@ impl Admin for AdminService {
                 .await
                 .map_err(forwarded);
         }
+        let policy = crate::policy::from_proto(r.policy.as_ref())?;
         let partitions = if r.partitions == 0 { 1 } else { r.partitions };
         let rf = match r.replication_factor {
             0 if self.broker.node_addrs().len() >= 3 => 3,
@@ -124,7 +136,7 @@ impl Admin for AdminService {
         };
         let s = self
             .broker
-            .create_station(&name, partitions, rf, r.max_message_bytes)
+            .create_station_with_policy(&name, partitions, rf, r.max_message_bytes, policy)
             .await
             .map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;
@@ -156,6 +168,33 @@ impl Admin for AdminService {
         let s = self.broker.station(&name).map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;
         Ok(Response::new(DescribeStationResponse {
+            station: Some(describe_measured(&self.broker, &s, &probe).await),
+        }))
+    }
+
+    async fn update_station(
+        &self,
+        req: Request<UpdateStationRequest>,
+    ) -> Result<Response<UpdateStationResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let name = parse(&r.name)?;
+        let policy = crate::policy::from_proto(r.policy.as_ref())?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .update_station(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let s = self
+            .broker
+            .update_station(&name, policy)
+            .await
+            .map_err(to_status)?;
+        let probe = self.broker.probe_nodes().await;
+        Ok(Response::new(UpdateStationResponse {
             station: Some(describe(&self.broker, &s, &probe)),
         }))
     }

@@ -278,15 +278,19 @@ impl BrokerService {
             })?;
             messages.push(stored_message(req.partition, offset, r));
         }
+        // Nothing stored from `from` to the end (compaction holes): continue at the end.
         let next_offset = messages
             .last()
-            .map_or(from.max(state.start_offset), |m| m.offset + 1);
+            .map_or(from.max(state.start_offset).max(state.next_offset), |m| {
+                m.offset + 1
+            });
         metrics::counter!("junction_read_messages_total").increment(messages.len() as u64);
         Ok(ReadResponse {
             messages,
             next_offset,
             high_watermark: state.next_offset,
             start_offset: state.start_offset,
+            below_start: from < state.start_offset,
         })
     }
 
@@ -470,6 +474,7 @@ impl BrokerApi for BrokerService {
                     next_offset: o,
                     high_watermark: state.next_offset,
                     start_offset: state.start_offset,
+                    below_start: false,
                 }
             }
             _ => self.read_local(&req, part.group_id)?,

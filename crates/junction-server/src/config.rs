@@ -83,6 +83,12 @@ pub struct Config {
     /// `ADVERTISED=DIALLED,...`: dial another address for a peer (for fault-injecting
     /// proxies in the chaos suite). Empty in production.
     pub dial_overrides: String,
+    /// How often partition leaders apply retention limits, in ms.
+    pub retention_tick_ms: u64,
+    /// Least time between two key compactions of a partition, in ms.
+    pub compaction_every_ms: u64,
+    /// Most bytes the replicas of memory stations may hold on this node.
+    pub memory_limit_bytes: u64,
 }
 
 impl Default for Config {
@@ -103,6 +109,9 @@ impl Default for Config {
             keep_logs: t.keep_logs,
             max_in_flight: 8,
             dial_overrides: String::new(),
+            retention_tick_ms: 1000,
+            compaction_every_ms: 60_000,
+            memory_limit_bytes: 1 << 30,
         }
     }
 }
@@ -138,6 +147,9 @@ pub struct ServeArgs {
     /// Largest accepted message in bytes (default 1 MiB).
     #[arg(long, env = "JUNCTION_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<u32>,
+    /// Most bytes memory stations may hold on this node (default 1 GiB).
+    #[arg(long, env = "JUNCTION_MEMORY_LIMIT_BYTES")]
+    pub memory_limit_bytes: Option<u64>,
     /// Raft heartbeat period in ms.
     #[arg(long, env = "JUNCTION_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -196,6 +208,9 @@ impl Config {
         }
         if let Some(v) = &args.members {
             c.members = v.clone();
+        }
+        if let Some(v) = args.memory_limit_bytes {
+            c.memory_limit_bytes = v;
         }
         if let Some(v) = args.max_message_bytes {
             c.max_message_bytes = v;
@@ -306,6 +321,11 @@ impl Config {
                 max_entry_bytes: 4 << 20,
             },
             dial_overrides: self.dial_overrides()?,
+            retention: junction_broker::RetentionTuning {
+                tick: Duration::from_millis(self.retention_tick_ms.max(10)),
+                compaction_every: Duration::from_millis(self.compaction_every_ms),
+            },
+            memory_limit_bytes: self.memory_limit_bytes,
         })
     }
 }

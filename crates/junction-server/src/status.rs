@@ -35,6 +35,8 @@ pub fn code_of(e: &BrokerError) -> Code {
         | BrokerError::Unavailable(_) => Code::Unavailable,
         BrokerError::Raft(_) => Code::Unavailable,
         BrokerError::Storage(_) => Code::Internal,
+        BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
+        BrokerError::Unimplemented(_) => Code::Unimplemented,
         _ => Code::Internal,
     }
 }
@@ -130,6 +132,14 @@ mod tests {
             ),
             (BrokerError::Unavailable("x".into()), Code::Unavailable),
             (BrokerError::Raft("x".into()), Code::Unavailable),
+            (
+                BrokerError::ResourceExhausted("full".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                BrokerError::Unimplemented("later".into()),
+                Code::Unimplemented,
+            ),
         ];
         for (e, code) in rows {
             assert_eq!(to_status(e).code(), code);

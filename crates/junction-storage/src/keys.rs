@@ -10,6 +10,7 @@
 //! | `messages`    | group u64 · offset u64            | postcard `StoredRecord`          |
 //! | `time_index`  | group u64 · timestamp_ms i64 (BE, sign-flipped) | first offset u64 BE |
 //! | `sm_meta`     | group u64 · tag u8                | state machine state              |
+//! | `size_index`  | group u64 · base offset u64       | bytes before base u64 BE · size u32 BE per message of the batch |
 
 use junction_types::GroupId;
 
@@ -18,23 +19,37 @@ pub const CF_RAFT_META: &str = "raft_meta";
 pub const CF_MESSAGES: &str = "messages";
 pub const CF_TIME_INDEX: &str = "time_index";
 pub const CF_SM_META: &str = "sm_meta";
+/// Per appended batch: the partition's cumulative bytes before it and each message's size,
+/// so that the bytes between any two offsets cost two lookups (retention by bytes).
+pub const CF_SIZE_INDEX: &str = "size_index";
 
 /// Every column family, in the order they are opened.
-pub const ALL_CFS: [&str; 5] = [
+pub const ALL_CFS: [&str; 6] = [
     CF_RAFT_LOG,
     CF_RAFT_META,
     CF_MESSAGES,
     CF_TIME_INDEX,
     CF_SM_META,
+    CF_SIZE_INDEX,
 ];
-/// The column families that hold state machine data (what a snapshot carries).
-pub const SM_CFS: [&str; 3] = [CF_MESSAGES, CF_TIME_INDEX, CF_SM_META];
+/// The column families that hold state machine data (what a snapshot carries), by the index
+/// snapshot frames use.
+pub const SM_CFS: [&str; 4] = [CF_MESSAGES, CF_TIME_INDEX, CF_SM_META, CF_SIZE_INDEX];
+/// Snapshot frame index of `messages`.
+pub const SM_CF_MESSAGES: u8 = 0;
+/// Snapshot frame index of `time_index`.
+pub const SM_CF_TIME_INDEX: u8 = 1;
+/// Snapshot frame index of `size_index`.
+pub const SM_CF_SIZE_INDEX: u8 = 3;
 
 /// Tags under `raft_meta`.
 pub mod raft_tag {
     pub const VOTE: u8 = 1;
     pub const COMMITTED: u8 = 2;
     pub const LAST_PURGED: u8 = 3;
+    /// On the disk store, for a memory group: set when this node first initialised it, so a
+    /// later re-initialisation is known to follow the loss of every replica.
+    pub const MEMORY_INITIALISED: u8 = 10;
 }
 
 /// Tags under `sm_meta`.

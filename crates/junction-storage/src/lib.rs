@@ -14,6 +14,7 @@
 
 pub mod flusher;
 pub mod keys;
+pub mod retention;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use rocksdb::{
 pub use crate::flusher::FlushCallback;
 use crate::flusher::Flusher;
 use crate::keys::*;
+pub use crate::retention::{SizeEntry, TruncatePlan};
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,9 @@ struct Inner {
     flusher: Flusher,
     db: Arc<DB>,
     poisoned: Arc<AtomicBool>,
+    /// A memory store: no WAL (nothing to recover from after a restart anyway), and syncs
+    /// are no-ops.
+    memory: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -87,7 +92,41 @@ pub type RawMessage = (u64, Vec<u8>);
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens an empty store that lives in memory only (RocksDB's memory environment, no
+    /// WAL): the same layout and code paths as on disk, no file is written. Its data is gone
+    /// when the last handle drops. `dir` is only created (empty): nothing is written in it.
+    pub fn open_in_memory(dir: &Path) -> Result<Self, StorageError> {
+        let env = rocksdb::Env::mem_env().map_err(rocks("create memory environment"))?;
+        Self::open_with(dir, Some(env))
+    }
+
+    /// Returns the bytes the store holds (memtables plus table files, every column family):
+    /// for a memory store, about the memory its data uses.
+    pub fn approximate_bytes(&self) -> u64 {
+        let db = &self.inner.db;
+        ALL_CFS
+            .iter()
+            .filter_map(|name| db.cf_handle(name))
+            .map(|cf| {
+                [
+                    "rocksdb.cur-size-all-mem-tables",
+                    "rocksdb.total-sst-files-size",
+                ]
+                .iter()
+                .filter_map(|p| db.property_int_value_cf(cf, *p).ok().flatten())
+                .sum::<u64>()
+            })
+            .sum()
+    }
+
+    fn open_with(path: &Path, env: Option<rocksdb::Env>) -> Result<Self, StorageError> {
         let mut opts = Options::default();
+        if let Some(env) = &env {
+            opts.set_env(env);
+        }
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
@@ -121,6 +160,7 @@ impl Store {
                 flusher,
                 db,
                 poisoned,
+                memory: env.is_some(),
             }),
         })
     }
@@ -150,11 +190,28 @@ impl Store {
     /// Writes a batch without waiting for fsync.
     pub fn write(&self, batch: Batch<'_>) -> Result<(), StorageError> {
         self.check_poisoned()?;
+        if self.inner.memory {
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            return self
+                .inner
+                .db
+                .write_opt(batch.wb, &wo)
+                .map_err(rocks("write"));
+        }
         self.inner.db.write(batch.wb).map_err(rocks("write"))
+    }
+
+    /// Returns whether this is a memory store ([`Store::open_in_memory`]).
+    pub fn is_memory(&self) -> bool {
+        self.inner.memory
     }
 
     /// Writes a batch and fsyncs the WAL before returning.
     pub fn write_sync(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        if self.inner.memory {
+            return self.write(batch);
+        }
         self.check_poisoned()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -175,12 +232,19 @@ impl Store {
         done: FlushCallback,
     ) -> Result<(), StorageError> {
         self.write(batch)?;
+        if self.inner.memory {
+            done(Ok(()));
+            return Ok(());
+        }
         self.inner.flusher.submit(done);
         Ok(())
     }
 
     /// Fsyncs the WAL: everything written so far becomes durable.
     pub fn sync_wal(&self) -> Result<(), StorageError> {
+        if self.inner.memory {
+            return Ok(());
+        }
         self.check_poisoned()?;
         self.inner.db.flush_wal(true).map_err(|source| {
             self.inner.poisoned.store(true, Ordering::Release);
@@ -573,5 +637,39 @@ mod tests {
         assert_eq!(store.seek_time(3, 50).unwrap(), Some(0));
         assert_eq!(store.seek_time(3, 150).unwrap(), Some(10));
         assert_eq!(store.seek_time(3, 201).unwrap(), None);
+    }
+
+    #[test]
+    fn a_memory_store_works_and_writes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_memory(dir.path()).unwrap();
+        eprintln!("an empty memory store: {} bytes", store.approximate_bytes());
+        let mut b = store.batch();
+        b.put_message(1, 0, b"m").unwrap();
+        store.write_sync(b).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut b = store.batch();
+        b.put_message(1, 1, b"n").unwrap();
+        store
+            .write_then_flush(b, Box::new(move |r| tx.send(r.is_ok()).unwrap()))
+            .unwrap();
+        assert!(rx.recv().unwrap());
+        store.sync_wal().unwrap();
+        assert_eq!(store.read_messages(1, 0, 10, 10, 1 << 20).unwrap().len(), 2);
+        assert!(store.is_memory());
+        assert!(store.approximate_bytes() > 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no file written"
+        );
+        // A second memory store is independent.
+        let other = Store::open_in_memory(dir.path()).unwrap();
+        assert!(
+            other
+                .read_messages(1, 0, 10, 10, 1 << 20)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::groups::{GroupMeta, GroupSettings};
 use crate::meta::{MetaError, StationMeta};
+use crate::policy::StationPolicy;
 use crate::record::Record;
 
 /// The application data of a Raft entry.
@@ -34,6 +35,9 @@ pub enum MetaCommand {
         replication_factor: u32,
         max_message_bytes: u32,
         now_ms: i64,
+        /// Storage, retention and compaction settings.
+        #[serde(default)]
+        policy: StationPolicy,
     },
     DeleteStation {
         tenant: String,
@@ -65,6 +69,13 @@ pub enum MetaCommand {
     DeleteGroup {
         station: String,
         group: String,
+    },
+    /// Replaces a station's retention, discard and compaction settings (the storage tier is
+    /// fixed at creation).
+    UpdateStation {
+        tenant: String,
+        name: String,
+        policy: StationPolicy,
     },
 }
 
@@ -101,6 +112,18 @@ pub enum PartitionCommand {
     },
     /// Forgets a group's cursor.
     GroupDelete { group: String },
+    /// Removes every message below `before` (retention). Decided by the leader, applied by
+    /// every replica with range deletes; offsets are never reused.
+    Truncate { before: u64 },
+    /// Key compaction of the offsets below `upto`: only the newest message per key is kept;
+    /// tombstones with a timestamp below `tombstones_before_ms` are dropped with their key.
+    Compact {
+        upto: u64,
+        tombstones_before_ms: i64,
+    },
+    /// A memory partition lost every replica at `at_ms` and restarted empty (recorded so that
+    /// `station describe` says so).
+    DataLost { at_ms: i64 },
 }
 
 /// The result of applying one entry.
@@ -124,6 +147,12 @@ pub enum CommandResponse {
     MetaRejected(MetaError),
     /// A command was sent to a group of the wrong kind (a bug, reported rather than panicking).
     WrongGroup,
+    /// A `Truncate` or `Compact` was applied: the partition's first offset afterwards and the
+    /// messages the command removed on this replica.
+    Retained {
+        start_offset: u64,
+        removed: u64,
+    },
 }
 
 impl fmt::Display for Command {
@@ -136,7 +165,7 @@ impl fmt::Display for Command {
             Command::Partition(PartitionCommand::GroupAck { group, offsets, .. }) => {
                 write!(f, "group-ack({group}, {} offsets)", offsets.len())
             }
-            Command::Partition(p) => write!(f, "partition:{p:?}"),
+            Command::Partition(p) => write!(f, "{p:?}"),
         }
     }
 }

@@ -334,7 +334,10 @@ pub fn apply_cursor_command(
     end: u64,
 ) -> CommandResponse {
     match cmd {
-        PartitionCommand::Append { .. } => CommandResponse::WrongGroup,
+        PartitionCommand::Append { .. }
+        | PartitionCommand::Truncate { .. }
+        | PartitionCommand::Compact { .. }
+        | PartitionCommand::DataLost { .. } => CommandResponse::WrongGroup,
         PartitionCommand::GroupInit {
             group,
             uid,

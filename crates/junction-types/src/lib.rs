@@ -11,17 +11,22 @@
 //! - [`meta`]: the metadata group's state (tenants, stations, placement, consumer groups) and
 //!   its pure apply.
 //! - [`groups`]: consumer group settings, sticky assignment and per-partition cursors.
+//! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 
 pub mod command;
 pub mod groups;
 pub mod meta;
 pub mod names;
 pub mod partitioner;
+pub mod policy;
 pub mod record;
 
 pub use command::{Command, CommandResponse, MetaCommand, PartitionCommand};
 pub use meta::{MetaError, MetaState, PartitionMeta, StationMeta};
 pub use names::{NameError, StationName};
+pub use policy::{
+    CompactionPolicy, DiscardPolicy, PolicyError, Retention, StationPolicy, StorageTier,
+};
 pub use record::{Record, StoredRecord};
 
 /// Raft group id. Group 0 is the metadata group; partitions get ids from 1 upwards.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandResponse, MetaCommand};
 use crate::groups::{GroupMeta, MemberMeta};
+use crate::policy::StationPolicy;
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
 
 /// Why the metadata group refused a command.
@@ -44,6 +45,9 @@ pub struct StationMeta {
     pub max_message_bytes: u32,
     pub created_at_ms: i64,
     pub partitions: Vec<PartitionMeta>,
+    /// Storage, retention and compaction settings.
+    #[serde(default)]
+    pub policy: StationPolicy,
 }
 
 impl StationMeta {
@@ -103,6 +107,7 @@ impl MetaState {
                 replication_factor,
                 max_message_bytes,
                 now_ms,
+                policy,
             } => {
                 let full = format!("{tenant}/{name}");
                 if !self.tenants.contains_key(tenant) {
@@ -133,6 +138,7 @@ impl MetaState {
                     max_message_bytes: *max_message_bytes,
                     created_at_ms: *now_ms,
                     partitions,
+                    policy: *policy,
                 };
                 self.stations.insert(full, station.clone());
                 CommandResponse::StationCreated(station)
@@ -237,6 +243,22 @@ impl MetaState {
                 }
                 CommandResponse::Done
             }
+            MetaCommand::UpdateStation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let full = format!("{tenant}/{name}");
+                let Some(station) = self.stations.get_mut(&full) else {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: full,
+                    });
+                };
+                // The tier is fixed at creation: data cannot move between tiers in place.
+                let storage = station.policy.storage;
+                station.policy = StationPolicy { storage, ..*policy };
+                CommandResponse::StationCreated(station.clone())
+            }
         }
     }
 
@@ -276,6 +298,16 @@ impl MetaState {
             .iter()
             .filter(move |((s, _), _)| s == station)
             .map(|(_, g)| g)
+    }
+
+    /// Returns the station and partition index of a partition group.
+    pub fn partition_of_group(&self, group: GroupId) -> Option<(&StationMeta, u32)> {
+        self.stations.values().find_map(|s| {
+            s.partitions
+                .iter()
+                .position(|p| p.group_id == group)
+                .map(|i| (s, i as u32))
+        })
     }
 
     /// Returns every partition group whose replicas include `node`, with its members.
@@ -360,6 +392,7 @@ mod tests {
             replication_factor: 3,
             max_message_bytes: 1 << 20,
             now_ms: 1,
+            policy: StationPolicy::default(),
         })
     }
 
@@ -408,6 +441,7 @@ mod tests {
             replication_factor: 1,
             max_message_bytes: 1,
             now_ms: 1,
+            policy: StationPolicy::default(),
         });
         assert!(matches!(
             r,
@@ -432,5 +466,45 @@ mod tests {
         }
         assert!(counts.values().all(|c| *c == 6), "{counts:?}");
         assert!(firsts.values().all(|c| *c == 2), "{firsts:?}");
+    }
+
+    #[test]
+    fn update_changes_retention_but_never_the_storage_tier() {
+        let mut s = MetaState::default();
+        create(&mut s, "a", 1);
+        let policy = StationPolicy {
+            storage: crate::StorageTier::Memory,
+            retention: crate::Retention {
+                max_messages: Some(5),
+                ..Default::default()
+            },
+            discard: crate::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let r = s.apply(&MetaCommand::UpdateStation {
+            tenant: "default".into(),
+            name: "a".into(),
+            policy,
+        });
+        let CommandResponse::StationCreated(st) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(st.policy.storage, crate::StorageTier::File);
+        assert_eq!(st.policy.retention.max_messages, Some(5));
+        assert_eq!(st.policy.discard, crate::DiscardPolicy::New);
+        assert_eq!(s.stations["default/a"].policy, st.policy);
+        assert_eq!(
+            s.partition_of_group(st.partitions[0].group_id)
+                .map(|(x, i)| (x.name.as_str(), i)),
+            Some(("a", 0))
+        );
+        assert!(matches!(
+            s.apply(&MetaCommand::UpdateStation {
+                tenant: "default".into(),
+                name: "zz".into(),
+                policy,
+            }),
+            CommandResponse::MetaRejected(MetaError::StationNotFound { .. })
+        ));
     }
 }
