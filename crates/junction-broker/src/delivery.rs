@@ -611,6 +611,9 @@ impl Dispatcher {
         let window = self.window();
         let state = self.replica.shared.current();
         if self.read_pos < state.start_offset {
+            // Retention removed messages this group had not read: skip them, and say so.
+            metrics::counter!("junction_group_skipped_messages_total", "group" => self.group.clone())
+                .increment(state.start_offset - self.read_pos);
             self.read_pos = state.start_offset;
         }
         while self.pending.len() < window && self.read_pos < state.next_offset {
