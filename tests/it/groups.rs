@@ -301,7 +301,11 @@ async fn a_member_on_an_old_epoch_is_fenced() {
     };
     // Refused at once, or — when the leader had not applied the rebalance yet — the stream
     // ends with FENCED as soon as it does.
-    let err = match on_leader.consume(tokio_stream::iter(vec![sub])).await {
+    // The request stream stays open (closing it would be the member leaving).
+    let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
+    req_tx.send(sub).expect("queue subscribe");
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx);
+    let err = match on_leader.consume(requests).await {
         Err(e) => e,
         Ok(resp) => {
             let mut stream = resp.into_inner();

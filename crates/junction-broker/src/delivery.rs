@@ -188,20 +188,8 @@ impl Broker {
         epoch: u64,
         max_in_flight: u32,
     ) -> Result<Subscription, BrokerError> {
-        let meta = self.station(station)?;
         let full = station.full();
-        let pm =
-            meta.partitions
-                .get(partition as usize)
-                .ok_or(BrokerError::PartitionOutOfRange {
-                    station: full.clone(),
-                    partition,
-                    partitions: meta.partitions.len() as u32,
-                })?;
-        let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
-            node: self.node_id(),
-            group: pm.group_id,
-        })?;
+        let replica = self.hosted_replica(station, partition)?;
         self.ensure_partition_leader(&replica)?;
         // The subscriber may have heard of its epoch before this node applied it.
         let deadline = Instant::now() + EPOCH_WAIT;
@@ -229,7 +217,7 @@ impl Broker {
             events: ev_tx,
             control: ctl_rx,
         };
-        let key = (pm.group_id, group.to_string());
+        let key = (replica.group, group.to_string());
         for _ in 0..2 {
             let existing = self.dispatchers.lock().get(&key).cloned();
             let handle = match existing {

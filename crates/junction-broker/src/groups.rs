@@ -435,7 +435,8 @@ pub struct GroupPosition {
 }
 
 impl Broker {
-    fn led_replica(
+    /// The replica of `partition` of `station` hosted on this node.
+    pub(crate) fn hosted_replica(
         &self,
         station: &StationName,
         partition: u32,
@@ -449,10 +450,19 @@ impl Broker {
                     partition,
                     partitions: meta.partitions.len() as u32,
                 })?;
-        let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
+        self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
             node: self.node_id(),
             group: pm.group_id,
-        })?;
+        })
+    }
+
+    /// Like [`Broker::hosted_replica`], and this node must lead it.
+    pub(crate) fn led_replica(
+        &self,
+        station: &StationName,
+        partition: u32,
+    ) -> Result<std::sync::Arc<crate::PartitionReplica>, BrokerError> {
+        let replica = self.hosted_replica(station, partition)?;
         self.ensure_partition_leader(&replica)?;
         Ok(replica)
     }
@@ -530,20 +540,8 @@ impl Broker {
         group: &str,
         partition: u32,
     ) -> Result<GroupPosition, BrokerError> {
-        let meta = self.station(station)?;
-        let pm =
-            meta.partitions
-                .get(partition as usize)
-                .ok_or(BrokerError::PartitionOutOfRange {
-                    station: station.full(),
-                    partition,
-                    partitions: meta.partitions.len() as u32,
-                })?;
+        let replica = self.hosted_replica(station, partition)?;
         let g = self.group_meta(&station.full(), group)?;
-        let replica = self.partition(pm.group_id).ok_or(BrokerError::NotHosted {
-            node: self.node_id(),
-            group: pm.group_id,
-        })?;
         Ok(self.position_of(&replica, &g))
     }
 

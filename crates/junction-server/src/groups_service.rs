@@ -20,6 +20,20 @@ use crate::broker_service::{BrokerService, stored_message};
 use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
 use crate::status::to_status;
 
+/// Forwards the call to the controller unless this node is the controller.
+macro_rules! on_controller {
+    ($self:ident, $hops:ident, $req:ident, $method:ident) => {
+        if let Some(addr) = $self.controller_addr($hops)? {
+            return $self
+                .clients
+                .groups(&addr)?
+                .$method(with_hops($req, $hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+    };
+}
+
 /// How long a dead-letter append may take.
 const DLS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -218,14 +232,7 @@ impl Groups for GroupsService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let station = parse(&r.station)?;
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .create_group(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, create_group);
         let g = self
             .broker
             .create_group(&station, &r.group, settings_from_proto(r.settings.as_ref()))
@@ -241,14 +248,7 @@ impl Groups for GroupsService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let station = parse(&r.station)?;
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .join_group(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, join_group);
         let v = self
             .broker
             .join_group(
@@ -270,14 +270,7 @@ impl Groups for GroupsService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let station = parse(&r.station)?;
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .heartbeat(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, heartbeat);
         let v = self
             .broker
             .heartbeat(&station, &r.group, &r.member_id)
@@ -292,14 +285,7 @@ impl Groups for GroupsService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let station = parse(&r.station)?;
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .leave_group(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, leave_group);
         self.broker
             .leave_group(&station, &r.group, &r.member_id)
             .await
@@ -477,14 +463,7 @@ impl Groups for GroupsService {
                 .map_err(to_status)?;
             return Ok(Response::new(group_info(&g)));
         }
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .clone_group(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, clone_group);
         let src = self
             .broker
             .describe_group_meta(&station, &r.from_group)
@@ -535,14 +514,7 @@ impl Groups for GroupsService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let station = parse(&r.station)?;
-        if let Some(addr) = self.controller_addr(hops)? {
-            return self
-                .clients
-                .groups(&addr)?
-                .delete_group(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_controller!(self, hops, r, delete_group);
         self.broker
             .delete_group(&station, &r.group)
             .await
