@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Junction vs NATS JetStream on this machine, alternately, several rounds; then medians and
+# ratios (benches/compare/summarize.py).
+#
+#   benches/compare/run.sh                          # every workload, 3 rounds
+#   ROUNDS=5 WORKLOADS="async128 async1k" benches/compare/run.sh
+#
+# NATS runs through the peer scripts of ../shared/peers (override with PEERS=...): a 3-node
+# JetStream cluster, R3 file stream, `sync_interval: always` (fsync before every ack; needs the
+# newer server that peers/nats/install-newer-nats.sh installs), load from `peerbench`.
+# Junction runs `junction bench` (release build) against 3 spawned `junction serve` nodes,
+# replication 3, fsync before ack. The shapes match (message size, count, messages in flight):
+#   sync      128 B, 1 in flight, 20 000 messages
+#   async128  128 B, ≤1000 in flight from one client, 1 000 000 (NATS) / 1 000 000 messages
+#   async1k   1 KiB, ≤1000 in flight, 300 000 messages
+#   rate      128 B at 1000 msg/s for 20 s: produce→ack latency, corrected for coordinated
+#             omission on both sides
+#   consume   replay 1 000 000 stored 128 B messages
+# Results: benches/compare/results/<time>/{nats,junction}.jsonl and summary.md.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PEERS=${PEERS:-$ROOT/../shared/peers}
+ROUNDS=${ROUNDS:-3}
+WORKLOADS=${WORKLOADS:-"sync async128 async1k rate consume"}
+OUT=${OUT:-$ROOT/benches/compare/results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+[ -x "$PEERS/nats/run.sh" ] || { echo "peer scripts not found at $PEERS (set PEERS=)"; exit 1; }
+
+"$ROOT/scripts/ensure-deps"
+export CARGO_TARGET_DIR=${RELEASE_TARGET_DIR:-$HOME/.cache/junction-target-release}
+export CARGO_INCREMENTAL=0
+echo "--- building junction (release) into $CARGO_TARGET_DIR"
+(cd "$ROOT" && cargo build --release --locked --workspace --bin junction)
+JUNCTION=$CARGO_TARGET_DIR/release/junction
+NATS_SERVER=$("$PEERS/nats/install-newer-nats.sh")
+export NATS_SERVER
+
+junction_bench() { # workload label -- args...
+  local wl=$1 label=$2; shift 2
+  local f
+  f=$(mktemp "$OUT/j.XXXXXX.json")
+  "$JUNCTION" bench "$@" --spawn 3 --replication-factor 3 --json "$f" >&2
+  python3 - "$f" "$wl" "$label" >> "$OUT/junction.jsonl" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["peer"] = "junction"; r["workload_name"] = sys.argv[2]; r["label"] = sys.argv[3]
+print(json.dumps(r))
+PY
+  rm -f "$f"
+}
+
+nats_bench() { # workload
+  REPS=1 WORKLOADS=$1 SYNC=always RESULTS="$OUT/nats.jsonl" "$PEERS/nats/run.sh" >&2
+}
+
+for round in $(seq "$ROUNDS"); do
+  for wl in $WORKLOADS; do
+    echo "--- round $round: $wl"
+    # Alternate who goes first, so that drift over time does not favour one side.
+    first=nats; [ $((round % 2)) -eq 0 ] && first=junction
+    for who in $first $([ $first = nats ] && echo junction || echo nats); do
+      if [ $who = nats ]; then nats_bench "$wl"; continue; fi
+      case $wl in
+        sync)     junction_bench sync "sync128 r$round" produce --message-size 128 --messages 20000 --producers 1 --in-flight 1 --batch-size 1 --partitions 1 ;;
+        async128) junction_bench async128 "async128 r$round" produce --message-size 128 --messages 1000000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
+        async1k)  junction_bench async1k "async1k r$round" produce --message-size 1024 --messages 300000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
+        rate)     junction_bench rate "rate1000 r$round" produce --message-size 128 --rate 1000 --duration 20s --producers 1 --batch-size 1 --partitions 1 ;;
+        consume)  junction_bench consume "consume128 r$round" read --message-size 128 --messages 1000000 --partitions 3 ;;
+        *) echo "unknown workload $wl" >&2 ;;
+      esac
+    done
+  done
+done
+python3 "$ROOT/benches/compare/summarize.py" "$OUT" | tee "$OUT/summary.md"
