@@ -338,8 +338,31 @@ impl Broker {
         } else {
             self.store.clone()
         };
+        let first = replicas.first() == Some(&self.cfg.node_id);
+        let memory_start = if first && memory {
+            Some(
+                memory::decide_start(
+                    self.cfg.node_id,
+                    group,
+                    replicas,
+                    &self.pool,
+                    &self.node_addrs(),
+                    &self.mem_store,
+                    &self.store,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let sm = junction_raft::PartitionStateMachine::open(store.clone(), group)?;
         let shared = sm.shared();
+        // A memory group's vote stays on disk: a restarted replica never votes twice.
+        let log_store = if memory {
+            LogStore::with_vote_store(store.clone(), self.store.clone(), group)
+        } else {
+            LogStore::new(store.clone(), group)
+        };
         let config = self
             .cfg
             .tuning
@@ -349,26 +372,13 @@ impl Broker {
             self.cfg.node_id,
             config,
             NetworkFactory::new(group, self.pool.clone()),
-            LogStore::new(store.clone(), group),
+            log_store,
             sm,
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
-        let first = replicas.first() == Some(&self.cfg.node_id);
-        if first && memory {
-            self.tasks
-                .spawn(memory::init_memory_group(memory::MemoryInit {
-                    me: self.cfg.node_id,
-                    group,
-                    replicas: replicas.to_vec(),
-                    raft: raft.clone(),
-                    pool: self.pool.clone(),
-                    meta: self.meta.clone(),
-                    members: self.cfg.members.clone(),
-                    disk: self.store.clone(),
-                    shutdown: self.shutdown.clone(),
-                }));
-        } else if first
+        if first
+            && memory_start != Some(memory::MemoryStart::Join)
             && !raft
                 .is_initialized()
                 .await
@@ -384,8 +394,17 @@ impl Broker {
                 })?;
                 nodes.insert(*r, openraft::BasicNode::new(addr));
             }
-            if let Err(e) = raft.initialize(nodes).await {
-                tracing::debug!(group, "partition group initialise: {e}");
+            match raft.initialize(nodes).await {
+                Ok(()) if memory_start == Some(memory::MemoryStart::Recreate) => {
+                    self.tasks.spawn(memory::report_loss(
+                        self.cfg.node_id,
+                        group,
+                        raft.clone(),
+                        self.shutdown.clone(),
+                    ));
+                }
+                Ok(()) => {}
+                Err(e) => tracing::debug!(group, "partition group initialise: {e}"),
             }
         }
         let (tx, rx) = mpsc::channel(4096);
@@ -504,7 +523,14 @@ impl GroupHost for Broker {
             .iter()
             .filter_map(|g| {
                 let s = Broker::partition_stats(self, *g).ok()?;
+                let last_log_index = self
+                    .partition(*g)?
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .last_log_index;
                 Some(junction_proto::peer::GroupStats {
+                    last_log_index,
                     group: *g,
                     start_offset: s.start_offset,
                     next_offset: s.next_offset,
