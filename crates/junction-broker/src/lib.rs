@@ -5,6 +5,10 @@
 //! - [`reconcile`]: makes the partition groups running on this node match the metadata.
 //! - [`controller`]: station and tenant administration, node liveness, cluster status.
 //! - [`partition`]: a hosted replica and its group-commit batcher.
+//! - [`retention`]: leader-driven retention and key compaction, replicated as Raft entries;
+//!   the discard-new and memory-limit admission checks.
+//! - `memory`: how memory stations' groups start (create, join, or recreate after a total
+//!   loss).
 //!
 //! Depends on types, storage and raft; knows nothing of gRPC services (the server crate maps
 //! requests onto these calls and [`BrokerError`] onto statuses).
