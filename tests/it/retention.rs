@@ -616,6 +616,28 @@ async fn cli_creates_updates_and_describes_policies() {
     let none = run(&cluster, &["station", "update", "capped"]).await;
     assert!(!none.ok);
     assert!(none.stderr.contains("nothing to update"), "{}", none.stderr);
+    ok(
+        &cluster,
+        &[
+            "station",
+            "create",
+            "volatile",
+            "--replication-factor",
+            "3",
+            "--storage",
+            "memory",
+        ],
+    )
+    .await;
+    let text = ok(&cluster, &["station", "describe", "volatile"]).await;
+    assert_eq!(row(&text, "storage"), ["storage", "memory"]);
+    let tier = run(
+        &cluster,
+        &["station", "update", "volatile", "--storage", "file"],
+    )
+    .await;
+    assert!(!tier.ok);
+    assert!(tier.stderr.contains("cannot change"), "{}", tier.stderr);
     cluster.shutdown().await;
 }
 

@@ -5,6 +5,10 @@
 //! - [`reconcile`]: makes the partition groups running on this node match the metadata.
 //! - [`controller`]: station and tenant administration, node liveness, cluster status.
 //! - [`partition`]: a hosted replica and its group-commit batcher.
+//! - [`retention`]: leader-driven retention and key compaction, replicated as Raft entries;
+//!   the discard-new and memory-limit admission checks.
+//! - `memory`: how memory stations' groups start (create, join, or recreate after a total
+//!   loss).
 //!
 //! Depends on types, storage and raft; knows nothing of gRPC services (the server crate maps
 //! requests onto these calls and [`BrokerError`] onto statuses).
@@ -367,8 +371,31 @@ impl Broker {
         } else {
             self.store.clone()
         };
+        let first = replicas.first() == Some(&self.cfg.node_id);
+        let memory_start = if first && memory {
+            Some(
+                memory::decide_start(
+                    self.cfg.node_id,
+                    group,
+                    replicas,
+                    &self.pool,
+                    &self.node_addrs(),
+                    &self.mem_store,
+                    &self.store,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let sm = junction_raft::PartitionStateMachine::open(store.clone(), group)?;
         let shared = sm.shared();
+        // A memory group's vote stays on disk: a restarted replica never votes twice.
+        let log_store = if memory {
+            LogStore::with_vote_store(store.clone(), self.store.clone(), group)
+        } else {
+            LogStore::new(store.clone(), group)
+        };
         let config = self
             .cfg
             .tuning
@@ -378,26 +405,13 @@ impl Broker {
             self.cfg.node_id,
             config,
             NetworkFactory::new(group, self.pool.clone()),
-            LogStore::new(store.clone(), group),
+            log_store,
             sm,
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
-        let first = replicas.first() == Some(&self.cfg.node_id);
-        if first && memory {
-            self.tasks
-                .spawn(memory::init_memory_group(memory::MemoryInit {
-                    me: self.cfg.node_id,
-                    group,
-                    replicas: replicas.to_vec(),
-                    raft: raft.clone(),
-                    pool: self.pool.clone(),
-                    meta: self.meta.clone(),
-                    members: self.cfg.members.clone(),
-                    disk: self.store.clone(),
-                    shutdown: self.shutdown.clone(),
-                }));
-        } else if first
+        if first
+            && memory_start != Some(memory::MemoryStart::Join)
             && !raft
                 .is_initialized()
                 .await
@@ -413,8 +427,17 @@ impl Broker {
                 })?;
                 nodes.insert(*r, openraft::BasicNode::new(addr));
             }
-            if let Err(e) = raft.initialize(nodes).await {
-                tracing::debug!(group, "partition group initialise: {e}");
+            match raft.initialize(nodes).await {
+                Ok(()) if memory_start == Some(memory::MemoryStart::Recreate) => {
+                    self.tasks.spawn(memory::report_loss(
+                        self.cfg.node_id,
+                        group,
+                        raft.clone(),
+                        self.shutdown.clone(),
+                    ));
+                }
+                Ok(()) => {}
+                Err(e) => tracing::debug!(group, "partition group initialise: {e}"),
             }
         }
         let (tx, rx) = mpsc::channel(4096);
@@ -533,7 +556,14 @@ impl GroupHost for Broker {
             .iter()
             .filter_map(|g| {
                 let s = Broker::partition_stats(self, *g).ok()?;
+                let last_log_index = self
+                    .partition(*g)?
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .last_log_index;
                 Some(junction_proto::peer::GroupStats {
+                    last_log_index,
                     group: *g,
                     start_offset: s.start_offset,
                     next_offset: s.next_offset,

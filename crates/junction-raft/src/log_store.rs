@@ -19,12 +19,28 @@ use crate::{decode, encode};
 pub struct LogStore {
     store: Store,
     group: GroupId,
+    /// Where the vote lives: `store`, or the disk store for a group whose log is in memory
+    /// (a restarted replica must never vote twice in a term).
+    vote_store: Store,
 }
 
 impl LogStore {
     /// Returns the log store of `group`.
     pub fn new(store: Store, group: GroupId) -> Self {
-        Self { store, group }
+        Self {
+            vote_store: store.clone(),
+            store,
+            group,
+        }
+    }
+
+    /// Returns the log store of `group` with its log in `store` and its vote in `vote_store`.
+    pub fn with_vote_store(store: Store, vote_store: Store, group: GroupId) -> Self {
+        Self {
+            store,
+            group,
+            vote_store,
+        }
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -71,7 +87,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        self.get_meta(raft_tag::VOTE, "vote")
+        match self
+            .vote_store
+            .get_tag(CF_RAFT_META, self.group, raft_tag::VOTE)?
+        {
+            None => Ok(None),
+            Some(b) => Ok(Some(decode("vote", &b)?)),
+        }
     }
 }
 
@@ -102,7 +124,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Invariant: a vote is on disk before any message relies on it, or a restarted node
         // could vote twice in one term.
         let bytes = encode("vote", vote)?;
-        let store = self.store.clone();
+        let store = self.vote_store.clone();
         let group = self.group;
         tokio::task::spawn_blocking(move || {
             let mut b = store.batch();
