@@ -311,3 +311,48 @@ async fn tail_past_the_end_fails_on_a_follower_too() {
     assert_eq!(err.code(), Some(tonic::Code::OutOfRange), "{err}");
     cluster.shutdown().await;
 }
+
+/// A node the running cluster does not know joins it (learner, then voter), and new stations
+/// place replicas on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_node_joins_the_running_cluster() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client
+        .create_station("before", 3, 3)
+        .await
+        .expect("station");
+    let id = cluster.add_node().await;
+    assert_eq!(id, 4);
+    wait_until(
+        Duration::from_secs(30),
+        "node 4 to become a voter",
+        || async {
+            let all = cluster.running().into_iter().all(|n| {
+                let b = cluster.broker(n);
+                b.node_addrs().contains_key(&4)
+            });
+            (all && cluster.broker(4).is_voter()).then_some(())
+        },
+    )
+    .await;
+    // The new node serves, and new stations use it.
+    let via_new = cluster.client_of(4);
+    let s = via_new
+        .create_station("after", 4, 3)
+        .await
+        .expect("station via node 4");
+    assert!(
+        s.partition_info.iter().any(|p| p.replicas.contains(&4)),
+        "{:?}",
+        s.partition_info
+    );
+    via_new
+        .produce("after", vec![keyed("k", "hello")])
+        .await
+        .expect("produce via node 4");
+    let status = via_new.cluster_status().await.expect("status");
+    assert_eq!(status.nodes.len(), 4);
+    assert!(status.nodes.iter().all(|n| n.alive), "{:?}", status.nodes);
+    cluster.shutdown().await;
+}

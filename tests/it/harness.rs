@@ -93,6 +93,27 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts one more node (the next id) whose member list is the old one plus itself: the
+    /// running cluster does not know it, so it must join.
+    pub async fn add_node(&mut self) -> u64 {
+        let id = self.slots.keys().max().copied().unwrap_or(0) + 1;
+        let g = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let h = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let slot = Slot {
+            grpc: g.local_addr().expect("addr"),
+            http: h.local_addr().expect("addr"),
+            data_dir: self._dir.path().join(format!("node{id}")),
+            handle: None,
+        };
+        self.members = format!("{},{id}={}", self.members, slot.grpc);
+        self.slots.insert(id, slot);
+        let handle = Server::start_with_listeners(self.config(id), g, h)
+            .await
+            .expect("node starts");
+        self.slots.get_mut(&id).expect("slot").handle = Some(handle);
+        id
+    }
+
     fn config(&self, id: u64) -> Config {
         let slot = &self.slots[&id];
         let mut c = Config {

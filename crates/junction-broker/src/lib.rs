@@ -18,6 +18,7 @@ pub mod delivery;
 mod error;
 pub mod groups;
 mod leadership;
+mod membership;
 mod memory;
 pub mod partition;
 mod reconcile;
@@ -131,6 +132,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.session_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.retention_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.join_loop().await });
         Ok(broker)
     }
 

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{Stream, StreamExt};
 use junction_proto::peer::peer_server::Peer;
 use junction_proto::peer::{
-    GroupStats, NodeStatusRequest, NodeStatusResponse, PartitionStatsRequest,
-    PartitionStatsResponse, RaftReply, RaftRequest, SnapshotChunk,
+    GroupStats, JoinClusterRequest, JoinClusterResponse, NodeStatusRequest, NodeStatusResponse,
+    PartitionStatsRequest, PartitionStatsResponse, RaftReply, RaftRequest, SnapshotChunk,
 };
-use junction_types::{GroupId, META_GROUP};
+use junction_types::{GroupId, META_GROUP, NodeId};
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -183,12 +184,84 @@ impl<H: GroupHost> Peer for PeerService<H> {
         Ok(Response::new(self.host.node_status()))
     }
 
+    async fn join_cluster(
+        &self,
+        req: Request<JoinClusterRequest>,
+    ) -> Result<Response<JoinClusterResponse>, Status> {
+        let r = req.into_inner();
+        if r.node_id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "join needs a node id and an address",
+            ));
+        }
+        let meta = self
+            .host
+            .meta_raft()
+            .ok_or_else(|| Status::unavailable("no metadata group on this node"))?;
+        Ok(Response::new(join(&meta, r.node_id, &r.addr).await))
+    }
+
     async fn partition_stats(
         &self,
         req: Request<PartitionStatsRequest>,
     ) -> Result<Response<PartitionStatsResponse>, Status> {
         let groups = self.host.partition_stats(&req.into_inner().groups);
         Ok(Response::new(PartitionStatsResponse { groups }))
+    }
+}
+
+/// Adds `id` to the metadata group: as a learner (waiting until it caught up), then as a voter.
+async fn join(meta: &MetaRaft, id: NodeId, addr: &str) -> JoinClusterResponse {
+    let is_voter = {
+        let m = meta.metrics();
+        let m = m.borrow_watched();
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+    };
+    if is_voter {
+        return JoinClusterResponse {
+            joined: true,
+            ..JoinClusterResponse::default()
+        };
+    }
+    let refused = |e: openraft::errors::RaftError<
+        crate::types::TypeConfig,
+        openraft::errors::ClientWriteError<crate::types::TypeConfig>,
+    >| match e {
+        openraft::errors::RaftError::APIError(
+            openraft::errors::ClientWriteError::ForwardToLeader(f),
+        ) => JoinClusterResponse {
+            joined: false,
+            leader_addr: f.leader_node.map(|n| n.addr).unwrap_or_default(),
+            error: "not the metadata leader".into(),
+        },
+        other => JoinClusterResponse {
+            joined: false,
+            leader_addr: String::new(),
+            error: other.to_string(),
+        },
+    };
+    tracing::info!(node = id, addr, "adding a node to the cluster");
+    if let Err(e) = meta
+        .add_learner(id, openraft::BasicNode::new(addr), true)
+        .await
+    {
+        return refused(e);
+    }
+    match meta
+        .change_membership(
+            openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id])),
+            false,
+        )
+        .await
+    {
+        Ok(_) => JoinClusterResponse {
+            joined: true,
+            ..JoinClusterResponse::default()
+        },
+        Err(e) => refused(e),
     }
 }
 
