@@ -216,28 +216,30 @@ def test_bad_values() -> None:
 
 
 def test_replica_guard() -> None:
-    section("upgrade guard: a running cluster's size cannot change (membership is static)")
+    section("upgrade guard: a running cluster can grow (new pods join) but not shrink")
     # `lookup` returns nothing offline, so render a copy of the chart whose lookup is replaced
     # by the live StatefulSet a cluster would return (spec.replicas as JSON gives it: a float).
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     call = 'lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .)'
     check(helpers.count(call) == 1, "the guard looks up the live StatefulSet of this release")
     with tempfile.TemporaryDirectory(prefix="junction-chart-guard-") as tmp:
-        copy = Path(tmp) / "junction"
-        shutil.copytree(CHART, copy)
-        (copy / "templates" / "_helpers.tpl").write_text(
-            helpers.replace(call, 'dict "spec" (dict "replicas" (float64 3))'))
-        chart = helm_python.Chart.load(str(copy))
-        chart.render({"replicaCount": 3}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
-        check(True, "upgrade of a 3-node cluster with replicaCount 3 renders")
-        try:
-            chart.render({"replicaCount": 5}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
-        except helm_python.HelmRenderError as e:
-            msg = " ".join(str(e).split())
-            check("replicaCount 5 differs from the running cluster's 3" in msg and "static" in msg,
-                  "upgrade of a 3-node cluster to replicaCount 5 is refused", msg)
-            return
-        raise Failure("an upgrade changing the size of a running cluster was accepted")
+        for live, want, ok in [(3, 3, True), (3, 5, True), (5, 3, False)]:
+            copy = Path(tmp) / f"junction-{live}-{want}"
+            shutil.copytree(CHART, copy)
+            (copy / "templates" / "_helpers.tpl").write_text(
+                helpers.replace(call, f'dict "spec" (dict "replicas" (float64 {live}))'))
+            chart = helm_python.Chart.load(str(copy))
+            try:
+                chart.render({"replicaCount": want}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+                refused = None
+            except helm_python.HelmRenderError as e:
+                refused = " ".join(str(e).split())
+            if ok:
+                check(refused is None, f"upgrade of a {live}-node cluster with replicaCount {want} renders", str(refused))
+            else:
+                check(refused is not None and f"replicaCount {want} is below the running cluster's {live}" in refused
+                      and "scaling down is not supported" in refused,
+                      f"upgrade of a {live}-node cluster to replicaCount {want} is refused", str(refused))
 
 
 def members_of(toml_text: str) -> dict[int, str]:
@@ -772,6 +774,53 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
                 raise Failure(f"{p.name} wrote outside its volumes (the root filesystem is read-only): {leftovers}")
 
 
+def scale_up(binary: Path, root: Path) -> dict[str, float]:
+    """Pods 0-2 from the default render, then pods 3 and 4 from the replicaCount=5 render (what
+    the upgraded StatefulSet adds): the new nodes must join the running cluster."""
+    timings: dict[str, float] = {}
+    small, big = objects(render()), objects(render({"replicaCount": 5}))
+    grace = one(big, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    ports = free_ports(10)
+    grpc_ports, http_ports = ports[:5], ports[5:]
+    pods = [PodSim(i, small, root / "scale", binary, grpc_ports, http_ports) for i in range(3)]
+    cli = Cli(binary)
+    try:
+        for p in pods:
+            p.start()
+        for p in pods:
+            wait_for(f"{p.name} ready", lambda p=p: p.probe("readinessProbe"), 60)
+        wait_for("a three-node cluster", lambda: formed(cli, pods, [p.addr for p in pods]), 30)
+        t = time.monotonic()
+        new = [PodSim(i, big, root / "scale", binary, grpc_ports, http_ports) for i in (3, 4)]
+        pods += new
+        for p in new:
+            p.start()
+        every = [p.addr for p in pods]
+        for p in new:
+            wait_for(f"{p.name} ready (it sees the metadata leader once it joined)",
+                     lambda p=p: p.probe("readinessProbe"), 90)
+        st = wait_for("five nodes in the cluster", lambda: formed(cli, pods, every), 60)
+        timings["new pods joined"] = time.monotonic() - t
+        check(sorted(x["id"] for x in st["nodes"]) == [1, 2, 3, 4, 5],
+              f"scaled 3 → 5: {new[0].name} and {new[1].name} joined as nodes 4 and 5 "
+              f"in {timings['new pods joined']:.1f}s", json.dumps(st["nodes"]))
+        cli.ok(every, "station", "create", "scaled", "--partitions", "5", "--replication-factor", "5")
+        lines = [f"k{i}\tm-{i}" for i in range(50)]
+        cli.ok([new[1].addr], "produce", "scaled", "--key-sep", "TAB", stdin="\n".join(lines) + "\n")
+        got = cli.read_all([new[0].addr], "scaled", 50)
+        check(sorted(got) == sorted(f"m-{i}" for i in range(50)),
+              f"a replication-5 station spans the new nodes: produced via {new[1].name}, read via {new[0].name}")
+        return timings
+    except BaseException:
+        for p in pods:
+            print(f"\n  --- log tail of {p.name} ({p.log}):\n{p.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        for p in pods:
+            if p.alive():
+                p.terminate(grace)
+
+
 def test_boot(binary: Path) -> dict[str, dict[str, float]]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="junction-chart-boot-") as tmp:
@@ -779,6 +828,8 @@ def test_boot(binary: Path) -> dict[str, dict[str, float]]:
         results["3 nodes"] = boot_cluster("three", objects(render()), binary, Path(tmp), chaos=True)
         section("boot the rendered five-node cluster (replicaCount=5)")
         results["5 nodes"] = boot_cluster("five", objects(render({"replicaCount": 5})), binary, Path(tmp), chaos=False)
+        section("scale a running three-node cluster to five (helm upgrade --set replicaCount=5)")
+        results["3 → 5"] = scale_up(binary, Path(tmp))
     return results
 
 

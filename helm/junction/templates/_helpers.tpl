@@ -78,16 +78,17 @@ The initial member list: node (ordinal + 1) at its pod's stable DNS name, for ev
 {{- end }}
 
 {{/*
-Refuse to change the size of a running cluster: membership is static (see values.yaml,
-replicaCount). lookup sees the live StatefulSet during install/upgrade; it returns nothing in
-`helm template` and dry runs, where there is no cluster to protect.
+Refuse to shrink a running cluster: new pods join the running cluster (as learners, then
+voters), but removing nodes is not automatic and would lose quorum. lookup sees the live
+StatefulSet during install/upgrade; it returns nothing in `helm template` and dry runs, where
+there is no cluster to protect.
 */}}
 {{- define "junction.guardReplicaChange" -}}
 {{- $live := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .) }}
 {{- if and $live $live.spec }}
 {{- $current := int (default 0 $live.spec.replicas) }}
-{{- if and (gt $current 0) (ne $current (int .Values.replicaCount)) }}
-{{- fail (printf "replicaCount %d differs from the running cluster's %d: Junction's membership is static (set when the cluster first starts), so changing the number of nodes of a running release is not supported yet. Keep replicaCount=%d, or install a new release with the size you want and move clients to it (README: Deploy on Kubernetes, Scaling)." (int .Values.replicaCount) $current $current) }}
+{{- if and (gt $current 0) (lt (int .Values.replicaCount) $current) }}
+{{- fail (printf "replicaCount %d is below the running cluster's %d: scaling down is not supported (removing Raft members is not automatic, and dropping pods would lose quorum). Keep replicaCount=%d (README: Deploy on Kubernetes, Scaling)." (int .Values.replicaCount) $current $current) }}
 {{- end }}
 {{- end }}
 {{- end }}
