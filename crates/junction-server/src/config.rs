@@ -72,6 +72,9 @@ pub struct Config {
     /// `ADVERTISED=DIALLED,...`: dial another address for a peer (for fault-injecting
     /// proxies in the chaos suite). Empty in production.
     pub dial_overrides: String,
+    /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
+    /// surfaces at the next write. See `junction_storage::StoreOptions`.
+    pub test_no_preallocation: bool,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Default for Config {
             keep_logs: t.keep_logs,
             max_in_flight: 8,
             dial_overrides: String::new(),
+            test_no_preallocation: false,
         }
     }
 }
@@ -135,6 +139,9 @@ pub struct ServeArgs {
     /// ADVERTISED=DIALLED,... peer address overrides (fault-injection proxies).
     #[arg(long, env = "JUNCTION_DIAL_OVERRIDES")]
     pub dial_overrides: Option<String>,
+    /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
+    #[arg(long, hide = true)]
+    pub test_no_preallocation: bool,
 }
 
 impl Config {
@@ -188,6 +195,9 @@ impl Config {
         }
         if let Some(v) = &args.dial_overrides {
             c.dial_overrides = v.clone();
+        }
+        if args.test_no_preallocation {
+            c.test_no_preallocation = true;
         }
         c.validate()?;
         Ok(c)
