@@ -275,3 +275,23 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         decode("snapshot reply", &payload).map_err(|e| net(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_deadlines_have_a_floor_above_the_heartbeat_period() {
+        // openraft passes the heartbeat period (150 ms) for AppendEntries: a 100 ms link
+        // would time every call out. The floor keeps replication working.
+        assert_eq!(
+            rpc_deadline(&RPCOption::new(Duration::from_millis(150))),
+            MIN_RPC_TIMEOUT
+        );
+        // Longer deadlines (a configured snapshot timeout) are kept.
+        assert_eq!(
+            rpc_deadline(&RPCOption::new(Duration::from_secs(60))),
+            Duration::from_secs(60)
+        );
+    }
+}
