@@ -40,12 +40,18 @@ async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
     let handle = junction_server::Server::start(config).await?;
     tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, "node serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let failed = handle.failed();
+    let failure = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+        () = failed.cancelled() => true,
+    };
     tracing::info!("shutting down");
-    handle.shutdown().await;
+    // Bounded: a node whose disk failed must not hang on its way out.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), handle.shutdown()).await;
+    if failure {
+        anyhow::bail!("the node stopped because its data store failed (see the log above)");
+    }
     Ok(())
 }
 

@@ -217,3 +217,83 @@ async fn kill_minus_nine_loses_nothing_acknowledged() {
     assert!(acked.len() >= 450);
     check_history(&acked, &stored);
 }
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} failed");
+}
+
+/// A produce forwarded to a partition leader that stops answering (SIGSTOP keeps its TCP
+/// connections open, so nothing fails fast) must not hang: it fails with UNAVAILABLE (outcome
+/// unknown) once the forwarding deadline passes, on both the unary and the streaming path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_produce_to_a_paused_leader_fails_within_its_deadline() {
+    use junction_proto::v1::ProduceRequest;
+    use junction_proto::v1::broker_client::BrokerClient;
+    use junction_server::forward::FORWARD_TIMEOUT;
+
+    let mut cluster = ProcessCluster::new(3);
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster.wait_ready().await;
+    let client = cluster.client();
+    client.create_station("paused", 1, 3).await.expect("create");
+    let leader = wait_until(Duration::from_secs(30), "a partition leader", || async {
+        let mut c = PeerClient::connect(format!("http://{}", cluster.grpc[&1]))
+            .await
+            .ok()?;
+        let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        status
+            .groups
+            .iter()
+            .find(|g| g.group != 0)
+            .and_then(|g| g.leader)
+    })
+    .await;
+    let other = (1..=3).find(|id| *id != leader).expect("a follower");
+    let mut broker = BrokerClient::connect(format!("http://{}", cluster.grpc[&other]))
+        .await
+        .expect("connect");
+    let request = |id| ProduceRequest {
+        station: "paused".into(),
+        messages: vec![crate::harness::keyed("k", "v")],
+        request_id: id,
+    };
+    // Warm the forwarding path so the follower's channel to the leader is connected.
+    wait_until(Duration::from_secs(30), "a forwarded produce", || {
+        let mut b = broker.clone();
+        async move { b.produce(request(0)).await.ok() }
+    })
+    .await;
+
+    signal(&cluster.children[&leader], "-STOP");
+    // Sent at once, before the others time the leader out: both go to the paused leader.
+    let started = std::time::Instant::now();
+    let mut streaming = broker.clone();
+    let unary = broker.produce(request(1));
+    let stream = async move {
+        let input = futures::stream::iter([request(2)]);
+        let mut replies = streaming.produce_stream(input).await?.into_inner();
+        replies
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::internal("the stream ended without a reply"))
+    };
+    let limit = FORWARD_TIMEOUT + Duration::from_secs(4);
+    let (unary, stream) = tokio::time::timeout(limit, futures::future::join(unary, stream))
+        .await
+        .expect("forwarded produces to a paused leader hung past their deadline");
+    let elapsed = started.elapsed();
+    signal(&cluster.children[&leader], "-CONT");
+
+    let status = unary.expect_err("a paused leader cannot acknowledge");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let reply = stream.expect("the stream itself stays up");
+    let error = reply.error.expect("the batch failed");
+    assert_eq!(error.code, tonic::Code::Unavailable as i32, "{error:?}");
+    eprintln!("forwarded produces to the paused leader failed after {elapsed:?}");
+}

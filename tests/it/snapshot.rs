@@ -121,3 +121,94 @@ async fn lagging_follower_catches_up_by_snapshot() {
     );
     cluster.shutdown().await;
 }
+
+/// Regression (chaos seed 11): a snapshot stream that ends cleanly but early — here the
+/// header and the state frame only, as from a leader that stopped sending midway — is refused
+/// with ABORTED before it reaches openraft. Installed, it would have lacked messages; refused
+/// inside openraft, it stopped the follower's group for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_snapshot_stream_is_refused_and_the_replica_keeps_working() {
+    use junction_proto::peer::SnapshotChunk;
+    use junction_proto::peer::peer_client::PeerClient;
+    use junction_raft::snapshot::{FRAME_STATE, write_frame};
+
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client.create_station("cut", 1, 3).await.expect("create");
+    let group = s.partition_info[0].group_id;
+    for i in 0..20 {
+        client
+            .produce("cut", vec![keyed("k", format!("m{i}"))])
+            .await
+            .expect("produce");
+    }
+    let leader = cluster.partition_leader(group).expect("leader");
+    let follower = s.partition_info[0]
+        .replicas
+        .iter()
+        .copied()
+        .find(|r| *r != leader)
+        .expect("follower");
+    let metrics = cluster
+        .broker(leader)
+        .partition(group)
+        .expect("leader replica")
+        .raft
+        .metrics()
+        .borrow_watched()
+        .clone();
+    let meta = junction_raft::SnapshotMeta {
+        last_log_id: metrics.last_applied,
+        last_membership: metrics.membership_config.as_ref().clone(),
+    };
+    let mut data = Vec::new();
+    write_frame(
+        &mut data,
+        FRAME_STATE,
+        &[],
+        b"state of a snapshot that never finished",
+    );
+    let header = SnapshotChunk {
+        group,
+        vote: junction_raft::encode("vote", &metrics.vote).expect("vote"),
+        meta: junction_raft::encode("meta", &meta).expect("meta"),
+        data,
+    };
+    let mut peer = PeerClient::connect(format!("http://{}", cluster.addr(follower)))
+        .await
+        .expect("connect");
+    let status = peer
+        .install_snapshot(futures::stream::iter([header]))
+        .await
+        .expect_err("a cut snapshot stream is refused");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+
+    // The follower's group is alive: it keeps replicating and holds what the leader holds.
+    for i in 20..40 {
+        client
+            .produce("cut", vec![keyed("k", format!("m{i}"))])
+            .await
+            .expect("produce after the refused snapshot");
+    }
+    let broker = cluster.broker(follower);
+    let replica = broker.partition(group).expect("follower replica");
+    assert!(
+        replica
+            .raft
+            .metrics()
+            .borrow_watched()
+            .running_state
+            .is_ok(),
+        "the follower's group stopped"
+    );
+    let leader = cluster.partition_leader(group).expect("leader");
+    let want = local_contents(&cluster.broker(leader), group);
+    assert_eq!(want.len(), 40);
+    wait_until(
+        Duration::from_secs(20),
+        "the follower to catch up",
+        || async { (local_contents(&broker, group) == want).then_some(()) },
+    )
+    .await;
+    cluster.shutdown().await;
+}

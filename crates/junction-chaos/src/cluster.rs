@@ -325,6 +325,15 @@ impl Cluster {
         self.nodes.get(&id).is_some_and(|n| n.paused)
     }
 
+    /// Takes node `id`'s recorded exits (ones a fault expected, so not crashes).
+    pub fn take_exits_of(&mut self, id: u64) -> Vec<String> {
+        let (mine, rest) = std::mem::take(&mut self.crashes)
+            .into_iter()
+            .partition(|(node, _)| *node == id);
+        self.crashes = rest;
+        mine.into_iter().map(|(_, what)| what).collect()
+    }
+
     /// Exits nobody asked for since the last call.
     pub fn take_crashes(&mut self) -> Vec<(u64, String)> {
         for id in self.ids() {
@@ -509,6 +518,24 @@ impl Cluster {
         let text = std::fs::read_to_string(&node.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The size of node `id`'s log so far (a mark for [`Cluster::log_since`]).
+    pub fn log_len(&self, id: u64) -> u64 {
+        self.nodes
+            .get(&id)
+            .and_then(|n| std::fs::metadata(&n.log).ok())
+            .map_or(0, |m| m.len())
+    }
+
+    /// What node `id` logged after `mark` (from [`Cluster::log_len`]).
+    pub fn log_since(&self, id: u64, mark: u64) -> String {
+        let Some(node) = self.nodes.get(&id) else {
+            return String::new();
+        };
+        let bytes = std::fs::read(&node.log).unwrap_or_default();
+        let from = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
     }
 
     /// Copies every node's log into `dest`.

@@ -155,7 +155,13 @@ pub struct LeaderKill {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Election {
     pub partition: Option<u32>,
+    /// Kill → another node reported leading the group with a higher term.
     pub new_leader_ms: Option<u64>,
+    /// Kill → the killed node, restarted before the others elected anyone, reported leading
+    /// the group again (openraft restores a leader's committed vote on restart, so a short
+    /// kill can end with the old leader back at its old term and no election at all).
+    #[serde(default)]
+    pub resumed_ms: Option<u64>,
 }
 
 /// Everything recorded in a run.

@@ -20,6 +20,10 @@ use crate::schedule::{Action, PlannedFault};
 const REJOIN_LIMIT: Duration = Duration::from_secs(30);
 /// How long an election monitor watches for a new leader.
 const ELECTION_LIMIT: Duration = Duration::from_secs(30);
+/// What a node logs when a failed write poisons its store (junction-storage).
+const POISON_LOG: &str = "the store is now poisoned";
+/// How long a node with a poisoned store may take to stop.
+const POISON_EXIT_LIMIT: Duration = Duration::from_secs(20);
 
 /// An exit of a node that no fault asked for.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -191,19 +195,46 @@ impl Nemesis {
             }
             Action::DiskFill { node } => {
                 rec.nodes.push(*node);
+                let mark = cluster.log_len(*node);
                 match cluster.fill_disk(*node) {
                     Ok(size) => {
                         rec.notes.push(format!(
-                            "file system capped at the {size} bytes in use (RocksDB may still \
-                             write into space it preallocated for its WAL)"
+                            "file system capped at the {size} bytes in use (the node runs \
+                             without preallocation, so its next write needing space fails)"
                         ));
                         tokio::time::sleep(hold).await;
                         if let Err(e) = cluster.free_disk(*node) {
                             rec.notes.push(format!("freeing the disk failed: {e}"));
                         }
-                        if !cluster.is_running(*node) {
-                            rec.notes
-                                .push(format!("node {node} exited while its disk was full"));
+                        // A node that hit the full disk poisons its store and stops (which
+                        // takes a moment: it shuts its groups down first).
+                        let poisoned = cluster.log_since(*node, mark).contains(POISON_LOG);
+                        if poisoned {
+                            let deadline = Instant::now() + POISON_EXIT_LIMIT;
+                            while cluster.is_running(*node) && Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                        if cluster.is_running(*node) {
+                            rec.notes.push(if poisoned {
+                                format!(
+                                    "node {node} poisoned its store but did not exit within \
+                                     {POISON_EXIT_LIMIT:?}"
+                                )
+                            } else {
+                                format!(
+                                    "node {node} kept running (it wrote nothing that needed space)"
+                                )
+                            });
+                        } else {
+                            // Expected: a failed write poisons the store and the node stops
+                            // so that it is restarted once the disk has space again.
+                            let exits = cluster.take_exits_of(*node);
+                            rec.notes.push(format!(
+                                "node {node} stopped on the full disk ({}); restarted after \
+                                 freeing it",
+                                exits.join(", ")
+                            ));
                             self.restart(cluster, *node, &mut rec).await;
                         }
                     }
@@ -265,12 +296,9 @@ impl Nemesis {
                 metadata: led.iter().any(|(g, _)| *g == META_GROUP),
                 elections: Vec::new(),
             });
-            let others: Vec<String> = cluster
-                .grpc_addrs()
-                .into_iter()
-                .filter(|(id, _)| *id != node)
-                .map(|(_, a)| a)
-                .collect();
+            // Every node, the killed one included: once restarted it may report leading its
+            // groups again at the old term (see `Election::resumed_ms`).
+            let addrs: Vec<(u64, String)> = cluster.grpc_addrs().into_iter().collect();
             let watched: Vec<(Option<u32>, u64, u64)> = led
                 .iter()
                 .filter_map(|&(g, term)| {
@@ -279,7 +307,7 @@ impl Nemesis {
                 })
                 .collect();
             let origin = self.origin;
-            let handle = tokio::spawn(watch_elections(others, watched, origin, killed_at_ms));
+            let handle = tokio::spawn(watch_elections(addrs, node, watched, origin, killed_at_ms));
             self.monitors.push((rec.index, handle));
         }
         tokio::time::sleep(hold).await;
@@ -397,42 +425,66 @@ fn affected(action: &Action) -> Vec<u64> {
     }
 }
 
-/// Polls the surviving nodes until each watched group reports a leader with a higher term
-/// than it had when its leader was killed.
+/// Polls the nodes until each watched group has a leader again: another node reporting it
+/// leads with a higher term than the killed leader had (an election), or the killed node,
+/// restarted, reporting it leads again (its old leadership resumed).
 async fn watch_elections(
-    addrs: Vec<String>,
+    addrs: Vec<(u64, String)>,
+    killed: u64,
     watched: Vec<(Option<u32>, u64, u64)>,
     origin: Instant,
     killed_at_ms: u64,
 ) -> Vec<Election> {
     let mut clients = Vec::new();
-    for a in addrs {
+    for (id, a) in addrs {
         if let Ok(ep) = Endpoint::from_shared(a) {
             let ep = ep.connect_timeout(Duration::from_millis(300));
-            clients.push(PeerClient::new(ep.connect_lazy()));
+            clients.push((id, PeerClient::new(ep.connect_lazy())));
         }
     }
-    let mut done: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut elected: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut resumed: BTreeMap<u64, u64> = BTreeMap::new();
     let deadline = Instant::now() + ELECTION_LIMIT;
-    while done.len() < watched.len() && Instant::now() < deadline {
-        let mut statuses = BTreeMap::new();
-        for (i, c) in clients.iter_mut().enumerate() {
+    let done = |e: &BTreeMap<u64, u64>, r: &BTreeMap<u64, u64>, g: u64| {
+        e.contains_key(&g) || r.contains_key(&g)
+    };
+    while watched
+        .iter()
+        .any(|&(_, g, _)| !done(&elected, &resumed, g))
+        && Instant::now() < deadline
+    {
+        let polls = clients.iter_mut().map(|(id, c)| async move {
             let call = c.node_status(NodeStatusRequest {});
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), call).await {
-                statuses.insert(i as u64, r.into_inner());
+            match tokio::time::timeout(Duration::from_millis(500), call).await {
+                Ok(Ok(r)) => Some((*id, r.into_inner())),
+                _ => None,
             }
-        }
-        let leaders = leaders_of(&statuses);
-        let now = origin.elapsed().as_millis() as u64;
+        });
+        let statuses: BTreeMap<u64, _> = futures::future::join_all(polls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let now = (origin.elapsed().as_millis() as u64).saturating_sub(killed_at_ms);
         for &(_, group, old_term) in &watched {
-            if done.contains_key(&group) {
+            if done(&elected, &resumed, group) {
                 continue;
             }
-            if leaders
-                .get(&group)
-                .is_some_and(|&(_, term)| term > old_term)
+            let reports = statuses
+                .values()
+                .flat_map(|s| s.groups.iter())
+                .filter(|g| g.group == group);
+            if reports
+                .clone()
+                .any(|g| g.leader.is_some() && g.term > old_term)
             {
-                done.insert(group, now.saturating_sub(killed_at_ms));
+                elected.insert(group, now);
+            } else if statuses.get(&killed).is_some_and(|s| {
+                s.groups
+                    .iter()
+                    .any(|g| g.group == group && g.leader == Some(killed))
+            }) {
+                resumed.insert(group, now);
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -441,7 +493,8 @@ async fn watch_elections(
         .iter()
         .map(|&(partition, group, _)| Election {
             partition,
-            new_leader_ms: done.get(&group).copied(),
+            new_leader_ms: elected.get(&group).copied(),
+            resumed_ms: resumed.get(&group).copied(),
         })
         .collect()
 }

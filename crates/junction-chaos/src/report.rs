@@ -22,6 +22,10 @@ pub struct RecoverySample {
     pub produce_ms: Option<u64>,
     /// Kill → another leader reported with a higher term.
     pub election_ms: Option<u64>,
+    /// Kill → the restarted old leader leading again at its old term (nobody was elected
+    /// while it was down).
+    #[serde(default)]
+    pub resumed_ms: Option<u64>,
 }
 
 /// p50 / p99 / max of a set of durations.
@@ -84,6 +88,12 @@ pub fn recoveries(faults: &[FaultRecord], attempts: &[Attempt]) -> Vec<RecoveryS
                 .find(|e| e.partition == p)
                 .and_then(|e| e.new_leader_ms)
         };
+        let resumed = |p: Option<u32>| {
+            lk.elections
+                .iter()
+                .find(|e| e.partition == p)
+                .and_then(|e| e.resumed_ms)
+        };
         for &p in &lk.partitions {
             let produce_ms = first_ack.get(&p).and_then(|acks| {
                 acks.iter()
@@ -97,6 +107,7 @@ pub fn recoveries(faults: &[FaultRecord], attempts: &[Attempt]) -> Vec<RecoveryS
                 partition: Some(p),
                 produce_ms,
                 election_ms: election(Some(p)),
+                resumed_ms: resumed(Some(p)),
             });
         }
         if lk.metadata {
@@ -106,6 +117,7 @@ pub fn recoveries(faults: &[FaultRecord], attempts: &[Attempt]) -> Vec<RecoveryS
                 partition: None,
                 produce_ms: None,
                 election_ms: election(None),
+                resumed_ms: resumed(None),
             });
         }
     }
@@ -181,6 +193,10 @@ pub struct Results {
     pub recovery_samples: Vec<RecoverySample>,
     pub produce_recovery: Distribution,
     pub election_recovery: Distribution,
+    /// Kills after which the restarted old leader took its groups back before anyone else
+    /// was elected.
+    #[serde(default)]
+    pub resumed_recovery: Distribution,
     /// The longest stretches without an acknowledged produce on a partition.
     pub outages: Vec<Outage>,
     pub converged: bool,
@@ -261,9 +277,10 @@ pub fn summary(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "recovery after leader kills (per group led):\n  kill -> first ack on the partition   {}\n  kill -> new leader elected          {}",
+        "recovery after leader kills (per group led):\n  kill -> first ack on the partition   {}\n  kill -> new leader elected          {}\n  kill -> old leader back, restarted   {}",
         r.produce_recovery.show(),
-        r.election_recovery.show()
+        r.election_recovery.show(),
+        r.resumed_recovery.show()
     );
     if !r.outages.is_empty() {
         let _ = writeln!(
@@ -353,10 +370,12 @@ mod tests {
                     Election {
                         partition: Some(0),
                         new_leader_ms: Some(700),
+                        resumed_ms: None,
                     },
                     Election {
                         partition: None,
                         new_leader_ms: Some(900),
+                        resumed_ms: None,
                     },
                 ],
             }),
@@ -436,6 +455,7 @@ mod tests {
             recovery_samples: vec![],
             produce_recovery: Distribution::of([100]),
             election_recovery: Distribution::default(),
+            resumed_recovery: Distribution::default(),
             outages: vec![],
             converged: true,
             crashes: vec![],

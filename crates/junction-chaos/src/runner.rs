@@ -82,12 +82,17 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     print!("{}", schedule::render(&plan));
     let _ignored = std::io::stdout().flush();
 
-    let extra_args = vec![
+    let mut extra_args = vec![
         "--snapshot-every".to_owned(),
         args.snapshot_every.to_string(),
         "--keep-logs".to_owned(),
         args.keep_logs.to_string(),
     ];
+    if !args.no_disk_faults {
+        // Without preallocated WAL space a capped file system fails the node's very next
+        // write with ENOSPC, so the disk-fill fault really bites.
+        extra_args.push("--test-no-preallocation".to_owned());
+    }
     let mut cluster = Cluster::start(ClusterSpec {
         nodes: args.nodes,
         bin,
@@ -291,6 +296,7 @@ async fn drive(
         violations: report.violations.iter().take(1000).cloned().collect(),
         produce_recovery: Distribution::of(samples.iter().filter_map(|s| s.produce_ms)),
         election_recovery: Distribution::of(samples.iter().filter_map(|s| s.election_ms)),
+        resumed_recovery: Distribution::of(samples.iter().filter_map(|s| s.resumed_ms)),
         recovery_samples: samples,
         outages: report::outages(&attempts, &records, 5),
         converged: converged.is_ok(),

@@ -242,6 +242,7 @@ mod tests {
                 elections: vec![Election {
                     partition: Some(0),
                     new_leader_ms: Some(700),
+                    resumed_ms: None,
                 }],
             }),
             notes: vec![],

@@ -26,6 +26,24 @@ use crate::{decode, encode};
 
 type RpcErr = RPCError<TypeConfig>;
 
+/// Least time a request-response RPC to a peer is given.
+///
+/// openraft hands AppendEntries the heartbeat period (150 ms) as its deadline and votes the
+/// minimum election timeout. Used as is, a link with more than ~75 ms of one-way latency makes
+/// every AppendEntries time out before its reply arrives, and the group stops committing even
+/// though every node is up. Heartbeats stay snappy regardless: openraft's heartbeat worker puts
+/// its own heartbeat-period timeout around the call, and elections run on their own timer, so
+/// a longer deadline here only lets a slow reply still count instead of being thrown away.
+pub const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Least time a whole snapshot stream is given (openraft passes `install_snapshot_timeout`).
+pub const MIN_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Returns the deadline of one request-response RPC.
+fn rpc_deadline(option: &RPCOption) -> Duration {
+    option.hard_ttl().max(MIN_RPC_TIMEOUT)
+}
+
 /// Lazily connected gRPC clients to peers, keyed by address. Reconnects by itself.
 #[derive(Debug, Default)]
 pub struct PeerPool {
@@ -166,7 +184,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
         let req = self.request("append entries", &rpc)?;
         let mut c = self.client()?;
-        let r = tokio::time::timeout(option.hard_ttl(), c.append_entries(req)).await;
+        let r = tokio::time::timeout(rpc_deadline(&option), c.append_entries(req)).await;
         let payload = payload_of(self.target, r)?;
         decode("append entries reply", &payload).map_err(network)
     }
@@ -178,7 +196,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
         let req = self.request("vote", &rpc)?;
         let mut c = self.client()?;
-        let r = tokio::time::timeout(option.hard_ttl(), c.vote(req)).await;
+        let r = tokio::time::timeout(rpc_deadline(&option), c.vote(req)).await;
         let payload = payload_of(self.target, r)?;
         decode("vote reply", &payload).map_err(network)
     }
@@ -190,7 +208,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
         let req = self.request("pre-vote", &rpc)?;
         let mut c = self.client()?;
-        let r = tokio::time::timeout(option.hard_ttl(), c.pre_vote(req)).await;
+        let r = tokio::time::timeout(rpc_deadline(&option), c.pre_vote(req)).await;
         let payload = payload_of(self.target, r)?;
         decode("pre-vote reply", &payload).map_err(network)
     }
@@ -202,7 +220,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
         let req = self.request("transfer leader", &req)?;
         let mut c = self.client()?;
-        let r = tokio::time::timeout(option.hard_ttl(), c.transfer_leader(req)).await;
+        let r = tokio::time::timeout(rpc_deadline(&option), c.transfer_leader(req)).await;
         let payload = payload_of(self.target, r)?;
         decode("transfer leader reply", &payload).map_err(network)
     }
@@ -239,7 +257,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .clone()
             .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))?;
         let target = self.target;
-        let send = tokio::time::timeout(option.hard_ttl(), c.install_snapshot(chunks));
+        let deadline = option.hard_ttl().max(MIN_SNAPSHOT_TIMEOUT);
+        let send = tokio::time::timeout(deadline, c.install_snapshot(chunks));
         let r = tokio::select! {
             r = send => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -254,5 +273,25 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             other => net(other.to_string()),
         })?;
         decode("snapshot reply", &payload).map_err(|e| net(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_deadlines_have_a_floor_above_the_heartbeat_period() {
+        // openraft passes the heartbeat period (150 ms) for AppendEntries: a 100 ms link
+        // would time every call out. The floor keeps replication working.
+        assert_eq!(
+            rpc_deadline(&RPCOption::new(Duration::from_millis(150))),
+            MIN_RPC_TIMEOUT
+        );
+        // Longer deadlines (a configured snapshot timeout) are kept.
+        assert_eq!(
+            rpc_deadline(&RPCOption::new(Duration::from_secs(60))),
+            Duration::from_secs(60)
+        );
     }
 }

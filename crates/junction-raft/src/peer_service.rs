@@ -17,7 +17,7 @@ use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::snapshot::SnapshotData;
+use crate::snapshot::{SnapshotData, check_complete};
 use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::{decode, encode};
 
@@ -163,6 +163,28 @@ impl<H: GroupHost> Peer for PeerService<H> {
         if let Err(e) = spooled {
             let _ignored = tokio::fs::remove_file(&path).await;
             return Err(e);
+        }
+        // A stream that ended early (its sender died or failed reading its store) must not
+        // reach openraft: installing it would lose messages, and refusing it there is a fatal
+        // storage error that stops the group. The leader gets an error and sends again.
+        let check = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || check_complete(&path)).await
+        };
+        match check {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ignored = tokio::fs::remove_file(&path).await;
+                return Err(Status::aborted(format!(
+                    "snapshot stream for group {group} is incomplete ({e}); send it again"
+                )));
+            }
+            Err(e) => {
+                let _ignored = tokio::fs::remove_file(&path).await;
+                return Err(Status::internal(format!(
+                    "checking the snapshot failed: {e}"
+                )));
+            }
         }
         let snapshot = Snapshot {
             meta,

@@ -10,7 +10,9 @@ use junction_types::GroupId;
 use openraft::RaftSnapshotBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{DumpFilter, FRAME_STATE, FrameReader, LocalSnapshot, SnapshotData};
+use crate::snapshot::{
+    DumpFilter, FRAME_END, FRAME_STATE, FrameReader, LocalSnapshot, SnapshotData, check_complete,
+};
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::{RaftStoreError, decode, encode};
 
@@ -183,6 +185,7 @@ pub(crate) fn install_from_file(
     path: &Path,
     plan_of: impl Fn(&[u8]) -> InstallPlan,
 ) -> Result<Vec<u8>, RaftStoreError> {
+    check_complete(path)?;
     let file = std::fs::File::open(path)
         .map_err(|_| RaftStoreError::BadSnapshot("snapshot file is missing"))?;
     let mut reader = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, file));
@@ -200,7 +203,15 @@ pub(crate) fn install_from_file(
     // Offsets the snapshot carries in the compacted range, ascending (frames come in order).
     let mut carried: Vec<u64> = Vec::new();
     let mut b = store.batch();
+    let mut ended = false;
     while let Some(f) = reader.next_frame()? {
+        if ended {
+            return Err(RaftStoreError::BadSnapshot("frames after the end frame"));
+        }
+        if f.cf == FRAME_END {
+            ended = true;
+            continue;
+        }
         if f.cf == FRAME_STATE {
             return Err(RaftStoreError::BadSnapshot("second state frame"));
         }
@@ -214,6 +225,11 @@ pub(crate) fn install_from_file(
         if b.size_bytes() >= 4 << 20 {
             store.write(std::mem::replace(&mut b, store.batch()))?;
         }
+    }
+    if !ended {
+        return Err(RaftStoreError::BadSnapshot(
+            "truncated snapshot: no end frame",
+        ));
     }
     if plan.start_offset > 0 || !compacted.is_empty() {
         // The cleanup reads the stored data: write the streamed keys first (harmless, see
@@ -259,7 +275,7 @@ mod tests {
     use junction_storage::keys::{CF_SM_META, SM_CF_MESSAGES, sm_tag};
 
     use super::*;
-    use crate::snapshot::write_frame;
+    use crate::snapshot::{write_end, write_frame};
 
     fn log_id(index: u64) -> LogId {
         openraft::LogId::new(
@@ -273,6 +289,59 @@ mod tests {
 
     /// Regression (chaos seed 7): an install that dies midway must leave `last_applied` and
     /// the state as they were, never behind the purged log.
+    /// Regression (chaos seed 11): a snapshot stream cut at a frame boundary (the sender
+    /// stopped early and closed the stream cleanly) is refused, and nothing changes.
+    #[test]
+    fn a_snapshot_without_its_end_frame_is_never_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut b = store.batch();
+        put_applied(&mut b, 7, Some(&log_id(100)), None, b"old state").unwrap();
+        b.put_message(7, 0, b"m0").unwrap();
+        store.write(b).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(200)),
+            last_membership: StoredMembership::default(),
+        };
+        let path = dir.path().join("snap");
+
+        let mut stream = Vec::new();
+        write_frame(&mut stream, FRAME_STATE, &[], b"new state");
+        write_frame(&mut stream, 0, &0u64.to_be_bytes(), b"m0");
+        let cut = stream.len();
+        write_frame(&mut stream, 0, &1u64.to_be_bytes(), b"m1");
+        std::fs::write(&path, &stream[..cut]).unwrap();
+        assert!(
+            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+                messages_below: Some(2),
+                ..InstallPlan::default()
+            })
+            .is_err()
+        );
+        let (applied, _) = load_applied(&store, 7).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(100));
+        assert_eq!(store.read_messages(7, 0, 2, 10, 1 << 20).unwrap().len(), 1);
+
+        // The same snapshot, complete, installs.
+        let before = stream.len() as u64;
+        write_end(&mut stream, before);
+        std::fs::write(&path, &stream).unwrap();
+        assert_eq!(
+            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+                messages_below: Some(2),
+                ..InstallPlan::default()
+            })
+            .unwrap(),
+            b"new state"
+        );
+        let (applied, _) = load_applied(&store, 7).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(200));
+        assert_eq!(
+            store.read_messages(7, 0, 2, 10, 1 << 20).unwrap(),
+            vec![(0, b"m0".to_vec()), (1, b"m1".to_vec())]
+        );
+    }
+
     #[test]
     fn an_interrupted_install_keeps_the_old_applied_state() {
         let dir = tempfile::tempdir().unwrap();
@@ -336,6 +405,8 @@ mod tests {
         for o in [5u64, 7, 8, 9, 10, 11] {
             write_frame(&mut stream, SM_CF_MESSAGES, &o.to_be_bytes(), b"sent");
         }
+        let before = stream.len() as u64;
+        write_end(&mut stream, before);
         let path = dir.path().join("snap");
         std::fs::write(&path, &stream).unwrap();
         let meta = SnapshotMeta {

@@ -5,7 +5,13 @@
 //! below `next_offset`), read from a consistent RocksDB snapshot only while it is being sent.
 //! On the receiving node the stream is spooled to a file and installed from there.
 //!
-//! Frame: `cf u8 · key_len u32 BE · key · value_len u32 BE · value`; cf 255 is the state frame.
+//! Frame: `cf u8 · key_len u32 BE · key · value_len u32 BE · value`; cf 255 is the state frame
+//! (always first), cf 254 the end frame (always last): its value is the number of bytes
+//! before it. A stream that stops early (the sender died, or failed reading its store, and
+//! closed the stream cleanly) has no valid end frame, so it is refused instead of being
+//! installed as a smaller snapshot that silently lacks messages. (Chaos seed 11 found it: a
+//! sender that stopped after the header left a receiver with an empty snapshot whose install
+//! error stopped the group; cut at a later frame boundary it would have installed.)
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -18,6 +24,10 @@ use crate::RaftStoreError;
 
 /// The frame kind carrying the state machine's own state.
 pub const FRAME_STATE: u8 = 255;
+/// The frame kind ending a complete snapshot.
+pub const FRAME_END: u8 = 254;
+/// Bytes of the end frame: cf, empty key, 8-byte value.
+const END_FRAME_LEN: u64 = 1 + 4 + 4 + 8;
 const MAX_KEY: usize = 1024;
 const MAX_VALUE: usize = 256 << 20;
 
@@ -58,6 +68,41 @@ pub fn write_frame(buf: &mut Vec<u8>, cf: u8, key: &[u8], value: &[u8]) {
     buf.extend_from_slice(value);
 }
 
+/// Appends the end frame to a complete snapshot of which `before` bytes precede `buf`'s end
+/// (everything sent so far plus `buf`).
+pub fn write_end(buf: &mut Vec<u8>, before: u64) {
+    write_frame(buf, FRAME_END, &[], &before.to_be_bytes());
+}
+
+/// Checks that the spooled snapshot at `path` is complete: it ends with an end frame that
+/// counts exactly the bytes before it.
+pub fn check_complete(path: &std::path::Path) -> Result<(), RaftStoreError> {
+    use std::io::{Seek, SeekFrom};
+    let truncated = RaftStoreError::BadSnapshot("truncated snapshot: no end frame");
+    let mut f = std::fs::File::open(path)
+        .map_err(|_| RaftStoreError::BadSnapshot("snapshot file is missing"))?;
+    let len = f
+        .metadata()
+        .map_err(|_| RaftStoreError::BadSnapshot("unreadable snapshot file"))?
+        .len();
+    if len < END_FRAME_LEN {
+        return Err(truncated);
+    }
+    let before = len - END_FRAME_LEN;
+    f.seek(SeekFrom::Start(before))
+        .map_err(|_| RaftStoreError::BadSnapshot("unreadable snapshot file"))?;
+    let mut end = Vec::with_capacity(END_FRAME_LEN as usize);
+    f.read_to_end(&mut end)
+        .map_err(|_| RaftStoreError::BadSnapshot("unreadable snapshot file"))?;
+    let mut expected = Vec::with_capacity(END_FRAME_LEN as usize);
+    write_end(&mut expected, before);
+    if end == expected {
+        Ok(())
+    } else {
+        Err(truncated)
+    }
+}
+
 impl LocalSnapshot {
     /// Streams the snapshot in chunks of about `chunk_bytes` to `tx`. Blocking: call it from
     /// `spawn_blocking`. Stops early (Ok) if the receiver is gone.
@@ -67,6 +112,7 @@ impl LocalSnapshot {
         tx: &tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> Result<(), RaftStoreError> {
         let mut buf = Vec::with_capacity(chunk_bytes + 4096);
+        let mut sent = 0u64;
         write_frame(&mut buf, FRAME_STATE, &[], &self.state);
         if let DumpFilter::MessagesBelow(upto) = self.filter {
             let mut open = true;
@@ -81,6 +127,7 @@ impl LocalSnapshot {
                     if buf.len() >= chunk_bytes {
                         let full =
                             std::mem::replace(&mut buf, Vec::with_capacity(chunk_bytes + 4096));
+                        sent += full.len() as u64;
                         open = tx.blocking_send(full).is_ok();
                     }
                 }
@@ -90,9 +137,10 @@ impl LocalSnapshot {
                 return Ok(());
             }
         }
-        if !buf.is_empty() {
-            let _closed = tx.blocking_send(buf);
-        }
+        // Only a dump that got this far is complete: it alone carries the end frame.
+        let before = sent + buf.len() as u64;
+        write_end(&mut buf, before);
+        let _closed = tx.blocking_send(buf);
         Ok(())
     }
 }
@@ -155,6 +203,34 @@ impl<R: Read> FrameReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stream_with_its_end_frame_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FRAME_STATE, &[], b"state");
+        write_frame(&mut buf, 0, &7u64.to_be_bytes(), b"msg");
+        let body = buf.len();
+        write_end(&mut buf, body as u64);
+        std::fs::write(&path, &buf).unwrap();
+        check_complete(&path).unwrap();
+        // Cut at a frame boundary (a sender that stopped early): refused.
+        std::fs::write(&path, &buf[..body]).unwrap();
+        assert!(check_complete(&path).is_err());
+        // Only the state frame, and nothing at all: refused.
+        let mut state_only = Vec::new();
+        write_frame(&mut state_only, FRAME_STATE, &[], b"state");
+        std::fs::write(&path, &state_only).unwrap();
+        assert!(check_complete(&path).is_err());
+        std::fs::write(&path, b"").unwrap();
+        assert!(check_complete(&path).is_err());
+        // An end frame that counts other bytes than precede it: refused.
+        let mut wrong = buf[..body].to_vec();
+        write_end(&mut wrong, body as u64 - 1);
+        std::fs::write(&path, &wrong).unwrap();
+        assert!(check_complete(&path).is_err());
+    }
 
     #[test]
     fn frames_round_trip_and_truncation_is_an_error() {

@@ -21,7 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
+use crate::forward::{
+    ClientPool, FORWARD_TIMEOUT, MAX_HOPS, forward_timed_out, forwarded, hops_of, with_hops,
+};
 use crate::produce_path::{
     Forwarders, Part, PartWait, Planned, complete, may_forward, record_of, too_many_hops,
 };
@@ -200,11 +202,11 @@ impl BrokerService {
                 }
                 Some(addr) => match fwd.as_deref_mut() {
                     Some(f) => {
-                        let rx = f.send(&addr, full.clone(), part.msgs, hops).await?;
+                        let sent = f.send(&addr, full.clone(), part.msgs, hops).await?;
                         waits.push(PartWait::Remote {
                             part: part.partition,
                             idx: part.idx,
-                            rx,
+                            sent,
                         });
                     }
                     None => {
@@ -215,11 +217,12 @@ impl BrokerService {
                             request_id: 0,
                         };
                         let fut = async move {
-                            Ok(client
-                                .produce(with_hops(req, hops + 1))
-                                .await
-                                .map_err(forwarded)?
-                                .into_inner())
+                            let mut req = with_hops(req, hops + 1);
+                            req.set_timeout(FORWARD_TIMEOUT);
+                            match tokio::time::timeout(FORWARD_TIMEOUT, client.produce(req)).await {
+                                Ok(r) => Ok(r.map_err(forwarded)?.into_inner()),
+                                Err(_) => Err(forward_timed_out(&addr)),
+                            }
                         };
                         waits.push(PartWait::Unary {
                             part: part.partition,
@@ -428,10 +431,12 @@ impl BrokerApi for BrokerService {
                     return Err(Status::unavailable("partition leadership is moving; retry"));
                 }
                 let mut client = self.clients.broker(&addr)?;
-                client
-                    .read(with_hops(req, hops + 1))
-                    .await
-                    .map_err(forwarded)
+                let mut req = with_hops(req, hops + 1);
+                req.set_timeout(FORWARD_TIMEOUT);
+                match tokio::time::timeout(FORWARD_TIMEOUT, client.read(req)).await {
+                    Ok(r) => r.map_err(forwarded),
+                    Err(_) => Err(forward_timed_out(&addr)),
+                }
             }
         }
     }

@@ -89,6 +89,9 @@ pub struct Config {
     pub compaction_every_ms: u64,
     /// Most bytes the replicas of memory stations may hold on this node.
     pub memory_limit_bytes: u64,
+    /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
+    /// surfaces at the next write. See `junction_storage::StoreOptions`.
+    pub test_no_preallocation: bool,
 }
 
 impl Default for Config {
@@ -112,6 +115,7 @@ impl Default for Config {
             retention_tick_ms: 1000,
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
+            test_no_preallocation: false,
         }
     }
 }
@@ -162,6 +166,9 @@ pub struct ServeArgs {
     /// ADVERTISED=DIALLED,... peer address overrides (fault-injection proxies).
     #[arg(long, env = "JUNCTION_DIAL_OVERRIDES")]
     pub dial_overrides: Option<String>,
+    /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
+    #[arg(long, hide = true)]
+    pub test_no_preallocation: bool,
 }
 
 impl Config {
@@ -229,6 +236,9 @@ impl Config {
         }
         if let Some(v) = &args.dial_overrides {
             c.dial_overrides = v.clone();
+        }
+        if args.test_no_preallocation {
+            c.test_no_preallocation = true;
         }
         c.validate()?;
         Ok(c)

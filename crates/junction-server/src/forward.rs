@@ -16,6 +16,20 @@ pub const HOPS_HEADER: &str = "x-junction-hops";
 /// Forwarding stops after this many hops (client → any node → replica → leader).
 pub const MAX_HOPS: u32 = 2;
 
+/// How long a forwarded produce waits for the leader's reply. A leader that is paused
+/// (SIGSTOP) or cut off keeps the TCP connection open and never answers; past this deadline
+/// the call fails with UNAVAILABLE (outcome unknown) instead of hanging, so clients retry
+/// and the server does not pile up stuck calls.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Returns the error of a forwarded call that got no reply within [`FORWARD_TIMEOUT`].
+pub fn forward_timed_out(addr: &str) -> Status {
+    Status::unavailable(format!(
+        "the partition leader at {addr} did not answer within {} s; outcome unknown",
+        FORWARD_TIMEOUT.as_secs()
+    ))
+}
+
 /// Returns the hop count of a request.
 pub fn hops_of<T>(req: &tonic::Request<T>) -> u32 {
     req.metadata()
@@ -73,7 +87,12 @@ impl ClientPool {
         let ep = Endpoint::from_shared(format!("http://{target}"))
             .map_err(|e| Status::internal(format!("bad node address {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A peer that stops answering (paused, cut off) is noticed and the connection
+            // dropped, which ends the forward streams riding on it.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
         let ch = ep.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)

@@ -29,7 +29,7 @@ use junction_proto::v1::admin_server::AdminServer;
 use junction_proto::v1::broker_server::BrokerServer;
 use junction_proto::v1::groups_server::GroupsServer;
 use junction_raft::PeerService;
-use junction_storage::Store;
+use junction_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -65,8 +65,12 @@ pub struct ServerHandle {
     pub http_addr: SocketAddr,
     pub broker: Arc<Broker>,
     stop: CancellationToken,
+    failed: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How often the server checks whether its store was poisoned.
+const POISON_CHECK: Duration = Duration::from_millis(100);
 
 impl ServerHandle {
     /// Stops serving, shuts every Raft group down and closes RocksDB.
@@ -81,6 +85,14 @@ impl ServerHandle {
     /// Returns a future that resolves when the node is asked to stop.
     pub fn stopped(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// Cancelled when the node can no longer work and must stop: a write to its store failed
+    /// (full disk, I/O error), so the store refuses every write and its Raft groups have
+    /// stopped. The binary shuts down and exits non-zero, so a supervisor restarts it once
+    /// the disk is fixed; nothing acknowledged is lost (acknowledged writes were fsynced).
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
     }
 }
 
@@ -128,11 +140,14 @@ impl Server {
         tracing::info!(?config, %grpc_addr, %http_addr, "starting node");
         let store = {
             let path = config.data_dir.join("db");
-            tokio::task::spawn_blocking(move || Store::open(&path))
+            let options = StoreOptions {
+                no_preallocation: config.test_no_preallocation,
+            };
+            tokio::task::spawn_blocking(move || Store::open_with(&path, options))
                 .await
                 .map_err(|e| BrokerError::Raft(format!("opening the store panicked: {e}")))??
         };
-        let broker = Broker::start(config.broker_config()?, store).await?;
+        let broker = Broker::start(config.broker_config()?, store.clone()).await?;
         let clients = Arc::new(forward::ClientPool::with_overrides(
             config.dial_overrides()?,
         ));
@@ -208,12 +223,31 @@ impl Server {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
+        let failed = CancellationToken::new();
+        let (s3, f) = (stop.clone(), failed.clone());
+        let poison_task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = s3.cancelled() => return,
+                    () = tokio::time::sleep(POISON_CHECK) => {}
+                }
+                if store.is_poisoned() {
+                    tracing::error!(
+                        "the data store failed a write and is poisoned; this node stops and \
+                         must be restarted once its disk is fixed"
+                    );
+                    f.cancel();
+                    return;
+                }
+            }
+        });
         Ok(ServerHandle {
             grpc_addr,
             http_addr,
             broker,
             stop,
-            tasks: vec![grpc_task, http_task],
+            failed,
+            tasks: vec![grpc_task, http_task, poison_task],
         })
     }
 }

@@ -18,7 +18,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::forward::{ClientPool, HOPS_HEADER, MAX_HOPS, forwarded, with_hops};
+use crate::forward::{
+    ClientPool, FORWARD_TIMEOUT, HOPS_HEADER, MAX_HOPS, forward_timed_out, forwarded, with_hops,
+};
 use crate::status::to_status;
 
 /// One partition's share of a batch.
@@ -47,7 +49,7 @@ pub enum PartWait {
     Remote {
         part: u32,
         idx: Vec<usize>,
-        rx: oneshot::Receiver<Result<ProduceResponse, Status>>,
+        sent: Sent,
     },
     Unary {
         part: u32,
@@ -74,10 +76,18 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                     (a.base_offset..a.base_offset + n).collect::<Vec<_>>(),
                 ))
             }
-            PartWait::Remote { part, idx, rx } => {
-                let resp = rx
-                    .await
-                    .map_err(|_| Status::unavailable("forward stream closed; outcome unknown"))??;
+            PartWait::Remote { part, idx, sent } => {
+                let resp = match tokio::time::timeout(FORWARD_TIMEOUT, sent.rx).await {
+                    Ok(r) => r.map_err(|_| {
+                        Status::unavailable("forward stream closed; outcome unknown")
+                    })??,
+                    Err(_) => {
+                        // The leader stopped answering: later batches must not ride the same
+                        // stream, they go to a fresh one (or another leader).
+                        sent.alive.store(false, Ordering::Release);
+                        return Err(forward_timed_out(&sent.addr));
+                    }
+                };
                 Ok((part, idx, offsets_of(resp)?))
             }
             PartWait::Unary { part, idx, fut } => Ok((part, idx, offsets_of(fut.await?)?)),
@@ -128,6 +138,15 @@ pub fn too_many_hops(station: &StationMeta, p: u32) -> Status {
     ))
 }
 
+/// A batch written to a forward stream.
+pub struct Sent {
+    /// The leader's reply.
+    pub rx: oneshot::Receiver<Result<ProduceResponse, Status>>,
+    /// Cleared to retire the stream.
+    alive: Arc<AtomicBool>,
+    addr: String,
+}
+
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ProduceResponse, Status>>>>>;
 
 struct ForwardStream {
@@ -160,7 +179,7 @@ impl Forwarders {
         station: String,
         msgs: Vec<Message>,
         hops: u32,
-    ) -> Result<oneshot::Receiver<Result<ProduceResponse, Status>>, Status> {
+    ) -> Result<Sent, Status> {
         let usable = self
             .streams
             .get(addr)
@@ -189,7 +208,11 @@ impl Forwarders {
                 "forward stream to the partition leader closed; retry",
             ));
         }
-        Ok(rx)
+        Ok(Sent {
+            rx,
+            alive: stream.alive.clone(),
+            addr: addr.to_string(),
+        })
     }
 
     async fn open(&self, addr: &str, hops: u32) -> Result<ForwardStream, Status> {

@@ -48,7 +48,7 @@ pub enum StorageError {
         group: GroupId,
         detail: String,
     },
-    #[error("the store is poisoned by an earlier failed fsync and accepts no more writes")]
+    #[error("the store is poisoned by an earlier failed write or fsync and accepts no more writes")]
     Poisoned,
 }
 
@@ -89,10 +89,25 @@ impl std::fmt::Debug for Store {
 /// One message read back: its offset and the encoded `StoredRecord`.
 pub type RawMessage = (u64, Vec<u8>);
 
+/// How a [`Store`] is opened. The default is what production runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreOptions {
+    /// Test-only: never preallocate file space (no `fallocate`). RocksDB normally reserves
+    /// tens of MiB for its WAL ahead of time, so a disk that fills up goes unnoticed until that
+    /// reserve runs out; without it the next write that needs a new page fails with ENOSPC.
+    /// The chaos suite's disk-fill fault uses this to make a full disk bite at once.
+    pub no_preallocation: bool,
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        Self::open_with(path, None)
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store at `path` with `options`.
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StorageError> {
+        Self::open_inner(path, None, options)
     }
 
     /// Opens an empty store that lives in memory only (RocksDB's memory environment, no
@@ -100,7 +115,7 @@ impl Store {
     /// when the last handle drops. `dir` is only created (empty): nothing is written in it.
     pub fn open_in_memory(dir: &Path) -> Result<Self, StorageError> {
         let env = rocksdb::Env::mem_env().map_err(rocks("create memory environment"))?;
-        Self::open_with(dir, Some(env))
+        Self::open_inner(dir, Some(env), StoreOptions::default())
     }
 
     /// Returns the bytes the store holds (memtables plus table files, every column family):
@@ -122,7 +137,11 @@ impl Store {
             .sum()
     }
 
-    fn open_with(path: &Path, env: Option<rocksdb::Env>) -> Result<Self, StorageError> {
+    fn open_inner(
+        path: &Path,
+        env: Option<rocksdb::Env>,
+        options: StoreOptions,
+    ) -> Result<Self, StorageError> {
         let mut opts = Options::default();
         if let Some(env) = &env {
             opts.set_env(env);
@@ -135,6 +154,11 @@ impl Store {
         opts.set_max_total_wal_size(256 << 20);
         opts.set_bytes_per_sync(1 << 20);
         opts.set_wal_bytes_per_sync(1 << 20);
+        if options.no_preallocation {
+            opts = opts
+                .get_options_from_string("allow_fallocate=false")
+                .map_err(rocks("set options"))?;
+        }
         let cache = Cache::new_lru_cache(64 << 20);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
@@ -188,18 +212,39 @@ impl Store {
     }
 
     /// Writes a batch without waiting for fsync.
+    ///
+    /// A failed write poisons the store: RocksDB fails a write when it cannot append to its
+    /// WAL (a full disk, an I/O error), and what reached the file is then unknown, so no
+    /// later write may be acknowledged. The node is expected to stop (see
+    /// [`Store::is_poisoned`]) and be restarted once the disk is fixed.
     pub fn write(&self, batch: Batch<'_>) -> Result<(), StorageError> {
         self.check_poisoned()?;
-        if self.inner.memory {
+        let result = if self.inner.memory {
             let mut wo = WriteOptions::default();
             wo.disable_wal(true);
-            return self
-                .inner
-                .db
-                .write_opt(batch.wb, &wo)
-                .map_err(rocks("write"));
+            self.inner.db.write_opt(batch.wb, &wo)
+        } else {
+            self.inner.db.write(batch.wb)
+        };
+        result.map_err(|source| {
+            self.poison("write", &source);
+            StorageError::Rocks {
+                op: "write",
+                source,
+            }
+        })
+    }
+
+    fn poison(&self, op: &str, e: &rocksdb::Error) {
+        if !self.inner.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(op, error = %e, "a RocksDB write failed; the store is now poisoned and accepts no more writes");
         }
-        self.inner.db.write(batch.wb).map_err(rocks("write"))
+    }
+
+    /// Whether a failed write or fsync poisoned the store. A poisoned store refuses every
+    /// write until the node restarts.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
     }
 
     /// Returns whether this is a memory store ([`Store::open_in_memory`]).
@@ -216,7 +261,7 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.inner.db.write_opt(batch.wb, &wo).map_err(|source| {
-            self.inner.poisoned.store(true, Ordering::Release);
+            self.poison("sync write", &source);
             StorageError::Rocks {
                 op: "sync write",
                 source,
@@ -247,7 +292,7 @@ impl Store {
         }
         self.check_poisoned()?;
         self.inner.db.flush_wal(true).map_err(|source| {
-            self.inner.poisoned.store(true, Ordering::Release);
+            self.poison("flush_wal", &source);
             StorageError::Rocks {
                 op: "flush_wal",
                 source,
