@@ -2,7 +2,9 @@
 //! `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: the compiled build script is shared by every clone that uses the same
+    // target dir, and a path baked in at compile time would point into another clone.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         root.join("junction/v1/broker.proto"),
         root.join("junction/v1/peer.proto"),

@@ -255,17 +255,7 @@ mod tests {
     use super::*;
 
     fn ok(key: &str, seq: u64, partition: u32, offset: u64) -> Attempt {
-        Attempt {
-            key: key.into(),
-            seq,
-            attempt: 1,
-            uid: seq,
-            producer: 0,
-            node: 1,
-            start_ms: 0,
-            end_ms: 1,
-            outcome: Outcome::Ok { partition, offset },
-        }
+        crate::fixtures::acked(key, seq, partition, offset, 0, 1)
     }
 
     fn delivered(key: &str, seq: u64, offset: u64, count: u32) -> GroupDelivery {

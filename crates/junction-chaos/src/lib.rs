@@ -23,6 +23,8 @@
 pub mod checker;
 pub mod cluster;
 pub mod disk;
+#[cfg(test)]
+mod fixtures;
 pub mod group_check;
 pub mod history;
 pub mod nemesis;

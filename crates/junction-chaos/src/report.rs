@@ -333,55 +333,7 @@ pub fn summary(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Election, LeaderKill};
-
-    fn ack(p: u32, start: u64, end: u64) -> Attempt {
-        Attempt {
-            key: "k".into(),
-            seq: 0,
-            attempt: 1,
-            uid: 0,
-            producer: 0,
-            node: 1,
-            start_ms: start,
-            end_ms: end,
-            outcome: Outcome::Ok {
-                partition: p,
-                offset: 0,
-            },
-        }
-    }
-
-    fn kill_fault() -> FaultRecord {
-        FaultRecord {
-            index: 3,
-            kind: FaultKind::KillPartitionLeader,
-            description: "kill".into(),
-            start_ms: 1000,
-            end_ms: 4000,
-            nodes: vec![2],
-            skipped: None,
-            leader_kill: Some(LeaderKill {
-                node: 2,
-                killed_at_ms: 1000,
-                partitions: vec![0, 1],
-                metadata: true,
-                elections: vec![
-                    Election {
-                        partition: Some(0),
-                        new_leader_ms: Some(700),
-                        resumed_ms: None,
-                    },
-                    Election {
-                        partition: None,
-                        new_leader_ms: Some(900),
-                        resumed_ms: None,
-                    },
-                ],
-            }),
-            notes: vec![],
-        }
-    }
+    use crate::fixtures::{ack, kill_fault};
 
     #[test]
     fn percentiles_use_nearest_rank() {

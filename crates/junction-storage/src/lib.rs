@@ -313,6 +313,42 @@ impl Store {
             .map_err(rocks("get"))
     }
 
+    /// Visits the keys `group · u64` of `cf` in `[from, upto)`, in order;
+    /// `visit(n, value)` returns `false` to stop. The one range scan of the store.
+    pub(crate) fn scan_range(
+        &self,
+        cf: &'static str,
+        what: &'static str,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        if from >= upto {
+            return Ok(());
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(group_u64(group, upto).to_vec());
+        let start = group_u64(group, from);
+        let it = self.inner.db.iterator_cf_opt(
+            self.cf(cf)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(rocks("iterate"))?;
+            let n = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
+                what,
+                group,
+                detail: format!("{} bytes", k.len()),
+            })?;
+            if !visit(n, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Returns log entries of `group` with index in `[start, end)`, in order.
     pub fn log_range(
         &self,
@@ -321,26 +357,10 @@ impl Store {
         end: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let mut out = Vec::new();
-        if start >= end {
-            return Ok(out);
-        }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(group_u64(group, end).to_vec());
-        let from = group_u64(group, start);
-        let it = self.inner.db.iterator_cf_opt(
-            self.cf(CF_RAFT_LOG)?,
-            ro,
-            IteratorMode::From(&from, Direction::Forward),
-        );
-        for item in it {
-            let (k, v) = item.map_err(rocks("iterate log"))?;
-            let index = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
-                what: "log key",
-                group,
-                detail: format!("{} bytes", k.len()),
-            })?;
-            out.push((index, v.to_vec()));
-        }
+        self.scan_range(CF_RAFT_LOG, "log key", group, start, end, |i, v| {
+            out.push((i, v.to_vec()));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -378,31 +398,12 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<RawMessage>, StorageError> {
         let mut out = Vec::new();
-        if from >= upto {
-            return Ok(out);
-        }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(group_u64(group, upto).to_vec());
-        let start = group_u64(group, from);
-        let it = self.inner.db.iterator_cf_opt(
-            self.cf(CF_MESSAGES)?,
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        );
         let mut bytes = 0usize;
-        for item in it {
-            let (k, v) = item.map_err(rocks("iterate messages"))?;
-            let offset = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
-                what: "message key",
-                group,
-                detail: format!("{} bytes", k.len()),
-            })?;
+        self.scan_messages(group, from, upto, |offset, v| {
             bytes += v.len();
             out.push((offset, v.to_vec()));
-            if out.len() >= max_count || bytes >= max_bytes {
-                break;
-            }
-        }
+            Ok(out.len() < max_count && bytes < max_bytes)
+        })?;
         Ok(out)
     }
 

@@ -131,31 +131,9 @@ impl Store {
         group: GroupId,
         from: u64,
         upto: u64,
-        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+        visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
-        if from >= upto {
-            return Ok(());
-        }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(group_u64(group, upto).to_vec());
-        let start = group_u64(group, from);
-        let it = self.inner.db.iterator_cf_opt(
-            self.cf(CF_MESSAGES)?,
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in it {
-            let (k, v) = item.map_err(rocks("iterate messages"))?;
-            let offset = u64_at(&k, 8).ok_or_else(|| StorageError::Corrupt {
-                what: "message key",
-                group,
-                detail: format!("{} bytes", k.len()),
-            })?;
-            if !visit(offset, &v)? {
-                break;
-            }
-        }
-        Ok(())
+        self.scan_range(CF_MESSAGES, "message key", group, from, upto, visit)
     }
 }
 
