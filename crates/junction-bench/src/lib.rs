@@ -26,12 +26,15 @@ pub enum Workload {
     Read,
     /// Produce and tail at once, measuring produce → delivery.
     E2e,
+    /// Create the station, wait until every partition has a leader, then only measure the
+    /// nodes' CPU for `--duration` (default 30 s): the cost of idle partitions.
+    Idle,
 }
 
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e
+    /// produce | read | e2e | idle
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.

@@ -69,6 +69,8 @@ fn now_us() -> u64 {
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
+        .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))
@@ -120,6 +122,9 @@ pub async fn run(
             produce(&fill, addrs, &station, &Counters::new(), None).await?;
         }
     }
+    if args.workload == Workload::Idle {
+        wait_for_leaders(addrs, &station, Duration::from_secs(600)).await?;
+    }
     let counters = Arc::new(Counters::new());
     let before = spawned.as_deref().map(Spawned::usage);
     let started = Instant::now();
@@ -137,6 +142,11 @@ pub async fn run(
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,
+        Workload::Idle => {
+            // Nothing to do but wait: the nodes' CPU over this time is the result.
+            tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(30))).await;
+            (new_histogram()?, 0)
+        }
     };
     let elapsed = started.elapsed();
     ticker.abort();
@@ -147,7 +157,14 @@ pub async fn run(
             let a = s.usage();
             Some(ProcUsage {
                 cpu_us: a.cpu_us.saturating_sub(b.cpu_us),
+                node_cpu_us: a
+                    .node_cpu_us
+                    .iter()
+                    .zip(&b.node_cpu_us)
+                    .map(|(a, b)| a.saturating_sub(*b))
+                    .collect(),
                 write_bytes: a.write_bytes.saturating_sub(b.write_bytes),
+                rocksdb: std::array::from_fn(|i| a.rocksdb[i].saturating_sub(b.rocksdb[i])),
             })
         }
         _ => None,
@@ -241,6 +258,39 @@ async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
     Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
 }
 
+/// Waits until every partition of `station` has a leader (for `idle`: measuring before the
+/// elections are over would count them).
+async fn wait_for_leaders(addrs: &[String], station: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
+    loop {
+        let info = admin
+            .describe_station(DescribeStationRequest {
+                name: station.to_string(),
+            })
+            .await?
+            .into_inner()
+            .station
+            .context("no station")?;
+        let led = info
+            .partition_info
+            .iter()
+            .filter(|p| p.leader.is_some())
+            .count();
+        if led == info.partition_info.len() {
+            eprintln!("all {led} partitions have a leader");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "only {led} of {} partitions had a leader after {limit:?}",
+                info.partition_info.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Produces per the arguments; returns the produce → ack latency histogram.
 async fn produce(
     args: &BenchArgs,
@@ -258,7 +308,7 @@ async fn produce(
     let stop = Arc::new(AtomicBool::new(false));
     let batch_seq = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let filler = Bytes::from(vec![b'x'; args.message_size]);
+    let filler = filler(args.message_size);
     let mut tasks = futures::stream::FuturesUnordered::new();
     for p in 0..args.producers {
         let addr = addrs[p % addrs.len()].clone();
@@ -285,13 +335,14 @@ async fn produce(
             .await
         });
     }
+    // Never completes (polling a finished future again would panic): once the duration is
+    // over it only raises `stop`, and the producers finish what they have in flight.
     let stopper = async {
         if let Some(d) = args.duration {
             tokio::time::sleep(d).await;
             stop.store(true, Ordering::Relaxed);
-        } else {
-            futures::future::pending::<()>().await;
         }
+        futures::future::pending::<()>().await;
     };
     tokio::pin!(stopper);
     let mut total = new_histogram()?;
@@ -422,6 +473,20 @@ async fn producer(
     let ((), ()) = futures::join!(sender, receiver);
     let h = hist.lock().await.clone();
     Ok(h)
+}
+
+/// The payload every message carries: pseudo-random bytes (xorshift, as the peer load
+/// generator uses), so storage compression cannot flatter the figures.
+fn filler(size: usize) -> Bytes {
+    let mut v = vec![0u8; size];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = (x & 0xff) as u8;
+    }
+    Bytes::from(v)
 }
 
 /// For e2e the first 8 bytes carry the intended send time (µs since the epoch).

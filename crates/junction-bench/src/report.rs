@@ -42,8 +42,12 @@ pub struct Report {
     pub server_cpu_us_per_msg: Option<f64>,
     /// Average cores the spawned nodes used together.
     pub server_cores: Option<f64>,
+    /// Average cores each spawned node used, in node order.
+    pub node_cores: Vec<f64>,
     /// Bytes the nodes wrote to storage per payload byte, per replica.
     pub write_amplification: Option<f64>,
+    /// The same, from RocksDB's own counters, by cause: WAL, flush, compaction.
+    pub write_amplification_rocksdb: Option<[f64; 3]>,
     pub per_second: Vec<u64>,
 }
 
@@ -94,14 +98,31 @@ impl Report {
             },
             server_cpu_us_per_msg: r
                 .usage
+                .as_ref()
+                .filter(|_| r.messages > 0)
                 .map(|u| u.cpu_us as f64 / (r.messages.max(1) as f64)),
-            server_cores: r.usage.map(|u| u.cpu_us as f64 / 1e6 / secs),
+            server_cores: r.usage.as_ref().map(|u| u.cpu_us as f64 / 1e6 / secs),
+            node_cores: r.usage.as_ref().map_or_else(Vec::new, |u| {
+                u.node_cpu_us
+                    .iter()
+                    .map(|us| *us as f64 / 1e6 / secs)
+                    .collect()
+            }),
             write_amplification: r
                 .usage
+                .as_ref()
                 .filter(|_| args.workload != Workload::Read && produced_bytes > 0.0)
                 .map(|u| {
                     u.write_bytes as f64
                         / (produced_bytes * f64::from(args.replication_factor.max(1)))
+                }),
+            write_amplification_rocksdb: r
+                .usage
+                .as_ref()
+                .filter(|_| args.workload != Workload::Read && produced_bytes > 0.0)
+                .map(|u| {
+                    let per = produced_bytes * f64::from(args.replication_factor.max(1));
+                    u.rocksdb.map(|b| b as f64 / per)
                 }),
             per_second: r.per_second.clone(),
         }
@@ -139,11 +160,26 @@ impl Report {
             opt(self.server_cpu_us_per_msg, " µs"),
             opt(self.server_cores, "")
         );
+        if !self.node_cores.is_empty() {
+            let per: Vec<String> = self
+                .node_cores
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("node {} {:.1} %", i + 1, c * 100.0))
+                .collect();
+            let _ = writeln!(t, "CPU per node    {} of a core", per.join(", "));
+        }
         let _ = writeln!(
             t,
             "write amp.      {} bytes written per byte produced, per replica",
             opt(self.write_amplification, "")
         );
+        if let Some([wal, flush, compaction]) = self.write_amplification_rocksdb {
+            let _ = writeln!(
+                t,
+                "  by RocksDB    WAL {wal:.2} + flush {flush:.2} + compaction {compaction:.2} (memtables not yet flushed at the end are not counted)"
+            );
+        }
         let _ = writeln!(
             t,
             "shape           {} partitions, rf {}, {} producers x {} in flight x {} msgs/batch, keys {}, rate {}",

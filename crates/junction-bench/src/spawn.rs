@@ -11,14 +11,20 @@ use anyhow::{Context, bail};
 pub struct Spawned {
     _dir: tempfile::TempDir,
     pub addrs: Vec<String>,
+    http: Vec<String>,
     children: Vec<Child>,
 }
 
 /// CPU time (µs) and bytes written to storage, summed over the spawned processes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProcUsage {
     pub cpu_us: u64,
+    /// CPU time (µs) of each node, in node order.
+    pub node_cpu_us: Vec<u64>,
     pub write_bytes: u64,
+    /// What RocksDB says it wrote (`junction_storage_written_bytes_total`), by cause:
+    /// WAL, memtable flushes, compactions.
+    pub rocksdb: [u64; 3],
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -76,6 +82,7 @@ impl Spawned {
         Ok(Self {
             _dir: dir,
             addrs: grpc,
+            http,
             children,
         })
     }
@@ -85,11 +92,18 @@ impl Spawned {
         let mut u = ProcUsage::default();
         for c in &self.children {
             let pid = c.id();
-            if let Some(cpu) = proc_cpu_us(pid) {
-                u.cpu_us += cpu;
-            }
+            let cpu = proc_cpu_us(pid).unwrap_or(0);
+            u.cpu_us += cpu;
+            u.node_cpu_us.push(cpu);
             if let Some(w) = proc_write_bytes(pid) {
                 u.write_bytes += w;
+            }
+        }
+        for h in &self.http {
+            if let Some(page) = http_get(h, "/metrics") {
+                for (i, cause) in ["wal", "flush", "compaction"].iter().enumerate() {
+                    u.rocksdb[i] += written_bytes(&page, cause);
+                }
             }
         }
         u
@@ -128,6 +142,28 @@ fn proc_cpu_us(pid: u32) -> Option<u64> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
     Some((utime + stime) * 1_000_000 / ticks)
+}
+
+/// A plain HTTP/1.0 GET on loopback, for the node's own `/metrics` page.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Sums `junction_storage_written_bytes_total{cause=...}` over a metrics page.
+fn written_bytes(page: &str, cause: &str) -> u64 {
+    let label = format!("cause=\"{cause}\"");
+    page.lines()
+        .filter(|l| l.starts_with("junction_storage_written_bytes_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 fn proc_write_bytes(pid: u32) -> Option<u64> {

@@ -176,6 +176,8 @@ impl Workload {
             let ch = Endpoint::from_shared(addr.clone())?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
+                .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
                 .connect_lazy();
             channels.push((*id, BrokerClient::new(ch)));
         }

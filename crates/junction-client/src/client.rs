@@ -210,6 +210,8 @@ impl Inner {
         let channel = endpoint
             .connect_timeout(self.options.connect_timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)

@@ -14,6 +14,16 @@ pub mod peer {
     tonic::include_proto!("junction.peer.v1");
 }
 
+/// HTTP/2 flow-control window of one stream, for every Junction server and client.
+///
+/// HTTP/2's default is 64 KiB: a produce batch, an AppendEntries or a read reply bigger than
+/// that stalls until the receiver's WINDOW_UPDATE arrives, which on Linux loopback was
+/// measured at ~40 ms per stall (a 100 × 1 KiB batch at one in flight: p50 48 ms, against
+/// 6.6 ms for 50 × 1 KiB). A window larger than any batch removes the stall.
+pub const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window of one connection (shared by its streams).
+pub const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// The encoded descriptor set of both packages, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/junction_descriptor.bin"));

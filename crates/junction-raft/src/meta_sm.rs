@@ -111,7 +111,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
             membership.as_ref(),
             &bytes,
         )?;
-        self.store.write(b).map_err(RaftStoreError::from)?;
+        self.store.write_applied(b).map_err(RaftStoreError::from)?;
         if applied.is_some() {
             self.applied = applied;
         }

@@ -78,6 +78,8 @@ impl PeerPool {
         let ep = Endpoint::from_shared(format!("http://{}", self.dial_addr(addr)))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);

@@ -203,7 +203,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 EntryPayload::Normal(Command::Partition(PartitionCommand::Truncate { before })) => {
                     // The cut reads the stored indexes: write what this call applied so far.
                     self.store
-                        .write(std::mem::replace(&mut b, self.store.batch()))
+                        .write_applied(std::mem::replace(&mut b, self.store.batch()))
                         .map_err(RaftStoreError::from)?;
                     let before = before.min(state.next_offset);
                     let mut removed = 0;
@@ -232,7 +232,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     tombstones_before_ms,
                 })) => {
                     self.store
-                        .write(std::mem::replace(&mut b, self.store.batch()))
+                        .write_applied(std::mem::replace(&mut b, self.store.batch()))
                         .map_err(RaftStoreError::from)?;
                     let upto = upto.min(state.next_offset);
                     let cutoff = tombstones_before_ms.max(state.tombstone_cutoff_ms);
@@ -274,7 +274,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             membership.as_ref(),
             &state_bytes,
         )?;
-        self.store.write(b).map_err(RaftStoreError::from)?;
+        self.store.write_applied(b).map_err(RaftStoreError::from)?;
         if applied.is_some() {
             self.applied = applied;
         }

@@ -145,8 +145,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let group = self.group;
         tokio::task::spawn_blocking(move || -> Result<(), RaftStoreError> {
             // Invariant: once a snapshot exists, openraft may purge the logs it covers, so the
-            // state machine writes it covers (never synced on apply) must be durable first.
-            store.sync_wal()?;
+            // state machine writes it covers (written without the WAL) must be durable first.
+            store.persist_applied()?;
             let mut b = store.batch();
             put_snapshot_record(&mut b, group, &rec)?;
             store.write(b)?;

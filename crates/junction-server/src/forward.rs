@@ -88,6 +88,8 @@ impl ClientPool {
             .map_err(|e| Status::internal(format!("bad node address {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             // A peer that stops answering (paused, cut off) is noticed and the connection
             // dropped, which ends the forward streams riding on it.
             .http2_keep_alive_interval(Duration::from_secs(2))

@@ -67,7 +67,17 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
     }
     metrics::gauge!("junction_partition_replicas", "node" => node_label.clone())
         .set((status.groups.len().saturating_sub(1)) as f64);
-    metrics::gauge!("junction_partition_leaders", "node" => node_label).set(leaders as f64);
+    metrics::gauge!("junction_partition_leaders", "node" => node_label.clone()).set(leaders as f64);
+    // Bytes RocksDB wrote, by cause: with the bytes produced, this gives write amplification.
+    let written = broker.store().written_bytes();
+    for (cause, bytes) in [
+        ("wal", written.wal),
+        ("flush", written.flush),
+        ("compaction", written.compaction),
+    ] {
+        metrics::counter!("junction_storage_written_bytes_total", "node" => node_label.clone(), "cause" => cause)
+            .absolute(bytes);
+    }
     // Consumer group lag, exported by each partition's leader.
     for (station, group, partition, pos) in broker.led_group_positions() {
         let labels = [

@@ -176,6 +176,8 @@ impl Server {
 
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -203,7 +205,10 @@ impl Server {
                     .max_decoding_message_size(512 << 20)
                     .max_encoding_message_size(512 << 20),
             );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself: set it on the
+        // accepted sockets here. Without it every reply waited on Nagle's algorithm and the
+        // peer's delayed ACK, 40 ms a time on Linux (p99 of produce was 45-90 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let s1 = stop.clone();
         let grpc_task = tokio::spawn(async move {
             if let Err(e) = router

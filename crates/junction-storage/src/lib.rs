@@ -9,8 +9,12 @@
 //! - a vote is written with `sync = true` before `save_vote` returns;
 //! - a log append is acknowledged (its callback fired) only after the WAL holding it is
 //!   fsynced;
-//! - state machine writes are not synced: the Raft log is the source of truth and replays
-//!   anything lost; [`Store::sync_wal`] makes them durable before logs may be purged.
+//! - state machine writes ([`Store::write_applied`]) skip the WAL: the Raft log is the
+//!   source of truth and replays anything lost, so a message reaches the WAL once (in its log
+//!   entry), not twice. Column families are flushed atomically (`atomic_flush`), so after a
+//!   crash the state machine is always a consistent prefix of what was applied (its data and
+//!   its `last_applied` marker from the same cut); [`Store::persist_applied`] flushes it
+//!   before the logs it covers may be purged.
 
 pub mod flusher;
 pub mod keys;
@@ -73,6 +77,8 @@ struct Inner {
     flusher: Flusher,
     db: Arc<DB>,
     poisoned: Arc<AtomicBool>,
+    /// The options the DB was opened with: they hold its statistics.
+    opts: Options,
     /// A memory store: no WAL (nothing to recover from after a restart anyway), and syncs
     /// are no-ops.
     memory: bool,
@@ -88,6 +94,17 @@ impl std::fmt::Debug for Store {
 
 /// One message read back: its offset and the encoded `StoredRecord`.
 pub type RawMessage = (u64, Vec<u8>);
+
+/// Bytes RocksDB wrote to files since the store opened, by cause (its statistics tickers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenBytes {
+    /// Appended to the write-ahead log.
+    pub wal: u64,
+    /// Table files written by memtable flushes.
+    pub flush: u64,
+    /// Table files written by compactions.
+    pub compaction: u64,
+}
 
 /// How a [`Store`] is opened. The default is what production runs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -148,10 +165,17 @@ impl Store {
         }
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        // Tickers only (no histograms or timers): bytes written by WAL, flush and compaction.
+        opts.enable_statistics();
+        opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         // Cold column families are flushed so WAL files can be recycled.
         opts.set_max_total_wal_size(256 << 20);
+        // State machine writes skip the WAL: every column family must then be flushed at the
+        // same sequence number, or a crash could keep a `last_applied` marker without the data
+        // it covers.
+        opts.set_atomic_flush(true);
         opts.set_bytes_per_sync(1 << 20);
         opts.set_wal_bytes_per_sync(1 << 20);
         if options.no_preallocation {
@@ -184,6 +208,7 @@ impl Store {
                 flusher,
                 db,
                 poisoned,
+                opts,
                 memory: env.is_some(),
             }),
         })
@@ -230,6 +255,45 @@ impl Store {
             self.poison("write", &source);
             StorageError::Rocks {
                 op: "write",
+                source,
+            }
+        })
+    }
+
+    /// Writes a batch of state machine changes without the WAL (see the crate docs): a crash
+    /// loses what no flush has persisted yet, always a suffix of the applied entries, which
+    /// the Raft log re-applies. Readable when this returns.
+    pub fn write_applied(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.inner.db.write_opt(batch.wb, &wo).map_err(|source| {
+            self.poison("write", &source);
+            StorageError::Rocks {
+                op: "write",
+                source,
+            }
+        })
+    }
+
+    /// Makes every write so far durable, including [`Store::write_applied`] ones: flushes the
+    /// memtables of every column family (atomically) and waits. Called before a snapshot
+    /// lets Raft purge the log entries that could otherwise re-apply those writes.
+    pub fn persist_applied(&self) -> Result<(), StorageError> {
+        if self.inner.memory {
+            return Ok(());
+        }
+        self.check_poisoned()?;
+        let cfs = ALL_CFS
+            .iter()
+            .map(|name| self.cf(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        self.inner.db.flush_cfs_opt(&cfs, &fo).map_err(|source| {
+            self.poison("flush", &source);
+            StorageError::Rocks {
+                op: "flush",
                 source,
             }
         })
@@ -485,6 +549,17 @@ impl Store {
             b.delete_group_range(cf, group)?;
         }
         self.write_sync(b)
+    }
+
+    /// Returns the bytes RocksDB wrote since it opened, by cause.
+    pub fn written_bytes(&self) -> WrittenBytes {
+        use rocksdb::statistics::Ticker;
+        let t = |ticker| self.inner.opts.get_ticker_count(ticker);
+        WrittenBytes {
+            wal: t(Ticker::WalFileBytes),
+            flush: t(Ticker::FlushWriteBytes),
+            compaction: t(Ticker::CompactWriteBytes),
+        }
     }
 
     /// Returns RocksDB's own statistics line for a property (for metrics and debugging).
