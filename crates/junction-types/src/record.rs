@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 /// A message as a producer sent it: what a Raft `Append` entry carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    #[serde(with = "opt_bytes")]
     pub key: Option<Vec<u8>>,
+    #[serde(with = "header_bytes")]
     pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -27,7 +30,156 @@ impl Record {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRecord {
     pub timestamp_ms: i64,
+    #[serde(with = "opt_bytes")]
     pub key: Option<Vec<u8>>,
+    #[serde(with = "header_bytes")]
     pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "bytes")]
     pub payload: Vec<u8>,
+}
+
+// Byte fields go through serde's bytes API. Without it a `Vec<u8>` is a sequence of `u8`,
+// visited one element at a time: encoding and decoding records took 18 % of a node's CPU when
+// producing 1 KiB messages. Postcard writes both forms identically (a varint length, then the
+// bytes), so stored data is unchanged.
+
+/// An owned byte string that (de)serializes through the bytes API.
+struct ByteBuf(Vec<u8>);
+
+impl Serialize for ByteBuf {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+/// A borrowed byte string that serializes through the bytes API.
+struct ByteRef<'a>(&'a [u8]);
+
+impl Serialize for ByteRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct ByteBufVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ByteBufVisitor {
+    type Value = ByteBuf;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+        Ok(ByteBuf(v.to_vec()))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+        Ok(ByteBuf(v))
+    }
+
+    /// Formats without a bytes type (JSON) write a sequence of numbers.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+        while let Some(b) = seq.next_element::<u8>()? {
+            v.push(b);
+        }
+        Ok(ByteBuf(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_byte_buf(ByteBufVisitor)
+    }
+}
+
+mod bytes {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        ByteBuf::deserialize(d).map(|b| b.0)
+    }
+}
+
+mod opt_bytes {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().map(ByteRef).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<ByteBuf>::deserialize(d)?.map(|b| b.0))
+    }
+}
+
+mod header_bytes {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(
+        v: &[(String, Vec<u8>)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|(k, b)| (k, ByteRef(b))))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
+        Ok(Vec::<(String, ByteBuf)>::deserialize(d)?
+            .into_iter()
+            .map(|(k, b)| (k, b.0))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes form must encode exactly like the old sequence-of-u8 form (data written
+    /// before it must still decode), and round-trip.
+    #[test]
+    fn byte_fields_encode_like_sequences_and_round_trip() {
+        #[derive(Serialize)]
+        struct Old {
+            timestamp_ms: i64,
+            key: Option<Vec<u8>>,
+            headers: Vec<(String, Vec<u8>)>,
+            payload: Vec<u8>,
+        }
+        let r = StoredRecord {
+            timestamp_ms: -5,
+            key: Some(vec![1, 2, 255]),
+            headers: vec![("h".into(), vec![0; 300]), ("e".into(), vec![])],
+            payload: (0..=255u8).cycle().take(1000).collect(),
+        };
+        let old = Old {
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.clone(),
+            headers: r.headers.clone(),
+            payload: r.payload.clone(),
+        };
+        let new_bytes = postcard::to_allocvec(&r).unwrap();
+        assert_eq!(new_bytes, postcard::to_allocvec(&old).unwrap());
+        let back: StoredRecord = postcard::from_bytes(&new_bytes).unwrap();
+        assert_eq!(back, r);
+        let none = Record {
+            key: None,
+            headers: vec![],
+            payload: vec![],
+        };
+        let back: Record = postcard::from_bytes(&postcard::to_allocvec(&none).unwrap()).unwrap();
+        assert_eq!(back, none);
+        // JSON writes numbers and reads them back.
+        let json = serde_json::to_string(&none).unwrap();
+        assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), none);
+    }
 }
