@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// intended send time, so stalls are not hidden). 0: closed loop.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Send every batch to one node and let it pick the partition and forward, instead of
+    /// sending each batch to its partition's leader (measures the cost of forwarding).
+    #[arg(long)]
+    pub via_any_node: bool,
     /// Concurrent tail readers for `e2e` (spread over partitions).
     #[arg(long, default_value_t = 0)]
     pub readers: usize,

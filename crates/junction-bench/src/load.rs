@@ -309,6 +309,8 @@ async fn produce(
     let batch_seq = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let filler = filler(args.message_size);
+    let routes = Routes::discover(args, addrs, station).await?;
+    let routes = &routes;
     let mut tasks = futures::stream::FuturesUnordered::new();
     for p in 0..args.producers {
         let addr = addrs[p % addrs.len()].clone();
@@ -324,6 +326,7 @@ async fn produce(
             producer(
                 &args,
                 &addr,
+                routes,
                 &station,
                 counters_ptr,
                 quota,
@@ -359,10 +362,56 @@ async fn produce(
     Ok(total)
 }
 
+/// Where each partition's batches go: the partition's leader, so no node forwards (what a
+/// Kafka client does, and what the NATS load generator does by connecting to the stream
+/// leader). Keyed loads leave the choice of partition to the server.
+#[derive(Clone)]
+struct Routes {
+    /// Address of each partition's leader, by partition; empty: send everything to the
+    /// producer's own node and let the server pick the partition.
+    leaders: Vec<String>,
+}
+
+impl Routes {
+    async fn discover(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<Self> {
+        if args.keys > 0 || args.via_any_node {
+            return Ok(Self { leaders: vec![] });
+        }
+        let mut admin = AdminClient::new(channel(&addrs[0]).await?);
+        let nodes = admin
+            .cluster_status(junction_proto::v1::ClusterStatusRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        let info = admin
+            .describe_station(DescribeStationRequest {
+                name: station.to_string(),
+            })
+            .await?
+            .into_inner()
+            .station
+            .context("no station")?;
+        let mut leaders = Vec::new();
+        for p in &info.partition_info {
+            let addr = p
+                .leader
+                .and_then(|l| nodes.iter().find(|n| n.id == l))
+                .map(|n| n.addr.clone());
+            match addr {
+                Some(a) => leaders.push(a),
+                // No leader known yet: route nothing, let the server pick.
+                None => return Ok(Self { leaders: vec![] }),
+            }
+        }
+        Ok(Self { leaders })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn producer(
     args: &BenchArgs,
     addr: &str,
+    routes: &Routes,
     station: &str,
     counters: &Counters,
     quota: Arc<AtomicU64>,
@@ -371,26 +420,43 @@ async fn producer(
     started: Instant,
     filler: Bytes,
 ) -> anyhow::Result<Histogram<u64>> {
-    let mut client = BrokerClient::new(channel(addr).await?)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(256 << 20);
-    let (tx, rx) = mpsc::channel::<ProduceRequest>(args.in_flight);
-    let mut replies = client
-        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    // One stream per distinct destination; `route[p]` is partition p's stream.
+    let mut dests: Vec<String> = routes.leaders.clone();
+    dests.sort();
+    dests.dedup();
+    if dests.is_empty() {
+        dests.push(addr.to_string());
+    }
+    let route: Vec<usize> = routes
+        .leaders
+        .iter()
+        .map(|a| dests.iter().position(|d| d == a).unwrap_or(0))
+        .collect();
     let window = Arc::new(Semaphore::new(args.in_flight));
     let pending: Arc<Mutex<HashMap<u64, (Instant, u64)>>> = Arc::default();
     let hist = Arc::new(Mutex::new(new_histogram()?));
-    let receiver = {
+    let mut senders = Vec::new();
+    let mut receivers = futures::stream::FuturesUnordered::new();
+    for d in &dests {
+        let mut client = BrokerClient::new(channel(d).await?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(256 << 20);
+        let (tx, rx) = mpsc::channel::<ProduceRequest>(args.in_flight);
+        let mut replies = client
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        senders.push(tx);
         let (window, pending, hist) = (window.clone(), pending.clone(), hist.clone());
-        async move {
+        receivers.push(async move {
             while let Some(reply) = replies.next().await {
                 let reply = match reply {
                     Ok(r) => r,
                     Err(s) => {
                         let n: u64 = pending.lock().await.drain().map(|(_, (_, n))| n).sum();
                         counters.error(n.max(1), format!("stream failed: {s}"));
+                        // Release the window, or the sender waits forever.
+                        window.close();
                         return;
                     }
                 };
@@ -407,8 +473,9 @@ async fn producer(
                 }
                 window.add_permits(1);
             }
-        }
-    };
+        });
+    }
+    let receiver = async { while receivers.next().await.is_some() {} };
     let sender = async {
         let mut key_counter = 0u64;
         loop {
@@ -441,6 +508,8 @@ async fn producer(
                 break;
             };
             permit.forget();
+            // Unkeyed batches go round-robin over the partitions, each to its leader.
+            let partition = (!route.is_empty()).then(|| (seq % route.len() as u64) as u32);
             let messages = (0..n)
                 .map(|_| {
                     let key = (args.keys > 0).then(|| {
@@ -451,12 +520,13 @@ async fn producer(
                         key,
                         headers: vec![],
                         payload: payload(args.workload, &filler, due),
-                        partition: None,
+                        partition,
                     }
                 })
                 .collect();
             pending.lock().await.insert(seq, (due, n));
-            if tx
+            let dest = partition.map_or(0, |p| route[p as usize]);
+            if senders[dest]
                 .send(ProduceRequest {
                     station: station.to_string(),
                     messages,
@@ -468,7 +538,7 @@ async fn producer(
                 break;
             }
         }
-        drop(tx);
+        senders.clear();
     };
     let ((), ()) = futures::join!(sender, receiver);
     let h = hist.lock().await.clone();

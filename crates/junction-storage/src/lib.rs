@@ -195,6 +195,24 @@ impl Store {
             // only on compressible payloads; CPU is the scarcer resource of a broker.
             cf.set_compression_type(DBCompressionType::Lz4);
             cf.set_write_buffer_size(32 << 20);
+            if *name == CF_RAFT_LOG || *name == CF_MESSAGES {
+                // The two bulk column families. Every group's keys are interleaved, so each
+                // level-0 file overlaps all of level 1, and a level-0 compaction rewrites the
+                // whole of level 1: under a produce load compaction took 29 % of a node's CPU.
+                // Bigger memtables and a later level-0 trigger rewrite level 1 several times
+                // less often (reads merge a few more level-0 files, each with bloom filters).
+                cf.set_write_buffer_size(64 << 20);
+                cf.set_level_zero_file_num_compaction_trigger(12);
+                cf.set_level_zero_slowdown_writes_trigger(40);
+                cf.set_level_zero_stop_writes_trigger(56);
+                cf.set_target_file_size_base(64 << 20);
+                cf.set_max_bytes_for_level_base(1 << 30);
+            }
+            if *name == CF_RAFT_LOG {
+                // Log entries live until the next snapshot purges them: compressing them on
+                // every flush and compaction is wasted work.
+                cf.set_compression_type(DBCompressionType::None);
+            }
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(rocks("open"))?);
