@@ -34,6 +34,8 @@ pub struct LoadResult {
     pub elapsed: Duration,
     /// Microseconds.
     pub latency: Histogram<u64>,
+    /// Produce only: microseconds from the actual hand-off of each batch (see `Counters`).
+    pub latency_from_send: Option<Histogram<u64>>,
     /// Messages completed in each second of the run.
     pub per_second: Vec<u64>,
     /// Server process usage over the measured interval (spawned clusters only).
@@ -44,6 +46,10 @@ struct Counters {
     done: AtomicU64,
     errors: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
+    /// Produce latency from the moment each batch was actually handed to the stream (for
+    /// `--rate`: excludes how late the sender's timer woke; what the NATS load generator
+    /// reports).
+    from_send: std::sync::Mutex<Option<Histogram<u64>>>,
 }
 
 impl Counters {
@@ -181,6 +187,7 @@ pub async fn run(
         first_error,
         elapsed,
         latency,
+        latency_from_send: counters.from_send.lock().ok().and_then(|h| h.clone()),
         per_second,
         usage,
     })
@@ -192,6 +199,7 @@ impl Counters {
             done: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             first_error: std::sync::Mutex::new(None),
+            from_send: std::sync::Mutex::new(None),
         }
     }
 }
@@ -433,8 +441,13 @@ async fn producer(
         .map(|a| dests.iter().position(|d| d == a).unwrap_or(0))
         .collect();
     let window = Arc::new(Semaphore::new(args.in_flight));
-    let pending: Arc<Mutex<HashMap<u64, (Instant, u64)>>> = Arc::default();
+    let pending: Arc<Mutex<HashMap<u64, (Instant, Instant, u64)>>> = Arc::default();
     let hist = Arc::new(Mutex::new(new_histogram()?));
+    if let Ok(mut h) = counters.from_send.lock()
+        && h.is_none()
+    {
+        *h = Some(new_histogram()?);
+    }
     let mut senders = Vec::new();
     let mut receivers = futures::stream::FuturesUnordered::new();
     for d in &dests {
@@ -453,14 +466,14 @@ async fn producer(
                 let reply = match reply {
                     Ok(r) => r,
                     Err(s) => {
-                        let n: u64 = pending.lock().await.drain().map(|(_, (_, n))| n).sum();
+                        let n: u64 = pending.lock().await.drain().map(|(_, (_, _, n))| n).sum();
                         counters.error(n.max(1), format!("stream failed: {s}"));
                         // Release the window, or the sender waits forever.
                         window.close();
                         return;
                     }
                 };
-                let Some((due, n)) = pending.lock().await.remove(&reply.request_id) else {
+                let Some((due, sent, n)) = pending.lock().await.remove(&reply.request_id) else {
                     continue;
                 };
                 match reply.error {
@@ -468,6 +481,11 @@ async fn producer(
                     None => {
                         let us = due.elapsed().as_micros() as u64;
                         let _ = hist.lock().await.record_n(us.max(1), n);
+                        if let Ok(mut h) = counters.from_send.lock()
+                            && let Some(h) = h.as_mut()
+                        {
+                            let _ = h.record_n((sent.elapsed().as_micros() as u64).max(1), n);
+                        }
                         counters.done.fetch_add(n, Ordering::Relaxed);
                     }
                 }
@@ -499,7 +517,7 @@ async fn producer(
                     + Duration::from_secs_f64(
                         seq as f64 * args.batch_size as f64 / args.rate as f64,
                     );
-                tokio::time::sleep_until(at.into()).await;
+                sleep_until_precisely(at).await;
                 at
             } else {
                 Instant::now()
@@ -524,7 +542,7 @@ async fn producer(
                     }
                 })
                 .collect();
-            pending.lock().await.insert(seq, (due, n));
+            pending.lock().await.insert(seq, (due, Instant::now(), n));
             let dest = partition.map_or(0, |p| route[p as usize]);
             if senders[dest]
                 .send(ProduceRequest {
@@ -543,6 +561,21 @@ async fn producer(
     let ((), ()) = futures::join!(sender, receiver);
     let h = hist.lock().await.clone();
     Ok(h)
+}
+
+/// Sleeps until `at` to within tens of microseconds. Tokio's timer ticks in whole
+/// milliseconds and woke the fixed-rate sender 1.2 ms late on average, which the
+/// intended-send-time latency then counted; the last stretch is slept on a blocking thread
+/// (an hrtimer-backed `nanosleep`), without spinning a core.
+async fn sleep_until_precisely(at: Instant) {
+    let coarse = at.checked_sub(Duration::from_millis(2));
+    if let Some(c) = coarse.filter(|c| *c > Instant::now()) {
+        tokio::time::sleep_until(c.into()).await;
+    }
+    let rest = at.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
 }
 
 /// The payload every message carries: pseudo-random bytes (xorshift, as the peer load

@@ -38,6 +38,10 @@ pub struct Report {
     pub msgs_per_s: f64,
     pub mb_per_s: f64,
     pub latency_ms: Percentiles,
+    /// Produce: latency from each batch's actual hand-off to the stream. With `--rate` it
+    /// leaves out how late the sender woke (what `latency_ms` counts, correcting for
+    /// coordinated omission); the NATS load generator reports this one.
+    pub latency_from_send_ms: Option<Percentiles>,
     /// Server CPU (all spawned nodes) per message, in µs.
     pub server_cpu_us_per_msg: Option<f64>,
     /// Average cores the spawned nodes used together.
@@ -55,17 +59,26 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+fn percentiles(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
+    let q = |p: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            ms(h.value_at_quantile(p))
+        }
+    };
+    Percentiles {
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: if h.is_empty() { 0.0 } else { ms(h.max()) },
+    }
+}
+
 impl Report {
     pub fn new(args: &BenchArgs, command: String, r: &LoadResult) -> Self {
         let secs = r.elapsed.as_secs_f64().max(1e-9);
-        let h = &r.latency;
-        let q = |p: f64| {
-            if h.is_empty() {
-                0.0
-            } else {
-                ms(h.value_at_quantile(p))
-            }
-        };
         let durability = format!(
             "replication factor {}; acknowledged after a majority committed it, each fsyncing its WAL (RocksDB flush_wal(sync)) before acking",
             args.replication_factor
@@ -89,13 +102,12 @@ impl Report {
             elapsed_s: secs,
             msgs_per_s: r.messages as f64 / secs,
             mb_per_s: r.payload_bytes as f64 / secs / 1e6,
-            latency_ms: Percentiles {
-                p50: q(0.5),
-                p90: q(0.9),
-                p99: q(0.99),
-                p999: q(0.999),
-                max: if h.is_empty() { 0.0 } else { ms(h.max()) },
-            },
+            latency_ms: percentiles(&r.latency),
+            latency_from_send_ms: r
+                .latency_from_send
+                .as_ref()
+                .filter(|h| !h.is_empty())
+                .map(percentiles),
             server_cpu_us_per_msg: r
                 .usage
                 .as_ref()
@@ -154,6 +166,13 @@ impl Report {
             "latency (ms)    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if let Some(l) = self.latency_from_send_ms.as_ref().filter(|_| self.rate > 0) {
+            let _ = writeln!(
+                t,
+                "  from send     p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} (from each batch's actual hand-off; the line above counts from its intended send time)",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
         let _ = writeln!(
             t,
             "server CPU      {} per msg, {} cores",
