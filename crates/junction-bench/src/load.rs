@@ -36,6 +36,8 @@ pub struct LoadResult {
     pub latency: Histogram<u64>,
     /// Produce only: microseconds from the actual hand-off of each batch (see `Counters`).
     pub latency_from_send: Option<Histogram<u64>>,
+    /// e2e: produce throughput (acknowledged messages per second) while readers tailed.
+    pub produce_rate: Option<f64>,
     /// Messages completed in each second of the run.
     pub per_second: Vec<u64>,
     /// Server process usage over the measured interval (spawned clusters only).
@@ -50,6 +52,8 @@ struct Counters {
     /// `--rate`: excludes how late the sender's timer woke; what the NATS load generator
     /// reports).
     from_send: std::sync::Mutex<Option<Histogram<u64>>>,
+    /// e2e: messages acknowledged per second while the readers tailed.
+    produce_rate: std::sync::Mutex<Option<f64>>,
 }
 
 impl Counters {
@@ -188,6 +192,7 @@ pub async fn run(
         elapsed,
         latency,
         latency_from_send: counters.from_send.lock().ok().and_then(|h| h.clone()),
+        produce_rate: counters.produce_rate.lock().ok().and_then(|r| *r),
         per_second,
         usage,
     })
@@ -200,6 +205,7 @@ impl Counters {
             errors: AtomicU64::new(0),
             first_error: std::sync::Mutex::new(None),
             from_send: std::sync::Mutex::new(None),
+            produce_rate: std::sync::Mutex::new(None),
         }
     }
 }
@@ -253,16 +259,24 @@ async fn tick(
     }
 }
 
-async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
-    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
-    let info = admin
+/// Describes `station` through `admin`.
+async fn describe(
+    admin: &mut AdminClient<Channel>,
+    station: &str,
+) -> anyhow::Result<junction_proto::v1::StationInfo> {
+    admin
         .describe_station(DescribeStationRequest {
             name: station.to_string(),
         })
         .await?
         .into_inner()
         .station
-        .context("no station")?;
+        .context("no station")
+}
+
+async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
+    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
+    let info = describe(&mut admin, station).await?;
     Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
 }
 
@@ -272,14 +286,7 @@ async fn wait_for_leaders(addrs: &[String], station: &str, limit: Duration) -> a
     let deadline = Instant::now() + limit;
     let mut admin = AdminClient::new(channel(&addrs[0]).await?);
     loop {
-        let info = admin
-            .describe_station(DescribeStationRequest {
-                name: station.to_string(),
-            })
-            .await?
-            .into_inner()
-            .station
-            .context("no station")?;
+        let info = describe(&mut admin, station).await?;
         let led = info
             .partition_info
             .iter()
@@ -391,14 +398,7 @@ impl Routes {
             .await?
             .into_inner()
             .nodes;
-        let info = admin
-            .describe_station(DescribeStationRequest {
-                name: station.to_string(),
-            })
-            .await?
-            .into_inner()
-            .station
-            .context("no station")?;
+        let info = describe(&mut admin, station).await?;
         let mut leaders = Vec::new();
         for p in &info.partition_info {
             let addr = p
@@ -414,6 +414,9 @@ impl Routes {
         Ok(Self { leaders })
     }
 }
+
+/// A batch in flight: its intended send time, its actual hand-off and its message count.
+type InFlight = (Instant, Instant, u64);
 
 #[allow(clippy::too_many_arguments)]
 async fn producer(
@@ -441,7 +444,7 @@ async fn producer(
         .map(|a| dests.iter().position(|d| d == a).unwrap_or(0))
         .collect();
     let window = Arc::new(Semaphore::new(args.in_flight));
-    let pending: Arc<Mutex<HashMap<u64, (Instant, Instant, u64)>>> = Arc::default();
+    let pending: Arc<Mutex<HashMap<u64, InFlight>>> = Arc::default();
     let hist = Arc::new(Mutex::new(new_histogram()?));
     if let Ok(mut h) = counters.from_send.lock()
         && h.is_none()
@@ -496,6 +499,7 @@ async fn producer(
     let receiver = async { while receivers.next().await.is_some() {} };
     let sender = async {
         let mut key_counter = 0u64;
+        let mut msg_counter = 0u64;
         loop {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -534,10 +538,17 @@ async fn producer(
                         key_counter += 1;
                         format!("key-{}", key_counter % args.keys).into_bytes()
                     });
+                    msg_counter += 1;
                     Message {
                         key,
                         headers: vec![],
-                        payload: payload(args.workload, &filler, due),
+                        payload: payload(
+                            args.workload,
+                            &filler,
+                            args.message_size,
+                            msg_counter,
+                            due,
+                        ),
                         partition,
                     }
                 })
@@ -578,10 +589,13 @@ async fn sleep_until_precisely(at: Instant) {
     }
 }
 
-/// The payload every message carries: pseudo-random bytes (xorshift, as the peer load
-/// generator uses), so storage compression cannot flatter the figures.
+/// Pseudo-random bytes (xorshift, as the peer load generator uses) that payloads are cut
+/// from: 1 MiB more than one message, so that consecutive messages carry different bytes and
+/// storage compression (LZ4 on 4 KiB blocks) cannot flatter the write figures.
+const FILLER_SPAN: usize = 1 << 20;
+
 fn filler(size: usize) -> Bytes {
-    let mut v = vec![0u8; size];
+    let mut v = vec![0u8; size + FILLER_SPAN];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for b in v.iter_mut() {
         x ^= x << 13;
@@ -592,13 +606,16 @@ fn filler(size: usize) -> Bytes {
     Bytes::from(v)
 }
 
-/// For e2e the first 8 bytes carry the intended send time (µs since the epoch).
-fn payload(w: Workload, filler: &Bytes, due: Instant) -> Bytes {
+/// The payload of a producer's `n`-th message: its own slice of the filler (no copy). For e2e
+/// the first 8 bytes carry the intended send time (µs since the epoch).
+fn payload(w: Workload, filler: &Bytes, size: usize, n: u64, due: Instant) -> Bytes {
+    let at = (n as usize).wrapping_mul(size.max(1)) % FILLER_SPAN;
+    let slice = filler.slice(at..at + size);
     if w != Workload::E2e {
-        return filler.clone();
+        return slice;
     }
     let sent = now_us().saturating_sub(due.elapsed().as_micros() as u64);
-    let mut v = filler.to_vec();
+    let mut v = slice.to_vec();
     v[..8].copy_from_slice(&sent.to_be_bytes());
     Bytes::from(v)
 }
@@ -722,8 +739,12 @@ async fn e2e(
             }
         })
     };
+    let producing = Instant::now();
     produce(args, addrs, station, &produced, None).await?;
     let acked = produced.done.load(Ordering::Relaxed);
+    if let Ok(mut r) = counters.produce_rate.lock() {
+        *r = Some(acked as f64 / producing.elapsed().as_secs_f64().max(1e-9));
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

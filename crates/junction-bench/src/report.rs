@@ -42,6 +42,8 @@ pub struct Report {
     /// leaves out how late the sender woke (what `latency_ms` counts, correcting for
     /// coordinated omission); the NATS load generator reports this one.
     pub latency_from_send_ms: Option<Percentiles>,
+    /// e2e: acknowledged produce throughput while the readers tailed.
+    pub produce_msgs_per_s: Option<f64>,
     /// Server CPU (all spawned nodes) per message, in µs.
     pub server_cpu_us_per_msg: Option<f64>,
     /// Average cores the spawned nodes used together.
@@ -103,6 +105,7 @@ impl Report {
             msgs_per_s: r.messages as f64 / secs,
             mb_per_s: r.payload_bytes as f64 / secs / 1e6,
             latency_ms: percentiles(&r.latency),
+            produce_msgs_per_s: r.produce_rate,
             latency_from_send_ms: r
                 .latency_from_send
                 .as_ref()
@@ -160,6 +163,12 @@ impl Report {
             "throughput      {:.0} msg/s, {:.2} MB/s over {:.2} s",
             self.msgs_per_s, self.mb_per_s, self.elapsed_s
         );
+        if let Some(p) = self.produce_msgs_per_s {
+            let _ = writeln!(
+                t,
+                "produce         {p:.0} msg/s acknowledged while the readers tailed"
+            );
+        }
         let l = &self.latency_ms;
         let _ = writeln!(
             t,

@@ -271,13 +271,7 @@ impl Store {
         } else {
             self.inner.db.write(batch.wb)
         };
-        result.map_err(|source| {
-            self.poison("write", &source);
-            StorageError::Rocks {
-                op: "write",
-                source,
-            }
-        })
+        result.map_err(self.poisoning("write"))
     }
 
     /// Writes a batch of state machine changes without the WAL (see the crate docs): a crash
@@ -287,13 +281,10 @@ impl Store {
         self.check_poisoned()?;
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        self.inner.db.write_opt(batch.wb, &wo).map_err(|source| {
-            self.poison("write", &source);
-            StorageError::Rocks {
-                op: "write",
-                source,
-            }
-        })
+        self.inner
+            .db
+            .write_opt(batch.wb, &wo)
+            .map_err(self.poisoning("write"))
     }
 
     /// Makes every write so far durable, including [`Store::write_applied`] ones: flushes the
@@ -310,13 +301,18 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
-        self.inner.db.flush_cfs_opt(&cfs, &fo).map_err(|source| {
-            self.poison("flush", &source);
-            StorageError::Rocks {
-                op: "flush",
-                source,
-            }
-        })
+        self.inner
+            .db
+            .flush_cfs_opt(&cfs, &fo)
+            .map_err(self.poisoning("flush"))
+    }
+
+    /// Maps a failed write to its error and poisons the store (see [`Store::write`]).
+    fn poisoning(&self, op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError + '_ {
+        move |source| {
+            self.poison(op, &source);
+            StorageError::Rocks { op, source }
+        }
     }
 
     fn poison(&self, op: &str, e: &rocksdb::Error) {
@@ -344,13 +340,10 @@ impl Store {
         self.check_poisoned()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.inner.db.write_opt(batch.wb, &wo).map_err(|source| {
-            self.poison("sync write", &source);
-            StorageError::Rocks {
-                op: "sync write",
-                source,
-            }
-        })
+        self.inner
+            .db
+            .write_opt(batch.wb, &wo)
+            .map_err(self.poisoning("sync write"))
     }
 
     /// Writes a batch now and calls `done` once the WAL holding it is fsynced (from the
@@ -375,13 +368,10 @@ impl Store {
             return Ok(());
         }
         self.check_poisoned()?;
-        self.inner.db.flush_wal(true).map_err(|source| {
-            self.poison("flush_wal", &source);
-            StorageError::Rocks {
-                op: "flush_wal",
-                source,
-            }
-        })
+        self.inner
+            .db
+            .flush_wal(true)
+            .map_err(self.poisoning("flush_wal"))
     }
 
     /// Reads `group · tag` in `cf`.
