@@ -205,6 +205,12 @@ impl TestCluster {
         })
     }
 
+    /// Returns a replica of partition `group` (listed in `replicas`) that does not lead it.
+    pub fn partition_follower(&self, group: u64, replicas: &[u64]) -> Option<u64> {
+        let leader = self.partition_leader(group)?;
+        replicas.iter().copied().find(|r| *r != leader)
+    }
+
     /// Stops node `id` (its data stays).
     pub async fn stop(&mut self, id: u64) {
         let handle = self

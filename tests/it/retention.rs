@@ -114,6 +114,18 @@ async fn replicas_agree(
 }
 
 /// Waits until the partition leader's first offset is `want`; returns how long it took.
+/// Waits until the leader of `group` has run `n` more retention passes.
+async fn wait_for_retention_passes(cluster: &TestCluster, group: u64, n: u64) {
+    let leader = cluster.partition_leader(group).expect("leader");
+    let start = cluster.broker(leader).retention_passes();
+    wait_until(
+        Duration::from_secs(10),
+        "retention passes on the partition leader",
+        || async { (cluster.broker(leader).retention_passes() >= start + n).then_some(()) },
+    )
+    .await;
+}
+
 async fn leader_cuts_at(cluster: &TestCluster, group: u64, want: u64) -> Duration {
     let t0 = Instant::now();
     wait_until(
@@ -248,8 +260,8 @@ async fn discard_new_refuses_produces_with_resource_exhausted() {
         .expect_err("the eleventh message does not fit");
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
     assert!(e.to_string().contains("discards new"), "{e}");
-    // Several retention ticks later nothing was removed (a negative check needs a wait).
-    tokio::time::sleep(Duration::from_millis(5 * TICK_MS)).await;
+    // Several retention passes later nothing was removed.
+    wait_for_retention_passes(&cluster, group, 5).await;
     assert_eq!(replicas_agree(&cluster, group, (0, 10)).await.len(), 10);
 
     // A bigger limit admits more, up to the new limit.
@@ -308,12 +320,8 @@ async fn retention_survives_restart_and_snapshot_catch_up() {
     let client = cluster.client();
     let s = create(&client, "kept", policy(|_, r| r.max_messages = Some(500))).await;
     let group = s.partition_info[0].group_id;
-    let leader = cluster.partition_leader(group).expect("leader");
-    let follower = s.partition_info[0]
-        .replicas
-        .iter()
-        .copied()
-        .find(|r| *r != leader)
+    let follower = cluster
+        .partition_follower(group, &s.partition_info[0].replicas)
         .expect("follower");
     cluster.stop(follower).await;
     // Small batches: enough Raft entries for snapshots and log purges.
@@ -660,12 +668,8 @@ async fn compacted_station_catches_up_by_snapshot() {
     )
     .await;
     let group = s.partition_info[0].group_id;
-    let leader = cluster.partition_leader(group).expect("leader");
-    let follower = s.partition_info[0]
-        .replicas
-        .iter()
-        .copied()
-        .find(|r| *r != leader)
+    let follower = cluster
+        .partition_follower(group, &s.partition_info[0].replicas)
         .expect("follower");
     cluster.stop(follower).await;
     for b in 0..300 {
@@ -769,8 +773,8 @@ async fn ack_retention_drops_only_what_every_group_acknowledged() {
     // The cut follows the slowest group, not max_messages (10).
     leader_cuts_at(&cluster, group, 30).await;
     replicas_agree(&cluster, group, (30, 100)).await;
-    // Several more ticks change nothing while "slow" stands still.
-    tokio::time::sleep(Duration::from_millis(5 * TICK_MS)).await;
+    // Several more passes change nothing while "slow" stands still.
+    wait_for_retention_passes(&cluster, group, 5).await;
     let leader = cluster.partition_leader(group).expect("leader");
     assert_eq!(offsets(&cluster, leader, group), Some((30, 100)));
     let d = client

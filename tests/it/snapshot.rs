@@ -16,12 +16,8 @@ async fn lagging_follower_catches_up_by_snapshot() {
     let client = cluster.client();
     let s = client.create_station("snap", 1, 3).await.expect("create");
     let group = s.partition_info[0].group_id;
-    let leader = cluster.partition_leader(group).expect("leader");
-    let follower = s.partition_info[0]
-        .replicas
-        .iter()
-        .copied()
-        .find(|r| *r != leader)
+    let follower = cluster
+        .partition_follower(group, &s.partition_info[0].replicas)
         .expect("follower");
     cluster.stop(follower).await;
 
@@ -143,11 +139,8 @@ async fn a_cut_snapshot_stream_is_refused_and_the_replica_keeps_working() {
             .expect("produce");
     }
     let leader = cluster.partition_leader(group).expect("leader");
-    let follower = s.partition_info[0]
-        .replicas
-        .iter()
-        .copied()
-        .find(|r| *r != leader)
+    let follower = cluster
+        .partition_follower(group, &s.partition_info[0].replicas)
         .expect("follower");
     let metrics = cluster
         .broker(leader)

@@ -84,6 +84,8 @@ pub struct Broker {
     /// Running consumer group deliveries of partitions this node leads.
     dispatchers: parking_lot::Mutex<HashMap<delivery::DispatcherKey, delivery::DispatcherHandle>>,
     dead_letters: std::sync::OnceLock<Arc<dyn delivery::DeadLetterSink>>,
+    /// Completed passes of the retention loop (see [`Broker::retention_passes`]).
+    retention_passes: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -122,6 +124,7 @@ impl Broker {
             sessions: parking_lot::Mutex::default(),
             dispatchers: parking_lot::Mutex::default(),
             dead_letters: std::sync::OnceLock::new(),
+            retention_passes: std::sync::atomic::AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });

@@ -388,7 +388,17 @@ impl Broker {
                     tracing::debug!(group = replica.group, error = %e, "retention pass failed; will retry");
                 }
             }
+            self.retention_passes
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
+    }
+
+    /// Returns how many passes the retention loop has completed over the partitions this
+    /// node leads: something that waits for retention to have had its chance (that a limit
+    /// removed nothing, say) waits for this to grow instead of for a time.
+    pub fn retention_passes(&self) -> u64 {
+        self.retention_passes
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn retain_partition(
