@@ -15,7 +15,8 @@ struct Cli {
 enum Command {
     /// Run one node.
     Serve(junction_server::ServeArgs),
-    /// Run a local three-node cluster (data under ./data) until Ctrl-C.
+    /// Run a local cluster (three nodes, data under ./data) until Ctrl-C; a node that exits is
+    /// restarted with its data.
     Dev(junction_cli::DevArgs),
     /// Run a real cluster under seeded faults and check that nothing acknowledged is lost,
     /// duplicated without cause, or reordered.

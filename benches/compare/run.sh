@@ -39,8 +39,9 @@ junction_bench() { # workload label -- args...
   local wl=$1 label=$2; shift 2
   local f
   f=$(mktemp "$OUT/j.XXXXXX.json")
-  "$JUNCTION" bench "$@" --spawn 3 --replication-factor 3 --json "$f" >&2
-  python3 - "$f" "$wl" "$label" >> "$OUT/junction.jsonl" <<'PY'
+  # Explicit checks: the callers test this function's status, which turns `set -e` off here.
+  "$JUNCTION" bench "$@" --spawn 3 --replication-factor 3 --json "$f" >&2 || { rm -f "$f"; return 1; }
+  python3 - "$f" "$wl" "$label" >> "$OUT/junction.jsonl" <<'PY' || { rm -f "$f"; return 1; }
 import json, sys
 r = json.load(open(sys.argv[1]))
 r["peer"] = "junction"; r["workload_name"] = sys.argv[2]; r["label"] = sys.argv[3]
@@ -53,22 +54,40 @@ nats_bench() { # workload
   REPS=1 WORKLOADS=$1 SYNC=always RESULTS="$OUT/nats.jsonl" "$PEERS/nats/run.sh" >&2
 }
 
+junction_workload() { # workload round
+  local wl=$1 round=$2
+  case $wl in
+    sync)     junction_bench sync "sync128 r$round" produce --message-size 128 --messages 20000 --producers 1 --in-flight 1 --batch-size 1 --partitions 1 ;;
+    async128) junction_bench async128 "async128 r$round" produce --message-size 128 --messages 1000000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
+    async1k)  junction_bench async1k "async1k r$round" produce --message-size 1024 --messages 300000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
+    rate)     junction_bench rate "rate1000 r$round" produce --message-size 128 --rate 1000 --duration 20s --producers 1 --batch-size 1 --partitions 1 ;;
+    consume)  junction_bench consume "consume128 r$round" read --message-size 128 --messages 1000000 --partitions 3 ;;
+    *) echo "unknown workload $wl" >&2; return 1 ;;
+  esac
+}
+
+# A failed run (a node that did not start, a cluster not ready in time) is recorded and the
+# comparison goes on: the medians come from the rounds that completed, and the summary
+# lists the failures.
+: > "$OUT/failures.txt"
 for round in $(seq "$ROUNDS"); do
   for wl in $WORKLOADS; do
     echo "--- round $round: $wl"
     # Alternate who goes first, so that drift over time does not favour one side.
     first=nats; [ $((round % 2)) -eq 0 ] && first=junction
     for who in $first $([ $first = nats ] && echo junction || echo nats); do
-      if [ $who = nats ]; then nats_bench "$wl"; continue; fi
-      case $wl in
-        sync)     junction_bench sync "sync128 r$round" produce --message-size 128 --messages 20000 --producers 1 --in-flight 1 --batch-size 1 --partitions 1 ;;
-        async128) junction_bench async128 "async128 r$round" produce --message-size 128 --messages 1000000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
-        async1k)  junction_bench async1k "async1k r$round" produce --message-size 1024 --messages 300000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 ;;
-        rate)     junction_bench rate "rate1000 r$round" produce --message-size 128 --rate 1000 --duration 20s --producers 1 --batch-size 1 --partitions 1 ;;
-        consume)  junction_bench consume "consume128 r$round" read --message-size 128 --messages 1000000 --partitions 3 ;;
-        *) echo "unknown workload $wl" >&2 ;;
-      esac
+      if [ $who = nats ]; then
+        nats_bench "$wl" && rc=0 || rc=$?
+      else
+        junction_workload "$wl" "$round" && rc=0 || rc=$?
+      fi
+      if [ "$rc" -ne 0 ]; then
+        echo "round $round: $who $wl failed (exit $rc)" | tee -a "$OUT/failures.txt" >&2
+      fi
     done
   done
 done
 python3 "$ROOT/benches/compare/summarize.py" "$OUT" | tee "$OUT/summary.md"
+if [ -s "$OUT/failures.txt" ]; then
+  { echo; echo "Failed runs (not in the medians):"; sed 's/^/- /' "$OUT/failures.txt"; } | tee -a "$OUT/summary.md"
+fi

@@ -359,3 +359,74 @@ async fn a_new_node_joins_the_running_cluster() {
     assert!(status.nodes.iter().all(|n| n.alive), "{:?}", status.nodes);
     cluster.shutdown().await;
 }
+
+/// Server reflection lists every service the port serves, the standard health service and
+/// reflection itself included, through both reflection protocol versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reflection_lists_every_served_service() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let cluster = TestCluster::start(1).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let expected = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "junction.v1.Admin",
+        "junction.v1.Broker",
+        "junction.v1.Groups",
+    ];
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let reply = replies.next().await.expect("a reply").expect("reply ok");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("unexpected v1 reply: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in expected {
+        assert!(
+            names.iter().any(|n| n == name),
+            "v1 lists {names:?}, not {name}"
+        );
+    }
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let reply = replies.next().await.expect("a reply").expect("reply ok");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("unexpected v1alpha reply: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "grpc.health.v1.Health"),
+        "v1alpha lists {names:?}"
+    );
+    cluster.shutdown().await;
+}

@@ -49,8 +49,10 @@ pub struct BenchArgs {
     /// Station to use (created if missing). Default: a fresh `bench-<pid>-<time>`.
     #[arg(long)]
     pub station: Option<String>,
+    /// Partitions of the station the bench creates (an existing station keeps its own).
     #[arg(long, default_value_t = 3)]
     pub partitions: u32,
+    /// Replication factor of the station the bench creates.
     #[arg(long, default_value_t = 3)]
     pub replication_factor: u32,
     /// Payload bytes per message.

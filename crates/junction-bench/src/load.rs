@@ -10,13 +10,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use junction_proto::v1::admin_client::AdminClient;
+use junction_client::{Client, ClientOptions};
 use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::read_request::Start;
-use junction_proto::v1::{
-    CreateStationRequest, DescribeStationRequest, Message, ProduceRequest, ReadRequest,
-    StartPosition,
-};
+use junction_proto::v1::{Message, ProduceRequest, ReadRequest, StartPosition};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tonic::transport::Channel;
 
@@ -86,25 +83,32 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connecting to {addr}"))
 }
 
+/// How long the bench's admin calls retry retryable failures (no leader yet, a node
+/// restarting) before giving up.
+const ADMIN_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The SDK client for the bench's admin calls: they retry through the SDK's retry policy,
+/// so a cluster that has just started (no metadata leader known on every node yet) is
+/// waited for, not reported as a failure.
+pub(crate) fn admin(addrs: &[String]) -> anyhow::Result<Client> {
+    Client::connect_with(
+        addrs.iter().cloned(),
+        ClientOptions::default().with_retry_deadline(ADMIN_RETRY_DEADLINE),
+    )
+    .context("creating the admin client")
+}
+
 /// Creates the station if it does not exist yet.
 async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<()> {
-    let ch = channel(&addrs[0]).await?;
-    let mut admin = AdminClient::new(ch);
-    let created = admin
-        .create_station(CreateStationRequest {
-            name: station.to_string(),
-            partitions: args.partitions,
-            replication_factor: args.replication_factor,
-            max_message_bytes: 0,
-            policy: None,
-        })
+    let created = admin(addrs)?
+        .create_station(station, args.partitions, args.replication_factor)
         .await;
     match created {
-        Ok(_) => {}
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-        Err(s) => bail!("creating station {station}: {}", s.message()),
+        Ok(_) => Ok(()),
+        // Also what a retry after a lost reply reports.
+        Err(e) if e.is_already_exists() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating station {station}")),
     }
-    Ok(())
 }
 
 /// Runs the selected workload.
@@ -259,24 +263,19 @@ async fn tick(
     }
 }
 
-/// Describes `station` through `admin`.
+/// Describes `station`.
 async fn describe(
-    admin: &mut AdminClient<Channel>,
+    admin: &Client,
     station: &str,
 ) -> anyhow::Result<junction_proto::v1::StationInfo> {
     admin
-        .describe_station(DescribeStationRequest {
-            name: station.to_string(),
-        })
-        .await?
-        .into_inner()
-        .station
-        .context("no station")
+        .describe_station(station)
+        .await
+        .with_context(|| format!("describing station {station}"))
 }
 
 async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
-    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
-    let info = describe(&mut admin, station).await?;
+    let info = describe(&admin(addrs)?, station).await?;
     Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
 }
 
@@ -284,9 +283,9 @@ async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
 /// elections are over would count them).
 async fn wait_for_leaders(addrs: &[String], station: &str, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
-    let mut admin = AdminClient::new(channel(&addrs[0]).await?);
+    let admin = admin(addrs)?;
     loop {
-        let info = describe(&mut admin, station).await?;
+        let info = describe(&admin, station).await?;
         let led = info
             .partition_info
             .iter()
@@ -392,13 +391,9 @@ impl Routes {
         if args.keys > 0 || args.via_any_node {
             return Ok(Self { leaders: vec![] });
         }
-        let mut admin = AdminClient::new(channel(&addrs[0]).await?);
-        let nodes = admin
-            .cluster_status(junction_proto::v1::ClusterStatusRequest {})
-            .await?
-            .into_inner()
-            .nodes;
-        let info = describe(&mut admin, station).await?;
+        let admin = admin(addrs)?;
+        let nodes = admin.cluster_status().await?.nodes;
+        let info = describe(&admin, station).await?;
         let mut leaders = Vec::new();
         for p in &info.partition_info {
             let addr = p

@@ -174,24 +174,29 @@ fn proc_write_bytes(pid: u32) -> Option<u64> {
 }
 
 /// Waits until the cluster answers ClusterStatus with a metadata leader and all nodes alive.
+/// The calls go through the SDK, whose retry policy rides out nodes that do not answer yet.
 pub async fn wait_ready(addrs: &[String], limit: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
+    let admin = crate::load::admin(addrs)?;
+    let mut last = String::from("no answer yet");
     loop {
-        for a in addrs {
-            if let Ok(mut c) =
-                junction_proto::v1::admin_client::AdminClient::connect(format!("http://{a}")).await
-                && let Ok(s) = c
-                    .cluster_status(junction_proto::v1::ClusterStatusRequest {})
-                    .await
-            {
-                let s = s.into_inner();
-                if s.metadata_leader.is_some() && s.nodes.iter().all(|n| n.alive) {
-                    return Ok(());
-                }
+        match tokio::time::timeout_at(deadline, admin.cluster_status()).await {
+            Ok(Ok(s)) if s.metadata_leader.is_some() && s.nodes.iter().all(|n| n.alive) => {
+                return Ok(());
             }
+            Ok(Ok(s)) => {
+                let alive = s.nodes.iter().filter(|n| n.alive).count();
+                last = format!(
+                    "{alive}/{} nodes alive, metadata leader {:?}",
+                    s.nodes.len(),
+                    s.metadata_leader
+                );
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => {}
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("the cluster was not ready within {limit:?}");
+            bail!("the cluster was not ready within {limit:?} ({last})");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

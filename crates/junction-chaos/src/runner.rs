@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use junction_client::{Client, ClientOptions};
+use junction_client::{Client, ClientError, ClientOptions};
 use tokio::time::Instant;
 
 use crate::args::ChaosArgs;
@@ -357,10 +357,12 @@ async fn create_station(admin: &Client, args: &ChaosArgs) -> anyhow::Result<Vec<
         {
             Ok(_) => break,
             Err(e) if e.is_already_exists() => break,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e).context("creating the station under test");
+            // The SDK already retried retryable failures (no leader yet, a node not up)
+            // with backoff; go on doing so until the setup limit. Anything else is final.
+            Err(e @ ClientError::RetriesExhausted { .. }) if Instant::now() < deadline => {
+                eprintln!("chaos: creating the station: {e}; retrying");
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            Err(e) => return Err(e).context("creating the station under test"),
         }
     }
     loop {

@@ -287,16 +287,41 @@ async fn wait_for_stop(
     }
 }
 
+/// Fails with the first address of `plans` that cannot be bound, before any node starts: a
+/// second `junction dev` would otherwise start nodes that die at once on a busy port, or
+/// talk to the first cluster's nodes and report it ready.
+fn check_ports_free(plans: &[NodePlan]) -> anyhow::Result<()> {
+    for plan in plans {
+        for addr in [&plan.listen, &plan.http] {
+            if let Err(err) = std::net::TcpListener::bind(addr.as_str()) {
+                if err.kind() == std::io::ErrorKind::AddrInUse {
+                    bail!(
+                        "port {addr} (node {}) is in use: is another `junction dev` running? \
+                         Stop it, or choose other ports with --base-port and --http-base-port",
+                        plan.id
+                    );
+                }
+                return Err(err).with_context(|| format!("binding {addr} (node {})", plan.id));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long `junction dev` waits before restarting a node that exited.
 const RESTART_DELAY: Duration = Duration::from_secs(3);
 
 /// Starts the nodes, waits until the cluster is ready, then runs until Ctrl-C or until a
 /// node exits; every node is stopped before this returns, whatever happens.
-pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    let (plans, members) = plan(&args)?;
-    let exe = std::env::current_exe().context("finding the junction executable")?;
+pub async fn run_dev(mut args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    args.data_dir = std::fs::canonicalize(&args.data_dir)
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let (plans, members) = plan(&args)?;
+    check_ports_free(&plans)?;
+    let exe = std::env::current_exe().context("finding the junction executable")?;
+    eprintln!("data under {}", args.data_dir.display());
     let mut cluster = Cluster::default();
     for plan in &plans {
         let child = spawn(&exe, plan, &members)?;
@@ -410,6 +435,27 @@ mod tests {
         assert!(err.to_string().contains("exited unexpectedly"), "{err:#}");
         assert!(dir.path().join("node1.log").exists());
         assert!(dir.path().join("node2").is_dir());
+    }
+
+    #[test]
+    fn a_busy_port_is_named() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free_port = free.local_addr().unwrap().port();
+        drop(free);
+        let plans = vec![NodePlan {
+            id: 2,
+            listen: format!("127.0.0.1:{free_port}"),
+            http: format!("127.0.0.1:{port}"),
+            data_dir: PathBuf::from("d"),
+            log: PathBuf::from("l"),
+        }];
+        let err = check_ports_free(&plans).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("port 127.0.0.1:{port} (node 2) is in use")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -123,7 +123,9 @@ impl Default for Config {
 /// Flags of `junction serve`; each also reads a `JUNCTION_*` variable.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
-    /// TOML config file (keys as below, kebab-case).
+    /// TOML config file: the settings below as kebab-case keys (`node-id`, `listen`,
+    /// `data-dir`, ...), plus `election-min-ms`, `election-max-ms`, `max-in-flight`,
+    /// `retention-tick-ms` and `compaction-every-ms`. Flags and variables override it.
     #[arg(long, env = "JUNCTION_CONFIG")]
     pub config: Option<PathBuf>,
     /// Node id (≥ 1).
@@ -142,10 +144,11 @@ pub struct ServeArgs {
     /// HTTP bind address for /healthz, /readyz and /metrics.
     #[arg(long, env = "JUNCTION_HTTP")]
     pub http: Option<String>,
-    /// Data directory.
+    /// Data directory (default ./data/node1); a relative path is resolved against the working
+    /// directory once, at start, and logged.
     #[arg(long, env = "JUNCTION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Initial members: 1=host:port,2=host:port,3=host:port
+    /// Initial members: 1=host:port,2=host:port,3=host:port (default: this node alone).
     #[arg(long, env = "JUNCTION_MEMBERS")]
     pub members: Option<String>,
     /// Largest accepted message in bytes (default 1 MiB).

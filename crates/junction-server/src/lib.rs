@@ -46,7 +46,7 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create or resolve data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -119,7 +119,7 @@ impl Server {
 
     /// Starts a node on already-bound listeners.
     pub async fn start_with_listeners(
-        config: Config,
+        mut config: Config,
         grpc: TcpListener,
         http: TcpListener,
     ) -> Result<ServerHandle, ServerError> {
@@ -129,6 +129,14 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
+        // Resolved once, here: every path under it (the store, the memory tier's stores) is
+        // then absolute, whatever the working directory does later.
+        config.data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(|source| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        tracing::info!(data_dir = %config.data_dir.display(), "data directory");
         let grpc_addr = grpc.local_addr().map_err(|source| ServerError::Bind {
             addr: config.listen.clone(),
             source,
@@ -169,9 +177,19 @@ impl Server {
         health
             .set_serving::<GroupsServer<groups_service::GroupsService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(junction_proto::FILE_DESCRIPTOR_SET)
+        // Reflection lists every service this port serves: Junction's own, the standard
+        // health service and reflection itself, in both protocol versions (v1 and the
+        // v1alpha that older tools still ask for).
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(junction_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| BrokerError::Raft(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| BrokerError::Raft(format!("reflection: {e}")))?;
 
         let router = tonic::transport::Server::builder()
@@ -180,6 +198,7 @@ impl Server {
             .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 BrokerServer::new(broker_service::BrokerService::new(
                     broker.clone(),

@@ -54,6 +54,11 @@ pub enum StorageError {
     },
     #[error("the store is poisoned by an earlier failed write or fsync and accepts no more writes")]
     Poisoned,
+    #[error("resolving the store path {path}: {source}")]
+    Path {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl From<StorageError> for std::io::Error {
@@ -159,6 +164,12 @@ impl Store {
         env: Option<rocksdb::Env>,
         options: StoreOptions,
     ) -> Result<Self, StorageError> {
+        // RocksDB's memory environment cannot resolve a relative path ("Not implemented:
+        // GetAbsolutePath"), so every store is opened by its absolute path.
+        let path = &std::path::absolute(path).map_err(|source| StorageError::Path {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut opts = Options::default();
         if let Some(env) = &env {
             opts.set_env(env);
