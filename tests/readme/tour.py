@@ -191,9 +191,10 @@ class Dev:
 
 
 def run(cmd, cwd, limit=COMMAND_LIMIT):
+    """Runs a command as typed into a terminal: read by bash from its input, not given as
+    `bash -c CMD`, whose command line would contain the text that `pgrep -f` looks for."""
     return subprocess.run(
-        ["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=limit,
-        stdin=subprocess.DEVNULL,
+        ["bash"], cwd=cwd, capture_output=True, text=True, timeout=limit, input=cmd + "\n",
     )
 
 
@@ -213,7 +214,7 @@ def follow_check(cmd, cwd):
         proc = subprocess.Popen(
             ["bash", "-c", cmd], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        )  # `-c` here: the command waits for Ctrl-C, so bash must not also wait for input
         try:
             deadline = time.monotonic() + 60
             seen = False
@@ -296,8 +297,10 @@ def tour(copy):
         if r.returncode != 0:
             continue
         if "station describe demo" in cmd:
-            check("demo" in r.stdout and re.search(r"\b2\b", r.stdout) is not None,
-                  "describe shows the station and its partitions", r.stdout)
+            rows = [l.split() for l in r.stdout.splitlines()]
+            check((["station", "default/demo"] in rows or ["station", "demo"] in rows) and ["partitions", "3"] in rows
+                  and all(any(row[:1] == [str(p)] for row in rows) for p in range(3)),
+                  "describe shows the station and a row for each of its 3 partitions", r.stdout)
         elif "produce demo --key-sep TAB" in cmd:
             produced += 3
         elif "seq 1 10000" in cmd:
