@@ -430,3 +430,159 @@ async fn reflection_lists_every_served_service() {
     );
     cluster.shutdown().await;
 }
+
+/// The reported attack: one `Peer.JoinCluster` call naming a node at an address where nothing
+/// listens. The node must not become a voter (nor stay a member), and the cluster must keep
+/// its tolerance of one failure: with node 3 stopped afterwards, metadata writes still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_naming_an_unreachable_node_is_refused() {
+    let mut cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_metadata_leader().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    // Asked through a follower and through the leader: the follower points at the leader.
+    let follower = cluster
+        .running()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    let mut via_follower = cluster.peer_client(follower).await;
+    let request = junction_proto::peer::JoinClusterRequest {
+        node_id: 99,
+        addr: dead.clone(),
+    };
+    let reply = via_follower
+        .join_cluster(request.clone())
+        .await
+        .expect("join call")
+        .into_inner();
+    assert!(!reply.joined, "{reply:?}");
+    assert_eq!(reply.leader_addr, cluster.addr(leader), "{reply:?}");
+
+    let mut via_leader = cluster.peer_client(leader).await;
+    let reply = via_leader
+        .join_cluster(request)
+        .await
+        .expect("join call")
+        .into_inner();
+    assert!(!reply.joined, "{reply:?}");
+    assert!(
+        reply.error.contains("node 99 has not answered"),
+        "{reply:?}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "node 99 to leave the membership on every node",
+        || async {
+            cluster
+                .running()
+                .into_iter()
+                .all(|n| !cluster.broker(n).node_addrs().contains_key(&99))
+                .then_some(())
+        },
+    )
+    .await;
+    let status = cluster.client().cluster_status().await.expect("status");
+    assert_eq!(status.nodes.len(), 3, "{:?}", status.nodes);
+
+    // One failure is still tolerated.
+    let survivor = if leader == 3 { 1 } else { leader };
+    cluster.stop(if leader == 3 { 2 } else { 3 }).await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        cluster.client_of(survivor).create_tenant("after-the-join"),
+    )
+    .await
+    .expect("metadata writes do not hang with one node down")
+    .expect("tenant created");
+    cluster.shutdown().await;
+}
+
+/// Node-to-node calls need the cluster's secret: a client without it, or with another
+/// secret, can neither join, nor vote, nor append, nor read a node's status; the nodes
+/// themselves (which carry it) work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_calls_without_the_cluster_secret_are_refused() {
+    use junction_proto::peer::peer_client::PeerClient;
+    use junction_proto::peer::{JoinClusterRequest, NodeStatusRequest, RaftRequest};
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("s", 1, 3).await.expect("station");
+    client
+        .produce("s", vec![keyed("k", "v")])
+        .await
+        .expect("the nodes replicate with their secret");
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string();
+    let other_secret = tempfile::tempdir().expect("dir");
+    let other =
+        junction_raft::peer_auth::ClusterSecret::load_or_create(&other_secret.path().join("s"))
+            .expect("secret");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let clients = [
+        ("no secret", junction_raft::peer_auth::AttachSecret(None)),
+        (
+            "another cluster's secret",
+            junction_raft::peer_auth::AttachSecret(Some(other)),
+        ),
+    ];
+    for (what, attach) in clients {
+        let mut peer = PeerClient::with_interceptor(channel.clone(), attach);
+        let join = peer
+            .join_cluster(JoinClusterRequest {
+                node_id: 99,
+                addr: dead.clone(),
+            })
+            .await
+            .expect_err("join refused");
+        assert_eq!(join.code(), tonic::Code::Unauthenticated, "{what}: {join}");
+        let status = peer
+            .node_status(NodeStatusRequest {})
+            .await
+            .expect_err("status refused");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {status}"
+        );
+        let vote = peer
+            .vote(RaftRequest {
+                group: 0,
+                payload: vec![1, 2, 3],
+            })
+            .await
+            .expect_err("vote refused");
+        assert_eq!(vote.code(), tonic::Code::Unauthenticated, "{what}: {vote}");
+        let append = peer
+            .append_entries(RaftRequest {
+                group: 0,
+                payload: vec![],
+            })
+            .await
+            .expect_err("append refused");
+        assert_eq!(
+            append.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {append}"
+        );
+    }
+    // With the secret, the status call answers.
+    let mut peer = cluster.peer_client(1).await;
+    peer.node_status(NodeStatusRequest {})
+        .await
+        .expect("status with the secret");
+    let status = client.cluster_status().await.expect("status");
+    assert_eq!(status.nodes.len(), 3);
+    assert!(status.nodes.iter().all(|n| n.alive), "{:?}", status.nodes);
+    cluster.shutdown().await;
+}

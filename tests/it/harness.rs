@@ -66,6 +66,8 @@ impl TestCluster {
             .map(|(id, (g, _))| format!("{id}={}", g.local_addr().expect("addr")))
             .collect::<Vec<_>>()
             .join(",");
+        junction_raft::peer_auth::ClusterSecret::load_or_create(&dir.path().join("cluster-secret"))
+            .expect("cluster secret");
         let mut cluster = TestCluster {
             _dir: dir,
             slots: BTreeMap::new(),
@@ -114,6 +116,29 @@ impl TestCluster {
         id
     }
 
+    /// The file of the cluster's node-to-node secret (every test cluster has one).
+    pub fn secret_file(&self) -> PathBuf {
+        self._dir.path().join("cluster-secret")
+    }
+
+    /// A `Peer` client of node `id` that carries the cluster secret, as another node would.
+    pub async fn peer_client(
+        &self,
+        id: u64,
+    ) -> junction_proto::peer::peer_client::PeerClient<junction_raft::PeerChannel> {
+        let secret =
+            junction_raft::peer_auth::ClusterSecret::load(&self.secret_file()).expect("secret");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        junction_proto::peer::peer_client::PeerClient::with_interceptor(
+            channel,
+            junction_raft::peer_auth::AttachSecret(Some(secret)),
+        )
+    }
+
     fn config(&self, id: u64) -> Config {
         let slot = &self.slots[&id];
         let mut c = Config {
@@ -122,6 +147,7 @@ impl TestCluster {
             http: slot.http.to_string(),
             data_dir: slot.data_dir.clone(),
             members: self.members.clone(),
+            cluster_secret_file: Some(self.secret_file()),
             ..Config::default()
         };
         (self.tweak)(&mut c);

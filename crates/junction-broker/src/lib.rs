@@ -63,6 +63,8 @@ pub struct BrokerConfig {
     pub retention: RetentionTuning,
     /// Most bytes the memory stations' replicas may use on this node.
     pub memory_limit_bytes: u64,
+    /// Sent with every peer call; `None`: peer calls carry no secret.
+    pub cluster_secret: Option<junction_raft::peer_auth::ClusterSecret>,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -94,7 +96,10 @@ impl Broker {
     /// Opens the node's groups and starts the metadata group. The lowest-id member with empty
     /// state initialises the cluster; a node with existing state never re-initialises.
     pub async fn start(cfg: BrokerConfig, store: Store) -> Result<Arc<Self>, BrokerError> {
-        let pool = Arc::new(PeerPool::with_overrides(cfg.dial_overrides.clone()));
+        let pool = Arc::new(PeerPool::new(
+            cfg.dial_overrides.clone(),
+            cfg.cluster_secret.clone(),
+        ));
         let sm = MetaStateMachine::open(store.clone())?;
         let meta_shared = sm.shared();
         let config = cfg

@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use junction_proto::peer::peer_client::PeerClient;
 use junction_proto::peer::{NodeStatusRequest, NodeStatusResponse};
+use junction_raft::PeerChannel;
+use junction_raft::peer_auth::{AttachSecret, ClusterSecret};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::disk::{copy_dir, mount_tmpfs, unmount, used_bytes};
 use crate::proxy::{LinkMode, LinkStats, Proxy};
@@ -53,6 +55,8 @@ pub enum ClusterError {
     NoDiskFaults(String),
     #[error("disk fault on node {id} failed: {reason}")]
     Disk { id: u64, reason: String },
+    #[error("cannot make the cluster secret: {0}")]
+    Secret(String),
 }
 
 /// How to build the cluster.
@@ -79,7 +83,7 @@ struct Node {
     child: Option<Child>,
     paused: bool,
     mounted: bool,
-    status: Option<PeerClient<Channel>>,
+    status: Option<PeerClient<PeerChannel>>,
 }
 
 /// A running cluster.
@@ -92,6 +96,9 @@ pub struct Cluster {
     disk_faults: Result<(), String>,
     /// Exits nobody asked for: (node, status, ms since the cluster started).
     crashes: Vec<(u64, String)>,
+    /// The nodes' shared secret for node-to-node calls, and its file.
+    secret: ClusterSecret,
+    secret_file: PathBuf,
 }
 
 fn free_port() -> Result<SocketAddr, ClusterError> {
@@ -123,6 +130,10 @@ impl Cluster {
             source,
         })?;
         spec.bin = private_bin;
+        // Node-to-node calls are authenticated in the chaos runs as in production.
+        let secret_file = path.join("cluster-secret");
+        let secret = ClusterSecret::load_or_create(&secret_file)
+            .map_err(|e| ClusterError::Secret(e.to_string()))?;
         let mut nodes = BTreeMap::new();
         for id in 1..=spec.nodes {
             let root = path.join(format!("node{id}"));
@@ -175,6 +186,8 @@ impl Cluster {
             proxies: BTreeMap::new(),
             disk_faults,
             crashes: Vec::new(),
+            secret,
+            secret_file,
         };
         let targets: Vec<(u64, SocketAddr)> =
             cluster.nodes.iter().map(|(id, n)| (*id, n.grpc)).collect();
@@ -256,6 +269,7 @@ impl Cluster {
         let overrides = self.overrides(id);
         let bin = self.spec.bin.clone();
         let extra = self.spec.extra_args.clone();
+        let secret_file = self.secret_file.clone();
         let node = self.node_mut(id)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -274,6 +288,8 @@ impl Cluster {
             .arg(node.root.join("data"))
             .args(["--members", &members])
             .args(["--dial-overrides", &overrides])
+            .arg("--cluster-secret-file")
+            .arg(&secret_file)
             .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log2))
@@ -448,8 +464,17 @@ impl Cluster {
             .map_err(|reason| ClusterError::Disk { id, reason })
     }
 
+    /// A peer client for `endpoint`, carrying the cluster secret.
+    pub fn peer_client(&self, endpoint: &Endpoint) -> PeerClient<PeerChannel> {
+        PeerClient::with_interceptor(
+            endpoint.connect_lazy(),
+            AttachSecret(Some(self.secret.clone())),
+        )
+    }
+
     /// Asks node `id` for the state of the groups it hosts (direct, never through a proxy).
     pub async fn node_status(&mut self, id: u64) -> Option<NodeStatusResponse> {
+        let secret = self.secret.clone();
         let node = self.nodes.get_mut(&id)?;
         if node.child.is_none() || node.paused {
             return None;
@@ -460,7 +485,7 @@ impl Cluster {
                 let ep = Endpoint::from_shared(format!("http://{}", node.grpc))
                     .ok()?
                     .connect_timeout(Duration::from_millis(500));
-                let c = PeerClient::new(ep.connect_lazy());
+                let c = PeerClient::with_interceptor(ep.connect_lazy(), AttachSecret(Some(secret)));
                 node.status = Some(c.clone());
                 c
             }

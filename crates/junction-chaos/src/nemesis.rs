@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use junction_proto::peer::NodeStatusRequest;
 use junction_proto::peer::peer_client::PeerClient;
+use junction_raft::PeerChannel;
 use junction_types::META_GROUP;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -307,7 +308,23 @@ impl Nemesis {
                 })
                 .collect();
             let origin = self.origin;
-            let handle = tokio::spawn(watch_elections(addrs, node, watched, origin, killed_at_ms));
+            let clients: Vec<_> = addrs
+                .iter()
+                .filter_map(|(id, a)| {
+                    let ep = Endpoint::from_shared(a.clone()).ok()?;
+                    Some((
+                        *id,
+                        cluster.peer_client(&ep.connect_timeout(Duration::from_millis(300))),
+                    ))
+                })
+                .collect();
+            let handle = tokio::spawn(watch_elections(
+                clients,
+                node,
+                watched,
+                origin,
+                killed_at_ms,
+            ));
             self.monitors.push((rec.index, handle));
         }
         tokio::time::sleep(hold).await;
@@ -429,19 +446,13 @@ fn affected(action: &Action) -> Vec<u64> {
 /// leads with a higher term than the killed leader had (an election), or the killed node,
 /// restarted, reporting it leads again (its old leadership resumed).
 async fn watch_elections(
-    addrs: Vec<(u64, String)>,
+    clients: Vec<(u64, PeerClient<PeerChannel>)>,
     killed: u64,
     watched: Vec<(Option<u32>, u64, u64)>,
     origin: Instant,
     killed_at_ms: u64,
 ) -> Vec<Election> {
-    let mut clients = Vec::new();
-    for (id, a) in addrs {
-        if let Ok(ep) = Endpoint::from_shared(a) {
-            let ep = ep.connect_timeout(Duration::from_millis(300));
-            clients.push((id, PeerClient::new(ep.connect_lazy())));
-        }
-    }
+    let mut clients = clients;
     let mut elected: BTreeMap<u64, u64> = BTreeMap::new();
     let mut resumed: BTreeMap<u64, u64> = BTreeMap::new();
     let deadline = Instant::now() + ELECTION_LIMIT;

@@ -145,7 +145,12 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn(exe: &Path, node: &NodePlan, members: &str) -> anyhow::Result<Child> {
+/// The file of the dev cluster's shared node-to-node secret, made on first start.
+fn secret_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster-secret")
+}
+
+fn spawn(exe: &Path, node: &NodePlan, members: &str, secret: &Path) -> anyhow::Result<Child> {
     std::fs::create_dir_all(&node.data_dir)
         .with_context(|| format!("creating {}", node.data_dir.display()))?;
     let log = OpenOptions::new()
@@ -165,6 +170,8 @@ fn spawn(exe: &Path, node: &NodePlan, members: &str) -> anyhow::Result<Child> {
         .arg(&node.data_dir)
         .arg("--members")
         .arg(members)
+        .arg("--cluster-secret-file")
+        .arg(secret)
         // Settings meant for a single node would break a local cluster.
         .env_remove("JUNCTION_CONFIG")
         .env_remove("JUNCTION_ADVERTISE")
@@ -264,6 +271,7 @@ async fn wait_for_stop(
     term: &mut tokio::signal::unix::Signal,
     exe: &Path,
     members: &str,
+    data_dir: &Path,
 ) -> anyhow::Result<()> {
     let stop = stop_requested(term);
     tokio::pin!(stop);
@@ -277,7 +285,7 @@ async fn wait_for_stop(
                     () = &mut stop => return Ok(()),
                     () = tokio::time::sleep(RESTART_DELAY) => {}
                 }
-                let child = spawn(exe, &plan, members)?;
+                let child = spawn(exe, &plan, members, &secret_path(data_dir))?;
                 if let Some(node) = cluster.nodes.iter_mut().find(|n| n.plan.id == plan.id) {
                     node.child = child;
                 }
@@ -322,9 +330,11 @@ pub async fn run_dev(mut args: DevArgs) -> anyhow::Result<()> {
     check_ports_free(&plans)?;
     let exe = std::env::current_exe().context("finding the junction executable")?;
     eprintln!("data under {}", args.data_dir.display());
+    let secret = secret_path(&args.data_dir);
+    junction_raft::peer_auth::ClusterSecret::load_or_create(&secret)?;
     let mut cluster = Cluster::default();
     for plan in &plans {
-        let child = spawn(&exe, plan, &members)?;
+        let child = spawn(&exe, plan, &members, &secret)?;
         out(&format!(
             "node {}: grpc {}  http {}  log {}\n",
             plan.id,
@@ -387,7 +397,7 @@ async fn run_cluster(
         .map(|p| format!("{}={}", p.id, p.listen))
         .collect::<Vec<_>>()
         .join(",");
-    wait_for_stop(cluster, &mut term, &exe, &members).await
+    wait_for_stop(cluster, &mut term, &exe, &members, &args.data_dir).await
 }
 
 #[cfg(test)]

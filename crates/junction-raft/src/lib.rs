@@ -16,7 +16,9 @@ pub mod log_store;
 pub mod meta_sm;
 pub mod network;
 pub mod partition_sm;
+pub mod peer_auth;
 pub mod peer_service;
+pub mod promotion;
 mod sm_common;
 pub mod snapshot;
 pub mod tuning;
@@ -24,7 +26,7 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use meta_sm::{MetaShared, MetaStateMachine};
-pub use network::{DialOverrides, NetworkFactory, PeerPool};
+pub use network::{DialOverrides, NetworkFactory, PeerChannel, PeerPool};
 pub use partition_sm::{PartitionShared, PartitionState, PartitionStateMachine};
 pub use peer_service::{GroupHost, PeerService};
 pub use snapshot::SnapshotData;
@@ -49,6 +51,8 @@ pub enum RaftStoreError {
     },
     #[error("bad snapshot stream: {0}")]
     BadSnapshot(&'static str),
+    #[error("bad cluster secret: {0}")]
+    ClusterSecret(String),
 }
 
 impl From<RaftStoreError> for std::io::Error {

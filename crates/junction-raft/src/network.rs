@@ -18,8 +18,10 @@ use openraft::raft::{
 };
 use openraft::{RaftNetworkFactory, RaftNetworkV2};
 use parking_lot::Mutex;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::peer_auth::{AttachSecret, ClusterSecret};
 use crate::snapshot::SnapshotData;
 use crate::types::{Node, Snapshot, TypeConfig, Vote};
 use crate::{decode, encode};
@@ -47,9 +49,13 @@ fn rpc_deadline(option: &RPCOption) -> Duration {
 /// Lazily connected gRPC clients to peers, keyed by address. Reconnects by itself.
 #[derive(Debug, Default)]
 pub struct PeerPool {
-    clients: Mutex<HashMap<String, PeerClient<Channel>>>,
+    clients: Mutex<HashMap<String, PeerClient<PeerChannel>>>,
     dial: DialOverrides,
+    secret: Option<ClusterSecret>,
 }
+
+/// The channel of peer clients: every call carries the cluster secret, if there is one.
+pub type PeerChannel = InterceptedService<Channel, AttachSecret>;
 
 /// Advertised address → address actually dialled. Empty in production; the chaos suite uses
 /// it to send each node-to-node link through its own fault-injecting proxy.
@@ -58,9 +64,16 @@ pub type DialOverrides = Arc<HashMap<String, String>>;
 impl PeerPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
     pub fn with_overrides(dial: DialOverrides) -> Self {
+        Self::new(dial, None)
+    }
+
+    /// Returns a pool that dials `dial[addr]` instead of `addr` where given, and sends
+    /// `secret` with every call.
+    pub fn new(dial: DialOverrides, secret: Option<ClusterSecret>) -> Self {
         Self {
             clients: Mutex::default(),
             dial,
+            secret,
         }
     }
 
@@ -70,7 +83,7 @@ impl PeerPool {
     }
 
     /// Returns a client for `addr` (`host:port`).
-    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    pub fn client(&self, addr: &str) -> Result<PeerClient<PeerChannel>, tonic::transport::Error> {
         let mut map = self.clients.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -83,9 +96,10 @@ impl PeerPool {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let client = PeerClient::new(ep.connect_lazy())
-            .max_decoding_message_size(512 << 20)
-            .max_encoding_message_size(512 << 20);
+        let client =
+            PeerClient::with_interceptor(ep.connect_lazy(), AttachSecret(self.secret.clone()))
+                .max_decoding_message_size(512 << 20)
+                .max_encoding_message_size(512 << 20);
         map.insert(addr.to_string(), client.clone());
         Ok(client)
     }
@@ -121,7 +135,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerConnection {
     group: GroupId,
     target: u64,
-    client: Result<PeerClient<Channel>, String>,
+    client: Result<PeerClient<PeerChannel>, String>,
 }
 
 fn unreachable(msg: impl ToString) -> RpcErr {
@@ -160,7 +174,7 @@ fn payload_of(
 }
 
 impl PeerConnection {
-    fn client(&self) -> Result<PeerClient<Channel>, RpcErr> {
+    fn client(&self) -> Result<PeerClient<PeerChannel>, RpcErr> {
         self.client.clone().map_err(unreachable)
     }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use junction_proto::peer::peer_server::Peer;
@@ -17,6 +18,7 @@ use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::promotion::{Promotion, PromotionView, ReplicaView, decide};
 use crate::snapshot::{SnapshotData, check_complete};
 use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::{decode, encode};
@@ -232,58 +234,155 @@ impl<H: GroupHost> Peer for PeerService<H> {
     }
 }
 
-/// Adds `id` to the metadata group: as a learner (waiting until it caught up), then as a voter.
-async fn join(meta: &MetaRaft, id: NodeId, addr: &str) -> JoinClusterResponse {
-    let is_voter = {
-        let m = meta.metrics();
-        let m = m.borrow_watched();
-        m.membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id)
+/// How long a join call waits for the new learner to answer and catch up before it refuses
+/// (the joining node asks again; its calls allow 30 s).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
+/// A replica that acknowledged the leader within this time counts as live.
+const LIVE_WITHIN: Duration = Duration::from_secs(2);
+
+/// The leader's view of the metadata group for [`promotion::decide`]; `None` when this node
+/// is not the leader (then the leader's address, when known).
+fn promotion_view(meta: &MetaRaft, learner: NodeId) -> Result<PromotionView, String> {
+    let m = meta.metrics();
+    let m = m.borrow_watched();
+    let membership = m.membership_config.membership();
+    let (Some(replication), Some(heartbeat)) = (&m.replication, &m.heartbeat) else {
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        return Err(leader_addr);
     };
-    if is_voter {
-        return JoinClusterResponse {
-            joined: true,
-            ..JoinClusterResponse::default()
-        };
-    }
-    let refused = |e: openraft::errors::RaftError<
+    let replicas = replication
+        .iter()
+        .map(|(id, matched)| {
+            let acked_ago = heartbeat
+                .get(id)
+                .and_then(|t| t.as_ref())
+                .map(|t| openraft::Instant::elapsed(&**t));
+            (
+                *id,
+                ReplicaView {
+                    matched: matched.as_ref().map(|l| l.index),
+                    acked_ago,
+                },
+            )
+        })
+        .collect();
+    Ok(PromotionView {
+        leader: m.id,
+        voters: membership.voter_ids().collect(),
+        learner,
+        needed: m.cluster_committed.as_ref().map_or(0, |l| l.index),
+        replicas,
+        live_within: LIVE_WITHIN,
+    })
+}
+
+/// Adds `id` to the metadata group: as a learner, then — once it answers, has caught up, and
+/// the group keeps a spare failure with it (see [`promotion`]) — as a voter. A node that is
+/// not reachable at `addr` stays a learner, which no quorum counts.
+async fn join(meta: &MetaRaft, id: NodeId, addr: &str) -> JoinClusterResponse {
+    let refused = |leader_addr: String, error: String| JoinClusterResponse {
+        joined: false,
+        leader_addr,
+        error,
+    };
+    let raft_refused = |e: openraft::errors::RaftError<
         crate::types::TypeConfig,
         openraft::errors::ClientWriteError<crate::types::TypeConfig>,
     >| match e {
         openraft::errors::RaftError::APIError(
             openraft::errors::ClientWriteError::ForwardToLeader(f),
-        ) => JoinClusterResponse {
-            joined: false,
-            leader_addr: f.leader_node.map(|n| n.addr).unwrap_or_default(),
-            error: "not the metadata leader".into(),
-        },
-        other => JoinClusterResponse {
-            joined: false,
-            leader_addr: String::new(),
-            error: other.to_string(),
-        },
+        ) => refused(
+            f.leader_node.map(|n| n.addr).unwrap_or_default(),
+            "not the metadata leader".into(),
+        ),
+        other => refused(String::new(), other.to_string()),
     };
-    tracing::info!(node = id, addr, "adding a node to the cluster");
-    if let Err(e) = meta
-        .add_learner(id, openraft::BasicNode::new(addr), true)
-        .await
-    {
-        return refused(e);
+    match promotion_view(meta, id) {
+        Err(leader_addr) => return refused(leader_addr, "not the metadata leader".into()),
+        Ok(view) if decide(&view) == Promotion::AlreadyVoter => {
+            return JoinClusterResponse {
+                joined: true,
+                ..JoinClusterResponse::default()
+            };
+        }
+        Ok(_) => {}
     }
-    match meta
-        .change_membership(
-            openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id])),
-            false,
-        )
-        .await
-    {
-        Ok(_) => JoinClusterResponse {
+    let known_learner = {
+        let m = meta.metrics();
+        let m = m.borrow_watched();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .is_some_and(|n| n.addr == addr)
+    };
+    if !known_learner {
+        tracing::info!(
+            node = id,
+            addr,
+            "adding a node to the metadata group as a learner"
+        );
+        if let Err(e) = meta
+            .add_learner(id, openraft::BasicNode::new(addr), false)
+            .await
+        {
+            return raft_refused(e);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + CATCH_UP_LIMIT;
+    let verdict = loop {
+        let verdict = match promotion_view(meta, id) {
+            Ok(view) => decide(&view),
+            Err(leader_addr) => return refused(leader_addr, "not the metadata leader".into()),
+        };
+        if !verdict.worth_waiting() || tokio::time::Instant::now() >= deadline {
+            break verdict;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    match verdict {
+        Promotion::AlreadyVoter => JoinClusterResponse {
             joined: true,
             ..JoinClusterResponse::default()
         },
-        Err(e) => refused(e),
+        Promotion::Promote => {
+            tracing::info!(node = id, addr, "promoting a caught-up learner to voter");
+            match meta
+                .change_membership(
+                    openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id])),
+                    false,
+                )
+                .await
+            {
+                Ok(_) => JoinClusterResponse {
+                    joined: true,
+                    ..JoinClusterResponse::default()
+                },
+                Err(e) => raft_refused(e),
+            }
+        }
+        refusal @ Promotion::Unreachable { .. } => {
+            // Nothing answers at that address: take the learner out again, so that a call
+            // naming a made-up node leaves no trace in the membership. A real node asks
+            // again once it is up.
+            tracing::warn!(node = id, addr, reason = %refusal, "removing an unreachable learner");
+            if let Err(e) = meta
+                .change_membership(
+                    openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                    false,
+                )
+                .await
+            {
+                tracing::warn!(node = id, error = %e, "removing the learner failed");
+            }
+            refused(String::new(), refusal.to_string())
+        }
+        refusal => {
+            tracing::warn!(node = id, addr, reason = %refusal, "not promoting a learner");
+            refused(String::new(), refusal.to_string())
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub enum ConfigError {
         pod_name: String,
         derived: NodeId,
     },
+    #[error("cluster secret: {0}")]
+    ClusterSecret(String),
     #[error("{field} must be {rule}, got {value}")]
     OutOfRange {
         field: &'static str,
@@ -89,6 +91,9 @@ pub struct Config {
     pub compaction_every_ms: u64,
     /// Most bytes the replicas of memory stations may hold on this node.
     pub memory_limit_bytes: u64,
+    /// File holding the secret every node of the cluster shares; node-to-node calls without
+    /// it are refused. `None`: peer calls are not authenticated (a warning at start).
+    pub cluster_secret_file: Option<PathBuf>,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
@@ -115,6 +120,7 @@ impl Default for Config {
             retention_tick_ms: 1000,
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
+            cluster_secret_file: None,
             test_no_preallocation: false,
         }
     }
@@ -169,6 +175,11 @@ pub struct ServeArgs {
     /// ADVERTISED=DIALLED,... peer address overrides (fault-injection proxies).
     #[arg(long, env = "JUNCTION_DIAL_OVERRIDES")]
     pub dial_overrides: Option<String>,
+    /// File with the secret all nodes of the cluster share (at least 32 printable characters,
+    /// e.g. `openssl rand -hex 32`). Node-to-node calls (Raft, joins, status) without it are
+    /// refused; without this flag they are not authenticated at all.
+    #[arg(long, env = "JUNCTION_CLUSTER_SECRET_FILE", value_name = "PATH")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -240,11 +251,25 @@ impl Config {
         if let Some(v) = &args.dial_overrides {
             c.dial_overrides = v.clone();
         }
+        if let Some(v) = &args.cluster_secret_file {
+            c.cluster_secret_file = Some(v.clone());
+        }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;
         }
         c.validate()?;
         Ok(c)
+    }
+
+    /// The cluster secret, read from its file.
+    pub fn cluster_secret(
+        &self,
+    ) -> Result<Option<junction_raft::peer_auth::ClusterSecret>, ConfigError> {
+        self.cluster_secret_file
+            .as_deref()
+            .map(junction_raft::peer_auth::ClusterSecret::load)
+            .transpose()
+            .map_err(|e| ConfigError::ClusterSecret(e.to_string()))
     }
 
     /// Checks ranges and the member list.
@@ -339,6 +364,7 @@ impl Config {
                 compaction_every: Duration::from_millis(self.compaction_every_ms),
             },
             memory_limit_bytes: self.memory_limit_bytes,
+            cluster_secret: self.cluster_secret()?,
         })
     }
 }

@@ -1,0 +1,230 @@
+//! Authentication of node-to-node (`Peer`) calls with a cluster secret.
+//!
+//! Every node of a cluster is given the same secret (a file, `--cluster-secret-file`); a
+//! node sends it with each peer call in the [`CLUSTER_SECRET_HEADER`] metadata, and the
+//! `Peer` service refuses any call without it, UNAUTHENTICATED. So a client that can reach
+//! the port can neither join the cluster, nor vote, nor append, nor read a node's status.
+//! The secret travels in the clear unless the connection is encrypted; it stops outsiders
+//! and mistakes (a node of another cluster dialling the wrong address), not an eavesdropper.
+//! A node without a secret accepts every peer call and says so loudly at start.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::RaftStoreError;
+
+/// The metadata key that carries the secret.
+pub const CLUSTER_SECRET_HEADER: &str = "x-junction-cluster-secret";
+/// Shortest secret accepted: 32 characters (the dev cluster's are 64 hex digits, 256 bits).
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// A validated cluster secret. Its `Debug` never shows the value.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    value: Arc<AsciiMetadataValue>,
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterSecret(<redacted>)")
+    }
+}
+
+impl ClusterSecret {
+    /// Checks a secret: printable ASCII without spaces, at least [`MIN_SECRET_LEN`] long.
+    /// Surrounding whitespace (a file's final newline) is ignored.
+    pub fn new(text: &str) -> Result<Self, RaftStoreError> {
+        let text = text.trim();
+        if text.len() < MIN_SECRET_LEN {
+            return Err(RaftStoreError::ClusterSecret(format!(
+                "it has {} characters; at least {MIN_SECRET_LEN} are needed",
+                text.len()
+            )));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(RaftStoreError::ClusterSecret(
+                "only printable ASCII characters without spaces are allowed".to_owned(),
+            ));
+        }
+        let value = AsciiMetadataValue::try_from(text)
+            .map_err(|_| RaftStoreError::ClusterSecret("not a valid metadata value".to_owned()))?;
+        Ok(Self {
+            value: Arc::new(value),
+        })
+    }
+
+    /// Reads the secret from a file.
+    pub fn load(path: &Path) -> Result<Self, RaftStoreError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RaftStoreError::ClusterSecret(format!("reading {}: {e}", path.display()))
+        })?;
+        Self::new(&text).map_err(|e| match e {
+            RaftStoreError::ClusterSecret(why) => {
+                RaftStoreError::ClusterSecret(format!("{}: {why}", path.display()))
+            }
+            other => other,
+        })
+    }
+
+    /// Reads the secret at `path`, or, when there is no file there, makes a new one (256
+    /// random bits as 64 hex digits, from the kernel's generator) and writes it, readable by
+    /// its owner only. For `junction dev`, the chaos suite and tests.
+    pub fn load_or_create(path: &Path) -> Result<Self, RaftStoreError> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        if path.exists() {
+            return Self::load(path);
+        }
+        let io = |what: &str, e: std::io::Error| {
+            RaftStoreError::ClusterSecret(format!("{what} {}: {e}", path.display()))
+        };
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(|e| io("generating a secret for", e))?;
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("creating", e))?;
+        file.write_all(format!("{text}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io("writing", e))?;
+        Self::new(&text)
+    }
+
+    /// Compares in time independent of where the first difference is.
+    fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.value.as_bytes();
+        expected.len() == presented.len()
+            && expected
+                .iter()
+                .zip(presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+/// Client side: adds the secret (if any) to every peer call.
+#[derive(Clone, Debug, Default)]
+pub struct AttachSecret(pub Option<ClusterSecret>);
+
+impl Interceptor for AttachSecret {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(secret) = &self.0 {
+            req.metadata_mut()
+                .insert(CLUSTER_SECRET_HEADER, (*secret.value).clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Server side: refuses peer calls without the secret (when the node has one).
+#[derive(Clone, Debug, Default)]
+pub struct RequireSecret(pub Option<ClusterSecret>);
+
+impl Interceptor for RequireSecret {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(secret) = &self.0 else {
+            return Ok(req);
+        };
+        match req.metadata().get(CLUSTER_SECRET_HEADER) {
+            Some(v) if secret.matches(v.as_bytes()) => Ok(req),
+            presented => {
+                tracing::warn!(
+                    remote = ?req.remote_addr(),
+                    secret_presented = presented.is_some(),
+                    "refused a peer call that does not carry this cluster's secret"
+                );
+                Err(Status::unauthenticated(
+                    "node-to-node calls need this cluster's secret (--cluster-secret-file)",
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn secrets_are_checked() {
+        assert!(ClusterSecret::new(GOOD).is_ok());
+        assert!(ClusterSecret::new(&format!("  {GOOD}\n")).is_ok());
+        let short = ClusterSecret::new("short").unwrap_err().to_string();
+        assert!(short.contains("5 characters; at least 32"), "{short}");
+        let spaced = ClusterSecret::new(&format!("{GOOD} x")).unwrap_err();
+        assert!(spaced.to_string().contains("without spaces"), "{spaced}");
+        assert!(ClusterSecret::new(&format!("{GOOD}é")).is_err());
+    }
+
+    #[test]
+    fn a_created_secret_is_private_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let made = ClusterSecret::load_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        let again = ClusterSecret::load_or_create(&path).unwrap();
+        assert!(made.matches(again.value.as_bytes()));
+        let other = dir.path().join("other");
+        let fresh = ClusterSecret::load_or_create(&other).unwrap();
+        assert!(
+            !made.matches(fresh.value.as_bytes()),
+            "two secrets are different"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let s = ClusterSecret::new(GOOD).unwrap();
+        assert!(!format!("{s:?}").contains("0123"));
+        assert!(!format!("{:?}", AttachSecret(Some(s))).contains("0123"));
+    }
+
+    #[test]
+    fn the_server_accepts_only_the_secret_the_client_attaches() {
+        let secret = ClusterSecret::new(GOOD).unwrap();
+        let mut attach = AttachSecret(Some(secret.clone()));
+        let mut require = RequireSecret(Some(secret));
+        let req = attach.call(Request::new(())).unwrap();
+        assert!(require.call(req).is_ok());
+
+        let missing = require.call(Request::new(())).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+
+        let other = ClusterSecret::new("fedcba9876543210fedcba9876543210").unwrap();
+        let wrong = AttachSecret(Some(other)).call(Request::new(())).unwrap();
+        assert_eq!(
+            require.call(wrong).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+
+        let mut prefix = Request::new(());
+        prefix
+            .metadata_mut()
+            .insert(CLUSTER_SECRET_HEADER, GOOD[..31].parse().unwrap());
+        assert!(require.call(prefix).is_err());
+    }
+
+    #[test]
+    fn without_a_secret_calls_pass_and_carry_nothing() {
+        let req = AttachSecret(None).call(Request::new(())).unwrap();
+        assert!(req.metadata().get(CLUSTER_SECRET_HEADER).is_none());
+        assert!(RequireSecret(None).call(req).is_ok());
+    }
+}
