@@ -20,6 +20,8 @@ Every check prints one line; the first failure stops the run with exit status 1.
 
 from __future__ import annotations
 
+import base64
+
 import json
 import os
 import re
@@ -266,6 +268,28 @@ def test_ha_properties(rendered: dict[str, list[dict[str, Any]]]) -> None:
     values = helm_python.Chart.load(str(CHART)).values
 
     check(spec["replicas"] == 3, "StatefulSet: 3 replicas by default")
+
+    # Node-to-node calls carry a secret the chart makes, mounted for the pod's group only.
+    secret = one(objs, "Secret", f"{name}-cluster-secret")
+    secret_value = base64.b64decode(secret["data"]["cluster-secret"]).decode()
+    check(len(secret_value) == 64 and secret_value.isalnum(), "cluster secret: 64 random characters")
+    check(secret["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep",
+          "cluster secret: kept on uninstall, like the data volumes")
+    secret_vol = next(v for v in pod["volumes"] if v["name"] == "cluster-secret")
+    secret_mount = next(m for m in c["volumeMounts"] if m["name"] == "cluster-secret")
+    check(secret_vol["secret"]["secretName"] == secret["metadata"]["name"]
+          and secret_vol["secret"]["defaultMode"] == 0o440 and secret_mount["readOnly"],
+          "cluster secret: mounted read-only, readable by the pod's group only")
+    check(f'cluster-secret-file = "{secret_mount["mountPath"]}/cluster-secret"' in toml_of(objs),
+          "config: cluster-secret-file points at the mounted secret")
+    again = one(objects(render()), "Secret", f"{name}-cluster-secret")
+    check(again["data"] != secret["data"], "cluster secret: a fresh value per install")
+    own = objects(render({"clusterSecret": {"existingSecret": "my-secret", "key": "s"}}))
+    own_pod = one(own, "StatefulSet", name)["spec"]["template"]["spec"]
+    check(not [o for o in own if o["kind"] == "Secret"]
+          and next(v for v in own_pod["volumes"] if v["name"] == "cluster-secret")["secret"]["secretName"] == "my-secret"
+          and 'cluster-secret-file = "/etc/junction-secret/s"' in toml_of(own),
+          "clusterSecret.existingSecret: no Secret rendered, the given one mounted")
     check(spec["podManagementPolicy"] == "Parallel", "StatefulSet: podManagementPolicy Parallel")
     check(spec["serviceName"] == headless_name, "StatefulSet: serviceName is the headless Service")
     check(spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
@@ -472,6 +496,14 @@ class PodSim:
                 cm = one(objs, "ConfigMap", vol["configMap"]["name"])
                 for key, text in cm["data"].items():
                     (self.mounts[m["mountPath"]] / key).write_text(self.substitute(text))
+            if vol and "secret" in vol:
+                # The Secret as the kubelet projects it: the listed keys (or all), decoded.
+                secret = one(objs, "Secret", vol["secret"]["secretName"])
+                items = vol["secret"].get("items") or [{"key": k, "path": k} for k in secret["data"]]
+                for item in items:
+                    target = self.mounts[m["mountPath"]] / item["path"]
+                    target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+                    target.chmod(vol["secret"].get("defaultMode", 0o644))
         self.cwd = self.dir / "cwd"
         self.cwd.mkdir(parents=True, exist_ok=True)
 
@@ -779,6 +811,9 @@ def scale_up(binary: Path, root: Path) -> dict[str, float]:
     the upgraded StatefulSet adds): the new nodes must join the running cluster."""
     timings: dict[str, float] = {}
     small, big = objects(render()), objects(render({"replicaCount": 5}))
+    # `helm upgrade` reads the installed cluster Secret back (lookup) and keeps its value; a
+    # render without a cluster cannot, so the upgrade's objects take the installed Secret.
+    big = [o for o in big if o["kind"] != "Secret"] + [o for o in small if o["kind"] == "Secret"]
     grace = one(big, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     ports = free_ports(10)
     grpc_ports, http_ports = ports[:5], ports[5:]

@@ -92,3 +92,8 @@ there is no cluster to protect.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the nodes' shared node-to-node secret. */}}
+{{- define "junction.clusterSecretName" -}}
+{{- default (printf "%s-cluster-secret" (include "junction.fullname" .)) .Values.clusterSecret.existingSecret }}
+{{- end }}
