@@ -125,8 +125,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_snapshot_stream_is_refused_and_the_replica_keeps_working() {
     use junction_proto::peer::SnapshotChunk;
-    use junction_proto::peer::peer_client::PeerClient;
-    use junction_raft::snapshot::{FRAME_STATE, write_frame};
+    use junction_raft::snapshot::{FRAME_STATE, SNAPSHOT_STREAM_VERSION, write_frame};
 
     let cluster = TestCluster::start(3).await;
     let client = cluster.client();
@@ -158,18 +157,16 @@ async fn a_cut_snapshot_stream_is_refused_and_the_replica_keeps_working() {
     write_frame(
         &mut data,
         FRAME_STATE,
-        &[],
+        &[SNAPSHOT_STREAM_VERSION],
         b"state of a snapshot that never finished",
     );
     let header = SnapshotChunk {
         group,
-        vote: junction_raft::encode("vote", &metrics.vote).expect("vote"),
-        meta: junction_raft::encode("meta", &meta).expect("meta"),
+        vote: junction_raft::encode(&junction_raft::format::VOTE, &metrics.vote).expect("vote"),
+        meta: junction_raft::encode(&junction_raft::format::SNAPSHOT_META, &meta).expect("meta"),
         data,
     };
-    let mut peer = PeerClient::connect(format!("http://{}", cluster.addr(follower)))
-        .await
-        .expect("connect");
+    let mut peer = cluster.peer_client(follower).await;
     let status = peer
         .install_snapshot(futures::stream::iter([header]))
         .await

@@ -619,7 +619,7 @@ impl Dispatcher {
                     continue;
                 }
                 let record: StoredRecord =
-                    junction_raft::decode("stored record", &bytes).map_err(|e| {
+                    junction_raft::decode(&junction_raft::format::RECORD, &bytes).map_err(|e| {
                         BrokerError::Raft(format!(
                             "partition {} offset {offset} is unreadable: {e}",
                             self.partition

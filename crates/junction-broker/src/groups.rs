@@ -572,7 +572,11 @@ impl Broker {
                 .ok()
                 .and_then(|m| m.into_iter().next())
                 .and_then(|(_, b)| {
-                    junction_raft::decode::<junction_types::StoredRecord>("stored record", &b).ok()
+                    junction_raft::decode::<junction_types::StoredRecord>(
+                        &junction_raft::format::RECORD,
+                        &b,
+                    )
+                    .ok()
                 })
                 .map_or(0, |r| (now_ms() - r.timestamp_ms).max(0) as u64)
         } else {

@@ -139,7 +139,7 @@ pub fn partition_stats(
             group,
             start,
             dense_from,
-            |_, v| match junction_raft::decode::<StoredRecord>("stored record", v) {
+            |_, v| match junction_raft::decode::<StoredRecord>(&junction_raft::format::RECORD, v) {
                 Ok(r) => {
                     messages += 1;
                     bytes += (r.key.as_ref().map_or(0, Vec::len)

@@ -77,7 +77,7 @@ pub(crate) fn plan_stored(
     let mut items = Vec::new();
     let mut bad: Option<RaftStoreError> = None;
     store.scan_messages(group, from, upto, |offset, value| {
-        match decode::<StoredRecord>("stored record", value) {
+        match decode::<StoredRecord>(&crate::format::RECORD, value) {
             Ok(r) => {
                 let tombstone = policy::is_tombstone(&r.headers, &r.payload);
                 items.push(CompactionItem {
@@ -221,8 +221,12 @@ mod tests {
                         payload: a.value.clone().unwrap_or_default(),
                     };
                     let mut b = store.batch();
-                    b.put_message(group, offset, &crate::encode("record", &rec).unwrap())
-                        .unwrap();
+                    b.put_message(
+                        group,
+                        offset,
+                        &crate::encode(&crate::format::RECORD, &rec).unwrap(),
+                    )
+                    .unwrap();
                     store.write(b).unwrap();
                     log.push(a);
                 } else {

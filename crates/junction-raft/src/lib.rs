@@ -12,6 +12,7 @@
 //! Depends on types, proto and storage; knows nothing of stations, produce or read requests.
 
 pub mod compaction;
+pub mod format;
 pub mod log_store;
 pub mod meta_sm;
 pub mod network;
@@ -53,6 +54,17 @@ pub enum RaftStoreError {
     BadSnapshot(&'static str),
     #[error("bad cluster secret: {0}")]
     ClusterSecret(String),
+    #[error(
+        "{what} is in format version {found}; this build reads version {supported} (written by a \
+         newer Junction?)"
+    )]
+    Version {
+        what: &'static str,
+        found: u8,
+        supported: u8,
+    },
+    #[error("cannot decode {what}: {detail}")]
+    Format { what: &'static str, detail: String },
 }
 
 impl From<RaftStoreError> for std::io::Error {
@@ -61,20 +73,4 @@ impl From<RaftStoreError> for std::io::Error {
     }
 }
 
-/// Encodes a value with postcard (the format of log entries and peer payloads).
-pub fn encode<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, RaftStoreError> {
-    // Sized first (a cheap pass that copies nothing): growing the vector as it fills copied
-    // big entries about twice over.
-    let size = postcard::experimental::serialized_size(v)
-        .map_err(|source| RaftStoreError::Encode { what, source })?;
-    postcard::to_extend(v, Vec::with_capacity(size))
-        .map_err(|source| RaftStoreError::Encode { what, source })
-}
-
-/// Decodes a postcard value; never panics on bad bytes.
-pub fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    b: &[u8],
-) -> Result<T, RaftStoreError> {
-    postcard::from_bytes(b).map_err(|source| RaftStoreError::Decode { what, source })
-}
+pub use format::{Format, decode, encode};

@@ -10,8 +10,8 @@ use junction_types::GroupId;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 
+use crate::format::{self, Format, decode, encode};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
-use crate::{decode, encode};
 
 /// One group's log, vote and committed marker. Cheap to clone (replication tasks read
 /// concurrently through clones).
@@ -46,11 +46,11 @@ impl LogStore {
     fn get_meta<T: serde::de::DeserializeOwned>(
         &self,
         tag: u8,
-        what: &'static str,
+        format: &Format,
     ) -> io::Result<Option<T>> {
         match self.store.get_tag(CF_RAFT_META, self.group, tag)? {
             None => Ok(None),
-            Some(b) => Ok(Some(decode(what, &b)?)),
+            Some(b) => Ok(Some(decode(format, &b)?)),
         }
     }
 }
@@ -73,7 +73,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let raw = self.store.log_range(self.group, start, end)?;
         let mut out = Vec::with_capacity(raw.len());
         for (index, bytes) in raw {
-            let entry: Entry = decode("log entry", &bytes)?;
+            let entry: Entry = decode(&format::LOG_ENTRY, &bytes)?;
             if entry.log_id.index != index {
                 return Err(io::Error::other(StorageError::Corrupt {
                     what: "log entry",
@@ -92,7 +92,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .get_tag(CF_RAFT_META, self.group, raft_tag::VOTE)?
         {
             None => Ok(None),
-            Some(b) => Ok(Some(decode("vote", &b)?)),
+            Some(b) => Ok(Some(decode(&format::VOTE, &b)?)),
         }
     }
 }
@@ -101,12 +101,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
-        let last_purged: Option<LogId> =
-            self.get_meta(raft_tag::LAST_PURGED, "last purged log id")?;
+        let last_purged: Option<LogId> = self.get_meta(raft_tag::LAST_PURGED, &format::LOG_ID)?;
         let last = match self.store.last_log(self.group)? {
             None => None,
             Some((_, bytes)) => {
-                let e: Entry = decode("log entry", &bytes)?;
+                let e: Entry = decode(&format::LOG_ENTRY, &bytes)?;
                 Some(e.log_id)
             }
         };
@@ -123,7 +122,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         // Invariant: a vote is on disk before any message relies on it, or a restarted node
         // could vote twice in one term.
-        let bytes = encode("vote", vote)?;
+        let bytes = encode(&format::VOTE, vote)?;
         let store = self.vote_store.clone();
         let group = self.group;
         tokio::task::spawn_blocking(move || {
@@ -144,7 +143,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 CF_RAFT_META,
                 self.group,
                 raft_tag::COMMITTED,
-                &encode("committed", &c)?,
+                &encode(&format::LOG_ID, &c)?,
             )?,
             None => b.delete_tag(CF_RAFT_META, self.group, raft_tag::COMMITTED)?,
         }
@@ -153,7 +152,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        self.get_meta(raft_tag::COMMITTED, "committed log id")
+        self.get_meta(raft_tag::COMMITTED, &format::LOG_ID)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
@@ -166,7 +165,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             b.put_log(
                 self.group,
                 entry.log_id.index,
-                &encode("log entry", &entry)?,
+                &encode(&format::LOG_ENTRY, &entry)?,
             )?;
         }
         // Readable now; `callback` fires once the shared WAL is fsynced, which is when openraft
@@ -194,7 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             CF_RAFT_META,
             self.group,
             raft_tag::LAST_PURGED,
-            &encode("last purged", &log_id)?,
+            &encode(&format::LOG_ID, &log_id)?,
         )?;
         b.delete_logs(self.group, 0, log_id.index + 1)?;
         self.store.write(b)?;

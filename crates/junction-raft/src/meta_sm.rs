@@ -12,10 +12,11 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::watch;
 
+use crate::RaftStoreError;
+use crate::format::{self, decode, encode};
 use crate::sm_common::{self, SnapshotBuilder};
 use crate::snapshot::SnapshotData;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::{RaftStoreError, decode, encode};
 
 /// Followers of the metadata: a watch of the applied state.
 #[derive(Debug)]
@@ -41,6 +42,8 @@ pub struct MetaStateMachine {
     state: MetaState,
     applied: Option<LogId>,
     membership: StoredMembership,
+    /// The encoding of `state` as last persisted: what a snapshot carries.
+    state_bytes: Vec<u8>,
     shared: Arc<MetaShared>,
 }
 
@@ -48,9 +51,13 @@ impl MetaStateMachine {
     /// Opens the metadata state machine, recovering it from the store.
     pub fn open(store: Store) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, META_GROUP)?;
-        let state = match store.get_tag(CF_SM_META, META_GROUP, sm_tag::STATE)? {
-            Some(b) => decode("metadata state", &b)?,
-            None => MetaState::default(),
+        let (state, state_bytes) = match store.get_tag(CF_SM_META, META_GROUP, sm_tag::STATE)? {
+            Some(b) => (decode(&format::META_STATE, &b)?, b),
+            None => {
+                let empty = MetaState::default();
+                let bytes = encode(&format::META_STATE, &empty)?;
+                (empty, bytes)
+            }
         };
         let (tx, _) = watch::channel(Arc::new(state.clone()));
         Ok(Self {
@@ -58,6 +65,7 @@ impl MetaStateMachine {
             state,
             applied,
             membership,
+            state_bytes,
             shared: Arc::new(MetaShared { tx }),
         })
     }
@@ -103,7 +111,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
             }
         }
         let mut b = self.store.batch();
-        let bytes = encode("metadata state", &self.state)?;
+        let bytes = encode(&format::META_STATE, &self.state)?;
         sm_common::put_applied(
             &mut b,
             META_GROUP,
@@ -118,6 +126,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         if let Some(m) = membership {
             self.membership = m;
         }
+        self.state_bytes = bytes;
         if changed {
             self.shared.tx.send_replace(Arc::new(self.state.clone()));
         }
@@ -133,7 +142,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
             group: META_GROUP,
             applied: self.applied,
             membership: self.membership.clone(),
-            state: encode("metadata state", &self.state).unwrap_or_default(),
+            state: self.state_bytes.clone(),
             messages_below: None,
         }
     }
@@ -150,12 +159,13 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         let meta2 = meta.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             sm_common::install_from_file(&store, META_GROUP, &meta2, &path, |_| {
-                sm_common::InstallPlan::default()
+                Ok(sm_common::InstallPlan::default())
             })
         })
         .await
         .map_err(io::Error::other)??;
-        self.state = decode("metadata state", &bytes)?;
+        self.state = decode(&format::META_STATE, &bytes)?;
+        self.state_bytes = bytes;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(Arc::new(self.state.clone()));

@@ -21,10 +21,10 @@ use parking_lot::Mutex;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::format::{self, Format, decode, encode};
 use crate::peer_auth::{AttachSecret, ClusterSecret};
 use crate::snapshot::SnapshotData;
 use crate::types::{Node, Snapshot, TypeConfig, Vote};
-use crate::{decode, encode};
 
 type RpcErr = RPCError<TypeConfig>;
 
@@ -178,14 +178,10 @@ impl PeerConnection {
         self.client.clone().map_err(unreachable)
     }
 
-    fn request<T: serde::Serialize>(
-        &self,
-        what: &'static str,
-        v: &T,
-    ) -> Result<RaftRequest, RpcErr> {
+    fn request<T: serde::Serialize>(&self, format: &Format, v: &T) -> Result<RaftRequest, RpcErr> {
         Ok(RaftRequest {
             group: self.group,
-            payload: encode(what, v).map_err(network)?,
+            payload: encode(format, v).map_err(network)?,
         })
     }
 }
@@ -198,11 +194,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
-        let req = self.request("append entries", &rpc)?;
+        let req = self.request(&format::APPEND_ENTRIES, &rpc)?;
         let mut c = self.client()?;
         let r = tokio::time::timeout(rpc_deadline(&option), c.append_entries(req)).await;
         let payload = payload_of(self.target, r)?;
-        decode("append entries reply", &payload).map_err(network)
+        decode(&format::APPEND_REPLY, &payload).map_err(network)
     }
 
     async fn vote(
@@ -210,11 +206,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
-        let req = self.request("vote", &rpc)?;
+        let req = self.request(&format::VOTE_REQUEST, &rpc)?;
         let mut c = self.client()?;
         let r = tokio::time::timeout(rpc_deadline(&option), c.vote(req)).await;
         let payload = payload_of(self.target, r)?;
-        decode("vote reply", &payload).map_err(network)
+        decode(&format::VOTE_REPLY, &payload).map_err(network)
     }
 
     async fn pre_vote(
@@ -222,11 +218,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
-        let req = self.request("pre-vote", &rpc)?;
+        let req = self.request(&format::VOTE_REQUEST, &rpc)?;
         let mut c = self.client()?;
         let r = tokio::time::timeout(rpc_deadline(&option), c.pre_vote(req)).await;
         let payload = payload_of(self.target, r)?;
-        decode("pre-vote reply", &payload).map_err(network)
+        decode(&format::VOTE_REPLY, &payload).map_err(network)
     }
 
     async fn transfer_leader(
@@ -234,11 +230,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
-        let req = self.request("transfer leader", &req)?;
+        let req = self.request(&format::TRANSFER_LEADER, &req)?;
         let mut c = self.client()?;
         let r = tokio::time::timeout(rpc_deadline(&option), c.transfer_leader(req)).await;
         let payload = payload_of(self.target, r)?;
-        decode("transfer leader reply", &payload).map_err(network)
+        decode(&format::TRANSFER_REPLY, &payload).map_err(network)
     }
 
     async fn full_snapshot(
@@ -254,8 +250,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         };
         let header = SnapshotChunk {
             group: self.group,
-            vote: encode("vote", &vote).map_err(|e| net(e.to_string()))?,
-            meta: encode("snapshot meta", &snapshot.meta).map_err(|e| net(e.to_string()))?,
+            vote: encode(&format::VOTE, &vote).map_err(|e| net(e.to_string()))?,
+            meta: encode(&format::SNAPSHOT_META, &snapshot.meta).map_err(|e| net(e.to_string()))?,
             data: Vec::new(),
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
@@ -288,7 +284,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             other => net(other.to_string()),
         })?;
-        decode("snapshot reply", &payload).map_err(|e| net(e.to_string()))
+        decode(&format::SNAPSHOT_REPLY, &payload).map_err(|e| net(e.to_string()))
     }
 }
 

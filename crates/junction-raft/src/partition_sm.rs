@@ -22,10 +22,11 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::RaftStoreError;
+use crate::format::{self, decode, encode};
 use crate::sm_common::{self, SnapshotBuilder};
 use crate::snapshot::SnapshotData;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::{RaftStoreError, decode, encode};
 
 /// The small state of a partition besides its messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +95,8 @@ pub struct PartitionStateMachine {
     groups: Arc<GroupCursors>,
     applied: Option<LogId>,
     membership: StoredMembership,
+    /// The encoding of `state` and `groups` as last persisted: what a snapshot carries.
+    state_bytes: Vec<u8>,
     shared: Arc<PartitionShared>,
 }
 
@@ -101,9 +104,13 @@ impl PartitionStateMachine {
     /// Opens the state machine of `group`, recovering its state from the store.
     pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, group)?;
-        let persisted: PersistedState = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
-            Some(b) => decode("partition state", &b)?,
-            None => PersistedState::default(),
+        let (persisted, state_bytes) = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
+            Some(b) => (decode(&format::PARTITION_STATE, &b)?, b),
+            None => {
+                let empty = PersistedState::default();
+                let bytes = encode(&format::PARTITION_STATE, &empty)?;
+                (empty, bytes)
+            }
         };
         let state = persisted.log;
         let groups = Arc::new(persisted.groups);
@@ -116,6 +123,7 @@ impl PartitionStateMachine {
             groups,
             applied,
             membership,
+            state_bytes,
             shared: Arc::new(PartitionShared { tx, groups: gtx }),
         })
     }
@@ -132,7 +140,7 @@ impl PartitionStateMachine {
     ) -> Result<Vec<u8>, RaftStoreError> {
         // Encoded field by field like `PersistedState`, without cloning the cursors on every
         // apply.
-        encode("partition state", &(log, groups))
+        encode(&format::PARTITION_STATE, &(log, groups))
     }
 }
 
@@ -189,8 +197,12 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                             headers: r.headers,
                             payload: r.payload,
                         };
-                        b.put_message(self.group, base + i as u64, &encode("record", &stored)?)
-                            .map_err(RaftStoreError::from)?;
+                        b.put_message(
+                            self.group,
+                            base + i as u64,
+                            &encode(&format::RECORD, &stored)?,
+                        )
+                        .map_err(RaftStoreError::from)?;
                     }
                     state.next_offset = base + u64::from(count);
                     state.last_timestamp_ms = ts;
@@ -282,6 +294,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             self.membership = m;
         }
         self.state = state;
+        self.state_bytes = state_bytes;
         self.shared.tx.send_replace(state);
         if let Some(g) = groups {
             self.groups = Arc::new(g);
@@ -299,9 +312,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             group: self.group,
             applied: self.applied,
             membership: self.membership.clone(),
-            state: self
-                .encode_state(&self.state, &self.groups)
-                .unwrap_or_default(),
+            state: self.state_bytes.clone(),
             messages_below: Some(self.state.next_offset),
         }
     }
@@ -319,20 +330,18 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let meta2 = meta.clone();
         let state_bytes = tokio::task::spawn_blocking(move || {
             sm_common::install_from_file(&store, group, &meta2, &path, |s| {
-                decode::<PersistedState>("partition state", s)
-                    .ok()
-                    .map(|st| st.log)
-                    .map(|st| sm_common::InstallPlan {
-                        messages_below: Some(st.next_offset),
-                        start_offset: st.start_offset,
-                        compacted_upto: st.compacted_upto,
-                    })
-                    .unwrap_or_default()
+                let st = decode::<PersistedState>(&format::PARTITION_STATE, s)?.log;
+                Ok(sm_common::InstallPlan {
+                    messages_below: Some(st.next_offset),
+                    start_offset: st.start_offset,
+                    compacted_upto: st.compacted_upto,
+                })
             })
         })
         .await
         .map_err(io::Error::other)??;
-        let persisted: PersistedState = decode("partition state", &state_bytes)?;
+        let persisted: PersistedState = decode(&format::PARTITION_STATE, &state_bytes)?;
+        self.state_bytes = state_bytes;
         let state = persisted.log;
         self.state = state;
         self.groups = Arc::new(persisted.groups);
@@ -366,8 +375,8 @@ mod persisted_tests {
         let mut c = GroupCursor::new(3, 2);
         c.ack(5);
         groups.insert("g".into(), c);
-        let bytes = encode("partition state", &(&log, &groups)).unwrap();
-        let back: PersistedState = decode("partition state", &bytes).unwrap();
+        let bytes = encode(&format::PARTITION_STATE, &(&log, &groups)).unwrap();
+        let back: PersistedState = decode(&format::PARTITION_STATE, &bytes).unwrap();
         assert_eq!(back.log, log);
         assert_eq!(back.groups, groups);
     }

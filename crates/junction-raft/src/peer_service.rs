@@ -18,10 +18,10 @@ use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::format::{self, Format, decode, encode};
 use crate::promotion::{Promotion, PromotionView, ReplicaView, decide};
 use crate::snapshot::{SnapshotData, check_complete};
 use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, Vote};
-use crate::{decode, encode};
 
 /// What the peer service needs from the node: its Raft groups and a place for snapshots.
 pub trait GroupHost: Send + Sync + 'static {
@@ -72,11 +72,12 @@ fn not_hosted() -> Response<RaftReply> {
 }
 
 fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    format: &Format,
     r: Result<T, E>,
 ) -> Result<Response<RaftReply>, Status> {
     Ok(Response::new(match r {
         Ok(v) => RaftReply {
-            payload: encode("raft reply", &v).map_err(|e| Status::internal(e.to_string()))?,
+            payload: encode(format, &v).map_err(|e| Status::internal(e.to_string()))?,
             ..Default::default()
         },
         Err(e) => RaftReply {
@@ -98,31 +99,37 @@ impl<H: GroupHost> Peer for PeerService<H> {
     ) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
         let rpc: AppendEntriesRequest<TypeConfig> =
-            decode("append entries", &r.payload).map_err(bad)?;
+            decode(&format::APPEND_ENTRIES, &r.payload).map_err(bad)?;
         match self.raft(r.group) {
             None => Ok(not_hosted()),
-            Some(AnyRaft::Meta(raft)) => reply(raft.append_entries(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(raft.append_entries(rpc).await),
+            Some(AnyRaft::Meta(raft)) => {
+                reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
+            }
+            Some(AnyRaft::Partition(raft)) => {
+                reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
+            }
         }
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        let rpc: VoteRequest<TypeConfig> = decode("vote", &r.payload).map_err(bad)?;
+        let rpc: VoteRequest<TypeConfig> =
+            decode(&format::VOTE_REQUEST, &r.payload).map_err(bad)?;
         match self.raft(r.group) {
             None => Ok(not_hosted()),
-            Some(AnyRaft::Meta(raft)) => reply(raft.vote(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(raft.vote(rpc).await),
+            Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(&format::VOTE_REPLY, raft.vote(rpc).await),
         }
     }
 
     async fn pre_vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        let rpc: VoteRequest<TypeConfig> = decode("pre-vote", &r.payload).map_err(bad)?;
+        let rpc: VoteRequest<TypeConfig> =
+            decode(&format::VOTE_REQUEST, &r.payload).map_err(bad)?;
         match self.raft(r.group) {
             None => Ok(not_hosted()),
-            Some(AnyRaft::Meta(raft)) => reply(raft.pre_vote(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(raft.pre_vote(rpc).await),
+            Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await),
         }
     }
 
@@ -132,11 +139,17 @@ impl<H: GroupHost> Peer for PeerService<H> {
     ) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
         let rpc: TransferLeaderRequest<TypeConfig> =
-            decode("transfer leader", &r.payload).map_err(bad)?;
+            decode(&format::TRANSFER_LEADER, &r.payload).map_err(bad)?;
         match self.raft(r.group) {
             None => Ok(not_hosted()),
-            Some(AnyRaft::Meta(raft)) => reply(raft.handle_transfer_leader(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(raft.handle_transfer_leader(rpc).await),
+            Some(AnyRaft::Meta(raft)) => reply(
+                &format::TRANSFER_REPLY,
+                raft.handle_transfer_leader(rpc).await,
+            ),
+            Some(AnyRaft::Partition(raft)) => reply(
+                &format::TRANSFER_REPLY,
+                raft.handle_transfer_leader(rpc).await,
+            ),
         }
     }
 
@@ -150,8 +163,8 @@ impl<H: GroupHost> Peer for PeerService<H> {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let group = first.group;
-        let vote: Vote = decode("vote", &first.vote).map_err(bad)?;
-        let meta: SnapshotMeta = decode("snapshot meta", &first.meta).map_err(bad)?;
+        let vote: Vote = decode(&format::VOTE, &first.vote).map_err(bad)?;
+        let meta: SnapshotMeta = decode(&format::SNAPSHOT_META, &first.meta).map_err(bad)?;
         let Some(raft) = self.raft(group) else {
             return Ok(not_hosted());
         };
@@ -193,8 +206,14 @@ impl<H: GroupHost> Peer for PeerService<H> {
             snapshot: SnapshotData::Received(path.clone()),
         };
         let r = match raft {
-            AnyRaft::Meta(raft) => reply(raft.install_full_snapshot(vote, snapshot).await),
-            AnyRaft::Partition(raft) => reply(raft.install_full_snapshot(vote, snapshot).await),
+            AnyRaft::Meta(raft) => reply(
+                &format::SNAPSHOT_REPLY,
+                raft.install_full_snapshot(vote, snapshot).await,
+            ),
+            AnyRaft::Partition(raft) => reply(
+                &format::SNAPSHOT_REPLY,
+                raft.install_full_snapshot(vote, snapshot).await,
+            ),
         };
         // Installed snapshots delete their file; a rejected one must not leak it.
         let _ignored = tokio::fs::remove_file(&path).await;

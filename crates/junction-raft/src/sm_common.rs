@@ -10,11 +10,13 @@ use junction_types::GroupId;
 use openraft::RaftSnapshotBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::RaftStoreError;
+use crate::format::{self, decode, encode};
 use crate::snapshot::{
-    DumpFilter, FRAME_END, FRAME_STATE, FrameReader, LocalSnapshot, SnapshotData, check_complete,
+    DumpFilter, FRAME_END, FRAME_STATE, FrameReader, LocalSnapshot, SNAPSHOT_STREAM_VERSION,
+    SnapshotData, check_complete,
 };
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::{RaftStoreError, decode, encode};
 
 /// What the state frame of a received snapshot says about the data around it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,11 +44,11 @@ pub(crate) fn load_applied(
     group: GroupId,
 ) -> io::Result<(Option<LogId>, StoredMembership)> {
     let applied = match store.get_tag(CF_SM_META, group, sm_tag::APPLIED)? {
-        Some(b) => Some(decode::<LogId>("last applied", &b)?),
+        Some(b) => Some(decode::<LogId>(&format::LOG_ID, &b)?),
         None => None,
     };
     let membership = match store.get_tag(CF_SM_META, group, sm_tag::MEMBERSHIP)? {
-        Some(b) => decode::<StoredMembership>("membership", &b)?,
+        Some(b) => decode::<StoredMembership>(&format::MEMBERSHIP, &b)?,
         None => StoredMembership::default(),
     };
     Ok((applied, membership))
@@ -65,7 +67,7 @@ pub(crate) fn put_applied(
             CF_SM_META,
             group,
             sm_tag::APPLIED,
-            &encode("last applied", a)?,
+            &encode(&format::LOG_ID, a)?,
         )?;
     }
     if let Some(m) = membership {
@@ -73,7 +75,7 @@ pub(crate) fn put_applied(
             CF_SM_META,
             group,
             sm_tag::MEMBERSHIP,
-            &encode("membership", m)?,
+            &encode(&format::MEMBERSHIP, m)?,
         )?;
     }
     b.put_tag(CF_SM_META, group, sm_tag::STATE, state)?;
@@ -92,7 +94,7 @@ pub(crate) fn current_snapshot(store: &Store, group: GroupId) -> io::Result<Opti
     let Some(b) = store.get_tag(CF_SM_META, group, sm_tag::SNAPSHOT_META)? else {
         return Ok(None);
     };
-    let rec: SnapshotRecord = decode("snapshot record", &b)?;
+    let rec: SnapshotRecord = decode(&format::SNAPSHOT_RECORD, &b)?;
     Ok(Some(Snapshot {
         meta: rec.meta,
         snapshot: SnapshotData::Local(LocalSnapshot {
@@ -113,7 +115,7 @@ fn put_snapshot_record(
         CF_SM_META,
         group,
         sm_tag::SNAPSHOT_META,
-        &encode("snapshot record", rec)?,
+        &encode(&format::SNAPSHOT_RECORD, rec)?,
     )?;
     Ok(())
 }
@@ -183,7 +185,7 @@ pub(crate) fn install_from_file(
     group: GroupId,
     meta: &SnapshotMeta,
     path: &Path,
-    plan_of: impl Fn(&[u8]) -> InstallPlan,
+    plan_of: impl Fn(&[u8]) -> Result<InstallPlan, RaftStoreError>,
 ) -> Result<Vec<u8>, RaftStoreError> {
     check_complete(path)?;
     let file = std::fs::File::open(path)
@@ -197,8 +199,15 @@ pub(crate) fn install_from_file(
             "snapshot does not start with its state",
         ));
     }
+    if first.key != [SNAPSHOT_STREAM_VERSION] {
+        return Err(RaftStoreError::Version {
+            what: "snapshot stream",
+            found: first.key.first().copied().unwrap_or(0),
+            supported: SNAPSHOT_STREAM_VERSION,
+        });
+    }
     let state = first.value;
-    let plan = plan_of(&state);
+    let plan = plan_of(&state)?;
     let compacted = plan.start_offset..plan.compacted_upto;
     // Offsets the snapshot carries in the compacted range, ascending (frames come in order).
     let mut carried: Vec<u64> = Vec::new();
@@ -306,16 +315,21 @@ mod tests {
         let path = dir.path().join("snap");
 
         let mut stream = Vec::new();
-        write_frame(&mut stream, FRAME_STATE, &[], b"new state");
+        write_frame(
+            &mut stream,
+            FRAME_STATE,
+            &[SNAPSHOT_STREAM_VERSION],
+            b"new state",
+        );
         write_frame(&mut stream, 0, &0u64.to_be_bytes(), b"m0");
         let cut = stream.len();
         write_frame(&mut stream, 0, &1u64.to_be_bytes(), b"m1");
         std::fs::write(&path, &stream[..cut]).unwrap();
         assert!(
-            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+            install_from_file(&store, 7, &meta, &path, |_| Ok(InstallPlan {
                 messages_below: Some(2),
                 ..InstallPlan::default()
-            })
+            }))
             .is_err()
         );
         let (applied, _) = load_applied(&store, 7).unwrap();
@@ -327,10 +341,10 @@ mod tests {
         write_end(&mut stream, before);
         std::fs::write(&path, &stream).unwrap();
         assert_eq!(
-            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+            install_from_file(&store, 7, &meta, &path, |_| Ok(InstallPlan {
                 messages_below: Some(2),
                 ..InstallPlan::default()
-            })
+            }))
             .unwrap(),
             b"new state"
         );
@@ -352,7 +366,12 @@ mod tests {
         store.write(b).unwrap();
 
         let mut stream = Vec::new();
-        write_frame(&mut stream, FRAME_STATE, &[], b"new state");
+        write_frame(
+            &mut stream,
+            FRAME_STATE,
+            &[SNAPSHOT_STREAM_VERSION],
+            b"new state",
+        );
         write_frame(&mut stream, 0, &0u64.to_be_bytes(), b"m0");
         write_frame(&mut stream, 0, &1u64.to_be_bytes(), b"m1");
         stream.truncate(stream.len() - 1); // the sender died mid-frame
@@ -363,10 +382,10 @@ mod tests {
             last_membership: StoredMembership::default(),
         };
         assert!(
-            install_from_file(&store, 7, &meta, &path, |_| InstallPlan {
+            install_from_file(&store, 7, &meta, &path, |_| Ok(InstallPlan {
                 messages_below: Some(2),
                 ..InstallPlan::default()
-            })
+            }))
             .is_err()
         );
 
@@ -401,7 +420,7 @@ mod tests {
         store.write(b).unwrap();
 
         let mut stream = Vec::new();
-        write_frame(&mut stream, FRAME_STATE, &[], b"new");
+        write_frame(&mut stream, FRAME_STATE, &[SNAPSHOT_STREAM_VERSION], b"new");
         for o in [5u64, 7, 8, 9, 10, 11] {
             write_frame(&mut stream, SM_CF_MESSAGES, &o.to_be_bytes(), b"sent");
         }
@@ -413,10 +432,12 @@ mod tests {
             last_log_id: Some(log_id(20)),
             last_membership: StoredMembership::default(),
         };
-        install_from_file(&store, 9, &meta, &path, |_| InstallPlan {
-            messages_below: Some(12),
-            start_offset: 4,
-            compacted_upto: 8,
+        install_from_file(&store, 9, &meta, &path, |_| {
+            Ok(InstallPlan {
+                messages_below: Some(12),
+                start_offset: 4,
+                compacted_upto: 8,
+            })
         })
         .unwrap();
         let left: Vec<u64> = store

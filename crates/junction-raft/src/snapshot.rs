@@ -6,7 +6,7 @@
 //! On the receiving node the stream is spooled to a file and installed from there.
 //!
 //! Frame: `cf u8 · key_len u32 BE · key · value_len u32 BE · value`; cf 255 is the state frame
-//! (always first), cf 254 the end frame (always last): its value is the number of bytes
+//! (always first; its key is the stream's version, [`SNAPSHOT_STREAM_VERSION`]), cf 254 the end frame (always last): its value is the number of bytes
 //! before it. A stream that stops early (the sender died, or failed reading its store, and
 //! closed the stream cleanly) has no valid end frame, so it is refused instead of being
 //! installed as a smaller snapshot that silently lacks messages. (Chaos seed 11 found it: a
@@ -24,6 +24,9 @@ use crate::RaftStoreError;
 
 /// The frame kind carrying the state machine's own state.
 pub const FRAME_STATE: u8 = 255;
+/// The version of the snapshot stream's layout (frames, and what the state frame holds),
+/// carried as the key of the state frame.
+pub const SNAPSHOT_STREAM_VERSION: u8 = 1;
 /// The frame kind ending a complete snapshot.
 pub const FRAME_END: u8 = 254;
 /// Bytes of the end frame: cf, empty key, 8-byte value.
@@ -113,7 +116,12 @@ impl LocalSnapshot {
     ) -> Result<(), RaftStoreError> {
         let mut buf = Vec::with_capacity(chunk_bytes + 4096);
         let mut sent = 0u64;
-        write_frame(&mut buf, FRAME_STATE, &[], &self.state);
+        write_frame(
+            &mut buf,
+            FRAME_STATE,
+            &[SNAPSHOT_STREAM_VERSION],
+            &self.state,
+        );
         if let DumpFilter::MessagesBelow(upto) = self.filter {
             let mut open = true;
             self.store.scan_group_sm(self.group, |cf, key, value| {

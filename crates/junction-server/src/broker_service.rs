@@ -276,9 +276,10 @@ impl BrokerService {
             .map_err(to_status)?;
         let mut messages = Vec::with_capacity(raw.len());
         for (offset, bytes) in raw {
-            let r: StoredRecord = junction_raft::decode("stored record", &bytes).map_err(|e| {
-                Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition))
-            })?;
+            let r: StoredRecord = junction_raft::decode(&junction_raft::format::RECORD, &bytes)
+                .map_err(|e| {
+                    Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition))
+                })?;
             messages.push(stored_message(req.partition, offset, r));
         }
         // Nothing stored from `from` to the end (compaction holes): continue at the end.

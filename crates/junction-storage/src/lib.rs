@@ -54,6 +54,16 @@ pub enum StorageError {
     },
     #[error("the store is poisoned by an earlier failed write or fsync and accepts no more writes")]
     Poisoned,
+    #[error(
+        "the data directory {path} holds data in store format {found}, which this build cannot \
+         read (it reads format {supported}){hint}"
+    )]
+    StoreFormat {
+        path: std::path::PathBuf,
+        found: u8,
+        supported: u8,
+        hint: &'static str,
+    },
     #[error("resolving the store path {path}: {source}")]
     Path {
         path: std::path::PathBuf,
@@ -64,6 +74,55 @@ pub enum StorageError {
 impl From<StorageError> for std::io::Error {
     fn from(e: StorageError) -> Self {
         std::io::Error::other(e)
+    }
+}
+
+/// The layout of a data directory as a whole: key schema and the versioned value encodings
+/// (`junction_raft::format`). Stored under [`STORE_FORMAT_KEY`] in the default column family
+/// when a store is created; a store without it but with data predates versioned formats.
+pub const STORE_FORMAT: u8 = 1;
+/// Where the store format is kept.
+pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
+
+/// Checks (or, for a new store, writes) the store format, before anything else reads the
+/// store: a node refuses data it cannot read instead of misreading it.
+fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
+    let refuse = |found: u8, hint: &'static str| StorageError::StoreFormat {
+        path: path.to_path_buf(),
+        found,
+        supported: STORE_FORMAT,
+        hint,
+    };
+    match db
+        .get(STORE_FORMAT_KEY)
+        .map_err(rocks("read the store format"))?
+    {
+        Some(v) if v.as_slice() == [STORE_FORMAT] => Ok(()),
+        Some(v) => Err(refuse(
+            v.first().copied().unwrap_or(0),
+            " (written by a newer Junction?)",
+        )),
+        None => {
+            let has_data = [keys::CF_RAFT_LOG, keys::CF_RAFT_META, keys::CF_SM_META]
+                .iter()
+                .filter_map(|cf| db.cf_handle(cf))
+                .any(|cf| {
+                    db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+                        .next()
+                        .is_some()
+                });
+            if has_data {
+                return Err(refuse(
+                    0,
+                    "; it was written before formats were versioned: move it away and start \
+                     the node on an empty data directory, it catches up from its peers",
+                ));
+            }
+            let mut w = rocksdb::WriteOptions::default();
+            w.set_sync(true);
+            db.put_opt(STORE_FORMAT_KEY, [STORE_FORMAT], &w)
+                .map_err(rocks("write the store format"))
+        }
     }
 }
 
@@ -232,6 +291,7 @@ impl Store {
                 return Err(StorageError::MissingCf(cf));
             }
         }
+        check_store_format(&db, path)?;
         let poisoned = Arc::new(AtomicBool::new(false));
         let flusher = Flusher::start(db.clone(), poisoned.clone());
         Ok(Self {
@@ -718,6 +778,71 @@ impl Batch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_format_is_written_once_and_checked_at_every_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut b = store.batch();
+            b.put_tag(CF_RAFT_META, 1, raft_tag::VOTE, b"v").unwrap();
+            store.write_sync(b).unwrap();
+            assert_eq!(
+                store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
+                Some(&[STORE_FORMAT][..])
+            );
+        }
+        // Reopened: accepted, data intact.
+        let store = Store::open(dir.path()).unwrap();
+        assert!(
+            store
+                .get_tag(CF_RAFT_META, 1, raft_tag::VOTE)
+                .unwrap()
+                .is_some()
+        );
+        // A newer format is refused, naming both.
+        store
+            .inner
+            .db
+            .put(STORE_FORMAT_KEY, [STORE_FORMAT + 1])
+            .unwrap();
+        drop(store);
+        let Err(err) = Store::open(dir.path()) else {
+            panic!("a newer store format was accepted");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("store format 2")
+                && text.contains("reads format 1")
+                && text.contains("newer"),
+            "{text}"
+        );
+        // Data without a format predates versioned formats: refused, with what to do.
+        {
+            let dir2 = tempfile::tempdir().unwrap();
+            let store = Store::open(dir2.path()).unwrap();
+            let mut b = store.batch();
+            b.put_tag(CF_RAFT_META, 1, raft_tag::VOTE, b"v").unwrap();
+            store.write_sync(b).unwrap();
+            store.inner.db.delete(STORE_FORMAT_KEY).unwrap();
+            drop(store);
+            let Err(err) = Store::open(dir2.path()) else {
+                panic!("data without a store format was accepted");
+            };
+            assert!(
+                err.to_string()
+                    .contains("written before formats were versioned"),
+                "{err}"
+            );
+        }
+        // A memory store starts empty and gets the current format.
+        let mem = tempfile::tempdir().unwrap();
+        let store = Store::open_in_memory(mem.path()).unwrap();
+        assert_eq!(
+            store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
+            Some(&[STORE_FORMAT][..])
+        );
+    }
 
     #[test]
     fn groups_are_isolated_and_deletable() {
