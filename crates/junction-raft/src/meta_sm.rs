@@ -152,9 +152,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        let SnapshotData::Received(path) = snapshot else {
-            return Err(RaftStoreError::BadSnapshot("a local snapshot cannot be installed").into());
-        };
+        let path = sm_common::spool_file(snapshot).await?;
         let store = self.store.clone();
         let meta2 = meta.clone();
         let bytes = tokio::task::spawn_blocking(move || {

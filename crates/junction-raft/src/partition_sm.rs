@@ -322,9 +322,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        let SnapshotData::Received(path) = snapshot else {
-            return Err(RaftStoreError::BadSnapshot("a local snapshot cannot be installed").into());
-        };
+        let path = sm_common::spool_file(snapshot).await?;
         let store = self.store.clone();
         let group = self.group;
         let meta2 = meta.clone();

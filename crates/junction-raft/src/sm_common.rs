@@ -2,7 +2,7 @@
 //! snapshot's record live, the snapshot builder, and installing a received snapshot file.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use junction_storage::keys::{CF_SM_META, SM_CF_MESSAGES, sm_tag, u64_at};
 use junction_storage::{Batch, Store};
@@ -277,6 +277,36 @@ pub(crate) fn install_from_file(
     store.sync_wal()?;
     let _ignored = std::fs::remove_file(path);
     Ok(state)
+}
+
+/// The file a snapshot is installed from: a received one is already spooled; a local one
+/// (this node's own state handed straight to another state machine, as openraft's storage
+/// suite does) is dumped to a spool file first, so both take the same install path.
+pub(crate) async fn spool_file(snapshot: SnapshotData) -> Result<PathBuf, RaftStoreError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncWriteExt;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let local = match snapshot {
+        SnapshotData::Received(path) => return Ok(path),
+        SnapshotData::Local(local) => local,
+    };
+    let path = std::env::temp_dir().join(format!(
+        "junction-local-snapshot-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let io = |_| RaftStoreError::BadSnapshot("cannot spool a local snapshot");
+    let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let dumper = tokio::task::spawn_blocking(move || local.dump(1 << 20, &tx));
+    while let Some(chunk) = rx.recv().await {
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)?;
+    dumper
+        .await
+        .map_err(|_| RaftStoreError::BadSnapshot("the local snapshot dump panicked"))??;
+    Ok(path)
 }
 
 #[cfg(test)]
