@@ -249,11 +249,7 @@ async fn health_and_metrics_endpoints_answer() {
         .produce("m", vec![keyed("k", "v")])
         .await
         .expect("produce");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = cluster.channel(1).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -366,11 +362,7 @@ async fn a_new_node_joins_the_running_cluster() {
 async fn reflection_lists_every_served_service() {
     use tonic_reflection::pb::{v1, v1alpha};
     let cluster = TestCluster::start(1).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = cluster.channel(1).await;
     let expected = [
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
@@ -524,11 +516,7 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
     let other =
         junction_raft::peer_auth::ClusterSecret::load_or_create(&other_secret.path().join("s"))
             .expect("secret");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = cluster.channel(1).await;
     let clients = [
         ("no secret", junction_raft::peer_auth::AttachSecret(None)),
         (

@@ -121,6 +121,15 @@ impl TestCluster {
         self._dir.path().join("cluster-secret")
     }
 
+    /// A connected gRPC channel to node `id`.
+    pub async fn channel(&self, id: u64) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     /// A `Peer` client of node `id` that carries the cluster secret, as another node would.
     pub async fn peer_client(
         &self,
@@ -128,13 +137,8 @@ impl TestCluster {
     ) -> junction_proto::peer::peer_client::PeerClient<junction_raft::PeerChannel> {
         let secret =
             junction_raft::peer_auth::ClusterSecret::load(&self.secret_file()).expect("secret");
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
         junction_proto::peer::peer_client::PeerClient::with_interceptor(
-            channel,
+            self.channel(id).await,
             junction_raft::peer_auth::AttachSecret(Some(secret)),
         )
     }

@@ -388,6 +388,11 @@ def main():
               out[-2000:])
         check(all((data / f"node{i}").is_dir() for i in (1, 2, 3)),
               "every node has its directory under ./data")
+        check("./scripts/junction station create demo" in out,
+              "./scripts/dev suggests commands a newcomer can run as printed", out[-2000:])
+        check((data / "cluster-secret").is_file()
+              and (data / "cluster-secret").stat().st_mode & 0o777 == 0o600,
+              "the dev cluster's node-to-node secret is ./data/cluster-secret, private")
         total = tour(copy)
         stop_and_check(dev, data, "first run")
 

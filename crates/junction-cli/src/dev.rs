@@ -387,8 +387,15 @@ async fn run_cluster(
     } else {
         " --replication-factor 1"
     };
+    // From a checkout (`./scripts/dev`), the CLI is `./scripts/junction`; elsewhere the
+    // binary is on the PATH or named in full.
+    let cli = if Path::new("scripts/junction").is_file() {
+        "./scripts/junction"
+    } else {
+        "junction"
+    };
     text.push_str(&format!(
-        "try:\n  junction station create demo --partitions 3{rf}\n  echo hello | junction produce demo\n  junction read demo\npress Ctrl-C to stop\n"
+        "try:\n  {cli} station create demo --partitions 3{rf}\n  echo hello | {cli} produce demo\n  {cli} read demo\npress Ctrl-C to stop\n"
     ));
     out(&text)?;
     let exe = std::env::current_exe().context("finding the junction executable")?;
