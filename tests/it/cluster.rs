@@ -518,10 +518,13 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
             .expect("secret");
     let channel = cluster.channel(1).await;
     let clients = [
-        ("no secret", junction_raft::peer_auth::AttachSecret(None)),
+        (
+            "no secret",
+            junction_raft::peer_auth::AttachSecret(None, None),
+        ),
         (
             "another cluster's secret",
-            junction_raft::peer_auth::AttachSecret(Some(other)),
+            junction_raft::peer_auth::AttachSecret(Some(other), None),
         ),
     ];
     for (what, attach) in clients {
@@ -572,5 +575,95 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
     let status = client.cluster_status().await.expect("status");
     assert_eq!(status.nodes.len(), 3);
     assert!(status.nodes.iter().all(|n| n.alive), "{:?}", status.nodes);
+    cluster.shutdown().await;
+}
+
+/// Every node of a cluster ends up with the id its metadata leader made; a peer call carrying
+/// another cluster's id is refused, and a node whose data belongs to another cluster refuses
+/// to start, naming both ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_another_clusters_data_refuses_to_start() {
+    let mut cluster = TestCluster::start(3).await;
+    let id = wait_until(
+        Duration::from_secs(20),
+        "every node to know the cluster id",
+        || async {
+            let ids: Vec<Option<String>> = cluster
+                .running()
+                .into_iter()
+                .map(|n| cluster.broker(n).identity().get())
+                .collect();
+            let first = ids[0].clone()?;
+            ids.iter()
+                .all(|i| i.as_deref() == Some(&first))
+                .then_some(first)
+        },
+    )
+    .await;
+    assert_eq!(id.len(), 32, "{id}");
+
+    // A caller with this cluster's secret but another cluster's id.
+    let secret =
+        junction_raft::peer_auth::ClusterSecret::load(&cluster.secret_file()).expect("secret");
+    let other = junction_raft::peer_auth::ClusterIdentity::default();
+    other
+        .adopt("0123456789abcdef0123456789abcdef")
+        .expect("adopt");
+    let mut peer = junction_proto::peer::peer_client::PeerClient::with_interceptor(
+        cluster.channel(1).await,
+        junction_raft::peer_auth::AttachSecret(Some(secret), Some(other)),
+    );
+    let refused = peer
+        .node_status(junction_proto::peer::NodeStatusRequest {})
+        .await
+        .expect_err("another cluster's call is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused.message().contains(&id)
+            && refused
+                .message()
+                .contains("0123456789abcdef0123456789abcdef"),
+        "{refused}"
+    );
+
+    // Node 3's data is replaced by another cluster's (here: its recorded id is).
+    cluster.stop(3).await;
+    let db = cluster.data_dir(3).join("db");
+    let store = wait_until(
+        Duration::from_secs(10),
+        "node 3's store to be free",
+        || async { junction_storage::Store::open(&db).ok() },
+    )
+    .await;
+    assert_eq!(
+        store.cluster_id().expect("id").as_deref(),
+        Some(id.as_str())
+    );
+    store
+        .set_cluster_id("fedcba9876543210fedcba9876543210")
+        .expect("set id");
+    drop(store);
+    // The store was just closed; a start may still find RocksDB's lock held for a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match cluster.try_restart(3).await {
+            Err(e) if e.to_string().contains("refusing to start") => break e.to_string(),
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("unexpected start error: {e}"),
+            Ok(()) => panic!("a node with another cluster's data started"),
+        }
+    };
+    assert!(
+        err.contains(&id) && err.contains("fedcba9876543210fedcba9876543210"),
+        "{err}"
+    );
+    // The rest of the cluster is unaffected.
+    cluster
+        .client_of(1)
+        .create_tenant("still-fine")
+        .await
+        .expect("tenant on the two healthy nodes");
     cluster.shutdown().await;
 }

@@ -139,7 +139,7 @@ impl TestCluster {
             junction_raft::peer_auth::ClusterSecret::load(&self.secret_file()).expect("secret");
         junction_proto::peer::peer_client::PeerClient::with_interceptor(
             self.channel(id).await,
-            junction_raft::peer_auth::AttachSecret(Some(secret)),
+            junction_raft::peer_auth::AttachSecret(Some(secret), None),
         )
     }
 
@@ -249,6 +249,22 @@ impl TestCluster {
             .and_then(|s| s.handle.take())
             .expect("node is running");
         handle.shutdown().await;
+    }
+
+    /// The data directory of node `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.slots[&id].data_dir.clone()
+    }
+
+    /// Starts a stopped node once on its ports and data, returning the start's outcome (a
+    /// node that starts is kept running).
+    pub async fn try_restart(&mut self, id: u64) -> Result<(), junction_server::ServerError> {
+        let (grpc, http) = (self.slots[&id].grpc, self.slots[&id].http);
+        let g = TcpListener::bind(grpc).await.expect("bind grpc");
+        let h = TcpListener::bind(http).await.expect("bind http");
+        let handle = Server::start_with_listeners(self.config(id), g, h).await?;
+        self.slots.get_mut(&id).expect("slot").handle = Some(handle);
+        Ok(())
     }
 
     /// Restarts a stopped node on the same ports and data.

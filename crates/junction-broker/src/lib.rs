@@ -76,6 +76,8 @@ pub struct Broker {
     /// The memory-station replicas hosted here (for the memory limit).
     memory_groups: Arc<RwLock<HashMap<GroupId, Arc<junction_raft::PartitionShared>>>>,
     pool: Arc<PeerPool>,
+    /// The id of the cluster this node's data belongs to.
+    identity: junction_raft::peer_auth::ClusterIdentity,
     meta: MetaRaft,
     meta_shared: Arc<MetaShared>,
     partitions: RwLock<HashMap<GroupId, Arc<PartitionReplica>>>,
@@ -92,14 +94,63 @@ pub struct Broker {
     tasks: TaskTracker,
 }
 
+/// Before a node with a known cluster id starts its groups, it asks the configured members
+/// whether they belong to the same cluster: a member that refuses its calls as coming from
+/// another cluster (its data directory was swapped, restored from another cluster, or its
+/// member list is wrong) stops the start with both ids named. Members that do not answer
+/// within a short time are not waited for.
+async fn refuse_another_clusters_members(
+    cfg: &BrokerConfig,
+    pool: &PeerPool,
+) -> Result<(), BrokerError> {
+    let checks = cfg
+        .members
+        .iter()
+        .filter(|(id, _)| **id != cfg.node_id)
+        .map(|(id, addr)| async move {
+            let mut client = pool.client(addr).ok()?;
+            let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
+            match tokio::time::timeout(std::time::Duration::from_secs(2), call).await {
+                Ok(Err(status))
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && status.message().starts_with("cluster mismatch") =>
+                {
+                    Some(format!(
+                        "member {id} at {addr} answered: {}",
+                        status.message()
+                    ))
+                }
+                _ => None,
+            }
+        });
+    let refusals: Vec<String> = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(BrokerError::Raft(format!(
+            "refusing to start: this node's data belongs to another cluster than its members'; \
+             {}",
+            refusals.join("; ")
+        )))
+    }
+}
+
 impl Broker {
     /// Opens the node's groups and starts the metadata group. The lowest-id member with empty
     /// state initialises the cluster; a node with existing state never re-initialises.
     pub async fn start(cfg: BrokerConfig, store: Store) -> Result<Arc<Self>, BrokerError> {
+        let identity = junction_raft::peer_auth::ClusterIdentity::load(store.clone())
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
         let pool = Arc::new(PeerPool::new(
             cfg.dial_overrides.clone(),
             cfg.cluster_secret.clone(),
+            identity.clone(),
         ));
+        refuse_another_clusters_members(&cfg, &pool).await?;
         let sm = MetaStateMachine::open(store.clone())?;
         let meta_shared = sm.shared();
         let config = cfg
@@ -122,6 +173,7 @@ impl Broker {
             mem_store,
             memory_groups: Arc::new(RwLock::new(HashMap::new())),
             pool,
+            identity,
             meta,
             meta_shared,
             partitions: RwLock::new(HashMap::new()),
@@ -142,6 +194,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.retention_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.join_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.identity_loop().await });
         Ok(broker)
     }
 
@@ -212,6 +266,69 @@ impl Broker {
     /// Returns a receiver of metadata changes.
     pub fn subscribe_metadata(&self) -> tokio::sync::watch::Receiver<Arc<MetaState>> {
         self.meta_shared.subscribe()
+    }
+
+    /// The id of the cluster this node's data belongs to (see `ClusterIdentity`).
+    pub fn identity(&self) -> &junction_raft::peer_auth::ClusterIdentity {
+        &self.identity
+    }
+
+    /// Until this node knows the cluster id. The metadata leader asks the members for theirs
+    /// and adopts one if any has it; if none does, it proposes a new one (sent with its peer
+    /// calls, which the others adopt and store) and stores it itself only once a majority of
+    /// the members report it. So an id a leader made but took down with it before anyone else
+    /// had it is never kept, and the next leader's id wins everywhere.
+    async fn identity_loop(self: Arc<Self>) {
+        let shutdown = self.shutdown_token();
+        while self.identity.get().is_none() {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                () = shutdown.cancelled() => return,
+            }
+            if self.meta_leader().0 != Some(self.node_id()) {
+                continue;
+            }
+            let others: Vec<String> = self
+                .node_addrs()
+                .into_iter()
+                .filter(|(id, _)| *id != self.node_id())
+                .map(|(_, addr)| addr)
+                .collect();
+            let pool = &self.pool;
+            let asks = others.iter().map(|addr| async move {
+                let mut client = pool.client(addr).ok()?;
+                let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
+                let status = tokio::time::timeout(std::time::Duration::from_secs(1), call)
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(status.into_inner().cluster_id).filter(|id| !id.is_empty())
+            });
+            let known: Vec<String> = futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            let proposed = match self.identity.proposal() {
+                Some(p) => p,
+                None => match self.identity.propose() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot make a cluster id");
+                        continue;
+                    }
+                },
+            };
+            let Some(chosen) =
+                junction_raft::peer_auth::choose_cluster_id(&proposed, &known, others.len() + 1)
+            else {
+                continue;
+            };
+            match self.identity.adopt(&chosen) {
+                Ok(_) => tracing::info!(cluster = %chosen, "this cluster's id"),
+                Err(e) => tracing::warn!(error = %e, "cannot record the cluster id"),
+            }
+        }
     }
 
     /// Returns the metadata group's Raft handle.
@@ -541,6 +658,7 @@ impl Broker {
         NodeStatusResponse {
             node_id: self.cfg.node_id,
             groups,
+            cluster_id: self.identity.get().unwrap_or_default(),
         }
     }
 }

@@ -468,7 +468,7 @@ impl Cluster {
     pub fn peer_client(&self, endpoint: &Endpoint) -> PeerClient<PeerChannel> {
         PeerClient::with_interceptor(
             endpoint.connect_lazy(),
-            AttachSecret(Some(self.secret.clone())),
+            AttachSecret(Some(self.secret.clone()), None),
         )
     }
 
@@ -485,7 +485,10 @@ impl Cluster {
                 let ep = Endpoint::from_shared(format!("http://{}", node.grpc))
                     .ok()?
                     .connect_timeout(Duration::from_millis(500));
-                let c = PeerClient::with_interceptor(ep.connect_lazy(), AttachSecret(Some(secret)));
+                let c = PeerClient::with_interceptor(
+                    ep.connect_lazy(),
+                    AttachSecret(Some(secret), None),
+                );
                 node.status = Some(c.clone());
                 c
             }
@@ -672,6 +675,7 @@ mod tests {
                     term,
                 })
                 .collect(),
+            cluster_id: String::new(),
         }
     }
 

@@ -65,6 +65,11 @@ pub enum RaftStoreError {
     },
     #[error("cannot decode {what}: {detail}")]
     Format { what: &'static str, detail: String },
+    #[error(
+        "cluster mismatch: this node's data belongs to cluster {ours}, the peer's to cluster \
+         {theirs}"
+    )]
+    ClusterMismatch { ours: String, theirs: String },
 }
 
 impl From<RaftStoreError> for std::io::Error {

@@ -22,7 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::format::{self, Format, decode, encode};
-use crate::peer_auth::{AttachSecret, ClusterSecret};
+use crate::peer_auth::{AttachSecret, ClusterIdentity, ClusterSecret};
 use crate::snapshot::SnapshotData;
 use crate::types::{Node, Snapshot, TypeConfig, Vote};
 
@@ -52,6 +52,7 @@ pub struct PeerPool {
     clients: Mutex<HashMap<String, PeerClient<PeerChannel>>>,
     dial: DialOverrides,
     secret: Option<ClusterSecret>,
+    identity: ClusterIdentity,
 }
 
 /// The channel of peer clients: every call carries the cluster secret, if there is one.
@@ -64,16 +65,21 @@ pub type DialOverrides = Arc<HashMap<String, String>>;
 impl PeerPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
     pub fn with_overrides(dial: DialOverrides) -> Self {
-        Self::new(dial, None)
+        Self::new(dial, None, ClusterIdentity::default())
     }
 
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given, and sends
-    /// `secret` with every call.
-    pub fn new(dial: DialOverrides, secret: Option<ClusterSecret>) -> Self {
+    /// `secret` and this node's cluster id (once known) with every call.
+    pub fn new(
+        dial: DialOverrides,
+        secret: Option<ClusterSecret>,
+        identity: ClusterIdentity,
+    ) -> Self {
         Self {
             clients: Mutex::default(),
             dial,
             secret,
+            identity,
         }
     }
 
@@ -96,10 +102,12 @@ impl PeerPool {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let client =
-            PeerClient::with_interceptor(ep.connect_lazy(), AttachSecret(self.secret.clone()))
-                .max_decoding_message_size(512 << 20)
-                .max_encoding_message_size(512 << 20);
+        let client = PeerClient::with_interceptor(
+            ep.connect_lazy(),
+            AttachSecret(self.secret.clone(), Some(self.identity.clone())),
+        )
+        .max_decoding_message_size(512 << 20)
+        .max_encoding_message_size(512 << 20);
         map.insert(addr.to_string(), client.clone());
         Ok(client)
     }

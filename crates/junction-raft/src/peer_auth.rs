@@ -20,6 +20,137 @@ use crate::RaftStoreError;
 
 /// The metadata key that carries the secret.
 pub const CLUSTER_SECRET_HEADER: &str = "x-junction-cluster-secret";
+/// The metadata key that carries the id of the caller's cluster, once it knows one.
+pub const CLUSTER_ID_HEADER: &str = "x-junction-cluster-id";
+
+/// The id of the cluster a node's data belongs to, shared by its peer clients (which send it)
+/// and its peer service (which checks callers against it).
+///
+/// The metadata leader makes the id when it finds none (at the first start of a cluster, or
+/// after an upgrade from a build without ids); every other node adopts it from the first
+/// authenticated peer call that carries one and keeps it in its store. From then on a call
+/// carrying another id is refused: a node started on another cluster's data directory (a
+/// restored backup, a swapped volume) can neither take part in this cluster nor pull it into
+/// its own state, and says so, naming both ids.
+#[derive(Clone, Default)]
+pub struct ClusterIdentity {
+    inner: Arc<IdentityInner>,
+}
+
+#[derive(Default)]
+struct IdentityInner {
+    store: Option<junction_storage::Store>,
+    /// The id kept in the store.
+    id: parking_lot::RwLock<Option<AsciiMetadataValue>>,
+    /// An id this node (as metadata leader) proposes but does not keep yet.
+    proposal: parking_lot::RwLock<Option<AsciiMetadataValue>>,
+}
+
+impl fmt::Debug for ClusterIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterIdentity({:?})", self.get())
+    }
+}
+
+impl ClusterIdentity {
+    /// The identity kept in `store` (none yet for a new node).
+    pub fn load(store: junction_storage::Store) -> Result<Self, RaftStoreError> {
+        let id = match store.cluster_id()? {
+            Some(text) => Some(Self::value(&text)?),
+            None => None,
+        };
+        Ok(Self {
+            inner: Arc::new(IdentityInner {
+                store: Some(store),
+                id: parking_lot::RwLock::new(id),
+                proposal: parking_lot::RwLock::new(None),
+            }),
+        })
+    }
+
+    fn value(text: &str) -> Result<AsciiMetadataValue, RaftStoreError> {
+        AsciiMetadataValue::try_from(text)
+            .map_err(|_| RaftStoreError::ClusterSecret(format!("bad cluster id {text:?}")))
+    }
+
+    /// The cluster id, once known.
+    pub fn get(&self) -> Option<String> {
+        self.inner
+            .id
+            .read()
+            .as_ref()
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
+    }
+
+    /// What peer calls carry: the kept id, else the proposal.
+    fn header(&self) -> Option<AsciiMetadataValue> {
+        self.inner
+            .id
+            .read()
+            .clone()
+            .or_else(|| self.inner.proposal.read().clone())
+    }
+
+    /// The id this node proposes, if it made one and keeps none yet.
+    pub fn proposal(&self) -> Option<String> {
+        self.inner
+            .proposal
+            .read()
+            .as_ref()
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
+    }
+
+    /// Makes a new random id (128 bits, hex) to propose: sent with peer calls, which other
+    /// nodes without an id adopt, but not kept until [`ClusterIdentity::adopt`]ed.
+    pub fn propose(&self) -> Result<String, RaftStoreError> {
+        use std::io::Read;
+        let mut bytes = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(|e| RaftStoreError::ClusterSecret(format!("generating a cluster id: {e}")))?;
+        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        *self.inner.proposal.write() = Some(Self::value(&id)?);
+        Ok(id)
+    }
+
+    /// Takes `id` as this node's cluster id when it has none (stored before it is used);
+    /// `Ok(true)` when it was adopted now, `Ok(false)` when it was already this node's, and
+    /// [`RaftStoreError::ClusterMismatch`] when this node belongs to another cluster.
+    pub fn adopt(&self, id: &str) -> Result<bool, RaftStoreError> {
+        let mut current = self.inner.id.write();
+        if let Some(ours) = current.as_ref() {
+            return if ours.as_bytes() == id.as_bytes() {
+                Ok(false)
+            } else {
+                Err(RaftStoreError::ClusterMismatch {
+                    ours: ours.to_str().unwrap_or("?").to_owned(),
+                    theirs: id.to_owned(),
+                })
+            };
+        }
+        let value = Self::value(id)?;
+        if let Some(store) = &self.inner.store {
+            store.set_cluster_id(id)?;
+        }
+        *current = Some(value);
+        *self.inner.proposal.write() = None;
+        Ok(true)
+    }
+}
+
+/// The metadata leader's decision on the cluster id, from its own `proposed` id and the ids
+/// the other members report keeping (`known`, one per member that answered with one), out of
+/// `members` members in all (itself included): an id a member already keeps is the cluster's;
+/// the proposal becomes the cluster's once a majority keeps it (the leader counting as one);
+/// until then, nothing is decided.
+pub fn choose_cluster_id(proposed: &str, known: &[String], members: usize) -> Option<String> {
+    if let Some(existing) = known.iter().find(|id| *id != proposed) {
+        return Some(existing.clone());
+    }
+    let holding = known.len() + 1;
+    (holding > members / 2).then(|| proposed.to_owned())
+}
+
 /// Shortest secret accepted: 32 characters (the dev cluster's are 64 hex digits, 256 bits).
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -112,9 +243,10 @@ impl ClusterSecret {
     }
 }
 
-/// Client side: adds the secret (if any) to every peer call.
+/// Client side: adds the secret (if any) and this node's cluster id (once known) to every
+/// peer call.
 #[derive(Clone, Debug, Default)]
-pub struct AttachSecret(pub Option<ClusterSecret>);
+pub struct AttachSecret(pub Option<ClusterSecret>, pub Option<ClusterIdentity>);
 
 impl Interceptor for AttachSecret {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -122,21 +254,64 @@ impl Interceptor for AttachSecret {
             req.metadata_mut()
                 .insert(CLUSTER_SECRET_HEADER, (*secret.value).clone());
         }
+        if let Some(id) = self.1.as_ref().and_then(ClusterIdentity::header) {
+            req.metadata_mut().insert(CLUSTER_ID_HEADER, id);
+        }
         Ok(req)
     }
 }
 
-/// Server side: refuses peer calls without the secret (when the node has one).
+/// Server side: refuses peer calls without the secret (when the node has one), and calls from
+/// another cluster (see [`ClusterIdentity`]).
 #[derive(Clone, Debug, Default)]
-pub struct RequireSecret(pub Option<ClusterSecret>);
+pub struct RequireSecret(pub Option<ClusterSecret>, pub Option<ClusterIdentity>);
+
+impl RequireSecret {
+    fn check_cluster(&self, req: &Request<()>) -> Result<(), Status> {
+        let (Some(identity), Some(theirs)) = (&self.1, req.metadata().get(CLUSTER_ID_HEADER))
+        else {
+            return Ok(());
+        };
+        let theirs = theirs
+            .to_str()
+            .map_err(|_| Status::invalid_argument("unreadable cluster id"))?;
+        match identity.adopt(theirs) {
+            Ok(true) => {
+                tracing::info!(
+                    cluster = theirs,
+                    "joined cluster (adopted its id from a peer)"
+                );
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(RaftStoreError::ClusterMismatch { ours, theirs }) => {
+                tracing::error!(
+                    remote = ?req.remote_addr(),
+                    ours = %ours,
+                    theirs = %theirs,
+                    "refused a peer call from another cluster"
+                );
+                Err(Status::failed_precondition(format!(
+                    "cluster mismatch: this node's data belongs to cluster {ours}, the caller's \
+                     to cluster {theirs}"
+                )))
+            }
+            Err(e) => Err(Status::internal(format!("recording the cluster id: {e}"))),
+        }
+    }
+}
 
 impl Interceptor for RequireSecret {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(secret) = &self.0 else {
+            self.check_cluster(&req)?;
             return Ok(req);
         };
         match req.metadata().get(CLUSTER_SECRET_HEADER) {
-            Some(v) if secret.matches(v.as_bytes()) => Ok(req),
+            Some(v) if secret.matches(v.as_bytes()) => {
+                self.check_cluster(&req)?;
+                Ok(req)
+            }
             presented => {
                 tracing::warn!(
                     remote = ?req.remote_addr(),
@@ -190,17 +365,110 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_is_adopted_once_and_kept_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = junction_storage::Store::open(dir.path()).unwrap();
+        let id = ClusterIdentity::load(store.clone()).unwrap();
+        assert_eq!(id.get(), None);
+        assert!(id.adopt("aaaa").unwrap());
+        assert!(!id.adopt("aaaa").unwrap());
+        let err = id.adopt("bbbb").unwrap_err().to_string();
+        assert!(err.contains("aaaa") && err.contains("bbbb"), "{err}");
+        drop(id);
+        let again = ClusterIdentity::load(store).unwrap();
+        assert_eq!(again.get().as_deref(), Some("aaaa"));
+        // A proposal is sent but not kept; adopting an id (this one or another) keeps it.
+        let fresh = ClusterIdentity::default();
+        let proposed = fresh.propose().unwrap();
+        assert_eq!(proposed.len(), 32);
+        assert_ne!(proposed, ClusterIdentity::default().propose().unwrap());
+        assert_eq!(fresh.get(), None);
+        let req = AttachSecret(None, Some(fresh.clone()))
+            .call(Request::new(()))
+            .unwrap();
+        assert_eq!(
+            req.metadata()
+                .get(CLUSTER_ID_HEADER)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            proposed
+        );
+        assert!(fresh.adopt("cccc").unwrap());
+        assert_eq!(fresh.get().as_deref(), Some("cccc"));
+        assert_eq!(fresh.proposal(), None);
+    }
+
+    #[test]
+    fn calls_carry_the_cluster_id_and_another_clusters_are_refused() {
+        let ours = ClusterIdentity::default();
+        ours.adopt("aaaa").unwrap();
+        let theirs = ClusterIdentity::default();
+        theirs.adopt("bbbb").unwrap();
+        let fresh = ClusterIdentity::default();
+
+        // A node without an id adopts the caller's.
+        let req = AttachSecret(None, Some(ours.clone()))
+            .call(Request::new(()))
+            .unwrap();
+        assert!(RequireSecret(None, Some(fresh.clone())).call(req).is_ok());
+        assert_eq!(fresh.get().as_deref(), Some("aaaa"));
+
+        // Another cluster's call is refused, both ids named.
+        let req = AttachSecret(None, Some(theirs))
+            .call(Request::new(()))
+            .unwrap();
+        let refused = RequireSecret(None, Some(ours.clone()))
+            .call(req)
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("aaaa") && refused.message().contains("bbbb"),
+            "{refused}"
+        );
+
+        // A caller that knows no id yet (a new node) is not refused for it.
+        let req = AttachSecret(None, Some(ClusterIdentity::default()))
+            .call(Request::new(()))
+            .unwrap();
+        assert!(req.metadata().get(CLUSTER_ID_HEADER).is_none());
+        assert!(RequireSecret(None, Some(ours)).call(req).is_ok());
+    }
+
+    #[test]
+    fn the_leader_keeps_an_existing_id_or_a_proposal_held_by_a_majority() {
+        let k = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // Alone: its own proposal is a majority.
+        assert_eq!(choose_cluster_id("p", &[], 1).as_deref(), Some("p"));
+        // Three members: the proposal needs one more holder.
+        assert_eq!(choose_cluster_id("p", &[], 3), None);
+        assert_eq!(choose_cluster_id("p", &k(&["p"]), 3).as_deref(), Some("p"));
+        // Five members: two more holders.
+        assert_eq!(choose_cluster_id("p", &k(&["p"]), 5), None);
+        assert_eq!(
+            choose_cluster_id("p", &k(&["p", "p"]), 5).as_deref(),
+            Some("p")
+        );
+        // A member keeps another id (an earlier leader's that reached it): that one wins.
+        assert_eq!(choose_cluster_id("p", &k(&["x"]), 3).as_deref(), Some("x"));
+        assert_eq!(
+            choose_cluster_id("p", &k(&["p", "x"]), 5).as_deref(),
+            Some("x")
+        );
+    }
+
+    #[test]
     fn debug_never_shows_the_secret() {
         let s = ClusterSecret::new(GOOD).unwrap();
         assert!(!format!("{s:?}").contains("0123"));
-        assert!(!format!("{:?}", AttachSecret(Some(s))).contains("0123"));
+        assert!(!format!("{:?}", AttachSecret(Some(s), None)).contains("0123"));
     }
 
     #[test]
     fn the_server_accepts_only_the_secret_the_client_attaches() {
         let secret = ClusterSecret::new(GOOD).unwrap();
-        let mut attach = AttachSecret(Some(secret.clone()));
-        let mut require = RequireSecret(Some(secret));
+        let mut attach = AttachSecret(Some(secret.clone()), None);
+        let mut require = RequireSecret(Some(secret), None);
         let req = attach.call(Request::new(())).unwrap();
         assert!(require.call(req).is_ok());
 
@@ -208,7 +476,9 @@ mod tests {
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
 
         let other = ClusterSecret::new("fedcba9876543210fedcba9876543210").unwrap();
-        let wrong = AttachSecret(Some(other)).call(Request::new(())).unwrap();
+        let wrong = AttachSecret(Some(other), None)
+            .call(Request::new(()))
+            .unwrap();
         assert_eq!(
             require.call(wrong).unwrap_err().code(),
             tonic::Code::Unauthenticated
@@ -223,8 +493,8 @@ mod tests {
 
     #[test]
     fn without_a_secret_calls_pass_and_carry_nothing() {
-        let req = AttachSecret(None).call(Request::new(())).unwrap();
+        let req = AttachSecret(None, None).call(Request::new(())).unwrap();
         assert!(req.metadata().get(CLUSTER_SECRET_HEADER).is_none());
-        assert!(RequireSecret(None).call(req).is_ok());
+        assert!(RequireSecret(None, None).call(req).is_ok());
     }
 }

@@ -232,7 +232,10 @@ impl Server {
                 PeerServer::new(PeerService::new(broker.clone()))
                     .max_decoding_message_size(512 << 20)
                     .max_encoding_message_size(512 << 20),
-                junction_raft::peer_auth::RequireSecret(cluster_secret.clone()),
+                junction_raft::peer_auth::RequireSecret(
+                    cluster_secret.clone(),
+                    Some(broker.identity().clone()),
+                ),
             ));
         // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself: set it on the
         // accepted sockets here. Without it every reply waited on Nagle's algorithm and the

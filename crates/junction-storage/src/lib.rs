@@ -84,6 +84,38 @@ pub const STORE_FORMAT: u8 = 1;
 /// Where the store format is kept.
 pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
 
+/// Where a node keeps the id of the cluster its data belongs to.
+pub const CLUSTER_ID_KEY: &[u8] = b"junction/cluster-id";
+
+impl Store {
+    /// The id of the cluster this store's data belongs to, once known.
+    pub fn cluster_id(&self) -> Result<Option<String>, StorageError> {
+        let v = self
+            .inner
+            .db
+            .get(CLUSTER_ID_KEY)
+            .map_err(rocks("read the cluster id"))?;
+        v.map(|b| {
+            String::from_utf8(b).map_err(|_| StorageError::Corrupt {
+                what: "cluster id",
+                group: 0,
+                detail: "not UTF-8".to_owned(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records the cluster id, durably, before returning.
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), StorageError> {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.inner
+            .db
+            .put_opt(CLUSTER_ID_KEY, id.as_bytes(), &w)
+            .map_err(self.poisoning("write the cluster id"))
+    }
+}
+
 /// Checks (or, for a new store, writes) the store format, before anything else reads the
 /// store: a node refuses data it cannot read instead of misreading it.
 fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
