@@ -94,7 +94,7 @@ pub(crate) fn current_snapshot(store: &Store, group: GroupId) -> io::Result<Opti
     let Some(b) = store.get_tag(CF_SM_META, group, sm_tag::SNAPSHOT_META)? else {
         return Ok(None);
     };
-    let rec: SnapshotRecord = decode(&format::SNAPSHOT_RECORD, &b)?;
+    let rec = decode_snapshot_record(&b)?;
     Ok(Some(Snapshot {
         meta: rec.meta,
         snapshot: SnapshotData::Local(LocalSnapshot {
@@ -104,6 +104,22 @@ pub(crate) fn current_snapshot(store: &Store, group: GroupId) -> io::Result<Opti
             filter: filter_of(rec.messages_below),
         }),
     }))
+}
+
+/// Reads a snapshot record. Version 0 is a record migrated from store format 0: the same
+/// fields, with a state machine state of format 0 inside, which becomes version 1 of its
+/// format (the byte 1, then the same bytes). See `junction_storage::STORE_FORMAT`.
+fn decode_snapshot_record(b: &[u8]) -> Result<SnapshotRecord, RaftStoreError> {
+    if let Some((&0, body)) = b.split_first() {
+        let mut rec: SnapshotRecord =
+            postcard::from_bytes(body).map_err(|source| RaftStoreError::Decode {
+                what: format::SNAPSHOT_RECORD.what,
+                source,
+            })?;
+        rec.state.insert(0, 1);
+        return Ok(rec);
+    }
+    decode(&format::SNAPSHOT_RECORD, b)
 }
 
 fn put_snapshot_record(
@@ -315,6 +331,37 @@ mod tests {
 
     use super::*;
     use crate::snapshot::{write_end, write_frame};
+
+    /// A snapshot record migrated from store format 0 (version 0, its state unversioned)
+    /// reads as the same record with a version 1 state.
+    #[test]
+    fn a_migrated_snapshot_record_reads_with_a_versioned_state() {
+        let rec = SnapshotRecord {
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id(9)),
+                last_membership: StoredMembership::default(),
+            },
+            state: b"format 0 state".to_vec(),
+            messages_below: Some(12),
+        };
+        let mut migrated = vec![0u8];
+        migrated.extend_from_slice(&postcard::to_allocvec(&rec).unwrap());
+        let back = decode_snapshot_record(&migrated).unwrap();
+        let mut want = vec![1u8];
+        want.extend_from_slice(b"format 0 state");
+        assert_eq!(back.state, want);
+        assert_eq!(back.messages_below, Some(12));
+        assert_eq!(back.meta.last_log_id, Some(log_id(9)));
+        // Version 1 records read as written; unknown versions are refused.
+        let v1 = encode(&format::SNAPSHOT_RECORD, &rec).unwrap();
+        assert_eq!(
+            decode_snapshot_record(&v1).unwrap().state,
+            b"format 0 state"
+        );
+        let mut v2 = v1.clone();
+        v2[0] = 2;
+        assert!(decode_snapshot_record(&v2).is_err());
+    }
 
     fn log_id(index: u64) -> LogId {
         openraft::LogId::new(

@@ -116,6 +116,108 @@ impl Store {
     }
 }
 
+/// Where an interrupted migration from store format 0 records how far it got: the column
+/// family's index in [`MIGRATED_0_TO_1`] and the last key rewritten.
+const MIGRATION_PROGRESS_KEY: &[u8] = b"junction/migration-0-1";
+/// Values rewritten per atomic batch of the migration.
+const MIGRATION_BATCH: usize = 4096;
+
+/// The version byte a value of store format 0 gets in format 1, if it is one of the
+/// encodings format 1 versions (log entries, stored messages, the postcard-encoded tags).
+/// Version 1 of each is its format-0 bytes after the byte 1. A snapshot record gets 0: it
+/// holds a state machine state of format 0 inside, which its reader versions when it reads it
+/// (`junction_raft::sm_common`).
+fn format_1_prefix(cf: &str, key: &[u8]) -> Option<u8> {
+    let tag = (key.len() == 9).then(|| key[8]);
+    match cf {
+        keys::CF_RAFT_LOG | keys::CF_MESSAGES => Some(1),
+        keys::CF_SM_META if tag == Some(sm_tag::SNAPSHOT_META) => Some(0),
+        keys::CF_SM_META => Some(1),
+        keys::CF_RAFT_META if tag == Some(raft_tag::MEMORY_INITIALISED) => None,
+        keys::CF_RAFT_META => Some(1),
+        _ => None,
+    }
+}
+
+/// The column families whose values the migration from format 0 rewrites, in order.
+const MIGRATED_0_TO_1: [&str; 4] = [
+    keys::CF_RAFT_LOG,
+    keys::CF_RAFT_META,
+    keys::CF_SM_META,
+    keys::CF_MESSAGES,
+];
+
+/// Store format 0 (before formats were versioned) to 1: version 1 of every versioned
+/// structure is its format-0 postcard bytes after a version byte 1, so each such value gets
+/// that byte in front. Batches are atomic and record their progress in the same batch, so a
+/// migration cut by a crash resumes where it stopped and never rewrites a value twice.
+fn migrate_0_to_1(db: &DB, path: &Path) -> Result<(), StorageError> {
+    let progress = db
+        .get(MIGRATION_PROGRESS_KEY)
+        .map_err(rocks("read the migration progress"))?;
+    let (mut first_cf, mut after): (usize, Option<Vec<u8>>) = match progress.as_deref() {
+        Some([cf, key @ ..]) => (usize::from(*cf), Some(key.to_vec())),
+        _ => (0, None),
+    };
+    tracing::warn!(
+        path = %path.display(),
+        resumed = progress.is_some(),
+        "migrating the data directory from store format 0 to 1"
+    );
+    let mut rewritten = 0u64;
+    while first_cf < MIGRATED_0_TO_1.len() {
+        let name = MIGRATED_0_TO_1[first_cf];
+        let cf = db.cf_handle(name).ok_or(StorageError::MissingCf(name))?;
+        loop {
+            let mode = match &after {
+                Some(k) => rocksdb::IteratorMode::From(k, rocksdb::Direction::Forward),
+                None => rocksdb::IteratorMode::Start,
+            };
+            let mut batch = WriteBatch::default();
+            let mut last: Option<Vec<u8>> = None;
+            let mut count = 0;
+            for item in db.iterator_cf(cf, mode) {
+                let (key, value) = item.map_err(rocks("read for the migration"))?;
+                if after.as_deref() == Some(&key[..]) {
+                    continue;
+                }
+                if let Some(prefix) = format_1_prefix(name, &key) {
+                    let mut v = Vec::with_capacity(value.len() + 1);
+                    v.push(prefix);
+                    v.extend_from_slice(&value);
+                    batch.put_cf(cf, &key, v);
+                }
+                last = Some(key.to_vec());
+                count += 1;
+                if count == MIGRATION_BATCH {
+                    break;
+                }
+            }
+            let Some(last) = last else { break };
+            let mut marker = vec![first_cf as u8];
+            marker.extend_from_slice(&last);
+            batch.put(MIGRATION_PROGRESS_KEY, marker);
+            let mut w = rocksdb::WriteOptions::default();
+            w.set_sync(true);
+            db.write_opt(batch, &w)
+                .map_err(rocks("write the migration"))?;
+            rewritten += count as u64;
+            after = Some(last);
+        }
+        first_cf += 1;
+        after = None;
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        db.put_opt(MIGRATION_PROGRESS_KEY, [first_cf as u8], &w)
+            .map_err(rocks("write the migration progress"))?;
+    }
+    // The format is written by the caller; the progress record goes with it.
+    db.delete(MIGRATION_PROGRESS_KEY)
+        .map_err(rocks("finish the migration"))?;
+    tracing::warn!(path = %path.display(), keys = rewritten, "migrated to store format 1");
+    Ok(())
+}
+
 /// Checks (or, for a new store, writes) the store format, before anything else reads the
 /// store: a node refuses data it cannot read instead of misreading it.
 fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
@@ -144,11 +246,7 @@ fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
                         .is_some()
                 });
             if has_data {
-                return Err(refuse(
-                    0,
-                    "; it was written before formats were versioned: move it away and start \
-                     the node on an empty data directory, it catches up from its peers",
-                ));
+                migrate_0_to_1(db, path)?;
             }
             let mut w = rocksdb::WriteOptions::default();
             w.set_sync(true);
@@ -811,6 +909,137 @@ impl Batch<'_> {
 mod tests {
     use super::*;
 
+    /// Writes a store of format 0: the values as the builds before versioned formats wrote
+    /// them, and no format key.
+    fn format_0_store(path: &Path) {
+        let store = Store::open(path).unwrap();
+        let mut b = store.batch();
+        for g in [1u64, 2] {
+            for i in 0..3u64 {
+                b.put_log(g, i, format!("e{g}-{i}").as_bytes()).unwrap();
+                b.put_message(g, i, format!("m{g}-{i}").as_bytes()).unwrap();
+            }
+            b.put_tag(CF_RAFT_META, g, raft_tag::VOTE, b"vote").unwrap();
+            b.put_tag(CF_RAFT_META, g, raft_tag::MEMORY_INITIALISED, b"raw")
+                .unwrap();
+            b.put_tag(CF_SM_META, g, sm_tag::STATE, b"state").unwrap();
+            b.put_tag(CF_SM_META, g, sm_tag::SNAPSHOT_META, b"snap")
+                .unwrap();
+        }
+        store.write_sync(b).unwrap();
+        store.inner.db.delete(STORE_FORMAT_KEY).unwrap();
+    }
+
+    fn versioned(text: &str) -> Vec<u8> {
+        let mut v = vec![1u8];
+        v.extend_from_slice(text.as_bytes());
+        v
+    }
+
+    #[test]
+    fn a_format_0_store_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        format_0_store(dir.path());
+        for _ in 0..2 {
+            // The second open finds format 1 and rewrites nothing.
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
+                Some(&[STORE_FORMAT][..])
+            );
+            assert!(
+                store
+                    .inner
+                    .db
+                    .get(MIGRATION_PROGRESS_KEY)
+                    .unwrap()
+                    .is_none()
+            );
+            for g in [1u64, 2] {
+                let logs = store.log_range(g, 0, 3).unwrap();
+                assert_eq!(logs[2].1, versioned(&format!("e{g}-2")));
+                let msgs = store.read_messages(g, 0, 3, 100, 1 << 20).unwrap();
+                assert_eq!(msgs[1].1, versioned(&format!("m{g}-1")));
+                assert_eq!(
+                    store.get_tag(CF_RAFT_META, g, raft_tag::VOTE).unwrap(),
+                    Some(versioned("vote"))
+                );
+                assert_eq!(
+                    store.get_tag(CF_SM_META, g, sm_tag::STATE).unwrap(),
+                    Some(versioned("state"))
+                );
+                // A snapshot record is marked version 0: its reader versions the state inside.
+                assert_eq!(
+                    store.get_tag(CF_SM_META, g, sm_tag::SNAPSHOT_META).unwrap(),
+                    Some(b"\0snap".to_vec())
+                );
+                // Not a versioned encoding: left as it was.
+                assert_eq!(
+                    store
+                        .get_tag(CF_RAFT_META, g, raft_tag::MEMORY_INITIALISED)
+                        .unwrap(),
+                    Some(b"raw".to_vec())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_migration_cut_by_a_crash_resumes_without_rewriting_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        format_0_store(dir.path());
+        {
+            // As a crash would leave it: the log done, and the first raft_meta key.
+            let store = Store::open(dir.path()).unwrap();
+            // (That open migrated everything; undo to the crash point by hand.)
+            let db = &store.inner.db;
+            db.delete(STORE_FORMAT_KEY).unwrap();
+            let meta = db.cf_handle(CF_RAFT_META).unwrap();
+            let first_meta_key = group_tag(1, raft_tag::VOTE);
+            for (cf, g) in [(CF_RAFT_META, 2u64), (CF_SM_META, 1), (CF_SM_META, 2)] {
+                let (tag, raw): (u8, &[u8]) = if cf == CF_RAFT_META {
+                    (raft_tag::VOTE, b"vote")
+                } else {
+                    (sm_tag::STATE, b"state")
+                };
+                db.put_cf(db.cf_handle(cf).unwrap(), group_tag(g, tag), raw)
+                    .unwrap();
+            }
+            for g in [1u64, 2] {
+                for i in 0..3u64 {
+                    db.put_cf(
+                        db.cf_handle(CF_MESSAGES).unwrap(),
+                        group_u64(g, i),
+                        format!("m{g}-{i}").as_bytes(),
+                    )
+                    .unwrap();
+                }
+            }
+            assert!(db.get_cf(meta, first_meta_key).unwrap().is_some());
+            let mut progress = vec![1u8];
+            progress.extend_from_slice(&first_meta_key);
+            db.put(MIGRATION_PROGRESS_KEY, progress).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for g in [1u64, 2] {
+            assert_eq!(
+                store.get_tag(CF_RAFT_META, g, raft_tag::VOTE).unwrap(),
+                Some(versioned("vote")),
+                "group {g}"
+            );
+            assert_eq!(
+                store.get_tag(CF_SM_META, g, sm_tag::STATE).unwrap(),
+                Some(versioned("state"))
+            );
+            assert_eq!(
+                store.log_range(g, 0, 1).unwrap()[0].1,
+                versioned(&format!("e{g}-0"))
+            );
+            let msgs = store.read_messages(g, 0, 3, 100, 1 << 20).unwrap();
+            assert_eq!(msgs[0].1, versioned(&format!("m{g}-0")));
+        }
+    }
+
     #[test]
     fn the_store_format_is_written_once_and_checked_at_every_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -849,24 +1078,7 @@ mod tests {
                 && text.contains("newer"),
             "{text}"
         );
-        // Data without a format predates versioned formats: refused, with what to do.
-        {
-            let dir2 = tempfile::tempdir().unwrap();
-            let store = Store::open(dir2.path()).unwrap();
-            let mut b = store.batch();
-            b.put_tag(CF_RAFT_META, 1, raft_tag::VOTE, b"v").unwrap();
-            store.write_sync(b).unwrap();
-            store.inner.db.delete(STORE_FORMAT_KEY).unwrap();
-            drop(store);
-            let Err(err) = Store::open(dir2.path()) else {
-                panic!("data without a store format was accepted");
-            };
-            assert!(
-                err.to_string()
-                    .contains("written before formats were versioned"),
-                "{err}"
-            );
-        }
+        // Data without a format predates versioned formats: migrated (see below).
         // A memory store starts empty and gets the current format.
         let mem = tempfile::tempdir().unwrap();
         let store = Store::open_in_memory(mem.path()).unwrap();
