@@ -274,9 +274,13 @@ impl TestCluster {
             let g = TcpListener::bind(grpc).await.ok()?;
             let h = TcpListener::bind(http).await.ok()?;
             // The previous incarnation's RocksDB lock is released once its last handle drops.
-            Server::start_with_listeners(self.config(id), g, h)
-                .await
-                .ok()
+            match Server::start_with_listeners(self.config(id), g, h).await {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    eprintln!("node {id} did not start yet: {e}");
+                    None
+                }
+            }
         })
         .await;
         self.slots.get_mut(&id).expect("slot").handle = Some(handle);

@@ -194,8 +194,6 @@ impl Broker {
         broker.tasks.spawn(async move { b.retention_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.join_loop().await });
-        let b = broker.clone();
-        broker.tasks.spawn(async move { b.identity_loop().await });
         Ok(broker)
     }
 
@@ -218,7 +216,17 @@ impl Broker {
             .iter()
             .map(|(id, addr)| (*id, openraft::BasicNode::new(addr)))
             .collect();
-        tracing::info!(members = ?self.cfg.members, "initialising a new cluster");
+        // The cluster's id is made here, once, by the one node that initialises it; every
+        // other node adopts it from the first peer call that carries it. (A node that
+        // initialises after losing its data gets a new id, which the running members refuse.)
+        let id = match self.identity.get() {
+            Some(id) => id,
+            None => self
+                .identity
+                .create()
+                .map_err(|e| BrokerError::Raft(e.to_string()))?,
+        };
+        tracing::info!(members = ?self.cfg.members, cluster = %id, "initialising a new cluster");
         match self.meta.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(openraft::errors::RaftError::APIError(
@@ -271,64 +279,6 @@ impl Broker {
     /// The id of the cluster this node's data belongs to (see `ClusterIdentity`).
     pub fn identity(&self) -> &junction_raft::peer_auth::ClusterIdentity {
         &self.identity
-    }
-
-    /// Until this node knows the cluster id. The metadata leader asks the members for theirs
-    /// and adopts one if any has it; if none does, it proposes a new one (sent with its peer
-    /// calls, which the others adopt and store) and stores it itself only once a majority of
-    /// the members report it. So an id a leader made but took down with it before anyone else
-    /// had it is never kept, and the next leader's id wins everywhere.
-    async fn identity_loop(self: Arc<Self>) {
-        let shutdown = self.shutdown_token();
-        while self.identity.get().is_none() {
-            tokio::select! {
-                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-                () = shutdown.cancelled() => return,
-            }
-            if self.meta_leader().0 != Some(self.node_id()) {
-                continue;
-            }
-            let others: Vec<String> = self
-                .node_addrs()
-                .into_iter()
-                .filter(|(id, _)| *id != self.node_id())
-                .map(|(_, addr)| addr)
-                .collect();
-            let pool = &self.pool;
-            let asks = others.iter().map(|addr| async move {
-                let mut client = pool.client(addr).ok()?;
-                let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
-                let status = tokio::time::timeout(std::time::Duration::from_secs(1), call)
-                    .await
-                    .ok()?
-                    .ok()?;
-                Some(status.into_inner().cluster_id).filter(|id| !id.is_empty())
-            });
-            let known: Vec<String> = futures::future::join_all(asks)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
-            let proposed = match self.identity.proposal() {
-                Some(p) => p,
-                None => match self.identity.propose() {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot make a cluster id");
-                        continue;
-                    }
-                },
-            };
-            let Some(chosen) =
-                junction_raft::peer_auth::choose_cluster_id(&proposed, &known, others.len() + 1)
-            else {
-                continue;
-            };
-            match self.identity.adopt(&chosen) {
-                Ok(_) => tracing::info!(cluster = %chosen, "this cluster's id"),
-                Err(e) => tracing::warn!(error = %e, "cannot record the cluster id"),
-            }
-        }
     }
 
     /// Returns the metadata group's Raft handle.

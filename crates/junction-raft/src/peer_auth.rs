@@ -26,9 +26,9 @@ pub const CLUSTER_ID_HEADER: &str = "x-junction-cluster-id";
 /// The id of the cluster a node's data belongs to, shared by its peer clients (which send it)
 /// and its peer service (which checks callers against it).
 ///
-/// The metadata leader makes the id when it finds none (at the first start of a cluster, or
-/// after an upgrade from a build without ids); every other node adopts it from the first
-/// authenticated peer call that carries one and keeps it in its store. From then on a call
+/// The node that initialises the cluster makes the id, once; every other node adopts it from
+/// the first authenticated peer call that carries one and keeps it in its store. (Clusters
+/// initialised by a build without ids have none, and these checks stay off for them.) From then on a call
 /// carrying another id is refused: a node started on another cluster's data directory (a
 /// restored backup, a swapped volume) can neither take part in this cluster nor pull it into
 /// its own state, and says so, naming both ids.
@@ -42,8 +42,6 @@ struct IdentityInner {
     store: Option<junction_storage::Store>,
     /// The id kept in the store.
     id: parking_lot::RwLock<Option<AsciiMetadataValue>>,
-    /// An id this node (as metadata leader) proposes but does not keep yet.
-    proposal: parking_lot::RwLock<Option<AsciiMetadataValue>>,
 }
 
 impl fmt::Debug for ClusterIdentity {
@@ -63,7 +61,6 @@ impl ClusterIdentity {
             inner: Arc::new(IdentityInner {
                 store: Some(store),
                 id: parking_lot::RwLock::new(id),
-                proposal: parking_lot::RwLock::new(None),
             }),
         })
     }
@@ -82,35 +79,25 @@ impl ClusterIdentity {
             .and_then(|v| v.to_str().ok().map(str::to_owned))
     }
 
-    /// What peer calls carry: the kept id, else the proposal.
+    /// What peer calls carry: the kept id.
     fn header(&self) -> Option<AsciiMetadataValue> {
-        self.inner
-            .id
-            .read()
-            .clone()
-            .or_else(|| self.inner.proposal.read().clone())
+        self.inner.id.read().clone()
     }
 
-    /// The id this node proposes, if it made one and keeps none yet.
-    pub fn proposal(&self) -> Option<String> {
-        self.inner
-            .proposal
-            .read()
-            .as_ref()
-            .and_then(|v| v.to_str().ok().map(str::to_owned))
-    }
-
-    /// Makes a new random id (128 bits, hex) to propose: sent with peer calls, which other
-    /// nodes without an id adopt, but not kept until [`ClusterIdentity::adopt`]ed.
-    pub fn propose(&self) -> Result<String, RaftStoreError> {
+    /// Makes and keeps a new random id (128 bits, hex); for the node that initialises a
+    /// cluster. An id already kept stays.
+    pub fn create(&self) -> Result<String, RaftStoreError> {
         use std::io::Read;
         let mut bytes = [0u8; 16];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut bytes))
             .map_err(|e| RaftStoreError::ClusterSecret(format!("generating a cluster id: {e}")))?;
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        *self.inner.proposal.write() = Some(Self::value(&id)?);
-        Ok(id)
+        match self.adopt(&id) {
+            Ok(_) => Ok(id),
+            Err(RaftStoreError::ClusterMismatch { ours, .. }) => Ok(ours),
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes `id` as this node's cluster id when it has none (stored before it is used);
@@ -133,22 +120,8 @@ impl ClusterIdentity {
             store.set_cluster_id(id)?;
         }
         *current = Some(value);
-        *self.inner.proposal.write() = None;
         Ok(true)
     }
-}
-
-/// The metadata leader's decision on the cluster id, from its own `proposed` id and the ids
-/// the other members report keeping (`known`, one per member that answered with one), out of
-/// `members` members in all (itself included): an id a member already keeps is the cluster's;
-/// the proposal becomes the cluster's once a majority keeps it (the leader counting as one);
-/// until then, nothing is decided.
-pub fn choose_cluster_id(proposed: &str, known: &[String], members: usize) -> Option<String> {
-    if let Some(existing) = known.iter().find(|id| *id != proposed) {
-        return Some(existing.clone());
-    }
-    let holding = known.len() + 1;
-    (holding > members / 2).then(|| proposed.to_owned())
 }
 
 /// Shortest secret accepted: 32 characters (the dev cluster's are 64 hex digits, 256 bits).
@@ -377,26 +350,18 @@ mod tests {
         drop(id);
         let again = ClusterIdentity::load(store).unwrap();
         assert_eq!(again.get().as_deref(), Some("aaaa"));
-        // A proposal is sent but not kept; adopting an id (this one or another) keeps it.
+        // A created id is random, kept, and sent; creating again keeps the first.
+        assert_eq!(again.create().unwrap(), "aaaa");
         let fresh = ClusterIdentity::default();
-        let proposed = fresh.propose().unwrap();
-        assert_eq!(proposed.len(), 32);
-        assert_ne!(proposed, ClusterIdentity::default().propose().unwrap());
-        assert_eq!(fresh.get(), None);
+        let made = fresh.create().unwrap();
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, ClusterIdentity::default().create().unwrap());
+        assert_eq!(fresh.get().as_deref(), Some(made.as_str()));
         let req = AttachSecret(None, Some(fresh.clone()))
             .call(Request::new(()))
             .unwrap();
-        assert_eq!(
-            req.metadata()
-                .get(CLUSTER_ID_HEADER)
-                .unwrap()
-                .to_str()
-                .unwrap(),
-            proposed
-        );
-        assert!(fresh.adopt("cccc").unwrap());
-        assert_eq!(fresh.get().as_deref(), Some("cccc"));
-        assert_eq!(fresh.proposal(), None);
+        let sent = req.metadata().get(CLUSTER_ID_HEADER).unwrap();
+        assert_eq!(sent.to_str().unwrap(), made);
     }
 
     #[test]
@@ -433,28 +398,6 @@ mod tests {
             .unwrap();
         assert!(req.metadata().get(CLUSTER_ID_HEADER).is_none());
         assert!(RequireSecret(None, Some(ours)).call(req).is_ok());
-    }
-
-    #[test]
-    fn the_leader_keeps_an_existing_id_or_a_proposal_held_by_a_majority() {
-        let k = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        // Alone: its own proposal is a majority.
-        assert_eq!(choose_cluster_id("p", &[], 1).as_deref(), Some("p"));
-        // Three members: the proposal needs one more holder.
-        assert_eq!(choose_cluster_id("p", &[], 3), None);
-        assert_eq!(choose_cluster_id("p", &k(&["p"]), 3).as_deref(), Some("p"));
-        // Five members: two more holders.
-        assert_eq!(choose_cluster_id("p", &k(&["p"]), 5), None);
-        assert_eq!(
-            choose_cluster_id("p", &k(&["p", "p"]), 5).as_deref(),
-            Some("p")
-        );
-        // A member keeps another id (an earlier leader's that reached it): that one wins.
-        assert_eq!(choose_cluster_id("p", &k(&["x"]), 3).as_deref(), Some("x"));
-        assert_eq!(
-            choose_cluster_id("p", &k(&["p", "x"]), 5).as_deref(),
-            Some("x")
-        );
     }
 
     #[test]
