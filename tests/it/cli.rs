@@ -512,10 +512,17 @@ async fn cluster_status_text_and_json() {
         .expect("produce");
     let leader = cluster.wait_for_metadata_leader().await;
 
+    let id = cluster.cluster_id().await;
     let text = ok(&cluster, &["cluster", "status"]).await;
-    let first = text.lines().next().expect("a line");
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("cluster: {id}").as_str()),
+        "{text}"
+    );
+    let second = lines.next().expect("a line");
     assert!(
-        first.starts_with(&format!("metadata leader: node {leader} (term ")),
+        second.starts_with(&format!("metadata leader: node {leader} (term ")),
         "{text}"
     );
     assert_eq!(

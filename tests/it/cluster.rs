@@ -584,23 +584,10 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_with_another_clusters_data_refuses_to_start() {
     let mut cluster = TestCluster::start(3).await;
-    let id = wait_until(
-        Duration::from_secs(20),
-        "every node to know the cluster id",
-        || async {
-            let ids: Vec<Option<String>> = cluster
-                .running()
-                .into_iter()
-                .map(|n| cluster.broker(n).identity().get())
-                .collect();
-            let first = ids[0].clone()?;
-            ids.iter()
-                .all(|i| i.as_deref() == Some(&first))
-                .then_some(first)
-        },
-    )
-    .await;
+    let id = cluster.cluster_id().await;
     assert_eq!(id.len(), 32, "{id}");
+    let status = cluster.client().cluster_status().await.expect("status");
+    assert_eq!(status.cluster_id, id, "ClusterStatus reports the id");
 
     // A caller with this cluster's secret but another cluster's id.
     let secret =

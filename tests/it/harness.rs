@@ -251,6 +251,26 @@ impl TestCluster {
         handle.shutdown().await;
     }
 
+    /// Waits until every running node knows the same cluster id, and returns it.
+    pub async fn cluster_id(&self) -> String {
+        wait_until(
+            Duration::from_secs(20),
+            "every node to know the cluster id",
+            || async {
+                let ids: Vec<Option<String>> = self
+                    .running()
+                    .into_iter()
+                    .map(|n| self.broker(n).identity().get())
+                    .collect();
+                let first = ids.first()?.clone()?;
+                ids.iter()
+                    .all(|i| i.as_deref() == Some(&first))
+                    .then_some(first)
+            },
+        )
+        .await
+    }
+
     /// The data directory of node `id`.
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.slots[&id].data_dir.clone()

@@ -40,6 +40,7 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     "nodes": status.nodes.iter().map(node_json).collect::<Vec<_>>(),
                     "metadata_leader": status.metadata_leader,
                     "metadata_term": status.metadata_term,
+                    "cluster_id": status.cluster_id,
                     "stations": status.stations.iter().map(station_json).collect::<Vec<_>>(),
                 }))
             } else {
@@ -50,13 +51,18 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {
-    let mut text = match status.metadata_leader {
+    let mut text = if status.cluster_id.is_empty() {
+        String::new()
+    } else {
+        format!("cluster: {}\n", status.cluster_id)
+    };
+    text.push_str(&match status.metadata_leader {
         Some(id) => format!(
             "metadata leader: node {id} (term {})\n\n",
             status.metadata_term
         ),
         None => format!("metadata leader: none (term {})\n\n", status.metadata_term),
-    };
+    });
     let mut nodes = Table::new(["NODE", "ADDRESS", "ALIVE", "REPLICAS", "LEADERS"]);
     for n in &status.nodes {
         nodes.row(vec![
@@ -122,10 +128,12 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            cluster_id: "c0ffee".into(),
         };
         assert_eq!(
             super::status_text(&status),
-            "metadata leader: node 1 (term 3)\n\n\
+            "cluster: c0ffee\n\
+             metadata leader: node 1 (term 3)\n\n\
              NODE  ADDRESS         ALIVE  REPLICAS  LEADERS\n\
              1     127.0.0.1:7701  yes    2         1\n\n\
              STATION       PARTITION  LEADER  REPLICAS  NEXT OFFSET\n\

@@ -254,6 +254,7 @@ impl Admin for AdminService {
             metadata_leader: leader,
             metadata_term: term,
             stations,
+            cluster_id: self.broker.identity().get().unwrap_or_default(),
         }))
     }
 }
