@@ -430,10 +430,7 @@ async fn reflection_lists_every_served_service() {
 async fn a_join_naming_an_unreachable_node_is_refused() {
     let mut cluster = TestCluster::start(3).await;
     let leader = cluster.wait_for_metadata_leader().await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").to_string()
-    };
+    let dead = dead_addr();
     // Asked through a follower and through the leader: the follower points at the leader.
     let follower = cluster
         .running()
@@ -507,11 +504,7 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
         .await
         .expect("the nodes replicate with their secret");
 
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .to_string();
+    let dead = dead_addr();
     let other_secret = tempfile::tempdir().expect("dir");
     let other =
         junction_raft::peer_auth::ClusterSecret::load_or_create(&other_secret.path().join("s"))
@@ -653,4 +646,13 @@ async fn a_node_with_another_clusters_data_refuses_to_start() {
         .await
         .expect("tenant on the two healthy nodes");
     cluster.shutdown().await;
+}
+
+/// A loopback address where nothing listens (the port was free a moment ago).
+fn dead_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string()
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
-use junction_storage::keys::{CF_SM_META, sm_tag};
 use junction_types::{Command, CommandResponse, META_GROUP, MetaState};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
@@ -51,14 +50,8 @@ impl MetaStateMachine {
     /// Opens the metadata state machine, recovering it from the store.
     pub fn open(store: Store) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, META_GROUP)?;
-        let (state, state_bytes) = match store.get_tag(CF_SM_META, META_GROUP, sm_tag::STATE)? {
-            Some(b) => (decode(&format::META_STATE, &b)?, b),
-            None => {
-                let empty = MetaState::default();
-                let bytes = encode(&format::META_STATE, &empty)?;
-                (empty, bytes)
-            }
-        };
+        let (state, state_bytes): (MetaState, _) =
+            sm_common::load_state(&store, META_GROUP, &format::META_STATE)?;
         let (tx, _) = watch::channel(Arc::new(state.clone()));
         Ok(Self {
             store,

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
-use junction_storage::keys::{CF_SM_META, sm_tag};
 use junction_types::groups::{GroupCursors, apply_cursor_command};
 use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, StoredRecord};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -104,14 +103,8 @@ impl PartitionStateMachine {
     /// Opens the state machine of `group`, recovering its state from the store.
     pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, group)?;
-        let (persisted, state_bytes) = match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
-            Some(b) => (decode(&format::PARTITION_STATE, &b)?, b),
-            None => {
-                let empty = PersistedState::default();
-                let bytes = encode(&format::PARTITION_STATE, &empty)?;
-                (empty, bytes)
-            }
-        };
+        let (persisted, state_bytes): (PersistedState, _) =
+            sm_common::load_state(&store, group, &format::PARTITION_STATE)?;
         let state = persisted.log;
         let groups = Arc::new(persisted.groups);
         let (tx, _) = watch::channel(state);

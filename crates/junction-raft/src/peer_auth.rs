@@ -87,12 +87,8 @@ impl ClusterIdentity {
     /// Makes and keeps a new random id (128 bits, hex); for the node that initialises a
     /// cluster. An id already kept stays.
     pub fn create(&self) -> Result<String, RaftStoreError> {
-        use std::io::Read;
-        let mut bytes = [0u8; 16];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
+        let id = random_hex(16)
             .map_err(|e| RaftStoreError::ClusterSecret(format!("generating a cluster id: {e}")))?;
-        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         match self.adopt(&id) {
             Ok(_) => Ok(id),
             Err(RaftStoreError::ClusterMismatch { ours, .. }) => Ok(ours),
@@ -100,20 +96,29 @@ impl ClusterIdentity {
         }
     }
 
+    fn compare(ours: &AsciiMetadataValue, id: &str) -> Result<bool, RaftStoreError> {
+        if ours.as_bytes() == id.as_bytes() {
+            Ok(false)
+        } else {
+            Err(RaftStoreError::ClusterMismatch {
+                ours: ours.to_str().unwrap_or("?").to_owned(),
+                theirs: id.to_owned(),
+            })
+        }
+    }
+
     /// Takes `id` as this node's cluster id when it has none (stored before it is used);
     /// `Ok(true)` when it was adopted now, `Ok(false)` when it was already this node's, and
     /// [`RaftStoreError::ClusterMismatch`] when this node belongs to another cluster.
     pub fn adopt(&self, id: &str) -> Result<bool, RaftStoreError> {
+        // Every checked peer call comes here: the usual case (the id is known) takes only the
+        // read lock.
+        if let Some(ours) = self.inner.id.read().as_ref() {
+            return Self::compare(ours, id);
+        }
         let mut current = self.inner.id.write();
         if let Some(ours) = current.as_ref() {
-            return if ours.as_bytes() == id.as_bytes() {
-                Ok(false)
-            } else {
-                Err(RaftStoreError::ClusterMismatch {
-                    ours: ours.to_str().unwrap_or("?").to_owned(),
-                    theirs: id.to_owned(),
-                })
-            };
+            return Self::compare(ours, id);
         }
         let value = Self::value(id)?;
         if let Some(store) = &self.inner.store {
@@ -122,6 +127,14 @@ impl ClusterIdentity {
         *current = Some(value);
         Ok(true)
     }
+}
+
+/// `n` random bytes from the kernel's generator, as hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Shortest secret accepted: 32 characters (the dev cluster's are 64 hex digits, 256 bits).
@@ -179,7 +192,7 @@ impl ClusterSecret {
     /// random bits as 64 hex digits, from the kernel's generator) and writes it, readable by
     /// its owner only. For `junction dev`, the chaos suite and tests.
     pub fn load_or_create(path: &Path) -> Result<Self, RaftStoreError> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         if path.exists() {
             return Self::load(path);
@@ -187,11 +200,7 @@ impl ClusterSecret {
         let io = |what: &str, e: std::io::Error| {
             RaftStoreError::ClusterSecret(format!("{what} {}: {e}", path.display()))
         };
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .map_err(|e| io("generating a secret for", e))?;
-        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let text = random_hex(32).map_err(|e| io("generating a secret for", e))?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

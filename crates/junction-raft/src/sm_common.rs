@@ -54,6 +54,26 @@ pub(crate) fn load_applied(
     Ok((applied, membership))
 }
 
+/// Reads a state machine's persisted state and its bytes, or, for a new group, the default
+/// state and its encoding (what a snapshot carries until the first apply).
+pub(crate) fn load_state<T>(
+    store: &Store,
+    group: GroupId,
+    format: &format::Format,
+) -> Result<(T, Vec<u8>), RaftStoreError>
+where
+    T: Default + serde::Serialize + serde::de::DeserializeOwned,
+{
+    match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
+        Some(b) => Ok((decode(format, &b)?, b)),
+        None => {
+            let empty = T::default();
+            let bytes = encode(format, &empty)?;
+            Ok((empty, bytes))
+        }
+    }
+}
+
 /// Adds `last_applied`, membership (when changed) and the state to `batch`.
 pub(crate) fn put_applied(
     b: &mut Batch<'_>,
