@@ -28,6 +28,7 @@ fn to_partition(partition: u32, payload: String) -> Message {
         headers: vec![],
         payload: payload.into(),
         partition: Some(partition),
+        msg_id: None,
     }
 }
 

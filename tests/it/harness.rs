@@ -367,5 +367,6 @@ pub fn keyed(key: &str, payload: impl Into<Vec<u8>>) -> junction_proto::v1::Mess
         headers: vec![],
         payload: payload.into().into(),
         partition: None,
+        msg_id: None,
     }
 }

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod client;
 mod cluster;
+mod exactly_once;
 mod failover;
 mod groups;
 mod harness;

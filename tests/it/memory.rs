@@ -40,6 +40,7 @@ fn msg(n: u64) -> Message {
         headers: vec![],
         payload: format!("m{n}").into_bytes().into(),
         partition: None,
+        msg_id: None,
     }
 }
 
@@ -182,6 +183,7 @@ async fn a_full_memory_store_refuses_produces() {
         headers: vec![],
         payload: vec![b'x'; 4096].into(),
         partition: None,
+        msg_id: None,
     };
     let mut refused = None;
     for n in 0..1000u64 {
@@ -264,6 +266,7 @@ async fn throughput_ratios() {
                                 headers: vec![],
                                 payload: vec![b'x'; 1024].into(),
                                 partition: None,
+                                msg_id: None,
                             })
                             .collect();
                         if let Err(e) = client.produce(&station, msgs).await {

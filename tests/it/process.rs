@@ -262,6 +262,7 @@ async fn forwarded_produce_to_a_paused_leader_fails_within_its_deadline() {
         station: "paused".into(),
         messages: vec![crate::harness::keyed("k", "v")],
         request_id: id,
+        producer: None,
     };
     // Warm the forwarding path so the follower's channel to the leader is connected.
     wait_until(Duration::from_secs(30), "a forwarded produce", || {

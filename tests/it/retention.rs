@@ -50,6 +50,7 @@ fn ten_bytes(n: u64) -> Message {
         headers: vec![],
         payload: format!("{n:010}").into_bytes().into(),
         partition: None,
+        msg_id: None,
     }
 }
 
@@ -62,6 +63,7 @@ fn tombstone(key: &str) -> Message {
         }],
         payload: Vec::new().into(),
         partition: None,
+        msg_id: None,
     }
 }
 

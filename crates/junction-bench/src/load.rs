@@ -545,6 +545,7 @@ async fn producer(
                             due,
                         ),
                         partition,
+                        msg_id: None,
                     }
                 })
                 .collect();
@@ -555,6 +556,7 @@ async fn producer(
                     station: station.to_string(),
                     messages,
                     request_id: seq,
+                    producer: None,
                 })
                 .await
                 .is_err()

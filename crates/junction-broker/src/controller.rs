@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use junction_proto::peer::{NodeStatusRequest, NodeStatusResponse};
+use junction_types::exactly_once::DeliveryPolicy;
 use junction_types::meta::place_replicas;
 use junction_types::names::validate_tenant;
 use junction_types::{
@@ -36,6 +37,12 @@ pub fn validate_policy(p: &StationPolicy) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Rejects exactly-once settings out of bounds.
+pub fn validate_delivery(d: &DeliveryPolicy) -> Result<(), BrokerError> {
+    d.validate()
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+}
+
 /// The cluster's view of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionView {
@@ -50,6 +57,11 @@ pub struct PartitionView {
     pub bytes: u64,
     /// When a memory partition lost every replica and restarted empty (0: never).
     pub data_lost_at_ms: i64,
+    /// Idempotent producers with state in the partition, and its dedup window's ids and
+    /// their bytes (when measured).
+    pub producers: u64,
+    pub dedup_ids: u64,
+    pub dedup_id_bytes: u64,
 }
 
 /// What a status probe of every member found.
@@ -118,11 +130,13 @@ impl Broker {
             replication_factor,
             max_message_bytes,
             StationPolicy::default(),
+            DeliveryPolicy::default(),
         )
         .await
     }
 
-    /// Like [`Broker::create_station`], with storage, retention and compaction settings.
+    /// Like [`Broker::create_station`], with storage, retention and compaction settings, and
+    /// exactly-once settings.
     pub async fn create_station_with_policy(
         &self,
         name: &StationName,
@@ -130,8 +144,10 @@ impl Broker {
         replication_factor: u32,
         max_message_bytes: u32,
         policy: StationPolicy,
+        delivery: DeliveryPolicy,
     ) -> Result<StationMeta, BrokerError> {
         validate_policy(&policy)?;
+        validate_delivery(&delivery)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(BrokerError::InvalidArgument(format!(
                 "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
@@ -175,7 +191,7 @@ impl Broker {
             partitions,
             replication_factor,
         );
-        let cmd = MetaCommand::CreateStation {
+        let cmd = MetaCommand::CreateStationV2 {
             tenant: name.tenant.clone(),
             name: name.name.clone(),
             placement,
@@ -183,6 +199,7 @@ impl Broker {
             max_message_bytes,
             now_ms: now_ms(),
             policy,
+            delivery,
         };
         let station = match self.meta_write(cmd).await? {
             CommandResponse::StationCreated(s) => s,
@@ -218,6 +235,7 @@ impl Broker {
         &self,
         name: &StationName,
         policy: StationPolicy,
+        delivery: DeliveryPolicy,
     ) -> Result<StationMeta, BrokerError> {
         let current = self.station(name)?;
         if current.policy.storage != policy.storage {
@@ -228,12 +246,14 @@ impl Broker {
             )));
         }
         validate_policy(&policy)?;
+        validate_delivery(&delivery)?;
         self.ensure_controller()?;
         match self
-            .meta_write(MetaCommand::UpdateStation {
+            .meta_write(MetaCommand::UpdateStationV2 {
                 tenant: name.tenant.clone(),
                 name: name.name.clone(),
                 policy,
+                delivery,
             })
             .await?
         {
@@ -332,6 +352,9 @@ impl Broker {
                     messages: 0,
                     bytes: 0,
                     data_lost_at_ms: 0,
+                    producers: 0,
+                    dedup_ids: 0,
+                    dedup_id_bytes: 0,
                 }
             })
             .collect()
@@ -381,6 +404,9 @@ impl Broker {
                 v.messages = g.messages;
                 v.bytes = g.bytes;
                 v.data_lost_at_ms = g.data_lost_at_ms;
+                v.producers = g.producers;
+                v.dedup_ids = g.dedup_ids;
+                v.dedup_id_bytes = g.dedup_id_bytes;
                 v.start_offset = g.start_offset;
                 v.next_offset = g.next_offset;
             }

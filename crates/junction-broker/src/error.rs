@@ -60,6 +60,21 @@ pub enum BrokerError {
     /// A limit refuses the request (`discard: new` station full, memory limit reached).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The partition refused a produce batch (producer sequence, fencing, dedup window).
+    #[error(transparent)]
+    Produce(#[from] junction_types::exactly_once::AppendReject),
+    /// A producer id used with a station of another tenant.
+    #[error(
+        "producer {id} belongs to tenant '{owner}', not '{tenant}': initialise a producer for tenant '{tenant}'"
+    )]
+    ProducerTenant {
+        id: u64,
+        tenant: String,
+        owner: String,
+    },
+    /// A producer id the cluster never handed out.
+    #[error("producer id {0} was never handed out by this cluster: call InitProducer first")]
+    UnknownProducerId(u64),
     /// The feature exists in the API but this build does not provide it.
     #[error("{0}")]
     Unimplemented(String),
@@ -81,6 +96,7 @@ impl BrokerError {
                 leader: leader.clone(),
             },
             BrokerError::Meta(m) => BrokerError::Meta(m.clone()),
+            BrokerError::Produce(r) => BrokerError::Produce(r.clone()),
             BrokerError::MemberNotFound { group, member } => BrokerError::MemberNotFound {
                 group: group.clone(),
                 member: member.clone(),

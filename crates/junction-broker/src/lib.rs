@@ -21,6 +21,7 @@ mod leadership;
 mod membership;
 mod memory;
 pub mod partition;
+pub mod producers;
 mod reconcile;
 pub mod retention;
 
@@ -337,7 +338,7 @@ impl Broker {
         group: GroupId,
         records: Vec<Record>,
     ) -> Result<Appended, BrokerError> {
-        self.enqueue_append(group, records)
+        self.enqueue_append(group, records, None)
             .await?
             .await
             .map_err(|_| {
@@ -349,10 +350,12 @@ impl Broker {
 
     /// Queues records for the partition's group-commit loop and returns the receiver of the
     /// outcome. Appends queued one after another land in the log in that order.
+    /// `producer`: an idempotent producer's batch fields (checked when applied).
     pub async fn enqueue_append(
         &self,
         group: GroupId,
         records: Vec<Record>,
+        producer: Option<junction_types::exactly_once::ProducerBatch>,
     ) -> Result<oneshot::Receiver<Result<Appended, BrokerError>>, BrokerError> {
         let replica = self.partition(group).ok_or(BrokerError::NotHosted {
             node: self.cfg.node_id,
@@ -364,6 +367,7 @@ impl Broker {
             .appends
             .send(partition::AppendRequest {
                 records,
+                producer,
                 bytes,
                 reply: tx,
             })
@@ -438,10 +442,10 @@ impl Broker {
     }
 
     async fn open_partition(&self, group: GroupId, replicas: &[NodeId]) -> Result<(), BrokerError> {
-        let policy = self
+        let (policy, delivery) = self
             .metadata()
             .partition_of_group(group)
-            .map(|(s, _)| s.policy)
+            .map(|(s, _)| (s.policy, s.delivery))
             .unwrap_or_default();
         let memory = policy.storage == junction_types::StorageTier::Memory;
         let store = if memory {
@@ -523,6 +527,7 @@ impl Broker {
         let limits = self.cfg.batch;
         let r2 = raft.clone();
         let policy = Arc::new(RwLock::new(policy));
+        let delivery = Arc::new(RwLock::new(delivery));
         let admission = retention::Admission {
             store: store.clone(),
             group,
@@ -542,7 +547,13 @@ impl Broker {
             self.memory_groups.write().insert(group, shared.clone());
         }
         self.tasks.spawn(partition::run_batcher(
-            node, group, r2, rx, limits, admission,
+            node,
+            group,
+            r2,
+            rx,
+            limits,
+            admission,
+            delivery.clone(),
         ));
         let replica = Arc::new(PartitionReplica {
             group,
@@ -550,6 +561,7 @@ impl Broker {
             shared,
             appends: tx,
             policy,
+            delivery,
             store,
         });
         self.partitions.write().insert(group, replica);
@@ -635,12 +647,9 @@ impl GroupHost for Broker {
             .iter()
             .filter_map(|g| {
                 let s = Broker::partition_stats(self, *g).ok()?;
-                let last_log_index = self
-                    .partition(*g)?
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .last_log_index;
+                let replica = self.partition(*g)?;
+                let last_log_index = replica.raft.metrics().borrow_watched().last_log_index;
+                let eo = replica.shared.exactly_once();
                 Some(junction_proto::peer::GroupStats {
                     last_log_index,
                     group: *g,
@@ -649,6 +658,9 @@ impl GroupHost for Broker {
                     messages: s.messages,
                     bytes: s.bytes,
                     data_lost_at_ms: s.data_lost_at_ms,
+                    producers: eo.producers,
+                    dedup_ids: eo.dedup_ids,
+                    dedup_id_bytes: eo.dedup_id_bytes,
                 })
             })
             .collect()

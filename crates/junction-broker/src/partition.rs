@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use junction_raft::{PartitionRaft, PartitionShared};
+use junction_types::command::{AppendBatch, BatchOutcome};
+use junction_types::exactly_once::{AppendReject, DeliveryPolicy, Placement, ProducerBatch};
 use junction_types::{Command, CommandResponse, GroupId, NodeId, PartitionCommand, Record};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::ClientWriteError;
@@ -14,15 +16,40 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::BrokerError;
 use crate::retention::{Admission, Pending};
 
-/// Where an appended batch landed: its first offset and the timestamp it was given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an appended batch landed: its first offset and the timestamp it was given; records
+/// not stored because they were duplicates are listed with the offset of their first copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub base_offset: u64,
     pub timestamp_ms: i64,
+    /// (index in the batch, offset of the first copy) of records dropped as duplicates of a
+    /// stored message id.
+    pub dups: Vec<(u32, u64)>,
+    /// The whole batch was a retry of a batch the producer had stored: nothing was appended,
+    /// these are the original positions.
+    pub duplicate: bool,
+}
+
+impl Appended {
+    /// Each of the batch's `count` records' offset, and whether it was a duplicate.
+    pub fn positions(&self, count: u32) -> Vec<(u64, bool)> {
+        let placement = Placement {
+            base_offset: self.base_offset,
+            timestamp_ms: self.timestamp_ms,
+            dups: self.dups.clone(),
+        };
+        placement
+            .positions(count)
+            .into_iter()
+            .map(|(o, d)| (o, d || self.duplicate))
+            .collect()
+    }
 }
 
 pub(crate) struct AppendRequest {
     pub(crate) records: Vec<Record>,
+    /// Set by idempotent producers.
+    pub(crate) producer: Option<ProducerBatch>,
     pub(crate) bytes: usize,
     pub(crate) reply: oneshot::Sender<Result<Appended, BrokerError>>,
 }
@@ -35,6 +62,8 @@ pub struct PartitionReplica {
     pub(crate) appends: mpsc::Sender<AppendRequest>,
     /// The station's storage and retention policy, refreshed from the metadata.
     pub(crate) policy: Arc<parking_lot::RwLock<junction_types::StationPolicy>>,
+    /// The station's exactly-once settings, refreshed from the metadata.
+    pub(crate) delivery: Arc<parking_lot::RwLock<DeliveryPolicy>>,
     /// Where this replica's log and messages live: the node's disk store, or its memory
     /// store for memory stations.
     pub store: junction_storage::Store,
@@ -82,6 +111,7 @@ pub(crate) async fn run_batcher(
     mut rx: mpsc::Receiver<AppendRequest>,
     limits: BatchLimits,
     admission: Admission,
+    delivery: Arc<parking_lot::RwLock<DeliveryPolicy>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
@@ -145,21 +175,44 @@ pub(crate) async fn run_batcher(
             p.bytes += reserved.bytes;
         }
         let total: usize = reqs.iter().map(|r| r.records.len()).sum();
-        let mut records = Vec::with_capacity(total);
-        let mut waiters = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            waiters.push((r.records.len() as u64, r.reply));
-            records.extend(r.records);
-        }
         metrics::histogram!("junction_produce_entry_records").record(total as f64);
-        let cmd = Command::Partition(PartitionCommand::Append {
-            timestamp_ms: now_ms(),
-            records,
-        });
+        let delivery = *delivery.read();
+        // Without producers or a dedup window, the plain entry (cheaper to apply).
+        let exactly_once =
+            delivery.dedup_window_ms.is_some() || reqs.iter().any(|r| r.producer.is_some());
+        let mut waiters = Vec::with_capacity(reqs.len());
+        let cmd = if exactly_once {
+            let mut batches = Vec::with_capacity(reqs.len());
+            for r in reqs {
+                waiters.push((r.records.len() as u64, r.reply));
+                batches.push(AppendBatch {
+                    producer: r.producer,
+                    records: r.records,
+                });
+            }
+            PartitionCommand::AppendBatches {
+                timestamp_ms: now_ms(),
+                delivery,
+                batches,
+            }
+        } else {
+            let mut records = Vec::with_capacity(total);
+            for r in reqs {
+                waiters.push((r.records.len() as u64, r.reply));
+                records.extend(r.records);
+            }
+            PartitionCommand::Append {
+                timestamp_ms: now_ms(),
+                records,
+            }
+        };
         // The commit notification is not used, but its receiver must live until the entry
         // completes, or openraft logs a warning for every entry.
         let (responder, committed, complete) = ProgressResponder::new();
-        if let Err(fatal) = raft.client_write_ff(cmd, Some(responder)).await {
+        if let Err(fatal) = raft
+            .client_write_ff(Command::Partition(cmd), Some(responder))
+            .await
+        {
             let msg = format!("partition group {group} stopped: {fatal}");
             for (_, tx) in waiters {
                 let _gone = tx.send(Err(BrokerError::Unavailable(msg.clone())));
@@ -177,20 +230,8 @@ pub(crate) async fn run_batcher(
                 p.messages = p.messages.saturating_sub(reserved.messages);
                 p.bytes = p.bytes.saturating_sub(reserved.bytes);
             }
-            let result: Result<Appended, Failure> = match outcome {
-                Ok(Ok(resp)) => match resp.data {
-                    CommandResponse::Appended {
-                        base_offset,
-                        timestamp_ms,
-                        ..
-                    } => Ok(Appended {
-                        base_offset,
-                        timestamp_ms,
-                    }),
-                    other => Err(Failure::Unavailable(format!(
-                        "unexpected append result {other:?}"
-                    ))),
-                },
+            let result: Result<CommandResponse, Failure> = match outcome {
+                Ok(Ok(resp)) => Ok(resp.data),
                 Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(Failure::NotLeader(
                     f.leader_id.zip(f.leader_node.map(|n| n.addr)),
                 )),
@@ -202,24 +243,66 @@ pub(crate) async fn run_batcher(
                         .into(),
                 )),
             };
-            let mut offset = result.as_ref().map(|a| a.base_offset).unwrap_or(0);
-            for (n, tx) in waiters {
-                let r = match &result {
-                    Ok(a) => Ok(Appended {
-                        base_offset: offset,
-                        timestamp_ms: a.timestamp_ms,
-                    }),
-                    Err(Failure::NotLeader(leader)) => Err(BrokerError::NotLeader {
-                        node,
-                        group,
-                        leader: leader.clone(),
-                    }),
-                    Err(Failure::Unavailable(msg)) => Err(BrokerError::Unavailable(msg.clone())),
-                };
-                offset += n;
-                let _gone = tx.send(r);
+            let failed = |f: &Failure| match f {
+                Failure::NotLeader(leader) => BrokerError::NotLeader {
+                    node,
+                    group,
+                    leader: leader.clone(),
+                },
+                Failure::Unavailable(msg) => BrokerError::Unavailable(msg.clone()),
+            };
+            match result {
+                Ok(CommandResponse::Appended {
+                    base_offset,
+                    timestamp_ms,
+                    ..
+                }) => {
+                    let mut offset = base_offset;
+                    for (n, tx) in waiters {
+                        let _gone = tx.send(Ok(Appended {
+                            base_offset: offset,
+                            timestamp_ms,
+                            dups: vec![],
+                            duplicate: false,
+                        }));
+                        offset += n;
+                    }
+                }
+                Ok(CommandResponse::Batches(outcomes)) if outcomes.len() == waiters.len() => {
+                    for ((_, tx), outcome) in waiters.into_iter().zip(outcomes) {
+                        let _gone = tx.send(outcome_of(outcome));
+                    }
+                }
+                Ok(other) => {
+                    let e = Failure::Unavailable(format!("unexpected append result {other:?}"));
+                    for (_, tx) in waiters {
+                        let _gone = tx.send(Err(failed(&e)));
+                    }
+                }
+                Err(e) => {
+                    for (_, tx) in waiters {
+                        let _gone = tx.send(Err(failed(&e)));
+                    }
+                }
             }
         });
+    }
+}
+
+fn outcome_of(outcome: Result<BatchOutcome, AppendReject>) -> Result<Appended, BrokerError> {
+    match outcome {
+        Ok(o) => {
+            if o.duplicate {
+                metrics::counter!("junction_produce_duplicate_batches_total").increment(1);
+            }
+            Ok(Appended {
+                base_offset: o.placement.base_offset,
+                timestamp_ms: o.placement.timestamp_ms,
+                dups: o.placement.dups,
+                duplicate: o.duplicate,
+            })
+        }
+        Err(r) => Err(BrokerError::Produce(r)),
     }
 }
 

@@ -51,6 +51,7 @@ impl Broker {
                     (self.partition(*group), state.partition_of_group(*group))
                 {
                     *r.policy.write() = station.policy;
+                    *r.delivery.write() = station.delivery;
                 }
                 continue;
             }

@@ -368,8 +368,10 @@ async fn produce_loop(
                     headers: Vec::new(),
                     payload: encode_payload(&id).into(),
                     partition: None,
+                    msg_id: None,
                 }],
                 request_id: 0,
+                producer: None,
             };
             let shot = Shot {
                 key: ki,

@@ -124,6 +124,7 @@ async fn a_follower_killed_while_installing_a_snapshot_restarts_cleanly() {
                         headers: Vec::new(),
                         payload: payload.clone().into(),
                         partition: Some(0),
+                        msg_id: None,
                     };
                     client.produce("repro", vec![m]).await.expect("produce");
                 }

@@ -78,6 +78,7 @@ impl LineFormat {
             headers: self.headers.clone(),
             payload: Bytes::copy_from_slice(payload),
             partition: self.partition,
+            msg_id: None,
         }
     }
 }

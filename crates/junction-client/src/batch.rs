@@ -181,6 +181,7 @@ mod tests {
             }],
             payload: bytes::Bytes::from_static(b"hello"),
             partition: None,
+            msg_id: None,
         };
         assert_eq!(message_size(&m), 5 + 3 + (1 + 2 + 4) + 16);
     }

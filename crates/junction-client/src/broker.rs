@@ -64,6 +64,7 @@ impl Client {
             station: station.to_owned(),
             messages,
             request_id: 0,
+            producer: None,
         };
         let resp = self
             .with_retry(|ch| {

@@ -242,6 +242,7 @@ mod tests {
             code: code as i32,
             message: "m".into(),
             leader_addr: leader.into(),
+            details: vec![],
         };
         assert_eq!(
             classify_batch(&err(Code::Unavailable, "")),

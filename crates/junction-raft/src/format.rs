@@ -52,15 +52,17 @@ pub const SNAPSHOT_RECORD: Format = Format {
     what: "snapshot record",
     version: 1,
 };
-/// A partition state machine's state (log bounds and consumer group positions).
+/// A partition state machine's state (log bounds, consumer group positions, and since
+/// version 2 the idempotent producers and the dedup window's first offset).
 pub const PARTITION_STATE: Format = Format {
     what: "partition state",
-    version: 1,
+    version: 2,
 };
-/// The metadata state machine's state.
+/// The metadata state machine's state (since version 2 with each station's exactly-once
+/// settings and the producer id registry).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 1,
+    version: 2,
 };
 /// One stored message.
 pub const RECORD: Format = Format {
@@ -125,6 +127,17 @@ pub fn encode<T: Serialize + ?Sized>(format: &Format, v: &T) -> Result<Vec<u8>, 
 /// Decodes bytes written by [`encode`] with `format`; never panics on bad bytes, never turns
 /// unreadable bytes into a default.
 pub fn decode<T: DeserializeOwned>(format: &Format, b: &[u8]) -> Result<T, RaftStoreError> {
+    decode_upgrading(format, b, |_, _| None)
+}
+
+/// Like [`decode`], for a structure whose older versions are still read: `older(version,
+/// body)` decodes and upgrades the body of an older version it knows, or returns `None` for
+/// a version it does not (refused like any unknown version).
+pub fn decode_upgrading<T: DeserializeOwned>(
+    format: &Format,
+    b: &[u8],
+    older: impl FnOnce(u8, &[u8]) -> Option<Result<T, RaftStoreError>>,
+) -> Result<T, RaftStoreError> {
     let Some((&version, body)) = b.split_first() else {
         return Err(RaftStoreError::Format {
             what: format.what,
@@ -132,15 +145,35 @@ pub fn decode<T: DeserializeOwned>(format: &Format, b: &[u8]) -> Result<T, RaftS
         });
     };
     if version != format.version {
-        return Err(RaftStoreError::Version {
-            what: format.what,
-            found: version,
-            supported: format.version,
-        });
+        return match (version < format.version)
+            .then(|| older(version, body))
+            .flatten()
+        {
+            Some(v) => v,
+            None => Err(RaftStoreError::Version {
+                what: format.what,
+                found: version,
+                supported: format.version,
+            }),
+        };
     }
+    decode_body(format, body)
+}
+
+/// Decodes the postcard body of (any version of) `format`.
+pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<T, RaftStoreError> {
     postcard::from_bytes(body).map_err(|source| RaftStoreError::Decode {
         what: format.what,
         source,
+    })
+}
+
+/// Decodes the metadata state, upgrading version 1.
+pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
+    decode_upgrading(&META_STATE, b, |version, body| {
+        (version == 1).then(|| {
+            decode_body::<junction_types::meta::v1::MetaStateV1>(&META_STATE, body).map(Into::into)
+        })
     })
 }
 
@@ -231,13 +264,15 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 2;
-        let err = decode::<MetaState>(&META_STATE, &bytes).unwrap_err();
+        bytes[0] = 3;
+        let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 2; this build reads version 1 (written by a \
+            "metadata state is in format version 3; this build reads version 2 (written by a \
              newer Junction?)"
         );
+        bytes[0] = 0;
+        assert!(decode_meta_state(&bytes).is_err());
         assert!(decode::<MetaState>(&META_STATE, &[]).is_err());
         assert!(decode::<Vote>(&VOTE, &[1, 0xff]).is_err());
     }
@@ -264,10 +299,21 @@ mod tests {
             })),
         };
         frozen(&LOG_ENTRY, &entry, "010301090100000461636d6580a0abfef962");
+        let mut meta = MetaState::default();
+        meta.apply(&MetaCommand::InitProducer {
+            tenant: "default".into(),
+            name: Some("orders".into()),
+        });
         frozen(
             &META_STATE,
-            &MetaState::default(),
-            "01010764656661756c740000010001",
+            &meta,
+            "02010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+             028108010764656661756c74066f72646572730100010100",
+        );
+        // Version 1 (before producers and exactly-once settings) is still read.
+        assert_eq!(
+            decode_meta_state(&unhex("01010764656661756c740000010001")).unwrap(),
+            MetaState::default()
         );
         // A partition's persisted state is its log state, then its groups' positions.
         let log = crate::partition_sm::PartitionState {
@@ -282,11 +328,34 @@ mod tests {
         let mut cursor = junction_types::groups::GroupCursor::new(3, 20);
         cursor.ack(25);
         groups.insert("audit".into(), cursor);
+        let mut producers = junction_types::exactly_once::ProducerTable::default();
+        producers.record(
+            &junction_types::exactly_once::ProducerBatch {
+                id: 9,
+                epoch: 2,
+                base_sequence: 40,
+            },
+            3,
+            junction_types::exactly_once::Placement {
+                base_offset: 117,
+                timestamp_ms: 1_700_000_000_000,
+                dups: vec![(1, 100)],
+            },
+        );
         frozen(
             &PARTITION_STATE,
-            &(log, groups),
-            "01781480a0abfef9620a802000000001056175646974031401191a00",
+            &(log, groups.clone(), producers, 100u64),
+            "02781480a0abfef9620a802000000001056175646974031401191a00\
+             01090280a0abfef9620128037580a0abfef96201016464",
         );
+        // Version 1 (before producers and the dedup window) is still read.
+        let v1 = unhex("01781480a0abfef9620a802000000001056175646974031401191a00");
+        let (log1, groups1): (crate::partition_sm::PartitionState, GroupCursors) =
+            decode_upgrading(&PARTITION_STATE, &v1, |version, body| {
+                (version == 1).then(|| decode_body(&PARTITION_STATE, body))
+            })
+            .unwrap();
+        assert_eq!((log1, groups1), (log, groups));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::watch;
 
 use crate::RaftStoreError;
-use crate::format::{self, decode, encode};
+use crate::format::{self, encode};
 use crate::sm_common::{self, SnapshotBuilder};
 use crate::snapshot::SnapshotData;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
@@ -50,8 +50,12 @@ impl MetaStateMachine {
     /// Opens the metadata state machine, recovering it from the store.
     pub fn open(store: Store) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, META_GROUP)?;
-        let (state, state_bytes): (MetaState, _) =
-            sm_common::load_state(&store, META_GROUP, &format::META_STATE)?;
+        let (state, state_bytes): (MetaState, _) = sm_common::load_state(
+            &store,
+            META_GROUP,
+            &format::META_STATE,
+            format::decode_meta_state,
+        )?;
         let (tx, _) = watch::channel(Arc::new(state.clone()));
         Ok(Self {
             store,
@@ -155,8 +159,9 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         })
         .await
         .map_err(io::Error::other)??;
-        self.state = decode(&format::META_STATE, &bytes)?;
-        self.state_bytes = bytes;
+        self.state = format::decode_meta_state(&bytes)?;
+        // Snapshots from earlier builds carry version 1: keep the state in the current one.
+        self.state_bytes = encode(&format::META_STATE, &self.state)?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(Arc::new(self.state.clone()));

@@ -14,8 +14,12 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
+use junction_types::command::{AppendBatch, BatchOutcome};
+use junction_types::exactly_once::{
+    DedupIndex, DeliveryPolicy, MSG_ID_HEADER, Placement, ProducerTable, SequenceCheck,
+};
 use junction_types::groups::{GroupCursors, apply_cursor_command};
-use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, StoredRecord};
+use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, Record, StoredRecord};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
@@ -55,6 +59,41 @@ struct PersistedState {
     log: PartitionState,
     /// Consumer group name → position in this partition.
     groups: GroupCursors,
+    /// Idempotent producers' sequences and recent batches.
+    producers: ProducerTable,
+    /// The first offset the message-id dedup index covers (the index itself is rebuilt from
+    /// the messages stored from there on).
+    dedup_from: u64,
+}
+
+impl PersistedState {
+    /// Decodes the current version, or upgrades version 1 (log state and group positions).
+    fn decode(b: &[u8]) -> Result<Self, RaftStoreError> {
+        format::decode_upgrading(&format::PARTITION_STATE, b, |version, body| {
+            (version == 1).then(|| {
+                format::decode_body::<(PartitionState, GroupCursors)>(
+                    &format::PARTITION_STATE,
+                    body,
+                )
+                .map(|(log, groups)| PersistedState {
+                    log,
+                    groups,
+                    producers: ProducerTable::default(),
+                    dedup_from: log.next_offset,
+                })
+            })
+        })
+    }
+}
+
+/// What `station describe` shows of a partition's exactly-once state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExactlyOnceStats {
+    /// Idempotent producers with state in the partition.
+    pub producers: u64,
+    /// Message ids in the dedup window, and their bytes.
+    pub dedup_ids: u64,
+    pub dedup_id_bytes: u64,
 }
 
 /// What readers of a partition watch: the applied state, updated after every apply.
@@ -62,6 +101,7 @@ struct PersistedState {
 pub struct PartitionShared {
     tx: watch::Sender<PartitionState>,
     groups: watch::Sender<Arc<GroupCursors>>,
+    exactly_once: watch::Sender<ExactlyOnceStats>,
 }
 
 impl PartitionShared {
@@ -80,6 +120,11 @@ impl PartitionShared {
         self.groups.borrow().clone()
     }
 
+    /// Returns the exactly-once state's size as of the last apply.
+    pub fn exactly_once(&self) -> ExactlyOnceStats {
+        *self.exactly_once.borrow()
+    }
+
     /// Returns a receiver that sees every change of the consumer group cursors.
     pub fn subscribe_cursors(&self) -> watch::Receiver<Arc<GroupCursors>> {
         self.groups.subscribe()
@@ -92,6 +137,8 @@ pub struct PartitionStateMachine {
     group: GroupId,
     state: PartitionState,
     groups: Arc<GroupCursors>,
+    producers: ProducerTable,
+    dedup: DedupIndex,
     applied: Option<LogId>,
     membership: StoredMembership,
     /// The encoding of `state` and `groups` as last persisted: what a snapshot carries.
@@ -103,22 +150,44 @@ impl PartitionStateMachine {
     /// Opens the state machine of `group`, recovering its state from the store.
     pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, group)?;
-        let (persisted, state_bytes): (PersistedState, _) =
-            sm_common::load_state(&store, group, &format::PARTITION_STATE)?;
+        let (persisted, state_bytes) = sm_common::load_state(
+            &store,
+            group,
+            &format::PARTITION_STATE,
+            PersistedState::decode,
+        )?;
         let state = persisted.log;
         let groups = Arc::new(persisted.groups);
+        let dedup = rebuild_dedup(&store, group, persisted.dedup_from, state.next_offset)?;
         let (tx, _) = watch::channel(state);
         let (gtx, _) = watch::channel(groups.clone());
-        Ok(Self {
+        let (etx, _) = watch::channel(ExactlyOnceStats::default());
+        let sm = Self {
             store,
             group,
             state,
             groups,
+            producers: persisted.producers,
+            dedup,
             applied,
             membership,
             state_bytes,
-            shared: Arc::new(PartitionShared { tx, groups: gtx }),
-        })
+            shared: Arc::new(PartitionShared {
+                tx,
+                groups: gtx,
+                exactly_once: etx,
+            }),
+        };
+        sm.publish_exactly_once();
+        Ok(sm)
+    }
+
+    fn publish_exactly_once(&self) {
+        self.shared.exactly_once.send_replace(ExactlyOnceStats {
+            producers: self.producers.len() as u64,
+            dedup_ids: self.dedup.len() as u64,
+            dedup_id_bytes: self.dedup.id_bytes() as u64,
+        });
     }
 
     /// Returns the handle readers use to follow this partition.
@@ -131,9 +200,132 @@ impl PartitionStateMachine {
         log: &PartitionState,
         groups: &GroupCursors,
     ) -> Result<Vec<u8>, RaftStoreError> {
-        // Encoded field by field like `PersistedState`, without cloning the cursors on every
-        // apply.
-        encode(&format::PARTITION_STATE, &(log, groups))
+        // Encoded field by field like `PersistedState`, without cloning the cursors and
+        // producers on every apply.
+        encode(
+            &format::PARTITION_STATE,
+            &(log, groups, &self.producers, self.dedup.from_offset()),
+        )
+    }
+
+    /// Applies one `AppendBatches` entry: for each batch, the producer sequence check, then
+    /// the dedup window, then the append of what remains.
+    fn append_batches(
+        &mut self,
+        b: &mut junction_storage::Batch<'_>,
+        state: &mut PartitionState,
+        timestamp_ms: i64,
+        delivery: &DeliveryPolicy,
+        batches: Vec<AppendBatch>,
+    ) -> Result<CommandResponse, RaftStoreError> {
+        let ts = timestamp_ms.max(state.last_timestamp_ms);
+        self.producers.expire(ts, delivery.producer_expiry_ms);
+        match delivery.dedup_window_ms {
+            Some(w) => self.dedup.expire(ts, w),
+            None => self.dedup.disable(state.next_offset),
+        }
+        let mut outcomes = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let count = u32::try_from(batch.records.len()).unwrap_or(u32::MAX);
+            if let Some(p) = &batch.producer {
+                match self.producers.check(p, count) {
+                    SequenceCheck::Append => {}
+                    SequenceCheck::Duplicate(placement) => {
+                        outcomes.push(Ok(BatchOutcome {
+                            placement,
+                            duplicate: true,
+                        }));
+                        continue;
+                    }
+                    SequenceCheck::Reject(r) => {
+                        outcomes.push(Err(r));
+                        continue;
+                    }
+                }
+            }
+            let mut records = batch.records;
+            let mut dups = Vec::new();
+            if delivery.dedup_window_ms.is_some() {
+                let plan =
+                    match self
+                        .dedup
+                        .plan(&records, state.next_offset, delivery.dedup_max_ids)
+                    {
+                        Ok(plan) => plan,
+                        Err(r) => {
+                            outcomes.push(Err(r));
+                            continue;
+                        }
+                    };
+                self.dedup.commit(&plan, ts);
+                if !plan.dups.is_empty() {
+                    let keep: std::collections::HashSet<u32> = plan.store.iter().copied().collect();
+                    let mut i = 0u32;
+                    records.retain(|_| {
+                        let k = keep.contains(&i);
+                        i += 1;
+                        k
+                    });
+                }
+                dups = plan.dups;
+            } else {
+                self.dedup.disable(state.next_offset + records.len() as u64);
+            }
+            let base = self.append_records(b, state, ts, records)?;
+            let placement = Placement {
+                base_offset: base,
+                timestamp_ms: ts,
+                dups,
+            };
+            if let Some(p) = &batch.producer {
+                self.producers.record(p, count, placement.clone());
+            }
+            outcomes.push(Ok(BatchOutcome {
+                placement,
+                duplicate: false,
+            }));
+        }
+        Ok(CommandResponse::Batches(outcomes))
+    }
+
+    /// Writes records at the next offsets with timestamp `ts` (≥ the last one); returns the
+    /// first offset.
+    fn append_records(
+        &self,
+        b: &mut junction_storage::Batch<'_>,
+        state: &mut PartitionState,
+        ts: i64,
+        records: Vec<Record>,
+    ) -> Result<u64, RaftStoreError> {
+        let base = state.next_offset;
+        let count = records.len() as u64;
+        let sizes: Vec<u32> = records
+            .iter()
+            .map(|r| u32::try_from(r.size()).unwrap_or(u32::MAX))
+            .collect();
+        if !sizes.is_empty() {
+            b.put_size_index(self.group, base, state.appended_bytes, &sizes)?;
+            state.appended_bytes += sizes.iter().map(|s| u64::from(*s)).sum::<u64>();
+        }
+        if ts > state.last_timestamp_ms || base == 0 {
+            b.put_time_index(self.group, ts, base)?;
+        }
+        for (i, r) in records.into_iter().enumerate() {
+            let stored = StoredRecord {
+                timestamp_ms: ts,
+                key: r.key,
+                headers: r.headers,
+                payload: r.payload,
+            };
+            b.put_message(
+                self.group,
+                base + i as u64,
+                &encode(&format::RECORD, &stored)?,
+            )?;
+        }
+        state.next_offset = base + count;
+        state.last_timestamp_ms = ts;
+        Ok(base)
     }
 }
 
@@ -149,7 +341,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     where
         S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
-        let mut b = self.store.batch();
+        // A handle of its own: the write batch borrows it while `self` changes.
+        let store = self.store.clone();
+        let mut b = store.batch();
         let mut state = self.state;
         let mut groups: Option<GroupCursors> = None;
         let mut applied = None;
@@ -167,48 +361,26 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     timestamp_ms,
                     records,
                 })) => {
+                    // Written by a leader that needed no exactly-once checks: no dedup window.
                     let ts = timestamp_ms.max(state.last_timestamp_ms);
-                    let base = state.next_offset;
                     let count = records.len() as u32;
-                    let sizes: Vec<u32> = records
-                        .iter()
-                        .map(|r| u32::try_from(r.size()).unwrap_or(u32::MAX))
-                        .collect();
-                    if !sizes.is_empty() {
-                        b.put_size_index(self.group, base, state.appended_bytes, &sizes)
-                            .map_err(RaftStoreError::from)?;
-                        state.appended_bytes += sizes.iter().map(|s| u64::from(*s)).sum::<u64>();
-                    }
-                    if ts > state.last_timestamp_ms || base == 0 {
-                        b.put_time_index(self.group, ts, base)
-                            .map_err(RaftStoreError::from)?;
-                    }
-                    for (i, r) in records.into_iter().enumerate() {
-                        let stored = StoredRecord {
-                            timestamp_ms: ts,
-                            key: r.key,
-                            headers: r.headers,
-                            payload: r.payload,
-                        };
-                        b.put_message(
-                            self.group,
-                            base + i as u64,
-                            &encode(&format::RECORD, &stored)?,
-                        )
-                        .map_err(RaftStoreError::from)?;
-                    }
-                    state.next_offset = base + u64::from(count);
-                    state.last_timestamp_ms = ts;
+                    self.dedup.disable(state.next_offset + u64::from(count));
+                    let base = self.append_records(&mut b, &mut state, ts, records)?;
                     CommandResponse::Appended {
                         base_offset: base,
                         count,
                         timestamp_ms: ts,
                     }
                 }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::AppendBatches {
+                    timestamp_ms,
+                    delivery,
+                    batches,
+                })) => self.append_batches(&mut b, &mut state, timestamp_ms, &delivery, batches)?,
                 EntryPayload::Normal(Command::Partition(PartitionCommand::Truncate { before })) => {
                     // The cut reads the stored indexes: write what this call applied so far.
                     self.store
-                        .write_applied(std::mem::replace(&mut b, self.store.batch()))
+                        .write_applied(std::mem::replace(&mut b, store.batch()))
                         .map_err(RaftStoreError::from)?;
                     let before = before.min(state.next_offset);
                     let mut removed = 0;
@@ -219,6 +391,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                             .map_err(RaftStoreError::from)?;
                         b.truncate_below(self.group, before, &plan)
                             .map_err(RaftStoreError::from)?;
+                        self.dedup.truncate(before);
                         removed = before - state.start_offset;
                         state.start_offset = before;
                         // Group positions below the cut skip forward with it.
@@ -237,7 +410,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     tombstones_before_ms,
                 })) => {
                     self.store
-                        .write_applied(std::mem::replace(&mut b, self.store.batch()))
+                        .write_applied(std::mem::replace(&mut b, store.batch()))
                         .map_err(RaftStoreError::from)?;
                     let upto = upto.min(state.next_offset);
                     let cutoff = tombstones_before_ms.max(state.tombstone_cutoff_ms);
@@ -249,6 +422,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     .await
                     .map_err(io::Error::other)??;
                     crate::compaction::apply_plan(&mut b, self.group, &plan)?;
+                    self.dedup.removed(&plan.remove);
                     state.compacted_upto = state.compacted_upto.max(upto);
                     state.tombstone_cutoff_ms = cutoff;
                     state.tombstones = plan.tombstones_kept;
@@ -289,6 +463,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         self.state = state;
         self.state_bytes = state_bytes;
         self.shared.tx.send_replace(state);
+        self.publish_exactly_once();
         if let Some(g) = groups {
             self.groups = Arc::new(g);
             self.shared.groups.send_replace(self.groups.clone());
@@ -321,7 +496,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let meta2 = meta.clone();
         let state_bytes = tokio::task::spawn_blocking(move || {
             sm_common::install_from_file(&store, group, &meta2, &path, |s| {
-                let st = decode::<PersistedState>(&format::PARTITION_STATE, s)?.log;
+                let st = PersistedState::decode(s)?.log;
                 Ok(sm_common::InstallPlan {
                     messages_below: Some(st.next_offset),
                     start_offset: st.start_offset,
@@ -331,11 +506,20 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         })
         .await
         .map_err(io::Error::other)??;
-        let persisted: PersistedState = decode(&format::PARTITION_STATE, &state_bytes)?;
-        self.state_bytes = state_bytes;
+        let persisted = PersistedState::decode(&state_bytes)?;
         let state = persisted.log;
+        let (store, group, from) = (self.store.clone(), self.group, persisted.dedup_from);
+        self.dedup = tokio::task::spawn_blocking(move || {
+            rebuild_dedup(&store, group, from, state.next_offset)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.producers = persisted.producers;
+        // Snapshots from earlier builds carry version 1: keep the state in the current one.
+        self.state_bytes = self.encode_state(&state, &persisted.groups)?;
         self.state = state;
         self.groups = Arc::new(persisted.groups);
+        self.publish_exactly_once();
         self.shared.groups.send_replace(self.groups.clone());
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -345,6 +529,35 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         sm_common::current_snapshot(&self.store, self.group)
+    }
+}
+
+/// Rebuilds the dedup index from the stored messages at offsets `from..upto`.
+fn rebuild_dedup(
+    store: &Store,
+    group: GroupId,
+    from: u64,
+    upto: u64,
+) -> Result<DedupIndex, RaftStoreError> {
+    let mut index = DedupIndex::new(from);
+    let mut bad: Option<RaftStoreError> = None;
+    store.scan_messages(group, from, upto, |offset, value| {
+        match decode::<StoredRecord>(&format::RECORD, value) {
+            Ok(r) => {
+                if let Some((_, id)) = r.headers.iter().find(|(k, _)| k == MSG_ID_HEADER) {
+                    index.rebuild_add(offset, r.timestamp_ms, id);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                bad = Some(e);
+                Ok(false)
+            }
+        }
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(index),
     }
 }
 
@@ -366,9 +579,39 @@ mod persisted_tests {
         let mut c = GroupCursor::new(3, 2);
         c.ack(5);
         groups.insert("g".into(), c);
-        let bytes = encode(&format::PARTITION_STATE, &(&log, &groups)).unwrap();
-        let back: PersistedState = decode(&format::PARTITION_STATE, &bytes).unwrap();
+        let mut producers = ProducerTable::default();
+        producers.record(
+            &junction_types::exactly_once::ProducerBatch {
+                id: 4,
+                epoch: 1,
+                base_sequence: 0,
+            },
+            2,
+            Placement::default(),
+        );
+        let bytes = encode(&format::PARTITION_STATE, &(&log, &groups, &producers, 6u64)).unwrap();
+        let back = PersistedState::decode(&bytes).unwrap();
         assert_eq!(back.log, log);
         assert_eq!(back.groups, groups);
+        assert_eq!(back.producers, producers);
+        assert_eq!(back.dedup_from, 6);
+    }
+
+    /// Version 1 (log state and groups only) is upgraded: no producers, and the dedup window
+    /// covers nothing stored before.
+    #[test]
+    fn version_1_is_upgraded() {
+        let log = PartitionState {
+            next_offset: 7,
+            ..PartitionState::default()
+        };
+        let mut bytes = postcard::to_allocvec(&(&log, &GroupCursors::new())).unwrap();
+        bytes.insert(0, 1);
+        let back = PersistedState::decode(&bytes).unwrap();
+        assert_eq!(back.log, log);
+        assert!(back.producers.is_empty());
+        assert_eq!(back.dedup_from, 7);
+        bytes[0] = 3;
+        assert!(PersistedState::decode(&bytes).is_err());
     }
 }

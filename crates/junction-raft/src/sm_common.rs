@@ -56,16 +56,27 @@ pub(crate) fn load_applied(
 
 /// Reads a state machine's persisted state and its bytes, or, for a new group, the default
 /// state and its encoding (what a snapshot carries until the first apply).
+/// `decode` reads the current version and upgrades older ones; the bytes returned are always
+/// in the current version (a state read in an older one is encoded again).
 pub(crate) fn load_state<T>(
     store: &Store,
     group: GroupId,
     format: &format::Format,
+    decode: impl FnOnce(&[u8]) -> Result<T, RaftStoreError>,
 ) -> Result<(T, Vec<u8>), RaftStoreError>
 where
-    T: Default + serde::Serialize + serde::de::DeserializeOwned,
+    T: Default + serde::Serialize,
 {
     match store.get_tag(CF_SM_META, group, sm_tag::STATE)? {
-        Some(b) => Ok((decode(format, &b)?, b)),
+        Some(b) => {
+            let state = decode(&b)?;
+            let bytes = if b.first() == Some(&format.version) {
+                b
+            } else {
+                encode(format, &state)?
+            };
+            Ok((state, bytes))
+        }
         None => {
             let empty = T::default();
             let bytes = encode(format, &empty)?;

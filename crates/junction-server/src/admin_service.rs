@@ -63,9 +63,12 @@ pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> Station
                 messages: v.messages,
                 bytes: v.bytes,
                 data_lost_at_ms: (v.data_lost_at_ms != 0).then_some(v.data_lost_at_ms),
+                producers: v.producers,
+                dedup_ids: v.dedup_ids,
+                dedup_id_bytes: v.dedup_id_bytes,
             })
             .collect(),
-        policy: Some(crate::policy::to_proto(&s.policy)),
+        policy: Some(crate::policy::to_proto(&s.policy, &s.delivery)),
     }
 }
 
@@ -127,7 +130,7 @@ impl Admin for AdminService {
                 .await
                 .map_err(forwarded);
         }
-        let policy = crate::policy::from_proto(r.policy.as_ref())?;
+        let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
         let partitions = if r.partitions == 0 { 1 } else { r.partitions };
         let rf = match r.replication_factor {
             0 if self.broker.node_addrs().len() >= 3 => 3,
@@ -136,7 +139,14 @@ impl Admin for AdminService {
         };
         let s = self
             .broker
-            .create_station_with_policy(&name, partitions, rf, r.max_message_bytes, policy)
+            .create_station_with_policy(
+                &name,
+                partitions,
+                rf,
+                r.max_message_bytes,
+                policy,
+                delivery,
+            )
             .await
             .map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;
@@ -179,7 +189,7 @@ impl Admin for AdminService {
         let hops = hops_of(&req);
         let r = req.into_inner();
         let name = parse(&r.name)?;
-        let policy = crate::policy::from_proto(r.policy.as_ref())?;
+        let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
         if let Some(addr) = self.controller_addr(hops)? {
             return self
                 .clients
@@ -190,7 +200,7 @@ impl Admin for AdminService {
         }
         let s = self
             .broker
-            .update_station(&name, policy)
+            .update_station(&name, policy, delivery)
             .await
             .map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;

@@ -11,10 +11,11 @@ use junction_broker::{Broker, BrokerError};
 use junction_proto::v1::broker_server::Broker as BrokerApi;
 use junction_proto::v1::read_request::Start;
 use junction_proto::v1::{
-    BatchError, Header, ProduceRequest, ProduceResponse, ReadRequest, ReadResponse, StartPosition,
-    StoredMessage,
+    BatchError, Header, InitProducerRequest, InitProducerResponse, Message, ProduceRequest,
+    ProduceResponse, ProducerFields, ReadRequest, ReadResponse, StartPosition, StoredMessage,
 };
 use junction_raft::peer_service::BoxStream;
+use junction_types::exactly_once::{MAX_MSG_ID_BYTES, MSG_ID_HEADER, ProducerBatch};
 use junction_types::partitioner::partition_for_key;
 use junction_types::{GroupId, StationMeta, StationName, StoredRecord};
 use tokio::sync::mpsc;
@@ -125,12 +126,18 @@ impl BrokerService {
             ));
         }
         let station = self.station(&req.station).await?;
+        if let Some(p) = &req.producer {
+            self.broker
+                .check_producer(&station.tenant, &producer_batch(p))
+                .map_err(to_status)?;
+        }
         let partitions = station.partitions.len() as u32;
         let max = station.max_message_bytes as usize;
         let sticky = self.sticky.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
         let mut by_partition: BTreeMap<u32, Part> = BTreeMap::new();
         let total = req.messages.len();
         for (i, mut m) in req.messages.into_iter().enumerate() {
+            move_msg_id(&mut m)?;
             let size = m.key.as_ref().map_or(0, Vec::len)
                 + m.headers
                     .iter()
@@ -155,11 +162,19 @@ impl BrokerService {
             m.partition = Some(p);
             let part = by_partition.entry(p).or_insert_with(|| Part {
                 partition: p,
+                producer: req.producer,
                 idx: vec![],
                 msgs: vec![],
             });
             part.idx.push(i);
             part.msgs.push(m);
+        }
+        if req.producer.is_some() && by_partition.len() > 1 {
+            return Err(Status::invalid_argument(format!(
+                "an idempotent producer's batch must go to one partition (this one spans {}: {:?}); its sequence numbers count per partition, so split the batch by partition",
+                by_partition.len(),
+                by_partition.keys().collect::<Vec<_>>()
+            )));
         }
         Ok(Planned {
             station,
@@ -187,7 +202,11 @@ impl BrokerService {
                     let records = part.msgs.into_iter().map(record_of).collect();
                     let rx = self
                         .broker
-                        .enqueue_append(meta.group_id, records)
+                        .enqueue_append(
+                            meta.group_id,
+                            records,
+                            part.producer.as_ref().map(producer_batch),
+                        )
                         .await
                         .map_err(to_status)?;
                     waits.push(PartWait::Local {
@@ -202,7 +221,9 @@ impl BrokerService {
                 }
                 Some(addr) => match fwd.as_deref_mut() {
                     Some(f) => {
-                        let sent = f.send(&addr, full.clone(), part.msgs, hops).await?;
+                        let sent = f
+                            .send(&addr, full.clone(), part.msgs, part.producer, hops)
+                            .await?;
                         waits.push(PartWait::Remote {
                             part: part.partition,
                             idx: part.idx,
@@ -215,6 +236,7 @@ impl BrokerService {
                             station: full.clone(),
                             messages: part.msgs,
                             request_id: 0,
+                            producer: part.producer,
                         };
                         let fut = async move {
                             let mut req = with_hops(req, hops + 1);
@@ -350,6 +372,43 @@ impl BrokerApi for BrokerService {
             request_id,
             positions,
             error: None,
+        }))
+    }
+
+    async fn init_producer(
+        &self,
+        req: Request<InitProducerRequest>,
+    ) -> Result<Response<InitProducerResponse>, Status> {
+        let hops = hops_of(&req);
+        let r = req.into_inner();
+        let tenant = if r.tenant.is_empty() {
+            junction_types::DEFAULT_TENANT.to_string()
+        } else {
+            r.tenant.clone()
+        };
+        match self.broker.ensure_controller() {
+            Ok(()) => {}
+            Err(BrokerError::NotLeader {
+                leader: Some((_, addr)),
+                ..
+            }) if hops < MAX_HOPS => {
+                return self
+                    .clients
+                    .broker(&addr)?
+                    .init_producer(with_hops(r, hops + 1))
+                    .await
+                    .map_err(forwarded);
+            }
+            Err(e) => return Err(to_status(e)),
+        }
+        let p = self
+            .broker
+            .init_producer(&tenant, r.producer_name.as_deref())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(InitProducerResponse {
+            producer_id: p.id,
+            epoch: p.epoch,
         }))
     }
 
@@ -545,6 +604,43 @@ impl BrokerApi for BrokerService {
     }
 }
 
+/// Converts a request's producer fields.
+fn producer_batch(p: &ProducerFields) -> ProducerBatch {
+    ProducerBatch {
+        id: p.producer_id,
+        epoch: p.epoch,
+        base_sequence: p.base_sequence,
+    }
+}
+
+/// Moves a message's `msg_id` field into its `junction-msg-id` header (where it is stored),
+/// checking its length; a header and a field that disagree are refused.
+fn move_msg_id(m: &mut Message) -> Result<(), Status> {
+    if let Some(id) = m.msg_id.take() {
+        match m.headers.iter().find(|h| h.key == MSG_ID_HEADER) {
+            Some(h) if h.value != id.as_bytes() => {
+                return Err(Status::invalid_argument(
+                    "a message has both a msg_id and a different junction-msg-id header; send one of them",
+                ));
+            }
+            Some(_) => {}
+            None => m.headers.push(Header {
+                key: MSG_ID_HEADER.to_string(),
+                value: id.into_bytes(),
+            }),
+        }
+    }
+    if let Some(h) = m.headers.iter().find(|h| h.key == MSG_ID_HEADER)
+        && (h.value.is_empty() || h.value.len() > MAX_MSG_ID_BYTES)
+    {
+        return Err(Status::invalid_argument(format!(
+            "a message id must be 1 to {MAX_MSG_ID_BYTES} bytes (got {} bytes)",
+            h.value.len()
+        )));
+    }
+    Ok(())
+}
+
 fn count_error(s: &Status) {
     metrics::counter!("junction_produce_errors_total", "code" => format!("{:?}", s.code()))
         .increment(1);
@@ -560,6 +656,7 @@ fn batch_error(s: &Status) -> BatchError {
         code: s.code() as i32,
         message: s.message().to_string(),
         leader_addr,
+        details: s.details().to_vec(),
     }
 }
 

@@ -651,6 +651,7 @@ impl Groups for GroupsService {
                         .collect(),
                     payload: m.payload,
                     partition: None,
+                    msg_id: None,
                 });
             }
             if !batch.is_empty() {
@@ -660,6 +661,7 @@ impl Groups for GroupsService {
                         station: station.full(),
                         messages: batch,
                         request_id: 0,
+                        producer: None,
                     })
                     .await
                     .map_err(forwarded)?;
@@ -701,8 +703,10 @@ impl DeadLetterSink for LoopbackDeadLetters {
                         .collect(),
                     payload: record.payload.into(),
                     partition: Some(0),
+                    msg_id: None,
                 }],
                 request_id: 0,
+                producer: None,
             };
             match tokio::time::timeout(DLS_TIMEOUT, client.produce(req)).await {
                 Ok(Ok(_)) => Ok(()),

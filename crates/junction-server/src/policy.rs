@@ -1,6 +1,7 @@
 //! Station policy between its wire form and the metadata form.
 
 use junction_proto::v1 as pb;
+use junction_types::exactly_once::DeliveryPolicy;
 use junction_types::policy::DEFAULT_TOMBSTONE_DELAY_MS;
 use junction_types::{CompactionPolicy, DiscardPolicy, Retention, StationPolicy, StorageTier};
 use tonic::Status;
@@ -9,10 +10,13 @@ fn enum_value<T>(what: &str, v: i32, decode: impl Fn(i32) -> Option<T>) -> Resul
     decode(v).ok_or_else(|| Status::invalid_argument(format!("unknown {what} value {v}")))
 }
 
-/// Converts a request's policy; `None` means every default.
-pub fn from_proto(p: Option<&pb::StationPolicy>) -> Result<StationPolicy, Status> {
+/// Converts a request's policy (storage, retention and compaction; exactly-once settings);
+/// `None` means every default.
+pub fn from_proto(
+    p: Option<&pb::StationPolicy>,
+) -> Result<(StationPolicy, DeliveryPolicy), Status> {
     let Some(p) = p else {
-        return Ok(StationPolicy::default());
+        return Ok((StationPolicy::default(), DeliveryPolicy::default()));
     };
     let storage = enum_value(
         "storage tier",
@@ -51,17 +55,26 @@ pub fn from_proto(p: Option<&pb::StationPolicy>) -> Result<StationPolicy, Status
             ack: r.ack,
         })
         .unwrap_or_default();
-    Ok(StationPolicy {
-        storage,
-        retention,
-        discard,
-        compaction,
-        tombstone_delay_ms: p.tombstone_delay_ms.unwrap_or(DEFAULT_TOMBSTONE_DELAY_MS),
-    })
+    let defaults = DeliveryPolicy::default();
+    let delivery = DeliveryPolicy {
+        dedup_window_ms: p.dedup_window_ms,
+        dedup_max_ids: p.dedup_max_ids.unwrap_or(defaults.dedup_max_ids),
+        producer_expiry_ms: p.producer_expiry_ms.unwrap_or(defaults.producer_expiry_ms),
+    };
+    Ok((
+        StationPolicy {
+            storage,
+            retention,
+            discard,
+            compaction,
+            tombstone_delay_ms: p.tombstone_delay_ms.unwrap_or(DEFAULT_TOMBSTONE_DELAY_MS),
+        },
+        delivery,
+    ))
 }
 
-/// Converts a station's policy for replies.
-pub fn to_proto(p: &StationPolicy) -> pb::StationPolicy {
+/// Converts a station's settings for replies.
+pub fn to_proto(p: &StationPolicy, d: &DeliveryPolicy) -> pb::StationPolicy {
     pb::StationPolicy {
         storage: match p.storage {
             StorageTier::File => pb::StorageTier::File,
@@ -82,6 +95,9 @@ pub fn to_proto(p: &StationPolicy) -> pb::StationPolicy {
             CompactionPolicy::Key => pb::CompactionPolicy::Key,
         } as i32,
         tombstone_delay_ms: Some(p.tombstone_delay_ms),
+        dedup_window_ms: d.dedup_window_ms,
+        dedup_max_ids: Some(d.dedup_max_ids),
+        producer_expiry_ms: Some(d.producer_expiry_ms),
     }
 }
 
@@ -103,9 +119,17 @@ mod tests {
             compaction: CompactionPolicy::Key,
             tombstone_delay_ms: 7,
         };
-        assert_eq!(from_proto(Some(&to_proto(&p))).unwrap(), p);
-        assert_eq!(from_proto(None).unwrap(), StationPolicy::default());
-        let mut bad = to_proto(&p);
+        let d = DeliveryPolicy {
+            dedup_window_ms: Some(120_000),
+            dedup_max_ids: 10,
+            producer_expiry_ms: 60_000,
+        };
+        assert_eq!(from_proto(Some(&to_proto(&p, &d))).unwrap(), (p, d));
+        assert_eq!(
+            from_proto(None).unwrap(),
+            (StationPolicy::default(), DeliveryPolicy::default())
+        );
+        let mut bad = to_proto(&p, &d);
         bad.discard = 42;
         let e = from_proto(Some(&bad)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);

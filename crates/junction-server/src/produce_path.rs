@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use junction_broker::{Appended, BrokerError};
-use junction_proto::v1::{Message, MessagePosition, ProduceRequest, ProduceResponse};
+use junction_proto::v1::{
+    Message, MessagePosition, ProduceRequest, ProduceResponse, ProducerFields,
+};
 use junction_types::{Record, StationMeta};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +28,8 @@ use crate::status::to_status;
 /// One partition's share of a batch.
 pub struct Part {
     pub partition: u32,
+    /// An idempotent producer's fields (its batches go to one partition).
+    pub producer: Option<ProducerFields>,
     /// Positions of these messages in the request.
     pub idx: Vec<usize>,
     pub msgs: Vec<Message>,
@@ -70,11 +74,8 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                         Status::unavailable("the partition stopped; the outcome is unknown")
                     })?
                     .map_err(to_status)?;
-                Ok::<_, Status>((
-                    part,
-                    idx,
-                    (a.base_offset..a.base_offset + n).collect::<Vec<_>>(),
-                ))
+                let count = u32::try_from(n).unwrap_or(u32::MAX);
+                Ok::<_, Status>((part, idx, a.positions(count)))
             }
             PartWait::Remote { part, idx, sent } => {
                 let resp = match tokio::time::timeout(FORWARD_TIMEOUT, sent.rx).await {
@@ -101,24 +102,30 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                 "the leader returned a different number of positions",
             ));
         }
-        for (i, offset) in idx.into_iter().zip(offsets) {
+        for (i, (offset, duplicate)) in idx.into_iter().zip(offsets) {
             positions[i] = MessagePosition {
                 partition: part,
                 offset,
+                duplicate,
             };
         }
     }
     Ok(positions)
 }
 
-fn offsets_of(resp: ProduceResponse) -> Result<Vec<u64>, Status> {
+fn offsets_of(resp: ProduceResponse) -> Result<Vec<(u64, bool)>, Status> {
     if let Some(e) = resp.error {
-        return Err(forwarded(Status::new(
+        return Err(forwarded(Status::with_details(
             tonic::Code::from_i32(e.code),
             e.message,
+            e.details.into(),
         )));
     }
-    Ok(resp.positions.into_iter().map(|p| p.offset).collect())
+    Ok(resp
+        .positions
+        .into_iter()
+        .map(|p| (p.offset, p.duplicate))
+        .collect())
 }
 
 /// Converts a wire message to a record.
@@ -178,6 +185,7 @@ impl Forwarders {
         addr: &str,
         station: String,
         msgs: Vec<Message>,
+        producer: Option<ProducerFields>,
         hops: u32,
     ) -> Result<Sent, Status> {
         let usable = self
@@ -200,6 +208,7 @@ impl Forwarders {
             station,
             messages: msgs,
             request_id: id,
+            producer,
         };
         if stream.tx.send(req).await.is_err() {
             stream.alive.store(false, Ordering::Release);

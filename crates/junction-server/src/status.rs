@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use junction_broker::BrokerError;
 use junction_types::MetaError;
+use junction_types::exactly_once::AppendReject;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -13,6 +14,20 @@ pub const ERROR_DOMAIN: &str = "junction.dev";
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
 /// `ErrorInfo` reason when a consumer group member acted on an assignment it lost.
 pub const REASON_FENCED: &str = "FENCED";
+
+/// `ErrorInfo` reason: a producer batch's sequence is not the next one (metadata
+/// `expected_sequence`).
+pub const REASON_OUT_OF_ORDER_SEQUENCE: &str = "OUT_OF_ORDER_SEQUENCE";
+/// `ErrorInfo` reason: the partition has no state for the producer (expired, or never seen).
+pub const REASON_UNKNOWN_PRODUCER: &str = "UNKNOWN_PRODUCER";
+/// `ErrorInfo` reason: the batch was stored, but too long ago for its positions to be known.
+pub const REASON_DUPLICATE_SEQUENCE: &str = "DUPLICATE_SEQUENCE";
+/// `ErrorInfo` reason: a producer's sequence number would overflow.
+pub const REASON_SEQUENCE_OVERFLOW: &str = "SEQUENCE_OVERFLOW";
+/// `ErrorInfo` reason: the partition's dedup window holds its maximum of ids.
+pub const REASON_DEDUP_WINDOW_FULL: &str = "DEDUP_WINDOW_FULL";
+/// `ErrorInfo` reason: a producer id used with another tenant's station.
+pub const REASON_PRODUCER_TENANT: &str = "PRODUCER_TENANT_MISMATCH";
 
 /// Returns the gRPC code of an error.
 pub fn code_of(e: &BrokerError) -> Code {
@@ -37,37 +52,72 @@ pub fn code_of(e: &BrokerError) -> Code {
         BrokerError::Storage(_) => Code::Internal,
         BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
         BrokerError::Unimplemented(_) => Code::Unimplemented,
+        BrokerError::Produce(r) => match r {
+            AppendReject::Fenced { .. } | AppendReject::UnknownProducer { .. } => {
+                Code::FailedPrecondition
+            }
+            AppendReject::OutOfOrderSequence { .. } => Code::OutOfRange,
+            AppendReject::DuplicateSequence { .. } => Code::AlreadyExists,
+            AppendReject::SequenceOverflow { .. } => Code::InvalidArgument,
+            AppendReject::DedupFull { .. } => Code::ResourceExhausted,
+        },
+        BrokerError::UnknownProducerId(_) => Code::FailedPrecondition,
+        BrokerError::ProducerTenant { .. } => Code::PermissionDenied,
         _ => Code::Internal,
     }
 }
 
-/// Converts an error to a status; a not-leader error carries the leader in `ErrorInfo`.
+/// The `ErrorInfo` reason and metadata of an error that carries one.
+fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)> {
+    let none = HashMap::new;
+    Some(match e {
+        BrokerError::NotLeader {
+            leader: Some((id, addr)),
+            ..
+        } => (
+            REASON_NOT_LEADER,
+            HashMap::from([
+                ("leader_addr".to_string(), addr.clone()),
+                ("leader_id".to_string(), id.to_string()),
+            ]),
+        ),
+        BrokerError::Fenced(_) => (REASON_FENCED, none()),
+        BrokerError::Produce(r) => match r {
+            AppendReject::Fenced { current, .. } => (
+                REASON_FENCED,
+                HashMap::from([("current_epoch".to_string(), current.to_string())]),
+            ),
+            AppendReject::OutOfOrderSequence { expected, .. } => (
+                REASON_OUT_OF_ORDER_SEQUENCE,
+                HashMap::from([("expected_sequence".to_string(), expected.to_string())]),
+            ),
+            AppendReject::UnknownProducer { .. } => (REASON_UNKNOWN_PRODUCER, none()),
+            AppendReject::DuplicateSequence { expected, .. } => (
+                REASON_DUPLICATE_SEQUENCE,
+                HashMap::from([("expected_sequence".to_string(), expected.to_string())]),
+            ),
+            AppendReject::SequenceOverflow { .. } => (REASON_SEQUENCE_OVERFLOW, none()),
+            AppendReject::DedupFull { .. } => (REASON_DEDUP_WINDOW_FULL, none()),
+        },
+        BrokerError::UnknownProducerId(_) => (REASON_UNKNOWN_PRODUCER, none()),
+        BrokerError::ProducerTenant { .. } => (REASON_PRODUCER_TENANT, none()),
+        _ => return None,
+    })
+}
+
+/// Converts an error to a status; errors a client acts on carry an `ErrorInfo` with a stable
+/// reason (a not-leader error names the leader).
 pub fn to_status(e: BrokerError) -> Status {
     let code = code_of(&e);
     let message = e.to_string();
-    if let BrokerError::NotLeader {
-        leader: Some((id, addr)),
-        ..
-    } = &e
-    {
-        let meta = HashMap::from([
-            ("leader_addr".to_string(), addr.clone()),
-            ("leader_id".to_string(), id.to_string()),
-        ]);
-        return Status::with_error_details(
+    match error_info(&e) {
+        Some((reason, meta)) => Status::with_error_details(
             code,
             message,
-            ErrorDetails::with_error_info(REASON_NOT_LEADER, ERROR_DOMAIN, meta),
-        );
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta),
+        ),
+        None => Status::new(code, message),
     }
-    if let BrokerError::Fenced(_) = &e {
-        return Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(REASON_FENCED, ERROR_DOMAIN, HashMap::new()),
-        );
-    }
-    Status::new(code, message)
 }
 
 #[cfg(test)]
@@ -144,6 +194,91 @@ mod tests {
         for (e, code) in rows {
             assert_eq!(to_status(e).code(), code);
         }
+    }
+
+    #[test]
+    fn producer_errors_carry_stable_reasons_and_fatal_never_shares_a_retryable_code() {
+        let rows: Vec<(BrokerError, Code, &str)> = vec![
+            (
+                BrokerError::Produce(AppendReject::Fenced {
+                    id: 1,
+                    epoch: 0,
+                    current: 2,
+                }),
+                Code::FailedPrecondition,
+                REASON_FENCED,
+            ),
+            (
+                BrokerError::Produce(AppendReject::OutOfOrderSequence {
+                    id: 1,
+                    got: 9,
+                    expected: 4,
+                }),
+                Code::OutOfRange,
+                REASON_OUT_OF_ORDER_SEQUENCE,
+            ),
+            (
+                BrokerError::Produce(AppendReject::UnknownProducer { id: 1, got: 3 }),
+                Code::FailedPrecondition,
+                REASON_UNKNOWN_PRODUCER,
+            ),
+            (
+                BrokerError::Produce(AppendReject::DuplicateSequence {
+                    id: 1,
+                    got: 0,
+                    expected: 40,
+                }),
+                Code::AlreadyExists,
+                REASON_DUPLICATE_SEQUENCE,
+            ),
+            (
+                BrokerError::Produce(AppendReject::SequenceOverflow {
+                    id: 1,
+                    got: u64::MAX,
+                    count: 2,
+                }),
+                Code::InvalidArgument,
+                REASON_SEQUENCE_OVERFLOW,
+            ),
+            (
+                BrokerError::Produce(AppendReject::DedupFull { max_ids: 5 }),
+                Code::ResourceExhausted,
+                REASON_DEDUP_WINDOW_FULL,
+            ),
+            (
+                BrokerError::UnknownProducerId(7),
+                Code::FailedPrecondition,
+                REASON_UNKNOWN_PRODUCER,
+            ),
+            (
+                BrokerError::ProducerTenant {
+                    id: 7,
+                    tenant: "a".into(),
+                    owner: "b".into(),
+                },
+                Code::PermissionDenied,
+                REASON_PRODUCER_TENANT,
+            ),
+        ];
+        for (e, code, reason) in rows {
+            let s = to_status(e);
+            assert_eq!(s.code(), code);
+            assert_ne!(s.code(), Code::Unavailable);
+            assert_eq!(s.get_details_error_info().unwrap().reason, reason);
+        }
+        let s = to_status(BrokerError::Produce(AppendReject::OutOfOrderSequence {
+            id: 1,
+            got: 9,
+            expected: 4,
+        }));
+        assert_eq!(
+            s.get_details_error_info()
+                .unwrap()
+                .metadata
+                .get("expected_sequence")
+                .map(String::as_str),
+            Some("4")
+        );
     }
 
     #[test]

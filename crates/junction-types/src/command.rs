@@ -7,6 +7,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::exactly_once::{
+    AppendReject, DeliveryPolicy, Placement, ProducerBatch, ProducerIdentity,
+};
 use crate::groups::{GroupMeta, GroupSettings};
 use crate::meta::{MetaError, StationMeta};
 use crate::policy::StationPolicy;
@@ -77,6 +80,47 @@ pub enum MetaCommand {
         name: String,
         policy: StationPolicy,
     },
+    /// Hands out a producer id (and, for a named producer, its next epoch).
+    InitProducer {
+        tenant: String,
+        /// A stable name: initialising it again fences the previous instance.
+        name: Option<String>,
+    },
+    /// `CreateStation` with exactly-once settings (what this build writes; the variant
+    /// without them is still applied from logs written by earlier builds).
+    CreateStationV2 {
+        tenant: String,
+        name: String,
+        placement: Vec<Vec<u64>>,
+        replication_factor: u32,
+        max_message_bytes: u32,
+        now_ms: i64,
+        policy: StationPolicy,
+        delivery: DeliveryPolicy,
+    },
+    /// `UpdateStation` with exactly-once settings.
+    UpdateStationV2 {
+        tenant: String,
+        name: String,
+        policy: StationPolicy,
+        delivery: DeliveryPolicy,
+    },
+}
+
+/// One produce request's records in an [`PartitionCommand::AppendBatches`] entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendBatch {
+    /// Set by idempotent producers: checked against the producer's sequence.
+    pub producer: Option<ProducerBatch>,
+    pub records: Vec<Record>,
+}
+
+/// What became of one batch of an `AppendBatches` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    pub placement: Placement,
+    /// The whole batch was a producer's retry of a stored batch: nothing was appended.
+    pub duplicate: bool,
 }
 
 /// Changes to one partition.
@@ -124,6 +168,15 @@ pub enum PartitionCommand {
     /// A memory partition lost every replica at `at_ms` and restarted empty (recorded so that
     /// `station describe` says so).
     DataLost { at_ms: i64 },
+    /// Appends produce batches at the next offsets, after the exactly-once checks: each
+    /// batch's producer sequence (duplicates answered with their original placement, gaps and
+    /// fenced epochs refused) and, with a dedup window, each message id. `delivery` is the
+    /// station's setting when the leader proposed the entry, so every replica decides alike.
+    AppendBatches {
+        timestamp_ms: i64,
+        delivery: DeliveryPolicy,
+        batches: Vec<AppendBatch>,
+    },
 }
 
 /// The result of applying one entry.
@@ -153,6 +206,10 @@ pub enum CommandResponse {
         start_offset: u64,
         removed: u64,
     },
+    /// The outcome of each batch of an `AppendBatches`, in order.
+    Batches(Vec<Result<BatchOutcome, AppendReject>>),
+    /// A producer identity from `InitProducer`.
+    Producer(ProducerIdentity),
 }
 
 impl fmt::Display for Command {
@@ -161,6 +218,10 @@ impl fmt::Display for Command {
             Command::Meta(m) => write!(f, "meta:{m:?}"),
             Command::Partition(PartitionCommand::Append { records, .. }) => {
                 write!(f, "append({} records)", records.len())
+            }
+            Command::Partition(PartitionCommand::AppendBatches { batches, .. }) => {
+                let n: usize = batches.iter().map(|b| b.records.len()).sum();
+                write!(f, "append({} batches, {n} records)", batches.len())
             }
             Command::Partition(PartitionCommand::GroupAck { group, offsets, .. }) => {
                 write!(f, "group-ack({group}, {} offsets)", offsets.len())

@@ -335,6 +335,7 @@ pub fn apply_cursor_command(
 ) -> CommandResponse {
     match cmd {
         PartitionCommand::Append { .. }
+        | PartitionCommand::AppendBatches { .. }
         | PartitionCommand::Truncate { .. }
         | PartitionCommand::Compact { .. }
         | PartitionCommand::DataLost { .. } => CommandResponse::WrongGroup,

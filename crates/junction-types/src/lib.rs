@@ -10,10 +10,12 @@
 //! - [`command`]: what a Raft log entry carries and what applying it returns.
 //! - [`meta`]: the metadata group's state (tenants, stations, placement, consumer groups) and
 //!   its pure apply.
+//! - [`exactly_once`]: idempotent producer sequences and the message-id dedup window.
 //! - [`groups`]: consumer group settings, sticky assignment and per-partition cursors.
 //! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 
 pub mod command;
+pub mod exactly_once;
 pub mod groups;
 pub mod meta;
 pub mod names;

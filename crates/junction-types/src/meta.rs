@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandResponse, MetaCommand};
+use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
 use crate::groups::{GroupMeta, MemberMeta};
 use crate::policy::StationPolicy;
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
@@ -46,8 +47,9 @@ pub struct StationMeta {
     pub created_at_ms: i64,
     pub partitions: Vec<PartitionMeta>,
     /// Storage, retention and compaction settings.
-    #[serde(default)]
     pub policy: StationPolicy,
+    /// Exactly-once settings: the dedup window and producer expiry.
+    pub delivery: DeliveryPolicy,
 }
 
 impl StationMeta {
@@ -71,6 +73,8 @@ pub struct MetaState {
     pub groups: BTreeMap<(String, String), GroupMeta>,
     /// The next consumer group incarnation id.
     pub next_group_uid: u64,
+    /// Producer ids and the epochs of named producers.
+    pub producers: ProducerRegistry,
 }
 
 impl Default for MetaState {
@@ -83,6 +87,7 @@ impl Default for MetaState {
             next_group_id: 1,
             groups: BTreeMap::new(),
             next_group_uid: 1,
+            producers: ProducerRegistry::default(),
         }
     }
 }
@@ -108,41 +113,31 @@ impl MetaState {
                 max_message_bytes,
                 now_ms,
                 policy,
-            } => {
-                let full = format!("{tenant}/{name}");
-                if !self.tenants.contains_key(tenant) {
-                    return CommandResponse::MetaRejected(MetaError::TenantNotFound {
-                        tenant: tenant.clone(),
-                    });
-                }
-                if self.stations.contains_key(&full) {
-                    return CommandResponse::MetaRejected(MetaError::StationExists {
-                        station: full,
-                    });
-                }
-                let partitions = placement
-                    .iter()
-                    .map(|replicas| {
-                        let group_id = self.next_group_id;
-                        self.next_group_id += 1;
-                        PartitionMeta {
-                            group_id,
-                            replicas: replicas.clone(),
-                        }
-                    })
-                    .collect();
-                let station = StationMeta {
-                    tenant: tenant.clone(),
-                    name: name.clone(),
-                    replication_factor: *replication_factor,
-                    max_message_bytes: *max_message_bytes,
-                    created_at_ms: *now_ms,
-                    partitions,
-                    policy: *policy,
-                };
-                self.stations.insert(full, station.clone());
-                CommandResponse::StationCreated(station)
-            }
+            } => self.create_station(
+                tenant,
+                name,
+                placement,
+                (*replication_factor, *max_message_bytes, *now_ms),
+                *policy,
+                DeliveryPolicy::default(),
+            ),
+            MetaCommand::CreateStationV2 {
+                tenant,
+                name,
+                placement,
+                replication_factor,
+                max_message_bytes,
+                now_ms,
+                policy,
+                delivery,
+            } => self.create_station(
+                tenant,
+                name,
+                placement,
+                (*replication_factor, *max_message_bytes, *now_ms),
+                *policy,
+                *delivery,
+            ),
             MetaCommand::DeleteStation { tenant, name } => {
                 let full = format!("{tenant}/{name}");
                 if self.stations.remove(&full).is_none() {
@@ -248,18 +243,89 @@ impl MetaState {
                 name,
                 policy,
             } => {
-                let full = format!("{tenant}/{name}");
-                let Some(station) = self.stations.get_mut(&full) else {
-                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
-                        station: full,
+                let delivery = self
+                    .stations
+                    .get(&format!("{tenant}/{name}"))
+                    .map(|s| s.delivery)
+                    .unwrap_or_default();
+                self.update_station(tenant, name, *policy, delivery)
+            }
+            MetaCommand::UpdateStationV2 {
+                tenant,
+                name,
+                policy,
+                delivery,
+            } => self.update_station(tenant, name, *policy, *delivery),
+            MetaCommand::InitProducer { tenant, name } => {
+                if !self.tenants.contains_key(tenant) {
+                    return CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                        tenant: tenant.clone(),
                     });
-                };
-                // The tier is fixed at creation: data cannot move between tiers in place.
-                let storage = station.policy.storage;
-                station.policy = StationPolicy { storage, ..*policy };
-                CommandResponse::StationCreated(station.clone())
+                }
+                CommandResponse::Producer(self.producers.init(tenant, name.as_deref()))
             }
         }
+    }
+
+    fn create_station(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        placement: &[Vec<u64>],
+        (replication_factor, max_message_bytes, now_ms): (u32, u32, i64),
+        policy: StationPolicy,
+        delivery: DeliveryPolicy,
+    ) -> CommandResponse {
+        let full = format!("{tenant}/{name}");
+        if !self.tenants.contains_key(tenant) {
+            return CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                tenant: tenant.to_string(),
+            });
+        }
+        if self.stations.contains_key(&full) {
+            return CommandResponse::MetaRejected(MetaError::StationExists { station: full });
+        }
+        let partitions = placement
+            .iter()
+            .map(|replicas| {
+                let group_id = self.next_group_id;
+                self.next_group_id += 1;
+                PartitionMeta {
+                    group_id,
+                    replicas: replicas.clone(),
+                }
+            })
+            .collect();
+        let station = StationMeta {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            replication_factor,
+            max_message_bytes,
+            created_at_ms: now_ms,
+            partitions,
+            policy,
+            delivery,
+        };
+        self.stations.insert(full, station.clone());
+        CommandResponse::StationCreated(station)
+    }
+
+    fn update_station(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        policy: StationPolicy,
+        delivery: DeliveryPolicy,
+    ) -> CommandResponse {
+        let full = format!("{tenant}/{name}");
+        let Some(station) = self.stations.get_mut(&full) else {
+            return CommandResponse::MetaRejected(MetaError::StationNotFound { station: full });
+        };
+        // The tier is fixed at creation: data cannot move between tiers in place.
+        let storage = station.policy.storage;
+        station.policy = StationPolicy { storage, ..policy };
+        station.delivery = delivery;
+        CommandResponse::StationCreated(station.clone())
     }
 
     fn new_group(
@@ -376,6 +442,72 @@ pub fn place_replicas(
         out.push(chosen);
     }
     out
+}
+
+/// The metadata state as format version 1 stored it (before exactly-once settings and
+/// producer ids), read when a node upgrades.
+pub mod v1 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, PartitionMeta, StationMeta};
+    use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
+    use crate::groups::GroupMeta;
+    use crate::policy::StationPolicy;
+
+    /// A station as version 1 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct StationMetaV1 {
+        pub tenant: String,
+        pub name: String,
+        pub replication_factor: u32,
+        pub max_message_bytes: u32,
+        pub created_at_ms: i64,
+        pub partitions: Vec<PartitionMeta>,
+        pub policy: StationPolicy,
+    }
+
+    /// The metadata state as version 1 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV1 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMetaV1>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+    }
+
+    impl From<MetaStateV1> for MetaState {
+        fn from(v: MetaStateV1) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v
+                    .stations
+                    .into_iter()
+                    .map(|(k, s)| {
+                        (
+                            k,
+                            StationMeta {
+                                tenant: s.tenant,
+                                name: s.name,
+                                replication_factor: s.replication_factor,
+                                max_message_bytes: s.max_message_bytes,
+                                created_at_ms: s.created_at_ms,
+                                partitions: s.partitions,
+                                policy: s.policy,
+                                delivery: DeliveryPolicy::default(),
+                            },
+                        )
+                    })
+                    .collect(),
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: ProducerRegistry::default(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -313,6 +313,7 @@ impl Worker {
             station: self.station.clone(),
             messages: batch.messages.clone(),
             request_id: id,
+            producer: None,
         }
     }
 
@@ -371,6 +372,7 @@ impl Worker {
                     station: self.station.clone(),
                     messages: batch.messages.clone(),
                     request_id: *id,
+                    producer: None,
                 };
                 if tx.try_send(req).is_ok() {
                     batch.state = BatchState::Sent;
@@ -549,6 +551,7 @@ mod tests {
                 code: code as i32,
                 message: "m".into(),
                 leader_addr: leader_addr.into(),
+                details: vec![],
             }),
         }))
     }
@@ -592,6 +595,7 @@ mod tests {
             positions: vec![MessagePosition {
                 partition: 2,
                 offset: 41,
+                duplicate: false,
             }],
             error: None,
         })));
