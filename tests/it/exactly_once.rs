@@ -590,3 +590,95 @@ async fn the_dedup_window_drops_repeated_message_ids() {
     assert_eq!(read_all(&client, "no-dedup", 0).await.len(), 2);
     cluster.shutdown().await;
 }
+
+/// The SDK producer (idempotent by default) keeps sending while partition leaders are stopped
+/// and restarted: every message is stored exactly once, in send order per key, at the
+/// position its send reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sdk_producer_stores_each_message_once_through_leader_kills() {
+    use futures::StreamExt;
+    use std::collections::BTreeMap;
+
+    let mut cluster = TestCluster::start(3).await;
+    let admin = cluster.client();
+    let s = admin.create_station("sdk-eo", 2, 3).await.expect("create");
+    let groups: Vec<u64> = s.partition_info.iter().map(|p| p.group_id).collect();
+    let client = junction_client::Client::connect_with(
+        cluster.addrs(),
+        junction_client::ClientOptions::default().with_retry_deadline(Duration::from_secs(60)),
+    )
+    .expect("client");
+    let producer = client.producer(
+        "sdk-eo",
+        junction_client::ProducerOptions {
+            max_batch_messages: 20,
+            ..Default::default()
+        },
+    );
+    const N: usize = 3000;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sender = {
+        let (producer, acked) = (producer.clone(), acked.clone());
+        tokio::spawn(async move {
+            let sends = futures::stream::iter(0..N).map(|i| {
+                let key = format!("k{}", i % 10);
+                let fut = producer.send(crate::harness::keyed(&key, format!("{key}:{i}")));
+                let acked = acked.clone();
+                async move {
+                    let r = fut.await;
+                    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (i, r)
+                }
+            });
+            sends.buffered(400).collect::<Vec<_>>().await
+        })
+    };
+    for (round, group) in groups.iter().enumerate() {
+        let at = (round + 1) * N / 3;
+        wait_until(
+            Duration::from_secs(60),
+            "messages to be acknowledged",
+            || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= at).then_some(()) },
+        )
+        .await;
+        let leader = cluster.partition_leader(*group).expect("leader");
+        cluster.stop(leader).await;
+        wait_until(Duration::from_secs(20), "a new leader", || async {
+            cluster.partition_leader(*group).filter(|l| *l != leader)
+        })
+        .await;
+        cluster.restart(leader).await;
+    }
+    let results = tokio::time::timeout(Duration::from_secs(120), sender)
+        .await
+        .expect("every send completes")
+        .expect("sender task");
+    producer.close().await;
+    let mut reported = BTreeMap::new();
+    let mut retried = 0;
+    for (i, r) in results {
+        let p = r.unwrap_or_else(|e| panic!("message {i} failed: {e}"));
+        retried += usize::from(p.duplicate);
+        reported.insert(i, (p.partition, p.offset));
+    }
+    eprintln!("{retried} of {N} messages were answered by a retry of a stored batch");
+    let mut seen: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+    let mut last_per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for p in 0..2u32 {
+        for m in read_all(&admin, "sdk-eo", p).await {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            let (key, i) = text.split_once(':').expect("key:i");
+            let i: usize = i.parse().expect("number");
+            assert!(
+                seen.insert(text.clone(), (p, m.offset)).is_none(),
+                "{text} stored twice"
+            );
+            if let Some(prev) = last_per_key.insert(key.to_string(), i) {
+                assert!(prev < i, "key {key}: {i} stored after {prev}");
+            }
+            assert_eq!(reported.get(&i), Some(&(p, m.offset)), "{text}");
+        }
+    }
+    assert_eq!(seen.len(), N, "every message stored");
+    cluster.shutdown().await;
+}

@@ -53,6 +53,13 @@ pub enum ClientError {
         reason: String,
     },
 
+    /// Another instance of this named producer was started: this one can no longer send.
+    #[error("producer fenced: {message}")]
+    Fenced {
+        /// The server's message.
+        message: String,
+    },
+
     /// The producer was closed before the message could be sent.
     #[error("producer is closed")]
     ProducerClosed,
@@ -63,6 +70,7 @@ impl ClientError {
     pub fn code(&self) -> Option<Code> {
         match self {
             Self::Status { code, .. } | Self::RetriesExhausted { code, .. } => Some(*code),
+            Self::Fenced { .. } => Some(Code::FailedPrecondition),
             _ => None,
         }
     }

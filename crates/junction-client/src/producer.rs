@@ -1,6 +1,8 @@
-//! A pipelined producer: messages are queued, grouped into batches by a background task and
-//! sent over one `ProduceStream` with several batches in flight.
+//! A pipelined, idempotent producer: messages are partitioned on the client, grouped into
+//! per-partition batches by a background task and sent to each partition's leader over a
+//! `ProduceStream`, several batches in flight.
 
+mod core;
 mod worker;
 
 use std::future::Future;
@@ -25,8 +27,14 @@ pub struct ProducerOptions {
     pub max_batch_bytes: usize,
     /// How long a queued message waits for more to fill its batch (default 2 ms).
     pub linger: Duration,
-    /// Most batches sent and not yet acknowledged (default 8).
+    /// Most batches of one partition sent and not yet acknowledged (default 5; an idempotent
+    /// producer uses at most 5).
     pub max_in_flight: usize,
+    /// Whether the producer is idempotent (default `true`): every batch carries the producer's
+    /// id, epoch and sequence numbers, so a retried batch is stored once and gets its
+    /// original offsets. With `false`, a retry after an unknown outcome may store a batch
+    /// twice.
+    pub idempotent: bool,
 }
 
 impl Default for ProducerOptions {
@@ -35,7 +43,8 @@ impl Default for ProducerOptions {
             max_batch_messages: 500,
             max_batch_bytes: 1024 * 1024,
             linger: Duration::from_millis(2),
-            max_in_flight: 8,
+            max_in_flight: 5,
+            idempotent: true,
         }
     }
 }
@@ -50,17 +59,24 @@ pub(crate) enum Command {
 
 /// Sends messages to one station in pipelined batches.
 ///
-/// [`Producer::send`] only queues the message and returns a future of its position; a
-/// background task groups queued messages into batches (up to `max_batch_messages` /
-/// `max_batch_bytes`, waiting at most `linger`) and sends them over a `ProduceStream` with up
-/// to `max_in_flight` batches unacknowledged.
+/// [`Producer::send`] only queues the message and returns a future of its position. The
+/// background task picks each message's partition (its `partition` field; else the murmur2
+/// hash of its key, as in Kafka; else a partition that changes with each batch), groups a
+/// partition's messages into batches (up to `max_batch_messages` / `max_batch_bytes`, waiting
+/// at most `linger`) and sends them to the partition's leader, with up to `max_in_flight`
+/// batches per partition unacknowledged. When the leader moves, the batches follow it.
 ///
-/// Failure handling: a batch rejected with UNAVAILABLE or a leader change, or caught in a
-/// broken stream, is sent again (the stream is re-opened at the next address, unacknowledged
-/// batches are re-sent in order) until the client's retry deadline passes from the batch's
-/// creation; any other error fails the batch's messages at once. Delivery is therefore
-/// at-least-once, and order is kept within a partition except when a batch is retried while
-/// a later one succeeds.
+/// Failure handling: a batch refused with UNAVAILABLE or a leader change, or caught in a
+/// broken stream, is sent again, after the earlier batches of its partition and with the same
+/// sequence numbers, until the client's retry deadline passes from the batch's creation; any
+/// other error fails the batch's messages at once.
+///
+/// Idempotence (the default): the producer gets an id from the cluster and numbers its
+/// messages per partition, so every retry of a stored batch is answered with the original
+/// positions (marked `duplicate`) instead of being stored again, and a partition's batches are
+/// stored in the order they were sent. A producer made with [`Client::named_producer`] keeps
+/// its id across restarts: starting it again fences the previous instance, whose sends then
+/// fail with [`ClientError::Fenced`].
 ///
 /// Clones share the same queue and task. Dropping every clone (or [`Producer::close`]) still
 /// completes everything queued, as long as the Tokio runtime runs.
@@ -112,8 +128,28 @@ impl Client {
     /// Starts a producer for `station` (`tenant/name` or `name`). Must be called inside a
     /// Tokio runtime: it spawns the producer's background task.
     pub fn producer(&self, station: &str, options: ProducerOptions) -> Producer {
+        self.start_producer(station, None, options)
+    }
+
+    /// Starts an idempotent producer with a stable `name` (per tenant): its id survives
+    /// restarts, and starting it again fences the instance started before, so at most one
+    /// instance writes as this producer.
+    pub fn named_producer(&self, station: &str, name: &str, options: ProducerOptions) -> Producer {
+        let options = ProducerOptions {
+            idempotent: true,
+            ..options
+        };
+        self.start_producer(station, Some(name.to_owned()), options)
+    }
+
+    fn start_producer(
+        &self,
+        station: &str,
+        name: Option<String>,
+        options: ProducerOptions,
+    ) -> Producer {
         let (tx, rx) = mpsc::unbounded_channel();
-        let worker = Worker::new(self.clone(), station.to_owned(), options, rx);
+        let worker = Worker::new(self.clone(), station.to_owned(), options, name, rx);
         tokio::spawn(worker.run());
         Producer {
             tx,

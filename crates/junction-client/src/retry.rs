@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use junction_proto::v1::BatchError;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -87,18 +86,6 @@ pub(crate) fn is_transport_failure(status: &Status) -> bool {
         && (std::error::Error::source(status).is_some()
             || status.message().starts_with("Service was not ready")
             || status.message().starts_with("h2 protocol error"))
-}
-
-/// Decides whether a failed batch on a produce stream is retried.
-pub(crate) fn classify_batch(error: &BatchError) -> Disposition {
-    let leader_hint = Some(error.leader_addr.as_str())
-        .filter(|addr| !addr.is_empty())
-        .and_then(|addr| normalize_address(addr).ok());
-    if Code::from_i32(error.code) == Code::Unavailable || leader_hint.is_some() {
-        Disposition::Retry { leader_hint }
-    } else {
-        Disposition::Fail
-    }
 }
 
 /// Turns `host:port` or `http://host:port` into the `http://host:port` form channels use.
@@ -234,29 +221,5 @@ mod tests {
         );
         let status = Status::with_error_details(Code::FailedPrecondition, "not leader", details);
         assert_eq!(classify(&status), Disposition::Retry { leader_hint: None });
-    }
-
-    #[test]
-    fn batch_errors() {
-        let err = |code: Code, leader: &str| BatchError {
-            code: code as i32,
-            message: "m".into(),
-            leader_addr: leader.into(),
-            details: vec![],
-        };
-        assert_eq!(
-            classify_batch(&err(Code::Unavailable, "")),
-            Disposition::Retry { leader_hint: None }
-        );
-        assert_eq!(
-            classify_batch(&err(Code::FailedPrecondition, "n2:7702")),
-            Disposition::Retry {
-                leader_hint: Some("http://n2:7702".into())
-            }
-        );
-        assert_eq!(
-            classify_batch(&err(Code::InvalidArgument, "")),
-            Disposition::Fail
-        );
     }
 }

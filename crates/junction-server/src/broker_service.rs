@@ -422,6 +422,7 @@ impl BrokerApi for BrokerService {
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
         let svc = self.clone();
+        let shutdown = self.broker.shutdown_token();
         tokio::spawn(async move {
             // Each batch is planned and dispatched in arrival order (which fixes its place in
             // every partition's log); the replies go out as batches complete.
@@ -429,6 +430,9 @@ impl BrokerApi for BrokerService {
             let mut running = futures::stream::FuturesUnordered::new();
             loop {
                 tokio::select! {
+                    // The node stops: answer what is running, then end the stream (the client
+                    // sends the rest elsewhere) instead of holding the node open.
+                    () = shutdown.cancelled() => break,
                     next = input.next() => match next {
                         Some(Ok(batch)) => {
                             let id = batch.request_id;

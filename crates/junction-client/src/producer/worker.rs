@@ -1,87 +1,69 @@
-//! The producer's background task: batching, the stream, replies and retries.
+//! The producer's background task: the I/O around [`Core`]. It learns the station's
+//! partitions and their leaders, gets the producer identity, keeps one `ProduceStream` per
+//! leader it sends to, and feeds commands, replies and time into the core.
 
-use std::collections::BTreeMap;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use junction_proto::v1::{Message, MessagePosition, ProduceRequest, ProduceResponse};
+use junction_proto::v1::{
+    BatchError, InitProducerRequest, ProduceRequest, ProduceResponse, ProducerFields,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
-use super::{Command, ProducerOptions, Reply};
-use crate::batch::{Accumulator, BatchLimits, message_size};
-use crate::client::{Attempts, Client};
+use super::core::{Core, CoreLimits, Followup, Refusal};
+use super::{Command, ProducerOptions};
+use crate::batch::BatchLimits;
+use crate::client::Client;
 use crate::error::ClientError;
-use crate::retry::{self, Backoff, Disposition};
+use crate::retry;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BatchState {
-    /// To be written to the (next) stream.
-    Unsent,
-    /// Written to the current stream, awaiting its reply.
-    Sent,
-    /// Failed and waiting for its backoff to end.
-    WaitingUntil(Instant),
+/// How long a leader address that could not be reached is avoided (batches go through a seed
+/// address meanwhile, which forwards them).
+const AVOID_FOR: Duration = Duration::from_secs(2);
+/// How long to wait before asking for an identity again after the cluster could not give one.
+const IDENTITY_RETRY: Duration = Duration::from_millis(200);
+/// Route refreshes are at most this frequent.
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
+
+/// Where the station's partitions are led.
+struct Routes {
+    tenant: String,
+    leaders: Vec<Option<String>>,
 }
 
-struct Batch {
-    messages: Vec<Message>,
-    replies: Vec<Reply>,
-    first_seq: u64,
-    created: Instant,
-    state: BatchState,
-    backoff: Backoff,
-    attempts: u32,
-}
-
-impl Batch {
-    fn complete(self, positions: Vec<MessagePosition>) {
-        for (reply, position) in self.replies.into_iter().zip(positions) {
-            let _ = reply.send(Ok(position));
-        }
-    }
-
-    fn fail(self, error: &ClientError) {
-        for reply in self.replies {
-            let _ = reply.send(Err(error.clone()));
-        }
-    }
+/// What the streams report to the task.
+enum Event {
+    Reply(String, u64, ProduceResponse),
+    Lost(String, u64, Status),
 }
 
 struct Conn {
     tx: mpsc::Sender<ProduceRequest>,
-    responses: Streaming<ProduceResponse>,
-    addr: String,
+    generation: u64,
 }
-
-enum Event {
-    Command(Option<Command>),
-    Response(Result<Option<ProduceResponse>, Status>),
-    Tick,
-}
-
-/// A queued message: the message, its reply channel, and its sequence number.
-type Queued = (Message, Reply, u64);
 
 pub(crate) struct Worker {
     client: Client,
     station: String,
-    limits: BatchLimits,
-    max_in_flight: usize,
+    options: ProducerOptions,
+    name: Option<String>,
     rx: mpsc::UnboundedReceiver<Command>,
     accepting: bool,
-    queue: Accumulator<Queued>,
-    next_seq: u64,
-    outstanding: BTreeMap<u64, Batch>,
-    next_batch_id: u64,
-    conn: Option<Conn>,
-    /// Set while a run of stream failures lasts.
-    conn_attempts: Option<Attempts>,
-    reconnect_at: Option<Instant>,
-    /// Flush waiters with the last sequence number they wait for.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
     closes: Vec<oneshot::Sender<()>>,
+    routes: Routes,
+    refresh_at: Option<Instant>,
+    last_refresh: Option<Instant>,
+    /// When to ask for an identity again after the cluster could not give one.
+    identity_at: Option<Instant>,
+    conns: HashMap<String, Conn>,
+    avoid: HashMap<String, Instant>,
+    generation: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
 }
 
 impl Worker {
@@ -89,28 +71,47 @@ impl Worker {
         client: Client,
         station: String,
         options: ProducerOptions,
+        name: Option<String>,
         rx: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         Self {
             client,
             station,
-            limits: BatchLimits {
-                max_messages: options.max_batch_messages.max(1),
-                max_bytes: options.max_batch_bytes.max(1),
-                linger: options.linger,
-            },
-            max_in_flight: options.max_in_flight.max(1),
+            options,
+            name,
             rx,
             accepting: true,
-            queue: Accumulator::default(),
-            next_seq: 0,
-            outstanding: BTreeMap::new(),
-            next_batch_id: 1,
-            conn: None,
-            conn_attempts: None,
-            reconnect_at: None,
             flushes: Vec::new(),
             closes: Vec::new(),
+            routes: Routes {
+                tenant: String::new(),
+                leaders: Vec::new(),
+            },
+            refresh_at: None,
+            last_refresh: None,
+            identity_at: None,
+            conns: HashMap::new(),
+            avoid: HashMap::new(),
+            generation: 0,
+            events_tx,
+            events_rx,
+        }
+    }
+
+    fn limits(&self) -> CoreLimits {
+        let o = self.client.options();
+        CoreLimits {
+            batch: BatchLimits {
+                max_messages: self.options.max_batch_messages.max(1),
+                max_bytes: self.options.max_batch_bytes.max(1),
+                linger: self.options.linger,
+            },
+            max_in_flight: self.options.max_in_flight,
+            idempotent: self.options.idempotent,
+            retry_deadline: o.retry_deadline,
+            initial_backoff: o.initial_backoff,
+            max_backoff: o.max_backoff,
         }
     }
 
@@ -119,92 +120,96 @@ impl Worker {
     }
 
     pub(crate) async fn run(mut self) {
+        let mut core = match self.refresh_routes().await {
+            Ok(partitions) => Core::new(self.limits(), partitions, sticky_start()),
+            Err(e) => {
+                let mut core = Core::new(self.limits(), 1, 0);
+                core.kill(e);
+                core
+            }
+        };
         loop {
             let now = Instant::now();
-            self.expire(now);
-            self.form_batches(now);
-            self.complete_flushes();
-            if self.closing() && self.queue.is_empty() && self.outstanding.is_empty() {
+            core.expire(now);
+            let force = self.force_upto();
+            core.form_batches(now, force);
+            self.complete_flushes(&core);
+            if self.closing() && core.is_idle() {
                 break;
             }
-            let has_unsent = self
-                .outstanding
-                .values()
-                .any(|b| b.state == BatchState::Unsent);
-            if has_unsent {
-                if self.conn.is_some() {
-                    self.send_unsent();
-                } else if self.reconnect_at.is_none_or(|t| t <= now) {
-                    self.connect().await;
-                    continue;
+            if core.wants_identity() && !core.is_idle() && self.identity_at.is_none_or(|t| t <= now)
+            {
+                match self.init_identity().await {
+                    Ok(identity) => {
+                        self.identity_at = None;
+                        core.set_identity(identity);
+                    }
+                    Err(e) if is_final(&e) => core.kill(e),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "producer identity not available yet");
+                        self.identity_at = Some(Instant::now() + IDENTITY_RETRY);
+                    }
+                }
+                continue;
+            }
+            if self.refresh_at.is_some_and(|t| t <= now) {
+                self.refresh_at = None;
+                if let Err(e) = self.refresh_routes().await {
+                    tracing::debug!(error = %e, "refreshing the station's routes failed");
                 }
             }
-            let wake = self.next_wake();
-            let event = {
-                let conn = &mut self.conn;
-                let rx = &mut self.rx;
-                let sleep = async {
-                    match wake {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let response = async move {
-                    match conn.as_mut() {
-                        Some(conn) => conn.responses.message().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    command = rx.recv(), if self.accepting => Event::Command(command),
-                    response = response => Event::Response(response),
-                    () = sleep => Event::Tick,
+            self.send_ready(&mut core, now);
+            let wake = [core.next_wake(), self.refresh_at, self.identity_at]
+                .into_iter()
+                .flatten()
+                .min();
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
                 }
             };
-            match event {
-                Event::Command(command) => self.on_command(command),
-                Event::Response(response) => self.on_response(response),
-                Event::Tick => {}
+            tokio::select! {
+                command = self.rx.recv(), if self.accepting => self.on_command(&mut core, command),
+                Some(event) = self.events_rx.recv() => self.on_event(&mut core, event),
+                () = sleep => {}
             }
         }
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
-            self.on_command(Some(command));
+            self.on_command(&mut core, Some(command));
         }
-        self.complete_flushes();
+        self.complete_flushes(&core);
         for done in self.closes.drain(..) {
             let _ = done.send(());
         }
     }
 
-    fn on_command(&mut self, command: Option<Command>) {
+    fn on_command(&mut self, core: &mut Core, command: Option<Command>) {
         match command {
             Some(Command::Send(message, reply)) => {
                 if self.closing() {
                     let _ = reply.send(Err(ClientError::ProducerClosed));
                     return;
                 }
-                let size = message_size(&message);
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.queue.push((message, reply, seq), size, Instant::now());
+                core.enqueue(message, reply, Instant::now());
             }
-            Some(Command::Flush(done)) => self.flushes.push((self.next_seq, done)),
+            Some(Command::Flush(done)) => self.flushes.push((core.next_msg(), done)),
             Some(Command::Close(done)) => self.closes.push(done),
             None => self.accepting = false,
         }
     }
 
-    /// The sequence number of the oldest message not yet acknowledged or failed.
-    fn oldest_unfinished(&self) -> Option<u64> {
-        let queued = self.queue.front().map(|(_, _, seq)| *seq);
-        let outstanding = self.outstanding.values().map(|b| b.first_seq).min();
-        queued.into_iter().chain(outstanding).min()
+    /// Messages numbered below this must be batched now (a flush or close waits for them).
+    fn force_upto(&self) -> Option<u64> {
+        if self.closing() {
+            return Some(u64::MAX);
+        }
+        self.flushes.iter().map(|(upto, _)| *upto).max()
     }
 
-    /// Answers the flushes whose messages are all acknowledged or failed.
-    fn complete_flushes(&mut self) {
-        let oldest = self.oldest_unfinished();
+    fn complete_flushes(&mut self, core: &Core) {
+        let oldest = core.oldest_unfinished();
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
             .into_iter()
             .partition(|(upto, _)| oldest.is_none_or(|o| o >= *upto));
@@ -214,392 +219,302 @@ impl Worker {
         }
     }
 
-    /// Whether a flush or close waits for the oldest queued message.
-    fn forced(&self) -> bool {
-        if self.closing() {
-            return true;
-        }
-        let Some((_, _, front)) = self.queue.front() else {
-            return false;
-        };
-        self.flushes.iter().any(|(upto, _)| front < upto)
-    }
-
-    fn form_batches(&mut self, now: Instant) {
-        while self.outstanding.len() < self.max_in_flight
-            && self.queue.ready(&self.limits, now, self.forced())
+    /// Learns the station's partitions, tenant and partition leaders; returns the partition
+    /// count.
+    async fn refresh_routes(&mut self) -> Result<u32, ClientError> {
+        if let Some(last) = self.last_refresh
+            && last.elapsed() < REFRESH_EVERY
         {
-            let items = self.queue.take_batch(&self.limits);
-            let Some((_, _, first_seq)) = items.first() else {
-                break;
-            };
-            let first_seq = *first_seq;
-            let mut messages = Vec::with_capacity(items.len());
-            let mut replies = Vec::with_capacity(items.len());
-            for (message, reply, _) in items {
-                messages.push(message);
-                replies.push(reply);
+            self.refresh_at = Some(last + REFRESH_EVERY);
+            return Ok(self.routes.leaders.len() as u32);
+        }
+        self.last_refresh = Some(Instant::now());
+        let station = self.client.describe_station(&self.station).await?;
+        let nodes: HashMap<u64, String> = match self.client.cluster_status().await {
+            Ok(status) => status
+                .nodes
+                .into_iter()
+                .filter_map(|n| Some((n.id, retry::normalize_address(&n.addr).ok()?)))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster status unavailable: sending through the seeds");
+                HashMap::new()
             }
-            let id = self.next_batch_id;
-            self.next_batch_id += 1;
-            self.outstanding.insert(
-                id,
-                Batch {
-                    messages,
-                    replies,
-                    first_seq,
-                    created: now,
-                    state: BatchState::Unsent,
-                    backoff: self.client.inner.options.backoff(),
-                    attempts: 0,
-                },
-            );
-        }
-    }
-
-    /// Fails batches older than the retry deadline and moves retries whose backoff ended back
-    /// to `Unsent`.
-    fn expire(&mut self, now: Instant) {
-        let deadline = self.client.inner.options.retry_deadline;
-        let expired: Vec<u64> = self
-            .outstanding
-            .iter()
-            .filter(|(_, b)| now >= b.created + deadline)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(batch) = self.outstanding.remove(&id) {
-                let error = ClientError::RetriesExhausted {
-                    attempts: batch.attempts,
-                    elapsed: now - batch.created,
-                    code: Code::DeadlineExceeded,
-                    message: "batch not acknowledged within the retry deadline".to_owned(),
-                };
-                batch.fail(&error);
-            }
-        }
-        for batch in self.outstanding.values_mut() {
-            if matches!(batch.state, BatchState::WaitingUntil(t) if t <= now) {
-                batch.state = BatchState::Unsent;
-            }
-        }
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        let deadline = self.client.inner.options.retry_deadline;
-        let mut wake: Option<Instant> = None;
-        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
-        if self.outstanding.len() < self.max_in_flight
-            && let Some(t) = self.queue.linger_deadline(&self.limits)
-        {
-            consider(t);
-        }
-        for batch in self.outstanding.values() {
-            consider(batch.created + deadline);
-            if let BatchState::WaitingUntil(t) = batch.state {
-                consider(t);
-            }
-            if batch.state == BatchState::Unsent
-                && let Some(t) = self.reconnect_at
-            {
-                consider(t);
-            }
-        }
-        wake
-    }
-
-    fn request(&self, id: u64, batch: &Batch) -> ProduceRequest {
-        ProduceRequest {
-            station: self.station.clone(),
-            messages: batch.messages.clone(),
-            request_id: id,
-            producer: None,
-        }
-    }
-
-    /// Writes every `Unsent` batch, in order, to the current stream.
-    fn send_unsent(&mut self) {
-        let Some(conn) = self.conn.as_ref() else {
-            return;
         };
-        let mut broken = false;
-        let ids: Vec<u64> = self
-            .outstanding
-            .iter()
-            .filter(|(_, b)| b.state == BatchState::Unsent)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            let Some(batch) = self.outstanding.get(&id) else {
+        let mut leaders = vec![None; station.partitions as usize];
+        for p in &station.partition_info {
+            if let Some(slot) = leaders.get_mut(p.partition as usize) {
+                *slot = p.leader.and_then(|l| nodes.get(&l).cloned());
+            }
+        }
+        self.routes = Routes {
+            tenant: station.tenant,
+            leaders,
+        };
+        Ok(station.partitions.max(1))
+    }
+
+    async fn init_identity(&self) -> Result<(u64, u32), ClientError> {
+        let req = InitProducerRequest {
+            tenant: self.routes.tenant.clone(),
+            producer_name: self.name.clone(),
+        };
+        let resp = self
+            .client
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut broker = self.client.broker(ch);
+                async move { broker.init_producer(req).await }
+            })
+            .await?
+            .into_inner();
+        tracing::debug!(
+            id = resp.producer_id,
+            epoch = resp.epoch,
+            "producer identity"
+        );
+        Ok((resp.producer_id, resp.epoch))
+    }
+
+    /// The address a partition's batches go to: its leader, unless that was unreachable a
+    /// moment ago, else a seed (which forwards).
+    fn route(&mut self, partition: u32) -> String {
+        let now = Instant::now();
+        self.avoid.retain(|_, until| *until > now);
+        match self
+            .routes
+            .leaders
+            .get(partition as usize)
+            .cloned()
+            .flatten()
+        {
+            Some(addr) if !self.avoid.contains_key(&addr) => addr,
+            _ => self.client.inner.current_address(),
+        }
+    }
+
+    fn send_ready(&mut self, core: &mut Core, now: Instant) {
+        for id in core.sendable_now(now) {
+            let Some(batch) = core.batches.get(&id) else {
                 continue;
             };
-            let req = self.request(id, batch);
-            if conn.tx.try_send(req).is_err() {
-                broken = true;
-                break;
+            let addr = self.route(batch.partition);
+            let req = ProduceRequest {
+                station: self.station.clone(),
+                messages: batch.messages.clone(),
+                request_id: id,
+                producer: batch.numbered.map(|((producer_id, epoch), base_sequence)| {
+                    ProducerFields {
+                        producer_id,
+                        epoch,
+                        base_sequence,
+                    }
+                }),
+            };
+            let tx = match self.conn(&addr) {
+                Ok(tx) => tx,
+                Err(e) => {
+                    core.kill(e);
+                    return;
+                }
+            };
+            core.sent_to(id, &addr);
+            if tx.try_send(req).is_err() {
+                // A full or closed stream: retire it; the batch goes again after a backoff.
+                if let Some(conn) = self.conns.remove(&addr) {
+                    drop(conn);
+                }
+                core.stream_lost(&addr, Code::Unavailable, "produce stream closed", now);
             }
-            if let Some(batch) = self.outstanding.get_mut(&id) {
-                batch.state = BatchState::Sent;
-                batch.attempts += 1;
-            }
-        }
-        if broken {
-            let addr = conn.addr.clone();
-            self.stream_failed(&addr, Status::unavailable("produce stream closed"));
         }
     }
 
-    /// Opens a stream at the next address, queueing the unsent batches on it first (a server
-    /// may wait for the first request before answering the call).
-    async fn connect(&mut self) {
-        let options = self.client.inner.options.clone();
-        let attempts = self
-            .conn_attempts
-            .get_or_insert_with(|| Attempts::new(&options));
-        let addr = attempts.next_address(&self.client);
-        let remaining = attempts.remaining().max(options.connect_timeout);
-        let channel = match self.client.inner.channel(&addr) {
-            Ok(channel) => channel,
-            Err(error) => {
-                self.fail_all(&error);
-                return;
-            }
-        };
-        let (tx, rx) = mpsc::channel(2 * self.max_in_flight + 1);
-        for (id, batch) in self.outstanding.iter_mut() {
-            if batch.state == BatchState::Unsent {
-                let req = ProduceRequest {
-                    station: self.station.clone(),
-                    messages: batch.messages.clone(),
-                    request_id: *id,
-                    producer: None,
-                };
-                if tx.try_send(req).is_ok() {
-                    batch.state = BatchState::Sent;
-                    batch.attempts += 1;
-                }
-            }
+    /// The request sender of the stream to `addr`, opening it if needed. The stream's replies
+    /// and its end arrive as events.
+    fn conn(&mut self, addr: &str) -> Result<mpsc::Sender<ProduceRequest>, ClientError> {
+        if let Some(c) = self.conns.get(addr) {
+            return Ok(c.tx.clone());
         }
+        let channel = self.client.inner.channel(addr)?;
+        self.generation += 1;
+        let generation = self.generation;
+        let (tx, rx) = mpsc::channel(1024);
         let mut broker = self.client.broker(channel);
-        let call = broker.produce_stream(ReceiverStream::new(rx));
-        match tokio::time::timeout(remaining, call).await {
-            Ok(Ok(response)) => {
-                self.conn = Some(Conn {
-                    tx,
-                    responses: response.into_inner(),
-                    addr,
-                });
-                self.reconnect_at = None;
-            }
-            Ok(Err(status)) => self.stream_failed(&addr, status),
-            Err(_elapsed) => self.stream_failed(
-                &addr,
-                Status::unavailable("timed out opening produce stream"),
-            ),
-        }
-    }
-
-    /// Handles a broken (or never opened) stream: batches on it go back to `Unsent` and are
-    /// re-sent on a new stream after a backoff, or fail if the error is final.
-    fn stream_failed(&mut self, addr: &str, status: Status) {
-        self.conn = None;
-        let mut on_stream = Vec::new();
-        for (id, batch) in self.outstanding.iter_mut() {
-            if batch.state == BatchState::Sent {
-                batch.state = BatchState::Unsent;
-                on_stream.push(*id);
-            }
-        }
-        if on_stream.is_empty() && self.conn_attempts.is_none() {
-            // An idle stream went away; open a new one when there is something to send.
-            return;
-        }
-        tracing::debug!(%addr, code = ?status.code(), message = status.message(), "produce stream failed");
-        match retry::classify(&status) {
-            Disposition::Fail => {
-                let error = ClientError::from(status);
-                for id in on_stream {
-                    if let Some(batch) = self.outstanding.remove(&id) {
-                        batch.fail(&error);
-                    }
+        let events = self.events_tx.clone();
+        let connect_timeout = self.client.options().connect_timeout;
+        let a = addr.to_owned();
+        tokio::spawn(async move {
+            let call = broker.produce_stream(ReceiverStream::new(rx));
+            let mut replies = match tokio::time::timeout(connect_timeout, call).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(status)) => {
+                    let _ = events.send(Event::Lost(a, generation, status));
+                    return;
                 }
-                self.conn_attempts = None;
-                self.reconnect_at = None;
-            }
-            Disposition::Retry { leader_hint } => {
-                let options = self.client.inner.options.clone();
-                let attempts = self
-                    .conn_attempts
-                    .get_or_insert_with(|| Attempts::new(&options));
-                match attempts.failed(&self.client, addr, &status, leader_hint) {
-                    Ok(delay) => self.reconnect_at = Some(Instant::now() + delay),
-                    Err(error) => {
-                        self.fail_all(&error);
-                        self.conn_attempts = None;
-                        self.reconnect_at = None;
+                Err(_) => {
+                    let status = Status::unavailable("timed out opening a produce stream");
+                    let _ = events.send(Event::Lost(a, generation, status));
+                    return;
+                }
+            };
+            loop {
+                match replies.message().await {
+                    Ok(Some(r)) => {
+                        if events.send(Event::Reply(a.clone(), generation, r)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let status = Status::unavailable("produce stream ended");
+                        let _ = events.send(Event::Lost(a, generation, status));
+                        return;
+                    }
+                    Err(status) => {
+                        let _ = events.send(Event::Lost(a, generation, status));
+                        return;
                     }
                 }
             }
-        }
+        });
+        self.conns.insert(
+            addr.to_owned(),
+            Conn {
+                tx: tx.clone(),
+                generation,
+            },
+        );
+        Ok(tx)
     }
 
-    fn fail_all(&mut self, error: &ClientError) {
-        for (_, batch) in std::mem::take(&mut self.outstanding) {
-            batch.fail(error);
-        }
-    }
-
-    fn on_response(&mut self, response: Result<Option<ProduceResponse>, Status>) {
-        let addr = self
-            .conn
-            .as_ref()
-            .map(|c| c.addr.clone())
-            .unwrap_or_default();
-        let response = match response {
-            Ok(Some(response)) => response,
-            Ok(None) => {
-                return self.stream_failed(&addr, Status::unavailable("produce stream ended"));
-            }
-            Err(status) => return self.stream_failed(&addr, status),
-        };
-        self.conn_attempts = None;
-        let Some(mut batch) = self.outstanding.remove(&response.request_id) else {
-            tracing::warn!(
-                request_id = response.request_id,
-                "reply to an unknown batch"
-            );
-            return;
-        };
-        let Some(error) = response.error else {
-            if response.positions.len() == batch.messages.len() {
-                batch.complete(response.positions);
-            } else {
-                let error = ClientError::invalid_response(format!(
-                    "batch of {} messages got {} positions",
-                    batch.messages.len(),
-                    response.positions.len()
-                ));
-                batch.fail(&error);
-            }
-            return;
-        };
-        match retry::classify_batch(&error) {
-            Disposition::Fail => batch.fail(&ClientError::Status {
-                code: Code::from_i32(error.code),
-                message: error.message,
-            }),
-            Disposition::Retry { leader_hint } => {
-                if let Some(hint) = leader_hint {
-                    self.client.inner.prefer(&hint);
+    fn on_event(&mut self, core: &mut Core, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Lost(addr, generation, status) => {
+                if self
+                    .conns
+                    .get(&addr)
+                    .is_none_or(|c| c.generation != generation)
+                {
+                    return;
                 }
-                let now = Instant::now();
-                let retry_at = now + batch.backoff.next_delay();
-                let deadline = batch.created + self.client.inner.options.retry_deadline;
-                if retry_at >= deadline {
-                    let error = ClientError::RetriesExhausted {
-                        attempts: batch.attempts,
-                        elapsed: now - batch.created,
-                        code: Code::from_i32(error.code),
-                        message: error.message,
-                    };
-                    batch.fail(&error);
+                self.conns.remove(&addr);
+                tracing::debug!(%addr, code = ?status.code(), message = status.message(), "produce stream lost");
+                if retry::classify(&status) == retry::Disposition::Fail {
+                    // The server refused the stream itself (e.g. a bad station): final.
+                    core.kill(ClientError::from(status));
+                    return;
+                }
+                if addr != self.client.inner.current_address() {
+                    self.avoid.insert(addr.clone(), now + AVOID_FOR);
                 } else {
-                    batch.state = BatchState::WaitingUntil(retry_at);
-                    self.outstanding.insert(response.request_id, batch);
+                    self.client.inner.failed(&addr, &status);
+                }
+                core.stream_lost(&addr, status.code(), status.message(), now);
+                self.schedule_refresh(now);
+            }
+            Event::Reply(addr, generation, resp) => {
+                if self
+                    .conns
+                    .get(&addr)
+                    .is_none_or(|c| c.generation != generation)
+                {
+                    return;
+                }
+                let id = resp.request_id;
+                let current = core
+                    .batches
+                    .get(&id)
+                    .is_some_and(|b| b.sent_to.as_deref() == Some(addr.as_str()));
+                if !current {
+                    return;
+                }
+                match resp.error {
+                    None => core.acknowledged(id, resp.positions),
+                    Some(error) => match core.refused(id, refusal(error), now) {
+                        Followup::Nothing => {}
+                        Followup::LeaderHint(p, leader) => {
+                            if let Some(slot) = self.routes.leaders.get_mut(p as usize) {
+                                *slot = Some(leader);
+                            }
+                        }
+                        Followup::RefreshRoutes => self.schedule_refresh(now),
+                    },
                 }
             }
         }
     }
+
+    fn schedule_refresh(&mut self, now: Instant) {
+        if self.refresh_at.is_none() {
+            self.refresh_at = Some(now + Duration::from_millis(50));
+        }
+    }
+}
+
+/// Converts a stream's batch error, with the reason its status details carry.
+fn refusal(error: BatchError) -> Refusal {
+    let code = Code::from_i32(error.code);
+    let status = Status::with_details(code, error.message.clone(), error.details.into());
+    let reason = status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default();
+    let leader_hint = Some(error.leader_addr.as_str())
+        .filter(|a| !a.is_empty())
+        .and_then(|a| retry::normalize_address(a).ok());
+    Refusal {
+        code,
+        message: error.message,
+        reason,
+        leader_hint,
+    }
+}
+
+/// Whether getting an identity failed for good (not a transient failure).
+fn is_final(e: &ClientError) -> bool {
+    !matches!(e, ClientError::RetriesExhausted { .. })
+}
+
+/// Where unkeyed messages start: spread producers over partitions.
+fn sticky_start() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos / 1000
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use junction_proto::v1::BatchError;
-
     use super::*;
 
-    type Answer = oneshot::Receiver<Result<MessagePosition, ClientError>>;
-
-    fn worker() -> Worker {
-        let client = Client::connect(["127.0.0.1:1"]).unwrap();
-        let (_tx, rx) = mpsc::unbounded_channel();
-        Worker::new(client, "s".into(), ProducerOptions::default(), rx)
-    }
-
-    /// Puts a one-message batch on the (pretend) stream as `id`.
-    fn sent(worker: &mut Worker, id: u64) -> Answer {
-        let (reply, answer) = oneshot::channel();
-        let batch = Batch {
-            messages: vec![Message::default()],
-            replies: vec![reply],
-            first_seq: 0,
-            created: Instant::now(),
-            state: BatchState::Sent,
-            backoff: worker.client.inner.options.backoff(),
-            attempts: 1,
-        };
-        worker.outstanding.insert(id, batch);
-        answer
-    }
-
-    fn failed(id: u64, code: Code, leader_addr: &str) -> Result<Option<ProduceResponse>, Status> {
-        Ok(Some(ProduceResponse {
-            request_id: id,
-            positions: vec![],
-            error: Some(BatchError {
-                code: code as i32,
-                message: "m".into(),
-                leader_addr: leader_addr.into(),
-                details: vec![],
-            }),
-        }))
-    }
-
     #[test]
-    fn a_batch_naming_the_leader_is_retried_there() {
-        let mut w = worker();
-        let mut answer = sent(&mut w, 1);
-        w.on_response(failed(1, Code::Unavailable, "127.0.0.1:2"));
-        assert_eq!(w.client.inner.current_address(), "http://127.0.0.1:2");
-        assert!(matches!(
-            w.outstanding[&1].state,
-            BatchState::WaitingUntil(_)
-        ));
-        assert!(answer.try_recv().is_err(), "not answered yet");
-    }
-
-    #[test]
-    fn a_rejected_batch_fails_with_its_code() {
-        let mut w = worker();
-        let mut answer = sent(&mut w, 1);
-        w.on_response(failed(1, Code::InvalidArgument, ""));
-        assert!(w.outstanding.is_empty());
-        let err = answer.try_recv().unwrap().unwrap_err();
-        assert!(matches!(
-            err,
-            ClientError::Status {
-                code: Code::InvalidArgument,
-                ..
-            }
-        ));
-        assert_eq!(w.client.inner.current_address(), "http://127.0.0.1:1");
-    }
-
-    #[test]
-    fn an_acknowledged_batch_gets_its_positions() {
-        let mut w = worker();
-        let mut answer = sent(&mut w, 7);
-        w.on_response(Ok(Some(ProduceResponse {
-            request_id: 7,
-            positions: vec![MessagePosition {
-                partition: 2,
-                offset: 41,
-                duplicate: false,
-            }],
-            error: None,
-        })));
-        let pos = answer.try_recv().unwrap().unwrap();
-        assert_eq!((pos.partition, pos.offset), (2, 41));
+    fn a_batch_error_keeps_its_reason_and_leader() {
+        let status = Status::with_error_details(
+            Code::OutOfRange,
+            "gap",
+            tonic_types::ErrorDetails::with_error_info(
+                "OUT_OF_ORDER_SEQUENCE",
+                "junction.dev",
+                HashMap::new(),
+            ),
+        );
+        let r = refusal(BatchError {
+            code: Code::OutOfRange as i32,
+            message: "gap".into(),
+            leader_addr: "127.0.0.1:9".into(),
+            details: status.details().to_vec(),
+        });
+        assert_eq!(r.reason, "OUT_OF_ORDER_SEQUENCE");
+        assert_eq!(r.code, Code::OutOfRange);
+        assert_eq!(r.leader_hint.as_deref(), Some("http://127.0.0.1:9"));
+        let plain = refusal(BatchError {
+            code: Code::Unavailable as i32,
+            message: "down".into(),
+            leader_addr: String::new(),
+            details: vec![],
+        });
+        assert_eq!((plain.reason.as_str(), plain.leader_hint), ("", None));
     }
 }
