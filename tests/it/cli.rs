@@ -684,3 +684,74 @@ async fn consumer_group_commands() {
     assert!(out.starts_with("resent 0 dead letter(s)"), "{out}");
     cluster.shutdown().await;
 }
+
+/// Exactly-once from the command line: a station with a dedup window, `produce
+/// --msg-id-header` run twice on the same input stores each line once, and `station describe`
+/// shows the window, the producers and the ids held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn produce_twice_with_message_ids_stores_once() {
+    let cluster = TestCluster::start(3).await;
+    ok(
+        &cluster,
+        &[
+            "station",
+            "create",
+            "ledger",
+            "--partitions",
+            "1",
+            "--dedup-window",
+            "10m",
+        ],
+    )
+    .await;
+    let input = b"debit 10\ncredit 5\ndebit 2\n";
+    for _ in 0..2 {
+        let r = run_with_input(
+            &cluster,
+            &["produce", "ledger", "--msg-id-header", "import-42"],
+            input,
+        )
+        .await;
+        assert!(r.ok, "{}", r.stderr);
+        assert_eq!(r.stdout, "acknowledged 3 messages\n");
+    }
+    let stored = read_all(&cluster.client(), "ledger", 0).await;
+    let lines: Vec<_> = stored
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(lines, vec!["debit 10", "credit 5", "debit 2"]);
+    let describe = ok(&cluster, &["station", "describe", "ledger"]).await;
+    assert!(
+        describe.contains("window 10m (at most 1000000 ids per partition)"),
+        "{describe}"
+    );
+    let json = ok_json(&cluster, &["station", "describe", "ledger", "--json"]).await;
+    assert_eq!(json["policy"]["dedup_window_ms"], 600_000);
+    assert_eq!(json["partition_info"][0]["dedup_ids"], 3, "{json}");
+    assert_eq!(json["partition_info"][0]["producers"], 2, "{json}");
+    // Turning the window off; bad values are refused with the reason.
+    ok(
+        &cluster,
+        &["station", "update", "ledger", "--dedup-window", "none"],
+    )
+    .await;
+    let json = ok_json(&cluster, &["station", "describe", "ledger", "--json"]).await;
+    assert!(json["policy"]["dedup_window_ms"].is_null(), "{json}");
+    let bad = run(
+        &cluster,
+        &["station", "update", "ledger", "--dedup-window", "8d"],
+    )
+    .await;
+    assert!(!bad.ok);
+    assert!(
+        bad.stderr.contains("between 1 ms and 7 days"),
+        "{}",
+        bad.stderr
+    );
+    // Without idempotence the same lines are stored again (no window now).
+    let r = run_with_input(&cluster, &["produce", "ledger", "--no-idempotent"], input).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(read_all(&cluster.client(), "ledger", 0).await.len(), 6);
+    cluster.shutdown().await;
+}

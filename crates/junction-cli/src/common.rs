@@ -167,6 +167,9 @@ pub(crate) fn partition_json(p: &PartitionInfo) -> Value {
         "messages": p.messages,
         "bytes": p.bytes,
         "data_lost_at_ms": p.data_lost_at_ms,
+        "producers": p.producers,
+        "dedup_ids": p.dedup_ids,
+        "dedup_id_bytes": p.dedup_id_bytes,
     })
 }
 

@@ -37,6 +37,17 @@ pub struct PolicyArgs {
     /// How long tombstones stay after compaction reaches them (default 24h).
     #[arg(long, value_name = "DURATION")]
     pub tombstone_delay: Option<String>,
+    /// Message-id deduplication window (e.g. 2m; at most 7d; `none` turns it off): a message
+    /// whose `junction-msg-id` was stored in its partition within the window is not stored
+    /// again.
+    #[arg(long, value_name = "DURATION")]
+    pub dedup_window: Option<String>,
+    /// Most message ids one partition's dedup window holds (default 1000000).
+    #[arg(long, value_name = "N")]
+    pub dedup_max_ids: Option<u32>,
+    /// How long an idempotent producer may stay idle before partitions forget it (default 7d).
+    #[arg(long, value_name = "DURATION")]
+    pub producer_expiry: Option<String>,
 }
 
 fn limit(v: &str, parse: impl Fn(&str) -> Result<u64, String>) -> anyhow::Result<Option<u64>> {
@@ -63,6 +74,9 @@ impl PolicyArgs {
             || self.compaction.is_some()
             || self.discard.is_some()
             || self.tombstone_delay.is_some()
+            || self.dedup_window.is_some()
+            || self.dedup_max_ids.is_some()
+            || self.producer_expiry.is_some()
     }
 
     /// Applies the flags on top of `base`.
@@ -106,6 +120,20 @@ impl PolicyArgs {
         }
         if let Some(t) = &self.tombstone_delay {
             base.tombstone_delay_ms = Some(parse_duration_ms(t).map_err(|e| anyhow!(e))?);
+        }
+        if let Some(w) = &self.dedup_window {
+            base.dedup_window_ms = if w.eq_ignore_ascii_case("none") {
+                None
+            } else {
+                Some(parse_duration_ms(w).map_err(|e| anyhow!("--dedup-window: {e}"))?)
+            };
+        }
+        if let Some(n) = self.dedup_max_ids {
+            base.dedup_max_ids = Some(n);
+        }
+        if let Some(e) = &self.producer_expiry {
+            base.producer_expiry_ms =
+                Some(parse_duration_ms(e).map_err(|e| anyhow!("--producer-expiry: {e}"))?);
         }
         base.retention = Some(r);
         Ok(base)
@@ -192,11 +220,24 @@ pub fn policy_rows(s: &StationInfo) -> Vec<(String, String)> {
             format_duration_ms(p.tombstone_delay_ms.unwrap_or(0))
         ));
     }
+    let dedup = match p.dedup_window_ms {
+        Some(w) => format!(
+            "window {} (at most {} ids per partition)",
+            format_duration_ms(w),
+            p.dedup_max_ids.unwrap_or(0)
+        ),
+        None => "off".to_owned(),
+    };
     vec![
         ("storage".into(), storage_name(&p).into()),
         ("retention".into(), retention),
         ("discard".into(), discard_name(&p).into()),
         ("compaction".into(), compaction),
+        ("dedup".into(), dedup),
+        (
+            "producer expiry".into(),
+            format_duration_ms(p.producer_expiry_ms.unwrap_or(0)),
+        ),
     ]
 }
 
@@ -215,6 +256,9 @@ pub fn policy_json(s: &StationInfo) -> Value {
         "discard": discard_name(&p),
         "compaction": compaction_name(&p),
         "tombstone_delay_ms": p.tombstone_delay_ms,
+        "dedup_window_ms": p.dedup_window_ms,
+        "dedup_max_ids": p.dedup_max_ids,
+        "producer_expiry_ms": p.producer_expiry_ms,
     })
 }
 
@@ -247,6 +291,19 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.apply(StationPolicy::default()).is_err());
+        let dedup = PolicyArgs {
+            dedup_window: Some("2m".into()),
+            producer_expiry: Some("1d".into()),
+            ..Default::default()
+        };
+        let p3 = dedup.apply(p2).unwrap();
+        assert_eq!(p3.dedup_window_ms, Some(120_000));
+        assert_eq!(p3.producer_expiry_ms, Some(86_400_000));
+        let off = PolicyArgs {
+            dedup_window: Some("none".into()),
+            ..Default::default()
+        };
+        assert_eq!(off.apply(p3).unwrap().dedup_window_ms, None);
         assert_eq!(format_duration_ms(7 * 86_400_000), "7d");
         assert_eq!(format_bytes(10 << 30), "10GiB");
         assert_eq!(format_bytes(1000), "1000B");

@@ -34,6 +34,23 @@ pub struct ProduceArgs {
     /// A header on every message; repeatable.
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+    /// Give each message the message id PREFIX/N (its `junction-msg-id` header; N is its line
+    /// number from 1): on a station with a dedup window, running the same command on the same
+    /// input again stores nothing twice.
+    #[arg(long, value_name = "PREFIX")]
+    pub msg_id_header: Option<String>,
+    /// Send as an idempotent producer (the default): a batch retried after a lost reply is
+    /// stored once.
+    #[arg(long, overrides_with = "no_idempotent")]
+    pub idempotent: bool,
+    /// Send without producer sequence numbers: a retry after a lost reply may store a batch
+    /// twice.
+    #[arg(long, overrides_with = "idempotent")]
+    pub no_idempotent: bool,
+    /// Produce as the named producer NAME (per tenant): starting another `produce` with the
+    /// same name fences this one.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_idempotent")]
+    pub producer_name: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -62,10 +79,13 @@ pub(crate) struct LineFormat {
     pub(crate) key_sep: Option<Vec<u8>>,
     pub(crate) partition: Option<u32>,
     pub(crate) headers: Vec<Header>,
+    /// Message ids are `PREFIX/N`.
+    pub(crate) msg_id_prefix: Option<String>,
 }
 
 impl LineFormat {
-    pub(crate) fn message(&self, line: &[u8]) -> Message {
+    /// The message of line `n` (counted from 1).
+    pub(crate) fn message(&self, n: u64, line: &[u8]) -> Message {
         let (key, payload) = match &self.key_sep {
             Some(sep) => match find(line, sep) {
                 Some(at) => (Some(line[..at].to_vec()), &line[at + sep.len()..]),
@@ -78,7 +98,7 @@ impl LineFormat {
             headers: self.headers.clone(),
             payload: Bytes::copy_from_slice(payload),
             partition: self.partition,
-            msg_id: None,
+            msg_id: self.msg_id_prefix.as_ref().map(|p| format!("{p}/{n}")),
         }
     }
 }
@@ -143,8 +163,17 @@ pub(crate) async fn run_from(
                 value: value.into_bytes(),
             })
             .collect(),
+        msg_id_prefix: args.msg_id_header,
     };
-    let producer = client.producer(&args.station, ProducerOptions::default());
+    let options = ProducerOptions {
+        idempotent: !args.no_idempotent,
+        ..ProducerOptions::default()
+    };
+    let producer = match &args.producer_name {
+        Some(name) => client.named_producer(&args.station, name, options),
+        None => client.producer(&args.station, options),
+    };
+    let mut line_no = 0u64;
     let progress = std::io::stderr().is_terminal();
     let mut last_progress = Instant::now();
     let mut tally = Tally::default();
@@ -160,7 +189,8 @@ pub(crate) async fn run_from(
         if read == 0 {
             break;
         }
-        pending.push_back(producer.send(format.message(trim_newline(&line))));
+        line_no += 1;
+        pending.push_back(producer.send(format.message(line_no, trim_newline(&line))));
         // Settle what is already acknowledged, and wait when the window is full.
         loop {
             let full = pending.len() >= WINDOW;
@@ -219,6 +249,7 @@ mod tests {
             key_sep: sep.map(|s| parse_separator(s).unwrap()),
             partition: None,
             headers: vec![],
+            msg_id_prefix: None,
         }
     }
 
@@ -232,16 +263,23 @@ mod tests {
 
     #[test]
     fn lines_become_messages() {
-        let m = format(None, Some("TAB")).message(b"user1\thello\tworld");
+        let m = format(None, Some("TAB")).message(1, b"user1\thello\tworld");
         assert_eq!(m.key.as_deref(), Some(&b"user1"[..]));
         assert_eq!(&m.payload[..], b"hello\tworld");
-        let m = format(None, Some("::")).message(b"no separator");
+        let m = format(None, Some("::")).message(2, b"no separator");
         assert_eq!(m.key, None);
         assert_eq!(&m.payload[..], b"no separator");
-        let m = format(Some("k"), None).message(b"x");
+        let m = format(Some("k"), None).message(3, b"x");
         assert_eq!(m.key.as_deref(), Some(&b"k"[..]));
-        let m = format(None, None).message(b"");
+        let m = format(None, None).message(4, b"");
         assert!(m.payload.is_empty());
+        assert_eq!(m.msg_id, None);
+        let mut with_ids = format(None, None);
+        with_ids.msg_id_prefix = Some("run-7".into());
+        assert_eq!(
+            with_ids.message(12, b"x").msg_id.as_deref(),
+            Some("run-7/12")
+        );
     }
 
     #[test]

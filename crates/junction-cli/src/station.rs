@@ -93,7 +93,7 @@ pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
         StationCommand::Update { name, policy } => {
             if !policy.any() {
                 anyhow::bail!(
-                    "nothing to update: give at least one of --retention-age, --retention-bytes, --retention-messages, --retention-ack, --compaction, --discard, --tombstone-delay"
+                    "nothing to update: give at least one of --retention-age, --retention-bytes, --retention-messages, --retention-ack, --compaction, --discard, --tombstone-delay, --dedup-window, --dedup-max-ids, --producer-expiry"
                 );
             }
             let current = client
@@ -190,6 +190,8 @@ fn describe_text(s: &StationInfo) -> String {
         "NEXT OFFSET",
         "MESSAGES",
         "BYTES",
+        "PRODUCERS",
+        "DEDUP IDS",
     ]);
     for p in &s.partition_info {
         table.row(vec![
@@ -200,6 +202,8 @@ fn describe_text(s: &StationInfo) -> String {
             p.next_offset.to_string(),
             p.messages.to_string(),
             p.bytes.to_string(),
+            p.producers.to_string(),
+            format!("{} ({} B)", p.dedup_ids, p.dedup_id_bytes),
         ]);
     }
     let mut lost = String::new();
