@@ -682,3 +682,139 @@ async fn the_sdk_producer_stores_each_message_once_through_leader_kills() {
     assert_eq!(seen.len(), N, "every message stored");
     cluster.shutdown().await;
 }
+
+/// The effectively-once pipeline: a member that produced outputs and crashed before
+/// acknowledging its inputs has them delivered again; the outputs it produced are not stored a
+/// second time, and the output station holds each input's output once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_that_crashes_between_produce_and_ack_outputs_each_input_once() {
+    use std::collections::BTreeMap;
+
+    use junction_client::{GroupOptions, PipelineOptions, output_msg_id};
+
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client
+        .create_station("orders", 2, 3)
+        .await
+        .expect("create input");
+    client
+        .create_station("invoices", 1, 3)
+        .await
+        .expect("create output without a window");
+    let refused = client
+        .pipeline("orders", "billing", "invoices", PipelineOptions::default())
+        .await
+        .err()
+        .expect("an output without a dedup window is refused");
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    client
+        .update_station(
+            "invoices",
+            StationPolicy {
+                dedup_window_ms: Some(600_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("window");
+    const N: usize = 40;
+    let inputs: Vec<Message> = (0..N)
+        .map(|i| crate::harness::keyed(&format!("c{}", i % 4), format!("order {i}")))
+        .collect();
+    client.produce("orders", inputs).await.expect("inputs");
+
+    let options = || PipelineOptions {
+        group: GroupOptions {
+            settings: junction_proto::v1::GroupSettings {
+                ack_wait_ms: 60_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // The first member completes every other delivery; for the rest it produces the output
+    // (as `complete` would) and crashes before acknowledging. Deliveries stop once every key
+    // waits for an unacknowledged message.
+    let mut first = client
+        .pipeline("orders", "billing", "invoices", options())
+        .await
+        .expect("pipeline");
+    let mut done = std::collections::BTreeSet::new();
+    let mut crashed = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), first.recv()).await {
+        let out = invoice(&m);
+        if i % 2 == 0 {
+            first.complete(&m, vec![out]).await.expect("complete");
+            done.insert((m.partition(), m.offset()));
+        } else {
+            let mut out = out;
+            out.msg_id = Some(output_msg_id("orders", m.partition(), m.offset(), 0));
+            client.produce("invoices", vec![out]).await.expect("output");
+            crashed.insert((m.partition(), m.offset()));
+        }
+        i += 1;
+    }
+    assert!(!crashed.is_empty() && !done.is_empty());
+    assert!(crashed.is_disjoint(&done));
+    // The member is gone (as after a crash and its session's end): its partitions move.
+    first.close().await.expect("leave");
+
+    // A new member gets the unacknowledged inputs again, and the rest; it completes them all.
+    let mut second = client
+        .pipeline("orders", "billing", "invoices", options())
+        .await
+        .expect("pipeline again");
+    let mut redone = 0;
+    while done.len() < N {
+        let m = tokio::time::timeout(Duration::from_secs(30), second.recv())
+            .await
+            .expect("delivery")
+            .expect("consumer running");
+        let at = (m.partition(), m.offset());
+        let positions = second
+            .complete(&m, vec![invoice(&m)])
+            .await
+            .expect("complete");
+        assert_eq!(
+            positions[0].duplicate,
+            crashed.contains(&at),
+            "an output is a duplicate exactly when the crashed member had produced it"
+        );
+        redone += usize::from(crashed.contains(&at));
+        assert!(done.insert(at), "an acknowledged input came back: {at:?}");
+    }
+    assert_eq!(
+        redone,
+        crashed.len(),
+        "every crashed input was delivered again"
+    );
+    second.close().await.expect("close");
+    let stored = read_all(&client, "invoices", 0).await;
+    let mut per_input: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &stored {
+        *per_input
+            .entry(String::from_utf8_lossy(&m.payload).into_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per_input.len(), N, "every input has its output");
+    assert!(per_input.values().all(|n| *n == 1), "{per_input:?}");
+    cluster.shutdown().await;
+}
+
+fn invoice(m: &junction_client::GroupMessage) -> Message {
+    Message {
+        key: m.message.key.clone(),
+        headers: vec![],
+        payload: format!(
+            "invoice for {}",
+            String::from_utf8_lossy(&m.message.payload)
+        )
+        .into_bytes()
+        .into(),
+        partition: None,
+        msg_id: None,
+    }
+}

@@ -63,6 +63,12 @@ pub struct ChaosArgs {
     /// Raft entries kept below a snapshot on the nodes.
     #[arg(long, default_value_t = 200)]
     pub keep_logs: u64,
+    /// Produce one RPC per attempt without producer ids (at-least-once: a retry of an
+    /// indeterminate attempt may store a message twice, and the checker allows that). By
+    /// default producers are the client library's idempotent producers, every retry resends
+    /// the same payload, and any duplicate is a violation.
+    #[arg(long)]
+    pub at_least_once: bool,
 }
 
 impl Default for ChaosArgs {
@@ -78,6 +84,7 @@ impl Default for ChaosArgs {
             partitions: 6,
             replication_factor: 3,
             fault_interval: Duration::from_secs(4),
+            at_least_once: false,
             faults: Vec::new(),
             out: None,
             junction_bin: None,

@@ -46,6 +46,8 @@ pub enum ViolationKind {
     FailedButWritten,
     /// One attempt was stored more than once (a duplicate no retry explains).
     UntracedDuplicate,
+    /// A message was stored more than once although the producer was idempotent.
+    Duplicate,
     /// A message is stored in a partition its key does not map to.
     WrongPartition,
     /// A replica's offsets are not dense.
@@ -80,6 +82,7 @@ impl ViolationKind {
             ViolationKind::Unknown => "unknown",
             ViolationKind::FailedButWritten => "failed-but-written",
             ViolationKind::UntracedDuplicate => "untraced-duplicate",
+            ViolationKind::Duplicate => "duplicate",
             ViolationKind::WrongPartition => "wrong-partition",
             ViolationKind::OffsetGap => "offset-gap",
             ViolationKind::ReplicaDivergence => "replica-divergence",
@@ -189,6 +192,10 @@ pub struct CheckInput<'a> {
     /// In the order each partition's reader received them.
     pub observations: &'a [Observation],
     pub replicas: &'a BTreeMap<u32, Vec<ReplicaRead>>,
+    /// The producers were idempotent: every stored copy of a `(key, seq)` beyond the first is
+    /// a violation, whatever the attempts' outcomes. (Retries then resend the same payload,
+    /// so several attempts may carry one payload id.)
+    pub exactly_once: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -227,7 +234,11 @@ pub fn check(input: &CheckInput<'_>) -> CheckReport {
             Outcome::Failed { .. } => stats.failed += 1,
             Outcome::Indeterminate { .. } => stats.indeterminate += 1,
         }
-        by_id.insert((a.key.as_str(), a.seq, a.attempt), a);
+        // Several attempts may resend one payload: the acknowledged one speaks for it.
+        let id = (a.key.as_str(), a.seq, a.attempt);
+        if !by_id.get(&id).is_some_and(|prev| prev.outcome.is_ok()) {
+            by_id.insert(id, a);
+        }
     }
 
     let reference = check_replicas(input, &mut v, &mut stats);
@@ -343,6 +354,26 @@ pub fn check(input: &CheckInput<'_>) -> CheckReport {
         }
     }
     stats.duplicates = per_seq.values().map(|n| n.saturating_sub(1)).sum();
+    if input.exactly_once {
+        let mut dups: Vec<_> = per_seq.iter().filter(|(_, n)| **n > 1).collect();
+        dups.sort();
+        for ((key, seq), n) in dups {
+            let at: Vec<(u32, u64)> = located
+                .iter()
+                .filter(|(a, _, _)| a.key == *key && a.seq == *seq)
+                .map(|(_, p, o)| (*p, *o))
+                .collect();
+            let (p, o) = at.first().copied().unwrap_or_default();
+            v.push(
+                Violation::new(
+                    ViolationKind::Duplicate,
+                    format!("seq {seq} is stored {n} times ({at:?}) by an idempotent producer"),
+                )
+                .at(p, o)
+                .key(key),
+            );
+        }
+    }
 
     // Zero loss.
     for a in input.attempts {

@@ -93,6 +93,7 @@ fn run(
         attempts,
         observations,
         replicas,
+        exactly_once: false,
     })
 }
 
@@ -380,4 +381,45 @@ fn counts_by_kind() {
     assert_eq!(m.get(&ViolationKind::Lost), Some(&2));
     assert_eq!(m.get(&ViolationKind::TailGap), Some(&1));
     assert!(v[0].to_string().starts_with("[lost]"));
+}
+
+#[test]
+fn with_idempotent_producers_any_duplicate_is_a_violation() {
+    let k = key_in(1);
+    let first = indeterminate(&k, 0, 1);
+    let retry = ok(&k, 0, 2, 1);
+    let next = ok(&k, 1, 1, 2);
+    let stored = BTreeMap::from([(1, vec![entry(0, &first), entry(1, &retry), entry(2, &next)])]);
+    let replicas = replicated(stored);
+    let attempts = [first, retry, next];
+    let r = check(&CheckInput {
+        partitions: PARTS,
+        attempts: &attempts,
+        observations: &[],
+        replicas: &replicas,
+        exactly_once: true,
+    });
+    assert_eq!(kinds(&r), vec![ViolationKind::Duplicate]);
+    assert_eq!(r.violations[0].key.as_deref(), Some(k.as_str()));
+}
+
+#[test]
+fn a_resent_payload_is_judged_by_its_acknowledged_attempt() {
+    // Idempotent retries resend the same payload: an indeterminate try, then an acknowledged
+    // one (the same payload id), stored once.
+    let k = key_in(0);
+    let lost = indeterminate(&k, 0, 1);
+    let acked = ok(&k, 0, 1, 0);
+    let stored = BTreeMap::from([(0, vec![entry(0, &acked)])]);
+    let replicas = replicated(stored);
+    let attempts = [acked.clone(), lost];
+    let r = check(&CheckInput {
+        partitions: PARTS,
+        attempts: &attempts,
+        observations: &[],
+        replicas: &replicas,
+        exactly_once: true,
+    });
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    assert_eq!(r.stats.duplicates, 0);
 }

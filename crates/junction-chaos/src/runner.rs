@@ -160,6 +160,7 @@ async fn drive(
             nodes: addrs.iter().map(|(id, a)| (*id, a.clone())).collect(),
             rpc_timeout: args.rpc_timeout,
             inflight: args.inflight,
+            exactly_once: !args.at_least_once,
         },
         recorder.clone(),
         reader_client,
@@ -267,6 +268,7 @@ async fn drive(
         attempts: &attempts,
         observations: &observations,
         replicas: &replicas,
+        exactly_once: !args.at_least_once,
     });
     report.violations.extend(extra_violations);
     let (group_stats, group_violations) =
@@ -324,6 +326,12 @@ async fn drive(
         println!("chaos: node logs copied to {}", logs.display());
     }
     print!("{}", report::summary(&results));
+    if !args.at_least_once {
+        println!(
+            "idempotent producers: {} sends acknowledged by a retry of a batch already stored (each stored once)",
+            recorder.duplicate_answers()
+        );
+    }
     println!("chaos: wrote {}", out.display());
     Ok(passed)
 }

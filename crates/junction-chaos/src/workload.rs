@@ -1,11 +1,17 @@
 //! The workload: producers writing keyed, checkable messages, one message per RPC (so that
 //! every attempt and its outcome is known), and one tailing reader per partition.
 //!
-//! Produces go straight to the nodes' gRPC API (not through the client library's retry loop):
-//! one RPC is one recorded attempt. Each producer serves the keys of its own partitions and
-//! keeps a few produces in flight, for different keys. A key's next sequence number is sent
-//! only once the previous one is acknowledged; a failed or indeterminate attempt is retried
-//! with the same sequence number and a new attempt number, at another node.
+//! Two ways to produce:
+//! - exactly-once (the default): each producer is an idempotent `junction_client::Producer`,
+//!   which retries through faults itself; an attempt is one `send` and its outcome. A key's
+//!   retry after a failed send resends the same payload.
+//! - at-least-once: produces go straight to the nodes' gRPC API (not through the client
+//!   library's retry loop): one RPC is one recorded attempt; a failed or indeterminate attempt
+//!   is retried with the same sequence number and a new attempt number, at another node.
+//!
+//! Each producer serves the keys of its own partitions and keeps a few produces in flight,
+//! for different keys. A key's next sequence number is sent only once the previous one is
+//! acknowledged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +35,9 @@ use crate::schedule::{SplitMix64, derive_seed};
 #[derive(Debug)]
 pub struct Recorder {
     origin: Instant,
+    /// Sends an idempotent producer acknowledged with the position of a copy stored by an
+    /// earlier try (its retry after a lost reply was recognised).
+    duplicate_answers: std::sync::atomic::AtomicU64,
     attempts: Mutex<Vec<Attempt>>,
     observations: Mutex<Vec<Observation>>,
 }
@@ -37,6 +46,7 @@ impl Recorder {
     pub fn new(origin: Instant) -> Self {
         Self {
             origin,
+            duplicate_answers: std::sync::atomic::AtomicU64::new(0),
             attempts: Mutex::new(Vec::new()),
             observations: Mutex::new(Vec::new()),
         }
@@ -49,6 +59,12 @@ impl Recorder {
 
     pub fn origin(&self) -> Instant {
         self.origin
+    }
+
+    /// How many acknowledgements were retries recognised as already stored.
+    pub fn duplicate_answers(&self) -> u64 {
+        self.duplicate_answers
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn push(&self, a: Attempt) {
@@ -106,7 +122,14 @@ pub struct WorkloadSpec {
     pub rpc_timeout: Duration,
     /// Produces each producer keeps in flight (for different keys).
     pub inflight: u32,
+    /// Each producer is an idempotent client-library producer (see [`SDK_RETRY_DEADLINE`]);
+    /// otherwise one raw RPC per attempt.
+    pub exactly_once: bool,
 }
+
+/// How long the idempotent producers retry one message (through any fault the schedule
+/// injects and its recovery) before reporting it indeterminate.
+pub const SDK_RETRY_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The name of key `i`: `tenant-000`, `tenant-001`, ...
 pub fn key_name(i: u32, keys: u32) -> String {
@@ -170,10 +193,11 @@ impl Workload {
         spec: &WorkloadSpec,
         recorder: Arc<Recorder>,
         reader_client: Client,
-    ) -> Result<Workload, tonic::transport::Error> {
+    ) -> Result<Workload, std::io::Error> {
         let mut channels = Vec::new();
         for (id, addr) in &spec.nodes {
-            let ch = Endpoint::from_shared(addr.clone())?
+            let ch = Endpoint::from_shared(addr.clone())
+                .map_err(std::io::Error::other)?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
                 .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
@@ -182,6 +206,19 @@ impl Workload {
             channels.push((*id, BrokerClient::new(ch)));
         }
         let channels = Arc::new(channels);
+        let sdk = if spec.exactly_once {
+            Some(
+                Client::connect_with(
+                    spec.nodes.iter().map(|(_, a)| a.clone()),
+                    junction_client::ClientOptions::default()
+                        .with_retry_deadline(SDK_RETRY_DEADLINE)
+                        .with_connect_timeout(Duration::from_millis(500)),
+                )
+                .map_err(std::io::Error::other)?,
+            )
+        } else {
+            None
+        };
         let (stop_producers, _) = watch::channel(false);
         let (stop_readers, _) = watch::channel(false);
         let mut producers = Vec::new();
@@ -193,11 +230,21 @@ impl Workload {
             if keys.is_empty() {
                 continue;
             }
+            let sink = match &sdk {
+                Some(client) => Sink::Idempotent(client.producer(
+                    &spec.station,
+                    junction_client::ProducerOptions {
+                        linger: Duration::from_millis(1),
+                        ..Default::default()
+                    },
+                )),
+                None => Sink::Raw(channels.clone()),
+            };
             producers.push(tokio::spawn(produce_loop(
                 p,
                 keys,
                 spec.clone(),
-                channels.clone(),
+                sink,
                 recorder.clone(),
                 stop_producers.subscribe(),
             )));
@@ -257,13 +304,27 @@ struct KeyState {
     not_before: Instant,
 }
 
+/// Where a producer's attempts go.
+#[derive(Clone)]
+enum Sink {
+    /// Raw RPCs to the nodes (at-least-once).
+    Raw(Arc<Vec<(u64, BrokerClient<Channel>)>>),
+    /// An idempotent producer.
+    Idempotent(junction_client::Producer),
+}
+
+/// How one attempt is sent.
+enum Send {
+    Raw(Box<(BrokerClient<Channel>, ProduceRequest)>),
+    Idempotent(junction_client::SendFuture),
+}
+
 /// One attempt, ready to run without borrowing the producer's state.
 struct Shot {
     key: usize,
     id: PayloadId,
     node: u64,
-    client: BrokerClient<Channel>,
-    req: ProduceRequest,
+    send: Send,
 }
 
 async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Attempt) {
@@ -271,10 +332,33 @@ async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Att
         key,
         id,
         node,
-        mut client,
-        req,
+        send,
     } = shot;
     let start_ms = rec.now_ms();
+    let (mut client, req) = match send {
+        Send::Raw(raw) => *raw,
+        Send::Idempotent(fut) => {
+            let outcome = match fut.await {
+                Ok(pos) => {
+                    if pos.duplicate {
+                        rec.duplicate_answers
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Outcome::Ok {
+                        partition: pos.partition,
+                        offset: pos.offset,
+                    }
+                }
+                Err(e @ junction_client::ClientError::RetriesExhausted { .. }) => {
+                    Outcome::Indeterminate {
+                        reason: e.to_string(),
+                    }
+                }
+                Err(e) => classify(e.code().unwrap_or(Code::Unknown), &e.to_string()),
+            };
+            return (key, attempt_of(id, node, start_ms, rec.now_ms(), outcome));
+        }
+    };
     let outcome = match tokio::time::timeout(timeout, client.produce(req)).await {
         Ok(Ok(resp)) => {
             let resp = resp.into_inner();
@@ -294,7 +378,11 @@ async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Att
             reason: format!("no reply within {timeout:?}"),
         },
     };
-    let attempt = Attempt {
+    (key, attempt_of(id, node, start_ms, rec.now_ms(), outcome))
+}
+
+fn attempt_of(id: PayloadId, node: u64, start_ms: u64, end_ms: u64, outcome: Outcome) -> Attempt {
+    Attempt {
         key: id.key,
         seq: id.seq,
         attempt: id.attempt,
@@ -302,10 +390,9 @@ async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Att
         producer: 0,
         node,
         start_ms,
-        end_ms: rec.now_ms(),
+        end_ms,
         outcome,
-    };
-    (key, attempt)
+    }
 }
 
 /// One producer: keeps up to `spec.inflight` produces in flight, each for a different key,
@@ -314,12 +401,12 @@ async fn produce_loop(
     id: u32,
     keys: Vec<u32>,
     spec: WorkloadSpec,
-    channels: Arc<Vec<(u64, BrokerClient<Channel>)>>,
+    sink: Sink,
     rec: Arc<Recorder>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rng = SplitMix64::new(derive_seed(spec.seed, 0x50_0000 + u64::from(id)));
-    let n = channels.len().max(1);
+    let n = spec.nodes.len().max(1);
     let now = Instant::now();
     let mut state: Vec<KeyState> = keys
         .iter()
@@ -346,11 +433,11 @@ async fn produce_loop(
             }
             let ki = ready[rng.below(ready.len() as u64) as usize];
             let key = &mut state[ki];
-            let Some((node, client)) = channels.get(key.target % n).cloned() else {
-                return;
-            };
             key.busy = true;
-            key.attempt += 1;
+            // An idempotent producer's retry resends the same payload (one payload per seq).
+            if !spec.exactly_once || key.attempt == 0 {
+                key.attempt += 1;
+            }
             let uid = derive_seed(
                 spec.seed ^ derive_seed(u64::from(key.index), 0x71D),
                 key.next_seq,
@@ -361,28 +448,40 @@ async fn produce_loop(
                 attempt: key.attempt,
                 uid,
             };
-            let req = ProduceRequest {
-                station: spec.station.clone(),
-                messages: vec![Message {
-                    key: Some(key.name.clone().into_bytes()),
-                    headers: Vec::new(),
-                    payload: encode_payload(&id).into(),
-                    partition: None,
-                    msg_id: None,
-                }],
-                request_id: 0,
-                producer: None,
+            let message = Message {
+                key: Some(key.name.clone().into_bytes()),
+                headers: Vec::new(),
+                payload: encode_payload(&id).into(),
+                partition: None,
+                msg_id: None,
+            };
+            let (node, send) = match &sink {
+                Sink::Raw(channels) => {
+                    let Some((node, client)) = channels.get(key.target % n).cloned() else {
+                        return;
+                    };
+                    let req = ProduceRequest {
+                        station: spec.station.clone(),
+                        messages: vec![message],
+                        request_id: 0,
+                        producer: None,
+                    };
+                    (node, Send::Raw(Box::new((client, req))))
+                }
+                Sink::Idempotent(producer) => (0, Send::Idempotent(producer.send(message))),
             };
             let shot = Shot {
                 key: ki,
                 id,
                 node,
-                client,
-                req,
+                send,
             };
             inflight.push(shoot(shot, spec.rpc_timeout, rec.clone()));
         }
         if stopped && inflight.is_empty() {
+            if let Sink::Idempotent(producer) = sink {
+                producer.close().await;
+            }
             return;
         }
         tokio::select! {

@@ -10,13 +10,18 @@
 //!   [`ClientError::RetriesExhausted`]. A status carrying an `ErrorInfo` with reason
 //!   `NOT_LEADER` and metadata `leader_addr` is retried at that address first. Every other
 //!   status fails at once as [`ClientError::Status`]; [`ClientError::code`] gives its code.
-//! - Produce is at-least-once: a retried batch whose first attempt's outcome was unknown may
-//!   be stored twice. Creating tenants or stations likewise may report ALREADY_EXISTS after a
-//!   retry, and deleting a station NOT_FOUND.
+//! - [`Client::produce`] (one batch, one call) is at-least-once: a retried batch whose first
+//!   attempt's outcome was unknown may be stored twice (give messages a `msg_id` and the
+//!   station a dedup window to drop such copies). The [`Producer`] is idempotent by default:
+//!   its retries are stored once. Creating tenants or stations may report ALREADY_EXISTS after
+//!   a retry, and deleting a station NOT_FOUND.
 //! - [`Client::tail`] opens its stream at once (in a background task, so it needs a Tokio
 //!   runtime) and re-opens it when it breaks, resuming after the last message delivered.
 //! - [`Client::producer`] spawns a [`Producer`]'s background task (Tokio runtime needed); it
-//!   pipelines batches over one `ProduceStream`, see its documentation.
+//!   partitions messages itself and pipelines each partition's batches to its leader, see
+//!   its documentation.
+//! - [`Client::pipeline`] consumes a station in a group and produces to another effectively
+//!   once (see [`Pipeline`]).
 //!
 //! - [`Client::group_consumer`] joins a consumer group run by the cluster and consumes the
 //!   partitions assigned to it (see [`GroupConsumer`]); the other group calls
@@ -31,6 +36,7 @@ mod broker;
 mod client;
 mod error;
 mod group;
+mod pipeline;
 mod producer;
 mod retry;
 mod tail;
@@ -45,6 +51,7 @@ pub use junction_proto::v1::{
     ClusterStatusResponse, Header, Message, MessagePosition, NodeInfo, PartitionInfo, ReadResponse,
     StationInfo, StoredMessage,
 };
+pub use pipeline::{Pipeline, PipelineOptions, output_msg_id};
 pub use producer::{Producer, ProducerOptions, SendFuture};
 pub use retry::{LEADER_ADDR_KEY, NOT_LEADER_REASON};
 pub use tail::{TAIL_BUFFER, TailStream};
