@@ -72,6 +72,8 @@ pub enum ViolationKind {
     GroupDeadLettered,
     /// The group's lag did not reach zero after the drain.
     GroupLag,
+    /// The pipeline's output does not hold each input message exactly as often as the input.
+    PipelineMismatch,
 }
 
 impl ViolationKind {
@@ -95,6 +97,7 @@ impl ViolationKind {
             ViolationKind::GroupReordered => "group-reordered",
             ViolationKind::GroupDeadLettered => "group-dead-lettered",
             ViolationKind::GroupLag => "group-lag",
+            ViolationKind::PipelineMismatch => "pipeline-mismatch",
         }
     }
 }

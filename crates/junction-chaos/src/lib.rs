@@ -28,6 +28,7 @@ mod fixtures;
 pub mod group_check;
 pub mod history;
 pub mod nemesis;
+pub mod pipeline_check;
 pub mod proxy;
 pub mod report;
 pub mod rng;

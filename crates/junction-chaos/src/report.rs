@@ -206,6 +206,9 @@ pub struct Results {
     pub link_stats: BTreeMap<String, crate::proxy::LinkStats>,
     /// The consumer group's check (absent when the run had no group).
     pub group: Option<crate::group_check::GroupStats>,
+    /// The effectively-once pipeline's check (absent when the run had none).
+    #[serde(default)]
+    pub pipeline: Option<crate::pipeline_check::PipelineStats>,
 }
 
 /// Faults by kind.
@@ -257,6 +260,13 @@ pub fn summary(r: &Results) -> String {
             g.final_lag
                 .map_or_else(|| "unknown".to_string(), |l| l.to_string()),
             g.rejoins
+        );
+    }
+    if let Some(p) = &r.pipeline {
+        let _ = writeln!(
+            s,
+            "pipeline: {} inputs completed ({} outputs dropped as already stored, {} failed and redelivered, {} restarts); output {} messages for {} stored inputs",
+            p.completed, p.deduplicated, p.errors, p.restarts, p.output_messages, p.input_messages
         );
     }
     let c = &r.check;
@@ -415,6 +425,7 @@ mod tests {
             notes: vec![],
             link_stats: BTreeMap::new(),
             group: None,
+            pipeline: None,
         };
         let text = summary(&r);
         assert!(text.contains("RESULT: PASS (seed 9)"));

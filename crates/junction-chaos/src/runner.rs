@@ -16,6 +16,7 @@ use crate::cluster::{Cluster, ClusterSpec};
 use crate::group_check::{GroupChecker, check_group};
 use crate::history::History;
 use crate::nemesis::Nemesis;
+use crate::pipeline_check::{self, PipelineRunner};
 use crate::report::{self, Distribution, Results};
 use crate::schedule::{self, PlannedFault, ScheduleParams, SplitMix64};
 use crate::verify::{self, PartitionLayout};
@@ -142,6 +143,7 @@ async fn drive(
     )?;
     wait_ready(&admin, args.nodes, cluster).await?;
     let layout = create_station(&admin, args).await?;
+    create_output_station(&admin, args).await?;
     println!("chaos: station {STATION:?} ready: {layout:?}");
 
     let origin = Instant::now();
@@ -171,6 +173,11 @@ async fn drive(
         ClientOptions::default().with_retry_deadline(Duration::from_secs(20)),
     )?;
     let group = GroupChecker::start(group_client.clone(), STATION.to_owned(), recorder.clone());
+    let pipeline_client = Client::connect_with(
+        addrs.values().cloned(),
+        ClientOptions::default().with_retry_deadline(Duration::from_secs(60)),
+    )?;
+    let pipeline = PipelineRunner::start(pipeline_client.clone(), STATION.to_owned());
 
     // Faults.
     let mut nemesis = Nemesis::new(origin, layout.iter().map(|l| l.group).collect());
@@ -259,6 +266,15 @@ async fn drive(
         .finish(&group_client, STATION, &ends, GROUP_DRAIN_LIMIT)
         .await;
     let replicas = verify::read_replicas(&addrs, STATION, &layout).await;
+    println!("chaos: draining the pipeline");
+    let (pipeline_stats, pipeline_violations) = pipeline
+        .finish(
+            &pipeline_client,
+            &replicas,
+            args.partitions,
+            GROUP_DRAIN_LIMIT,
+        )
+        .await;
     nemesis.collect_elections(&mut records).await;
 
     let attempts = recorder.attempts();
@@ -274,6 +290,7 @@ async fn drive(
     let (group_stats, group_violations) =
         check_group(&attempts, &deliveries, lag, dead_letters, rejoins);
     report.violations.extend(group_violations);
+    report.violations.extend(pipeline_violations);
     let passed = report.violations.is_empty();
 
     let samples = report::recoveries(&records, &attempts);
@@ -307,6 +324,7 @@ async fn drive(
         notes,
         link_stats: cluster.link_stats(),
         group: Some(group_stats),
+        pipeline: Some(pipeline_stats),
     };
     let history = History {
         seed,
@@ -353,6 +371,30 @@ async fn wait_ready(admin: &Client, nodes: u64, cluster: &mut Cluster) -> anyhow
             bail!("the cluster did not become ready within {SETUP_LIMIT:?}\n{tails}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates the pipeline's output station, with its dedup window.
+async fn create_output_station(admin: &Client, args: &ChaosArgs) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_LIMIT;
+    let spec = || {
+        junction_client::StationSpec::new(pipeline_check::OUTPUT)
+            .partitions(args.partitions)
+            .replication_factor(args.replication_factor)
+            .policy(junction_client::proto::StationPolicy {
+                dedup_window_ms: Some(pipeline_check::OUTPUT_DEDUP_WINDOW_MS),
+                ..Default::default()
+            })
+    };
+    loop {
+        match admin.create_station_with(spec()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_already_exists() => return Ok(()),
+            Err(e @ ClientError::RetriesExhausted { .. }) if Instant::now() < deadline => {
+                eprintln!("chaos: creating the pipeline's output station: {e}; retrying");
+            }
+            Err(e) => return Err(e).context("creating the pipeline's output station"),
+        }
     }
 }
 

@@ -348,6 +348,13 @@ impl GroupConsumer {
         self.reply(m, Reply::Ack(m.offset()))
     }
 
+    /// A handle that acknowledges this member's messages from other tasks.
+    pub fn acker(&self) -> Acker {
+        Acker {
+            workers: self.workers.clone(),
+        }
+    }
+
     /// Asks for redelivery after `delay`.
     pub fn nack(&self, m: &GroupMessage, delay: Duration) -> bool {
         self.reply(m, Reply::Nack(m.offset(), delay.as_millis() as u64))
@@ -380,6 +387,23 @@ impl GroupConsumer {
         self.coordinator.abort();
         for (_, w) in self.lock().drain() {
             w.task.abort();
+        }
+    }
+}
+
+/// Acknowledges a [`GroupConsumer`]'s messages from any task (see [`GroupConsumer::acker`]).
+#[derive(Clone)]
+pub struct Acker {
+    workers: Workers,
+}
+
+impl Acker {
+    /// Like [`GroupConsumer::ack`].
+    pub fn ack(&self, m: &GroupMessage) -> bool {
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        match workers.get(&m.partition()) {
+            Some(w) if w.epoch == m.epoch => w.replies.send(Reply::Ack(m.offset())).is_ok(),
+            _ => false,
         }
     }
 }

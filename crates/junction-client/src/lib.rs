@@ -45,13 +45,13 @@ pub use admin::StationSpec;
 pub use broker::Start;
 pub use client::{Client, ClientOptions};
 pub use error::ClientError;
-pub use group::{FENCED_REASON, GroupConsumer, GroupMessage, GroupOptions};
+pub use group::{Acker, FENCED_REASON, GroupConsumer, GroupMessage, GroupOptions};
 pub use junction_proto::v1 as proto;
 pub use junction_proto::v1::{
     ClusterStatusResponse, Header, Message, MessagePosition, NodeInfo, PartitionInfo, ReadResponse,
     StationInfo, StoredMessage,
 };
-pub use pipeline::{Pipeline, PipelineOptions, output_msg_id};
+pub use pipeline::{Completer, Pipeline, PipelineOptions, output_msg_id};
 pub use producer::{Producer, ProducerOptions, SendFuture};
 pub use retry::{LEADER_ADDR_KEY, NOT_LEADER_REASON};
 pub use tail::{TAIL_BUFFER, TailStream};

@@ -14,11 +14,13 @@
 //! The guarantee holds as long as a redelivery comes within the output's dedup window: keep
 //! the window well above the group's ack deadline times its delivery attempts.
 
+use std::sync::Arc;
+
 use junction_proto::v1::{Message, MessagePosition};
 
 use crate::client::Client;
 use crate::error::ClientError;
-use crate::group::{GroupConsumer, GroupMessage, GroupOptions};
+use crate::group::{Acker, GroupConsumer, GroupMessage, GroupOptions};
 use crate::producer::{Producer, ProducerOptions};
 
 /// The message id of output `n` of the input at `partition`/`offset` of `station`.
@@ -36,11 +38,19 @@ pub struct PipelineOptions {
 }
 
 /// Consumes a station in a group and produces to another, effectively once (see the module
-/// documentation). Inputs may be completed concurrently and in any order.
+/// documentation). Inputs may be completed concurrently and in any order: hand
+/// [`Pipeline::completer`]s to other tasks.
 pub struct Pipeline {
-    input: String,
     consumer: GroupConsumer,
+    completer: Completer,
+}
+
+/// Completes inputs of a [`Pipeline`] from any task.
+#[derive(Clone)]
+pub struct Completer {
+    input: Arc<str>,
     producer: Producer,
+    acker: Acker,
 }
 
 impl Client {
@@ -71,10 +81,14 @@ impl Client {
                 ..options.producer
             },
         );
-        Ok(Pipeline {
-            input: input.to_owned(),
-            consumer,
+        let completer = Completer {
+            input: input.into(),
             producer,
+            acker: consumer.acker(),
+        };
+        Ok(Pipeline {
+            consumer,
+            completer,
         })
     }
 }
@@ -85,6 +99,33 @@ impl Pipeline {
         self.consumer.recv().await
     }
 
+    /// Produces `outputs` for `input` and then acknowledges it (see [`Completer::complete`]).
+    pub async fn complete(
+        &self,
+        input: &GroupMessage,
+        outputs: Vec<Message>,
+    ) -> Result<Vec<MessagePosition>, ClientError> {
+        self.completer.complete(input, outputs).await
+    }
+
+    /// A handle that completes inputs from other tasks.
+    pub fn completer(&self) -> Completer {
+        self.completer.clone()
+    }
+
+    /// The consumer, for acks of inputs that produce nothing, nacks and progress reports.
+    pub fn consumer(&self) -> &GroupConsumer {
+        &self.consumer
+    }
+
+    /// Stops: completes the outputs queued so far and leaves the group.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.completer.producer.close().await;
+        self.consumer.close().await
+    }
+}
+
+impl Completer {
     /// Produces `outputs` for `input` (each with its derived message id), waits until all are
     /// acknowledged, then acknowledges `input`. Returns the outputs' positions; a position
     /// marked `duplicate` was stored by an earlier delivery of the same input. On error the
@@ -111,19 +152,8 @@ impl Pipeline {
         for s in sends {
             positions.push(s.await?);
         }
-        self.consumer.ack(input);
+        self.acker.ack(input);
         Ok(positions)
-    }
-
-    /// The consumer, for acks of inputs that produce nothing, nacks and progress reports.
-    pub fn consumer(&self) -> &GroupConsumer {
-        &self.consumer
-    }
-
-    /// Stops: completes the outputs queued so far and leaves the group.
-    pub async fn close(self) -> Result<(), ClientError> {
-        self.producer.close().await;
-        self.consumer.close().await
     }
 }
 
