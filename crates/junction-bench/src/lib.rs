@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// sending each batch to its partition's leader (measures the cost of forwarding).
     #[arg(long)]
     pub via_any_node: bool,
+    /// Produce as idempotent producers, as the SDK's default `Producer` does: each producer
+    /// gets a producer id and numbers its batches per partition, and every partition checks
+    /// the sequence when it applies a batch. Unkeyed loads only (batches are per partition).
+    #[arg(long)]
+    pub idempotent: bool,
     /// Concurrent tail readers for `e2e` (spread over partitions).
     #[arg(long, default_value_t = 0)]
     pub readers: usize,

@@ -438,6 +438,26 @@ async fn producer(
         .iter()
         .map(|a| dests.iter().position(|d| d == a).unwrap_or(0))
         .collect();
+    // Idempotent producers: an identity, and the next sequence of each partition.
+    let identity = if args.idempotent {
+        if route.is_empty() {
+            anyhow::bail!(
+                "--idempotent needs batches of one partition each: use an unkeyed load without --via-any-node"
+            );
+        }
+        let tenant = station.split_once('/').map_or("", |(t, _)| t).to_string();
+        let r = BrokerClient::new(channel(addr).await?)
+            .init_producer(junction_proto::v1::InitProducerRequest {
+                tenant,
+                producer_name: None,
+            })
+            .await?
+            .into_inner();
+        Some((r.producer_id, r.epoch))
+    } else {
+        None
+    };
+    let mut sequences = vec![0u64; route.len()];
     let window = Arc::new(Semaphore::new(args.in_flight));
     let pending: Arc<Mutex<HashMap<u64, InFlight>>> = Arc::default();
     let hist = Arc::new(Mutex::new(new_histogram()?));
@@ -551,12 +571,24 @@ async fn producer(
                 .collect();
             pending.lock().await.insert(seq, (due, Instant::now(), n));
             let dest = partition.map_or(0, |p| route[p as usize]);
+            let producer = match (identity, partition) {
+                (Some((producer_id, epoch)), Some(p)) => {
+                    let base_sequence = sequences[p as usize];
+                    sequences[p as usize] += n;
+                    Some(junction_proto::v1::ProducerFields {
+                        producer_id,
+                        epoch,
+                        base_sequence,
+                    })
+                }
+                _ => None,
+            };
             if senders[dest]
                 .send(ProduceRequest {
                     station: station.to_string(),
                     messages,
                     request_id: seq,
-                    producer: None,
+                    producer,
                 })
                 .await
                 .is_err()
