@@ -322,21 +322,7 @@ async fn retries_across_a_leader_kill_and_a_snapshot_catch_up_are_stored_once() 
     let last = produce(&mut b, request("eo-fail", last_batch.clone(), p, seq))
         .await
         .expect("last");
-    wait_until(
-        Duration::from_secs(20),
-        "the leader to purge its log",
-        || async {
-            let replica = cluster.broker(leader).partition(group)?;
-            let purged = replica
-                .raft
-                .metrics()
-                .borrow_watched()
-                .purged
-                .map(|l| l.index);
-            purged.filter(|p| *p >= 100)
-        },
-    )
-    .await;
+    cluster.wait_log_purged(leader, group, 100).await;
     cluster.restart(lagging).await;
     let want = local_contents(&cluster.broker(leader), group);
     let broker_l = cluster.broker(lagging);
@@ -362,22 +348,35 @@ async fn retries_across_a_leader_kill_and_a_snapshot_catch_up_are_stored_once() 
         "caught up through a snapshot"
     );
     assert_eq!(replica.shared.exactly_once().producers, 1);
-    // Make the caught-up follower the leader, then retry the last batch through it.
-    let old = cluster
-        .broker(leader)
-        .partition(group)
-        .expect("leader replica");
-    old.raft
-        .trigger()
-        .transfer_leader(lagging)
-        .await
-        .expect("transfer leadership");
-    wait_until(
-        Duration::from_secs(20),
-        "the caught-up node to lead",
-        || async { (cluster.partition_leader(group) == Some(lagging)).then_some(()) },
-    )
-    .await;
+    // Make the caught-up follower the leader (asking whoever leads, again while it does not
+    // take: a transfer is dropped when the target lags at that moment), then retry the last
+    // batch through it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let current = cluster.partition_leader(group);
+        if current == Some(lagging) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the caught-up node did not take the lead (leader {current:?})"
+        );
+        if let Some(replica) = current.and_then(|l| cluster.broker(l).partition(group)) {
+            replica
+                .raft
+                .trigger()
+                .transfer_leader(lagging)
+                .await
+                .expect("transfer leadership");
+        }
+        // Give this request two seconds to take effect.
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while cluster.partition_leader(group) != Some(lagging)
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
     let mut bl = broker(&cluster, lagging).await;
     let retry = produce(&mut bl, request("eo-fail", last_batch, p, seq))
         .await

@@ -306,6 +306,27 @@ impl TestCluster {
         self.slots.get_mut(&id).expect("slot").handle = Some(handle);
     }
 
+    /// Waits until node `id` has purged its log of `group` up to at least `index` (so a
+    /// follower that missed those entries must catch up by snapshot); returns the index.
+    pub async fn wait_log_purged(&self, id: u64, group: u64, index: u64) -> u64 {
+        use openraft::async_runtime::watch::WatchReceiver;
+        wait_until(
+            Duration::from_secs(20),
+            "the leader to purge its log",
+            || async {
+                let replica = self.broker(id).partition(group)?;
+                let purged = replica
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .purged
+                    .map(|l| l.index);
+                purged.filter(|p| *p >= index)
+            },
+        )
+        .await
+    }
+
     /// Stops every node.
     pub async fn shutdown(mut self) {
         for id in self.running() {

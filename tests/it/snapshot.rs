@@ -62,21 +62,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
         client.produce("snap", msgs).await.expect("produce");
     }
     let leader = cluster.partition_leader(group).expect("leader");
-    let purged = wait_until(
-        Duration::from_secs(20),
-        "the leader to purge its log",
-        || async {
-            let replica = cluster.broker(leader).partition(group)?;
-            let purged = replica
-                .raft
-                .metrics()
-                .borrow_watched()
-                .purged
-                .map(|l| l.index);
-            purged.filter(|p| *p >= 100)
-        },
-    )
-    .await;
+    let purged = cluster.wait_log_purged(leader, group, 100).await;
     eprintln!("leader purged its log up to index {purged}");
 
     cluster.restart(follower).await;

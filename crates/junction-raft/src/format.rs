@@ -299,6 +299,50 @@ mod tests {
             })),
         };
         frozen(&LOG_ENTRY, &entry, "010301090100000461636d6580a0abfef962");
+        // Entries of the exactly-once commands (new variants: earlier entries keep their bytes).
+        let append = Entry {
+            log_id: log_id(3, 1, 10),
+            payload: EntryPayload::Normal(Command::Partition(
+                junction_types::PartitionCommand::AppendBatches {
+                    timestamp_ms: 1_700_000_000_000,
+                    delivery: junction_types::exactly_once::DeliveryPolicy {
+                        dedup_window_ms: Some(120_000),
+                        dedup_max_ids: 1000,
+                        producer_expiry_ms: 60_000,
+                    },
+                    batches: vec![junction_types::command::AppendBatch {
+                        producer: Some(junction_types::exactly_once::ProducerBatch {
+                            id: 7,
+                            epoch: 1,
+                            base_sequence: 40,
+                        }),
+                        records: vec![junction_types::Record {
+                            key: Some(b"k".to_vec()),
+                            headers: vec![("junction-msg-id".into(), b"m1".to_vec())],
+                            payload: b"p".to_vec(),
+                        }],
+                    }],
+                },
+            )),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &append,
+            "0103010a01010980a0abfef96201c0a907e807e0d40301010701280101016b010f6a756e6374696f6e\
+             2d6d73672d6964026d310170",
+        );
+        let init = Entry {
+            log_id: log_id(3, 1, 11),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::InitProducer {
+                tenant: "acme".into(),
+                name: Some("orders".into()),
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &init,
+            "0103010b0100080461636d6501066f7264657273",
+        );
         let mut meta = MetaState::default();
         meta.apply(&MetaCommand::InitProducer {
             tenant: "default".into(),

@@ -299,6 +299,10 @@ impl PartitionStateMachine {
     ) -> Result<u64, RaftStoreError> {
         let base = state.next_offset;
         let count = records.len() as u64;
+        if count == 0 {
+            // Every record was a duplicate: nothing to write, no timestamp to advance.
+            return Ok(base);
+        }
         let sizes: Vec<u32> = records
             .iter()
             .map(|r| u32::try_from(r.size()).unwrap_or(u32::MAX))

@@ -77,6 +77,24 @@ impl BrokerService {
         }
     }
 
+    /// Checks a producer's batch against this node's metadata, waiting briefly when the id is
+    /// newer than the metadata (a producer initialised a moment ago through another node).
+    async fn check_producer(&self, tenant: &str, p: &ProducerBatch) -> Result<(), Status> {
+        let mut rx = self.broker.subscribe_metadata();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            match self.broker.check_producer(tenant, p) {
+                Err(BrokerError::Unavailable(msg)) => {
+                    let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return Err(to_status(BrokerError::Unavailable(msg)));
+                    }
+                }
+                other => return other.map_err(to_status),
+            }
+        }
+    }
+
     /// Returns where to send a call for `group`: `None` when this node leads it, otherwise the
     /// address of the leader (or of a replica that will know it).
     pub(crate) async fn route(
@@ -127,9 +145,8 @@ impl BrokerService {
         }
         let station = self.station(&req.station).await?;
         if let Some(p) = &req.producer {
-            self.broker
-                .check_producer(&station.tenant, &producer_batch(p))
-                .map_err(to_status)?;
+            self.check_producer(&station.tenant, &producer_batch(p))
+                .await?;
         }
         let partitions = station.partitions.len() as u32;
         let max = station.max_message_bytes as usize;

@@ -919,6 +919,29 @@ mod tests {
     /// (epoch, next sequence, remembered batches (sequence, count, offset), last seen).
     type ModelProducer = (u32, u64, Vec<(u64, u32, u64)>, i64);
 
+    /// The state a partition keeps per producer, with realistic magnitudes (large ids,
+    /// sequences and offsets, five remembered batches): what `station describe` counts.
+    #[test]
+    fn a_producer_costs_a_partition_about_a_hundred_bytes() {
+        let mut t = ProducerTable::default();
+        for p in 0..100u64 {
+            for i in 0..RECENT_BATCHES as u64 {
+                t.record(
+                    &batch(1_000_000 + p, 3, 1_000_000_000 + i * 500),
+                    500,
+                    Placement {
+                        base_offset: 5_000_000_000 + i * 500,
+                        timestamp_ms: 1_764_000_000_000,
+                        dups: vec![],
+                    },
+                );
+            }
+        }
+        let per_producer = postcard::to_allocvec(&t).unwrap().len() / 100;
+        eprintln!("{per_producer} bytes per producer and partition");
+        assert!((60..=128).contains(&per_producer), "{per_producer}");
+    }
+
     #[derive(Debug, Clone, Copy)]
     enum Want {
         Append,
