@@ -208,7 +208,9 @@ async fn station_and_tenant_commands() {
             "START OFFSET",
             "NEXT OFFSET",
             "MESSAGES",
-            "BYTES"
+            "BYTES",
+            "PRODUCERS",
+            "DEDUP IDS"
         ]
     );
     for p in &info.partition_info {
@@ -223,7 +225,7 @@ async fn station_and_tenant_commands() {
         sorted.sort_unstable();
         assert_eq!(sorted, replicas, "{r:?}");
         assert!(r[1] == "-" || replicas.contains(&r[1].parse().expect("leader id")));
-        assert_eq!(r[3..], ["0", "0", "0", "0"]);
+        assert_eq!(r[3..], ["0", "0", "0", "0", "0", "0 (0 B)"]);
     }
     let json = ok_json(&cluster, &["station", "describe", "acme/orders", "--json"]).await;
     assert_eq!(json["tenant"], "acme");
