@@ -754,10 +754,12 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
               "the helm test pod's script (status over gRPC, produce/read round trip) passes",
               f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
 
-        # The Grafana dashboard names only metrics a real node exports (each node has now taken a
-        # produce, a read and a failed produce since its last start).
-        for p in pods:
-            cli.run([p.addr], "produce", "no-such-station", stdin="x\n")
+        # The Grafana dashboard names only metrics a real node exports (the nodes have now taken
+        # produces, reads and, here, a produce refused for its size: 1.5 MiB against the 1 MiB
+        # limit).
+        r = cli.run(every, "produce", station, stdin="x" * (3 << 19) + "\n")
+        check(r.returncode != 0 and "exceeds" in r.stderr + r.stdout,
+              "a message over the size limit is refused", f"exit {r.returncode}: {r.stderr}{r.stdout}")
         exported = set()
         for p in pods:
             exported |= set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", p.metrics(), re.M))
