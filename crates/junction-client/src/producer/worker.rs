@@ -25,6 +25,8 @@ use crate::retry;
 const AVOID_FOR: Duration = Duration::from_secs(2);
 /// How long to wait before asking for an identity again after the cluster could not give one.
 const IDENTITY_RETRY: Duration = Duration::from_millis(200);
+/// How long the task spends on one route refresh.
+const REFRESH_LIMIT: Duration = Duration::from_secs(2);
 /// Route refreshes are at most this frequent.
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
@@ -154,8 +156,13 @@ impl Worker {
             }
             if self.refresh_at.is_some_and(|t| t <= now) {
                 self.refresh_at = None;
-                if let Err(e) = self.refresh_routes().await {
-                    tracing::debug!(error = %e, "refreshing the station's routes failed");
+                // Bounded: replies and commands wait meanwhile; old routes stay on failure.
+                match tokio::time::timeout(REFRESH_LIMIT, self.refresh_routes()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "refreshing the station's routes failed");
+                    }
+                    Err(_) => tracing::debug!("refreshing the station's routes timed out"),
                 }
             }
             self.send_ready(&mut core, now);
