@@ -191,15 +191,29 @@ impl Broker {
             partitions,
             replication_factor,
         );
-        let cmd = MetaCommand::CreateStationV2 {
-            tenant: name.tenant.clone(),
-            name: name.name.clone(),
-            placement,
-            replication_factor,
-            max_message_bytes,
-            now_ms: now_ms(),
-            policy,
-            delivery,
+        // The entry of earlier builds when no exactly-once setting is used, so nodes not yet
+        // upgraded still apply it (see "Rolling upgrades" in the README).
+        let cmd = if delivery == DeliveryPolicy::default() {
+            MetaCommand::CreateStation {
+                tenant: name.tenant.clone(),
+                name: name.name.clone(),
+                placement,
+                replication_factor,
+                max_message_bytes,
+                now_ms: now_ms(),
+                policy,
+            }
+        } else {
+            MetaCommand::CreateStationV2 {
+                tenant: name.tenant.clone(),
+                name: name.name.clone(),
+                placement,
+                replication_factor,
+                max_message_bytes,
+                now_ms: now_ms(),
+                policy,
+                delivery,
+            }
         };
         let station = match self.meta_write(cmd).await? {
             CommandResponse::StationCreated(s) => s,
@@ -248,13 +262,22 @@ impl Broker {
         validate_policy(&policy)?;
         validate_delivery(&delivery)?;
         self.ensure_controller()?;
-        match self
-            .meta_write(MetaCommand::UpdateStationV2 {
+        let cmd = if delivery == current.delivery {
+            MetaCommand::UpdateStation {
+                tenant: name.tenant.clone(),
+                name: name.name.clone(),
+                policy,
+            }
+        } else {
+            MetaCommand::UpdateStationV2 {
                 tenant: name.tenant.clone(),
                 name: name.name.clone(),
                 policy,
                 delivery,
-            })
+            }
+        };
+        match self
+            .meta_write(cmd)
             .await?
         {
             CommandResponse::StationCreated(s) => Ok(s),
