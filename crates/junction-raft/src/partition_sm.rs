@@ -225,7 +225,11 @@ impl PartitionStateMachine {
             None => self.dedup.disable(state.next_offset),
         }
         let mut outcomes = Vec::with_capacity(batches.len());
+        // What the batches store, written at the end in one go (one size-index record per
+        // entry, as for a plain append); `next` is where the next stored record lands.
+        let mut stored: Vec<Record> = Vec::new();
         for batch in batches {
+            let next = state.next_offset + stored.len() as u64;
             let count = u32::try_from(batch.records.len()).unwrap_or(u32::MAX);
             if let Some(p) = &batch.producer {
                 match self.producers.check(p, count) {
@@ -249,7 +253,7 @@ impl PartitionStateMachine {
                 let plan =
                     match self
                         .dedup
-                        .plan(&records, state.next_offset, delivery.dedup_max_ids)
+                        .plan(&records, next, delivery.dedup_max_ids)
                     {
                         Ok(plan) => plan,
                         Err(r) => {
@@ -269,11 +273,11 @@ impl PartitionStateMachine {
                 }
                 dups = plan.dups;
             } else {
-                self.dedup.disable(state.next_offset + records.len() as u64);
+                self.dedup.disable(next + records.len() as u64);
             }
-            let base = self.append_records(b, state, ts, records)?;
+            stored.extend(records);
             let placement = Placement {
-                base_offset: base,
+                base_offset: next,
                 timestamp_ms: ts,
                 dups,
             };
@@ -285,6 +289,7 @@ impl PartitionStateMachine {
                 duplicate: false,
             }));
         }
+        self.append_records(b, state, ts, stored)?;
         Ok(CommandResponse::Batches(outcomes))
     }
 
