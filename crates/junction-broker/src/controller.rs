@@ -276,10 +276,7 @@ impl Broker {
                 delivery,
             }
         };
-        match self
-            .meta_write(cmd)
-            .await?
-        {
+        match self.meta_write(cmd).await? {
             CommandResponse::StationCreated(s) => Ok(s),
             other => Err(BrokerError::Raft(format!(
                 "unexpected update result {other:?}"

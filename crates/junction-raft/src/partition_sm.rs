@@ -250,17 +250,13 @@ impl PartitionStateMachine {
             let mut records = batch.records;
             let mut dups = Vec::new();
             if delivery.dedup_window_ms.is_some() {
-                let plan =
-                    match self
-                        .dedup
-                        .plan(&records, next, delivery.dedup_max_ids)
-                    {
-                        Ok(plan) => plan,
-                        Err(r) => {
-                            outcomes.push(Err(r));
-                            continue;
-                        }
-                    };
+                let plan = match self.dedup.plan(&records, next, delivery.dedup_max_ids) {
+                    Ok(plan) => plan,
+                    Err(r) => {
+                        outcomes.push(Err(r));
+                        continue;
+                    }
+                };
                 self.dedup.commit(&plan, ts);
                 if !plan.dups.is_empty() {
                     let keep: std::collections::HashSet<u32> = plan.store.iter().copied().collect();
