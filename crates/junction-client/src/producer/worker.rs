@@ -328,9 +328,7 @@ impl Worker {
             core.sent_to(id, &addr);
             if tx.try_send(req).is_err() {
                 // A full or closed stream: retire it; the batch goes again after a backoff.
-                if let Some(conn) = self.conns.remove(&addr) {
-                    drop(conn);
-                }
+                self.conns.remove(&addr);
                 core.stream_lost(&addr, Code::Unavailable, "produce stream closed", now);
             }
         }
