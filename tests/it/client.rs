@@ -694,18 +694,14 @@ struct Processes {
 
 impl Processes {
     fn start(n: u64) -> Self {
-        let mut listeners = Vec::new();
+        // Ports outside the ephemeral range: see junction_testkit.
+        let ports = junction_testkit::loopback_ports(2 * n as usize).expect("ports");
         let mut grpc = BTreeMap::new();
         let mut http = BTreeMap::new();
-        for id in 1..=n {
-            // Keep each port bound until all are chosen, so that none is picked twice.
-            let g = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let h = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            grpc.insert(id, g.local_addr().expect("addr").to_string());
-            http.insert(id, h.local_addr().expect("addr").to_string());
-            listeners.push((g, h));
+        for (id, pair) in (1..=n).zip(ports.chunks(2)) {
+            grpc.insert(id, format!("127.0.0.1:{}", pair[0]));
+            http.insert(id, format!("127.0.0.1:{}", pair[1]));
         }
-        drop(listeners);
         let members = grpc
             .iter()
             .map(|(id, a)| format!("{id}={a}"))

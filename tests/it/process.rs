@@ -21,11 +21,10 @@ struct ProcessCluster {
     children: BTreeMap<u64, Child>,
 }
 
+/// A port for a child node: outside the ephemeral range, so no outgoing connection of a test
+/// running alongside can take it before the child binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    junction_testkit::loopback_port().expect("free port")
 }
 
 impl ProcessCluster {

@@ -28,9 +28,7 @@ pub struct ProcUsage {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(junction_testkit::loopback_port()?)
 }
 
 impl Spawned {

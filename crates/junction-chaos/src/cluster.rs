@@ -29,7 +29,7 @@ pub enum ClusterError {
     #[error("cannot create the cluster's temp dir: {0}")]
     TempDir(std::io::Error),
     #[error("cannot reserve a loopback port: {0}")]
-    Port(std::io::Error),
+    Port(#[from] junction_testkit::PortError),
     #[error("cannot start the proxy for link {from}->{to}: {source}")]
     Proxy {
         from: u64,
@@ -102,9 +102,8 @@ pub struct Cluster {
 }
 
 fn free_port() -> Result<SocketAddr, ClusterError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(ClusterError::Port)
+    let port = junction_testkit::loopback_port()?;
+    Ok(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)))
 }
 
 fn signal(child: &Child, sig: libc::c_int) -> bool {
