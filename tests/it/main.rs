@@ -2,6 +2,7 @@
 //! ephemeral loopback ports, real RocksDB in temp dirs.
 
 mod bad_input;
+mod bench;
 mod cli;
 mod client;
 mod cluster;

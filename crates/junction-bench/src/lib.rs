@@ -3,8 +3,8 @@
 //!
 //! - [`spawn`]: `--spawn N` real `junction serve` processes, with /proc counters.
 //! - [`load`]: the produce (closed loop or fixed rate, coordinated-omission corrected), read
-//!   and end-to-end workloads, over the raw gRPC API (no client-side retries: a benchmark
-//!   must count errors, not hide them).
+//!   and end-to-end workloads. Producers are the SDK's `Producer` (what applications use), or
+//!   with `--raw-grpc` the bare `ProduceStream` RPC; readers use the raw `Read`/`Tail` RPCs.
 //! - [`report`]: the table, `--json` and `--plot` SVG.
 
 pub mod load;
@@ -64,10 +64,12 @@ pub struct BenchArgs {
     /// Run for this long instead of a message count (e.g. 30s, 2m).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Concurrent producers, each with its own gRPC stream.
+    /// Concurrent producers (SDK: each its own `Client` and `Producer`; raw: each its own
+    /// streams).
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
-    /// Batches in flight per producer.
+    /// Batches in flight per producer. The SDK producer keeps at most `in-flight` ×
+    /// `batch-size` messages unacknowledged, and at most `in-flight` batches per partition.
     #[arg(long, default_value_t = 8)]
     pub in_flight: usize,
     /// Messages per produce batch.
@@ -84,11 +86,19 @@ pub struct BenchArgs {
     /// sending each batch to its partition's leader (measures the cost of forwarding).
     #[arg(long)]
     pub via_any_node: bool,
-    /// Produce as idempotent producers, as the SDK's default `Producer` does: each producer
-    /// gets a producer id and numbers its batches per partition, and every partition checks
-    /// the sequence when it applies a batch. Unkeyed loads only (batches are per partition).
+    /// Speak the raw `ProduceStream` RPC (one stream per partition leader, `--in-flight`
+    /// batches per producer) instead of the client library's `Producer`. The default measures
+    /// what an application gets from the SDK: its batching, routing and retries.
     #[arg(long)]
-    pub idempotent: bool,
+    pub raw_grpc: bool,
+    /// Produce without producer ids (at-least-once). By default producers are idempotent,
+    /// as the SDK's `Producer` is: each takes a producer id and numbers its messages per
+    /// partition, and every partition checks the sequence when it applies a batch.
+    #[arg(long)]
+    pub at_least_once: bool,
+    /// How long the SDK producer waits for more messages to fill a batch (its `linger`).
+    #[arg(long, value_parser = parse_duration, default_value = "2ms")]
+    pub linger: Duration,
     /// Concurrent tail readers for `e2e` (spread over partitions).
     #[arg(long, default_value_t = 0)]
     pub readers: usize,
@@ -127,6 +137,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.batch_size == 0 || args.in_flight == 0 || args.producers == 0 {
         bail!("--batch-size, --in-flight and --producers must be at least 1");
+    }
+    if args.via_any_node && !args.raw_grpc {
+        bail!(
+            "--via-any-node needs --raw-grpc: the SDK producer always sends to partition leaders"
+        );
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let exe = std::env::current_exe().context("finding the junction executable")?;

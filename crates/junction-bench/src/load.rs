@@ -1,5 +1,6 @@
-//! The workloads. Producers speak the raw `ProduceStream` RPC with a window of batches in
-//! flight; readers use `Read`/`Tail`. Latencies are recorded in microseconds.
+//! The workloads. Producers are the SDK's `Producer` (or, with `--raw-grpc`, the raw
+//! `ProduceStream` RPC with a window of batches in flight); readers use `Read`/`Tail`.
+//! Latencies are recorded in microseconds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -313,6 +314,9 @@ async fn produce(
     counters: &Counters,
     _unused: Option<()>,
 ) -> anyhow::Result<Histogram<u64>> {
+    if !args.raw_grpc {
+        return sdk_produce(args, addrs, station, counters).await;
+    }
     let counters_ptr: &Counters = counters;
     let quota = Arc::new(AtomicU64::new(if args.duration.is_some() {
         u64::MAX
@@ -374,6 +378,218 @@ async fn produce(
         }
     }
     Ok(total)
+}
+
+/// Produces through the SDK: each of `--producers` tasks owns a `Client` and a `Producer`
+/// and keeps at most `in-flight × batch-size` messages unacknowledged (closed loop), or sends
+/// `batch-size` messages at each tick of `--rate` (open loop). The SDK forms the batches,
+/// routes them to partition leaders and retries what it may; the bench records each
+/// message's latency when its `send` future completes.
+async fn sdk_produce(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    counters: &Counters,
+) -> anyhow::Result<Histogram<u64>> {
+    let quota = AtomicU64::new(if args.duration.is_some() {
+        u64::MAX
+    } else {
+        args.messages
+    });
+    let stop = AtomicBool::new(false);
+    let tick = AtomicU64::new(0);
+    let started = Instant::now();
+    let filler = filler(args.message_size);
+    let hist = std::sync::Mutex::new(new_histogram()?);
+    let from_send = std::sync::Mutex::new(new_histogram()?);
+    let shared = SdkShared {
+        args,
+        station,
+        counters,
+        quota: &quota,
+        stop: &stop,
+        tick: &tick,
+        started,
+        filler: &filler,
+        hist: &hist,
+        from_send: &from_send,
+    };
+    let mut producers = futures::stream::FuturesUnordered::new();
+    for _ in 0..args.producers {
+        let client = Client::connect(addrs.iter().cloned()).context("creating a client")?;
+        producers.push(sdk_producer(&shared, client));
+    }
+    let stopper = async {
+        if let Some(d) = args.duration {
+            tokio::time::sleep(d).await;
+            stop.store(true, Ordering::Relaxed);
+        }
+        futures::future::pending::<()>().await;
+    };
+    tokio::pin!(stopper);
+    loop {
+        tokio::select! {
+            () = &mut stopper => {}
+            r = producers.next() => match r {
+                Some(r) => r?,
+                None => break,
+            }
+        }
+    }
+    if let Ok(mut h) = counters.from_send.lock() {
+        *h = from_send.lock().ok().map(|h| h.clone());
+    }
+    let total = hist.lock().map(|h| h.clone()).ok();
+    total.context("a latency histogram was poisoned")
+}
+
+/// What the SDK producer tasks of one run share.
+struct SdkShared<'a> {
+    args: &'a BenchArgs,
+    station: &'a str,
+    counters: &'a Counters,
+    /// Messages still to send (closed count) or `u64::MAX` (timed run).
+    quota: &'a AtomicU64,
+    stop: &'a AtomicBool,
+    /// Ticks of `--rate` handed out so far, over all producers.
+    tick: &'a AtomicU64,
+    started: Instant,
+    filler: &'a Bytes,
+    hist: &'a std::sync::Mutex<Histogram<u64>>,
+    from_send: &'a std::sync::Mutex<Histogram<u64>>,
+}
+
+async fn sdk_producer(shared: &SdkShared<'_>, client: Client) -> anyhow::Result<()> {
+    let args = shared.args;
+    let options = junction_client::ProducerOptions {
+        max_batch_messages: args.batch_size,
+        max_in_flight: args.in_flight,
+        linger: args.linger,
+        idempotent: !args.at_least_once,
+        ..Default::default()
+    };
+    let producer = client.producer(shared.station, options);
+    let window = Arc::new(Semaphore::new(args.in_flight * args.batch_size));
+    let mut groups = tokio::task::JoinSet::new();
+    let mut key_counter = 0u64;
+    let mut msg_counter = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let want = args.batch_size as u64;
+        let got = shared
+            .quota
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(want))
+            });
+        let n = got.map_or(0, |q| q.min(want));
+        if n == 0 {
+            break;
+        }
+        // Open loop: the intended send time of this tick. Closed loop: the hand-off, once the
+        // window has room (a message a closed loop has not sent yet has no latency).
+        let intended = if args.rate > 0 {
+            let tick = shared.tick.fetch_add(1, Ordering::Relaxed);
+            let at = shared.started
+                + Duration::from_secs_f64(tick as f64 * want as f64 / args.rate as f64);
+            sleep_until_precisely(at).await;
+            Some(at)
+        } else {
+            None
+        };
+        let permits = window
+            .clone()
+            .acquire_many_owned(n as u32)
+            .await
+            .context("the send window closed")?;
+        let sent = Instant::now();
+        let due = intended.unwrap_or(sent);
+        let sends: Vec<_> = (0..n)
+            .map(|_| {
+                let key = (args.keys > 0).then(|| {
+                    key_counter += 1;
+                    format!("key-{}", key_counter % args.keys).into_bytes()
+                });
+                msg_counter += 1;
+                producer.send(Message {
+                    key,
+                    headers: vec![],
+                    payload: payload(
+                        args.workload,
+                        shared.filler,
+                        args.message_size,
+                        msg_counter,
+                        due,
+                    ),
+                    partition: None,
+                    msg_id: None,
+                })
+            })
+            .collect();
+        // Completions are awaited apart from the sender, so the window refills as acks come.
+        groups.spawn(sdk_await_group(sends, due, sent, permits));
+        while let Some(finished) = groups.try_join_next() {
+            shared.absorb(finished.context("a completion task failed")?);
+        }
+    }
+    while let Some(finished) = groups.join_next().await {
+        shared.absorb(finished.context("a completion task failed")?);
+    }
+    producer.close().await;
+    Ok(())
+}
+
+/// How the messages of one group of sends ended.
+struct GroupOutcome {
+    /// Per acknowledged message: µs from its intended send time, and from its hand-off.
+    latencies: Vec<(u64, u64)>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Waits for a group's send futures, then returns its window permits.
+async fn sdk_await_group(
+    sends: Vec<junction_client::SendFuture>,
+    due: Instant,
+    sent: Instant,
+    permits: tokio::sync::OwnedSemaphorePermit,
+) -> GroupOutcome {
+    let mut outcome = GroupOutcome {
+        latencies: Vec::with_capacity(sends.len()),
+        errors: 0,
+        first_error: None,
+    };
+    for send in sends {
+        match send.await {
+            Ok(_) => outcome.latencies.push((
+                (due.elapsed().as_micros() as u64).max(1),
+                (sent.elapsed().as_micros() as u64).max(1),
+            )),
+            Err(e) => {
+                outcome.errors += 1;
+                outcome
+                    .first_error
+                    .get_or_insert_with(|| format!("send failed: {e}"));
+            }
+        }
+    }
+    drop(permits);
+    outcome
+}
+
+impl SdkShared<'_> {
+    fn absorb(&self, outcome: GroupOutcome) {
+        if outcome.errors > 0 {
+            self.counters
+                .error(outcome.errors, outcome.first_error.unwrap_or_default());
+        }
+        let n = outcome.latencies.len() as u64;
+        if let (Ok(mut hist), Ok(mut from_send)) = (self.hist.lock(), self.from_send.lock()) {
+            for (from_due, from_hand_off) in outcome.latencies {
+                let _ = hist.record(from_due);
+                let _ = from_send.record(from_hand_off);
+            }
+        }
+        self.counters.done.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Where each partition's batches go: the partition's leader, so no node forwards (what a
@@ -439,10 +655,10 @@ async fn producer(
         .map(|a| dests.iter().position(|d| d == a).unwrap_or(0))
         .collect();
     // Idempotent producers: an identity, and the next sequence of each partition.
-    let identity = if args.idempotent {
+    let identity = if !args.at_least_once {
         if route.is_empty() {
             anyhow::bail!(
-                "--idempotent needs batches of one partition each: use an unkeyed load without --via-any-node"
+                "idempotent raw-grpc producers need batches of one partition each: use an unkeyed load without --via-any-node, or add --at-least-once"
             );
         }
         let tenant = station.split_once('/').map_or("", |(t, _)| t).to_string();
@@ -531,19 +747,21 @@ async fn producer(
                 break;
             }
             let seq = batch_seq.fetch_add(1, Ordering::Relaxed);
-            let due = if args.rate > 0 {
+            let intended = if args.rate > 0 {
                 let at = started
                     + Duration::from_secs_f64(
                         seq as f64 * args.batch_size as f64 / args.rate as f64,
                     );
                 sleep_until_precisely(at).await;
-                at
+                Some(at)
             } else {
-                Instant::now()
+                None
             };
             let Ok(permit) = window.acquire().await else {
                 break;
             };
+            // Closed loop: latency counts from the hand-off, once the window has room.
+            let due = intended.unwrap_or_else(Instant::now);
             permit.forget();
             // Unkeyed batches go round-robin over the partitions, each to its leader.
             let partition = (!route.is_empty()).then(|| (seq % route.len() as u64) as u32);

@@ -29,6 +29,10 @@ pub struct Report {
     pub producers: usize,
     pub in_flight: usize,
     pub batch_size: usize,
+    /// Produce: `sdk` (the client library's `Producer`) or `raw-grpc`.
+    pub client: &'static str,
+    /// Produce: whether producers were idempotent (producer ids and sequences).
+    pub idempotent: bool,
     pub keys: u64,
     pub rate: u64,
     pub messages: u64,
@@ -96,6 +100,8 @@ impl Report {
             producers: args.producers,
             in_flight: args.in_flight,
             batch_size: args.batch_size,
+            client: if args.raw_grpc { "raw-grpc" } else { "sdk" },
+            idempotent: !args.at_least_once,
             keys: args.keys,
             rate: args.rate,
             messages: r.messages,
@@ -223,6 +229,18 @@ impl Report {
                 format!("{} msg/s", self.rate)
             }
         );
+        if self.workload == Workload::Produce || self.workload == Workload::E2e {
+            let _ = writeln!(
+                t,
+                "producer        {}, {}",
+                self.client,
+                if self.idempotent {
+                    "idempotent"
+                } else {
+                    "at-least-once"
+                }
+            );
+        }
         let _ = writeln!(t, "durability      {}", self.durability);
         let _ = write!(t, "command         {}", self.command);
         t

@@ -1,0 +1,59 @@
+//! `junction bench` as a user runs it: the binary spawns its own three nodes, loads them
+//! through the SDK producer (or the raw RPC) and reports what was acknowledged.
+
+use std::process::Command;
+
+/// Runs `junction bench produce` with `extra` flags and returns its JSON report.
+fn bench(dir: &std::path::Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let json = dir.join(format!("{name}.json"));
+    let out = Command::new(env!("CARGO_BIN_EXE_junction"))
+        .args(["bench", "produce", "--spawn", "3", "--quiet"])
+        .args(["--messages", "3000", "--batch-size", "100", "--in-flight", "4"])
+        .args(["--partitions", "3", "--replication-factor", "3"])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--json")
+        .arg(&json)
+        .args(extra)
+        .output()
+        .expect("run junction bench");
+    assert!(
+        out.status.success(),
+        "bench {extra:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read(&json).expect("the bench wrote its report");
+    serde_json::from_slice(&text).expect("the report is JSON")
+}
+
+#[test]
+fn bench_measures_the_sdk_producer_and_the_raw_rpc() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, extra, client, idempotent) in [
+        ("sdk-keyed", &["--keys", "50"][..], "sdk", true),
+        ("sdk-alo", &["--at-least-once"][..], "sdk", false),
+        ("raw", &["--raw-grpc"][..], "raw-grpc", true),
+    ] {
+        let report = bench(dir.path(), name, extra);
+        assert_eq!(report["messages"], 3000, "{name}: {report}");
+        assert_eq!(report["errors"], 0, "{name}: {report}");
+        assert_eq!(report["client"], client, "{name}");
+        assert_eq!(report["idempotent"], idempotent, "{name}");
+        assert!(
+            report["latency_ms"]["p50"].as_f64().is_some_and(|p| p > 0.0),
+            "{name}: no latency recorded: {report}"
+        );
+    }
+}
+
+#[test]
+fn bench_refuses_flags_the_sdk_cannot_honour() {
+    let out = Command::new(env!("CARGO_BIN_EXE_junction"))
+        .args(["bench", "produce", "--via-any-node", "--server", "127.0.0.1:1"])
+        .output()
+        .expect("run junction bench");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--via-any-node needs --raw-grpc"), "{err}");
+}
