@@ -59,10 +59,10 @@ pub const PARTITION_STATE: Format = Format {
     version: 2,
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
-/// settings and the producer id registry).
+/// settings and the producer id registry; since version 3 with API keys).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 2,
+    version: 3,
 };
 /// One stored message.
 pub const RECORD: Format = Format {
@@ -168,12 +168,13 @@ pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<
     })
 }
 
-/// Decodes the metadata state, upgrading version 1.
+/// Decodes the metadata state, upgrading versions 1 and 2.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    decode_upgrading(&META_STATE, b, |version, body| {
-        (version == 1).then(|| {
-            decode_body::<junction_types::meta::v1::MetaStateV1>(&META_STATE, body).map(Into::into)
-        })
+    use junction_types::meta::{v1, v2};
+    decode_upgrading(&META_STATE, b, |version, body| match version {
+        1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
+        2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
+        _ => None,
     })
 }
 
@@ -264,11 +265,11 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 3;
+        bytes[0] = 4;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 3; this build reads version 2 (written by a \
+            "metadata state is in format version 4; this build reads version 3 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
@@ -351,8 +352,64 @@ mod tests {
         frozen(
             &META_STATE,
             &meta,
-            "02010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
-             028108010764656661756c74066f72646572730100010100",
+            "03010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+             028108010764656661756c74066f72646572730100010100\
+             00",
+        );
+        // Version 2 (before API keys) is still read.
+        assert_eq!(
+            decode_meta_state(&unhex(
+                "02010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+                 028108010764656661756c74066f72646572730100010100"
+            ))
+            .unwrap(),
+            meta
+        );
+        // API keys: the command that adds one, and the state that holds it.
+        let key = junction_types::auth::ApiKey {
+            id: "0123456789abcdef".into(),
+            tenant: "default".into(),
+            role: junction_types::auth::Role::Producer,
+            station_prefix: Some("orders".into()),
+            secret_sha256: [0xab; 32],
+            description: "ci".into(),
+            created_ms: 1_764_000_000_000,
+            expires_ms: None,
+            revoked_ms: None,
+        };
+        let create_key = Entry {
+            log_id: log_id(3, 1, 12),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::CreateApiKey {
+                key: key.clone(),
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &create_key,
+            "0103010c01000b10303132333435363738396162636465660764656661756c740101066f7264657273\
+             abababababababababababababababababababababababababababababababab02636980a0bfe9d6660000",
+        );
+        let revoke_key = Entry {
+            log_id: log_id(3, 1, 13),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::RevokeApiKey {
+                id: key.id.clone(),
+                tenant: Some("default".into()),
+                now_ms: 1_764_000_000_500,
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &revoke_key,
+            "0103010d01000c1030313233343536373839616263646566010764656661756c74e8a7bfe9d666",
+        );
+        let mut keyed = MetaState::default();
+        keyed.apply(&MetaCommand::CreateApiKey { key });
+        frozen(
+            &META_STATE,
+            &keyed,
+            "03010764656661756c7400000100010100000000011030313233343536373839616263646566\
+             10303132333435363738396162636465660764656661756c740101066f7264657273\
+             abababababababababababababababababababababababababababababababab02636980a0bfe9d6660000",
         );
         // Version 1 (before producers and exactly-once settings) is still read.
         assert_eq!(

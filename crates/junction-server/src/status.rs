@@ -39,7 +39,8 @@ pub fn code_of(e: &BrokerError) -> Code {
         BrokerError::Meta(
             MetaError::TenantExists { .. }
             | MetaError::StationExists { .. }
-            | MetaError::GroupExists { .. },
+            | MetaError::GroupExists { .. }
+            | MetaError::KeyExists { .. },
         ) => Code::AlreadyExists,
         BrokerError::Fenced(_) => Code::FailedPrecondition,
         BrokerError::MemberNotFound { .. } => Code::NotFound,

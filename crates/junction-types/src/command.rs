@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::ApiKey;
 use crate::exactly_once::{
     AppendReject, DeliveryPolicy, Placement, ProducerBatch, ProducerIdentity,
 };
@@ -104,6 +105,14 @@ pub enum MetaCommand {
         name: String,
         policy: StationPolicy,
         delivery: DeliveryPolicy,
+    },
+    /// Adds an API key (its id and secret digest were made by the node that took the call).
+    CreateApiKey { key: ApiKey },
+    /// Revokes an API key; `tenant` limits it to that tenant's keys (a tenant admin's call).
+    RevokeApiKey {
+        id: String,
+        tenant: Option<String>,
+        now_ms: i64,
     },
 }
 

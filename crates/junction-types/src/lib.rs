@@ -12,8 +12,10 @@
 //!   its pure apply.
 //! - [`exactly_once`]: idempotent producer sequences and the message-id dedup window.
 //! - [`groups`]: consumer group settings, sticky assignment and per-partition cursors.
+//! - [`auth`]: roles, API keys and the authorization decision.
 //! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 
+pub mod auth;
 pub mod command;
 pub mod exactly_once;
 pub mod groups;

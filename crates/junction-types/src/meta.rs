@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandResponse, MetaCommand};
+use crate::auth::KeyRegistry;
 use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
 use crate::groups::{GroupMeta, MemberMeta};
 use crate::policy::StationPolicy;
@@ -28,6 +29,10 @@ pub enum MetaError {
     GroupExists { station: String, group: String },
     #[error("consumer group '{group}' of station '{station}' does not exist")]
     GroupNotFound { station: String, group: String },
+    #[error("API key id '{id}' is taken")]
+    KeyExists { id: String },
+    #[error("API key '{id}' does not exist")]
+    KeyNotFound { id: String },
 }
 
 /// One partition: its Raft group and the nodes holding a replica.
@@ -75,6 +80,8 @@ pub struct MetaState {
     pub next_group_uid: u64,
     /// Producer ids and the epochs of named producers.
     pub producers: ProducerRegistry,
+    /// API keys (their secrets' digests), by id.
+    pub api_keys: KeyRegistry,
 }
 
 impl Default for MetaState {
@@ -88,6 +95,7 @@ impl Default for MetaState {
             groups: BTreeMap::new(),
             next_group_uid: 1,
             producers: ProducerRegistry::default(),
+            api_keys: KeyRegistry::default(),
         }
     }
 }
@@ -263,6 +271,28 @@ impl MetaState {
                     });
                 }
                 CommandResponse::Producer(self.producers.init(tenant, name.as_deref()))
+            }
+            MetaCommand::CreateApiKey { key } => {
+                if !self.tenants.contains_key(&key.tenant) {
+                    return CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                        tenant: key.tenant.clone(),
+                    });
+                }
+                match self.api_keys.create(key.clone()) {
+                    Ok(()) => CommandResponse::Done,
+                    Err(_) => CommandResponse::MetaRejected(MetaError::KeyExists {
+                        id: key.id.clone(),
+                    }),
+                }
+            }
+            MetaCommand::RevokeApiKey { id, tenant, now_ms } => {
+                // The only refusal: no such key (of that tenant).
+                match self.api_keys.revoke(id, tenant.as_deref(), *now_ms) {
+                    Ok(()) => CommandResponse::Done,
+                    Err(_) => {
+                        CommandResponse::MetaRejected(MetaError::KeyNotFound { id: id.clone() })
+                    }
+                }
             }
         }
     }
@@ -505,6 +535,43 @@ pub mod v1 {
                 groups: v.groups,
                 next_group_uid: v.next_group_uid,
                 producers: ProducerRegistry::default(),
+                api_keys: Default::default(),
+            }
+        }
+    }
+}
+
+/// The metadata state as format version 2 stored it (before API keys).
+pub mod v2 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, StationMeta};
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::GroupMeta;
+
+    /// The metadata state as version 2 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV2 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+    }
+
+    impl From<MetaStateV2> for MetaState {
+        fn from(v: MetaStateV2) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: Default::default(),
             }
         }
     }
