@@ -8,7 +8,14 @@ fn bench(dir: &std::path::Path, name: &str, extra: &[&str]) -> serde_json::Value
     let json = dir.join(format!("{name}.json"));
     let out = Command::new(env!("CARGO_BIN_EXE_junction"))
         .args(["bench", "produce", "--spawn", "3", "--quiet"])
-        .args(["--messages", "3000", "--batch-size", "100", "--in-flight", "4"])
+        .args([
+            "--messages",
+            "3000",
+            "--batch-size",
+            "100",
+            "--in-flight",
+            "4",
+        ])
         .args(["--partitions", "3", "--replication-factor", "3"])
         .arg("--data-dir")
         .arg(dir)
@@ -41,7 +48,9 @@ fn bench_measures_the_sdk_producer_and_the_raw_rpc() {
         assert_eq!(report["client"], client, "{name}");
         assert_eq!(report["idempotent"], idempotent, "{name}");
         assert!(
-            report["latency_ms"]["p50"].as_f64().is_some_and(|p| p > 0.0),
+            report["latency_ms"]["p50"]
+                .as_f64()
+                .is_some_and(|p| p > 0.0),
             "{name}: no latency recorded: {report}"
         );
     }
@@ -50,7 +59,13 @@ fn bench_measures_the_sdk_producer_and_the_raw_rpc() {
 #[test]
 fn bench_refuses_flags_the_sdk_cannot_honour() {
     let out = Command::new(env!("CARGO_BIN_EXE_junction"))
-        .args(["bench", "produce", "--via-any-node", "--server", "127.0.0.1:1"])
+        .args([
+            "bench",
+            "produce",
+            "--via-any-node",
+            "--server",
+            "127.0.0.1:1",
+        ])
         .output()
         .expect("run junction bench");
     assert!(!out.status.success());

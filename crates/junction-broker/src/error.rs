@@ -75,6 +75,9 @@ pub enum BrokerError {
     /// A producer id the cluster never handed out.
     #[error("producer id {0} was never handed out by this cluster: call InitProducer first")]
     UnknownProducerId(u64),
+    /// A credential was missing or refused, or the caller may not do this.
+    #[error(transparent)]
+    Auth(#[from] junction_types::auth::AuthError),
     /// The feature exists in the API but this build does not provide it.
     #[error("{0}")]
     Unimplemented(String),
@@ -97,6 +100,7 @@ impl BrokerError {
             },
             BrokerError::Meta(m) => BrokerError::Meta(m.clone()),
             BrokerError::Produce(r) => BrokerError::Produce(r.clone()),
+            BrokerError::Auth(a) => BrokerError::Auth(a.clone()),
             BrokerError::MemberNotFound { group, member } => BrokerError::MemberNotFound {
                 group: group.clone(),
                 member: member.clone(),

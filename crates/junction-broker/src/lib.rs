@@ -13,6 +13,7 @@
 //! Depends on types, storage and raft; knows nothing of gRPC services (the server crate maps
 //! requests onto these calls and [`BrokerError`] onto statuses).
 
+pub mod auth;
 pub mod controller;
 pub mod delivery;
 mod error;

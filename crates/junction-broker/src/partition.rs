@@ -91,7 +91,8 @@ pub struct BatchLimits {
     pub max_entry_bytes: usize,
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

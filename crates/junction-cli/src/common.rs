@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use anyhow::Context;
-use junction_client::Client;
 use junction_client::proto::{NodeInfo, PartitionInfo, StationInfo, StoredMessage};
+use junction_client::{Client, ClientOptions};
 use serde_json::{Value, json};
 
 /// The addresses client commands use when neither `--server` nor `JUNCTION_SERVER` is set.
@@ -22,6 +22,20 @@ pub struct ConnArgs {
         global = true
     )]
     pub server: String,
+    /// Credential for a cluster that runs with `--auth keys`: an API key (`jk_...`) or the
+    /// admin token.
+    #[arg(long, env = "JUNCTION_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the credential from this file instead (e.g. the dev cluster's
+    /// `./data/admin.token`).
+    #[arg(
+        long,
+        env = "JUNCTION_TOKEN_FILE",
+        global = true,
+        value_name = "PATH",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
@@ -30,9 +44,28 @@ impl ConnArgs {
         split_addresses(&self.server)
     }
 
+    /// The credential, from `--token` or `--token-file`.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?;
+            return Ok(Some(text.trim().to_owned()));
+        }
+        Ok(self.token.clone())
+    }
+
+    /// Client options with the credential.
+    pub fn options(&self) -> anyhow::Result<ClientOptions> {
+        Ok(ClientOptions {
+            token: self.token()?,
+            ..ClientOptions::default()
+        })
+    }
+
     /// A client for these addresses.
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::connect(self.addresses()).with_context(|| format!("--server {:?}", self.server))
+        Client::connect_with(self.addresses(), self.options()?)
+            .with_context(|| format!("--server {:?}", self.server))
     }
 }
 

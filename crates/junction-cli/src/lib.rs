@@ -7,6 +7,7 @@
 //! `--server ADDR[,ADDR...]` (env `JUNCTION_SERVER`, default [`DEFAULT_SERVERS`]). Output is
 //! for humans (aligned columns) unless `--json` is given.
 
+mod auth;
 mod cluster;
 mod common;
 mod dev;
@@ -17,6 +18,7 @@ mod read;
 mod station;
 mod tenant;
 
+pub use auth::{AuthArgs, AuthCommand, KeyCommand};
 pub use cluster::{ClusterArgs, ClusterCommand};
 pub use common::{ConnArgs, DEFAULT_SERVERS};
 pub use dev::{DevArgs, run_dev};
@@ -33,6 +35,8 @@ pub enum ClientCommand {
     Station(StationArgs),
     /// Create and list tenants.
     Tenant(TenantArgs),
+    /// API keys (create, list, revoke) and `whoami`.
+    Auth(AuthArgs),
     /// Send one message per line of standard input.
     Produce(ProduceArgs),
     /// Print a station's messages.
@@ -52,6 +56,7 @@ pub async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Station(args) => station::run(args).await,
         ClientCommand::Tenant(args) => tenant::run(args).await,
+        ClientCommand::Auth(args) => auth::run(args).await,
         ClientCommand::Produce(args) => produce::run(args).await,
         ClientCommand::Read(args) => read::run(args).await,
         ClientCommand::Cluster(args) => cluster::run(args).await,

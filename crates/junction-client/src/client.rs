@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use junction_proto::v1::admin_client::AdminClient;
 use junction_proto::v1::broker_client::BrokerClient;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -28,6 +30,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Largest gRPC message sent or received (default 64 MiB).
     pub max_message_size: usize,
+    /// The credential sent with every call as `authorization: Bearer <token>` (an API key
+    /// `jk_...` or the admin token); `None` for a cluster running with `--auth none`.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -38,6 +43,7 @@ impl Default for ClientOptions {
             max_backoff: retry::MAX_BACKOFF,
             connect_timeout: Duration::from_secs(5),
             max_message_size: 64 * 1024 * 1024,
+            token: None,
         }
     }
 }
@@ -46,6 +52,12 @@ impl ClientOptions {
     /// Sets [`ClientOptions::retry_deadline`].
     pub fn with_retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = deadline;
+        self
+    }
+
+    /// Sets [`ClientOptions::token`].
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -74,8 +86,35 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A channel whose calls carry the client's credential.
+pub type AuthedChannel = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<redacted>)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
+    bearer: Bearer,
     pool: Mutex<Pool>,
 }
 
@@ -110,8 +149,17 @@ impl Client {
         if addrs.is_empty() {
             return Err(ClientError::NoAddresses);
         }
+        let bearer = match &options.token {
+            Some(t) => Bearer(Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| ClientError::InvalidToken)?,
+            )),
+            None => Bearer(None),
+        };
         Ok(Client {
             inner: Arc::new(Inner {
+                bearer,
                 options,
                 pool: Mutex::new(Pool {
                     addrs,
@@ -132,16 +180,21 @@ impl Client {
         self.inner.lock().addrs.clone()
     }
 
-    pub(crate) fn broker(&self, channel: Channel) -> BrokerClient<Channel> {
+    /// `channel` with this client's credential on every call.
+    pub(crate) fn authed(&self, channel: Channel) -> AuthedChannel {
+        InterceptedService::new(channel, self.inner.bearer.clone())
+    }
+
+    pub(crate) fn broker(&self, channel: Channel) -> BrokerClient<AuthedChannel> {
         let max = self.inner.options.max_message_size;
-        BrokerClient::new(channel)
+        BrokerClient::new(self.authed(channel))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)
     }
 
-    pub(crate) fn admin(&self, channel: Channel) -> AdminClient<Channel> {
+    pub(crate) fn admin(&self, channel: Channel) -> AdminClient<AuthedChannel> {
         let max = self.inner.options.max_message_size;
-        AdminClient::new(channel)
+        AdminClient::new(self.authed(channel))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)
     }

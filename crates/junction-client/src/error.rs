@@ -13,6 +13,9 @@ pub enum ClientError {
     /// `Client::connect` was given no addresses.
     #[error("no server addresses given")]
     NoAddresses,
+    /// The token cannot be sent as a gRPC metadata value.
+    #[error("the token has characters a header cannot carry (printable ASCII only)")]
+    InvalidToken,
 
     /// A server address could not be parsed.
     #[error("invalid server address {addr:?}: {reason}")]

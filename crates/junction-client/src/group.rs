@@ -112,9 +112,9 @@ fn is_fenced(s: &Status) -> bool {
 }
 
 impl Client {
-    pub(crate) fn groups(&self, channel: Channel) -> GroupsClient<Channel> {
+    pub(crate) fn groups(&self, channel: Channel) -> GroupsClient<crate::client::AuthedChannel> {
         let max = self.inner.options.max_message_size;
-        GroupsClient::new(channel)
+        GroupsClient::new(self.authed(channel))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)
     }

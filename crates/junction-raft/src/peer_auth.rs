@@ -214,7 +214,7 @@ impl ClusterSecret {
     }
 
     /// Compares in time independent of where the first difference is.
-    fn matches(&self, presented: &[u8]) -> bool {
+    pub fn matches(&self, presented: &[u8]) -> bool {
         let expected = self.value.as_bytes();
         expected.len() == presented.len()
             && expected

@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 
+use junction_broker::auth::KeySpec;
 use junction_broker::controller::{PartitionView, Probe};
 use junction_broker::{Broker, BrokerError};
 use junction_proto::v1::admin_server::Admin;
 use junction_proto::v1::*;
-use junction_types::{StationMeta, StationName};
+use junction_types::auth::{ApiKey, Operation, Refusal, Role};
+use junction_types::{MetaError, StationMeta, StationName};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Authenticator, allow_cluster, allow_station, allow_tenant};
 use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
 use crate::status::to_status;
 
@@ -17,11 +20,16 @@ use crate::status::to_status;
 pub struct AdminService {
     broker: Arc<Broker>,
     clients: Arc<ClientPool>,
+    auth: Arc<Authenticator>,
 }
 
 impl AdminService {
-    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
-        Self { broker, clients }
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>, auth: Arc<Authenticator>) -> Self {
+        Self {
+            broker,
+            clients,
+            auth,
+        }
     }
 
     /// Returns the controller's address when this node is not the controller.
@@ -91,6 +99,8 @@ impl Admin for AdminService {
         req: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_cluster(&who)?;
         if let Some(addr) = self.controller_addr(hops)? {
             return self
                 .clients
@@ -108,9 +118,17 @@ impl Admin for AdminService {
 
     async fn list_tenants(
         &self,
-        _req: Request<ListTenantsRequest>,
+        req: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
-        let tenants = self.broker.metadata().tenants.keys().cloned().collect();
+        let who = self.auth.principal(req.metadata()).await?;
+        let tenants = self
+            .broker
+            .metadata()
+            .tenants
+            .keys()
+            .filter(|t| who.sees_tenant(t))
+            .cloned()
+            .collect();
         Ok(Response::new(ListTenantsResponse { tenants }))
     }
 
@@ -119,9 +137,11 @@ impl Admin for AdminService {
         req: Request<CreateStationRequest>,
     ) -> Result<Response<CreateStationResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let r = req.into_inner();
         // Validate here too, so a bad request fails fast on any node.
         let name = parse(&r.name)?;
+        allow_station(&who, Operation::Manage, &name)?;
         if let Some(addr) = self.controller_addr(hops)? {
             return self
                 .clients
@@ -159,12 +179,14 @@ impl Admin for AdminService {
         &self,
         req: Request<ListStationsRequest>,
     ) -> Result<Response<ListStationsResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
         let tenant = req.into_inner().tenant;
         let meta = self.broker.metadata();
         let stations = meta
             .stations
             .values()
             .filter(|s| tenant.is_empty() || s.tenant == tenant)
+            .filter(|s| who.lists_station(&s.tenant, &s.name))
             .map(|s| station_info(s, None))
             .collect();
         Ok(Response::new(ListStationsResponse { stations }))
@@ -174,7 +196,9 @@ impl Admin for AdminService {
         &self,
         req: Request<DescribeStationRequest>,
     ) -> Result<Response<DescribeStationResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
         let name = parse(&req.into_inner().name)?;
+        allow_station(&who, Operation::Describe, &name)?;
         let s = self.broker.station(&name).map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;
         Ok(Response::new(DescribeStationResponse {
@@ -187,8 +211,10 @@ impl Admin for AdminService {
         req: Request<UpdateStationRequest>,
     ) -> Result<Response<UpdateStationResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let r = req.into_inner();
         let name = parse(&r.name)?;
+        allow_station(&who, Operation::Manage, &name)?;
         let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
         if let Some(addr) = self.controller_addr(hops)? {
             return self
@@ -214,8 +240,10 @@ impl Admin for AdminService {
         req: Request<DeleteStationRequest>,
     ) -> Result<Response<DeleteStationResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let r = req.into_inner();
         let name = parse(&r.name)?;
+        allow_station(&who, Operation::Manage, &name)?;
         if let Some(addr) = self.controller_addr(hops)? {
             return self
                 .clients
@@ -230,12 +258,14 @@ impl Admin for AdminService {
 
     async fn cluster_status(
         &self,
-        _req: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        // Any principal: clients route by it. Stations are only the caller's own.
+        let who = self.auth.principal(req.metadata()).await?;
         let probe = self.broker.probe_nodes().await;
         let addrs = self.broker.node_addrs();
         let meta = self.broker.metadata();
-        let stations: Vec<StationInfo> = meta
+        let all: Vec<StationInfo> = meta
             .stations
             .values()
             .map(|s| describe(&self.broker, s, &probe))
@@ -244,7 +274,7 @@ impl Admin for AdminService {
             .iter()
             .map(|(id, addr)| {
                 let replicas = meta.replica_counts().get(id).copied().unwrap_or(0) as u32;
-                let leaders = stations
+                let leaders = all
                     .iter()
                     .flat_map(|s| &s.partition_info)
                     .filter(|p| p.leader == Some(*id))
@@ -259,6 +289,10 @@ impl Admin for AdminService {
             })
             .collect();
         let (leader, term) = self.broker.meta_leader();
+        let stations = all
+            .into_iter()
+            .filter(|s| who.lists_station(&s.tenant, &s.name))
+            .collect();
         Ok(Response::new(ClusterStatusResponse {
             nodes,
             metadata_leader: leader,
@@ -266,5 +300,134 @@ impl Admin for AdminService {
             stations,
             cluster_id: self.broker.identity().get().unwrap_or_default(),
         }))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        let mut r = req.into_inner();
+        if r.tenant.is_empty() {
+            r.tenant.clone_from(&who.tenant);
+        }
+        let role = Role::parse(&r.role).map_err(|e| to_status(e.into()))?;
+        who.may_grant(&r.tenant, role)
+            .map_err(|refusal| match refusal {
+                Refusal::Hidden => to_status(BrokerError::Meta(MetaError::TenantNotFound {
+                    tenant: r.tenant.clone(),
+                })),
+                Refusal::Denied(e) => to_status(e.into()),
+            })?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .create_api_key(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let (key, token) = self
+            .broker
+            .create_api_key(KeySpec {
+                tenant: r.tenant,
+                role,
+                station_prefix: r.station_prefix.filter(|p| !p.is_empty()),
+                expires_in_ms: r.expires_in_ms,
+                description: r.description,
+            })
+            .await
+            .map_err(to_status)?;
+        tracing::info!(key = %key.id, tenant = %key.tenant, role = %key.role, "API key created");
+        Ok(Response::new(CreateApiKeyResponse {
+            key: Some(key_info(&key)),
+            token,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
+        let tenant = req.into_inner().tenant;
+        if !tenant.is_empty() {
+            allow_tenant(&who, Operation::ManageKeys, &tenant)?;
+        } else {
+            allow_tenant(&who, Operation::ManageKeys, &who.tenant)?;
+        }
+        let keys = self
+            .broker
+            .metadata()
+            .api_keys
+            .keys
+            .values()
+            .filter(|k| who.sees_tenant(&k.tenant))
+            .filter(|k| tenant.is_empty() || k.tenant == tenant)
+            .map(key_info)
+            .collect();
+        Ok(Response::new(ListApiKeysResponse { keys }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_tenant(&who, Operation::ManageKeys, &who.tenant)?;
+        let r = req.into_inner();
+        if let Some(addr) = self.controller_addr(hops)? {
+            // The controller decides the tenant again from its own copy of the key.
+            let meta = self.broker.metadata();
+            let owner = meta.api_keys.keys.get(&r.id).map(|k| k.tenant.clone());
+            if owner.is_none_or(|t| !who.sees_tenant(&t)) {
+                return Err(to_status(BrokerError::Meta(MetaError::KeyNotFound {
+                    id: r.id,
+                })));
+            }
+            return self
+                .clients
+                .admin(&addr)?
+                .revoke_api_key(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let scope = (who.role != Role::ClusterAdmin).then_some(who.tenant.as_str());
+        self.broker
+            .revoke_api_key(&r.id, scope)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(key = %r.id, "API key revoked");
+        Ok(Response::new(RevokeApiKeyResponse {}))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
+        Ok(Response::new(WhoAmIResponse {
+            tenant: who.tenant,
+            role: who.role.to_string(),
+            station_prefix: who.station_prefix,
+            key_id: who.key_id.unwrap_or_default(),
+            auth_enabled: self.auth.enabled(),
+        }))
+    }
+}
+
+/// Converts a key for the API (never its digest).
+fn key_info(k: &ApiKey) -> ApiKeyInfo {
+    ApiKeyInfo {
+        id: k.id.clone(),
+        tenant: k.tenant.clone(),
+        role: k.role.to_string(),
+        station_prefix: k.station_prefix.clone(),
+        description: k.description.clone(),
+        created_at_ms: k.created_ms,
+        expires_at_ms: k.expires_ms,
+        revoked_at_ms: k.revoked_ms,
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::auth::{Authenticator, CREDENTIAL_RECHECK, allow_station, allow_tenant};
 use crate::forward::{
     ClientPool, FORWARD_TIMEOUT, MAX_HOPS, forward_timed_out, forwarded, hops_of, with_hops,
 };
@@ -29,6 +30,7 @@ use crate::produce_path::{
     Forwarders, Part, PartWait, Planned, complete, may_forward, record_of, too_many_hops,
 };
 use crate::status::to_status;
+use junction_types::auth::{Operation, Principal};
 
 const DEFAULT_MAX_MESSAGES: usize = 1000;
 const DEFAULT_MAX_BYTES: usize = 4 << 20;
@@ -40,23 +42,32 @@ const LEADER_WAIT: Duration = Duration::from_secs(3);
 pub struct BrokerService {
     broker: Arc<Broker>,
     clients: Arc<ClientPool>,
+    pub(crate) auth: Arc<Authenticator>,
     /// Round-robin counter for unkeyed batches and replica choice.
     sticky: Arc<AtomicU32>,
 }
 
 impl BrokerService {
-    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>, auth: Arc<Authenticator>) -> Self {
         Self {
             broker,
             clients,
+            auth,
             sticky: Arc::new(AtomicU32::new(0)),
         }
     }
 
-    /// Finds a station in this node's metadata, waiting briefly for metadata that may lag the
-    /// controller (a station created a moment ago through another node).
-    pub(crate) async fn station(&self, name: &str) -> Result<StationMeta, Status> {
+    /// Finds a station `who` may do `op` on in this node's metadata, waiting briefly for
+    /// metadata that may lag the controller (a station created a moment ago through another
+    /// node). Another tenant's station is not found, whether it exists or not.
+    pub(crate) async fn station(
+        &self,
+        name: &str,
+        who: &Principal,
+        op: Operation,
+    ) -> Result<StationMeta, Status> {
         let name = StationName::parse(name).map_err(|e| to_status(e.into()))?;
+        allow_station(who, op, &name)?;
         if let Ok(s) = self.broker.station(&name) {
             return Ok(s);
         }
@@ -137,13 +148,13 @@ impl BrokerService {
     }
 
     /// Validates a batch and splits it by partition.
-    async fn plan(&self, req: ProduceRequest) -> Result<Planned, Status> {
+    async fn plan(&self, req: ProduceRequest, who: &Principal) -> Result<Planned, Status> {
         if req.messages.is_empty() {
             return Err(Status::invalid_argument(
                 "empty batch: a produce request needs at least one message",
             ));
         }
-        let station = self.station(&req.station).await?;
+        let station = self.station(&req.station, who, Operation::Produce).await?;
         if let Some(p) = &req.producer {
             self.check_producer(&station.tenant, &producer_batch(p))
                 .await?;
@@ -374,10 +385,11 @@ impl BrokerApi for BrokerService {
         req: Request<ProduceRequest>,
     ) -> Result<Response<ProduceResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
         let request_id = req.request_id;
         let positions = async {
-            let planned = self.plan(req).await?;
+            let planned = self.plan(req, &who).await?;
             let total = planned.total;
             let waits = self.dispatch(planned, hops, None).await?;
             complete(total, waits).await
@@ -397,12 +409,14 @@ impl BrokerApi for BrokerService {
         req: Request<InitProducerRequest>,
     ) -> Result<Response<InitProducerResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let r = req.into_inner();
         let tenant = if r.tenant.is_empty() {
             junction_types::DEFAULT_TENANT.to_string()
         } else {
             r.tenant.clone()
         };
+        allow_tenant(&who, Operation::Produce, &tenant)?;
         match self.broker.ensure_controller() {
             Ok(()) => {}
             Err(BrokerError::NotLeader {
@@ -436,6 +450,7 @@ impl BrokerApi for BrokerService {
         req: Request<Streaming<ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
         let svc = self.clone();
@@ -453,8 +468,13 @@ impl BrokerApi for BrokerService {
                     next = input.next() => match next {
                         Some(Ok(batch)) => {
                             let id = batch.request_id;
+                            // A key revoked or expired while the stream is open ends it.
+                            if let Err(s) = svc.auth.still_valid(&who) {
+                                let _ = tx.send(Err(s)).await;
+                                break;
+                            }
                             let started = async {
-                                let planned = svc.plan(batch).await?;
+                                let planned = svc.plan(batch, &who).await?;
                                 let total = planned.total;
                                 Ok::<_, Status>((total, svc.dispatch(planned, hops, Some(&mut forwarders)).await?))
                             }
@@ -491,8 +511,9 @@ impl BrokerApi for BrokerService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let station = self.station(&req.station).await?;
+        let station = self.station(&req.station, &who, Operation::Read).await?;
         let part = self.partition_of(&station, req.partition)?;
         if req.local_replica {
             if self.broker.partition(part.group_id).is_none() {
@@ -526,8 +547,9 @@ impl BrokerApi for BrokerService {
 
     async fn tail(&self, req: Request<ReadRequest>) -> Result<Response<Self::TailStream>, Status> {
         let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let station = self.station(&req.station).await?;
+        let station = self.station(&req.station, &who, Operation::Read).await?;
         let part = self.partition_of(&station, req.partition)?.clone();
         // Any replica can serve a tail: it only ever holds committed messages.
         let Some(replica) = self.broker.partition(part.group_id) else {
@@ -607,7 +629,18 @@ impl BrokerApi for BrokerService {
                             let _ = tx.send(Err(Status::unavailable("node shutting down; resume elsewhere"))).await;
                             return;
                         }
+                        // An idle tail still ends soon after its key is revoked or expires.
+                        () = tokio::time::sleep(CREDENTIAL_RECHECK), if who.key_id.is_some() => {
+                            if let Err(s) = svc.auth.still_valid(&who) {
+                                let _ = tx.send(Err(s)).await;
+                                return;
+                            }
+                        }
                     }
+                }
+                if let Err(s) = svc.auth.still_valid(&who) {
+                    let _ = tx.send(Err(s)).await;
+                    return;
                 }
                 let mut r = req.clone();
                 r.start = Some(Start::Offset(next));

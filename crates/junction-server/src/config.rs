@@ -45,6 +45,8 @@ pub enum ConfigError {
     },
     #[error("cluster secret: {0}")]
     ClusterSecret(String),
+    #[error("authentication: {0}")]
+    Auth(String),
     #[error("{field} must be {rule}, got {value}")]
     OutOfRange {
         field: &'static str,
@@ -94,9 +96,24 @@ pub struct Config {
     /// File holding the secret every node of the cluster shares; node-to-node calls without
     /// it are refused. `None`: peer calls are not authenticated (a warning at start).
     pub cluster_secret_file: Option<PathBuf>,
+    /// Whether client calls must carry a credential.
+    pub auth: AuthMode,
+    /// File with the bootstrap admin token (cluster-admin); made on first start when missing.
+    pub admin_token_file: Option<PathBuf>,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
+}
+
+/// Whether client calls are authenticated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Every call is allowed, as the cluster admin (a warning at start).
+    #[default]
+    None,
+    /// Every call carries `authorization: Bearer <token>`: an API key or the admin token.
+    Keys,
 }
 
 impl Default for Config {
@@ -121,6 +138,8 @@ impl Default for Config {
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
             cluster_secret_file: None,
+            auth: AuthMode::None,
+            admin_token_file: None,
             test_no_preallocation: false,
         }
     }
@@ -180,6 +199,16 @@ pub struct ServeArgs {
     /// refused; without this flag they are not authenticated at all.
     #[arg(long, env = "JUNCTION_CLUSTER_SECRET_FILE", value_name = "PATH")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// `keys`: every client call must carry `authorization: Bearer <token>` (an API key made
+    /// with `junction auth key create`, or the admin token) and may only touch its tenant.
+    /// Needs --cluster-secret-file (nodes forward calls to each other with it) and
+    /// --admin-token-file. `none` (default): no credentials, everything allowed.
+    #[arg(long, env = "JUNCTION_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// File holding the bootstrap admin token (a cluster-admin credential). When the file does
+    /// not exist, a new token is made and written there (mode 0600) on first start.
+    #[arg(long, env = "JUNCTION_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -254,6 +283,12 @@ impl Config {
         if let Some(v) = &args.cluster_secret_file {
             c.cluster_secret_file = Some(v.clone());
         }
+        if let Some(v) = args.auth {
+            c.auth = v;
+        }
+        if let Some(v) = &args.admin_token_file {
+            c.admin_token_file = Some(v.clone());
+        }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;
         }
@@ -276,6 +311,22 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::ZeroId);
+        }
+        if self.auth == AuthMode::Keys {
+            if self.cluster_secret_file.is_none() {
+                return Err(ConfigError::Auth(
+                    "--auth keys needs --cluster-secret-file: nodes forward calls to each other \
+                     with it"
+                        .into(),
+                ));
+            }
+            if self.admin_token_file.is_none() {
+                return Err(ConfigError::Auth(
+                    "--auth keys needs --admin-token-file (made on first start when missing): \
+                     it is the credential that creates the first API keys"
+                        .into(),
+                ));
+            }
         }
         let members = self.member_map()?;
         self.dial_overrides()?;

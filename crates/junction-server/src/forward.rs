@@ -7,8 +7,10 @@ use std::time::Duration;
 use junction_proto::v1::admin_client::AdminClient;
 use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::groups_client::GroupsClient;
+use junction_raft::peer_auth::AttachSecret;
 use parking_lot::Mutex;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// gRPC metadata key counting how many times a request was forwarded.
@@ -48,12 +50,18 @@ pub fn with_hops<T>(msg: T, hops: u32) -> tonic::Request<T> {
     r
 }
 
-/// Lazily connected channels to other nodes' public API.
+/// Lazily connected channels to other nodes' public API. Every call made through the pool
+/// carries the cluster secret: the node that took the call has authorized it, and the node it
+/// is forwarded to trusts that (see `crate::auth`).
 #[derive(Default)]
 pub struct ClientPool {
     channels: Mutex<HashMap<String, Channel>>,
     dial: junction_raft::DialOverrides,
+    node: AttachSecret,
 }
+
+/// A channel whose calls carry the node credential.
+pub type NodeChannel = InterceptedService<Channel, AttachSecret>;
 
 /// Maps the failure of a forwarded call: a broken connection to the other node means the
 /// outcome is unknown, which clients must treat as retryable (UNAVAILABLE).
@@ -71,14 +79,20 @@ pub fn forwarded(s: Status) -> Status {
 
 impl ClientPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
-    pub fn with_overrides(dial: junction_raft::DialOverrides) -> Self {
+    pub fn with_overrides(dial: junction_raft::DialOverrides, node: AttachSecret) -> Self {
         Self {
             channels: Mutex::default(),
             dial,
+            node,
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    fn channel(&self, addr: &str) -> Result<NodeChannel, Status> {
+        let channel = self.raw_channel(addr)?;
+        Ok(InterceptedService::new(channel, self.node.clone()))
+    }
+
+    fn raw_channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut map = self.channels.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -101,21 +115,21 @@ impl ClientPool {
     }
 
     /// Returns a Broker client for `addr`.
-    pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>, Status> {
+    pub fn broker(&self, addr: &str) -> Result<BrokerClient<NodeChannel>, Status> {
         Ok(BrokerClient::new(self.channel(addr)?)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20))
     }
 
     /// Returns a Groups client for `addr`.
-    pub fn groups(&self, addr: &str) -> Result<GroupsClient<Channel>, Status> {
+    pub fn groups(&self, addr: &str) -> Result<GroupsClient<NodeChannel>, Status> {
         Ok(GroupsClient::new(self.channel(addr)?)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20))
     }
 
     /// Returns an Admin client for `addr`.
-    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<NodeChannel>, Status> {
         Ok(AdminClient::new(self.channel(addr)?))
     }
 }

@@ -16,9 +16,11 @@ use junction_types::groups::{self as tg, GroupMeta, StartFrom, dead_letter_stati
 use junction_types::{Record, StationName};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Authenticator, CREDENTIAL_RECHECK, allow_station};
 use crate::broker_service::{BrokerService, stored_message};
 use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
 use crate::status::to_status;
+use junction_types::auth::{Operation, Principal};
 
 /// Forwards the call to the controller unless this node is the controller.
 macro_rules! on_controller {
@@ -42,16 +44,24 @@ pub struct GroupsService {
     broker: Arc<Broker>,
     clients: Arc<ClientPool>,
     routes: BrokerService,
+    auth: Arc<Authenticator>,
 }
 
 impl GroupsService {
-    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>) -> Self {
-        let routes = BrokerService::new(broker.clone(), clients.clone());
+    pub fn new(broker: Arc<Broker>, clients: Arc<ClientPool>, auth: Arc<Authenticator>) -> Self {
+        let routes = BrokerService::new(broker.clone(), clients.clone(), auth.clone());
         Self {
             broker,
             clients,
             routes,
+            auth,
         }
+    }
+
+    /// Authenticates a call and checks `op` on its station.
+    async fn allow<T>(&self, req: &Request<T>, station: &str, op: Operation) -> Result<(), Status> {
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_station(&who, op, &parse(station)?)
     }
 
     fn controller_addr(&self, hops: u32) -> Result<Option<String>, Status> {
@@ -73,7 +83,11 @@ impl GroupsService {
         partition: u32,
         hops: u32,
     ) -> Result<Option<String>, Status> {
-        let meta = self.routes.station(station).await?;
+        // Called once the call is authorized: routing only.
+        let meta = self
+            .routes
+            .station(station, &Principal::superuser(), Operation::Describe)
+            .await?;
         let pm = meta.partitions.get(partition as usize).ok_or_else(|| {
             to_status(BrokerError::PartitionOutOfRange {
                 station: meta.full_name(),
@@ -92,7 +106,11 @@ impl GroupsService {
 
     /// A node holding a replica of the partition (this one when it does).
     async fn replica_route(&self, station: &str, partition: u32) -> Result<Option<String>, Status> {
-        let meta = self.routes.station(station).await?;
+        // Called once the call is authorized: routing only.
+        let meta = self
+            .routes
+            .station(station, &Principal::superuser(), Operation::Describe)
+            .await?;
         let pm = meta.partitions.get(partition as usize).ok_or_else(|| {
             to_status(BrokerError::PartitionOutOfRange {
                 station: meta.full_name(),
@@ -223,6 +241,36 @@ fn group_partition(g: &GroupMeta, p: u32, pos: Option<GroupPosition>) -> GroupPa
 
 type ConsumeStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
 
+/// Passes `inner` on, and ends it with the credential's error once the key it was opened with
+/// is revoked or expires (checked every [`CREDENTIAL_RECHECK`]).
+fn end_on_revocation(
+    mut inner: ConsumeStream,
+    auth: Arc<Authenticator>,
+    who: Principal,
+) -> ConsumeStream {
+    if who.key_id.is_none() {
+        return inner;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CREDENTIAL_RECHECK);
+        loop {
+            tokio::select! {
+                item = inner.next() => match item {
+                    Some(item) => if tx.send(item).await.is_err() { return },
+                    None => return,
+                },
+                _ = tick.tick() => if let Err(s) = auth.still_valid(&who) {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl Groups for GroupsService {
     async fn create_group(
@@ -230,6 +278,8 @@ impl Groups for GroupsService {
         req: Request<CreateGroupRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         on_controller!(self, hops, r, create_group);
@@ -246,6 +296,8 @@ impl Groups for GroupsService {
         req: Request<JoinGroupRequest>,
     ) -> Result<Response<MemberAssignment>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         on_controller!(self, hops, r, join_group);
@@ -268,6 +320,8 @@ impl Groups for GroupsService {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<MemberAssignment>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         on_controller!(self, hops, r, heartbeat);
@@ -283,6 +337,8 @@ impl Groups for GroupsService {
         req: Request<LeaveGroupRequest>,
     ) -> Result<Response<LeaveGroupResponse>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         on_controller!(self, hops, r, leave_group);
@@ -297,6 +353,7 @@ impl Groups for GroupsService {
         &self,
         req: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
         let r = req.into_inner();
         let filter = if r.station.is_empty() {
             None
@@ -308,6 +365,9 @@ impl Groups for GroupsService {
             .groups
             .values()
             .filter(|g| filter.as_ref().is_none_or(|s| *s == g.station))
+            .filter(|g| {
+                StationName::parse(&g.station).is_ok_and(|n| who.lists_station(&n.tenant, &n.name))
+            })
             .map(group_info)
             .collect();
         Ok(Response::new(ListGroupsResponse { groups }))
@@ -318,6 +378,8 @@ impl Groups for GroupsService {
         req: Request<DescribeGroupRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Describe)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         let g = self
@@ -379,6 +441,8 @@ impl Groups for GroupsService {
         req: Request<SeekGroupRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         let g = self
@@ -441,6 +505,8 @@ impl Groups for GroupsService {
         req: Request<CloneGroupRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         if let Some(p) = r.partition {
@@ -512,6 +578,8 @@ impl Groups for GroupsService {
         req: Request<DeleteGroupRequest>,
     ) -> Result<Response<DeleteGroupResponse>, Status> {
         let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         on_controller!(self, hops, r, delete_group);
@@ -528,6 +596,7 @@ impl Groups for GroupsService {
         &self,
         req: Request<Streaming<ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -539,6 +608,7 @@ impl Groups for GroupsService {
             ));
         };
         let station = parse(&sub.station)?;
+        allow_station(&who, Operation::Consume, &station)?;
         let subscription = self
             .broker
             .subscribe(
@@ -594,13 +664,19 @@ impl Groups for GroupsService {
                 Err(e) => Err(to_status(e)),
             },
         );
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(end_on_revocation(
+            Box::pin(out),
+            self.auth.clone(),
+            who,
+        )))
     }
 
     async fn resend_dead_letters(
         &self,
         req: Request<ResendDeadLettersRequest>,
     ) -> Result<Response<ResendDeadLettersResponse>, Status> {
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
         let r = req.into_inner();
         let station = parse(&r.station)?;
         let dls = dead_letter_station(&station.full());

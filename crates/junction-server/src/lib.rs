@@ -10,6 +10,7 @@
 //! addresses, so tests run many nodes in one process on port 0.
 
 pub mod admin_service;
+pub mod auth;
 pub mod broker_service;
 pub mod config;
 pub mod forward;
@@ -33,7 +34,7 @@ use junction_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::{Config, ConfigError, ServeArgs};
+pub use crate::config::{AuthMode, Config, ConfigError, ServeArgs};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +168,20 @@ impl Server {
         let broker = Broker::start(config.broker_config()?, store.clone()).await?;
         let clients = Arc::new(forward::ClientPool::with_overrides(
             config.dial_overrides()?,
+            junction_raft::peer_auth::AttachSecret(cluster_secret.clone(), None),
         ));
+        let auth = Arc::new(auth::Authenticator::new(
+            &config,
+            broker.clone(),
+            cluster_secret.clone(),
+        )?);
+        if !auth.enabled() {
+            tracing::warn!(
+                "--auth none: client calls are NOT authenticated; anyone who can reach {} can \
+                 read, write and administer every tenant",
+                config.listen
+            );
+        }
         let stop = CancellationToken::new();
         if let Some(self_addr) = broker.addr_of(broker.node_id()) {
             broker.set_dead_letter_sink(Arc::new(groups_service::LoopbackDeadLetters {
@@ -212,6 +226,7 @@ impl Server {
                 BrokerServer::new(broker_service::BrokerService::new(
                     broker.clone(),
                     clients.clone(),
+                    auth.clone(),
                 ))
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
@@ -219,11 +234,13 @@ impl Server {
             .add_service(AdminServer::new(admin_service::AdminService::new(
                 broker.clone(),
                 clients.clone(),
+                auth.clone(),
             )))
             .add_service(
                 GroupsServer::new(groups_service::GroupsService::new(
                     broker.clone(),
                     clients.clone(),
+                    auth.clone(),
                 ))
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use junction_broker::BrokerError;
 use junction_types::MetaError;
+use junction_types::auth::AuthError;
 use junction_types::exactly_once::AppendReject;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -28,6 +29,20 @@ pub const REASON_SEQUENCE_OVERFLOW: &str = "SEQUENCE_OVERFLOW";
 pub const REASON_DEDUP_WINDOW_FULL: &str = "DEDUP_WINDOW_FULL";
 /// `ErrorInfo` reason: a producer id used with another tenant's station.
 pub const REASON_PRODUCER_TENANT: &str = "PRODUCER_TENANT_MISMATCH";
+
+/// `ErrorInfo` reason: the call carried no credential.
+pub const REASON_MISSING_CREDENTIAL: &str = "MISSING_CREDENTIAL";
+/// `ErrorInfo` reason: the credential is not a well-formed token.
+pub const REASON_MALFORMED_CREDENTIAL: &str = "MALFORMED_CREDENTIAL";
+/// `ErrorInfo` reason: unknown key or wrong secret.
+pub const REASON_INVALID_CREDENTIAL: &str = "INVALID_CREDENTIAL";
+/// `ErrorInfo` reason: the API key expired.
+pub const REASON_EXPIRED_CREDENTIAL: &str = "EXPIRED_CREDENTIAL";
+/// `ErrorInfo` reason: the API key was revoked.
+pub const REASON_REVOKED_CREDENTIAL: &str = "REVOKED_CREDENTIAL";
+/// `ErrorInfo` reason: the caller's role does not include the operation (metadata
+/// `operation`, `role`).
+pub const REASON_PERMISSION_DENIED: &str = "PERMISSION_DENIED";
 
 /// Returns the gRPC code of an error.
 pub fn code_of(e: &BrokerError) -> Code {
@@ -64,6 +79,17 @@ pub fn code_of(e: &BrokerError) -> Code {
         },
         BrokerError::UnknownProducerId(_) => Code::FailedPrecondition,
         BrokerError::ProducerTenant { .. } => Code::PermissionDenied,
+        BrokerError::Auth(a) => match a {
+            AuthError::Missing
+            | AuthError::Malformed(_)
+            | AuthError::Invalid
+            | AuthError::Expired { .. }
+            | AuthError::Revoked { .. } => Code::Unauthenticated,
+            AuthError::Denied { .. } => Code::PermissionDenied,
+            AuthError::InvalidRole(_) => Code::InvalidArgument,
+            AuthError::KeyNotFound { .. } => Code::NotFound,
+            AuthError::KeyExists { .. } => Code::AlreadyExists,
+        },
         _ => Code::Internal,
     }
 }
@@ -102,6 +128,23 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
         },
         BrokerError::UnknownProducerId(_) => (REASON_UNKNOWN_PRODUCER, none()),
         BrokerError::ProducerTenant { .. } => (REASON_PRODUCER_TENANT, none()),
+        BrokerError::Auth(a) => match a {
+            AuthError::Missing => (REASON_MISSING_CREDENTIAL, none()),
+            AuthError::Malformed(_) => (REASON_MALFORMED_CREDENTIAL, none()),
+            AuthError::Invalid => (REASON_INVALID_CREDENTIAL, none()),
+            AuthError::Expired { .. } => (REASON_EXPIRED_CREDENTIAL, none()),
+            AuthError::Revoked { .. } => (REASON_REVOKED_CREDENTIAL, none()),
+            AuthError::Denied {
+                operation, role, ..
+            } => (
+                REASON_PERMISSION_DENIED,
+                HashMap::from([
+                    ("operation".to_string(), operation.to_string()),
+                    ("role".to_string(), role.to_string()),
+                ]),
+            ),
+            _ => return None,
+        },
         _ => return None,
     })
 }
@@ -261,7 +304,44 @@ mod tests {
                 REASON_PRODUCER_TENANT,
             ),
         ];
-        for (e, code, reason) in rows {
+        let auth_rows: Vec<(BrokerError, Code, &str)> = vec![
+            (
+                BrokerError::Auth(AuthError::Missing),
+                Code::Unauthenticated,
+                REASON_MISSING_CREDENTIAL,
+            ),
+            (
+                BrokerError::Auth(AuthError::Malformed("x".into())),
+                Code::Unauthenticated,
+                REASON_MALFORMED_CREDENTIAL,
+            ),
+            (
+                BrokerError::Auth(AuthError::Invalid),
+                Code::Unauthenticated,
+                REASON_INVALID_CREDENTIAL,
+            ),
+            (
+                BrokerError::Auth(AuthError::Expired { id: "k".into() }),
+                Code::Unauthenticated,
+                REASON_EXPIRED_CREDENTIAL,
+            ),
+            (
+                BrokerError::Auth(AuthError::Revoked { id: "k".into() }),
+                Code::Unauthenticated,
+                REASON_REVOKED_CREDENTIAL,
+            ),
+            (
+                BrokerError::Auth(AuthError::Denied {
+                    tenant: "t".into(),
+                    role: junction_types::auth::Role::Reader,
+                    operation: junction_types::auth::Operation::Produce,
+                    station_prefix: None,
+                }),
+                Code::PermissionDenied,
+                REASON_PERMISSION_DENIED,
+            ),
+        ];
+        for (e, code, reason) in rows.into_iter().chain(auth_rows) {
             let s = to_status(e);
             assert_eq!(s.code(), code);
             assert_ne!(s.code(), Code::Unavailable);

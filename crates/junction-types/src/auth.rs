@@ -182,9 +182,9 @@ pub const KEY_SECRET_HEX: usize = 64;
 
 /// Splits `jk_<id>_<secret>` into its id and secret.
 pub fn parse_token(token: &str) -> Result<(&str, &str), AuthError> {
-    let rest = token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-        AuthError::Malformed("an API key starts with 'jk_'".to_string())
-    })?;
+    let rest = token
+        .strip_prefix(TOKEN_PREFIX)
+        .ok_or_else(|| AuthError::Malformed("an API key starts with 'jk_'".to_string()))?;
     let (id, secret) = rest
         .split_once('_')
         .ok_or_else(|| AuthError::Malformed("an API key is jk_<id>_<secret>".to_string()))?;
@@ -231,7 +231,12 @@ impl KeyRegistry {
     }
 
     /// Checks a presented key: its id, the digest of its secret, expiry and revocation.
-    pub fn verify(&self, id: &str, secret_sha256: &[u8; 32], now_ms: i64) -> Result<Principal, AuthError> {
+    pub fn verify(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Principal, AuthError> {
         let key = self.keys.get(id).ok_or(AuthError::Invalid)?;
         if !digest_eq(&key.secret_sha256, secret_sha256) {
             return Err(AuthError::Invalid);
@@ -287,7 +292,12 @@ impl Principal {
     }
 
     /// Decides `op` on `tenant` (and `station`, a name within it, when the call names one).
-    pub fn authorize(&self, op: Operation, tenant: &str, station: Option<&str>) -> Result<(), Refusal> {
+    pub fn authorize(
+        &self,
+        op: Operation,
+        tenant: &str,
+        station: Option<&str>,
+    ) -> Result<(), Refusal> {
         if self.role == Role::ClusterAdmin {
             return Ok(());
         }
@@ -313,7 +323,8 @@ impl Principal {
 
     /// Whether the principal may see a station in a listing.
     pub fn lists_station(&self, tenant: &str, station: &str) -> bool {
-        self.authorize(Operation::Describe, tenant, Some(station)).is_ok()
+        self.authorize(Operation::Describe, tenant, Some(station))
+            .is_ok()
     }
 
     /// Whether the principal may create a key with `role` for `tenant`: a cluster admin any
@@ -424,7 +435,15 @@ mod tests {
     #[test]
     fn the_role_table() {
         use Operation::*;
-        let ops = [Describe, Read, Produce, Consume, Manage, ManageKeys, ManageCluster];
+        let ops = [
+            Describe,
+            Read,
+            Produce,
+            Consume,
+            Manage,
+            ManageKeys,
+            ManageCluster,
+        ];
         let expect = |role: Role, op: Operation| match role {
             Role::Reader => matches!(op, Describe | Read),
             Role::Producer => matches!(op, Describe | Produce),
@@ -458,7 +477,10 @@ mod tests {
             station_prefix: Some("billing-".into()),
             ..who("acme", Role::Admin)
         };
-        assert!(p.authorize(Operation::Produce, "acme", Some("billing-eu")).is_ok());
+        assert!(
+            p.authorize(Operation::Produce, "acme", Some("billing-eu"))
+                .is_ok()
+        );
         assert!(matches!(
             p.authorize(Operation::Produce, "acme", Some("orders")),
             Err(Refusal::Denied(_))
@@ -476,7 +498,10 @@ mod tests {
                 Refusal::Hidden => String::new(),
             })
             .unwrap_or_default();
-        assert!(msg.contains("may not produce") && msg.contains("billing-"), "{msg}");
+        assert!(
+            msg.contains("may not produce") && msg.contains("billing-"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -484,8 +509,19 @@ mod tests {
         let admin = who("acme", Role::Admin);
         assert!(admin.may_grant("acme", Role::Admin).is_ok());
         assert!(admin.may_grant("acme", Role::ClusterAdmin).is_err());
-        assert_eq!(admin.may_grant("globex", Role::Reader), Err(Refusal::Hidden));
-        assert!(who("acme", Role::Producer).may_grant("acme", Role::Reader).is_err());
-        assert!(Principal::superuser().may_grant("globex", Role::ClusterAdmin).is_ok());
+        assert_eq!(
+            admin.may_grant("globex", Role::Reader),
+            Err(Refusal::Hidden)
+        );
+        assert!(
+            who("acme", Role::Producer)
+                .may_grant("acme", Role::Reader)
+                .is_err()
+        );
+        assert!(
+            Principal::superuser()
+                .may_grant("globex", Role::ClusterAdmin)
+                .is_ok()
+        );
     }
 }

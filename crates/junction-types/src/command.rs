@@ -107,7 +107,9 @@ pub enum MetaCommand {
         delivery: DeliveryPolicy,
     },
     /// Adds an API key (its id and secret digest were made by the node that took the call).
-    CreateApiKey { key: ApiKey },
+    CreateApiKey {
+        key: ApiKey,
+    },
     /// Revokes an API key; `tenant` limits it to that tenant's keys (a tenant admin's call).
     RevokeApiKey {
         id: String,

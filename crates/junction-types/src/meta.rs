@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{CommandResponse, MetaCommand};
 use crate::auth::KeyRegistry;
+use crate::command::{CommandResponse, MetaCommand};
 use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
 use crate::groups::{GroupMeta, MemberMeta};
 use crate::policy::StationPolicy;
@@ -280,9 +280,9 @@ impl MetaState {
                 }
                 match self.api_keys.create(key.clone()) {
                     Ok(()) => CommandResponse::Done,
-                    Err(_) => CommandResponse::MetaRejected(MetaError::KeyExists {
-                        id: key.id.clone(),
-                    }),
+                    Err(_) => {
+                        CommandResponse::MetaRejected(MetaError::KeyExists { id: key.id.clone() })
+                    }
                 }
             }
             MetaCommand::RevokeApiKey { id, tenant, now_ms } => {

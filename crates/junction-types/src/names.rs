@@ -62,6 +62,11 @@ pub fn validate_part(what: &'static str, name: &str, max: usize) -> Result<(), N
     Ok(())
 }
 
+/// Validates a station name prefix (an API key's scope): what a station name may start with.
+pub fn validate_station_prefix(prefix: &str) -> Result<(), NameError> {
+    validate_part("station prefix", prefix, MAX_STATION_LEN)
+}
+
 /// Validates a tenant name.
 pub fn validate_tenant(name: &str) -> Result<(), NameError> {
     validate_part("tenant", name, MAX_TENANT_LEN)
