@@ -1,6 +1,7 @@
 //! Integration tests: real nodes (in-process, or real `junction serve` processes) on
 //! ephemeral loopback ports, real RocksDB in temp dirs.
 
+mod auth;
 mod bad_input;
 mod bench;
 mod cli;

@@ -306,8 +306,10 @@ impl Principal {
         }
         let in_scope = match (&self.station_prefix, station) {
             (Some(prefix), Some(name)) => name.starts_with(prefix.as_str()),
-            // A key limited to some stations may not act on the tenant as a whole.
-            (Some(_), None) => op == Operation::Describe,
+            // A key limited to some stations may not act on the tenant as a whole, except to
+            // describe it and to initialise a producer (ids are the tenant's; producing still
+            // checks each station).
+            (Some(_), None) => matches!(op, Operation::Describe | Operation::Produce),
             (None, _) => true,
         };
         if in_scope && self.role.allows(op) {
@@ -490,6 +492,8 @@ mod tests {
         // Tenant-wide operations (keys) need an unlimited key.
         assert!(p.authorize(Operation::ManageKeys, "acme", None).is_err());
         assert!(p.authorize(Operation::Describe, "acme", None).is_ok());
+        assert!(p.authorize(Operation::Produce, "acme", None).is_ok());
+        assert!(p.authorize(Operation::Manage, "acme", None).is_err());
         let msg = p
             .authorize(Operation::Produce, "acme", Some("orders"))
             .err()
