@@ -26,15 +26,9 @@ pub struct ConnArgs {
     /// admin token.
     #[arg(long, env = "JUNCTION_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Read the credential from this file instead (e.g. the dev cluster's
-    /// `./data/admin.token`).
-    #[arg(
-        long,
-        env = "JUNCTION_TOKEN_FILE",
-        global = true,
-        value_name = "PATH",
-        conflicts_with = "token"
-    )]
+    /// Read the credential from this file when --token is not given (e.g. the dev
+    /// cluster's `./data/admin.token`).
+    #[arg(long, env = "JUNCTION_TOKEN_FILE", global = true, value_name = "PATH")]
     pub token_file: Option<std::path::PathBuf>,
 }
 
@@ -44,8 +38,11 @@ impl ConnArgs {
         split_addresses(&self.server)
     }
 
-    /// The credential, from `--token` or `--token-file`.
+    /// The credential, from `--token`, else `--token-file`.
     pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if self.token.is_some() {
+            return Ok(self.token.clone());
+        }
         if let Some(path) = &self.token_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading --token-file {}", path.display()))?;

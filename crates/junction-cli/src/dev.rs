@@ -32,6 +32,40 @@ pub struct DevArgs {
     /// HTTP (health, metrics) port of node 1; node I listens on BASE+I-1.
     #[arg(long, default_value_t = 8701)]
     pub http_base_port: u16,
+    /// Run without authentication (every call allowed). By default the nodes run with
+    /// `--auth keys` and the admin token in `DATA_DIR/admin.token`, which `./scripts/junction`
+    /// sends for you.
+    #[arg(long)]
+    pub no_auth: bool,
+}
+
+/// The files every node of the dev cluster is started with.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterFiles {
+    pub(crate) secret: PathBuf,
+    /// The admin token file, when authentication is on.
+    pub(crate) admin_token: Option<PathBuf>,
+}
+
+impl ClusterFiles {
+    /// The files under `data_dir`, made on first start.
+    fn prepare(args: &DevArgs) -> anyhow::Result<Self> {
+        let secret = secret_path(&args.data_dir);
+        junction_raft::peer_auth::ClusterSecret::load_or_create(&secret)?;
+        let admin_token = if args.no_auth {
+            None
+        } else {
+            // 256 random bits as hex, mode 0600: the same shape as the cluster secret.
+            let path = args.data_dir.join("admin.token");
+            junction_raft::peer_auth::ClusterSecret::load_or_create(&path)
+                .with_context(|| format!("making the admin token {}", path.display()))?;
+            Some(path)
+        };
+        Ok(Self {
+            secret,
+            admin_token,
+        })
+    }
 }
 
 /// The ports and paths of one node.
@@ -150,7 +184,12 @@ fn secret_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cluster-secret")
 }
 
-fn spawn(exe: &Path, node: &NodePlan, members: &str, secret: &Path) -> anyhow::Result<Child> {
+fn spawn(
+    exe: &Path,
+    node: &NodePlan,
+    members: &str,
+    files: &ClusterFiles,
+) -> anyhow::Result<Child> {
     std::fs::create_dir_all(&node.data_dir)
         .with_context(|| format!("creating {}", node.data_dir.display()))?;
     let log = OpenOptions::new()
@@ -171,7 +210,17 @@ fn spawn(exe: &Path, node: &NodePlan, members: &str, secret: &Path) -> anyhow::R
         .arg("--members")
         .arg(members)
         .arg("--cluster-secret-file")
-        .arg(secret)
+        .arg(&files.secret);
+    match &files.admin_token {
+        Some(token) => {
+            cmd.args(["--auth", "keys", "--admin-token-file"])
+                .arg(token);
+        }
+        None => {
+            cmd.args(["--auth", "none"]);
+        }
+    }
+    cmd
         // Settings meant for a single node would break a local cluster.
         .env_remove("JUNCTION_CONFIG")
         .env_remove("JUNCTION_ADVERTISE")
@@ -271,7 +320,7 @@ async fn wait_for_stop(
     term: &mut tokio::signal::unix::Signal,
     exe: &Path,
     members: &str,
-    data_dir: &Path,
+    files: &ClusterFiles,
 ) -> anyhow::Result<()> {
     let stop = stop_requested(term);
     tokio::pin!(stop);
@@ -285,7 +334,7 @@ async fn wait_for_stop(
                     () = &mut stop => return Ok(()),
                     () = tokio::time::sleep(RESTART_DELAY) => {}
                 }
-                let child = spawn(exe, &plan, members, &secret_path(data_dir))?;
+                let child = spawn(exe, &plan, members, files)?;
                 if let Some(node) = cluster.nodes.iter_mut().find(|n| n.plan.id == plan.id) {
                     node.child = child;
                 }
@@ -330,11 +379,10 @@ pub async fn run_dev(mut args: DevArgs) -> anyhow::Result<()> {
     check_ports_free(&plans)?;
     let exe = std::env::current_exe().context("finding the junction executable")?;
     eprintln!("data under {}", args.data_dir.display());
-    let secret = secret_path(&args.data_dir);
-    junction_raft::peer_auth::ClusterSecret::load_or_create(&secret)?;
+    let files = ClusterFiles::prepare(&args)?;
     let mut cluster = Cluster::default();
     for plan in &plans {
-        let child = spawn(&exe, plan, &members, &secret)?;
+        let child = spawn(&exe, plan, &members, &files)?;
         out(&format!(
             "node {}: grpc {}  http {}  log {}\n",
             plan.id,
@@ -347,7 +395,7 @@ pub async fn run_dev(mut args: DevArgs) -> anyhow::Result<()> {
             child,
         });
     }
-    let result = run_cluster(&args, &plans, &mut cluster).await;
+    let result = run_cluster(&args, &plans, &mut cluster, &files).await;
     eprintln!("stopping the nodes");
     cluster.shutdown().await;
     eprintln!("stopped");
@@ -358,16 +406,20 @@ async fn run_cluster(
     args: &DevArgs,
     plans: &[NodePlan],
     cluster: &mut Cluster,
+    files: &ClusterFiles,
 ) -> anyhow::Result<()> {
     let servers = plans
         .iter()
         .map(|p| p.listen.clone())
         .collect::<Vec<_>>()
         .join(",");
-    let client = Client::connect_with(
-        crate::common::split_addresses(&servers),
-        ClientOptions::default().with_retry_deadline(Duration::from_secs(2)),
-    )?;
+    let mut options = ClientOptions::default().with_retry_deadline(Duration::from_secs(2));
+    if let Some(path) = &files.admin_token {
+        let token =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        options = options.with_token(token.trim());
+    }
+    let client = Client::connect_with(crate::common::split_addresses(&servers), options)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     eprintln!("waiting for the cluster to be ready");
@@ -381,6 +433,15 @@ async fn run_cluster(
     );
     if servers != DEFAULT_SERVERS {
         text.push_str(&format!("  export JUNCTION_SERVER={servers}\n"));
+    }
+    match &files.admin_token {
+        Some(token) => text.push_str(&format!(
+            "authentication is on; the admin token (cluster-admin) is in {}\n  \
+             ./scripts/junction sends it; elsewhere: export JUNCTION_TOKEN_FILE={}\n",
+            token.display(),
+            token.display()
+        )),
+        None => text.push_str("authentication is OFF (--no-auth): every call is allowed\n"),
     }
     let rf = if args.nodes >= 3 {
         ""
@@ -404,7 +465,7 @@ async fn run_cluster(
         .map(|p| format!("{}={}", p.id, p.listen))
         .collect::<Vec<_>>()
         .join(",");
-    wait_for_stop(cluster, &mut term, &exe, &members, &args.data_dir).await
+    wait_for_stop(cluster, &mut term, &exe, &members, files).await
 }
 
 #[cfg(test)]
@@ -418,6 +479,7 @@ mod tests {
             nodes,
             base_port: base,
             http_base_port: http,
+            no_auth: false,
         }
     }
 
@@ -444,6 +506,7 @@ mod tests {
             nodes: 2,
             base_port: 17_701,
             http_base_port: 18_701,
+            no_auth: false,
         };
         let err = tokio::time::timeout(Duration::from_secs(30), run_dev(args))
             .await
