@@ -286,10 +286,32 @@ def test_ha_properties(rendered: dict[str, list[dict[str, Any]]]) -> None:
     check(again["data"] != secret["data"], "cluster secret: a fresh value per install")
     own = objects(render({"clusterSecret": {"existingSecret": "my-secret", "key": "s"}}))
     own_pod = one(own, "StatefulSet", name)["spec"]["template"]["spec"]
-    check(not [o for o in own if o["kind"] == "Secret"]
+    check(not [o for o in own if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-cluster-secret")]
           and next(v for v in own_pod["volumes"] if v["name"] == "cluster-secret")["secret"]["secretName"] == "my-secret"
           and 'cluster-secret-file = "/etc/junction-secret/s"' in toml_of(own),
           "clusterSecret.existingSecret: no Secret rendered, the given one mounted")
+    # Client authentication is on by default, with an admin token the chart makes.
+    token = one(objs, "Secret", f"{name}-admin-token")
+    token_value = base64.b64decode(token["data"]["admin-token"]).decode()
+    check(len(token_value) == 64 and token_value.isalnum()
+          and token["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep",
+          "admin token: 64 random characters, kept on uninstall")
+    token_vol = next(v for v in pod["volumes"] if v["name"] == "admin-token")
+    token_mount = next(m for m in c["volumeMounts"] if m["name"] == "admin-token")
+    check(token_vol["secret"]["secretName"] == token["metadata"]["name"]
+          and token_vol["secret"]["defaultMode"] == 0o440 and token_mount["readOnly"]
+          and 'auth = "keys"' in toml_of(objs)
+          and f'admin-token-file = "{token_mount["mountPath"]}/admin-token"' in toml_of(objs),
+          "auth.mode=keys by default: the admin token mounted read-only for the pod's group, the config points at it")
+    test_pod = one(objs, "Pod")
+    check(any(e["name"] == "JUNCTION_TOKEN_FILE" for e in test_pod["spec"]["containers"][0]["env"]),
+          "helm test pod: sends the admin token")
+    open_objs = objects(render({"auth": {"mode": "none", "adminToken": {"existingSecret": "", "key": "admin-token"}}}))
+    open_pod = one(open_objs, "StatefulSet", name)["spec"]["template"]["spec"]
+    check(not [o for o in open_objs if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-admin-token")]
+          and not [v for v in open_pod["volumes"] if v["name"] == "admin-token"]
+          and 'auth = "none"' in toml_of(open_objs),
+          "auth.mode=none: no admin token, no mount, auth off in the config")
     check(spec["podManagementPolicy"] == "Parallel", "StatefulSet: podManagementPolicy Parallel")
     check(spec["serviceName"] == headless_name, "StatefulSet: serviceName is the headless Service")
     check(spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
@@ -612,12 +634,24 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float, interval: float
     raise Failure(f"timed out after {timeout:.0f}s waiting for {what}{': ' + last_err if last_err else ''}")
 
 
-class Cli:
-    def __init__(self, binary: Path) -> None:
-        self.binary = binary
+def admin_token_of(objs: list[dict[str, Any]]) -> str | None:
+    """The bootstrap admin token the chart rendered (None with auth.mode=none)."""
+    for o in objs:
+        if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-admin-token"):
+            return base64.b64decode(o["data"]["admin-token"]).decode()
+    return None
 
-    def run(self, servers: list[str], *args: str, stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+
+class Cli:
+    def __init__(self, binary: Path, token: str | None = None) -> None:
+        self.binary = binary
+        self.token = token
+
+    def run(self, servers: list[str], *args: str, stdin: str | None = None, timeout: float = 30,
+            anonymous: bool = False) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_")}
+        if self.token and not anonymous:
+            env["JUNCTION_TOKEN"] = self.token
         return subprocess.run([str(self.binary), *args, "--server", ",".join(servers)], input=stdin, text=True,
                               capture_output=True, timeout=timeout, env=env)
 
@@ -652,7 +686,7 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
     ports = free_ports(2 * (n + 1))
     grpc_ports, http_ports = ports[: n + 1], ports[n + 1 :]
     pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports) for i in range(n)]
-    cli = Cli(binary)
+    cli = Cli(binary, admin_token_of(objs))
     every = [p.addr for p in pods]
     try:
         t0 = time.monotonic()
@@ -682,6 +716,17 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
         r = cli.run(every, "produce", "no-such-station", stdin="x\n")
         check(r.returncode != 0 and re.search(r"not ?found", r.stderr + r.stdout, re.I) is not None,
               "producing to a missing station fails with NOT_FOUND", f"exit {r.returncode}: {r.stderr}{r.stdout}")
+        if cli.token:
+            r = cli.run(every, "station", "list", anonymous=True)
+            check(r.returncode != 0 and "no credential" in r.stderr,
+                  "auth.mode=keys: a call without a token is refused (UNAUTHENTICATED)", f"exit {r.returncode}: {r.stderr}")
+            key = json.loads(cli.ok(every, "auth", "key", "create", "--role", "reader", "--json"))
+            reader = Cli(binary, key["token"])
+            got = reader.read_all([pods[1].addr], station, len(first))
+            r = reader.run(every, "station", "create", "not-for-readers")
+            check(len(got) == len(first) and r.returncode != 0 and "may not manage" in r.stderr,
+                  "an API key made with the admin token reads on any pod, and its role holds",
+                  f"read {len(got)}; create exit {r.returncode}: {r.stderr}")
 
         if not chaos:
             return timings
@@ -747,6 +792,14 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
             tenv[e["name"]] = expand_k8s(e["value"], tenv).replace(client_addr, ",".join(every))
         if tenv.get("JUNCTION_SERVER") != ",".join(every):
             raise Failure(f"helm test pod env not understood: {tc['env']}")
+        if "JUNCTION_TOKEN_FILE" in tenv:
+            # The pod's mount of the admin token Secret.
+            mounts = {m["mountPath"] for m in tc.get("volumeMounts", [])}
+            if not any(tenv["JUNCTION_TOKEN_FILE"].startswith(m + "/") for m in mounts):
+                raise Failure(f"helm test pod: JUNCTION_TOKEN_FILE {tenv['JUNCTION_TOKEN_FILE']} is not on a mount")
+            mounted = root / "test-pod-admin-token"
+            mounted.write_text(admin_token_of(objs) or "")
+            tenv["JUNCTION_TOKEN_FILE"] = str(mounted)
         tcmd = [expand_k8s(a, tenv) for a in tc["command"] + tc.get("args", [])]
         r = subprocess.run(tcmd, env={"PATH": f"{binary.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **tenv},
                            capture_output=True, text=True, timeout=90, cwd=root)
@@ -820,7 +873,7 @@ def scale_up(binary: Path, root: Path) -> dict[str, float]:
     ports = free_ports(10)
     grpc_ports, http_ports = ports[:5], ports[5:]
     pods = [PodSim(i, small, root / "scale", binary, grpc_ports, http_ports) for i in range(3)]
-    cli = Cli(binary)
+    cli = Cli(binary, admin_token_of(small))
     try:
         for p in pods:
             p.start()

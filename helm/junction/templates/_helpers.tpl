@@ -97,3 +97,8 @@ there is no cluster to protect.
 {{- define "junction.clusterSecretName" -}}
 {{- default (printf "%s-cluster-secret" (include "junction.fullname" .)) .Values.clusterSecret.existingSecret }}
 {{- end }}
+
+{{/* The Secret holding the bootstrap admin token. */}}
+{{- define "junction.adminTokenName" -}}
+{{- default (printf "%s-admin-token" (include "junction.fullname" .)) .Values.auth.adminToken.existingSecret }}
+{{- end }}
