@@ -100,9 +100,9 @@ impl Broker {
         let check = |meta: &junction_types::MetaState| {
             meta.api_keys.verify(id, &hash, crate::partition::now_ms())
         };
-        match check(&self.metadata()) {
-            Err(AuthError::Invalid) if !self.metadata().api_keys.keys.contains_key(id) => {}
-            other => return other,
+        let meta = self.metadata();
+        if meta.api_keys.keys.contains_key(id) {
+            return check(&meta);
         }
         let mut changes = self.subscribe_metadata();
         let deadline = tokio::time::Instant::now() + KEY_PROPAGATION_WAIT;

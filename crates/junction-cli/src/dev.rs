@@ -32,11 +32,12 @@ pub struct DevArgs {
     /// HTTP (health, metrics) port of node 1; node I listens on BASE+I-1.
     #[arg(long, default_value_t = 8701)]
     pub http_base_port: u16,
-    /// Run without authentication (every call allowed). By default the nodes run with
-    /// `--auth keys` and the admin token in `DATA_DIR/admin.token`, which `./scripts/junction`
-    /// sends for you.
+    /// Run the nodes with `--auth keys` and the admin token in `DATA_DIR/admin.token` (which
+    /// `./scripts/junction` sends for you; elsewhere set `JUNCTION_TOKEN_FILE`). Off by
+    /// default: a dev cluster listens on loopback only, and every `junction` command it
+    /// prints must work as shown, with no credential to pass.
     #[arg(long)]
-    pub no_auth: bool,
+    pub auth: bool,
 }
 
 /// The files every node of the dev cluster is started with.
@@ -52,7 +53,7 @@ impl ClusterFiles {
     fn prepare(args: &DevArgs) -> anyhow::Result<Self> {
         let secret = secret_path(&args.data_dir);
         junction_raft::peer_auth::ClusterSecret::load_or_create(&secret)?;
-        let admin_token = if args.no_auth {
+        let admin_token = if !args.auth {
             None
         } else {
             // 256 random bits as hex, mode 0600: the same shape as the cluster secret.
@@ -441,7 +442,8 @@ async fn run_cluster(
             token.display(),
             token.display()
         )),
-        None => text.push_str("authentication is OFF (--no-auth): every call is allowed\n"),
+        None => text
+            .push_str("authentication is off (loopback only; `junction dev --auth` turns it on)\n"),
     }
     let rf = if args.nodes >= 3 {
         ""
@@ -479,7 +481,7 @@ mod tests {
             nodes,
             base_port: base,
             http_base_port: http,
-            no_auth: false,
+            auth: false,
         }
     }
 
@@ -506,7 +508,7 @@ mod tests {
             nodes: 2,
             base_port: 17_701,
             http_base_port: 18_701,
-            no_auth: false,
+            auth: false,
         };
         let err = tokio::time::timeout(Duration::from_secs(30), run_dev(args))
             .await
