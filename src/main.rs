@@ -39,7 +39,7 @@ fn init_tracing() {
 async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
     let config = junction_server::Config::load(&args)?;
     let handle = junction_server::Server::start(config).await?;
-    tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, "node serving");
+    tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, peer = ?handle.peer_addr, "node serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let failed = handle.failed();
     let failure = tokio::select! {

@@ -24,6 +24,7 @@ import base64
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -441,6 +442,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_pairs(n: int, offset: int) -> list[int]:
+    """`n` ports below the ephemeral range whose port + `offset` (the node's peer port) is free
+    too: only explicit binds land there, so no outgoing connection can take them meanwhile."""
+    ports: list[int] = []
+    held: list[socket.socket] = []
+    start = random.randrange(10_000, 25_000)
+    for p in range(start, 30_000):
+        if len(ports) == n:
+            break
+        pair = []
+        for port in (p, p + offset):
+            if any(port == q or port == q + offset for q in ports):
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                break
+            pair.append(s)
+        if len(pair) == 2:
+            ports.append(p)
+        held += pair
+    for s in held:
+        s.close()
+    if len(ports) < n:
+        raise Failure(f"no {n} free port pairs below 30000")
+    return ports
+
+
 def peer_host() -> str:
     """The host the pods' DNS names are mapped to. `localhost` when it resolves to 127.0.0.1
     only, so peers are dialled by *name* as in Kubernetes (the resolver path of the dialer is
@@ -683,8 +714,13 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
     n = sts["spec"]["replicas"]
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     # Ports for one more pod than the StatefulSet has, to play `kubectl scale` up.
-    ports = free_ports(2 * (n + 1))
-    grpc_ports, http_ports = ports[: n + 1], ports[n + 1 :]
+    # The peer port of each pod is its gRPC port + the rendered offset.
+    toml_text = one(objs, "ConfigMap", f"{sts['metadata']['name']}-config")["data"]["junction.toml"]
+    m = re.search(r"^\s*peer-port-offset = (\d+)$", toml_text, re.M)
+    if not m:
+        raise Failure("the rendered config has no peer-port-offset")
+    offset = int(m.group(1))
+    grpc_ports, http_ports = free_port_pairs(n + 1, offset), free_ports(n + 1)
     pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports) for i in range(n)]
     cli = Cli(binary, admin_token_of(objs))
     every = [p.addr for p in pods]

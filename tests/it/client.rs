@@ -695,12 +695,18 @@ struct Processes {
 impl Processes {
     fn start(n: u64) -> Self {
         // Ports outside the ephemeral range: see junction_testkit.
-        let ports = junction_testkit::loopback_ports(2 * n as usize).expect("ports");
+        // Client ports whose peer port is free too, and HTTP ports.
+        let ports = junction_testkit::loopback_port_pairs(
+            n as usize,
+            junction_raft::DEFAULT_PEER_PORT_OFFSET,
+        )
+        .expect("ports");
+        let http_ports = junction_testkit::loopback_ports(n as usize).expect("ports");
         let mut grpc = BTreeMap::new();
         let mut http = BTreeMap::new();
-        for (id, pair) in (1..=n).zip(ports.chunks(2)) {
-            grpc.insert(id, format!("127.0.0.1:{}", pair[0]));
-            http.insert(id, format!("127.0.0.1:{}", pair[1]));
+        for ((id, port), http_port) in (1..=n).zip(ports).zip(http_ports) {
+            grpc.insert(id, format!("127.0.0.1:{port}"));
+            http.insert(id, format!("127.0.0.1:{http_port}"));
         }
         let members = grpc
             .iter()

@@ -516,7 +516,17 @@ async fn peer_calls_without_the_cluster_secret_are_refused() {
     let other =
         junction_raft::peer_auth::ClusterSecret::load_or_create(&other_secret.path().join("s"))
             .expect("secret");
-    let channel = cluster.channel(1).await;
+    // The client port does not serve the peer service at all.
+    let mut on_client_port = PeerClient::new(cluster.channel(1).await);
+    let refused = on_client_port
+        .join_cluster(JoinClusterRequest {
+            node_id: 99,
+            addr: dead.clone(),
+        })
+        .await
+        .expect_err("no peer service on the client port");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused}");
+    let channel = cluster.peer_channel(1).await;
     let clients = [
         (
             "no secret",
@@ -597,7 +607,7 @@ async fn a_node_with_another_clusters_data_refuses_to_start() {
         .adopt("0123456789abcdef0123456789abcdef")
         .expect("adopt");
     let mut peer = junction_proto::peer::peer_client::PeerClient::with_interceptor(
-        cluster.channel(1).await,
+        cluster.peer_channel(1).await,
         junction_raft::peer_auth::AttachSecret(Some(secret), Some(other)),
     );
     let refused = peer

@@ -56,8 +56,16 @@ impl TestCluster {
     pub async fn start_with(n: u64, tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut listeners = BTreeMap::new();
-        for id in 1..=n {
-            let g = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        // Client ports whose peer port (+ the default offset) is free too.
+        let ports = junction_testkit::loopback_port_pairs(
+            n as usize,
+            junction_raft::DEFAULT_PEER_PORT_OFFSET,
+        )
+        .expect("ports");
+        for (id, port) in (1..=n).zip(ports) {
+            let g = TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind grpc");
             let h = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
             listeners.insert(id, (g, h));
         }
@@ -99,7 +107,12 @@ impl TestCluster {
     /// running cluster does not know it, so it must join.
     pub async fn add_node(&mut self) -> u64 {
         let id = self.slots.keys().max().copied().unwrap_or(0) + 1;
-        let g = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let port =
+            junction_testkit::loopback_port_pairs(1, junction_raft::DEFAULT_PEER_PORT_OFFSET)
+                .expect("ports")[0];
+        let g = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind grpc");
         let h = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let slot = Slot {
             grpc: g.local_addr().expect("addr"),
@@ -130,6 +143,18 @@ impl TestCluster {
             .expect("connect")
     }
 
+    /// A connected gRPC channel to node `id`'s peer port.
+    pub async fn peer_channel(&self, id: u64) -> tonic::transport::Channel {
+        let addr =
+            junction_raft::peer_address(&self.addr(id), junction_raft::DEFAULT_PEER_PORT_OFFSET)
+                .expect("peer address");
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     /// A `Peer` client of node `id` that carries the cluster secret, as another node would.
     pub async fn peer_client(
         &self,
@@ -138,7 +163,7 @@ impl TestCluster {
         let secret =
             junction_raft::peer_auth::ClusterSecret::load(&self.secret_file()).expect("secret");
         junction_proto::peer::peer_client::PeerClient::with_interceptor(
-            self.channel(id).await,
+            self.peer_channel(id).await,
             junction_raft::peer_auth::AttachSecret(Some(secret), None),
         )
     }

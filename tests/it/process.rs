@@ -29,8 +29,15 @@ fn free_port() -> u16 {
 
 impl ProcessCluster {
     fn new(n: u64) -> Self {
+        // Client ports whose peer port (+ the default offset) is free too.
+        let ports = junction_testkit::loopback_port_pairs(
+            n as usize,
+            junction_raft::DEFAULT_PEER_PORT_OFFSET,
+        )
+        .expect("free ports");
         let grpc: BTreeMap<u64, String> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .zip(ports)
+            .map(|(id, port)| (id, format!("127.0.0.1:{port}")))
             .collect();
         let http = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
@@ -49,6 +56,12 @@ impl ProcessCluster {
             .map(|(id, a)| format!("{id}={a}"))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Node `id`'s peer service.
+    fn peer_addr(&self, id: u64) -> String {
+        junction_raft::peer_address(&self.grpc[&id], junction_raft::DEFAULT_PEER_PORT_OFFSET)
+            .expect("peer address")
     }
 
     fn data_dir(&self, id: u64) -> PathBuf {
@@ -109,7 +122,7 @@ impl ProcessCluster {
 
     /// Returns (group → next offset) as node `id` itself has applied it.
     async fn local_offsets(&self, id: u64) -> Option<BTreeMap<u64, u64>> {
-        let mut c = PeerClient::connect(format!("http://{}", self.grpc[&id]))
+        let mut c = PeerClient::connect(format!("http://{}", self.peer_addr(id)))
             .await
             .ok()?;
         let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
@@ -242,7 +255,7 @@ async fn forwarded_produce_to_a_paused_leader_fails_within_its_deadline() {
     let client = cluster.client();
     client.create_station("paused", 1, 3).await.expect("create");
     let leader = wait_until(Duration::from_secs(30), "a partition leader", || async {
-        let mut c = PeerClient::connect(format!("http://{}", cluster.grpc[&1]))
+        let mut c = PeerClient::connect(format!("http://{}", cluster.peer_addr(1)))
             .await
             .ok()?;
         let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();

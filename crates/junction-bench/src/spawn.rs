@@ -42,10 +42,16 @@ impl Spawned {
                 .prefix("junction-bench-")
                 .tempdir()?,
         };
-        let mut grpc = Vec::new();
+        // Client ports whose peer port (+ the default offset) is free too.
+        let grpc: Vec<String> = junction_testkit::loopback_port_pairs(
+            n as usize,
+            junction_raft::DEFAULT_PEER_PORT_OFFSET,
+        )?
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
         let mut http = Vec::new();
         for _ in 0..n {
-            grpc.push(format!("127.0.0.1:{}", free_port()?));
             http.push(format!("127.0.0.1:{}", free_port()?));
         }
         let members = grpc

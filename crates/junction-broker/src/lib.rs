@@ -67,6 +67,9 @@ pub struct BrokerConfig {
     pub memory_limit_bytes: u64,
     /// Sent with every peer call; `None`: peer calls carry no secret.
     pub cluster_secret: Option<junction_raft::peer_auth::ClusterSecret>,
+    /// A node's `Peer` service listens on its advertised port plus this (0: on the client
+    /// port). The same on every node.
+    pub peer_port_offset: u16,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -151,6 +154,7 @@ impl Broker {
             cfg.dial_overrides.clone(),
             cfg.cluster_secret.clone(),
             identity.clone(),
+            cfg.peer_port_offset,
         ));
         refuse_another_clusters_members(&cfg, &pool).await?;
         let sm = MetaStateMachine::open(store.clone())?;

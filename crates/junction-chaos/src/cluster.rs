@@ -76,6 +76,8 @@ const TMPFS_SIZE: u64 = 4 << 30;
 
 struct Node {
     grpc: SocketAddr,
+    /// The node-to-node service: the client port plus the default peer port offset.
+    peer: SocketAddr,
     http: SocketAddr,
     /// Mount point of the node's tmpfs, or plain directory.
     root: PathBuf,
@@ -92,13 +94,28 @@ pub struct Cluster {
     path: PathBuf,
     spec: ClusterSpec,
     nodes: BTreeMap<u64, Node>,
-    proxies: BTreeMap<(u64, u64), Proxy>,
+    /// Per directed link: the proxy of the Raft traffic (to the peer port) and the proxy of
+    /// the client calls one node forwards to another (to the client port).
+    proxies: BTreeMap<(u64, u64), LinkProxies>,
     disk_faults: Result<(), String>,
     /// Exits nobody asked for: (node, status, ms since the cluster started).
     crashes: Vec<(u64, String)>,
     /// The nodes' shared secret for node-to-node calls, and its file.
     secret: ClusterSecret,
     secret_file: PathBuf,
+}
+
+/// The two proxies of one directed node-to-node link.
+struct LinkProxies {
+    peer: Proxy,
+    client: Proxy,
+}
+
+impl LinkProxies {
+    fn set_mode(&self, mode: LinkMode) {
+        self.peer.set_mode(mode);
+        self.client.set_mode(mode);
+    }
 }
 
 fn free_port() -> Result<SocketAddr, ClusterError> {
@@ -134,13 +151,16 @@ impl Cluster {
         let secret = ClusterSecret::load_or_create(&secret_file)
             .map_err(|e| ClusterError::Secret(e.to_string()))?;
         let mut nodes = BTreeMap::new();
-        for id in 1..=spec.nodes {
+        let offset = junction_raft::DEFAULT_PEER_PORT_OFFSET;
+        let ports = junction_testkit::loopback_port_pairs(spec.nodes as usize, offset)?;
+        for (id, port) in (1..=spec.nodes).zip(ports) {
             let root = path.join(format!("node{id}"));
             std::fs::create_dir_all(&root).map_err(ClusterError::TempDir)?;
             nodes.insert(
                 id,
                 Node {
-                    grpc: free_port()?,
+                    grpc: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+                    peer: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port + offset)),
                     http: free_port()?,
                     root,
                     log: path.join(format!("node{id}.log")),
@@ -188,18 +208,26 @@ impl Cluster {
             secret,
             secret_file,
         };
-        let targets: Vec<(u64, SocketAddr)> =
-            cluster.nodes.iter().map(|(id, n)| (*id, n.grpc)).collect();
-        for &(from, _) in &targets {
-            for &(to, target) in &targets {
+        let targets: Vec<(u64, SocketAddr, SocketAddr)> = cluster
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.peer, n.grpc))
+            .collect();
+        for &(from, _, _) in &targets {
+            for &(to, peer, client) in &targets {
                 if from == to {
                     continue;
                 }
                 let seed = derive_seed(cluster.spec.seed, 0x10_000 + from * 100 + to);
-                let proxy = Proxy::start(target, seed)
+                let peer = Proxy::start(peer, seed)
                     .await
                     .map_err(|source| ClusterError::Proxy { from, to, source })?;
-                cluster.proxies.insert((from, to), proxy);
+                let client = Proxy::start(client, derive_seed(seed, 1))
+                    .await
+                    .map_err(|source| ClusterError::Proxy { from, to, source })?;
+                cluster
+                    .proxies
+                    .insert((from, to), LinkProxies { peer, client });
             }
         }
         let ids: Vec<u64> = cluster.ids();
@@ -221,6 +249,14 @@ impl Cluster {
     /// Whether disk faults can be injected, and if not why.
     pub fn disk_faults(&self) -> Result<(), String> {
         self.disk_faults.clone()
+    }
+
+    /// `http://host:port` of every node's peer service, by id.
+    pub fn peer_addrs(&self) -> BTreeMap<u64, String> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| (*id, format!("http://{}", n.peer)))
+            .collect()
     }
 
     /// `http://host:port` of every node's public API, by id.
@@ -253,7 +289,13 @@ impl Cluster {
             .filter(|((from, _), _)| *from == id)
             .filter_map(|((_, to), p)| {
                 let target = self.nodes.get(to)?;
-                Some(format!("{}={}", target.grpc, p.addr()))
+                Some(format!(
+                    "{}={},{}={}",
+                    target.peer,
+                    p.peer.addr(),
+                    target.grpc,
+                    p.client.addr()
+                ))
             })
             .collect::<Vec<_>>()
             .join(",")
@@ -425,10 +467,16 @@ impl Cluster {
         }
     }
 
+    /// Traffic per link: `f->t` the Raft traffic, `f->t forwarded` the forwarded client calls.
     pub fn link_stats(&self) -> BTreeMap<String, LinkStats> {
         self.proxies
             .iter()
-            .map(|((f, t), p)| (format!("{f}->{t}"), p.stats()))
+            .flat_map(|((f, t), p)| {
+                [
+                    (format!("{f}->{t}"), p.peer.stats()),
+                    (format!("{f}->{t} forwarded"), p.client.stats()),
+                ]
+            })
             .collect()
     }
 
@@ -481,7 +529,7 @@ impl Cluster {
         let client = match &node.status {
             Some(c) => c.clone(),
             None => {
-                let ep = Endpoint::from_shared(format!("http://{}", node.grpc))
+                let ep = Endpoint::from_shared(format!("http://{}", node.peer))
                     .ok()?
                     .connect_timeout(Duration::from_millis(500));
                 let c = PeerClient::with_interceptor(

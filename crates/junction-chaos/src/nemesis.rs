@@ -299,7 +299,7 @@ impl Nemesis {
             });
             // Every node, the killed one included: once restarted it may report leading its
             // groups again at the old term (see `Election::resumed_ms`).
-            let addrs: Vec<(u64, String)> = cluster.grpc_addrs().into_iter().collect();
+            let addrs: Vec<(u64, String)> = cluster.peer_addrs().into_iter().collect();
             let watched: Vec<(Option<u32>, u64, u64)> = led
                 .iter()
                 .filter_map(|&(g, term)| {

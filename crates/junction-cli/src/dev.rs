@@ -74,6 +74,8 @@ impl ClusterFiles {
 pub(crate) struct NodePlan {
     pub(crate) id: u16,
     pub(crate) listen: String,
+    /// The node-to-node service: the gRPC port plus the default peer port offset.
+    pub(crate) peer: String,
     pub(crate) http: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) log: PathBuf,
@@ -95,10 +97,22 @@ pub(crate) fn plan(args: &DevArgs) -> anyhow::Result<(Vec<NodePlan>, String)> {
     if args.base_port <= http_last && args.http_base_port <= grpc_last {
         bail!("the gRPC and HTTP port ranges overlap");
     }
+    let offset = junction_raft::DEFAULT_PEER_PORT_OFFSET;
+    let Some(peer_last) = grpc_last.checked_add(offset) else {
+        bail!("peer ports (gRPC port + {offset}) beyond 65535");
+    };
+    let peer_base = args.base_port + offset;
+    if peer_base <= http_last && args.http_base_port <= peer_last {
+        bail!(
+            "the HTTP ports overlap the peer ports ({peer_base}..={peer_last}, the gRPC ports \
+             + {offset})"
+        );
+    }
     let nodes: Vec<NodePlan> = (1..=args.nodes)
         .map(|id| NodePlan {
             id,
             listen: format!("127.0.0.1:{}", args.base_port + id - 1),
+            peer: format!("127.0.0.1:{}", peer_base + id - 1),
             http: format!("127.0.0.1:{}", args.http_base_port + id - 1),
             data_dir: args.data_dir.join(format!("node{id}")),
             log: args.data_dir.join(format!("node{id}.log")),
@@ -350,7 +364,7 @@ async fn wait_for_stop(
 /// talk to the first cluster's nodes and report it ready.
 fn check_ports_free(plans: &[NodePlan]) -> anyhow::Result<()> {
     for plan in plans {
-        for addr in [&plan.listen, &plan.http] {
+        for addr in [&plan.listen, &plan.peer, &plan.http] {
             if let Err(err) = std::net::TcpListener::bind(addr.as_str()) {
                 if err.kind() == std::io::ErrorKind::AddrInUse {
                     bail!(
@@ -493,6 +507,7 @@ mod tests {
             "1=127.0.0.1:7701,2=127.0.0.1:7702,3=127.0.0.1:7703"
         );
         assert_eq!(nodes[2].listen, "127.0.0.1:7703");
+        assert_eq!(nodes[2].peer, "127.0.0.1:7803");
         assert_eq!(nodes[2].http, "127.0.0.1:8703");
         assert_eq!(nodes[2].data_dir, PathBuf::from("./data/node3"));
         assert_eq!(nodes[2].log, PathBuf::from("./data/node3.log"));
@@ -529,6 +544,7 @@ mod tests {
         let plans = vec![NodePlan {
             id: 2,
             listen: format!("127.0.0.1:{free_port}"),
+            peer: format!("127.0.0.1:{free_port}"),
             http: format!("127.0.0.1:{port}"),
             data_dir: PathBuf::from("d"),
             log: PathBuf::from("l"),
@@ -546,5 +562,8 @@ mod tests {
         assert!(plan(&args(3, 65534, 8701)).is_err());
         assert!(plan(&args(3, 7701, 7702)).is_err());
         assert!(plan(&args(1, 7701, 7702)).is_ok());
+        // HTTP ports on the peer ports (gRPC + 100).
+        assert!(plan(&args(3, 7701, 7802)).is_err());
+        assert!(plan(&args(3, 65500, 8701)).is_err());
     }
 }

@@ -27,7 +27,10 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use meta_sm::{MetaShared, MetaStateMachine};
-pub use network::{DialOverrides, NetworkFactory, PeerChannel, PeerPool};
+pub use network::{
+    DEFAULT_PEER_PORT_OFFSET, DialError, DialOverrides, NetworkFactory, PeerChannel, PeerPool,
+    peer_address,
+};
 pub use partition_sm::{PartitionShared, PartitionState, PartitionStateMachine};
 pub use peer_service::{GroupHost, PeerService};
 pub use snapshot::SnapshotData;

@@ -53,6 +53,41 @@ pub struct PeerPool {
     dial: DialOverrides,
     secret: Option<ClusterSecret>,
     identity: ClusterIdentity,
+    port_offset: u16,
+}
+
+/// The peer port of every node is its advertised client port plus this, unless configured
+/// otherwise (`--peer-port-offset`; the same on every node of a cluster).
+pub const DEFAULT_PEER_PORT_OFFSET: u16 = 100;
+
+/// Why a peer cannot be dialled.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot derive the peer address of '{addr}': {reason}")]
+    Address { addr: String, reason: &'static str },
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The address of a node's `Peer` service: its advertised client address (`host:port`) with
+/// the port moved up by `offset` (0: the same address, the peer service on the client port).
+pub fn peer_address(addr: &str, offset: u16) -> Result<String, DialError> {
+    if offset == 0 {
+        return Ok(addr.to_owned());
+    }
+    let bad = |reason| DialError::Address {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+    let peer = port
+        .checked_add(offset)
+        .ok_or_else(|| bad("the port plus the peer port offset is above 65535"))?;
+    Ok(format!("{host}:{peer}"))
 }
 
 /// The channel of peer clients: every call carries the cluster secret, if there is one.
@@ -65,36 +100,42 @@ pub type DialOverrides = Arc<HashMap<String, String>>;
 impl PeerPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
     pub fn with_overrides(dial: DialOverrides) -> Self {
-        Self::new(dial, None, ClusterIdentity::default())
+        Self::new(dial, None, ClusterIdentity::default(), 0)
     }
 
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given, and sends
-    /// `secret` and this node's cluster id (once known) with every call.
+    /// `secret` and this node's cluster id (once known) with every call. A peer's `Peer`
+    /// service is dialled at its advertised address with the port moved up by `port_offset`
+    /// (see [`peer_address`]).
     pub fn new(
         dial: DialOverrides,
         secret: Option<ClusterSecret>,
         identity: ClusterIdentity,
+        port_offset: u16,
     ) -> Self {
         Self {
             clients: Mutex::default(),
             dial,
             secret,
             identity,
+            port_offset,
         }
     }
 
-    /// Returns the address to dial for an advertised address.
+    /// Returns the address to dial for a peer address (an override, or itself).
     pub fn dial_addr<'a>(&'a self, addr: &'a str) -> &'a str {
         self.dial.get(addr).map_or(addr, String::as_str)
     }
 
-    /// Returns a client for `addr` (`host:port`).
-    pub fn client(&self, addr: &str) -> Result<PeerClient<PeerChannel>, tonic::transport::Error> {
+    /// Returns a client of the `Peer` service of the node advertised at `addr` (`host:port`,
+    /// its client address).
+    pub fn client(&self, addr: &str) -> Result<PeerClient<PeerChannel>, DialError> {
         let mut map = self.clients.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{}", self.dial_addr(addr)))?
+        let peer = peer_address(addr, self.port_offset)?;
+        let ep = Endpoint::from_shared(format!("http://{}", self.dial_addr(&peer)))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
@@ -299,6 +340,24 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_move_the_port_up_by_the_offset() -> Result<(), DialError> {
+        assert_eq!(peer_address("10.0.0.1:7701", 100)?, "10.0.0.1:7801");
+        assert_eq!(
+            peer_address("junction-0.junction:7701", 100)?,
+            "junction-0.junction:7801"
+        );
+        assert_eq!(peer_address("[::1]:7701", 100)?, "[::1]:7801");
+        assert_eq!(peer_address("10.0.0.1:7701", 0)?, "10.0.0.1:7701");
+        for bad in ["10.0.0.1", ":7701", "10.0.0.1:x", "10.0.0.1:65500"] {
+            assert!(
+                matches!(peer_address(bad, 100), Err(DialError::Address { .. })),
+                "{bad} was accepted"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn rpc_deadlines_have_a_floor_above_the_heartbeat_period() {

@@ -47,6 +47,8 @@ pub enum ConfigError {
     ClusterSecret(String),
     #[error("authentication: {0}")]
     Auth(String),
+    #[error("peer service: {0}")]
+    Peer(String),
     #[error("{field} must be {rule}, got {value}")]
     OutOfRange {
         field: &'static str,
@@ -62,8 +64,15 @@ pub enum ConfigError {
 pub struct Config {
     /// This node's id (≥ 1).
     pub node_id: NodeId,
-    /// Address the gRPC server (public API and node-to-node Raft traffic) binds.
+    /// Address the public gRPC server (clients, and calls forwarded between nodes) binds.
     pub listen: String,
+    /// Address the node-to-node `Peer` service (Raft, joins, status) binds; defaults to the
+    /// host of `listen` with its port plus `peer_port_offset`.
+    pub peer_listen: Option<String>,
+    /// Every node's peer port is its advertised client port plus this (the same on every
+    /// node). 0 serves the peer service on the client port (tests, and clusters made before
+    /// the peer port existed).
+    pub peer_port_offset: u16,
     /// Address other nodes and clients use to reach this node; defaults to `listen`.
     pub advertise: Option<String>,
     /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`).
@@ -122,6 +131,8 @@ impl Default for Config {
         Self {
             node_id: 1,
             listen: "127.0.0.1:7701".into(),
+            peer_listen: None,
+            peer_port_offset: junction_raft::DEFAULT_PEER_PORT_OFFSET,
             advertise: None,
             http: "127.0.0.1:8701".into(),
             data_dir: PathBuf::from("./data/node1"),
@@ -191,6 +202,14 @@ pub struct ServeArgs {
     /// Raft entries kept below a snapshot.
     #[arg(long, env = "JUNCTION_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
+    /// Address the node-to-node service (Raft, joins) binds. Default: the host of --listen,
+    /// port + --peer-port-offset. Only other nodes of the cluster may call it.
+    #[arg(long, env = "JUNCTION_PEER_LISTEN", value_name = "HOST:PORT")]
+    pub peer_listen: Option<String>,
+    /// A node's peer port is its advertised client port plus this (default 100; the same on
+    /// every node). 0 serves the peer service on the client port.
+    #[arg(long, env = "JUNCTION_PEER_PORT_OFFSET", value_name = "N")]
+    pub peer_port_offset: Option<u16>,
     /// ADVERTISED=DIALLED,... peer address overrides (fault-injection proxies).
     #[arg(long, env = "JUNCTION_DIAL_OVERRIDES")]
     pub dial_overrides: Option<String>,
@@ -249,6 +268,12 @@ impl Config {
         }
         if let Some(v) = &args.advertise {
             c.advertise = Some(v.clone());
+        }
+        if let Some(v) = &args.peer_listen {
+            c.peer_listen = Some(v.clone());
+        }
+        if let Some(v) = args.peer_port_offset {
+            c.peer_port_offset = v;
         }
         if let Some(v) = &args.http {
             c.http = v.clone();
@@ -330,6 +355,7 @@ impl Config {
         }
         let members = self.member_map()?;
         self.dial_overrides()?;
+        self.peer_listen()?;
         if !members.contains_key(&self.node_id) {
             return Err(ConfigError::NotAMember {
                 id: self.node_id,
@@ -358,6 +384,40 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The address the peer service binds, `None` when it shares the client port. An explicit
+    /// `peer_listen` must use the port other nodes derive from the advertised address.
+    pub fn peer_listen(&self) -> Result<Option<String>, ConfigError> {
+        if self.peer_port_offset == 0 {
+            if let Some(p) = &self.peer_listen {
+                return Err(ConfigError::Peer(format!(
+                    "--peer-listen {p} with --peer-port-offset 0: an offset of 0 serves the \
+                     peer service on the client port; drop one of the two"
+                )));
+            }
+            return Ok(None);
+        }
+        let derive = |addr: &str| {
+            junction_raft::peer_address(addr, self.peer_port_offset)
+                .map_err(|e| ConfigError::Peer(e.to_string()))
+        };
+        let expected = derive(&self.advertised())?;
+        match &self.peer_listen {
+            None => derive(&self.listen).map(Some),
+            Some(p) => {
+                let port = |a: &str| a.rsplit_once(':').map(|(_, port)| port.to_owned());
+                if port(p) != port(&expected) {
+                    return Err(ConfigError::Peer(format!(
+                        "--peer-listen {p}: other nodes reach this node's peer service at \
+                         {expected} (advertised address + --peer-port-offset {}), so it must \
+                         listen on that port",
+                        self.peer_port_offset
+                    )));
+                }
+                Ok(Some(p.clone()))
+            }
+        }
     }
 
     /// Returns the advertised address.
@@ -416,6 +476,7 @@ impl Config {
             },
             memory_limit_bytes: self.memory_limit_bytes,
             cluster_secret: self.cluster_secret()?,
+            peer_port_offset: self.peer_port_offset,
         })
     }
 }

@@ -1,5 +1,6 @@
-//! A Junction node as a server: configuration, the gRPC services (public `Broker` and `Admin`,
-//! node-to-node `Peer`, health and reflection) on one port, and HTTP on another.
+//! A Junction node as a server: configuration, the public gRPC services (`Broker`, `Admin`,
+//! `Groups`, health and reflection) on the client port, the node-to-node `Peer` service on
+//! the peer port (client port + `--peer-port-offset`), and HTTP on a third.
 //!
 //! - [`config`]: the one configuration struct (defaults < TOML < env < flags).
 //! - [`broker_service`], [`admin_service`]: thin handlers — validate, route, call, map.
@@ -64,8 +65,12 @@ pub enum ServerError {
 pub struct ServerHandle {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Where the node-to-node service listens; `None` when it shares the client port.
+    pub peer_addr: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     stop: CancellationToken,
+    /// Stops the peer listener: after the broker shut down (its leaderships handed over).
+    peer_stop: CancellationToken,
     failed: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -74,10 +79,12 @@ pub struct ServerHandle {
 const POISON_CHECK: Duration = Duration::from_millis(100);
 
 impl ServerHandle {
-    /// Stops serving, shuts every Raft group down and closes RocksDB.
+    /// Stops serving clients, shuts every Raft group down (handing leaderships over through
+    /// the peer service, which stops last) and closes RocksDB.
     pub async fn shutdown(self) {
         self.stop.cancel();
         self.broker.shutdown().await;
+        self.peer_stop.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -95,6 +102,14 @@ impl ServerHandle {
     pub fn failed(&self) -> CancellationToken {
         self.failed.clone()
     }
+}
+
+/// The gRPC server settings of both listeners.
+fn grpc_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
 }
 
 /// Starts a node.
@@ -118,7 +133,8 @@ impl Server {
         Self::start_with_listeners(config, grpc, http).await
     }
 
-    /// Starts a node on already-bound listeners.
+    /// Starts a node on already-bound client and HTTP listeners; the peer listener (unless
+    /// the peer service shares the client port) is bound here from the configuration.
     pub async fn start_with_listeners(
         mut config: Config,
         grpc: TcpListener,
@@ -155,7 +171,33 @@ impl Server {
             addr: config.http.clone(),
             source,
         })?;
-        tracing::info!(?config, %grpc_addr, %http_addr, "starting node");
+        let peer = match config.peer_listen()? {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(&addr)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let peer_addr = match &peer {
+            Some(l) => Some(l.local_addr().map_err(|source| ServerError::Bind {
+                addr: "peer listener".into(),
+                source,
+            })?),
+            None => {
+                tracing::warn!(
+                    "--peer-port-offset 0: the node-to-node service shares the client port {}",
+                    config.listen
+                );
+                None
+            }
+        };
+        tracing::info!(?config, %grpc_addr, %http_addr, ?peer_addr, "starting node");
         let store = {
             let path = config.data_dir.join("db");
             let options = StoreOptions {
@@ -215,10 +257,7 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| BrokerError::Raft(format!("reflection: {e}")))?;
 
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
+        let router = grpc_builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
@@ -244,16 +283,36 @@ impl Server {
                 ))
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
-            )
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                PeerServer::new(PeerService::new(broker.clone()))
-                    .max_decoding_message_size(512 << 20)
-                    .max_encoding_message_size(512 << 20),
-                junction_raft::peer_auth::RequireSecret(
-                    cluster_secret.clone(),
-                    Some(broker.identity().clone()),
-                ),
-            ));
+            );
+        let peer_service = tonic::service::interceptor::InterceptedService::new(
+            PeerServer::new(PeerService::new(broker.clone()))
+                .max_decoding_message_size(512 << 20)
+                .max_encoding_message_size(512 << 20),
+            junction_raft::peer_auth::RequireSecret(
+                cluster_secret.clone(),
+                Some(broker.identity().clone()),
+            ),
+        );
+        let peer_stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let router = match peer {
+            None => router.add_service(peer_service),
+            Some(peer) => {
+                let peer_router = grpc_builder().add_service(peer_service);
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(peer).with_nodelay(Some(true));
+                let s0 = peer_stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = peer_router
+                        .serve_with_incoming_shutdown(incoming, s0.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(error = %e, "peer gRPC server stopped");
+                    }
+                }));
+                router
+            }
+        };
         // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself: set it on the
         // accepted sockets here. Without it every reply waited on Nagle's algorithm and the
         // peer's delayed ACK, 40 ms a time on Linux (p99 of produce was 45-90 ms).
@@ -295,13 +354,16 @@ impl Server {
                 }
             }
         });
+        tasks.extend([grpc_task, http_task, poison_task]);
         Ok(ServerHandle {
             grpc_addr,
             http_addr,
+            peer_addr,
             broker,
             stop,
+            peer_stop,
             failed,
-            tasks: vec![grpc_task, http_task, poison_task],
+            tasks,
         })
     }
 }

@@ -78,6 +78,51 @@ fn pick(cursor: &mut Option<u16>, low: u16, n: usize) -> Result<Vec<u16>, PortEr
     Ok(held.into_iter().map(|(port, _)| port).collect())
 }
 
+/// `n` ports for nodes that also listen on their port plus `offset` (Junction's peer port):
+/// both of each pair were free when chosen, and neither is handed out again by this process
+/// (the cursor moves past the highest). Returns the lower port of each pair.
+pub fn loopback_port_pairs(n: usize, offset: u16) -> Result<Vec<u16>, PortError> {
+    let low = ephemeral_low();
+    let mut cursor = CURSOR.lock().unwrap_or_else(|p| p.into_inner());
+    let span = low - FLOOR;
+    if offset == 0 {
+        return pick(&mut cursor, low, n);
+    }
+    let mut next = cursor.unwrap_or_else(|| start_point(span)) % span;
+    let mut held = Vec::with_capacity(2 * n);
+    let mut ports = Vec::with_capacity(n);
+    let mut tried = 0u32;
+    while ports.len() < n {
+        if tried >= u32::from(span) {
+            return Err(PortError::Exhausted(low));
+        }
+        tried += 1;
+        let (port, upper) = (FLOOR + next, u32::from(FLOOR + next) + u32::from(offset));
+        next = (next + 1) % span;
+        if upper >= u32::from(low) {
+            // Wrap around: the pair would reach into the ephemeral range.
+            next = 0;
+            continue;
+        }
+        let upper = upper as u16;
+        if held.iter().any(|(p, _)| *p == port || *p == upper) {
+            continue;
+        }
+        let (Ok(a), Ok(b)) = (
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)),
+            TcpListener::bind((Ipv4Addr::LOCALHOST, upper)),
+        ) else {
+            continue;
+        };
+        held.push((port, a));
+        held.push((upper, b));
+        ports.push(port);
+    }
+    let highest = held.iter().map(|(p, _)| *p).max().unwrap_or(FLOOR);
+    *cursor = Some((highest - FLOOR + 1) % span);
+    Ok(ports)
+}
+
 /// One port, as [`loopback_ports`].
 pub fn loopback_port() -> Result<u16, PortError> {
     loopback_ports(1)?
@@ -107,6 +152,27 @@ mod tests {
             );
             assert!(
                 TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).is_ok(),
+                "port {port} was handed out but is not free"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pairs_are_free_distinct_and_not_handed_out_again() -> Result<(), PortError> {
+        let pairs = loopback_port_pairs(3, 100)?;
+        let later = loopback_ports(50)?;
+        let mut all: Vec<u16> = pairs.iter().flat_map(|p| [*p, p + 100]).collect();
+        all.extend(&later);
+        let distinct: std::collections::BTreeSet<u16> = all.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            all.len(),
+            "a port was handed out twice: {all:?}"
+        );
+        for port in pairs.iter().flat_map(|p| [*p, p + 100]) {
+            assert!(
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok(),
                 "port {port} was handed out but is not free"
             );
         }
