@@ -15,3 +15,4 @@ mod memory;
 mod process;
 mod retention;
 mod snapshot;
+mod tls;

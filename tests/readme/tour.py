@@ -12,8 +12,8 @@ command's exit status is checked, and a few outputs. Then:
 - `./scripts/dev` started again in the same directory serves the same data;
 - a second `./scripts/dev` while one runs fails at once, naming the busy port.
 
-The tour talks to the dev cluster's default ports (127.0.0.1:7701-7703 and 8701-8703), as the
-README does: they must be free, or the test stops before starting anything.
+The tour talks to the dev cluster's default ports (127.0.0.1:7701-7703, 7801-7803 and
+8701-8703), as the README does: they must be free, or the test stops before starting anything.
 
 Ends with the plain `N passed, N failed` line.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPC_PORTS = [7701, 7702, 7703]
+PEER_PORTS = [7801, 7802, 7803]
 HTTP_PORTS = [8701, 8702, 8703]
 # The first `./scripts/dev` in the copy compiles the workspace's own crates (the shared target
 # dir keeps the dependencies, RocksDB among them).
@@ -336,7 +337,7 @@ def ports_free_after_stop():
     deadline = time.monotonic() + STOP_LIMIT
     busy = []
     while time.monotonic() < deadline:
-        busy = [p for p in GRPC_PORTS + HTTP_PORTS if not port_free(p)]
+        busy = [p for p in GRPC_PORTS + PEER_PORTS + HTTP_PORTS if not port_free(p)]
         if not busy:
             return []
         time.sleep(0.2)
@@ -354,7 +355,7 @@ def stop_and_check(dev, data, label):
 
 
 def main():
-    for p in GRPC_PORTS + HTTP_PORTS:
+    for p in GRPC_PORTS + PEER_PORTS + HTTP_PORTS:
         if not port_free(p):
             log(f"FAIL port 127.0.0.1:{p} is in use: the README tour needs the dev cluster's "
                 "default ports (is a `junction dev` running?)")
@@ -393,6 +394,10 @@ def main():
         check((data / "cluster-secret").is_file()
               and (data / "cluster-secret").stat().st_mode & 0o777 == 0o600,
               "the dev cluster's node-to-node secret is ./data/cluster-secret, private")
+        check("TLS is on" in out and (data / "tls" / "ca.pem").is_file()
+              and (data / "tls" / "node.key").stat().st_mode & 0o777 == 0o600,
+              "the dev cluster speaks TLS with a throwaway CA under ./data/tls (private key 0600)",
+              out[-2000:])
         total = tour(copy)
         stop_and_check(dev, data, "first run")
 

@@ -70,6 +70,8 @@ pub struct BrokerConfig {
     /// A node's `Peer` service listens on its advertised port plus this (0: on the client
     /// port). The same on every node.
     pub peer_port_offset: u16,
+    /// TLS of the connections to other nodes' peer ports; `None`: plaintext.
+    pub peer_tls: Option<junction_tls::ClientTls>,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -155,6 +157,7 @@ impl Broker {
             cfg.cluster_secret.clone(),
             identity.clone(),
             cfg.peer_port_offset,
+            cfg.peer_tls.clone(),
         ));
         refuse_another_clusters_members(&cfg, &pool).await?;
         let sm = MetaStateMachine::open(store.clone())?;

@@ -30,6 +30,10 @@ pub struct ConnArgs {
     /// cluster's `./data/admin.token`).
     #[arg(long, env = "JUNCTION_TOKEN_FILE", global = true, value_name = "PATH")]
     pub token_file: Option<std::path::PathBuf>,
+    /// Speak TLS and trust the CA certificates of this PEM file (the dev cluster's is
+    /// `./data/tls/ca.pem`, which `./scripts/junction` passes for you).
+    #[arg(long, env = "JUNCTION_TLS_CA", global = true, value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
@@ -53,10 +57,16 @@ impl ConnArgs {
 
     /// Client options with the credential.
     pub fn options(&self) -> anyhow::Result<ClientOptions> {
-        Ok(ClientOptions {
+        let options = ClientOptions {
             token: self.token()?,
             ..ClientOptions::default()
-        })
+        };
+        match &self.tls_ca {
+            Some(ca) => Ok(options
+                .with_tls_ca_file(ca)
+                .with_context(|| format!("--tls-ca {}", ca.display()))?),
+            None => Ok(options),
+        }
     }
 
     /// A client for these addresses.

@@ -38,6 +38,12 @@ pub struct DevArgs {
     /// prints must work as shown, with no credential to pass.
     #[arg(long)]
     pub auth: bool,
+    /// Plaintext instead of TLS. By default the dev cluster makes a throwaway CA and a node
+    /// certificate under `DATA_DIR/tls` (kept across runs) and serves TLS on the client ports
+    /// and mutual TLS on the peer ports, as a production cluster should; `./scripts/junction`
+    /// trusts that CA by itself, elsewhere set `JUNCTION_TLS_CA=DATA_DIR/tls/ca.pem`.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The files every node of the dev cluster is started with.
@@ -46,6 +52,8 @@ pub(crate) struct ClusterFiles {
     pub(crate) secret: PathBuf,
     /// The admin token file, when authentication is on.
     pub(crate) admin_token: Option<PathBuf>,
+    /// The throwaway CA and node certificate, unless `--insecure`.
+    pub(crate) tls: Option<junction_tls::DevFiles>,
 }
 
 impl ClusterFiles {
@@ -62,9 +70,21 @@ impl ClusterFiles {
                 .with_context(|| format!("making the admin token {}", path.display()))?;
             Some(path)
         };
+        let tls = if args.insecure {
+            None
+        } else {
+            let dir = args.data_dir.join("tls");
+            Some(match junction_tls::DevFiles::existing(&dir) {
+                Some(files) => files,
+                None => junction_tls::DevCa::new("Junction dev CA (throwaway)")?
+                    .write_node_files(&dir, &["127.0.0.1", "localhost"])
+                    .with_context(|| format!("making the dev certificates in {}", dir.display()))?,
+            })
+        };
         Ok(Self {
             secret,
             admin_token,
+            tls,
         })
     }
 }
@@ -234,6 +254,14 @@ fn spawn(
         None => {
             cmd.args(["--auth", "none"]);
         }
+    }
+    if let Some(tls) = &files.tls {
+        cmd.arg("--tls-cert")
+            .arg(&tls.node.cert)
+            .arg("--tls-key")
+            .arg(&tls.node.key)
+            .arg("--tls-ca")
+            .arg(&tls.node.ca);
     }
     cmd
         // Settings meant for a single node would break a local cluster.
@@ -434,6 +462,9 @@ async fn run_cluster(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         options = options.with_token(token.trim());
     }
+    if let Some(tls) = &files.tls {
+        options = options.with_tls_ca_file(&tls.ca)?;
+    }
     let client = Client::connect_with(crate::common::split_addresses(&servers), options)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -458,6 +489,19 @@ async fn run_cluster(
         )),
         None => text
             .push_str("authentication is off (loopback only; `junction dev --auth` turns it on)\n"),
+    }
+    match &files.tls {
+        Some(tls) => text.push_str(&format!(
+            "TLS is on (a throwaway CA in {dir}); ./scripts/junction trusts it; elsewhere:\n  \
+             export JUNCTION_TLS_CA={ca}\n  grpcurl -cacert {ca} 127.0.0.1:{port} list\n",
+            dir = tls.ca.parent().unwrap_or(Path::new(".")).display(),
+            ca = tls.ca.display(),
+            port = args.base_port,
+        )),
+        None => text.push_str(
+            "WARNING: --insecure: plaintext on every port; anything on this machine can read \
+             and alter the traffic\n",
+        ),
     }
     let rf = if args.nodes >= 3 {
         ""
@@ -496,6 +540,7 @@ mod tests {
             base_port: base,
             http_base_port: http,
             auth: false,
+            insecure: false,
         }
     }
 
@@ -524,6 +569,7 @@ mod tests {
             base_port: 17_701,
             http_base_port: 18_701,
             auth: false,
+            insecure: false,
         };
         let err = tokio::time::timeout(Duration::from_secs(30), run_dev(args))
             .await
@@ -532,6 +578,9 @@ mod tests {
         assert!(err.to_string().contains("exited unexpectedly"), "{err:#}");
         assert!(dir.path().join("node1.log").exists());
         assert!(dir.path().join("node2").is_dir());
+        // The throwaway CA and node certificate were made for the nodes.
+        let tls = junction_tls::DevFiles::existing(&dir.path().join("tls")).expect("TLS files");
+        junction_tls::NodeTls::load(tls.node).expect("the dev certificates load");
     }
 
     #[test]

@@ -80,6 +80,8 @@ mod tests {
         command: Command,
     }
 
+    // Parsed once per test; its size does not matter.
+    #[allow(clippy::large_enum_variant)]
     #[derive(clap::Subcommand, Debug)]
     enum Command {
         #[command(flatten)]

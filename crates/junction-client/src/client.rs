@@ -33,6 +33,9 @@ pub struct ClientOptions {
     /// The credential sent with every call as `authorization: Bearer <token>` (an API key
     /// `jk_...` or the admin token); `None` for a cluster running with `--auth none`.
     pub token: Option<String>,
+    /// TLS for every connection (the CA to trust, see [`junction_tls::ClientTls`]); `None`:
+    /// plaintext. Addresses may be written `https://` or `http://` either way.
+    pub tls: Option<junction_tls::ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -44,6 +47,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             max_message_size: 64 * 1024 * 1024,
             token: None,
+            tls: None,
         }
     }
 }
@@ -59,6 +63,19 @@ impl ClientOptions {
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    /// Sets [`ClientOptions::tls`].
+    pub fn with_tls(mut self, tls: junction_tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets [`ClientOptions::tls`] to trust the CA certificates of a PEM file.
+    pub fn with_tls_ca_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, ClientError> {
+        let tls = junction_tls::ClientTls::from_ca_file(path.as_ref())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        Ok(self.with_tls(tls))
     }
 
     /// Sets [`ClientOptions::connect_timeout`].
@@ -141,7 +158,14 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let mut addrs: Vec<String> = Vec::new();
         for seed in seeds {
-            let addr = retry::normalize_address(&seed.into())?;
+            let seed: String = seed.into();
+            if options.tls.is_none() && seed.trim().to_ascii_lowercase().starts_with("https://") {
+                return Err(ClientError::Tls(format!(
+                    "{seed} is an https:// address but no CA to trust was given \
+                     (ClientOptions::with_tls_ca_file, or --tls-ca / JUNCTION_TLS_CA)"
+                )));
+            }
+            let addr = retry::normalize_address(&seed)?;
             if !addrs.contains(&addr) {
                 addrs.push(addr);
             }
@@ -260,15 +284,15 @@ impl Inner {
                 addr: addr.to_owned(),
                 reason: err.to_string(),
             })?;
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(self.options.connect_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = junction_tls::channel(endpoint, self.options.tls.as_ref());
         pool.channels.insert(addr.to_owned(), channel.clone());
         if !pool.addrs.iter().any(|a| a == addr) {
             pool.addrs.push(addr.to_owned());

@@ -17,6 +17,11 @@ pub enum ClientError {
     #[error("the token has characters a header cannot carry (printable ASCII only)")]
     InvalidToken,
 
+    /// TLS could not be set up (a CA file that cannot be read or parsed, an https:// address
+    /// without a CA).
+    #[error("TLS: {0}")]
+    Tls(String),
+
     /// A server address could not be parsed.
     #[error("invalid server address {addr:?}: {reason}")]
     InvalidAddress {

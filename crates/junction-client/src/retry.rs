@@ -96,8 +96,13 @@ pub(crate) fn normalize_address(addr: &str) -> Result<String, ClientError> {
     };
     let trimmed = addr.trim();
     let rest = match trimmed.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-        Some(_) => return Err(invalid("only http:// addresses are supported")),
+        // TLS is a client option (`ClientOptions::tls`), not a property of one address.
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            rest
+        }
+        Some(_) => return Err(invalid("only http:// and https:// addresses are supported")),
         None => trimmed,
     };
     let rest = rest.trim_end_matches('/');

@@ -54,6 +54,7 @@ pub struct PeerPool {
     secret: Option<ClusterSecret>,
     identity: ClusterIdentity,
     port_offset: u16,
+    tls: Option<junction_tls::ClientTls>,
 }
 
 /// The peer port of every node is its advertised client port plus this, unless configured
@@ -100,18 +101,20 @@ pub type DialOverrides = Arc<HashMap<String, String>>;
 impl PeerPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
     pub fn with_overrides(dial: DialOverrides) -> Self {
-        Self::new(dial, None, ClusterIdentity::default(), 0)
+        Self::new(dial, None, ClusterIdentity::default(), 0, None)
     }
 
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given, and sends
     /// `secret` and this node's cluster id (once known) with every call. A peer's `Peer`
     /// service is dialled at its advertised address with the port moved up by `port_offset`
-    /// (see [`peer_address`]).
+    /// (see [`peer_address`]); over TLS when `tls` is given (presenting the node's
+    /// certificate, which the peer port requires).
     pub fn new(
         dial: DialOverrides,
         secret: Option<ClusterSecret>,
         identity: ClusterIdentity,
         port_offset: u16,
+        tls: Option<junction_tls::ClientTls>,
     ) -> Self {
         Self {
             clients: Mutex::default(),
@@ -119,6 +122,7 @@ impl PeerPool {
             secret,
             identity,
             port_offset,
+            tls,
         }
     }
 
@@ -144,7 +148,7 @@ impl PeerPool {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
         let client = PeerClient::with_interceptor(
-            ep.connect_lazy(),
+            junction_tls::channel(ep, self.tls.as_ref()),
             AttachSecret(self.secret.clone(), Some(self.identity.clone())),
         )
         .max_decoding_message_size(512 << 20)

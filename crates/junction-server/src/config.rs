@@ -49,6 +49,8 @@ pub enum ConfigError {
     Auth(String),
     #[error("peer service: {0}")]
     Peer(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{field} must be {rule}, got {value}")]
     OutOfRange {
         field: &'static str,
@@ -109,6 +111,17 @@ pub struct Config {
     pub auth: AuthMode,
     /// File with the bootstrap admin token (cluster-admin); made on first start when missing.
     pub admin_token_file: Option<PathBuf>,
+    /// The node's certificate chain (PEM). With `tls_key` and `tls_ca`, both ports speak TLS:
+    /// the client port serves this certificate, the peer port also requires a client
+    /// certificate signed by `tls_ca`. All three or none.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): verifies the other nodes.
+    pub tls_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes (a renewed certificate is served from
+    /// the next connection on), in ms.
+    pub tls_reload_ms: u64,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
@@ -149,6 +162,10 @@ impl Default for Config {
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
             cluster_secret_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_reload_ms: junction_tls::DEFAULT_RELOAD_INTERVAL.as_millis() as u64,
             auth: AuthMode::None,
             admin_token_file: None,
             test_no_preallocation: false,
@@ -228,6 +245,20 @@ pub struct ServeArgs {
     /// not exist, a new token is made and written there (mode 0600) on first start.
     #[arg(long, env = "JUNCTION_ADMIN_TOKEN_FILE", value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
+    /// This node's certificate chain, PEM. With --tls-key and --tls-ca, the client port
+    /// speaks TLS and the peer port mutual TLS (a certificate signed by the CA is required).
+    /// The certificate must name the host of --advertise and allow server and client auth.
+    #[arg(long, env = "JUNCTION_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, env = "JUNCTION_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA, PEM: other nodes' certificates must be signed by it.
+    #[arg(long, env = "JUNCTION_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// How often the TLS files are read for changes, in ms (default 5000).
+    #[arg(long, env = "JUNCTION_TLS_RELOAD_MS", value_name = "MS")]
+    pub tls_reload_ms: Option<u64>,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -314,6 +345,18 @@ impl Config {
         if let Some(v) = &args.admin_token_file {
             c.admin_token_file = Some(v.clone());
         }
+        if let Some(v) = &args.tls_cert {
+            c.tls_cert = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_key {
+            c.tls_key = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_ca {
+            c.tls_ca = Some(v.clone());
+        }
+        if let Some(v) = args.tls_reload_ms {
+            c.tls_reload_ms = v;
+        }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;
         }
@@ -356,6 +399,22 @@ impl Config {
         let members = self.member_map()?;
         self.dial_overrides()?;
         self.peer_listen()?;
+        if self.tls_paths()?.is_some() {
+            if self.peer_port_offset == 0 {
+                return Err(ConfigError::Tls(
+                    "TLS needs the peer service on its own port (mutual TLS there, server TLS on \
+                     the client port): --peer-port-offset must not be 0"
+                        .into(),
+                ));
+            }
+            if self.tls_reload_ms == 0 {
+                return Err(ConfigError::OutOfRange {
+                    field: "tls-reload-ms",
+                    rule: "at least 1",
+                    value: 0,
+                });
+            }
+        }
         if !members.contains_key(&self.node_id) {
             return Err(ConfigError::NotAMember {
                 id: self.node_id,
@@ -420,6 +479,21 @@ impl Config {
         }
     }
 
+    /// The TLS files, when TLS is configured (all three of cert, key and CA, or none).
+    pub fn tls_paths(&self) -> Result<Option<junction_tls::TlsPaths>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(junction_tls::TlsPaths {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })),
+            _ => Err(ConfigError::Tls(
+                "--tls-cert, --tls-key and --tls-ca go together: give all three or none".into(),
+            )),
+        }
+    }
+
     /// Returns the advertised address.
     pub fn advertised(&self) -> String {
         self.advertise
@@ -477,6 +551,7 @@ impl Config {
             memory_limit_bytes: self.memory_limit_bytes,
             cluster_secret: self.cluster_secret()?,
             peer_port_offset: self.peer_port_offset,
+            peer_tls: None,
         })
     }
 }

@@ -58,6 +58,7 @@ pub struct ClientPool {
     channels: Mutex<HashMap<String, Channel>>,
     dial: junction_raft::DialOverrides,
     node: AttachSecret,
+    tls: Option<junction_tls::ClientTls>,
 }
 
 /// A channel whose calls carry the node credential.
@@ -79,11 +80,17 @@ pub fn forwarded(s: Status) -> Status {
 
 impl ClientPool {
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
-    pub fn with_overrides(dial: junction_raft::DialOverrides, node: AttachSecret) -> Self {
+    /// Calls go over TLS when `tls` is given.
+    pub fn with_overrides(
+        dial: junction_raft::DialOverrides,
+        node: AttachSecret,
+        tls: Option<junction_tls::ClientTls>,
+    ) -> Self {
         Self {
             channels: Mutex::default(),
             dial,
             node,
+            tls,
         }
     }
 
@@ -109,7 +116,7 @@ impl ClientPool {
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true);
-        let ch = ep.connect_lazy();
+        let ch = junction_tls::channel(ep, self.tls.as_ref());
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -59,6 +59,8 @@ pub enum ServerError {
     Broker(#[from] BrokerError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] junction_tls::TlsError),
 }
 
 /// A running node.
@@ -102,6 +104,33 @@ impl ServerHandle {
     pub fn failed(&self) -> CancellationToken {
         self.failed.clone()
     }
+}
+
+/// Serves `router` on `incoming` until `stop`.
+fn serve<I, IO, IE>(
+    router: tonic::transport::server::Router,
+    incoming: I,
+    stop: CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(listener = what, error = %e, "gRPC server stopped");
+        }
+    })
 }
 
 /// The gRPC server settings of both listeners.
@@ -197,7 +226,18 @@ impl Server {
                 None
             }
         };
-        tracing::info!(?config, %grpc_addr, %http_addr, ?peer_addr, "starting node");
+        let tls = match config.tls_paths()? {
+            Some(paths) => Some(junction_tls::NodeTls::load(paths)?),
+            None => {
+                tracing::warn!(
+                    "no --tls-cert/--tls-key/--tls-ca: client and node-to-node traffic is \
+                     plaintext; anyone on the network path can read and alter it"
+                );
+                None
+            }
+        };
+        let outgoing_tls = tls.clone().map(junction_tls::ClientTls::of_node);
+        tracing::info!(?config, %grpc_addr, %http_addr, ?peer_addr, tls = tls.is_some(), "starting node");
         let store = {
             let path = config.data_dir.join("db");
             let options = StoreOptions {
@@ -207,10 +247,13 @@ impl Server {
                 .await
                 .map_err(|e| BrokerError::Raft(format!("opening the store panicked: {e}")))??
         };
-        let broker = Broker::start(config.broker_config()?, store.clone()).await?;
+        let mut broker_config = config.broker_config()?;
+        broker_config.peer_tls = outgoing_tls.clone();
+        let broker = Broker::start(broker_config, store.clone()).await?;
         let clients = Arc::new(forward::ClientPool::with_overrides(
             config.dial_overrides()?,
             junction_raft::peer_auth::AttachSecret(cluster_secret.clone(), None),
+            outgoing_tls,
         ));
         let auth = Arc::new(auth::Authenticator::new(
             &config,
@@ -299,33 +342,46 @@ impl Server {
             None => router.add_service(peer_service),
             Some(peer) => {
                 let peer_router = grpc_builder().add_service(peer_service);
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(peer).with_nodelay(Some(true));
-                let s0 = peer_stop.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = peer_router
-                        .serve_with_incoming_shutdown(incoming, s0.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(error = %e, "peer gRPC server stopped");
+                tasks.push(match &tls {
+                    Some(tls) => {
+                        let t = tls.clone();
+                        let incoming = junction_tls::incoming(
+                            peer,
+                            move || t.peer_port(),
+                            "peer",
+                            peer_stop.clone(),
+                        );
+                        serve(peer_router, incoming, peer_stop.clone(), "peer")
                     }
-                }));
+                    None => {
+                        let incoming = tonic::transport::server::TcpIncoming::from(peer)
+                            .with_nodelay(Some(true));
+                        serve(peer_router, incoming, peer_stop.clone(), "peer")
+                    }
+                });
                 router
             }
         };
         // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself: set it on the
         // accepted sockets here. Without it every reply waited on Nagle's algorithm and the
         // peer's delayed ACK, 40 ms a time on Linux (p99 of produce was 45-90 ms).
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let s1 = stop.clone();
-        let grpc_task = tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, s1.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "gRPC server stopped");
+        let grpc_task = match &tls {
+            Some(tls) => {
+                let t = tls.clone();
+                let incoming =
+                    junction_tls::incoming(grpc, move || t.client_port(), "client", stop.clone());
+                tasks.push(tls.watch(
+                    Duration::from_millis(config.tls_reload_ms),
+                    peer_stop.clone(),
+                ));
+                serve(router, incoming, stop.clone(), "client")
             }
-        });
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+                serve(router, incoming, stop.clone(), "client")
+            }
+        };
         let s2 = stop.clone();
         let app = http::router(broker.clone());
         let http_task = tokio::spawn(async move {
