@@ -99,7 +99,7 @@ def validate_all(label: str, objs: list[dict[str, Any]]) -> None:
     for version in K8S_VERSIONS:
         builtin = 0
         for o in objs:
-            if o["apiVersion"].startswith("monitoring.coreos.com/"):
+            if o["apiVersion"].startswith(("monitoring.coreos.com/", "cert-manager.io/")):
                 continue  # a CRD: checked structurally where it is rendered
             try:
                 kubernetes_validate.validate(o, version, strict=True)
@@ -164,6 +164,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "service": {"type": "LoadBalancer", "annotations": {"a": "b"}},
     },
     "release name without 'junction'": {},
+    "TLS by cert-manager": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "cluster-ca", "kind": "ClusterIssuer"}}}},
+    "TLS and auth off": {"tls": {"enabled": False}, "auth": {"mode": "none"}},
 }
 
 
@@ -200,6 +202,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("PDB allowing two of three down", {"podDisruptionBudget": {"maxUnavailable": 2}}, "at most 1"),
     ("election timeout under two heartbeats", {"config": {"heartbeatMs": 500, "electionMinMs": 600, "electionMaxMs": 900}}, "twice"),
     ("election max not above min", {"config": {"electionMinMs": 900, "electionMaxMs": 900}}, "greater than"),
+    ("cert-manager without an issuer", {"tls": {"certManager": {"enabled": True}}}, "issuerRef.name"),
+    ("cert-manager and an existing Secret", {"tls": {"existingSecret": "mine", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "leave tls.existingSecret empty"),
+    ("an issuer kind that does not exist", {"tls": {"certManager": {"issuerRef": {"kind": "Issuers"}}}}, "/tls/certManager/issuerRef/kind"),
 ]
 
 
@@ -420,6 +425,62 @@ def test_ha_properties(rendered: dict[str, list[dict[str, Any]]]) -> None:
 
     test_pod = [o for o in objs if o["kind"] == "Pod"]
     check(len(test_pod) == 1 and test_pod[0]["metadata"]["annotations"]["helm.sh/hook"] == "test", "a helm test pod")
+
+
+def cert_names(pem: bytes) -> set[str]:
+    """The subjectAltName entries of a PEM certificate ("DNS:x", "IP Address:y")."""
+    import ssl
+    with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+        f.write(pem)
+        f.flush()
+        info = ssl._ssl._test_decode_cert(f.name)  # type: ignore[attr-defined]
+    return {f"{kind}:{value}" for kind, value in info.get("subjectAltName", ())}
+
+
+def test_tls(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    section("TLS: the nodes' certificate, where it is mounted, and who trusts it")
+    name = fullname()
+    headless = f"*.{name}-headless.{NAMESPACE}.svc.cluster.local"
+    objs = rendered["defaults"]
+    secret = one(objs, "Secret", f"{name}-tls")
+    check(secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"},
+          "by default the chart makes a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt")
+    names = cert_names(base64.b64decode(secret["data"]["tls.crt"]))
+    want = {f"DNS:{headless}", f"DNS:{name}.{NAMESPACE}.svc.cluster.local", "DNS:localhost", "IP Address:127.0.0.1"}
+    check(want <= names, "the certificate names every pod (headless wildcard), the client Service and localhost",
+          f"missing {sorted(want - names)} in {sorted(names)}")
+    check(secret["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep",
+          "the generated TLS Secret is kept on uninstall (like the data)")
+    toml_text = toml_of(objs)
+    check(all(f'{k} = "/etc/junction-tls/{v}"' in toml_text
+              for k, v in [("tls-cert", "tls.crt"), ("tls-key", "tls.key"), ("tls-ca", "ca.crt")]),
+          "the config points the node at the mounted certificate, key and CA", toml_text)
+    pod = one(objs, "StatefulSet")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    mount = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/junction-tls"]
+    check(len(mount) == 1 and "subPath" not in mount[0],
+          "the TLS Secret is mounted whole (no subPath), so renewed files reach the node")
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    check(env.get("JUNCTION_TLS_CA") == "/etc/junction-tls/ca.crt",
+          "`kubectl exec ... junction` in a pod trusts the cluster CA (JUNCTION_TLS_CA)")
+    test_pod = one(objs, "Pod")
+    vols = {v["name"]: v for v in test_pod["spec"].get("volumes", [])}
+    ca_items = [i["key"] for v in vols.values() if "secret" in v and v["secret"]["secretName"] == f"{name}-tls"
+                for i in v["secret"].get("items", [])]
+    check(ca_items == ["ca.crt"], "the helm test pod gets the CA only, never the nodes' key", str(ca_items))
+
+    cm = rendered["TLS by cert-manager"]
+    cert = one(cm, "Certificate")
+    spec = cert["spec"]
+    check(spec["secretName"] == f"{name}-tls" and headless in spec["dnsNames"]
+          and {"server auth", "client auth"} <= set(spec["usages"]) and spec["issuerRef"]["kind"] == "ClusterIssuer",
+          "tls.certManager: a Certificate for every pod, for server and client auth, from the given issuer", str(spec))
+    check(not any(o["kind"] == "Secret" and o.get("type") == "kubernetes.io/tls" for o in cm),
+          "tls.certManager: the chart makes no certificate of its own")
+
+    off = rendered["TLS and auth off"]
+    check("tls-" not in toml_of(off) and not any(o["kind"] == "Secret" and o.get("type") == "kubernetes.io/tls" for o in off),
+          "tls.enabled=false: no certificate, no TLS settings")
 
 
 def toml_of_named(objs: list[dict[str, Any]], name: str) -> str:
@@ -665,6 +726,27 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float, interval: float
     raise Failure(f"timed out after {timeout:.0f}s waiting for {what}{': ' + last_err if last_err else ''}")
 
 
+def peer_offset_of(objs: list[dict[str, Any]]) -> int:
+    """The peer port offset of the rendered config."""
+    sts = one(objs, "StatefulSet")
+    toml_text = one(objs, "ConfigMap", f"{sts['metadata']['name']}-config")["data"]["junction.toml"]
+    m = re.search(r"^\s*peer-port-offset = (\d+)$", toml_text, re.M)
+    if not m:
+        raise Failure("the rendered config has no peer-port-offset")
+    return int(m.group(1))
+
+
+def tls_ca_of(objs: list[dict[str, Any]], where: Path) -> Path | None:
+    """The CA of the TLS Secret the chart rendered, written to a file (None without TLS)."""
+    for o in objs:
+        if o["kind"] == "Secret" and o.get("type") == "kubernetes.io/tls":
+            where.mkdir(parents=True, exist_ok=True)
+            path = where / "client-ca.crt"
+            path.write_bytes(base64.b64decode(o["data"]["ca.crt"]))
+            return path
+    return None
+
+
 def admin_token_of(objs: list[dict[str, Any]]) -> str | None:
     """The bootstrap admin token the chart rendered (None with auth.mode=none)."""
     for o in objs:
@@ -674,15 +756,18 @@ def admin_token_of(objs: list[dict[str, Any]]) -> str | None:
 
 
 class Cli:
-    def __init__(self, binary: Path, token: str | None = None) -> None:
+    def __init__(self, binary: Path, token: str | None = None, ca: Path | None = None) -> None:
         self.binary = binary
         self.token = token
+        self.ca = ca
 
     def run(self, servers: list[str], *args: str, stdin: str | None = None, timeout: float = 30,
             anonymous: bool = False) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_")}
         if self.token and not anonymous:
             env["JUNCTION_TOKEN"] = self.token
+        if self.ca:
+            env["JUNCTION_TLS_CA"] = str(self.ca)
         return subprocess.run([str(self.binary), *args, "--server", ",".join(servers)], input=stdin, text=True,
                               capture_output=True, timeout=timeout, env=env)
 
@@ -715,14 +800,10 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     # Ports for one more pod than the StatefulSet has, to play `kubectl scale` up.
     # The peer port of each pod is its gRPC port + the rendered offset.
-    toml_text = one(objs, "ConfigMap", f"{sts['metadata']['name']}-config")["data"]["junction.toml"]
-    m = re.search(r"^\s*peer-port-offset = (\d+)$", toml_text, re.M)
-    if not m:
-        raise Failure("the rendered config has no peer-port-offset")
-    offset = int(m.group(1))
+    offset = peer_offset_of(objs)
     grpc_ports, http_ports = free_port_pairs(n + 1, offset), free_ports(n + 1)
     pods = [PodSim(i, objs, root / label.replace(" ", "-"), binary, grpc_ports, http_ports) for i in range(n)]
-    cli = Cli(binary, admin_token_of(objs))
+    cli = Cli(binary, admin_token_of(objs), tls_ca_of(objs, root / label.replace(" ", "-")))
     every = [p.addr for p in pods]
     try:
         t0 = time.monotonic()
@@ -752,12 +833,17 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
         r = cli.run(every, "produce", "no-such-station", stdin="x\n")
         check(r.returncode != 0 and re.search(r"not ?found", r.stderr + r.stdout, re.I) is not None,
               "producing to a missing station fails with NOT_FOUND", f"exit {r.returncode}: {r.stderr}{r.stdout}")
+        if cli.ca:
+            plain = Cli(binary, cli.token)
+            r = plain.run(every, "station", "list", timeout=20)
+            check(r.returncode != 0 and "requires TLS" in r.stderr,
+                  "tls.enabled: a plaintext client is told the port requires TLS", f"exit {r.returncode}: {r.stderr[-600:]}")
         if cli.token:
             r = cli.run(every, "station", "list", anonymous=True)
             check(r.returncode != 0 and "no credential" in r.stderr,
                   "auth.mode=keys: a call without a token is refused (UNAUTHENTICATED)", f"exit {r.returncode}: {r.stderr}")
             key = json.loads(cli.ok(every, "auth", "key", "create", "--role", "reader", "--json"))
-            reader = Cli(binary, key["token"])
+            reader = Cli(binary, key["token"], cli.ca)
             got = reader.read_all([pods[1].addr], station, len(first))
             r = reader.run(every, "station", "create", "not-for-readers")
             check(len(got) == len(first) and r.returncode != 0 and "may not manage" in r.stderr,
@@ -836,6 +922,12 @@ def boot_cluster(label: str, objs: list[dict[str, Any]], binary: Path, root: Pat
             mounted = root / "test-pod-admin-token"
             mounted.write_text(admin_token_of(objs) or "")
             tenv["JUNCTION_TOKEN_FILE"] = str(mounted)
+        if "JUNCTION_TLS_CA" in tenv:
+            # The pod's mount of the CA (and only the CA) of the TLS Secret.
+            mounts = {m["mountPath"] for m in tc.get("volumeMounts", [])}
+            if not any(tenv["JUNCTION_TLS_CA"].startswith(m + "/") for m in mounts):
+                raise Failure(f"helm test pod: JUNCTION_TLS_CA {tenv['JUNCTION_TLS_CA']} is not on a mount")
+            tenv["JUNCTION_TLS_CA"] = str(tls_ca_of(objs, root / "test-pod-tls"))
         tcmd = [expand_k8s(a, tenv) for a in tc["command"] + tc.get("args", [])]
         r = subprocess.run(tcmd, env={"PATH": f"{binary.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **tenv},
                            capture_output=True, text=True, timeout=90, cwd=root)
@@ -906,10 +998,10 @@ def scale_up(binary: Path, root: Path) -> dict[str, float]:
     # render without a cluster cannot, so the upgrade's objects take the installed Secret.
     big = [o for o in big if o["kind"] != "Secret"] + [o for o in small if o["kind"] == "Secret"]
     grace = one(big, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    ports = free_ports(10)
-    grpc_ports, http_ports = ports[:5], ports[5:]
+    offset = peer_offset_of(small)
+    grpc_ports, http_ports = free_port_pairs(5, offset), free_ports(5)
     pods = [PodSim(i, small, root / "scale", binary, grpc_ports, http_ports) for i in range(3)]
-    cli = Cli(binary, admin_token_of(small))
+    cli = Cli(binary, admin_token_of(small), tls_ca_of(small, root / "scale"))
     try:
         for p in pods:
             p.start()
@@ -975,6 +1067,7 @@ def main() -> int:
         test_bad_values()
         test_replica_guard()
         test_ha_properties(rendered)
+        test_tls(rendered)
         timings = test_boot(binary)
     except Failure as e:
         print(f"\nFAIL  {e}\n\nhelm chart tests FAILED after {CHECKS} passed checks "

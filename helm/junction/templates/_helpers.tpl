@@ -102,3 +102,20 @@ there is no cluster to protect.
 {{- define "junction.adminTokenName" -}}
 {{- default (printf "%s-admin-token" (include "junction.fullname" .)) .Values.auth.adminToken.existingSecret }}
 {{- end }}
+
+{{/* The Secret holding the nodes' TLS certificate, key and CA (tls.crt, tls.key, ca.crt). */}}
+{{- define "junction.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "junction.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
+The names the node certificate must hold: every pod through the headless Service (a wildcard),
+the client Service in its short and long forms, and localhost/127.0.0.1 for `kubectl exec`.
+*/}}
+{{- define "junction.tlsDnsNames" -}}
+{{- $ns := .Release.Namespace }}
+{{- $domain := .Values.clusterDomain }}
+{{- $full := include "junction.fullname" . }}
+{{- $headless := include "junction.headless" . }}
+{{- list (printf "*.%s.%s.svc.%s" $headless $ns $domain) (printf "*.%s.%s.svc" $headless $ns) (printf "%s.%s.svc.%s" $full $ns $domain) (printf "%s.%s.svc" $full $ns) (printf "%s.%s" $full $ns) $full "localhost" | toJson }}
+{{- end }}
