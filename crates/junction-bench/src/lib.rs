@@ -96,6 +96,13 @@ pub struct BenchArgs {
     /// partition, and every partition checks the sequence when it applies a batch.
     #[arg(long)]
     pub at_least_once: bool,
+    /// With --spawn: run the nodes on TLS (a throwaway CA; mutual TLS between nodes) and
+    /// connect over TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// With --server: speak TLS and trust this CA (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
     /// How long the SDK producer waits for more messages to fill a batch (its `linger`).
     #[arg(long, value_parser = parse_duration, default_value = "2ms")]
     pub linger: Duration,
@@ -143,9 +150,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "--via-any-node needs --raw-grpc: the SDK producer always sends to partition leaders"
         );
     }
+    if args.tls && args.server.is_some() {
+        bail!("--tls makes the spawned nodes' certificates; for --server give --tls-ca");
+    }
+    if args.tls_ca.is_some() && args.server.is_none() {
+        bail!("--tls-ca is for --server; with --spawn use --tls");
+    }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let exe = std::env::current_exe().context("finding the junction executable")?;
     let mut spawned = None;
+    if let Some(ca) = &args.tls_ca {
+        load::set_tls(
+            junction_tls::ClientTls::from_ca_file(ca)
+                .with_context(|| format!("--tls-ca {}", ca.display()))?,
+        );
+    }
     let addrs: Vec<String> = match &args.server {
         Some(list) => list
             .split(',')
@@ -154,7 +173,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect(),
         None => {
             eprintln!("starting {} junction nodes on loopback", args.spawn);
-            let s = spawn::Spawned::start(&exe, args.spawn, args.data_dir.clone())?;
+            let s = spawn::Spawned::start(&exe, args.spawn, args.data_dir.clone(), args.tls)?;
+            if let Some(ca) = &s.tls_ca {
+                load::set_tls(junction_tls::ClientTls::from_ca_file(ca)?);
+            }
             let addrs = s.addrs.clone();
             spawned = Some(s);
             addrs

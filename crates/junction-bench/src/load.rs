@@ -74,14 +74,38 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// The TLS every connection of this bench run uses (set once, from `--tls` or `--tls-ca`,
+/// before any connection is made); plaintext when unset.
+static TLS: std::sync::OnceLock<junction_tls::ClientTls> = std::sync::OnceLock::new();
+
+/// Makes every later connection of the run speak TLS with `tls`.
+pub(crate) fn set_tls(tls: junction_tls::ClientTls) {
+    let _already_set = TLS.set(tls);
+}
+
+/// Client options of the run (its TLS).
+fn options() -> ClientOptions {
+    ClientOptions {
+        tls: TLS.get().cloned(),
+        ..ClientOptions::default()
+    }
+}
+
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))
+        .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW);
+    match TLS.get() {
+        Some(tls) => endpoint
+            .connect_with_connector(junction_tls::TlsConnector::new(tls.clone()))
+            .await
+            .with_context(|| format!("connecting to {addr} over TLS")),
+        None => endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}")),
+    }
 }
 
 /// How long the bench's admin calls retry retryable failures (no leader yet, a node
@@ -94,7 +118,7 @@ const ADMIN_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 pub(crate) fn admin(addrs: &[String]) -> anyhow::Result<Client> {
     Client::connect_with(
         addrs.iter().cloned(),
-        ClientOptions::default().with_retry_deadline(ADMIN_RETRY_DEADLINE),
+        options().with_retry_deadline(ADMIN_RETRY_DEADLINE),
     )
     .context("creating the admin client")
 }
@@ -416,7 +440,8 @@ async fn sdk_produce(
     };
     let mut producers = futures::stream::FuturesUnordered::new();
     for _ in 0..args.producers {
-        let client = Client::connect(addrs.iter().cloned()).context("creating a client")?;
+        let client =
+            Client::connect_with(addrs.iter().cloned(), options()).context("creating a client")?;
         producers.push(sdk_producer(&shared, client));
     }
     let stopper = async {

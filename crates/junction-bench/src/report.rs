@@ -33,6 +33,8 @@ pub struct Report {
     pub client: &'static str,
     /// Produce: whether producers were idempotent (producer ids and sequences).
     pub idempotent: bool,
+    /// Whether the connections (clients and between nodes) were TLS.
+    pub tls: bool,
     pub keys: u64,
     pub rate: u64,
     pub messages: u64,
@@ -102,6 +104,7 @@ impl Report {
             batch_size: args.batch_size,
             client: if args.raw_grpc { "raw-grpc" } else { "sdk" },
             idempotent: !args.at_least_once,
+            tls: args.tls || args.tls_ca.is_some(),
             keys: args.keys,
             rate: args.rate,
             messages: r.messages,
@@ -241,6 +244,11 @@ impl Report {
                 }
             );
         }
+        let _ = writeln!(
+            t,
+            "transport       {}",
+            if self.tls { "TLS" } else { "plaintext" }
+        );
         let _ = writeln!(t, "durability      {}", self.durability);
         let _ = write!(t, "command         {}", self.command);
         t

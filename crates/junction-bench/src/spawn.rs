@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 
 /// Spawned nodes; every child is killed and its data removed on drop.
 pub struct Spawned {
+    /// The CA clients trust, when the nodes run on TLS.
+    pub tls_ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
     pub addrs: Vec<String>,
     http: Vec<String>,
@@ -33,7 +35,13 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Spawned {
     /// Starts `n` nodes with data in a temp dir (under `base` when given).
-    pub fn start(exe: &std::path::Path, n: u64, base: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// With `tls`, the nodes run on TLS with a throwaway CA made in that dir ([`Spawned::tls_ca`]).
+    pub fn start(
+        exe: &std::path::Path,
+        n: u64,
+        base: Option<PathBuf>,
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         let dir = match base {
             Some(b) => tempfile::Builder::new()
                 .prefix("junction-bench-")
@@ -60,6 +68,25 @@ impl Spawned {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
+        let tls_files = if tls {
+            Some(
+                junction_tls::DevCa::new("Junction bench CA (throwaway)")?
+                    .write_node_files(&dir.path().join("tls"), &["127.0.0.1", "localhost"])?,
+            )
+        } else {
+            None
+        };
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(f) = &tls_files {
+            for (flag, path) in [
+                ("--tls-cert", &f.node.cert),
+                ("--tls-key", &f.node.key),
+                ("--tls-ca", &f.node.ca),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.into());
+            }
+        }
         let mut children = Vec::new();
         for i in 0..n as usize {
             let log = std::fs::File::create(dir.path().join(format!("node{}.log", i + 1)))?;
@@ -76,6 +103,7 @@ impl Spawned {
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("node{}", i + 1)))
                 .args(["--members", &members])
+                .args(&tls_args)
                 .env("JUNCTION_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -84,6 +112,7 @@ impl Spawned {
             children.push(child);
         }
         Ok(Self {
+            tls_ca: tls_files.map(|f| f.ca),
             _dir: dir,
             addrs: grpc,
             http,

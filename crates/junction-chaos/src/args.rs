@@ -69,6 +69,10 @@ pub struct ChaosArgs {
     /// the same payload, and any duplicate is a violation.
     #[arg(long)]
     pub at_least_once: bool,
+    /// Run the cluster on TLS (a throwaway CA: TLS on the client ports, mutual TLS between
+    /// nodes) and every client over TLS.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 impl Default for ChaosArgs {
@@ -85,6 +89,7 @@ impl Default for ChaosArgs {
             replication_factor: 3,
             fault_interval: Duration::from_secs(4),
             at_least_once: false,
+            tls: false,
             faults: Vec::new(),
             out: None,
             junction_bin: None,

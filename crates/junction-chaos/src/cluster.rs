@@ -26,6 +26,8 @@ use crate::schedule::derive_seed;
 /// Why the cluster could not be set up or driven.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    #[error("TLS for the run: {0}")]
+    Tls(junction_tls::TlsError),
     #[error("cannot create the cluster's temp dir: {0}")]
     TempDir(std::io::Error),
     #[error("cannot reserve a loopback port: {0}")]
@@ -69,6 +71,8 @@ pub struct ClusterSpec {
     pub extra_args: Vec<String>,
     /// Try to put each node's data on its own tmpfs (needs CAP_SYS_ADMIN), for disk faults.
     pub disk_faults: bool,
+    /// TLS everywhere, with a throwaway CA made for the run.
+    pub tls: bool,
 }
 
 /// The tmpfs each node's data lives on, when mounting works.
@@ -103,6 +107,11 @@ pub struct Cluster {
     /// The nodes' shared secret for node-to-node calls, and its file.
     secret: ClusterSecret,
     secret_file: PathBuf,
+    /// The run's CA and node certificate, with `spec.tls`.
+    tls: Option<junction_tls::DevFiles>,
+    /// What a client trusts, and what a node presents (the peer port needs it).
+    client_tls: Option<junction_tls::ClientTls>,
+    node_tls: Option<junction_tls::ClientTls>,
 }
 
 /// The two proxies of one directed node-to-node link.
@@ -140,7 +149,9 @@ impl Cluster {
             .tempdir()
             .map_err(ClusterError::TempDir)?;
         let path = dir.path().to_path_buf();
-        let private_bin = path.join("junction");
+        // Named so that `pgrep -f 'junction serve --id 1'` (the README's way to find a dev
+        // node) never matches a chaos node running alongside.
+        let private_bin = path.join("junction-chaos-node");
         std::fs::copy(&spec.bin, &private_bin).map_err(|source| ClusterError::CopyBinary {
             bin: spec.bin.clone(),
             source,
@@ -150,6 +161,22 @@ impl Cluster {
         let secret_file = path.join("cluster-secret");
         let secret = ClusterSecret::load_or_create(&secret_file)
             .map_err(|e| ClusterError::Secret(e.to_string()))?;
+        let (tls, client_tls, node_tls) = if spec.tls {
+            let files = junction_tls::DevCa::new("Junction chaos CA (throwaway)")
+                .and_then(|ca| ca.write_node_files(&path.join("tls"), &["127.0.0.1", "localhost"]))
+                .map_err(ClusterError::Tls)?;
+            let client =
+                junction_tls::ClientTls::from_ca_file(&files.ca).map_err(ClusterError::Tls)?;
+            let node =
+                junction_tls::NodeTls::load(files.node.clone()).map_err(ClusterError::Tls)?;
+            (
+                Some(files),
+                Some(client),
+                Some(junction_tls::ClientTls::of_node(node)),
+            )
+        } else {
+            (None, None, None)
+        };
         let mut nodes = BTreeMap::new();
         let offset = junction_raft::DEFAULT_PEER_PORT_OFFSET;
         let ports = junction_testkit::loopback_port_pairs(spec.nodes as usize, offset)?;
@@ -207,6 +234,9 @@ impl Cluster {
             crashes: Vec::new(),
             secret,
             secret_file,
+            tls,
+            client_tls,
+            node_tls,
         };
         let targets: Vec<(u64, SocketAddr, SocketAddr)> = cluster
             .nodes
@@ -311,6 +341,17 @@ impl Cluster {
         let bin = self.spec.bin.clone();
         let extra = self.spec.extra_args.clone();
         let secret_file = self.secret_file.clone();
+        let tls_args: Vec<std::ffi::OsString> = match &self.tls {
+            Some(f) => vec![
+                "--tls-cert".into(),
+                f.node.cert.clone().into(),
+                "--tls-key".into(),
+                f.node.key.clone().into(),
+                "--tls-ca".into(),
+                f.node.ca.clone().into(),
+            ],
+            None => Vec::new(),
+        };
         let node = self.node_mut(id)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -331,6 +372,7 @@ impl Cluster {
             .args(["--dial-overrides", &overrides])
             .arg("--cluster-secret-file")
             .arg(&secret_file)
+            .args(&tls_args)
             .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log2))
@@ -511,10 +553,16 @@ impl Cluster {
             .map_err(|reason| ClusterError::Disk { id, reason })
     }
 
-    /// A peer client for `endpoint`, carrying the cluster secret.
+    /// What clients of the run trust (`None` without TLS).
+    pub fn client_tls(&self) -> Option<junction_tls::ClientTls> {
+        self.client_tls.clone()
+    }
+
+    /// A peer client for `endpoint`, carrying the cluster secret (and presenting the nodes'
+    /// certificate on a TLS run, as the peer port requires).
     pub fn peer_client(&self, endpoint: &Endpoint) -> PeerClient<PeerChannel> {
         PeerClient::with_interceptor(
-            endpoint.connect_lazy(),
+            junction_tls::channel(endpoint.clone(), self.node_tls.as_ref()),
             AttachSecret(Some(self.secret.clone()), None),
         )
     }
@@ -522,6 +570,7 @@ impl Cluster {
     /// Asks node `id` for the state of the groups it hosts (direct, never through a proxy).
     pub async fn node_status(&mut self, id: u64) -> Option<NodeStatusResponse> {
         let secret = self.secret.clone();
+        let tls = self.node_tls.clone();
         let node = self.nodes.get_mut(&id)?;
         if node.child.is_none() || node.paused {
             return None;
@@ -533,7 +582,7 @@ impl Cluster {
                     .ok()?
                     .connect_timeout(Duration::from_millis(500));
                 let c = PeerClient::with_interceptor(
-                    ep.connect_lazy(),
+                    junction_tls::channel(ep, tls.as_ref()),
                     AttachSecret(Some(secret), None),
                 );
                 node.status = Some(c.clone());

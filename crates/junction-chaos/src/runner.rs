@@ -100,6 +100,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         seed,
         extra_args,
         disk_faults: !args.no_disk_faults,
+        tls: args.tls,
     })
     .await
     .context("starting the cluster")?;
@@ -129,6 +130,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     outcome
 }
 
+/// Client options of the run: over TLS when the cluster runs it.
+fn client_options(cluster: &Cluster) -> ClientOptions {
+    ClientOptions {
+        tls: cluster.client_tls(),
+        ..ClientOptions::default()
+    }
+}
+
 async fn drive(
     args: &ChaosArgs,
     seed: u64,
@@ -139,7 +148,7 @@ async fn drive(
     let addrs = cluster.grpc_addrs();
     let admin = Client::connect_with(
         addrs.values().cloned(),
-        ClientOptions::default().with_retry_deadline(Duration::from_secs(10)),
+        client_options(cluster).with_retry_deadline(Duration::from_secs(10)),
     )?;
     wait_ready(&admin, args.nodes, cluster).await?;
     let layout = create_station(&admin, args).await?;
@@ -150,7 +159,7 @@ async fn drive(
     let recorder = Arc::new(Recorder::new(origin));
     let reader_client = Client::connect_with(
         addrs.values().cloned(),
-        ClientOptions::default().with_retry_deadline(Duration::from_secs(60)),
+        client_options(cluster).with_retry_deadline(Duration::from_secs(60)),
     )?;
     let mut workload = Workload::start(
         &WorkloadSpec {
@@ -163,6 +172,7 @@ async fn drive(
             rpc_timeout: args.rpc_timeout,
             inflight: args.inflight,
             exactly_once: !args.at_least_once,
+            tls: cluster.client_tls(),
         },
         recorder.clone(),
         reader_client,
@@ -170,12 +180,12 @@ async fn drive(
 
     let group_client = Client::connect_with(
         addrs.values().cloned(),
-        ClientOptions::default().with_retry_deadline(Duration::from_secs(20)),
+        client_options(cluster).with_retry_deadline(Duration::from_secs(20)),
     )?;
     let group = GroupChecker::start(group_client.clone(), STATION.to_owned(), recorder.clone());
     let pipeline_client = Client::connect_with(
         addrs.values().cloned(),
-        ClientOptions::default().with_retry_deadline(Duration::from_secs(60)),
+        client_options(cluster).with_retry_deadline(Duration::from_secs(60)),
     )?;
     let pipeline = PipelineRunner::start(pipeline_client.clone(), STATION.to_owned());
 
@@ -265,7 +275,8 @@ async fn drive(
     let (deliveries, lag, dead_letters, rejoins) = group
         .finish(&group_client, STATION, &ends, GROUP_DRAIN_LIMIT)
         .await;
-    let replicas = verify::read_replicas(&addrs, STATION, &layout).await;
+    let replicas =
+        verify::read_replicas(&addrs, STATION, &layout, cluster.client_tls().as_ref()).await;
     println!("chaos: draining the pipeline");
     let (pipeline_stats, pipeline_violations) = pipeline
         .finish(

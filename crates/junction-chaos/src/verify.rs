@@ -85,13 +85,14 @@ pub async fn read_replicas(
     addrs: &BTreeMap<u64, String>,
     station: &str,
     layout: &[PartitionLayout],
+    tls: Option<&junction_tls::ClientTls>,
 ) -> BTreeMap<u32, Vec<ReplicaRead>> {
     let mut out = BTreeMap::new();
     for part in layout {
         let mut reads = Vec::new();
         for &node in &part.replicas {
             let result = match addrs.get(&node) {
-                Some(addr) => read_replica(addr, node, station, part.partition).await,
+                Some(addr) => read_replica(addr, node, station, part.partition, tls).await,
                 None => Err(format!("no address for node {node}")),
             };
             reads.push(ReplicaRead { node, result });
@@ -106,11 +107,12 @@ async fn read_replica(
     node: u64,
     station: &str,
     partition: u32,
+    tls: Option<&junction_tls::ClientTls>,
 ) -> Result<Replica, String> {
-    let channel = Endpoint::from_shared(addr.to_owned())
+    let endpoint = Endpoint::from_shared(addr.to_owned())
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+        .connect_timeout(Duration::from_secs(2));
+    let channel = junction_tls::channel(endpoint, tls);
     let mut client = BrokerClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

@@ -125,6 +125,8 @@ pub struct WorkloadSpec {
     /// Each producer is an idempotent client-library producer (see [`SDK_RETRY_DEADLINE`]);
     /// otherwise one raw RPC per attempt.
     pub exactly_once: bool,
+    /// TLS of every connection (the run's CA), or plaintext.
+    pub tls: Option<junction_tls::ClientTls>,
 }
 
 /// How long the idempotent producers retry one message (through any fault the schedule
@@ -201,8 +203,8 @@ impl Workload {
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
                 .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
-                .connect_lazy();
+                .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW);
+            let ch = junction_tls::channel(ch, spec.tls.as_ref());
             channels.push((*id, BrokerClient::new(ch)));
         }
         let channels = Arc::new(channels);
@@ -210,9 +212,12 @@ impl Workload {
             Some(
                 Client::connect_with(
                     spec.nodes.iter().map(|(_, a)| a.clone()),
-                    junction_client::ClientOptions::default()
-                        .with_retry_deadline(SDK_RETRY_DEADLINE)
-                        .with_connect_timeout(Duration::from_millis(500)),
+                    junction_client::ClientOptions {
+                        tls: spec.tls.clone(),
+                        ..Default::default()
+                    }
+                    .with_retry_deadline(SDK_RETRY_DEADLINE)
+                    .with_connect_timeout(Duration::from_millis(500)),
                 )
                 .map_err(std::io::Error::other)?,
             )

@@ -76,6 +76,7 @@ async fn a_follower_killed_while_installing_a_snapshot_restarts_cleanly() {
             .map(String::from)
             .to_vec(),
         disk_faults: false,
+        tls: false,
     })
     .await
     .expect("cluster");
