@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one node.
-    Serve(junction_server::ServeArgs),
+    Serve(Box<junction_server::ServeArgs>),
     /// Run a local cluster (three nodes, data under ./data) until Ctrl-C; a node that exits is
     /// restarted with its data.
     Dev(junction_cli::DevArgs),
@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing();
-            serve(args).await
+            serve(*args).await
         }
         Command::Dev(args) => junction_cli::run_dev(args).await,
         Command::Bench(args) => junction_bench::run(args).await,

@@ -639,3 +639,197 @@ async fn the_sdk_and_cli_speak_with_tokens() {
     assert!(err.contains("no credential"), "{err}");
     cluster.shutdown().await;
 }
+
+/// A JWT signer standing in for an identity provider: an ES256 key and its JWKS.
+struct IdP {
+    key: ring::signature::EcdsaKeyPair,
+    jwks: serde_json::Value,
+}
+
+impl IdP {
+    fn new() -> Self {
+        use base64::Engine;
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .expect("key generation");
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("key");
+        let raw = key.public_key().as_ref().to_vec();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "idp-1", "alg": "ES256",
+            "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65]),
+        }]});
+        Self { key, jwks }
+    }
+
+    fn token(&self, header: serde_json::Value, claims: serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let input = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(claims.to_string())
+        );
+        let sig = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), input.as_bytes())
+            .expect("sign");
+        format!("{input}.{}", b64.encode(sig.as_ref()))
+    }
+
+    fn jwt(&self, tenant: &str, role: &str, aud: &str, exp_in_s: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        self.token(
+            serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": "idp-1"}),
+            serde_json::json!({
+                "iss": "https://id.example.com", "aud": aud, "exp": now + exp_in_s,
+                "sub": "svc", "tenant": tenant, "role": role,
+            }),
+        )
+    }
+}
+
+/// JWTs of an identity provider are credentials: their tenant and role hold like an API
+/// key's; a token for another audience, an expired one and an unsigned one are refused with
+/// the right reason; a stream opened with a token ends when it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwts_from_an_identity_provider_are_credentials() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let idp = IdP::new();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, idp.jwks.to_string()).expect("jwks");
+    let token_file = dir.path().join("admin.token");
+    let (path, jwks_path) = (token_file.clone(), jwks.clone());
+    let cluster = TestCluster::start_with(3, move |c| {
+        c.auth = AuthMode::Keys;
+        c.admin_token_file = Some(path.clone());
+        c.jwt_jwks_file = Some(jwks_path.clone());
+        c.jwt_issuer = Some("https://id.example.com".into());
+        c.jwt_audience = Some("junction".into());
+    })
+    .await;
+    let admin_token = std::fs::read_to_string(&token_file).expect("admin token");
+    let mut admin = Caller::bearer(&cluster, 1, admin_token.trim()).await;
+    admin
+        .admin
+        .create_tenant(CreateTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .expect("tenant");
+    for name in ["acme/orders", "orders"] {
+        admin
+            .admin
+            .create_station(CreateStationRequest {
+                name: name.into(),
+                partitions: 1,
+                replication_factor: 3,
+                ..Default::default()
+            })
+            .await
+            .expect("station");
+    }
+    let produce = |station: &str| ProduceRequest {
+        station: station.into(),
+        messages: vec![keyed("k", "v")],
+        request_id: 1,
+        producer: None,
+    };
+
+    // A producer of acme: produces there, cannot see the default tenant's station, may not
+    // manage stations.
+    let mut acme = Caller::bearer(&cluster, 2, &idp.jwt("acme", "producer", "junction", 600)).await;
+    acme.broker
+        .produce(produce("acme/orders"))
+        .await
+        .expect("a JWT producer of acme produces to acme's station");
+    let hidden = acme
+        .broker
+        .produce(produce("default/orders"))
+        .await
+        .expect_err("another tenant's station");
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden}");
+    let denied = acme
+        .admin
+        .create_station(CreateStationRequest {
+            name: "acme/more".into(),
+            partitions: 1,
+            replication_factor: 3,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a producer may not create stations");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
+
+    // Refusals, each with its reason.
+    let none = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(r#"{"iss":"https://id.example.com","aud":"junction","exp":9999999999,"tenant":"acme","role":"admin"}"#)
+        )
+    };
+    for (token, want) in [
+        (
+            idp.jwt("acme", "producer", "another-service", 600),
+            "INVALID_CREDENTIAL",
+        ),
+        (
+            idp.jwt("acme", "producer", "junction", -120),
+            "EXPIRED_CREDENTIAL",
+        ),
+        (
+            idp.jwt("acme", "superuser", "junction", 600),
+            "INVALID_CREDENTIAL",
+        ),
+        (none, "MALFORMED_CREDENTIAL"),
+    ] {
+        let mut c = Caller::bearer(&cluster, 3, &token).await;
+        let s = c
+            .broker
+            .produce(produce("acme/orders"))
+            .await
+            .expect_err("refused");
+        assert_eq!(s.code(), Code::Unauthenticated, "{s}");
+        assert_eq!(reason(&s), want, "{s}");
+    }
+
+    // A token in its last seconds (inside the 30 s clock-skew allowance): the tail opened
+    // with it ends as expired.
+    let mut ending = Caller::bearer(&cluster, 1, &idp.jwt("acme", "reader", "junction", -25)).await;
+    let mut tail = ending
+        .broker
+        .tail(ReadRequest {
+            station: "acme/orders".into(),
+            partition: 0,
+            start: Some(read_request::Start::Position(StartPosition::Latest as i32)),
+            max_messages: 10,
+            max_bytes: 0,
+            local_replica: false,
+        })
+        .await
+        .expect("tail opened while the token holds")
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tail.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .expect("the tail ended once the token expired");
+    let s = ended.expect("ended with a status");
+    assert_eq!(s.code(), Code::Unauthenticated, "{s}");
+    assert_eq!(reason(&s), "EXPIRED_CREDENTIAL", "{s}");
+    cluster.shutdown().await;
+}

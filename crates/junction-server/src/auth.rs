@@ -37,6 +37,8 @@ pub struct Authenticator {
     admin: Option<[u8; 32]>,
     /// Other nodes forward calls with the cluster secret.
     node: Option<ClusterSecret>,
+    /// JWTs from an identity provider, when configured.
+    jwt: Option<crate::jwt::JwtVerifier>,
     broker: Arc<Broker>,
 }
 
@@ -52,10 +54,21 @@ impl Authenticator {
             (AuthMode::Keys, Some(path)) => Some(load_or_create_admin_token(path)?),
             _ => None,
         };
+        let jwt = config
+            .jwt_config()?
+            .map(crate::jwt::JwtVerifier::new)
+            .transpose()?;
+        if jwt.is_some() && config.jwt_hs256_secret_file.is_some() {
+            tracing::warn!(
+                "--jwt-hs256-secret-file: JWTs signed with a shared secret; whoever holds the \
+                 file can mint any tenant's credentials. For development only"
+            );
+        }
         Ok(Self {
             mode: config.auth,
             admin,
             node,
+            jwt,
             broker,
         })
     }
@@ -97,6 +110,14 @@ impl Authenticator {
         if token.starts_with(TOKEN_PREFIX) {
             return self.broker.verify_api_key(token).await;
         }
+        if token.matches('.').count() == 2 {
+            return match &self.jwt {
+                Some(jwt) => jwt.verify(token),
+                None => Err(AuthError::TokenRejected(
+                    "this cluster accepts no JWTs (it runs without --jwt-jwks-file)".into(),
+                )),
+            };
+        }
         match &self.admin {
             Some(admin) if digest_eq(admin, &junction_broker::auth::digest(token)) => {
                 Ok(Principal::superuser())
@@ -108,6 +129,13 @@ impl Authenticator {
     /// Checks that the credential a stream was opened with still holds (not revoked, not
     /// expired): long-lived streams call this as they go.
     pub fn still_valid(&self, p: &Principal) -> Result<(), Status> {
+        if let Some(exp) = p.expires_ms {
+            let now = junction_broker::partition::now_ms();
+            if now >= exp.saturating_add(crate::jwt::LEEWAY.as_millis() as i64) {
+                tracing::info!(tenant = %p.tenant, "ended a stream: its JWT expired");
+                return Err(to_status(BrokerError::Auth(AuthError::TokenExpired)));
+            }
+        }
         let Some(id) = &p.key_id else {
             return Ok(());
         };

@@ -630,7 +630,7 @@ impl BrokerApi for BrokerService {
                             return;
                         }
                         // An idle tail still ends soon after its key is revoked or expires.
-                        () = tokio::time::sleep(CREDENTIAL_RECHECK), if who.key_id.is_some() => {
+                        () = tokio::time::sleep(CREDENTIAL_RECHECK), if who.can_lapse() => {
                             if let Err(s) = svc.auth.still_valid(&who) {
                                 let _ = tx.send(Err(s)).await;
                                 return;

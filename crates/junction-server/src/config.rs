@@ -111,6 +111,19 @@ pub struct Config {
     pub auth: AuthMode,
     /// File with the bootstrap admin token (cluster-admin); made on first start when missing.
     pub admin_token_file: Option<PathBuf>,
+    /// JWKS document (RS256/ES256 public keys) that JWTs used as credentials must verify
+    /// against (with `auth = "keys"`).
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Development only: a shared HS256 secret for JWTs instead of a JWKS.
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// The `iss` every JWT must carry (required with JWTs).
+    pub jwt_issuer: Option<String>,
+    /// The `aud` every JWT must carry (required with JWTs).
+    pub jwt_audience: Option<String>,
+    /// The claim naming the principal's tenant.
+    pub jwt_tenant_claim: String,
+    /// The claim naming the principal's role.
+    pub jwt_role_claim: String,
     /// The node's certificate chain (PEM). With `tls_key` and `tls_ca`, both ports speak TLS:
     /// the client port serves this certificate, the peer port also requires a client
     /// certificate signed by `tls_ca`. All three or none.
@@ -162,6 +175,12 @@ impl Default for Config {
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
             cluster_secret_file: None,
+            jwt_jwks_file: None,
+            jwt_hs256_secret_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_tenant_claim: "tenant".into(),
+            jwt_role_claim: "role".into(),
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -245,6 +264,26 @@ pub struct ServeArgs {
     /// not exist, a new token is made and written there (mode 0600) on first start.
     #[arg(long, env = "JUNCTION_ADMIN_TOKEN_FILE", value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
+    /// Accept JWTs (with --auth keys) signed by the RS256/ES256 keys of this JWKS file (what
+    /// the identity provider publishes; re-read when it changes). Needs --jwt-issuer and
+    /// --jwt-audience.
+    #[arg(long, env = "JUNCTION_JWT_JWKS_FILE", value_name = "PATH")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Development only: accept HS256 JWTs signed with the secret in this file.
+    #[arg(long, env = "JUNCTION_JWT_HS256_SECRET_FILE", value_name = "PATH")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// The issuer (`iss`) a JWT must name.
+    #[arg(long, env = "JUNCTION_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) a JWT must name.
+    #[arg(long, env = "JUNCTION_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The JWT claim naming the tenant (default `tenant`).
+    #[arg(long, env = "JUNCTION_JWT_TENANT_CLAIM")]
+    pub jwt_tenant_claim: Option<String>,
+    /// The JWT claim naming the role (default `role`).
+    #[arg(long, env = "JUNCTION_JWT_ROLE_CLAIM")]
+    pub jwt_role_claim: Option<String>,
     /// This node's certificate chain, PEM. With --tls-key and --tls-ca, the client port
     /// speaks TLS and the peer port mutual TLS (a certificate signed by the CA is required).
     /// The certificate must name the host of --advertise and allow server and client auth.
@@ -345,6 +384,24 @@ impl Config {
         if let Some(v) = &args.admin_token_file {
             c.admin_token_file = Some(v.clone());
         }
+        if let Some(v) = &args.jwt_jwks_file {
+            c.jwt_jwks_file = Some(v.clone());
+        }
+        if let Some(v) = &args.jwt_hs256_secret_file {
+            c.jwt_hs256_secret_file = Some(v.clone());
+        }
+        if let Some(v) = &args.jwt_issuer {
+            c.jwt_issuer = Some(v.clone());
+        }
+        if let Some(v) = &args.jwt_audience {
+            c.jwt_audience = Some(v.clone());
+        }
+        if let Some(v) = &args.jwt_tenant_claim {
+            c.jwt_tenant_claim = v.clone();
+        }
+        if let Some(v) = &args.jwt_role_claim {
+            c.jwt_role_claim = v.clone();
+        }
         if let Some(v) = &args.tls_cert {
             c.tls_cert = Some(v.clone());
         }
@@ -399,6 +456,7 @@ impl Config {
         let members = self.member_map()?;
         self.dial_overrides()?;
         self.peer_listen()?;
+        self.jwt_config()?;
         if self.tls_paths()?.is_some() {
             if self.peer_port_offset == 0 {
                 return Err(ConfigError::Tls(
@@ -477,6 +535,49 @@ impl Config {
                 Ok(Some(p.clone()))
             }
         }
+    }
+
+    /// The JWT settings, when JWTs are accepted. Keys need `--auth keys`, an issuer and an
+    /// audience; a JWKS and an HS256 secret together are refused.
+    pub fn jwt_config(&self) -> Result<Option<crate::jwt::JwtConfig>, ConfigError> {
+        let keys = match (&self.jwt_jwks_file, &self.jwt_hs256_secret_file) {
+            (None, None) => {
+                if self.jwt_issuer.is_some() || self.jwt_audience.is_some() {
+                    return Err(ConfigError::Auth(
+                        "--jwt-issuer/--jwt-audience without --jwt-jwks-file: no keys to verify \
+                         JWTs with"
+                            .into(),
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Auth(
+                    "--jwt-jwks-file and --jwt-hs256-secret-file: give one".into(),
+                ));
+            }
+            (Some(p), None) => crate::jwt::JwtKeys::Jwks(p.clone()),
+            (None, Some(p)) => crate::jwt::JwtKeys::Hs256(p.clone()),
+        };
+        if self.auth != AuthMode::Keys {
+            return Err(ConfigError::Auth(
+                "JWTs are credentials: they need --auth keys".into(),
+            ));
+        }
+        let (Some(issuer), Some(audience)) = (&self.jwt_issuer, &self.jwt_audience) else {
+            return Err(ConfigError::Auth(
+                "JWT authentication needs --jwt-issuer and --jwt-audience: a token minted for \
+                 another service must not be accepted here"
+                    .into(),
+            ));
+        };
+        Ok(Some(crate::jwt::JwtConfig {
+            keys,
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            tenant_claim: self.jwt_tenant_claim.clone(),
+            role_claim: self.jwt_role_claim.clone(),
+        }))
     }
 
     /// The TLS files, when TLS is configured (all three of cert, key and CA, or none).
@@ -602,6 +703,83 @@ pub fn parse_members(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jwt_and_tls_settings_that_cannot_work_are_refused() {
+        let secure = || Config {
+            auth: AuthMode::Keys,
+            cluster_secret_file: Some("s".into()),
+            admin_token_file: Some("a".into()),
+            jwt_jwks_file: Some("jwks.json".into()),
+            jwt_issuer: Some("https://id".into()),
+            jwt_audience: Some("junction".into()),
+            ..Config::default()
+        };
+        assert!(secure().validate().is_ok());
+        let refused = |c: Config, what: &str| {
+            let e = c.validate().expect_err(what).to_string();
+            assert!(!e.is_empty(), "{what}");
+        };
+        refused(
+            Config {
+                jwt_issuer: None,
+                ..secure()
+            },
+            "no issuer",
+        );
+        refused(
+            Config {
+                jwt_audience: None,
+                ..secure()
+            },
+            "no audience",
+        );
+        refused(
+            Config {
+                auth: AuthMode::None,
+                ..secure()
+            },
+            "JWTs with --auth none",
+        );
+        refused(
+            Config {
+                jwt_hs256_secret_file: Some("hs".into()),
+                ..secure()
+            },
+            "a JWKS and an HS256 secret",
+        );
+        refused(
+            Config {
+                jwt_jwks_file: None,
+                ..secure()
+            },
+            "an issuer without keys",
+        );
+        refused(
+            Config {
+                tls_cert: Some("c".into()),
+                ..Config::default()
+            },
+            "a certificate without key and CA",
+        );
+        refused(
+            Config {
+                tls_cert: Some("c".into()),
+                tls_key: Some("k".into()),
+                tls_ca: Some("ca".into()),
+                peer_port_offset: 0,
+                ..Config::default()
+            },
+            "TLS with the peer service on the client port",
+        );
+        refused(
+            Config {
+                peer_listen: Some("127.0.0.1:9999".into()),
+                ..Config::default()
+            },
+            "a peer port other nodes would not dial",
+        );
+    }
 
     #[test]
     fn members_parse_and_reject_garbage() {

@@ -248,7 +248,7 @@ fn end_on_revocation(
     auth: Arc<Authenticator>,
     who: Principal,
 ) -> ConsumeStream {
-    if who.key_id.is_none() {
+    if !who.can_lapse() {
         return inner;
     }
     let (tx, rx) = tokio::sync::mpsc::channel(16);

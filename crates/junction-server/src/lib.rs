@@ -17,6 +17,7 @@ pub mod config;
 pub mod forward;
 pub mod groups_service;
 pub mod http;
+pub mod jwt;
 pub mod policy;
 pub mod produce_path;
 pub mod status;

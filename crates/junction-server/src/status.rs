@@ -84,7 +84,9 @@ pub fn code_of(e: &BrokerError) -> Code {
             | AuthError::Malformed(_)
             | AuthError::Invalid
             | AuthError::Expired { .. }
-            | AuthError::Revoked { .. } => Code::Unauthenticated,
+            | AuthError::Revoked { .. }
+            | AuthError::TokenRejected(_)
+            | AuthError::TokenExpired => Code::Unauthenticated,
             AuthError::Denied { .. } => Code::PermissionDenied,
             AuthError::InvalidRole(_) => Code::InvalidArgument,
             AuthError::KeyNotFound { .. } => Code::NotFound,
@@ -132,7 +134,10 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             AuthError::Missing => (REASON_MISSING_CREDENTIAL, none()),
             AuthError::Malformed(_) => (REASON_MALFORMED_CREDENTIAL, none()),
             AuthError::Invalid => (REASON_INVALID_CREDENTIAL, none()),
-            AuthError::Expired { .. } => (REASON_EXPIRED_CREDENTIAL, none()),
+            AuthError::Expired { .. } | AuthError::TokenExpired => {
+                (REASON_EXPIRED_CREDENTIAL, none())
+            }
+            AuthError::TokenRejected(_) => (REASON_INVALID_CREDENTIAL, none()),
             AuthError::Revoked { .. } => (REASON_REVOKED_CREDENTIAL, none()),
             AuthError::Denied {
                 operation, role, ..

@@ -147,6 +147,11 @@ pub enum AuthError {
     KeyNotFound { id: String },
     #[error("API key id '{id}' is taken")]
     KeyExists { id: String },
+    /// A JWT whose signature, issuer, audience or claims do not hold.
+    #[error("JWT refused: {0}")]
+    TokenRejected(String),
+    #[error("the JWT expired; get a new one from the identity provider")]
+    TokenExpired,
 }
 
 fn scope_hint(prefix: &Option<String>) -> String {
@@ -252,6 +257,7 @@ impl KeyRegistry {
             role: key.role,
             station_prefix: key.station_prefix.clone(),
             key_id: Some(key.id.clone()),
+            expires_ms: None,
         })
     }
 }
@@ -262,8 +268,12 @@ pub struct Principal {
     pub tenant: String,
     pub role: Role,
     pub station_prefix: Option<String>,
-    /// The API key it authenticated with (`None`: the admin token, a node, or auth off).
+    /// The API key it authenticated with (`None`: the admin token, a JWT, a node, or auth
+    /// off).
     pub key_id: Option<String>,
+    /// When the credential stops holding (a JWT's `exp`, in ms since the epoch); API keys are
+    /// checked against the metadata instead.
+    pub expires_ms: Option<i64>,
 }
 
 /// What authorization answers when a principal may not act.
@@ -276,6 +286,12 @@ pub enum Refusal {
 }
 
 impl Principal {
+    /// Whether its credential can stop holding while a stream is open (an API key can be
+    /// revoked or expire, a JWT expires); open streams then recheck it.
+    pub fn can_lapse(&self) -> bool {
+        self.key_id.is_some() || self.expires_ms.is_some()
+    }
+
     /// A principal with every right (auth off, the admin token, another node).
     pub fn superuser() -> Self {
         Principal {
@@ -283,6 +299,7 @@ impl Principal {
             role: Role::ClusterAdmin,
             station_prefix: None,
             key_id: None,
+            expires_ms: None,
         }
     }
 
@@ -369,6 +386,7 @@ mod tests {
             role,
             station_prefix: None,
             key_id: None,
+            expires_ms: None,
         }
     }
 
