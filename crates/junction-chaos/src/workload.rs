@@ -330,6 +330,9 @@ struct Shot {
     id: PayloadId,
     node: u64,
     send: Send,
+    /// When the attempt began: taken before the message is handed to the producer, which
+    /// may send (and store) it before this attempt's future is first polled.
+    start_ms: u64,
 }
 
 async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Attempt) {
@@ -338,8 +341,8 @@ async fn shoot(shot: Shot, timeout: Duration, rec: Arc<Recorder>) -> (usize, Att
         id,
         node,
         send,
+        start_ms,
     } = shot;
-    let start_ms = rec.now_ms();
     let (mut client, req) = match send {
         Send::Raw(raw) => *raw,
         Send::Idempotent(fut) => {
@@ -460,6 +463,10 @@ async fn produce_loop(
                 partition: None,
                 msg_id: None,
             };
+            // Before the hand-off: an idempotent producer sends on its own task, possibly
+            // before the attempt's future below first runs (a start taken there once made a
+            // message stored before another's acknowledgement look started after it).
+            let start_ms = rec.now_ms();
             let (node, send) = match &sink {
                 Sink::Raw(channels) => {
                     let Some((node, client)) = channels.get(key.target % n).cloned() else {
@@ -480,6 +487,7 @@ async fn produce_loop(
                 id,
                 node,
                 send,
+                start_ms,
             };
             inflight.push(shoot(shot, spec.rpc_timeout, rec.clone()));
         }
