@@ -475,8 +475,13 @@ mod tests {
             Err(ClientError::NoAddresses)
         ));
         assert!(matches!(
-            Client::connect(["https://x:1"]),
+            Client::connect(["ftp://x:1"]),
             Err(ClientError::InvalidAddress { .. })
+        ));
+        // An https:// address needs a CA to trust.
+        assert!(matches!(
+            Client::connect(["https://x:1"]),
+            Err(ClientError::Tls(_))
         ));
     }
 

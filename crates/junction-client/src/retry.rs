@@ -158,6 +158,11 @@ mod tests {
             normalize_address("[::1]:7701").unwrap(),
             "http://[::1]:7701"
         );
+        // TLS is the client's option; an https:// address names the same node.
+        assert_eq!(
+            normalize_address("https://node1:7701").unwrap(),
+            "http://node1:7701"
+        );
     }
 
     #[test]
@@ -165,7 +170,7 @@ mod tests {
         for bad in [
             "",
             "  ",
-            "https://x:1",
+            "ftp://x:1",
             "grpc://x:1",
             "http://",
             "a b:1",

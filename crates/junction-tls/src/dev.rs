@@ -80,14 +80,7 @@ impl DevCa {
         };
         std::fs::create_dir_all(dir).map_err(write_error(dir))?;
         let (cert, key) = self.issue(hosts)?;
-        let files = DevFiles {
-            node: TlsPaths {
-                cert: dir.join("node.pem"),
-                key: dir.join("node.key"),
-                ca: dir.join("ca.pem"),
-            },
-            ca: dir.join("ca.pem"),
-        };
+        let files = DevFiles::in_dir(dir);
         write_atomically(&files.node.ca, self.cert_pem().as_bytes(), 0o644)?;
         write_atomically(&files.node.key, key.as_bytes(), 0o600)?;
         write_atomically(&files.node.cert, cert.as_bytes(), 0o644)?;
@@ -118,16 +111,21 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(
 }
 
 impl DevFiles {
-    /// The files of an earlier [`DevCa::write_node_files`] into `dir`, if all are there.
-    pub fn existing(dir: &Path) -> Option<Self> {
-        let files = DevFiles {
+    /// The names of the files in `dir`.
+    fn in_dir(dir: &Path) -> Self {
+        DevFiles {
             node: TlsPaths {
                 cert: dir.join("node.pem"),
                 key: dir.join("node.key"),
                 ca: dir.join("ca.pem"),
             },
             ca: dir.join("ca.pem"),
-        };
+        }
+    }
+
+    /// The files of an earlier [`DevCa::write_node_files`] into `dir`, if all are there.
+    pub fn existing(dir: &Path) -> Option<Self> {
+        let files = DevFiles::in_dir(dir);
         [&files.node.cert, &files.node.key, &files.node.ca]
             .iter()
             .all(|p| p.is_file())

@@ -79,15 +79,49 @@ fn client(
     Ok(Arc::new(config))
 }
 
-#[tokio::test]
-async fn a_rewritten_certificate_is_served_from_the_next_connection_on() -> TestResult {
+/// A CA, node files in a temp dir, their `NodeTls`, and a listener serving the client port's
+/// (or, with `peer`, the peer port's) configuration.
+struct Fixture {
+    dir: tempfile::TempDir,
+    ca: DevCa,
+    files: DevFiles,
+    tls: Arc<NodeTls>,
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+async fn fixture(hosts: &[&str], peer: bool) -> Result<Fixture, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let ca = DevCa::new("test CA")?;
-    let files = ca.write_node_files(dir.path(), &["127.0.0.1", "localhost"])?;
+    let files = ca.write_node_files(dir.path(), hosts)?;
     let tls = NodeTls::load(files.node.clone())?;
     let stop = CancellationToken::new();
     let t = tls.clone();
-    let addr = serve(move || t.client_port(), stop.clone()).await?;
+    let addr = if peer {
+        serve(move || t.peer_port(), stop.clone()).await?
+    } else {
+        serve(move || t.client_port(), stop.clone()).await?
+    };
+    Ok(Fixture {
+        dir,
+        ca,
+        files,
+        tls,
+        addr,
+        stop,
+    })
+}
+
+#[tokio::test]
+async fn a_rewritten_certificate_is_served_from_the_next_connection_on() -> TestResult {
+    let Fixture {
+        dir,
+        ca,
+        files,
+        tls,
+        addr,
+        stop,
+    } = fixture(&["127.0.0.1", "localhost"], false).await?;
     let trust = ClientTls::from_ca_file(&files.ca)?.config();
 
     let first = handshake(addr, trust.clone()).await?;
@@ -109,13 +143,14 @@ async fn a_rewritten_certificate_is_served_from_the_next_connection_on() -> Test
 
 #[tokio::test]
 async fn files_that_do_not_load_keep_the_previous_certificate() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let ca = DevCa::new("test CA")?;
-    let files = ca.write_node_files(dir.path(), &["127.0.0.1"])?;
-    let tls = NodeTls::load(files.node.clone())?;
-    let stop = CancellationToken::new();
-    let t = tls.clone();
-    let addr = serve(move || t.client_port(), stop.clone()).await?;
+    let Fixture {
+        dir: _dir,
+        ca,
+        files,
+        tls,
+        addr,
+        stop,
+    } = fixture(&["127.0.0.1"], false).await?;
     let trust = ClientTls::from_ca_file(&files.ca)?.config();
     let before = handshake(addr, trust.clone()).await?;
 
@@ -148,14 +183,15 @@ async fn files_that_do_not_load_keep_the_previous_certificate() -> TestResult {
 
 #[tokio::test]
 async fn the_peer_port_requires_a_certificate_of_the_cluster_ca() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let ca = DevCa::new("cluster CA")?;
     let other = DevCa::new("another CA")?;
-    let files = ca.write_node_files(dir.path(), &["127.0.0.1"])?;
-    let tls = NodeTls::load(files.node)?;
-    let stop = CancellationToken::new();
-    let t = tls.clone();
-    let addr = serve(move || t.peer_port(), stop.clone()).await?;
+    let Fixture {
+        dir: _dir,
+        ca,
+        files: _,
+        tls,
+        addr,
+        stop,
+    } = fixture(&["127.0.0.1"], true).await?;
 
     handshake(addr, client(&ca, Some(&ca))?).await?;
     // The node's own outgoing configuration is such a client.
@@ -175,13 +211,14 @@ async fn the_peer_port_requires_a_certificate_of_the_cluster_ca() -> TestResult 
 
 #[tokio::test]
 async fn a_plaintext_client_is_told_to_use_tls() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let ca = DevCa::new("test CA")?;
-    let files = ca.write_node_files(dir.path(), &["127.0.0.1"])?;
-    let tls = NodeTls::load(files.node.clone())?;
-    let stop = CancellationToken::new();
-    let t = tls.clone();
-    let addr = serve(move || t.client_port(), stop.clone()).await?;
+    let Fixture {
+        dir: _dir,
+        ca: _,
+        files,
+        tls: _,
+        addr,
+        stop,
+    } = fixture(&["127.0.0.1"], false).await?;
 
     // A plaintext gRPC client is told, at once and without retrying, that TLS is needed.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
