@@ -32,8 +32,9 @@ RUN apt-get update \
 COPY --from=build /junction /usr/local/bin/junction
 USER 10001:10001
 WORKDIR /var/lib/junction
-# 7701: gRPC (clients and node-to-node Raft); 8701: HTTP (/healthz, /readyz, /metrics).
-EXPOSE 7701 8701
+# 7701: gRPC (clients); 7801: node-to-node (Raft, joins; client port + 100);
+# 8701: HTTP (/healthz, /readyz, /metrics).
+EXPOSE 7701 7801 8701
 ENTRYPOINT ["/usr/local/bin/junction"]
 # A single-node server when run by hand; the chart replaces the command and arguments.
 CMD ["serve", "--listen", "0.0.0.0:7701", "--http", "0.0.0.0:8701", "--data-dir", "/var/lib/junction/data"]
