@@ -427,9 +427,10 @@ pub async fn run_dev(mut args: DevArgs) -> anyhow::Result<()> {
     for plan in &plans {
         let child = spawn(&exe, plan, &members, &files)?;
         out(&format!(
-            "node {}: grpc {}  http {}  log {}\n",
+            "node {}: grpc {}  peer {}  http {}  log {}\n",
             plan.id,
             plan.listen,
+            plan.peer,
             plan.http,
             plan.log.display()
         ))?;
