@@ -226,3 +226,56 @@ async fn a_certificate_rewritten_on_disk_is_served_while_producers_keep_going() 
     assert_eq!(total, 601, "every acknowledged message is there once");
     cluster.shutdown().await;
 }
+
+/// `junction dev`'s shape: `--plaintext-client-port` keeps the client port plaintext (a plain
+/// client works, forwarded calls too) while the nodes replicate over mutual TLS and the peer
+/// port still refuses a caller without the cluster's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plaintext_client_port_keeps_mutual_tls_between_the_nodes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = DevCa::new("test cluster CA").expect("CA");
+    let files = ca
+        .write_node_files(dir.path(), HOSTS)
+        .expect("certificates");
+    let node = files.node.clone();
+    let cluster = TestCluster::start_with(3, move |c| {
+        c.tls_cert = Some(node.cert.clone());
+        c.tls_key = Some(node.key.clone());
+        c.tls_ca = Some(node.ca.clone());
+        c.plaintext_client_port = true;
+    })
+    .await;
+    // A plain client of node 1 only: creating and producing are forwarded to the leaders.
+    let plain = cluster.client_of(1);
+    plain.create_station("dev", 3, 3).await.expect("station");
+    for p in 0..3u32 {
+        plain
+            .produce(
+                "dev",
+                vec![junction_proto::v1::Message {
+                    partition: Some(p),
+                    ..keyed("k", "plain")
+                }],
+            )
+            .await
+            .expect("produce, forwarded as needed");
+    }
+    let mut total = 0;
+    for p in 0..3 {
+        total += read_all(&plain, "dev", p).await.len();
+    }
+    assert_eq!(total, 3);
+    let peer =
+        junction_raft::peer_address(&cluster.addr(1), junction_raft::DEFAULT_PEER_PORT_OFFSET)
+            .expect("peer address");
+    let mut stranger = peer_over(
+        &peer,
+        ClientTls::from_ca_file(&files.ca).expect("CA"),
+        &cluster,
+    );
+    assert!(
+        stranger.node_status(NodeStatusRequest {}).await.is_err(),
+        "the peer port answered a caller without a certificate"
+    );
+    cluster.shutdown().await;
+}

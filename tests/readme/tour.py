@@ -394,9 +394,9 @@ def main():
         check((data / "cluster-secret").is_file()
               and (data / "cluster-secret").stat().st_mode & 0o777 == 0o600,
               "the dev cluster's node-to-node secret is ./data/cluster-secret, private")
-        check("TLS is on" in out and (data / "tls" / "ca.pem").is_file()
+        check("node-to-node traffic: mutual TLS" in out and (data / "tls" / "ca.pem").is_file()
               and (data / "tls" / "node.key").stat().st_mode & 0o777 == 0o600,
-              "the dev cluster speaks TLS with a throwaway CA under ./data/tls (private key 0600)",
+              "the dev cluster's nodes speak mutual TLS with a throwaway CA under ./data/tls (private key 0600)",
               out[-2000:])
         total = tour(copy)
         stop_and_check(dev, data, "first run")

@@ -38,10 +38,14 @@ pub struct DevArgs {
     /// prints must work as shown, with no credential to pass.
     #[arg(long)]
     pub auth: bool,
-    /// Plaintext instead of TLS. By default the dev cluster makes a throwaway CA and a node
-    /// certificate under `DATA_DIR/tls` (kept across runs) and serves TLS on the client ports
-    /// and mutual TLS on the peer ports, as a production cluster should; `./scripts/junction`
-    /// trusts that CA by itself, elsewhere set `JUNCTION_TLS_CA=DATA_DIR/tls/ca.pem`.
+    /// TLS on the client ports too (clients then need `JUNCTION_TLS_CA=DATA_DIR/tls/ca.pem`).
+    /// By default the dev cluster makes a throwaway CA and a node certificate under
+    /// `DATA_DIR/tls` (kept across runs) and runs **mutual TLS between the nodes**, while the
+    /// client ports, on loopback only, stay plaintext so that every command it prints works
+    /// as shown from any directory.
+    #[arg(long, conflicts_with = "insecure")]
+    pub tls: bool,
+    /// No TLS at all, not even between the nodes.
     #[arg(long)]
     pub insecure: bool,
 }
@@ -54,6 +58,8 @@ pub(crate) struct ClusterFiles {
     pub(crate) admin_token: Option<PathBuf>,
     /// The throwaway CA and node certificate, unless `--insecure`.
     pub(crate) tls: Option<junction_tls::DevFiles>,
+    /// Whether the client ports speak TLS too (`--tls`).
+    pub(crate) client_tls: bool,
 }
 
 impl ClusterFiles {
@@ -85,6 +91,7 @@ impl ClusterFiles {
             secret,
             admin_token,
             tls,
+            client_tls: args.tls,
         })
     }
 }
@@ -262,6 +269,9 @@ fn spawn(
             .arg(&tls.node.key)
             .arg("--tls-ca")
             .arg(&tls.node.ca);
+        if !files.client_tls {
+            cmd.arg("--plaintext-client-port");
+        }
     }
     cmd
         // Settings meant for a single node would break a local cluster.
@@ -463,7 +473,7 @@ async fn run_cluster(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         options = options.with_token(token.trim());
     }
-    if let Some(tls) = &files.tls {
+    if let (Some(tls), true) = (&files.tls, files.client_tls) {
         options = options.with_tls_ca_file(&tls.ca)?;
     }
     let client = Client::connect_with(crate::common::split_addresses(&servers), options)?;
@@ -491,17 +501,22 @@ async fn run_cluster(
         None => text
             .push_str("authentication is off (loopback only; `junction dev --auth` turns it on)\n"),
     }
-    match &files.tls {
-        Some(tls) => text.push_str(&format!(
-            "TLS is on (a throwaway CA in {dir}); ./scripts/junction trusts it; elsewhere:\n  \
+    match (&files.tls, files.client_tls) {
+        (Some(tls), true) => text.push_str(&format!(
+            "TLS on every port (a throwaway CA in {dir}); clients trust it with:\n  \
              export JUNCTION_TLS_CA={ca}\n  grpcurl -cacert {ca} 127.0.0.1:{port} list\n",
             dir = tls.ca.parent().unwrap_or(Path::new(".")).display(),
             ca = tls.ca.display(),
             port = args.base_port,
         )),
-        None => text.push_str(
-            "WARNING: --insecure: plaintext on every port; anything on this machine can read \
-             and alter the traffic\n",
+        (Some(tls), false) => text.push_str(&format!(
+            "node-to-node traffic: mutual TLS (a throwaway CA in {}); client ports: plaintext \
+             on loopback (`junction dev --tls` for TLS there too)\n",
+            tls.ca.parent().unwrap_or(Path::new(".")).display(),
+        )),
+        (None, _) => text.push_str(
+            "WARNING: --insecure: plaintext on every port, between the nodes too; anything on \
+             this machine can read and alter the traffic\n",
         ),
     }
     let rf = if args.nodes >= 3 {
@@ -541,6 +556,7 @@ mod tests {
             base_port: base,
             http_base_port: http,
             auth: false,
+            tls: false,
             insecure: false,
         }
     }
@@ -570,6 +586,7 @@ mod tests {
             base_port: 17_701,
             http_base_port: 18_701,
             auth: false,
+            tls: false,
             insecure: false,
         };
         let err = tokio::time::timeout(Duration::from_secs(30), run_dev(args))

@@ -132,6 +132,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// The cluster CA (PEM): verifies the other nodes.
     pub tls_ca: Option<PathBuf>,
+    /// With TLS: serve the client port without it (the peer port keeps mutual TLS). For a
+    /// development cluster on loopback only.
+    pub plaintext_client_port: bool,
     /// How often the TLS files are checked for changes (a renewed certificate is served from
     /// the next connection on), in ms.
     pub tls_reload_ms: u64,
@@ -185,6 +188,7 @@ impl Default for Config {
             tls_key: None,
             tls_ca: None,
             tls_reload_ms: junction_tls::DEFAULT_RELOAD_INTERVAL.as_millis() as u64,
+            plaintext_client_port: false,
             auth: AuthMode::None,
             admin_token_file: None,
             test_no_preallocation: false,
@@ -295,6 +299,10 @@ pub struct ServeArgs {
     /// The cluster CA, PEM: other nodes' certificates must be signed by it.
     #[arg(long, env = "JUNCTION_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// With --tls-*: the client port stays plaintext, the peer port keeps mutual TLS (what
+    /// `junction dev` runs on loopback). Not for a port others can reach.
+    #[arg(long, env = "JUNCTION_PLAINTEXT_CLIENT_PORT")]
+    pub plaintext_client_port: bool,
     /// How often the TLS files are read for changes, in ms (default 5000).
     #[arg(long, env = "JUNCTION_TLS_RELOAD_MS", value_name = "MS")]
     pub tls_reload_ms: Option<u64>,
@@ -413,6 +421,9 @@ impl Config {
         }
         if let Some(v) = args.tls_reload_ms {
             c.tls_reload_ms = v;
+        }
+        if args.plaintext_client_port {
+            c.plaintext_client_port = true;
         }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;

@@ -238,6 +238,17 @@ impl Server {
             }
         };
         let outgoing_tls = tls.clone().map(junction_tls::ClientTls::of_node);
+        // The client port's TLS: none with --plaintext-client-port (the peer port keeps its
+        // mutual TLS), and then calls forwarded to other nodes' client ports are plaintext too.
+        let client_tls = tls.clone().filter(|_| !config.plaintext_client_port);
+        if tls.is_some() && client_tls.is_none() {
+            tracing::warn!(
+                "--plaintext-client-port: the client port {} is plaintext (the peer port keeps \
+                 mutual TLS); for a development cluster on loopback only",
+                config.listen
+            );
+        }
+        let forward_tls = client_tls.clone().and(outgoing_tls.clone());
         tracing::info!(?config, %grpc_addr, %http_addr, ?peer_addr, tls = tls.is_some(), "starting node");
         let store = {
             let path = config.data_dir.join("db");
@@ -254,7 +265,7 @@ impl Server {
         let clients = Arc::new(forward::ClientPool::with_overrides(
             config.dial_overrides()?,
             junction_raft::peer_auth::AttachSecret(cluster_secret.clone(), None),
-            outgoing_tls,
+            forward_tls,
         ));
         let auth = Arc::new(auth::Authenticator::new(
             &config,
@@ -366,15 +377,16 @@ impl Server {
         // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself: set it on the
         // accepted sockets here. Without it every reply waited on Nagle's algorithm and the
         // peer's delayed ACK, 40 ms a time on Linux (p99 of produce was 45-90 ms).
-        let grpc_task = match &tls {
+        if let Some(tls) = &tls {
+            tasks.push(tls.watch(
+                Duration::from_millis(config.tls_reload_ms),
+                peer_stop.clone(),
+            ));
+        }
+        let grpc_task = match client_tls {
             Some(tls) => {
-                let t = tls.clone();
                 let incoming =
-                    junction_tls::incoming(grpc, move || t.client_port(), "client", stop.clone());
-                tasks.push(tls.watch(
-                    Duration::from_millis(config.tls_reload_ms),
-                    peer_stop.clone(),
-                ));
+                    junction_tls::incoming(grpc, move || tls.client_port(), "client", stop.clone());
                 serve(router, incoming, stop.clone(), "client")
             }
             None => {
