@@ -73,6 +73,29 @@ async fn secured() -> (TestCluster, String, tempfile::TempDir) {
     (cluster, token, dir)
 }
 
+/// A tail of partition 0 of `station` from its end.
+fn latest_tail(station: &str) -> ReadRequest {
+    ReadRequest {
+        station: station.into(),
+        partition: 0,
+        start: Some(read_request::Start::Position(StartPosition::Latest as i32)),
+        max_messages: 10,
+        max_bytes: 0,
+        local_replica: false,
+    }
+}
+
+/// Reads a stream to its end: the status it ended with, or `None` if it just ended.
+async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(s) => return Some(s),
+        }
+    }
+}
+
 fn reason(s: &tonic::Status) -> String {
     s.get_details_error_info()
         .map(|i| i.reason)
@@ -467,14 +490,7 @@ async fn bad_credentials_are_refused_and_revocation_reaches_every_node() {
     let mut reader = Caller::bearer(&cluster, 3, &reader_key.token).await;
     let mut tail = reader
         .broker
-        .tail(ReadRequest {
-            station: "orders".into(),
-            partition: 0,
-            start: Some(read_request::Start::Position(StartPosition::Latest as i32)),
-            max_messages: 10,
-            max_bytes: 0,
-            local_replica: false,
-        })
+        .tail(latest_tail("orders"))
         .await
         .expect("tail")
         .into_inner();
@@ -485,17 +501,9 @@ async fn bad_credentials_are_refused_and_revocation_reaches_every_node() {
         })
         .await
         .expect("revoke");
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match tail.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(s) => return Some(s),
-            }
-        }
-    })
-    .await
-    .expect("the tail ended within the recheck period");
+    let ended = tokio::time::timeout(Duration::from_secs(15), end_of(&mut tail))
+        .await
+        .expect("the tail ended within the recheck period");
     let s = ended.expect("ended with a status");
     assert_eq!(s.code(), Code::Unauthenticated);
     assert_eq!(reason(&s), "REVOKED_CREDENTIAL");
@@ -806,28 +814,13 @@ async fn jwts_from_an_identity_provider_are_credentials() {
     let mut ending = Caller::bearer(&cluster, 1, &idp.jwt("acme", "reader", "junction", -25)).await;
     let mut tail = ending
         .broker
-        .tail(ReadRequest {
-            station: "acme/orders".into(),
-            partition: 0,
-            start: Some(read_request::Start::Position(StartPosition::Latest as i32)),
-            max_messages: 10,
-            max_bytes: 0,
-            local_replica: false,
-        })
+        .tail(latest_tail("acme/orders"))
         .await
         .expect("tail opened while the token holds")
         .into_inner();
-    let ended = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match tail.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(s) => return Some(s),
-            }
-        }
-    })
-    .await
-    .expect("the tail ended once the token expired");
+    let ended = tokio::time::timeout(Duration::from_secs(20), end_of(&mut tail))
+        .await
+        .expect("the tail ended once the token expired");
     let s = ended.expect("ended with a status");
     assert_eq!(s.code(), Code::Unauthenticated, "{s}");
     assert_eq!(reason(&s), "EXPIRED_CREDENTIAL", "{s}");

@@ -32,14 +32,14 @@ async fn tls_cluster(ca: &DevCa, dir: &std::path::Path) -> (TestCluster, DevFile
 
 fn tls_client(cluster: &TestCluster, files: &DevFiles) -> Client {
     let options = ClientOptions::default()
-        .with_tls_ca_file(&files.ca)
+        .with_tls_ca_file(files.ca())
         .expect("CA file");
     Client::connect_with(cluster.addrs(), options).expect("client")
 }
 
 /// The leaf certificate node `addr` serves on its client port.
 async fn served_certificate(addr: &str, files: &DevFiles) -> Option<CertificateDer<'static>> {
-    let config = ClientTls::from_ca_file(&files.ca).ok()?.config();
+    let config = ClientTls::from_ca_file(files.ca()).ok()?.config();
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").ok()?;
     let mut tls = junction_tls::tokio_rustls::TlsConnector::from(config)
@@ -120,12 +120,12 @@ async fn a_tls_cluster_serves_tls_clients_and_refuses_plaintext_and_strangers() 
         .expect("other certificates");
     // Trusts the cluster CA (so the server is accepted) but presents the other CA's cert.
     let mut stranger_paths = other.node.clone();
-    stranger_paths.ca = files.ca.clone();
+    stranger_paths.ca = files.ca().to_path_buf();
     let stranger = junction_tls::NodeTls::load(stranger_paths).expect("stranger TLS");
     for (what, tls) in [
         (
             "no client certificate",
-            ClientTls::from_ca_file(&files.ca).expect("CA"),
+            ClientTls::from_ca_file(files.ca()).expect("CA"),
         ),
         ("another CA's certificate", ClientTls::of_node(stranger)),
     ] {
@@ -270,7 +270,7 @@ async fn a_plaintext_client_port_keeps_mutual_tls_between_the_nodes() {
             .expect("peer address");
     let mut stranger = peer_over(
         &peer,
-        ClientTls::from_ca_file(&files.ca).expect("CA"),
+        ClientTls::from_ca_file(files.ca()).expect("CA"),
         &cluster,
     );
     assert!(

@@ -112,7 +112,7 @@ impl Spawned {
             children.push(child);
         }
         Ok(Self {
-            tls_ca: tls_files.map(|f| f.ca),
+            tls_ca: tls_files.map(|f| f.node.ca),
             _dir: dir,
             addrs: grpc,
             http,

@@ -166,7 +166,7 @@ impl Cluster {
                 .and_then(|ca| ca.write_node_files(&path.join("tls"), &["127.0.0.1", "localhost"]))
                 .map_err(ClusterError::Tls)?;
             let client =
-                junction_tls::ClientTls::from_ca_file(&files.ca).map_err(ClusterError::Tls)?;
+                junction_tls::ClientTls::from_ca_file(files.ca()).map_err(ClusterError::Tls)?;
             let node =
                 junction_tls::NodeTls::load(files.node.clone()).map_err(ClusterError::Tls)?;
             (

@@ -474,7 +474,7 @@ async fn run_cluster(
         options = options.with_token(token.trim());
     }
     if let (Some(tls), true) = (&files.tls, files.client_tls) {
-        options = options.with_tls_ca_file(&tls.ca)?;
+        options = options.with_tls_ca_file(tls.ca())?;
     }
     let client = Client::connect_with(crate::common::split_addresses(&servers), options)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -505,14 +505,14 @@ async fn run_cluster(
         (Some(tls), true) => text.push_str(&format!(
             "TLS on every port (a throwaway CA in {dir}); clients trust it with:\n  \
              export JUNCTION_TLS_CA={ca}\n  grpcurl -cacert {ca} 127.0.0.1:{port} list\n",
-            dir = tls.ca.parent().unwrap_or(Path::new(".")).display(),
-            ca = tls.ca.display(),
+            dir = tls.ca().parent().unwrap_or(Path::new(".")).display(),
+            ca = tls.ca().display(),
             port = args.base_port,
         )),
         (Some(tls), false) => text.push_str(&format!(
             "node-to-node traffic: mutual TLS (a throwaway CA in {}); client ports: plaintext \
              on loopback (`junction dev --tls` for TLS there too)\n",
-            tls.ca.parent().unwrap_or(Path::new(".")).display(),
+            tls.ca().parent().unwrap_or(Path::new(".")).display(),
         )),
         (None, _) => text.push_str(
             "WARNING: --insecure: plaintext on every port, between the nodes too; anything on \

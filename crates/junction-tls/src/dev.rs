@@ -1,7 +1,7 @@
 //! A throwaway certificate authority: `junction dev` makes one under `./data/tls`, tests make
 //! their own. Never for production: its key sits next to the certificates it signs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -21,8 +21,6 @@ pub struct DevCa {
 pub struct DevFiles {
     /// Certificate, key and CA, for `junction serve --tls-cert/--tls-key/--tls-ca`.
     pub node: TlsPaths,
-    /// The CA certificate clients trust (`--tls-ca`); the same file as `node.ca`.
-    pub ca: PathBuf,
 }
 
 impl DevCa {
@@ -119,8 +117,12 @@ impl DevFiles {
                 key: dir.join("node.key"),
                 ca: dir.join("ca.pem"),
             },
-            ca: dir.join("ca.pem"),
         }
+    }
+
+    /// The CA certificate clients trust (`--tls-ca`).
+    pub fn ca(&self) -> &Path {
+        &self.node.ca
     }
 
     /// The files of an earlier [`DevCa::write_node_files`] into `dir`, if all are there.

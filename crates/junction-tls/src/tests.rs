@@ -122,7 +122,7 @@ async fn a_rewritten_certificate_is_served_from_the_next_connection_on() -> Test
         addr,
         stop,
     } = fixture(&["127.0.0.1", "localhost"], false).await?;
-    let trust = ClientTls::from_ca_file(&files.ca)?.config();
+    let trust = ClientTls::from_ca_file(files.ca())?.config();
 
     let first = handshake(addr, trust.clone()).await?;
     assert!(
@@ -151,7 +151,7 @@ async fn files_that_do_not_load_keep_the_previous_certificate() -> TestResult {
         addr,
         stop,
     } = fixture(&["127.0.0.1"], false).await?;
-    let trust = ClientTls::from_ca_file(&files.ca)?.config();
+    let trust = ClientTls::from_ca_file(files.ca())?.config();
     let before = handshake(addr, trust.clone()).await?;
 
     // A key that does not belong to the certificate (half of a rotation).
@@ -236,7 +236,7 @@ async fn a_plaintext_client_is_told_to_use_tls() -> TestResult {
     assert_eq!(refused.message(), PLAINTEXT_REFUSED);
     // A silent client meanwhile does not block a real one.
     let _silent = TcpStream::connect(addr).await?;
-    handshake(addr, ClientTls::from_ca_file(&files.ca)?.config()).await?;
+    handshake(addr, ClientTls::from_ca_file(files.ca())?.config()).await?;
     stop.cancel();
     Ok(())
 }
