@@ -59,10 +59,11 @@ pub const PARTITION_STATE: Format = Format {
     version: 2,
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
-/// settings and the producer id registry; since version 3 with API keys).
+/// settings and the producer id registry; since version 3 with API keys; since version 4
+/// with tenants' quotas).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 3,
+    version: 4,
 };
 /// One stored message.
 pub const RECORD: Format = Format {
@@ -168,12 +169,13 @@ pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<
     })
 }
 
-/// Decodes the metadata state, upgrading versions 1 and 2.
+/// Decodes the metadata state, upgrading versions 1 to 3.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    use junction_types::meta::{v1, v2};
+    use junction_types::meta::{v1, v2, v3};
     decode_upgrading(&META_STATE, b, |version, body| match version {
         1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
         2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
+        3 => Some(decode_body::<v3::MetaStateV3>(&META_STATE, body).map(Into::into)),
         _ => None,
     })
 }
@@ -191,7 +193,7 @@ mod tests {
 
     use junction_types::groups::GroupCursors;
     use junction_types::meta::MetaState;
-    use junction_types::{Command, MetaCommand, StoredRecord};
+    use junction_types::{Command, CommandResponse, MetaCommand, StoredRecord};
     use openraft::raft::{
         AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
         VoteRequest, VoteResponse,
@@ -265,11 +267,11 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 4;
+        bytes[0] = 5;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 4; this build reads version 3 (written by a \
+            "metadata state is in format version 5; this build reads version 4 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
@@ -352,9 +354,19 @@ mod tests {
         frozen(
             &META_STATE,
             &meta,
-            "03010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+            "04010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
              028108010764656661756c74066f72646572730100010100\
-             00",
+             0000",
+        );
+        // Version 3 (before quotas) is still read.
+        assert_eq!(
+            decode_meta_state(&unhex(
+                "03010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+                 028108010764656661756c74066f72646572730100010100\
+                 00"
+            ))
+            .unwrap(),
+            meta
         );
         // Version 2 (before API keys) is still read.
         assert_eq!(
@@ -407,9 +419,48 @@ mod tests {
         frozen(
             &META_STATE,
             &keyed,
-            "03010764656661756c7400000100010100000000011030313233343536373839616263646566\
+            "04010764656661756c7400000100010100000000011030313233343536373839616263646566\
              10303132333435363738396162636465660764656661756c740101066f7264657273\
-             abababababababababababababababababababababababababababababababab02636980a0bfe9d6660000",
+             abababababababababababababababababababababababababababababababab02636980a0bfe9d666000000",
+        );
+        // Quotas: the command that sets some, and the state that holds them.
+        let set_quota = Entry {
+            log_id: log_id(3, 1, 14),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::SetQuota {
+                tenant: "default".into(),
+                change: junction_types::quota::QuotaChange {
+                    station: None,
+                    set: vec![
+                        (
+                            junction_types::quota::QuotaField::ProduceBytesPerSec,
+                            1_000_000,
+                        ),
+                        (junction_types::quota::QuotaField::Stations, 4),
+                    ],
+                    clear: vec![junction_types::quota::QuotaField::Streams],
+                },
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &set_quota,
+            "0103010e01000d0764656661756c74000200c0843d04040106",
+        );
+        let mut limited = MetaState::default();
+        let CommandResponse::Quotas(_) = limited.apply(&MetaCommand::SetQuota {
+            tenant: "default".into(),
+            change: junction_types::quota::QuotaChange {
+                station: None,
+                set: vec![(junction_types::quota::QuotaField::StoredBytes, 1 << 30)],
+                clear: vec![],
+            },
+        }) else {
+            panic!("quota not set")
+        };
+        frozen(
+            &META_STATE,
+            &limited,
+            "04010764656661756c740000010001010000000000010764656661756c740103808080800400",
         );
         // Version 1 (before producers and exactly-once settings) is still read.
         assert_eq!(

@@ -116,6 +116,11 @@ pub enum MetaCommand {
         tenant: Option<String>,
         now_ms: i64,
     },
+    /// Sets or clears limits of a tenant or of one of its stations.
+    SetQuota {
+        tenant: String,
+        change: crate::quota::QuotaChange,
+    },
 }
 
 /// One produce request's records in an [`PartitionCommand::AppendBatches`] entry.
@@ -221,6 +226,8 @@ pub enum CommandResponse {
     Batches(Vec<Result<BatchOutcome, AppendReject>>),
     /// A producer identity from `InitProducer`.
     Producer(ProducerIdentity),
+    /// A tenant's quotas after a `SetQuota`.
+    Quotas(crate::quota::TenantQuotas),
 }
 
 impl fmt::Display for Command {

@@ -14,6 +14,7 @@
 //! - [`groups`]: consumer group settings, sticky assignment and per-partition cursors.
 //! - [`auth`]: roles, API keys and the authorization decision.
 //! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
+//! - [`quota`]: per-tenant limits and the token bucket that enforces rates.
 
 pub mod auth;
 pub mod command;
@@ -23,6 +24,7 @@ pub mod meta;
 pub mod names;
 pub mod partitioner;
 pub mod policy;
+pub mod quota;
 pub mod record;
 
 pub use command::{Command, CommandResponse, MetaCommand, PartitionCommand};

@@ -11,6 +11,7 @@ use crate::command::{CommandResponse, MetaCommand};
 use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
 use crate::groups::{GroupMeta, MemberMeta};
 use crate::policy::StationPolicy;
+use crate::quota::{QuotaError, QuotaField, TenantQuotas};
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
 
 /// Why the metadata group refused a command.
@@ -33,6 +34,18 @@ pub enum MetaError {
     KeyExists { id: String },
     #[error("API key '{id}' does not exist")]
     KeyNotFound { id: String },
+    /// Creating one more station or group would pass the tenant's quota.
+    #[error(
+        "tenant '{tenant}' has {used} {what} and its quota is {limit}; delete one or ask a cluster admin to raise the quota"
+    )]
+    QuotaExceeded {
+        tenant: String,
+        what: QuotaField,
+        limit: u64,
+        used: u64,
+    },
+    #[error(transparent)]
+    InvalidQuota(#[from] QuotaError),
 }
 
 /// One partition: its Raft group and the nodes holding a replica.
@@ -82,6 +95,8 @@ pub struct MetaState {
     pub producers: ProducerRegistry,
     /// API keys (their secrets' digests), by id.
     pub api_keys: KeyRegistry,
+    /// Tenants' quotas (tenants without any limit are absent).
+    pub quotas: BTreeMap<String, TenantQuotas>,
 }
 
 impl Default for MetaState {
@@ -96,6 +111,7 @@ impl Default for MetaState {
             next_group_uid: 1,
             producers: ProducerRegistry::default(),
             api_keys: KeyRegistry::default(),
+            quotas: BTreeMap::new(),
         }
     }
 }
@@ -154,6 +170,12 @@ impl MetaState {
                     });
                 }
                 self.groups.retain(|(s, _), _| *s != full);
+                if let Some(q) = self.quotas.get_mut(tenant) {
+                    q.stations.remove(name);
+                    if q.is_empty() {
+                        self.quotas.remove(tenant);
+                    }
+                }
                 CommandResponse::Done
             }
             MetaCommand::CreateGroup {
@@ -175,6 +197,9 @@ impl MetaState {
                         group: group.clone(),
                     });
                 }
+                if let Err(e) = self.room_for_group(station) {
+                    return CommandResponse::MetaRejected(e);
+                }
                 let g = self.new_group(station, group, *settings, *now_ms, partitions);
                 self.groups.insert(key, g.clone());
                 CommandResponse::Group(g)
@@ -195,6 +220,9 @@ impl MetaState {
                 };
                 let key = (station.clone(), group.clone());
                 if !self.groups.contains_key(&key) {
+                    if let Err(e) = self.room_for_group(station) {
+                        return CommandResponse::MetaRejected(e);
+                    }
                     let g = self.new_group(station, group, *settings, *now_ms, partitions);
                     self.groups.insert(key.clone(), g);
                 }
@@ -294,7 +322,94 @@ impl MetaState {
                     }
                 }
             }
+            MetaCommand::SetQuota { tenant, change } => match self.set_quota(tenant, change) {
+                Ok(q) => CommandResponse::Quotas(q),
+                Err(e) => CommandResponse::MetaRejected(e),
+            },
         }
+    }
+
+    /// Changes a tenant's (or one of its stations') limits; returns the tenant's quotas.
+    fn set_quota(
+        &mut self,
+        tenant: &str,
+        change: &crate::quota::QuotaChange,
+    ) -> Result<TenantQuotas, MetaError> {
+        change.validate()?;
+        if !self.tenants.contains_key(tenant) {
+            return Err(MetaError::TenantNotFound {
+                tenant: tenant.to_string(),
+            });
+        }
+        if let Some(station) = &change.station {
+            let full = format!("{tenant}/{station}");
+            if !self.stations.contains_key(&full) {
+                return Err(MetaError::StationNotFound { station: full });
+            }
+        }
+        let q = self.quotas.entry(tenant.to_string()).or_default();
+        q.apply(change);
+        let out = q.clone();
+        if out.is_empty() {
+            self.quotas.remove(tenant);
+        }
+        Ok(out)
+    }
+
+    /// A tenant's quotas (empty when it has none).
+    pub fn quotas_of(&self, tenant: &str) -> TenantQuotas {
+        self.quotas.get(tenant).cloned().unwrap_or_default()
+    }
+
+    /// A tenant's limit of one kind, if any.
+    pub fn tenant_limit(&self, tenant: &str, field: QuotaField) -> Option<u64> {
+        self.quotas.get(tenant).and_then(|q| q.tenant.get(field))
+    }
+
+    /// Refuses a new station when the tenant holds its quota of them.
+    fn room_for_station(&self, tenant: &str) -> Result<(), MetaError> {
+        let Some(limit) = self.tenant_limit(tenant, QuotaField::Stations) else {
+            return Ok(());
+        };
+        let used = self
+            .stations
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .count() as u64;
+        if used >= limit {
+            return Err(MetaError::QuotaExceeded {
+                tenant: tenant.to_string(),
+                what: QuotaField::Stations,
+                limit,
+                used,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a new consumer group of `station` (`tenant/name`) when its tenant holds its
+    /// quota of them.
+    fn room_for_group(&self, station: &str) -> Result<(), MetaError> {
+        let Some(tenant) = self.stations.get(station).map(|s| s.tenant.as_str()) else {
+            return Ok(());
+        };
+        let Some(limit) = self.tenant_limit(tenant, QuotaField::Groups) else {
+            return Ok(());
+        };
+        let used = self
+            .groups
+            .keys()
+            .filter(|(s, _)| self.stations.get(s).is_some_and(|m| m.tenant == tenant))
+            .count() as u64;
+        if used >= limit {
+            return Err(MetaError::QuotaExceeded {
+                tenant: tenant.to_string(),
+                what: QuotaField::Groups,
+                limit,
+                used,
+            });
+        }
+        Ok(())
     }
 
     fn create_station(
@@ -314,6 +429,9 @@ impl MetaState {
         }
         if self.stations.contains_key(&full) {
             return CommandResponse::MetaRejected(MetaError::StationExists { station: full });
+        }
+        if let Err(e) = self.room_for_station(tenant) {
+            return CommandResponse::MetaRejected(e);
         }
         let partitions = placement
             .iter()
@@ -536,6 +654,7 @@ pub mod v1 {
                 next_group_uid: v.next_group_uid,
                 producers: ProducerRegistry::default(),
                 api_keys: Default::default(),
+                quotas: BTreeMap::new(),
             }
         }
     }
@@ -572,6 +691,46 @@ pub mod v2 {
                 next_group_uid: v.next_group_uid,
                 producers: v.producers,
                 api_keys: Default::default(),
+                quotas: BTreeMap::new(),
+            }
+        }
+    }
+}
+
+/// The metadata state as format version 3 stored it (before quotas).
+pub mod v3 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, StationMeta};
+    use crate::auth::KeyRegistry;
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::GroupMeta;
+
+    /// The metadata state as version 3 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV3 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+        pub api_keys: KeyRegistry,
+    }
+
+    impl From<MetaStateV3> for MetaState {
+        fn from(v: MetaStateV3) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: v.api_keys,
+                quotas: BTreeMap::new(),
             }
         }
     }
@@ -705,5 +864,127 @@ mod tests {
             }),
             CommandResponse::MetaRejected(MetaError::StationNotFound { .. })
         ));
+    }
+
+    fn set_quota(
+        state: &mut MetaState,
+        tenant: &str,
+        station: Option<&str>,
+        set: &[(QuotaField, u64)],
+    ) -> CommandResponse {
+        state.apply(&MetaCommand::SetQuota {
+            tenant: tenant.into(),
+            change: crate::quota::QuotaChange {
+                station: station.map(str::to_string),
+                set: set.to_vec(),
+                clear: vec![],
+            },
+        })
+    }
+
+    #[test]
+    fn station_and_group_counts_are_held_to_the_tenant_quota() {
+        let mut s = MetaState::default();
+        assert!(matches!(
+            set_quota(
+                &mut s,
+                "default",
+                None,
+                &[(QuotaField::Stations, 1), (QuotaField::Groups, 1)]
+            ),
+            CommandResponse::Quotas(_)
+        ));
+        assert!(matches!(
+            create(&mut s, "a", 1),
+            CommandResponse::StationCreated(_)
+        ));
+        let r = create(&mut s, "b", 1);
+        assert_eq!(
+            r,
+            CommandResponse::MetaRejected(MetaError::QuotaExceeded {
+                tenant: "default".into(),
+                what: QuotaField::Stations,
+                limit: 1,
+                used: 1,
+            })
+        );
+        let group = |s: &mut MetaState, name: &str| {
+            s.apply(&MetaCommand::CreateGroup {
+                station: "default/a".into(),
+                group: name.into(),
+                settings: Default::default(),
+                now_ms: 1,
+            })
+        };
+        assert!(matches!(group(&mut s, "g1"), CommandResponse::Group(_)));
+        assert!(matches!(
+            group(&mut s, "g2"),
+            CommandResponse::MetaRejected(MetaError::QuotaExceeded {
+                what: QuotaField::Groups,
+                ..
+            })
+        ));
+        // Joining creates a group too: held to the same count; joining an existing one is not.
+        let join = |s: &mut MetaState, name: &str| {
+            s.apply(&MetaCommand::JoinGroup {
+                station: "default/a".into(),
+                group: name.into(),
+                member: "m".into(),
+                client: "c".into(),
+                settings: Default::default(),
+                now_ms: 1,
+            })
+        };
+        assert!(matches!(
+            join(&mut s, "g3"),
+            CommandResponse::MetaRejected(MetaError::QuotaExceeded { .. })
+        ));
+        assert!(matches!(join(&mut s, "g1"), CommandResponse::Group(_)));
+        // Lowering a quota below what exists removes nothing.
+        set_quota(&mut s, "default", None, &[(QuotaField::Stations, 1)]);
+        assert!(s.stations.contains_key("default/a"));
+    }
+
+    #[test]
+    fn quota_changes_are_checked_and_station_limits_go_with_their_station() {
+        let mut s = MetaState::default();
+        assert_eq!(
+            set_quota(&mut s, "nope", None, &[(QuotaField::Streams, 2)]),
+            CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                tenant: "nope".into()
+            })
+        );
+        assert!(matches!(
+            set_quota(
+                &mut s,
+                "default",
+                Some("a"),
+                &[(QuotaField::StoredBytes, 2)]
+            ),
+            CommandResponse::MetaRejected(MetaError::StationNotFound { .. })
+        ));
+        assert_eq!(
+            set_quota(&mut s, "default", None, &[(QuotaField::Streams, 0)]),
+            CommandResponse::MetaRejected(MetaError::InvalidQuota(QuotaError::Zero(
+                QuotaField::Streams
+            )))
+        );
+        assert!(s.quotas.is_empty(), "refused changes leave nothing behind");
+        create(&mut s, "a", 1);
+        let CommandResponse::Quotas(q) = set_quota(
+            &mut s,
+            "default",
+            Some("a"),
+            &[(QuotaField::StoredBytes, 2)],
+        ) else {
+            panic!("not set")
+        };
+        assert_eq!(q.stations["a"].get(QuotaField::StoredBytes), Some(2));
+        assert_eq!(s.quotas_of("default"), q);
+        s.apply(&MetaCommand::DeleteStation {
+            tenant: "default".into(),
+            name: "a".into(),
+        });
+        assert!(s.quotas.is_empty(), "{:?}", s.quotas);
     }
 }
