@@ -384,7 +384,6 @@ impl Broker {
     /// first answering replica) measures it.
     pub async fn measure_partitions(&self, views: &mut [PartitionView]) {
         let me = self.node_id();
-        let addrs = self.node_addrs();
         let mut asks: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
         for v in views.iter() {
             let node = v
@@ -395,6 +394,29 @@ impl Broker {
                 asks.entry(n).or_default().push(v.group_id);
             }
         }
+        let stats = self.group_stats(asks).await;
+        for v in views.iter_mut() {
+            if let Some(g) = stats.get(&v.group_id) {
+                v.messages = g.messages;
+                v.bytes = g.bytes;
+                v.data_lost_at_ms = g.data_lost_at_ms;
+                v.producers = g.producers;
+                v.dedup_ids = g.dedup_ids;
+                v.dedup_id_bytes = g.dedup_id_bytes;
+                v.start_offset = g.start_offset;
+                v.next_offset = g.next_offset;
+            }
+        }
+    }
+
+    /// Asks each node for the stats of the groups listed for it (this node answers itself);
+    /// nodes that do not answer in time are left out.
+    async fn group_stats(
+        &self,
+        asks: BTreeMap<NodeId, Vec<GroupId>>,
+    ) -> BTreeMap<GroupId, junction_proto::peer::GroupStats> {
+        let me = self.node_id();
+        let addrs = self.node_addrs();
         let calls = asks.into_iter().map(|(node, groups)| {
             let addr = addrs.get(&node).cloned();
             async move {
@@ -412,24 +434,37 @@ impl Broker {
                 }
             }
         });
-        let stats: BTreeMap<GroupId, junction_proto::peer::GroupStats> =
-            futures::future::join_all(calls)
-                .await
-                .into_iter()
-                .flatten()
-                .map(|g| (g.group, g))
-                .collect();
-        for v in views.iter_mut() {
-            if let Some(g) = stats.get(&v.group_id) {
-                v.messages = g.messages;
-                v.bytes = g.bytes;
-                v.data_lost_at_ms = g.data_lost_at_ms;
-                v.producers = g.producers;
-                v.dedup_ids = g.dedup_ids;
-                v.dedup_id_bytes = g.dedup_id_bytes;
-                v.start_offset = g.start_offset;
-                v.next_offset = g.next_offset;
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .map(|g| (g.group, g))
+            .collect()
+    }
+
+    /// The stored message bytes of each group (group → replicas), measured on this node when
+    /// it hosts a replica, otherwise on the first replica; groups nobody answered for are
+    /// missing.
+    pub async fn measure_groups(
+        &self,
+        groups: &BTreeMap<GroupId, Vec<NodeId>>,
+    ) -> BTreeMap<GroupId, u64> {
+        let me = self.node_id();
+        let mut asks: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
+        for (g, replicas) in groups {
+            let node = if self.partition(*g).is_some() {
+                Some(me)
+            } else {
+                replicas.first().copied()
+            };
+            if let Some(n) = node {
+                asks.entry(n).or_default().push(*g);
             }
         }
+        self.group_stats(asks)
+            .await
+            .into_iter()
+            .map(|(g, s)| (g, s.bytes))
+            .collect()
     }
 }

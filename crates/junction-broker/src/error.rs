@@ -78,6 +78,31 @@ pub enum BrokerError {
     /// A credential was missing or refused, or the caller may not do this.
     #[error(transparent)]
     Auth(#[from] junction_types::auth::AuthError),
+    /// Over a rate quota: retry after the wait.
+    #[error(
+        "tenant '{tenant}'{} is over its {what} quota of {limit}; retry in {retry_after_ms} ms",
+        station_hint(.station)
+    )]
+    Throttled {
+        tenant: String,
+        station: Option<String>,
+        what: junction_types::quota::QuotaField,
+        limit: u64,
+        retry_after_ms: u64,
+    },
+    /// At a quota waiting does not lift (stored bytes, open streams).
+    #[error(
+        "tenant '{tenant}'{} holds {used} of its {limit} {what}: {}",
+        station_hint(.station),
+        exceeded_hint(*.what)
+    )]
+    QuotaExceeded {
+        tenant: String,
+        station: Option<String>,
+        what: junction_types::quota::QuotaField,
+        limit: u64,
+        used: u64,
+    },
     /// The feature exists in the API but this build does not provide it.
     #[error("{0}")]
     Unimplemented(String),
@@ -101,12 +126,58 @@ impl BrokerError {
             BrokerError::Meta(m) => BrokerError::Meta(m.clone()),
             BrokerError::Produce(r) => BrokerError::Produce(r.clone()),
             BrokerError::Auth(a) => BrokerError::Auth(a.clone()),
+            BrokerError::Throttled {
+                tenant,
+                station,
+                what,
+                limit,
+                retry_after_ms,
+            } => BrokerError::Throttled {
+                tenant: tenant.clone(),
+                station: station.clone(),
+                what: *what,
+                limit: *limit,
+                retry_after_ms: *retry_after_ms,
+            },
+            BrokerError::QuotaExceeded {
+                tenant,
+                station,
+                what,
+                limit,
+                used,
+            } => BrokerError::QuotaExceeded {
+                tenant: tenant.clone(),
+                station: station.clone(),
+                what: *what,
+                limit: *limit,
+                used: *used,
+            },
             BrokerError::MemberNotFound { group, member } => BrokerError::MemberNotFound {
                 group: group.clone(),
                 member: member.clone(),
             },
             other => BrokerError::Unavailable(other.to_string()),
         }
+    }
+}
+
+fn station_hint(station: &Option<String>) -> String {
+    station
+        .as_ref()
+        .map(|s| format!(" (station '{s}')"))
+        .unwrap_or_default()
+}
+
+fn exceeded_hint(what: junction_types::quota::QuotaField) -> &'static str {
+    use junction_types::quota::QuotaField;
+    match what {
+        QuotaField::StoredBytes => {
+            "produces are refused until retention or deleting data frees space, or a cluster admin raises the quota"
+        }
+        QuotaField::Streams => {
+            "close a stream (on this node) or ask a cluster admin to raise the quota"
+        }
+        _ => "ask a cluster admin to raise the quota",
     }
 }
 

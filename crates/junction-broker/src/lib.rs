@@ -23,6 +23,7 @@ mod membership;
 mod memory;
 pub mod partition;
 pub mod producers;
+pub mod quota;
 mod reconcile;
 pub mod retention;
 
@@ -97,6 +98,8 @@ pub struct Broker {
     dead_letters: std::sync::OnceLock<Arc<dyn delivery::DeadLetterSink>>,
     /// Completed passes of the retention loop (see [`Broker::retention_passes`]).
     retention_passes: std::sync::atomic::AtomicU64,
+    /// Rate buckets, stored-bytes tallies and open streams of tenants with quotas.
+    quotas: quota::NodeQuotas,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -191,6 +194,7 @@ impl Broker {
             dispatchers: parking_lot::Mutex::default(),
             dead_letters: std::sync::OnceLock::new(),
             retention_passes: std::sync::atomic::AtomicU64::new(0),
+            quotas: quota::NodeQuotas::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -201,6 +205,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.session_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.retention_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.quota_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.join_loop().await });
         Ok(broker)
