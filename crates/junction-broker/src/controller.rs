@@ -115,6 +115,28 @@ impl Broker {
         Ok(())
     }
 
+    /// Sets or clears limits of a tenant or of one of its stations; returns its quotas.
+    pub async fn set_quota(
+        &self,
+        tenant: &str,
+        change: junction_types::quota::QuotaChange,
+    ) -> Result<junction_types::quota::TenantQuotas, BrokerError> {
+        change.validate().map_err(|e| BrokerError::Meta(e.into()))?;
+        self.ensure_controller()?;
+        match self
+            .meta_write(MetaCommand::SetQuota {
+                tenant: tenant.to_string(),
+                change,
+            })
+            .await?
+        {
+            CommandResponse::Quotas(q) => Ok(q),
+            other => Err(BrokerError::Raft(format!(
+                "unexpected quota result {other:?}"
+            ))),
+        }
+    }
+
     /// Creates a station, placing its replicas on the least-loaded live nodes, and waits (up to
     /// 10 s) until every partition has a leader.
     pub async fn create_station(

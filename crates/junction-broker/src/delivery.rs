@@ -360,6 +360,8 @@ struct Dispatcher {
     dead_lettering: usize,
     internal: mpsc::UnboundedSender<Internal>,
     internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
+    /// Over the tenant's consume rate: no reading ahead until then.
+    throttled_until: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -394,6 +396,7 @@ impl Dispatcher {
             dead_lettering: 0,
             internal: itx,
             internal_rx: Some(irx),
+            throttled_until: None,
         }
     }
 
@@ -497,6 +500,9 @@ impl Dispatcher {
                     }
                 }
                 () = tokio::time::sleep_until(wake) => self.expire(),
+                () = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
+                }
                 _ = check.tick() => {
                     self.broker.ensure_partition_leader(&self.replica)?;
                     if self.broker.partition(self.replica.group).is_none() {
@@ -604,7 +610,18 @@ impl Dispatcher {
                 .increment(state.start_offset - self.read_pos);
             self.read_pos = state.start_offset;
         }
+        if self.throttled_until.is_some() {
+            return Ok(());
+        }
+        let (tenant, station) = self.station.split_once('/').unwrap_or(("", &self.station));
         while self.pending.len() < window && self.read_pos < state.next_offset {
+            // Over the tenant's consume rate: read on once it is paid back.
+            if let Err(BrokerError::Throttled { retry_after_ms, .. }) =
+                self.broker.check_consume(tenant, station)
+            {
+                self.throttled_until = Some(Instant::now() + Duration::from_millis(retry_after_ms));
+                break;
+            }
             let want = window - self.pending.len();
             let (msgs, _) =
                 self.broker
@@ -613,6 +630,8 @@ impl Dispatcher {
                 self.read_pos = state.next_offset;
                 break;
             }
+            let read_bytes: u64 = msgs.iter().map(|(_, b)| b.len() as u64).sum();
+            self.broker.charge_consume(tenant, station, read_bytes);
             for (offset, bytes) in msgs {
                 self.read_pos = offset + 1;
                 if self.cursor.is_acked(offset) {
@@ -958,6 +977,14 @@ async fn next_control(
 ) -> Option<ConsumeControl> {
     match control {
         Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no `at` (a disabled `select!` branch).
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

@@ -318,9 +318,11 @@ fn share_in(
     leader_of: &impl Fn(GroupId) -> Option<NodeId>,
 ) -> Share {
     let mut share = Share { led: 0, total: 0 };
-    for s in meta.stations.values().filter(|s| {
-        s.tenant == scope.0 && scope.1.as_ref().is_none_or(|name| *name == s.name)
-    }) {
+    for s in meta
+        .stations
+        .values()
+        .filter(|s| s.tenant == scope.0 && scope.1.as_ref().is_none_or(|name| *name == s.name))
+    {
         for p in &s.partitions {
             share.total += 1;
             if leader_of(p.group_id) == Some(me) {
@@ -399,7 +401,10 @@ impl Broker {
     }
 
     /// Opens one stream of `tenant` on this node, unless it holds its limit of streams.
-    pub fn open_stream(self: &std::sync::Arc<Self>, tenant: &str) -> Result<StreamPermit, BrokerError> {
+    pub fn open_stream(
+        self: &std::sync::Arc<Self>,
+        tenant: &str,
+    ) -> Result<StreamPermit, BrokerError> {
         let meta = self.metadata();
         let q = meta.quotas_of(tenant);
         self.quotas
@@ -604,7 +609,13 @@ mod tests {
         b.charge_consume(&q, "t", "s", 1500);
         let r = b.check_consume(&q, "t", "s", whole, 0);
         assert!(
-            matches!(r, Err(Refusal::Throttled { retry_after_ms: 501, .. })),
+            matches!(
+                r,
+                Err(Refusal::Throttled {
+                    retry_after_ms: 501,
+                    ..
+                })
+            ),
             "{r:?}"
         );
         assert_eq!(b.check_consume(&q, "t", "s", whole, 501), Ok(()));
@@ -618,7 +629,11 @@ mod tests {
         assert_eq!(b.open_stream(&q, "t"), Ok(()));
         assert!(matches!(
             b.open_stream(&q, "t"),
-            Err(Refusal::Exceeded { used: 2, limit: 2, .. })
+            Err(Refusal::Exceeded {
+                used: 2,
+                limit: 2,
+                ..
+            })
         ));
         assert_eq!(b.open_stream(&TenantQuotas::default(), "u"), Ok(()));
         b.close_stream("t");
@@ -643,10 +658,16 @@ mod tests {
         // Node 1 leads the groups with odd ids.
         let leader = |g: GroupId| Some(if g % 2 == 1 { 1 } else { 2 });
         let tenant = ("default".to_string(), None);
-        assert_eq!(share_in(&meta, &tenant, 1, &leader), Share { led: 2, total: 4 });
+        assert_eq!(
+            share_in(&meta, &tenant, 1, &leader),
+            Share { led: 2, total: 4 }
+        );
         let a = ("default".to_string(), Some("a".to_string()));
         assert_eq!(share_in(&meta, &a, 2, &leader), Share { led: 1, total: 2 });
         let none = ("other".to_string(), None);
-        assert_eq!(share_in(&meta, &none, 1, &leader), Share { led: 0, total: 0 });
+        assert_eq!(
+            share_in(&meta, &none, 1, &leader),
+            Share { led: 0, total: 0 }
+        );
     }
 }

@@ -248,6 +248,15 @@ impl Client {
             };
             match retry::classify(&status) {
                 Disposition::Fail => return Err(status.into()),
+                // Over the tenant's quota: the same node, after the wait it named (a wait past
+                // the deadline gives the refusal to the caller now).
+                Disposition::Throttled { after } => {
+                    if after >= attempts.remaining() {
+                        return Err(status.into());
+                    }
+                    tracing::debug!(%addr, ?after, "throttled by quota; waiting");
+                    tokio::time::sleep(after).await;
+                }
                 Disposition::Retry { leader_hint } => {
                     tracing::debug!(%addr, code = ?status.code(), message = status.message(), "retrying");
                     let delay = attempts.failed(self, &addr, &status, leader_hint)?;

@@ -537,6 +537,10 @@ impl PartitionWorker {
             }
             match retry::classify(&status) {
                 Disposition::Retry { leader_hint } => self.hint = leader_hint,
+                Disposition::Throttled { after } => {
+                    tokio::time::sleep(after).await;
+                    continue;
+                }
                 Disposition::Fail if status.code() == Code::Ok => {}
                 Disposition::Fail => {
                     tracing::warn!(partition = self.subscribe.partition, %status, "consume failed");

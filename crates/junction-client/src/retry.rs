@@ -16,6 +16,11 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub const NOT_LEADER_REASON: &str = "NOT_LEADER";
 /// The `ErrorInfo.metadata` key that carries the leader's address.
 pub const LEADER_ADDR_KEY: &str = "leader_addr";
+/// The `ErrorInfo.reason` of a call over its tenant's rate quota; its `RetryInfo` says when to
+/// try again.
+pub const THROTTLED_REASON: &str = "THROTTLED";
+/// The longest wait a throttled call is told to take that the SDK honours as given.
+pub(crate) const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(30);
 
 /// Exponential backoff: `initial`, doubling each time, capped at `max`.
 #[derive(Debug, Clone)]
@@ -51,6 +56,8 @@ impl Default for Backoff {
 pub(crate) enum Disposition {
     /// Try again, at the leader's address first when one is known (already normalised).
     Retry { leader_hint: Option<String> },
+    /// Over the tenant's rate quota: wait this long, then try the same node again.
+    Throttled { after: Duration },
     /// Give the error to the caller.
     Fail,
 }
@@ -59,6 +66,9 @@ pub(crate) enum Disposition {
 /// refused, reset, dropped mid-stream) and `NOT_LEADER` error details are retried; every other
 /// status is final.
 pub(crate) fn classify(status: &Status) -> Disposition {
+    if let Some(after) = throttled(status) {
+        return Disposition::Throttled { after };
+    }
     if let Some(info) = status.get_details_error_info()
         && info.reason == NOT_LEADER_REASON
     {
@@ -73,6 +83,20 @@ pub(crate) fn classify(status: &Status) -> Disposition {
     } else {
         Disposition::Fail
     }
+}
+
+/// The wait a throttled call was given (`THROTTLED` with a `RetryInfo`; capped at
+/// [`MAX_THROTTLE_WAIT`]), or `None` when the call was not throttled.
+pub(crate) fn throttled(status: &Status) -> Option<Duration> {
+    let info = status.get_details_error_info()?;
+    if info.reason != THROTTLED_REASON {
+        return None;
+    }
+    let after = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .unwrap_or(INITIAL_BACKOFF);
+    Some(after.clamp(Duration::from_millis(1), MAX_THROTTLE_WAIT))
 }
 
 /// Whether a status was made up locally by tonic from a connection-level failure rather than
@@ -207,6 +231,63 @@ mod tests {
             classify(&Status::unknown("Service was not ready: transport error")),
             Disposition::Retry { leader_hint: None }
         );
+    }
+
+    #[test]
+    fn a_throttled_call_waits_the_time_it_was_given() {
+        let mut details = tonic_types::ErrorDetails::with_error_info(
+            THROTTLED_REASON,
+            "junction.dev",
+            std::collections::HashMap::new(),
+        );
+        details.set_retry_info(Some(Duration::from_millis(340)));
+        let status = Status::with_error_details(Code::ResourceExhausted, "slow down", details);
+        assert_eq!(
+            classify(&status),
+            Disposition::Throttled {
+                after: Duration::from_millis(340)
+            }
+        );
+        // Without a RetryInfo, the first backoff step; an absurd wait is capped.
+        let bare = Status::with_error_details(
+            Code::ResourceExhausted,
+            "slow down",
+            tonic_types::ErrorDetails::with_error_info(
+                THROTTLED_REASON,
+                "junction.dev",
+                std::collections::HashMap::new(),
+            ),
+        );
+        assert_eq!(
+            classify(&bare),
+            Disposition::Throttled {
+                after: INITIAL_BACKOFF
+            }
+        );
+        let mut long = tonic_types::ErrorDetails::with_error_info(
+            THROTTLED_REASON,
+            "junction.dev",
+            std::collections::HashMap::new(),
+        );
+        long.set_retry_info(Some(Duration::from_secs(3600)));
+        let status = Status::with_error_details(Code::ResourceExhausted, "slow down", long);
+        assert_eq!(
+            classify(&status),
+            Disposition::Throttled {
+                after: MAX_THROTTLE_WAIT
+            }
+        );
+        // A quota that waiting does not lift is final.
+        let full = Status::with_error_details(
+            Code::ResourceExhausted,
+            "full",
+            tonic_types::ErrorDetails::with_error_info(
+                "QUOTA_EXCEEDED",
+                "junction.dev",
+                std::collections::HashMap::new(),
+            ),
+        );
+        assert_eq!(classify(&full), Disposition::Fail);
     }
 
     #[test]

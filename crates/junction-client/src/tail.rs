@@ -236,6 +236,10 @@ impl TailState {
         };
         match disposition {
             Disposition::Fail => Err(status.into()),
+            Disposition::Throttled { after } => {
+                tokio::time::sleep(after).await;
+                Ok(())
+            }
             Disposition::Retry { leader_hint } => {
                 tracing::debug!(
                     station = %self.station,

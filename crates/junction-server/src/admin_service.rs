@@ -416,6 +416,53 @@ impl Admin for AdminService {
             auth_enabled: self.auth.enabled(),
         }))
     }
+
+    async fn set_quota(
+        &self,
+        req: Request<SetQuotaRequest>,
+    ) -> Result<Response<TenantQuota>, Status> {
+        let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        // A tenant's own admin may not raise its limits.
+        allow_cluster(&who)?;
+        let change =
+            quota_change(req.get_ref()).map_err(|e| to_status(BrokerError::Meta(e.into())))?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            return self
+                .clients
+                .admin(&addr)?
+                .set_quota(with_hops(req.into_inner(), hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let tenant = req.into_inner().tenant;
+        self.broker
+            .set_quota(&tenant, change)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(%tenant, "quota changed");
+        Ok(Response::new(self.tenant_quota(&tenant).await))
+    }
+
+    async fn get_quota(
+        &self,
+        req: Request<GetQuotaRequest>,
+    ) -> Result<Response<TenantQuota>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
+        let tenant = req.into_inner().tenant;
+        let tenant = if tenant.is_empty() {
+            who.tenant.clone()
+        } else {
+            tenant
+        };
+        allow_tenant(&who, Operation::Describe, &tenant)?;
+        if !self.broker.metadata().tenants.contains_key(&tenant) {
+            return Err(to_status(BrokerError::Meta(MetaError::TenantNotFound {
+                tenant,
+            })));
+        }
+        Ok(Response::new(self.tenant_quota(&tenant).await))
+    }
 }
 
 /// Converts a key for the API (never its digest).
@@ -430,4 +477,102 @@ fn key_info(k: &ApiKey) -> ApiKeyInfo {
         expires_at_ms: k.expires_ms,
         revoked_at_ms: k.revoked_ms,
     }
+}
+
+impl AdminService {
+    /// A tenant's limits, and what it uses now (stored bytes measured for this answer).
+    async fn tenant_quota(&self, tenant: &str) -> TenantQuota {
+        let meta = self.broker.metadata();
+        let q = meta.quotas_of(tenant);
+        let stations: Vec<&StationMeta> = meta
+            .stations
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .collect();
+        let groups: std::collections::BTreeMap<u64, Vec<u64>> = stations
+            .iter()
+            .flat_map(|s| &s.partitions)
+            .map(|p| (p.group_id, p.replicas.clone()))
+            .collect();
+        let bytes = self.broker.measure_groups(&groups).await;
+        let stored_of = |s: &StationMeta| -> u64 {
+            s.partitions
+                .iter()
+                .filter_map(|p| bytes.get(&p.group_id))
+                .sum()
+        };
+        let groups_used = meta
+            .groups
+            .keys()
+            .filter(|(s, _)| meta.stations.get(s).is_some_and(|m| m.tenant == tenant))
+            .count() as u64;
+        TenantQuota {
+            tenant: tenant.to_string(),
+            limits: Some(limits_to_proto(&q.tenant)),
+            stations: q
+                .stations
+                .iter()
+                .map(|(name, l)| StationQuota {
+                    station: name.clone(),
+                    limits: Some(limits_to_proto(l)),
+                    stored_bytes: meta
+                        .stations
+                        .get(&format!("{tenant}/{name}"))
+                        .map_or(0, stored_of),
+                })
+                .collect(),
+            stations_used: stations.len() as u64,
+            groups_used,
+            stored_bytes: stations.iter().map(|s| stored_of(s)).sum(),
+            streams_open: self.broker.open_streams(tenant),
+        }
+    }
+}
+
+/// The limits of a request, by field.
+fn limits_from_proto(l: &QuotaLimits) -> Vec<(junction_types::quota::QuotaField, u64)> {
+    use junction_types::quota::QuotaField as F;
+    [
+        (F::ProduceBytesPerSec, l.produce_bytes_per_sec),
+        (F::ProduceMessagesPerSec, l.produce_messages_per_sec),
+        (F::ConsumeBytesPerSec, l.consume_bytes_per_sec),
+        (F::StoredBytes, l.stored_bytes),
+        (F::Stations, l.stations),
+        (F::Groups, l.groups),
+        (F::Streams, l.streams),
+    ]
+    .into_iter()
+    .filter_map(|(f, v)| v.map(|v| (f, v)))
+    .collect()
+}
+
+fn limits_to_proto(l: &junction_types::quota::QuotaLimits) -> QuotaLimits {
+    use junction_types::quota::QuotaField as F;
+    QuotaLimits {
+        produce_bytes_per_sec: l.get(F::ProduceBytesPerSec),
+        produce_messages_per_sec: l.get(F::ProduceMessagesPerSec),
+        consume_bytes_per_sec: l.get(F::ConsumeBytesPerSec),
+        stored_bytes: l.get(F::StoredBytes),
+        stations: l.get(F::Stations),
+        groups: l.get(F::Groups),
+        streams: l.get(F::Streams),
+    }
+}
+
+/// Converts and checks a quota request.
+fn quota_change(
+    r: &SetQuotaRequest,
+) -> Result<junction_types::quota::QuotaChange, junction_types::quota::QuotaError> {
+    let clear = r
+        .clear
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    let change = junction_types::quota::QuotaChange {
+        station: (!r.station.is_empty()).then(|| r.station.clone()),
+        set: r.set.as_ref().map(limits_from_proto).unwrap_or_default(),
+        clear,
+    };
+    change.validate()?;
+    Ok(change)
 }

@@ -227,7 +227,15 @@ impl BrokerService {
             let n = part.msgs.len() as u64;
             match self.route(meta.group_id, &meta.replicas).await? {
                 None => {
-                    let records = part.msgs.into_iter().map(record_of).collect();
+                    let records: Vec<junction_types::Record> =
+                        part.msgs.into_iter().map(record_of).collect();
+                    // Quotas are held where the data is: here, the partition's leader.
+                    let bytes: u64 = records.iter().map(|r| r.size() as u64).sum();
+                    self.broker
+                        .admit_produce(&planned.station, n, bytes)
+                        .map_err(to_status)?;
+                    metrics::counter!("junction_produce_bytes_total", "tenant" => planned.station.tenant.clone())
+                        .increment(bytes);
                     let rx = self
                         .broker
                         .enqueue_append(
@@ -286,7 +294,12 @@ impl BrokerService {
         Ok(waits)
     }
 
-    fn read_local(&self, req: &ReadRequest, group: GroupId) -> Result<ReadResponse, Status> {
+    fn read_local(
+        &self,
+        req: &ReadRequest,
+        station: &StationMeta,
+        group: GroupId,
+    ) -> Result<ReadResponse, Status> {
         let replica = self.broker.partition(group).ok_or_else(|| {
             to_status(BrokerError::NotHosted {
                 node: self.broker.node_id(),
@@ -324,6 +337,11 @@ impl BrokerService {
             .broker
             .read(group, from, max_messages, max_bytes)
             .map_err(to_status)?;
+        let read_bytes: u64 = raw.iter().map(|(_, b)| b.len() as u64).sum();
+        self.broker
+            .charge_consume(&station.tenant, &station.name, read_bytes);
+        metrics::counter!("junction_read_bytes_total", "tenant" => station.tenant.clone())
+            .increment(read_bytes);
         let mut messages = Vec::with_capacity(raw.len());
         for (offset, bytes) in raw {
             let r: StoredRecord = junction_raft::decode(&junction_raft::format::RECORD, &bytes)
@@ -338,7 +356,8 @@ impl BrokerService {
             .map_or(from.max(state.start_offset).max(state.next_offset), |m| {
                 m.offset + 1
             });
-        metrics::counter!("junction_read_messages_total").increment(messages.len() as u64);
+        metrics::counter!("junction_read_messages_total", "tenant" => station.tenant.clone())
+            .increment(messages.len() as u64);
         Ok(ReadResponse {
             messages,
             next_offset,
@@ -388,15 +407,18 @@ impl BrokerApi for BrokerService {
         let who = self.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
         let request_id = req.request_id;
+        let mut tenant = who.tenant.clone();
         let positions = async {
             let planned = self.plan(req, &who).await?;
+            tenant.clone_from(&planned.station.tenant);
             let total = planned.total;
             let waits = self.dispatch(planned, hops, None).await?;
             complete(total, waits).await
         }
         .await
-        .inspect_err(count_error)?;
-        metrics::counter!("junction_produce_messages_total").increment(positions.len() as u64);
+        .inspect_err(|s| count_error(&tenant, s))?;
+        metrics::counter!("junction_produce_messages_total", "tenant" => tenant)
+            .increment(positions.len() as u64);
         Ok(Response::new(ProduceResponse {
             request_id,
             positions,
@@ -451,11 +473,19 @@ impl BrokerApi for BrokerService {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let hops = hops_of(&req);
         let who = self.auth.principal(req.metadata()).await?;
+        // Counted against the tenant's streams where the client holds it (not again where it
+        // is forwarded to).
+        let permit = if hops == 0 {
+            Some(self.broker.open_stream(&who.tenant).map_err(to_status)?)
+        } else {
+            None
+        };
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
         let svc = self.clone();
         let shutdown = self.broker.shutdown_token();
         tokio::spawn(async move {
+            let _permit = permit;
             // Each batch is planned and dispatched in arrival order (which fixes its place in
             // every partition's log); the replies go out as batches complete.
             let mut forwarders = Forwarders::new(svc.clients.clone());
@@ -473,8 +503,10 @@ impl BrokerApi for BrokerService {
                                 let _ = tx.send(Err(s)).await;
                                 break;
                             }
+                            let mut tenant = who.tenant.clone();
                             let started = async {
                                 let planned = svc.plan(batch, &who).await?;
+                                tenant.clone_from(&planned.station.tenant);
                                 let total = planned.total;
                                 Ok::<_, Status>((total, svc.dispatch(planned, hops, Some(&mut forwarders)).await?))
                             }
@@ -484,9 +516,9 @@ impl BrokerApi for BrokerService {
                                     Ok((total, waits)) => complete(total, waits).await,
                                     Err(s) => Err(s),
                                 };
-                                match result.inspect_err(count_error) {
+                                match result.inspect_err(|s| count_error(&tenant, s)) {
                                     Ok(positions) => {
-                                        metrics::counter!("junction_produce_messages_total").increment(positions.len() as u64);
+                                        metrics::counter!("junction_produce_messages_total", "tenant" => tenant).increment(positions.len() as u64);
                                         ProduceResponse { request_id: id, positions, error: None }
                                     }
                                     Err(s) => ProduceResponse { request_id: id, positions: vec![], error: Some(batch_error(&s)) },
@@ -524,10 +556,26 @@ impl BrokerApi for BrokerService {
                     station.full_name()
                 )));
             }
-            return Ok(Response::new(self.read_local(&req, part.group_id)?));
+            self.broker
+                .check_consume(&station.tenant, &station.name)
+                .map_err(to_status)?;
+            return Ok(Response::new(self.read_local(
+                &req,
+                &station,
+                part.group_id,
+            )?));
         }
         match self.route(part.group_id, &part.replicas).await? {
-            None => Ok(Response::new(self.read_local(&req, part.group_id)?)),
+            None => {
+                self.broker
+                    .check_consume(&station.tenant, &station.name)
+                    .map_err(to_status)?;
+                Ok(Response::new(self.read_local(
+                    &req,
+                    &station,
+                    part.group_id,
+                )?))
+            }
             Some(addr) => {
                 if hops >= MAX_HOPS {
                     return Err(Status::unavailable("partition leadership is moving; retry"));
@@ -551,6 +599,17 @@ impl BrokerApi for BrokerService {
         let req = req.into_inner();
         let station = self.station(&req.station, &who, Operation::Read).await?;
         let part = self.partition_of(&station, req.partition)?.clone();
+        // A stream of the tenant's, counted on the node the client holds it on (not again
+        // where it is forwarded to).
+        let permit = if hops == 0 {
+            Some(
+                self.broker
+                    .open_stream(&station.tenant)
+                    .map_err(to_status)?,
+            )
+        } else {
+            None
+        };
         // Any replica can serve a tail: it only ever holds committed messages.
         let Some(replica) = self.broker.partition(part.group_id) else {
             let addr = self
@@ -568,6 +627,11 @@ impl BrokerApi for BrokerService {
                 .await
                 .map_err(forwarded)?
                 .into_inner();
+            // The permit lives as long as the forwarded stream.
+            let remote = remote.map(move |r| {
+                let _held = &permit;
+                r
+            });
             return Ok(Response::new(Box::pin(remote)));
         };
         let state = replica.shared.current();
@@ -585,13 +649,14 @@ impl BrokerApi for BrokerService {
                     below_start: false,
                 }
             }
-            _ => self.read_local(&req, part.group_id)?,
+            _ => self.read_local(&req, &station, part.group_id)?,
         };
         let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
         let svc = self.clone();
         let mut watch = replica.shared.subscribe();
         let shutdown = self.broker.shutdown_token();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut next = first.next_offset;
             // A lagging follower gets a while to reach an offset the client already had; an
             // offset that never arrives is past the end everywhere.
@@ -644,7 +709,17 @@ impl BrokerApi for BrokerService {
                 }
                 let mut r = req.clone();
                 r.start = Some(Start::Offset(next));
-                resp = match svc.read_local(&r, part.group_id) {
+                // Over the tenant's consume rate: the tail slows down instead of failing.
+                while let Err(junction_broker::BrokerError::Throttled { retry_after_ms, .. }) =
+                    svc.broker.check_consume(&station.tenant, &station.name)
+                {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(retry_after_ms)) => {}
+                        _ = tx.closed() => return,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+                resp = match svc.read_local(&r, &station, part.group_id) {
                     Ok(resp) => resp,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
@@ -695,9 +770,13 @@ fn move_msg_id(m: &mut Message) -> Result<(), Status> {
     Ok(())
 }
 
-fn count_error(s: &Status) {
-    metrics::counter!("junction_produce_errors_total", "code" => format!("{:?}", s.code()))
-        .increment(1);
+fn count_error(tenant: &str, s: &Status) {
+    metrics::counter!(
+        "junction_produce_errors_total",
+        "tenant" => tenant.to_string(),
+        "code" => format!("{:?}", s.code())
+    )
+    .increment(1);
 }
 
 fn batch_error(s: &Status) -> BatchError {

@@ -609,6 +609,10 @@ impl Groups for GroupsService {
         };
         let station = parse(&sub.station)?;
         allow_station(&who, Operation::Consume, &station)?;
+        let permit = self
+            .broker
+            .open_stream(&station.tenant)
+            .map_err(to_status)?;
         let subscription = self
             .broker
             .subscribe(
@@ -640,10 +644,14 @@ impl Groups for GroupsService {
             // Dropping `control` detaches the subscriber.
         });
         let partition = sub.partition;
+        let tenant = station.tenant.clone();
         let out = tokio_stream::wrappers::UnboundedReceiverStream::new(subscription.events).map(
             move |e| match e {
                 Ok(ConsumeEvent::Deliveries(d)) => {
-                    metrics::counter!("junction_group_delivered_total").increment(d.len() as u64);
+                    // The stream's place in the tenant's quota of streams, held while it runs.
+                    let _held = &permit;
+                    metrics::counter!("junction_group_delivered_total", "tenant" => tenant.clone())
+                        .increment(d.len() as u64);
                     Ok(ConsumeResponse {
                         deliveries: d
                             .into_iter()

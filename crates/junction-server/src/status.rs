@@ -44,6 +44,16 @@ pub const REASON_REVOKED_CREDENTIAL: &str = "REVOKED_CREDENTIAL";
 /// `operation`, `role`).
 pub const REASON_PERMISSION_DENIED: &str = "PERMISSION_DENIED";
 
+/// `ErrorInfo` reason: over a rate quota; retryable, with a `RetryInfo` saying when (metadata
+/// `tenant`, `quota`, `limit`, and `station` for a station's own limit).
+pub const REASON_THROTTLED: &str = "THROTTLED";
+/// `ErrorInfo` reason: at a quota waiting does not lift (stored bytes, streams, stations,
+/// groups); final until data is freed or the quota raised (metadata `tenant`, `quota`,
+/// `limit`, `used`).
+pub const REASON_QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
+/// `ErrorInfo` reason: a quota change that cannot be applied (a limit of 0, an unknown name).
+pub const REASON_INVALID_QUOTA: &str = "INVALID_QUOTA";
+
 /// Returns the gRPC code of an error.
 pub fn code_of(e: &BrokerError) -> Code {
     match e {
@@ -57,6 +67,10 @@ pub fn code_of(e: &BrokerError) -> Code {
             | MetaError::GroupExists { .. }
             | MetaError::KeyExists { .. },
         ) => Code::AlreadyExists,
+        BrokerError::Meta(MetaError::QuotaExceeded { .. })
+        | BrokerError::Throttled { .. }
+        | BrokerError::QuotaExceeded { .. } => Code::ResourceExhausted,
+        BrokerError::Meta(MetaError::InvalidQuota(_)) => Code::InvalidArgument,
         BrokerError::Fenced(_) => Code::FailedPrecondition,
         BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
@@ -111,6 +125,36 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             ]),
         ),
         BrokerError::Fenced(_) => (REASON_FENCED, none()),
+        BrokerError::Throttled {
+            tenant,
+            station,
+            what,
+            limit,
+            ..
+        } => (
+            REASON_THROTTLED,
+            quota_meta(tenant, station.as_deref(), *what, *limit, None),
+        ),
+        BrokerError::QuotaExceeded {
+            tenant,
+            station,
+            what,
+            limit,
+            used,
+        } => (
+            REASON_QUOTA_EXCEEDED,
+            quota_meta(tenant, station.as_deref(), *what, *limit, Some(*used)),
+        ),
+        BrokerError::Meta(MetaError::QuotaExceeded {
+            tenant,
+            what,
+            limit,
+            used,
+        }) => (
+            REASON_QUOTA_EXCEEDED,
+            quota_meta(tenant, None, *what, *limit, Some(*used)),
+        ),
+        BrokerError::Meta(MetaError::InvalidQuota(_)) => (REASON_INVALID_QUOTA, none()),
         BrokerError::Produce(r) => match r {
             AppendReject::Fenced { current, .. } => (
                 REASON_FENCED,
@@ -154,17 +198,51 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
     })
 }
 
+fn quota_meta(
+    tenant: &str,
+    station: Option<&str>,
+    what: junction_types::quota::QuotaField,
+    limit: u64,
+    used: Option<u64>,
+) -> HashMap<String, String> {
+    let mut m = HashMap::from([
+        ("tenant".to_string(), tenant.to_string()),
+        ("quota".to_string(), what.as_str().to_string()),
+        ("limit".to_string(), limit.to_string()),
+    ]);
+    if let Some(s) = station {
+        m.insert("station".to_string(), s.to_string());
+    }
+    if let Some(u) = used {
+        m.insert("used".to_string(), u.to_string());
+    }
+    m
+}
+
+/// How long a throttled caller should wait, for the `RetryInfo` detail.
+fn retry_after(e: &BrokerError) -> Option<std::time::Duration> {
+    match e {
+        BrokerError::Throttled { retry_after_ms, .. } => {
+            Some(std::time::Duration::from_millis(*retry_after_ms))
+        }
+        _ => None,
+    }
+}
+
 /// Converts an error to a status; errors a client acts on carry an `ErrorInfo` with a stable
-/// reason (a not-leader error names the leader).
+/// reason (a not-leader error names the leader), and a throttled call a `RetryInfo`.
 pub fn to_status(e: BrokerError) -> Status {
     let code = code_of(&e);
     let message = e.to_string();
+    let retry = retry_after(&e);
     match error_info(&e) {
-        Some((reason, meta)) => Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta),
-        ),
+        Some((reason, meta)) => {
+            let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);
+            if let Some(delay) = retry {
+                details.set_retry_info(Some(delay));
+            }
+            Status::with_error_details(code, message, details)
+        }
         None => Status::new(code, message),
     }
 }
@@ -239,10 +317,67 @@ mod tests {
                 BrokerError::Unimplemented("later".into()),
                 Code::Unimplemented,
             ),
+            (
+                BrokerError::Meta(MetaError::InvalidQuota(
+                    junction_types::quota::QuotaError::Empty,
+                )),
+                Code::InvalidArgument,
+            ),
         ];
         for (e, code) in rows {
             assert_eq!(to_status(e).code(), code);
         }
+    }
+
+    #[test]
+    fn quota_refusals_carry_their_reason_and_a_throttle_its_wait() {
+        use junction_types::quota::QuotaField;
+        let throttled = to_status(BrokerError::Throttled {
+            tenant: "acme".into(),
+            station: Some("orders".into()),
+            what: QuotaField::ProduceBytesPerSec,
+            limit: 1000,
+            retry_after_ms: 250,
+        });
+        assert_eq!(throttled.code(), Code::ResourceExhausted);
+        let info = throttled.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, REASON_THROTTLED);
+        assert_eq!(info.metadata["quota"], "produce-bytes-per-sec");
+        assert_eq!(info.metadata["station"], "orders");
+        let retry = throttled.get_details_retry_info().expect("retry info");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_millis(250))
+        );
+        let full = to_status(BrokerError::QuotaExceeded {
+            tenant: "acme".into(),
+            station: None,
+            what: QuotaField::StoredBytes,
+            limit: 10,
+            used: 12,
+        });
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(
+            full.get_details_error_info().map(|i| i.reason),
+            Some(REASON_QUOTA_EXCEEDED.to_string())
+        );
+        assert!(
+            full.get_details_retry_info().is_none(),
+            "final, not retried"
+        );
+        let count = to_status(BrokerError::Meta(MetaError::QuotaExceeded {
+            tenant: "acme".into(),
+            what: QuotaField::Stations,
+            limit: 1,
+            used: 1,
+        }));
+        assert_eq!(count.code(), Code::ResourceExhausted);
+        assert_eq!(
+            count
+                .get_details_error_info()
+                .map(|i| i.metadata["quota"].clone()),
+            Some("stations".to_string())
+        );
     }
 
     #[test]

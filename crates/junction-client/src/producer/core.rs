@@ -82,6 +82,8 @@ pub(crate) struct Refusal {
     pub(crate) reason: String,
     /// Retry at this address (normalised), when the server named the leader.
     pub(crate) leader_hint: Option<String>,
+    /// Over the tenant's rate quota: retry after this wait.
+    pub(crate) throttled: Option<Duration>,
 }
 
 /// A message waiting for a batch: the message, its reply, and its number.
@@ -417,6 +419,9 @@ impl Core {
             }
             _ => {}
         }
+        if let Some(after) = r.throttled {
+            return self.retry_after(id, b, r, now, after);
+        }
         let retryable = r.code == Code::Unavailable || r.leader_hint.is_some();
         if retryable {
             return self.retry_later(id, b, r, now);
@@ -430,7 +435,20 @@ impl Core {
     }
 
     fn retry_later(&mut self, id: u64, mut b: Batch, r: Refusal, now: Instant) -> Followup {
-        let retry_at = now + b.backoff.next_delay();
+        let delay = b.backoff.next_delay();
+        self.retry_after(id, b, r, now, delay)
+    }
+
+    /// Sends the batch again after `delay`, unless that passes its retry deadline.
+    fn retry_after(
+        &mut self,
+        id: u64,
+        mut b: Batch,
+        r: Refusal,
+        now: Instant,
+        delay: Duration,
+    ) -> Followup {
+        let retry_at = now + delay;
         if retry_at >= b.created + self.limits.retry_deadline {
             let e = ClientError::RetriesExhausted {
                 attempts: b.attempts,
@@ -562,6 +580,7 @@ mod tests {
             message: "m".into(),
             reason: reason.into(),
             leader_hint: None,
+            throttled: None,
         }
     }
 
@@ -675,6 +694,30 @@ mod tests {
         // Nothing goes before the first batch's backoff ends; then both, in order.
         assert!(core.sendable_now(now).is_empty());
         assert_eq!(core.sendable_now(now + Duration::from_secs(2)), sent);
+    }
+
+    #[test]
+    fn a_throttled_batch_waits_the_time_the_server_gave_and_keeps_its_numbers() {
+        let now = Instant::now();
+        let mut core = Core::new(limits(true), 1, 0);
+        let mut answers: Vec<Answer> = (0..2).map(|_| send(&mut core, 0, now)).collect();
+        core.form_batches(now, None);
+        core.set_identity((1, 0));
+        let sent = core.sendable_now(now);
+        let mut r = refusal(Code::ResourceExhausted, "THROTTLED");
+        r.throttled = Some(Duration::from_millis(700));
+        assert_eq!(core.refused(sent[0], r, now), Followup::Nothing);
+        assert!(answers[0].try_recv().is_err(), "not failed");
+        assert_eq!(seq(&core, sent[0]), Some(0), "kept its numbers");
+        assert!(!core.reinit);
+        assert!(
+            core.sendable_now(now + Duration::from_millis(699))
+                .is_empty()
+        );
+        assert_eq!(
+            core.sendable_now(now + Duration::from_millis(700)),
+            vec![sent[0]]
+        );
     }
 
     #[test]

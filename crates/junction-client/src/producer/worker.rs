@@ -467,11 +467,13 @@ fn refusal(error: BatchError) -> Refusal {
     let leader_hint = Some(error.leader_addr.as_str())
         .filter(|a| !a.is_empty())
         .and_then(|a| retry::normalize_address(a).ok());
+    let throttled = retry::throttled(&status);
     Refusal {
         code,
         message: error.message,
         reason,
         leader_hint,
+        throttled,
     }
 }
 
