@@ -238,11 +238,18 @@ async fn call(
             })
             .await
             .map(drop),
+        "GetQuota" => c
+            .admin
+            .get_quota(GetQuotaRequest {
+                tenant: tenant.into(),
+            })
+            .await
+            .map(drop),
         other => panic!("no RPC {other} ({kind:?})"),
     }
 }
 
-const RPCS: [(&str, Kind); 12] = [
+const RPCS: [(&str, Kind); 13] = [
     ("Produce", Kind::Produce),
     ("InitProducer", Kind::Produce),
     ("Read", Kind::Read),
@@ -255,6 +262,7 @@ const RPCS: [(&str, Kind); 12] = [
     ("ListApiKeys", Kind::Keys),
     ("CreateApiKey", Kind::Keys),
     ("ListStations", Kind::Describe),
+    ("GetQuota", Kind::Describe),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -369,7 +377,22 @@ async fn cross_tenant_matrix() {
                 .await
                 .expect_err("a tenant principal created a tenant");
             assert_eq!(s.code(), Code::PermissionDenied);
-            checked += 1;
+            // Nor raises its own quota.
+            let q = c
+                .admin
+                .set_quota(SetQuotaRequest {
+                    tenant: tenant.into(),
+                    set: Some(QuotaLimits {
+                        streams: Some(1000),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a tenant principal set its quota");
+            assert_eq!(q.code(), Code::PermissionDenied, "{q:?}");
+            assert_eq!(reason(&q), "PERMISSION_DENIED");
+            checked += 2;
         }
     }
     // A tenant's resource and a missing one look the same to an outsider.
@@ -404,7 +427,7 @@ async fn cross_tenant_matrix() {
         missing.message().replace("nothing-here", "X")
     );
     eprintln!("cross-tenant matrix: {checked} outcomes asserted");
-    assert!(checked >= 180, "{checked}");
+    assert!(checked >= 200, "{checked}");
     cluster.shutdown().await;
 }
 

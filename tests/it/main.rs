@@ -13,6 +13,7 @@ mod groups;
 mod harness;
 mod memory;
 mod process;
+mod quota;
 mod retention;
 mod snapshot;
 mod tls;

@@ -3,9 +3,9 @@
 use junction_proto::v1::{
     ApiKeyInfo, ClusterStatusRequest, ClusterStatusResponse, CreateApiKeyRequest,
     CreateApiKeyResponse, CreateStationRequest, CreateTenantRequest, DeleteStationRequest,
-    DescribeStationRequest, ListApiKeysRequest, ListStationsRequest, ListTenantsRequest,
-    RevokeApiKeyRequest, StationInfo, StationPolicy, UpdateStationRequest, WhoAmIRequest,
-    WhoAmIResponse,
+    DescribeStationRequest, GetQuotaRequest, ListApiKeysRequest, ListStationsRequest,
+    ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, SetQuotaRequest, StationInfo,
+    StationPolicy, TenantQuota, UpdateStationRequest, WhoAmIRequest, WhoAmIResponse,
 };
 
 use crate::client::Client;
@@ -132,6 +132,47 @@ impl Client {
         })
         .await?;
         Ok(())
+    }
+
+    /// Sets limits (`set`) and removes others (`clear`, by name such as `stored-bytes`) of a
+    /// tenant, or of one of its stations when `station` is given. Needs a cluster admin.
+    /// Returns the tenant's quotas and usage afterwards.
+    pub async fn set_quota(
+        &self,
+        tenant: &str,
+        station: Option<&str>,
+        set: QuotaLimits,
+        clear: Vec<String>,
+    ) -> Result<TenantQuota, ClientError> {
+        let req = SetQuotaRequest {
+            tenant: tenant.to_owned(),
+            station: station.unwrap_or_default().to_owned(),
+            set: Some(set),
+            clear,
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.set_quota(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+
+    /// A tenant's limits and usage (the caller's own tenant when `tenant` is empty).
+    pub async fn get_quota(&self, tenant: &str) -> Result<TenantQuota, ClientError> {
+        let req = GetQuotaRequest {
+            tenant: tenant.to_owned(),
+        };
+        let resp = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut admin = self.admin(ch);
+                async move { admin.get_quota(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
     }
 
     /// Every tenant's name.
