@@ -111,6 +111,59 @@ async fn station_and_tenant_commands() {
         "{json}"
     );
 
+    // Quotas: set in text, read back in JSON and from the cluster, cleared, bad input refused.
+    let out = ok(
+        &cluster,
+        &[
+            "tenant",
+            "quota",
+            "set",
+            "acme",
+            "--produce-bytes-per-sec",
+            "10M",
+            "--stations",
+            "20",
+        ],
+    )
+    .await;
+    assert!(out.starts_with("tenant acme\n"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["produce-bytes-per-sec", "10485760"]),
+        "{out}"
+    );
+    let json = ok_json(&cluster, &["tenant", "quota", "get", "acme", "--json"]).await;
+    assert_eq!(
+        json["limits"]["produce-bytes-per-sec"], 10_485_760,
+        "{json}"
+    );
+    assert_eq!(json["limits"]["stations"], 20, "{json}");
+    assert_eq!(json["used"]["stations"], 0, "{json}");
+    let q = client.get_quota("acme").await.expect("quota");
+    assert_eq!(q.limits.and_then(|l| l.stations), Some(20));
+    ok(
+        &cluster,
+        &["tenant", "quota", "set", "acme", "--clear", "stations"],
+    )
+    .await;
+    let json = ok_json(&cluster, &["tenant", "quota", "get", "acme", "--json"]).await;
+    assert!(json["limits"].get("stations").is_none(), "{json}");
+    let zero = run(
+        &cluster,
+        &["tenant", "quota", "set", "acme", "--streams", "0"],
+    )
+    .await;
+    assert!(!zero.ok, "{}", zero.stdout);
+    assert!(zero.stderr.contains("quota of 0"), "{}", zero.stderr);
+    let junk = run(
+        &cluster,
+        &["tenant", "quota", "set", "acme", "--stored-bytes", "lots"],
+    )
+    .await;
+    assert!(!junk.ok);
+    assert!(junk.stderr.contains("is not a number"), "{}", junk.stderr);
+
     let out = ok(
         &cluster,
         &[
