@@ -7,6 +7,7 @@
 //!   with `--raw-grpc` the bare `ProduceStream` RPC; readers use the raw `Read`/`Tail` RPCs.
 //! - [`report`]: the table, `--json` and `--plot` SVG.
 
+pub mod isolation;
 pub mod load;
 pub mod report;
 pub mod spawn;
@@ -29,12 +30,16 @@ pub enum Workload {
     /// Create the station, wait until every partition has a leader, then only measure the
     /// nodes' CPU for `--duration` (default 30 s): the cost of idle partitions.
     Idle,
+    /// I4: tenant `quiet` produces at `--rate` within its quota while tenant `noisy` offers
+    /// 10× its `--noisy-quota` without backing off; `quiet`'s throughput and p99 are
+    /// compared with a run without `noisy`, over `--rounds` rounds of `--duration` per phase.
+    Isolation,
 }
 
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e | idle
+    /// produce | read | e2e | idle | isolation
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
@@ -118,6 +123,12 @@ pub struct BenchArgs {
     /// Do not draw the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// `isolation`: the noisy tenant's quota in messages/s (it offers ten times this).
+    #[arg(long, default_value_t = 1_000)]
+    pub noisy_quota: u64,
+    /// `isolation`: rounds to run (each: the quiet tenant alone, and with the noisy one).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds.
@@ -183,6 +194,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     spawn::wait_ready(&addrs, Duration::from_secs(60)).await?;
+    if args.workload == Workload::Isolation {
+        if args.noisy_quota == 0 {
+            bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
+        }
+        let report = isolation::run(&args, &addrs, command).await?;
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        drop(spawned);
+        return Ok(());
+    }
     let result = load::run(&args, &addrs, spawned.as_mut()).await?;
     let report = report::Report::new(&args, command, &result);
     println!("{}", report.table());

@@ -42,9 +42,9 @@ pub struct LoadResult {
     pub usage: Option<ProcUsage>,
 }
 
-struct Counters {
-    done: AtomicU64,
-    errors: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) done: AtomicU64,
+    pub(crate) errors: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
     /// Produce latency from the moment each batch was actually handed to the stream (for
     /// `--rate`: excludes how late the sender's timer woke; what the NATS load generator
@@ -63,7 +63,7 @@ impl Counters {
     }
 }
 
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 120_000_000, 3).context("creating a histogram")
 }
 
@@ -180,6 +180,9 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
+        Workload::Isolation => {
+            anyhow::bail!("the isolation workload runs through crate::isolation, not load::run")
+        }
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,
         Workload::Idle => {
             // Nothing to do but wait: the nodes' CPU over this time is the result.
@@ -228,7 +231,7 @@ pub async fn run(
 }
 
 impl Counters {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             done: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -331,7 +334,7 @@ async fn wait_for_leaders(addrs: &[String], station: &str, limit: Duration) -> a
 }
 
 /// Produces per the arguments; returns the produce → ack latency histogram.
-async fn produce(
+pub(crate) async fn produce(
     args: &BenchArgs,
     addrs: &[String],
     station: &str,

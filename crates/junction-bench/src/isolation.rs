@@ -1,0 +1,273 @@
+//! `junction bench isolation` (I4): does a tenant over its quota slow down another tenant?
+//!
+//! Tenant `quiet` produces at `--rate` (open loop, through the SDK, the way an application
+//! does) within a quota twice that rate. Tenant `noisy` has a quota of `--noisy-quota`
+//! messages/s and offers ten times that through the raw `ProduceStream` RPC without backing
+//! off (a client that ignores the `RetryInfo` it gets: the worst neighbour). Each round runs
+//! `quiet` alone and then with `noisy` (the order alternates between rounds, so drift in the
+//! machine does not favour either), each for `--duration`. The report gives, per round and as
+//! medians of the per-round ratios, `quiet`'s throughput and p99 with `noisy` over without,
+//! and what `noisy` got through.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use junction_client::proto::QuotaLimits;
+use serde::Serialize;
+
+use crate::BenchArgs;
+use crate::load::{Counters, admin, produce};
+
+/// The I4 targets: the quiet tenant keeps this share of its throughput...
+pub const MIN_THROUGHPUT_RATIO: f64 = 0.90;
+/// ...and its p99 grows by at most this factor.
+pub const MAX_P99_RATIO: f64 = 1.10;
+
+/// One phase's measurement of one tenant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// Acknowledged messages per second.
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// One round: the quiet tenant alone and with the noisy one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub alone: Phase,
+    pub contended: Phase,
+    /// The noisy tenant's acknowledged messages per second, and its refused batches.
+    pub noisy_admitted: f64,
+    pub noisy_refused_messages: u64,
+    pub throughput_ratio: f64,
+    pub p99_ratio: f64,
+}
+
+/// The whole I4 report.
+#[derive(Debug, Clone, Serialize)]
+pub struct IsolationReport {
+    pub command: String,
+    pub quiet_rate: u64,
+    pub quiet_quota: u64,
+    pub noisy_quota: u64,
+    pub noisy_offered: u64,
+    pub duration_s: f64,
+    pub rounds: Vec<Round>,
+    pub median_throughput_ratio: f64,
+    pub median_p99_ratio: f64,
+    pub median_noisy_admitted: f64,
+    pub passed: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// Runs one tenant's load for `args.duration` and measures it.
+async fn phase(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<Phase> {
+    let counters = Counters::new();
+    let started = Instant::now();
+    let h = produce(args, addrs, station, &counters, None).await?;
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(Phase {
+        throughput: counters.done.load(Ordering::Relaxed) as f64 / elapsed,
+        p50_ms: ms(h.value_at_quantile(0.5)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        errors: counters.errors.load(Ordering::Relaxed),
+    })
+}
+
+/// Creates a tenant and a station of it (both may exist already) and sets its quota.
+async fn tenant(
+    args: &BenchArgs,
+    addrs: &[String],
+    tenant: &str,
+    station: &str,
+    messages_per_sec: u64,
+) -> anyhow::Result<()> {
+    let client = admin(addrs)?;
+    match client.create_tenant(tenant).await {
+        Ok(()) => {}
+        Err(e) if e.is_already_exists() => {}
+        Err(e) => return Err(e).with_context(|| format!("creating tenant {tenant}")),
+    }
+    match client
+        .create_station(station, args.partitions, args.replication_factor)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.is_already_exists() => {}
+        Err(e) => return Err(e).with_context(|| format!("creating station {station}")),
+    }
+    client
+        .set_quota(
+            tenant,
+            None,
+            QuotaLimits {
+                produce_messages_per_sec: Some(messages_per_sec),
+                ..Default::default()
+            },
+            vec![],
+        )
+        .await
+        .with_context(|| format!("setting the quota of {tenant}"))?;
+    Ok(())
+}
+
+/// Runs I4 and returns its report.
+pub async fn run(
+    args: &BenchArgs,
+    addrs: &[String],
+    command: String,
+) -> anyhow::Result<IsolationReport> {
+    let duration = args.duration.unwrap_or(Duration::from_secs(20));
+    let quiet_rate = if args.rate == 0 { 5_000 } else { args.rate };
+    let quiet_quota = quiet_rate * 2;
+    let noisy_quota = args.noisy_quota;
+    let noisy_offered = noisy_quota * 10;
+    let tag = format!("i4-{}", std::process::id());
+    let quiet_station = format!("quiet/{tag}");
+    let noisy_station = format!("noisy/{tag}");
+    tenant(args, addrs, "quiet", &quiet_station, quiet_quota).await?;
+    tenant(args, addrs, "noisy", &noisy_station, noisy_quota).await?;
+    let quiet = BenchArgs {
+        duration: Some(duration),
+        rate: quiet_rate,
+        quiet: true,
+        ..args.clone()
+    };
+    let noisy = BenchArgs {
+        duration: Some(duration),
+        rate: noisy_offered,
+        raw_grpc: true,
+        at_least_once: true,
+        quiet: true,
+        ..args.clone()
+    };
+    let rounds_n = args.rounds.max(1);
+    let mut rounds = Vec::with_capacity(rounds_n);
+    for round in 0..rounds_n {
+        let alone_first = round % 2 == 0;
+        let mut alone = None;
+        let mut contended = None;
+        let mut noisy_phase = None;
+        for step in 0..2 {
+            let run_alone = (step == 0) == alone_first;
+            if run_alone {
+                alone = Some(phase(&quiet, addrs, &quiet_station).await?);
+            } else {
+                let (q, n) = tokio::join!(
+                    phase(&quiet, addrs, &quiet_station),
+                    phase(&noisy, addrs, &noisy_station)
+                );
+                contended = Some(q?);
+                noisy_phase = Some(n?);
+            }
+        }
+        let (Some(alone), Some(contended), Some(n)) = (alone, contended, noisy_phase) else {
+            anyhow::bail!("round {round} did not run both phases");
+        };
+        let throughput_ratio = contended.throughput / alone.throughput.max(1e-9);
+        let p99_ratio = contended.p99_ms / alone.p99_ms.max(1e-9);
+        eprintln!(
+            "round {}: quiet alone {:.0} msg/s p99 {:.2} ms; with noisy {:.0} msg/s p99 {:.2} ms (×{throughput_ratio:.3}, p99 ×{p99_ratio:.3}); noisy got {:.0} msg/s of its {noisy_quota}, {} messages refused",
+            round + 1,
+            alone.throughput,
+            alone.p99_ms,
+            contended.throughput,
+            contended.p99_ms,
+            n.throughput,
+            n.errors,
+        );
+        rounds.push(Round {
+            alone,
+            contended,
+            noisy_admitted: n.throughput,
+            noisy_refused_messages: n.errors,
+            throughput_ratio,
+            p99_ratio,
+        });
+    }
+    let median_throughput_ratio = median(rounds.iter().map(|r| r.throughput_ratio).collect());
+    let median_p99_ratio = median(rounds.iter().map(|r| r.p99_ratio).collect());
+    let median_noisy_admitted = median(rounds.iter().map(|r| r.noisy_admitted).collect());
+    Ok(IsolationReport {
+        command,
+        quiet_rate,
+        quiet_quota,
+        noisy_quota,
+        noisy_offered,
+        duration_s: duration.as_secs_f64(),
+        passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO
+            && median_p99_ratio <= MAX_P99_RATIO,
+        rounds,
+        median_throughput_ratio,
+        median_p99_ratio,
+        median_noisy_admitted,
+    })
+}
+
+impl IsolationReport {
+    /// The human-readable summary.
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "I4 tenant isolation: quiet at {} msg/s (quota {}), noisy offering {} msg/s against a quota of {}; {} round(s) of {:.0} s per phase\n",
+            self.quiet_rate,
+            self.quiet_quota,
+            self.noisy_offered,
+            self.noisy_quota,
+            self.rounds.len(),
+            self.duration_s
+        );
+        t.push_str(&format!(
+            "{:>5} {:>12} {:>10} {:>12} {:>10} {:>8} {:>8} {:>12}\n",
+            "round", "alone msg/s", "p99 ms", "w/ A msg/s", "p99 ms", "thr ×", "p99 ×", "noisy got"
+        ));
+        for (i, r) in self.rounds.iter().enumerate() {
+            t.push_str(&format!(
+                "{:>5} {:>12.0} {:>10.2} {:>12.0} {:>10.2} {:>8.3} {:>8.3} {:>12.0}\n",
+                i + 1,
+                r.alone.throughput,
+                r.alone.p99_ms,
+                r.contended.throughput,
+                r.contended.p99_ms,
+                r.throughput_ratio,
+                r.p99_ratio,
+                r.noisy_admitted
+            ));
+        }
+        t.push_str(&format!(
+            "median: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3} (target ≤ {MAX_P99_RATIO}), noisy admitted {:.0} msg/s of its {} quota — {}\n",
+            self.median_throughput_ratio,
+            self.median_p99_ratio,
+            self.median_noisy_admitted,
+            self.noisy_quota,
+            if self.passed { "met" } else { "NOT met" }
+        ));
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+}
