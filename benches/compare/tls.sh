@@ -56,17 +56,21 @@ new = """    let mut options = async_nats::ConnectOptions::new().connection_time
 assert old in s, "peerbench's nats_connect changed; update benches/compare/tls.sh"
 open(main, "w").write(s.replace(old, new, 1))
 r = open(run).read()
-old = "  $syncline\n}\n"
+old = '  cat > "$W/n$i.conf" <<CONF\n'
 assert old in r, "peers/nats/run.sh changed; update benches/compare/tls.sh"
-tls = """  $syncline
-}
-${NATS_TLS_DIR:+tls \\{ cert_file: \\"$NATS_TLS_DIR/server.pem\\", key_file: \\"$NATS_TLS_DIR/server.key\\", ca_file: \\"$NATS_TLS_DIR/ca.pem\\" \\}}
-"""
-r = r.replace(old, tls, 1)
+r = r.replace(old, """  tlsline=""; routetls=""
+  if [ -n "${NATS_TLS_DIR:-}" ]; then
+    certs="cert_file: \\"$NATS_TLS_DIR/server.pem\\", key_file: \\"$NATS_TLS_DIR/server.key\\", ca_file: \\"$NATS_TLS_DIR/ca.pem\\""
+    tlsline="tls { $certs }"
+    routetls="tls { $certs, verify: true }"
+  fi
+""" + old, 1)
+old = "  $syncline\n}\n"
+assert old in r
+r = r.replace(old, old + "$tlsline\n", 1)
 old = "  routes: [ $routes ]\n"
 assert old in r
-r = r.replace(old, old + """  ${NATS_TLS_DIR:+tls \\{ cert_file: \\"$NATS_TLS_DIR/server.pem\\", key_file: \\"$NATS_TLS_DIR/server.key\\", ca_file: \\"$NATS_TLS_DIR/ca.pem\\", verify: true \\}}
-""", 1)
+r = r.replace(old, old + "  $routetls\n", 1)
 open(run, "w").write(r)
 PY
 
