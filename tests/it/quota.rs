@@ -30,6 +30,34 @@ async fn set(client: &Client, tenant: &str, station: Option<&str>, set: QuotaLim
         .unwrap_or_else(|e| panic!("setting a quota of {tenant}: {e}"));
 }
 
+/// Limits with one field set, named as the CLI names it.
+fn limit(name: &str, value: u64) -> QuotaLimits {
+    let mut l = QuotaLimits::default();
+    let slot = match name {
+        "produce-bytes-per-sec" => &mut l.produce_bytes_per_sec,
+        "produce-messages-per-sec" => &mut l.produce_messages_per_sec,
+        "consume-bytes-per-sec" => &mut l.consume_bytes_per_sec,
+        "stored-bytes" => &mut l.stored_bytes,
+        "stations" => &mut l.stations,
+        "groups" => &mut l.groups,
+        "streams" => &mut l.streams,
+        other => panic!("no quota {other}"),
+    };
+    *slot = Some(value);
+    l
+}
+
+/// Creates `tenant/name`'s tenant (if new) and the station, one partition, replication 3.
+async fn tenant_station(client: &Client, full: &str) {
+    let (tenant, _) = full.split_once('/').expect("tenant/name");
+    match client.create_tenant(tenant).await {
+        Ok(()) => {}
+        Err(e) if e.is_already_exists() => {}
+        Err(e) => panic!("tenant {tenant}: {e}"),
+    }
+    client.create_station(full, 1, 3).await.expect("station");
+}
+
 /// A raw unary produce of one message of `size` bytes to `station`.
 async fn produce_raw(
     broker: &mut BrokerClient<tonic::transport::Channel>,
@@ -71,24 +99,11 @@ async fn raw_broker(cluster: &TestCluster, node: u64) -> BrokerClient<tonic::tra
 async fn a_tenant_over_its_rate_is_throttled_with_a_wait_and_the_sdk_waits_it_out() {
     let cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    for t in ["acme", "beta"] {
-        client.create_tenant(t).await.expect("tenant");
-        client
-            .create_station(&format!("{t}/orders"), 1, 3)
-            .await
-            .expect("station");
+    for station in ["acme/orders", "beta/orders"] {
+        tenant_station(&client, station).await;
     }
     // 20 messages per second for the whole cluster; the one partition's leader holds all of it.
-    set(
-        &client,
-        "acme",
-        None,
-        QuotaLimits {
-            produce_messages_per_sec: Some(20),
-            ..Default::default()
-        },
-    )
-    .await;
+    set(&client, "acme", None, limit("produce-messages-per-sec", 20)).await;
     let mut raw = raw_broker(&cluster, 1).await;
     let (admitted, refusal) = produce_until_refused(&mut raw, "acme/orders", 10).await;
     // One second of burst, then refused (at most a few more earned while the calls ran).
@@ -151,21 +166,8 @@ async fn a_tenant_over_its_rate_is_throttled_with_a_wait_and_the_sdk_waits_it_ou
 async fn stored_bytes_refuse_produces_and_delete_nothing() {
     let cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    client.create_tenant("acme").await.expect("tenant");
-    client
-        .create_station("acme/logs", 1, 3)
-        .await
-        .expect("station");
-    set(
-        &client,
-        "acme",
-        None,
-        QuotaLimits {
-            stored_bytes: Some(4096),
-            ..Default::default()
-        },
-    )
-    .await;
+    tenant_station(&client, "acme/logs").await;
+    set(&client, "acme", None, limit("stored-bytes", 4096)).await;
     let mut raw = raw_broker(&cluster, 2).await;
     let (admitted, refusal) = produce_until_refused(&mut raw, "acme/logs", 1000).await;
     assert_eq!(
@@ -204,16 +206,7 @@ async fn stored_bytes_refuse_produces_and_delete_nothing() {
     .await;
     assert_eq!(q.limits.and_then(|l| l.stored_bytes), Some(4096));
     // Raising the limit lets produces in again.
-    set(
-        &client,
-        "acme",
-        None,
-        QuotaLimits {
-            stored_bytes: Some(1 << 20),
-            ..Default::default()
-        },
-    )
-    .await;
+    set(&client, "acme", None, limit("stored-bytes", 1 << 20)).await;
     client
         .produce("acme/logs", vec![msg(10)])
         .await
@@ -324,10 +317,7 @@ async fn reads_over_the_consume_rate_are_throttled() {
         &client,
         "acme",
         Some("s"),
-        QuotaLimits {
-            consume_bytes_per_sec: Some(2000),
-            ..Default::default()
-        },
+        limit("consume-bytes-per-sec", 2000),
     )
     .await;
     let mut raw = raw_broker(&cluster, 3).await;
@@ -377,15 +367,7 @@ async fn bad_quota_input_is_refused_with_a_clear_status() {
     };
     expect(
         client
-            .set_quota(
-                "acme",
-                None,
-                QuotaLimits {
-                    stored_bytes: Some(0),
-                    ..Default::default()
-                },
-                vec![],
-            )
+            .set_quota("acme", None, limit("stored-bytes", 0), vec![])
             .await,
         Code::InvalidArgument,
         "quota of 0",
@@ -399,15 +381,7 @@ async fn bad_quota_input_is_refused_with_a_clear_status() {
     );
     expect(
         client
-            .set_quota(
-                "acme",
-                Some("nope"),
-                QuotaLimits {
-                    stored_bytes: Some(5),
-                    ..Default::default()
-                },
-                vec![],
-            )
+            .set_quota("acme", Some("nope"), limit("stored-bytes", 5), vec![])
             .await,
         Code::NotFound,
         "acme/nope",
@@ -418,30 +392,14 @@ async fn bad_quota_input_is_refused_with_a_clear_status() {
         .expect("station");
     expect(
         client
-            .set_quota(
-                "acme",
-                Some("s"),
-                QuotaLimits {
-                    groups: Some(5),
-                    ..Default::default()
-                },
-                vec![],
-            )
+            .set_quota("acme", Some("s"), limit("groups", 5), vec![])
             .await,
         Code::InvalidArgument,
         "tenant-wide",
     );
     expect(
         client
-            .set_quota(
-                "ghost",
-                None,
-                QuotaLimits {
-                    streams: Some(5),
-                    ..Default::default()
-                },
-                vec![],
-            )
+            .set_quota("ghost", None, limit("streams", 5), vec![])
             .await,
         Code::NotFound,
         "ghost",
@@ -455,16 +413,7 @@ async fn bad_quota_input_is_refused_with_a_clear_status() {
     );
     expect(client.get_quota("ghost").await, Code::NotFound, "ghost");
     // Clearing removes a limit.
-    set(
-        &client,
-        "acme",
-        None,
-        QuotaLimits {
-            streams: Some(3),
-            ..Default::default()
-        },
-    )
-    .await;
+    set(&client, "acme", None, limit("streams", 3)).await;
     let q = client
         .set_quota("acme", None, QuotaLimits::default(), vec!["streams".into()])
         .await
