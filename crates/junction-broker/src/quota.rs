@@ -310,6 +310,15 @@ pub struct NodeQuotas {
     shares: parking_lot::RwLock<HashMap<Scope, Share>>,
 }
 
+/// The stations a scope covers: all of its tenant's, or the one it names.
+fn stations_in<'a>(
+    meta: &'a MetaState,
+    scope: &'a Scope,
+) -> impl Iterator<Item = &'a junction_types::StationMeta> + 'a {
+    meta.stations_of_tenant(&scope.0)
+        .filter(move |s| scope.1.as_ref().is_none_or(|name| *name == s.name))
+}
+
 /// The partitions of a scope and how many of them `me` leads according to `leader_of`.
 fn share_in(
     meta: &MetaState,
@@ -318,11 +327,7 @@ fn share_in(
     leader_of: &impl Fn(GroupId) -> Option<NodeId>,
 ) -> Share {
     let mut share = Share { led: 0, total: 0 };
-    for s in meta
-        .stations
-        .values()
-        .filter(|s| s.tenant == scope.0 && scope.1.as_ref().is_none_or(|name| *name == s.name))
-    {
+    for s in stations_in(meta, scope) {
         for p in &s.partitions {
             share.total += 1;
             if leader_of(p.group_id) == Some(me) {
@@ -474,12 +479,7 @@ impl Broker {
         let bytes = self.measure_groups(&groups).await;
         let mut measured: HashMap<Scope, u64> = HashMap::new();
         for scope in scope_list {
-            let total = meta
-                .stations
-                .values()
-                .filter(|s| {
-                    s.tenant == scope.0 && scope.1.as_ref().is_none_or(|name| *name == s.name)
-                })
+            let total = stations_in(meta, &scope)
                 .flat_map(|s| &s.partitions)
                 .filter_map(|p| bytes.get(&p.group_id))
                 .sum();

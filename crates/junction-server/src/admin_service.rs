@@ -484,11 +484,7 @@ impl AdminService {
     async fn tenant_quota(&self, tenant: &str) -> TenantQuota {
         let meta = self.broker.metadata();
         let q = meta.quotas_of(tenant);
-        let stations: Vec<&StationMeta> = meta
-            .stations
-            .values()
-            .filter(|s| s.tenant == tenant)
-            .collect();
+        let stations: Vec<&StationMeta> = meta.stations_of_tenant(tenant).collect();
         let groups: std::collections::BTreeMap<u64, Vec<u64>> = stations
             .iter()
             .flat_map(|s| &s.partitions)
@@ -501,11 +497,7 @@ impl AdminService {
                 .filter_map(|p| bytes.get(&p.group_id))
                 .sum()
         };
-        let groups_used = meta
-            .groups
-            .keys()
-            .filter(|(s, _)| meta.stations.get(s).is_some_and(|m| m.tenant == tenant))
-            .count() as u64;
+        let groups_used = meta.group_count_of_tenant(tenant);
         TenantQuota {
             tenant: tenant.to_string(),
             limits: Some(limits_to_proto(&q.tenant)),

@@ -193,7 +193,9 @@ impl BrokerService {
                 producer: req.producer,
                 idx: vec![],
                 msgs: vec![],
+                bytes: 0,
             });
+            part.bytes += size as u64;
             part.idx.push(i);
             part.msgs.push(m);
         }
@@ -227,15 +229,14 @@ impl BrokerService {
             let n = part.msgs.len() as u64;
             match self.route(meta.group_id, &meta.replicas).await? {
                 None => {
-                    let records: Vec<junction_types::Record> =
-                        part.msgs.into_iter().map(record_of).collect();
-                    // Quotas are held where the data is: here, the partition's leader.
-                    let bytes: u64 = records.iter().map(|r| r.size() as u64).sum();
+                    // Quotas are held where the data is: here, the partition's leader (and
+                    // before any conversion, so a refusal costs little).
                     self.broker
-                        .admit_produce(&planned.station, n, bytes)
+                        .admit_produce(&planned.station, n, part.bytes)
                         .map_err(to_status)?;
                     metrics::counter!("junction_produce_bytes_total", "tenant" => planned.station.tenant.clone())
-                        .increment(bytes);
+                        .increment(part.bytes);
+                    let records = part.msgs.into_iter().map(record_of).collect();
                     let rx = self
                         .broker
                         .enqueue_append(
@@ -292,6 +293,19 @@ impl BrokerService {
             }
         }
         Ok(waits)
+    }
+
+    /// A unary read: refused with THROTTLED while the tenant is over its consume rate.
+    fn read_checked(
+        &self,
+        req: &ReadRequest,
+        station: &StationMeta,
+        group: GroupId,
+    ) -> Result<ReadResponse, Status> {
+        self.broker
+            .check_consume(&station.tenant, &station.name)
+            .map_err(to_status)?;
+        self.read_local(req, station, group)
     }
 
     fn read_local(
@@ -556,26 +570,18 @@ impl BrokerApi for BrokerService {
                     station.full_name()
                 )));
             }
-            self.broker
-                .check_consume(&station.tenant, &station.name)
-                .map_err(to_status)?;
-            return Ok(Response::new(self.read_local(
+            return Ok(Response::new(self.read_checked(
                 &req,
                 &station,
                 part.group_id,
             )?));
         }
         match self.route(part.group_id, &part.replicas).await? {
-            None => {
-                self.broker
-                    .check_consume(&station.tenant, &station.name)
-                    .map_err(to_status)?;
-                Ok(Response::new(self.read_local(
-                    &req,
-                    &station,
-                    part.group_id,
-                )?))
-            }
+            None => Ok(Response::new(self.read_checked(
+                &req,
+                &station,
+                part.group_id,
+            )?)),
             Some(addr) => {
                 if hops >= MAX_HOPS {
                     return Err(Status::unavailable("partition leadership is moving; retry"));

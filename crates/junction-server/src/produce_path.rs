@@ -33,6 +33,8 @@ pub struct Part {
     /// Positions of these messages in the request.
     pub idx: Vec<usize>,
     pub msgs: Vec<Message>,
+    /// Message bytes (key, headers, payload) of `msgs`, as quotas count them.
+    pub bytes: u64,
 }
 
 /// A validated batch split by partition.

@@ -366,16 +366,28 @@ impl MetaState {
         self.quotas.get(tenant).and_then(|q| q.tenant.get(field))
     }
 
+    /// The stations of a tenant.
+    pub fn stations_of_tenant<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> impl Iterator<Item = &'a StationMeta> + 'a {
+        self.stations.values().filter(move |s| s.tenant == tenant)
+    }
+
+    /// How many consumer groups the stations of a tenant have.
+    pub fn group_count_of_tenant(&self, tenant: &str) -> u64 {
+        self.groups
+            .keys()
+            .filter(|(s, _)| self.stations.get(s).is_some_and(|m| m.tenant == tenant))
+            .count() as u64
+    }
+
     /// Refuses a new station when the tenant holds its quota of them.
     fn room_for_station(&self, tenant: &str) -> Result<(), MetaError> {
         let Some(limit) = self.tenant_limit(tenant, QuotaField::Stations) else {
             return Ok(());
         };
-        let used = self
-            .stations
-            .values()
-            .filter(|s| s.tenant == tenant)
-            .count() as u64;
+        let used = self.stations_of_tenant(tenant).count() as u64;
         if used >= limit {
             return Err(MetaError::QuotaExceeded {
                 tenant: tenant.to_string(),
@@ -396,11 +408,7 @@ impl MetaState {
         let Some(limit) = self.tenant_limit(tenant, QuotaField::Groups) else {
             return Ok(());
         };
-        let used = self
-            .groups
-            .keys()
-            .filter(|(s, _)| self.stations.get(s).is_some_and(|m| m.tenant == tenant))
-            .count() as u64;
+        let used = self.group_count_of_tenant(tenant);
         if used >= limit {
             return Err(MetaError::QuotaExceeded {
                 tenant: tenant.to_string(),
