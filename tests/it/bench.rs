@@ -41,12 +41,23 @@ fn bench_measures_the_sdk_producer_and_the_raw_rpc() {
         ("sdk-keyed", &["--keys", "50"][..], "sdk", true),
         ("sdk-alo", &["--at-least-once"][..], "sdk", false),
         ("raw", &["--raw-grpc"][..], "raw-grpc", true),
+        // The secure configuration: TLS everywhere, every call with a tenant API key.
+        ("secure-sdk", &["--tls", "--auth"][..], "sdk", true),
+        (
+            "secure-raw",
+            &["--tls", "--auth", "--raw-grpc"][..],
+            "raw-grpc",
+            true,
+        ),
     ] {
         let report = bench(dir.path(), name, extra);
         assert_eq!(report["messages"], 3000, "{name}: {report}");
         assert_eq!(report["errors"], 0, "{name}: {report}");
         assert_eq!(report["client"], client, "{name}");
         assert_eq!(report["idempotent"], idempotent, "{name}");
+        let secure = name.starts_with("secure");
+        assert_eq!(report["tls"], secure, "{name}");
+        assert_eq!(report["authenticated"], secure, "{name}");
         assert!(
             report["latency_ms"]["p50"]
                 .as_f64()
@@ -71,10 +82,18 @@ fn bench_refuses_flags_the_sdk_cannot_honour() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--via-any-node needs --raw-grpc"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_junction"))
+        .args(["bench", "produce", "--auth", "--server", "127.0.0.1:1"])
+        .output()
+        .expect("run junction bench");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("for --server give --token"), "{err}");
 }
 
-/// I4 as a user runs it (short): the noisy tenant is held near its quota and refused the
-/// rest, the quiet one loses nothing; the report carries both phases of each round.
+/// I4 as a user runs it (short), in the secure configuration (TLS, each tenant calling with
+/// its own producer key): the noisy tenant is held near its quota and refused the rest, the
+/// quiet one loses nothing; the report carries both phases of each round.
 #[test]
 fn bench_isolation_reports_both_tenants() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -83,6 +102,7 @@ fn bench_isolation_reports_both_tenants() {
         .args(["bench", "isolation", "--spawn", "3", "--quiet"])
         .args(["--duration", "3s", "--rounds", "1", "--rate", "500"])
         .args(["--noisy-quota", "200", "--batch-size", "20"])
+        .args(["--tls", "--auth"])
         .arg("--data-dir")
         .arg(dir.path())
         .arg("--json")
@@ -97,6 +117,8 @@ fn bench_isolation_reports_both_tenants() {
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("JSON");
+    assert_eq!(report["tls"], true, "{report}");
+    assert_eq!(report["authenticated"], true, "{report}");
     let round = &report["rounds"][0];
     assert_eq!(round["alone"]["errors"], 0, "{report}");
     assert_eq!(round["contended"]["errors"], 0, "{report}");

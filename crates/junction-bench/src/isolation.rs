@@ -20,7 +20,7 @@ use junction_client::proto::QuotaLimits;
 use serde::Serialize;
 
 use crate::BenchArgs;
-use crate::load::{Counters, admin, produce};
+use crate::load::{Counters, admin, produce, tenant_key};
 
 /// The I4 targets: the quiet tenant keeps this share of its throughput...
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.90;
@@ -63,6 +63,9 @@ pub struct IsolationReport {
     pub noisy_quota: u64,
     pub noisy_offered: u64,
     pub duration_s: f64,
+    /// TLS on every connection; each tenant calling with its own producer key.
+    pub tls: bool,
+    pub authenticated: bool,
     pub rounds: Vec<Round>,
     pub median_throughput_ratio: f64,
     pub median_p99_ratio: f64,
@@ -99,15 +102,17 @@ async fn phase(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Res
     })
 }
 
-/// Creates a tenant and a station of it (both may exist already) and sets its quota.
+/// Creates a tenant and a station of it (both may exist already) and sets its quota. On a
+/// cluster with authentication (`args.token`, a cluster-admin credential), returns a new
+/// producer key of the tenant, which its load calls with.
 async fn tenant(
     args: &BenchArgs,
     addrs: &[String],
     tenant: &str,
     station: &str,
     messages_per_sec: u64,
-) -> anyhow::Result<()> {
-    let client = admin(addrs)?;
+) -> anyhow::Result<Option<String>> {
+    let client = admin(addrs, args.token.as_deref())?;
     match client.create_tenant(tenant).await {
         Ok(()) => {}
         Err(e) if e.is_already_exists() => {}
@@ -133,7 +138,12 @@ async fn tenant(
         )
         .await
         .with_context(|| format!("setting the quota of {tenant}"))?;
-    Ok(())
+    match &args.token {
+        Some(admin_token) => Ok(Some(
+            tenant_key(addrs, admin_token, tenant, "producer").await?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Runs I4 and returns its report.
@@ -150,15 +160,17 @@ pub async fn run(
     let tag = format!("i4-{}", std::process::id());
     let quiet_station = format!("quiet/{tag}");
     let noisy_station = format!("noisy/{tag}");
-    tenant(args, addrs, "quiet", &quiet_station, quiet_quota).await?;
-    tenant(args, addrs, "noisy", &noisy_station, noisy_quota).await?;
+    let quiet_token = tenant(args, addrs, "quiet", &quiet_station, quiet_quota).await?;
+    let noisy_token = tenant(args, addrs, "noisy", &noisy_station, noisy_quota).await?;
     let quiet = BenchArgs {
+        token: quiet_token,
         duration: Some(duration),
         rate: quiet_rate,
         quiet: true,
         ..args.clone()
     };
     let noisy = BenchArgs {
+        token: noisy_token,
         duration: Some(duration),
         rate: noisy_offered,
         raw_grpc: true,
@@ -238,6 +250,8 @@ pub async fn run(
         noisy_quota,
         noisy_offered,
         duration_s: duration.as_secs_f64(),
+        tls: args.tls || args.tls_ca.is_some(),
+        authenticated: quiet.token.is_some(),
         passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO
             && median_p99_ratio <= MAX_P99_RATIO,
         rounds,
@@ -253,13 +267,19 @@ impl IsolationReport {
     /// The human-readable summary.
     pub fn table(&self) -> String {
         let mut t = format!(
-            "I4 tenant isolation: quiet at {} msg/s (quota {}), noisy offering {} msg/s against a quota of {}; {} round(s) of {:.0} s per phase\n",
+            "I4 tenant isolation: quiet at {} msg/s (quota {}), noisy offering {} msg/s against a quota of {}; {} round(s) of {:.0} s per phase; {}, {}\n",
             self.quiet_rate,
             self.quiet_quota,
             self.noisy_offered,
             self.noisy_quota,
             self.rounds.len(),
-            self.duration_s
+            self.duration_s,
+            if self.tls { "TLS" } else { "plaintext" },
+            if self.authenticated {
+                "each tenant with its own API key"
+            } else {
+                "no credentials"
+            }
         );
         t.push_str(&format!(
             "{:>5} {:>11} {:>8} {:>8} {:>11} {:>8} {:>7} {:>7} {:>9} {:>9}\n",

@@ -108,6 +108,15 @@ pub struct BenchArgs {
     /// With --server: speak TLS and trust this CA (PEM).
     #[arg(long, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// With --spawn: the nodes authenticate every client call (`--auth keys`). The bench
+    /// uses the bootstrap admin token only to make API keys; the load calls with an API key
+    /// of the station's tenant (role admin; `isolation`: each tenant its own producer key).
+    #[arg(long)]
+    pub auth: bool,
+    /// With --server: the credential of every call (an API key or the admin token; for
+    /// `isolation` a cluster-admin one, which makes each tenant's producer key).
+    #[arg(long, env = "JUNCTION_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// How long the SDK producer waits for more messages to fill a batch (its `linger`).
     #[arg(long, value_parser = parse_duration, default_value = "2ms")]
     pub linger: Duration,
@@ -167,7 +176,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.tls_ca.is_some() && args.server.is_none() {
         bail!("--tls-ca is for --server; with --spawn use --tls");
     }
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if args.auth && args.server.is_some() {
+        bail!("--auth starts the spawned nodes with authentication; for --server give --token");
+    }
+    if args.token.is_some() && args.server.is_none() {
+        bail!("--token is for --server; with --spawn use --auth (the bench makes its own keys)");
+    }
+    let mut args = args;
+    let command = redacted_command(std::env::args());
     let exe = std::env::current_exe().context("finding the junction executable")?;
     let mut spawned = None;
     if let Some(ca) = &args.tls_ca {
@@ -184,16 +200,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect(),
         None => {
             eprintln!("starting {} junction nodes on loopback", args.spawn);
-            let s = spawn::Spawned::start(&exe, args.spawn, args.data_dir.clone(), args.tls)?;
+            let s = spawn::Spawned::start(
+                &exe,
+                args.spawn,
+                args.data_dir.clone(),
+                args.tls,
+                args.auth,
+            )?;
             if let Some(ca) = &s.tls_ca {
                 load::set_tls(junction_tls::ClientTls::from_ca_file(ca)?);
             }
+            args.token = s.admin_token(Duration::from_secs(60)).await?;
             let addrs = s.addrs.clone();
             spawned = Some(s);
             addrs
         }
     };
-    spawn::wait_ready(&addrs, Duration::from_secs(60)).await?;
+    spawn::wait_ready(&addrs, args.token.as_deref(), Duration::from_secs(60)).await?;
+    if args.workload != Workload::Isolation
+        && let (Some(s), Some(admin_token)) = (&spawned, args.token.clone())
+        && s.admin_token_file.is_some()
+    {
+        // The load calls with an API key of the station's tenant, as an application would.
+        let station = args.station.clone().unwrap_or_else(load::default_station);
+        let tenant = station.split_once('/').map_or("default", |(t, _)| t);
+        args.token = Some(load::tenant_key(&addrs, &admin_token, tenant, "admin").await?);
+        args.station = Some(station);
+    }
     if args.workload == Workload::Isolation {
         if args.noisy_quota == 0 {
             bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
@@ -222,9 +255,42 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command line for the report, with the value of `--token` replaced.
+fn redacted_command(argv: impl IntoIterator<Item = String>) -> String {
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for arg in argv {
+        if hide_next {
+            out.push("<redacted>".to_owned());
+            hide_next = false;
+        } else if arg == "--token" {
+            out.push(arg);
+            hide_next = true;
+        } else if arg.starts_with("--token=") {
+            out.push("--token=<redacted>".to_owned());
+        } else {
+            out.push(arg);
+        }
+    }
+    out.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reported_command_never_shows_the_token() {
+        let argv = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            redacted_command(argv("junction bench produce --token jk_a_secret --rate 5")),
+            "junction bench produce --token <redacted> --rate 5"
+        );
+        assert_eq!(
+            redacted_command(argv("junction bench produce --token=jk_a_secret")),
+            "junction bench produce --token=<redacted>"
+        );
+    }
 
     #[test]
     fn durations_parse_with_units() {

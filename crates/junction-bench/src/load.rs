@@ -11,11 +11,12 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use junction_client::{Client, ClientOptions};
+use junction_client::{AuthedChannel, Bearer, Client, ClientOptions};
 use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::read_request::Start;
 use junction_proto::v1::{Message, ProduceRequest, ReadRequest, StartPosition};
 use tokio::sync::{Mutex, Semaphore, mpsc};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::spawn::{ProcUsage, Spawned};
@@ -83,15 +84,22 @@ pub(crate) fn set_tls(tls: junction_tls::ClientTls) {
     let _already_set = TLS.set(tls);
 }
 
-/// Client options of the run (its TLS).
-fn options() -> ClientOptions {
+/// Client options of the run (its TLS) calling with `token`.
+fn options(token: Option<&str>) -> ClientOptions {
     ClientOptions {
         tls: TLS.get().cloned(),
+        token: token.map(str::to_owned),
         ..ClientOptions::default()
     }
 }
 
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
+/// A connection to `addr` whose calls carry `token`.
+async fn channel(addr: &str, token: Option<&str>) -> anyhow::Result<AuthedChannel> {
+    let bearer = Bearer::new(token).context("the token is not a valid header value")?;
+    Ok(InterceptedService::new(raw_channel(addr).await?, bearer))
+}
+
+async fn raw_channel(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
@@ -115,17 +123,54 @@ const ADMIN_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// The SDK client for the bench's admin calls: they retry through the SDK's retry policy,
 /// so a cluster that has just started (no metadata leader known on every node yet) is
 /// waited for, not reported as a failure.
-pub(crate) fn admin(addrs: &[String]) -> anyhow::Result<Client> {
+pub(crate) fn admin(addrs: &[String], token: Option<&str>) -> anyhow::Result<Client> {
     Client::connect_with(
         addrs.iter().cloned(),
-        options().with_retry_deadline(ADMIN_RETRY_DEADLINE),
+        options(token).with_retry_deadline(ADMIN_RETRY_DEADLINE),
     )
     .context("creating the admin client")
 }
 
+/// A fresh station name for this run.
+pub(crate) fn default_station() -> String {
+    format!(
+        "bench-{}-{}",
+        std::process::id(),
+        now_us() / 1_000_000 % 100_000
+    )
+}
+
+/// Makes an API key of `tenant` with `role`, calling with the cluster-admin `admin_token`;
+/// creates the tenant first when it is not `default`. Returns the key's token.
+pub(crate) async fn tenant_key(
+    addrs: &[String],
+    admin_token: &str,
+    tenant: &str,
+    role: &str,
+) -> anyhow::Result<String> {
+    let admin = admin(addrs, Some(admin_token))?;
+    if tenant != "default" {
+        match admin.create_tenant(tenant).await {
+            Ok(()) => {}
+            Err(e) if e.is_already_exists() => {}
+            Err(e) => return Err(e).with_context(|| format!("creating tenant {tenant}")),
+        }
+    }
+    let key = admin
+        .create_api_key(junction_proto::v1::CreateApiKeyRequest {
+            tenant: tenant.to_owned(),
+            role: role.to_owned(),
+            description: "junction bench".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("making an API key of tenant {tenant}"))?;
+    Ok(key.token)
+}
+
 /// Creates the station if it does not exist yet.
 async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<()> {
-    let created = admin(addrs)?
+    let created = admin(addrs, args.token.as_deref())?
         .create_station(station, args.partitions, args.replication_factor)
         .await;
     match created {
@@ -142,16 +187,10 @@ pub async fn run(
     addrs: &[String],
     spawned: Option<&mut Spawned>,
 ) -> anyhow::Result<LoadResult> {
-    let station = args.station.clone().unwrap_or_else(|| {
-        format!(
-            "bench-{}-{}",
-            std::process::id(),
-            now_us() / 1_000_000 % 100_000
-        )
-    });
+    let station = args.station.clone().unwrap_or_else(default_station);
     prepare(args, addrs, &station).await?;
     if args.workload == Workload::Read {
-        let existing = total_offsets(addrs, &station).await?;
+        let existing = total_offsets(args, addrs, &station).await?;
         if existing < args.messages {
             eprintln!("writing {} messages to replay", args.messages - existing);
             let mut fill = args.clone();
@@ -162,7 +201,7 @@ pub async fn run(
         }
     }
     if args.workload == Workload::Idle {
-        wait_for_leaders(addrs, &station, Duration::from_secs(600)).await?;
+        wait_for_leaders(args, addrs, &station, Duration::from_secs(600)).await?;
     }
     let counters = Arc::new(Counters::new());
     let before = spawned.as_deref().map(Spawned::usage);
@@ -302,16 +341,21 @@ async fn describe(
         .with_context(|| format!("describing station {station}"))
 }
 
-async fn total_offsets(addrs: &[String], station: &str) -> anyhow::Result<u64> {
-    let info = describe(&admin(addrs)?, station).await?;
+async fn total_offsets(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<u64> {
+    let info = describe(&admin(addrs, args.token.as_deref())?, station).await?;
     Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
 }
 
 /// Waits until every partition of `station` has a leader (for `idle`: measuring before the
 /// elections are over would count them).
-async fn wait_for_leaders(addrs: &[String], station: &str, limit: Duration) -> anyhow::Result<()> {
+async fn wait_for_leaders(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
-    let admin = admin(addrs)?;
+    let admin = admin(addrs, args.token.as_deref())?;
     loop {
         let info = describe(&admin, station).await?;
         let led = info
@@ -443,8 +487,8 @@ async fn sdk_produce(
     };
     let mut producers = futures::stream::FuturesUnordered::new();
     for _ in 0..args.producers {
-        let client =
-            Client::connect_with(addrs.iter().cloned(), options()).context("creating a client")?;
+        let client = Client::connect_with(addrs.iter().cloned(), options(args.token.as_deref()))
+            .context("creating a client")?;
         producers.push(sdk_producer(&shared, client));
     }
     let stopper = async {
@@ -635,7 +679,7 @@ impl Routes {
         if args.keys > 0 || args.via_any_node {
             return Ok(Self { leaders: vec![] });
         }
-        let admin = admin(addrs)?;
+        let admin = admin(addrs, args.token.as_deref())?;
         let nodes = admin.cluster_status().await?.nodes;
         let info = describe(&admin, station).await?;
         let mut leaders = Vec::new();
@@ -690,7 +734,7 @@ async fn producer(
             );
         }
         let tenant = station.split_once('/').map_or("", |(t, _)| t).to_string();
-        let r = BrokerClient::new(channel(addr).await?)
+        let r = BrokerClient::new(channel(addr, args.token.as_deref()).await?)
             .init_producer(junction_proto::v1::InitProducerRequest {
                 tenant,
                 producer_name: None,
@@ -713,7 +757,7 @@ async fn producer(
     let mut senders = Vec::new();
     let mut receivers = futures::stream::FuturesUnordered::new();
     for d in &dests {
-        let mut client = BrokerClient::new(channel(d).await?)
+        let mut client = BrokerClient::new(channel(d, args.token.as_deref()).await?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(256 << 20);
         let (tx, rx) = mpsc::channel::<ProduceRequest>(args.in_flight);
@@ -907,9 +951,10 @@ async fn read(
     for p in 0..args.partitions {
         let addr = addrs[p as usize % addrs.len()].clone();
         let (station, counters) = (station.to_string(), counters.clone());
+        let token = args.token.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client =
-                BrokerClient::new(channel(&addr).await?).max_decoding_message_size(64 << 20);
+            let mut client = BrokerClient::new(channel(&addr, token.as_deref()).await?)
+                .max_decoding_message_size(64 << 20);
             let mut h = new_histogram()?;
             let mut next = 0u64;
             let mut got = 0u64;
@@ -968,10 +1013,11 @@ async fn e2e(
         let partition = (r % args.partitions.max(1) as usize) as u32;
         let addr = addrs[r % addrs.len()].clone();
         let (station, delivered, stop) = (station.to_string(), delivered.clone(), stop.clone());
+        let token = args.token.clone();
         let count_this = r < args.partitions as usize;
         tails.push(tokio::spawn(async move {
-            let mut client =
-                BrokerClient::new(channel(&addr).await?).max_decoding_message_size(64 << 20);
+            let mut client = BrokerClient::new(channel(&addr, token.as_deref()).await?)
+                .max_decoding_message_size(64 << 20);
             let mut stream = client
                 .tail(ReadRequest {
                     station,

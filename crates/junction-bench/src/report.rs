@@ -35,6 +35,8 @@ pub struct Report {
     pub idempotent: bool,
     /// Whether the connections (clients and between nodes) were TLS.
     pub tls: bool,
+    /// Whether every call carried a credential the nodes checked (`--auth`, `--token`).
+    pub authenticated: bool,
     pub keys: u64,
     pub rate: u64,
     pub messages: u64,
@@ -105,6 +107,7 @@ impl Report {
             client: if args.raw_grpc { "raw-grpc" } else { "sdk" },
             idempotent: !args.at_least_once,
             tls: args.tls || args.tls_ca.is_some(),
+            authenticated: args.token.is_some(),
             keys: args.keys,
             rate: args.rate,
             messages: r.messages,
@@ -246,8 +249,13 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "transport       {}",
-            if self.tls { "TLS" } else { "plaintext" }
+            "transport       {}, {}",
+            if self.tls { "TLS" } else { "plaintext" },
+            if self.authenticated {
+                "every call authenticated (API key)"
+            } else {
+                "no credentials"
+            }
         );
         let _ = writeln!(t, "durability      {}", self.durability);
         let _ = write!(t, "command         {}", self.command);

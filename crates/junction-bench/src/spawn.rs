@@ -11,6 +11,9 @@ use anyhow::{Context, bail};
 pub struct Spawned {
     /// The CA clients trust, when the nodes run on TLS.
     pub tls_ca: Option<PathBuf>,
+    /// The bootstrap admin token's file, when the nodes run with `--auth keys` (the first
+    /// node to start writes it).
+    pub admin_token_file: Option<PathBuf>,
     _dir: tempfile::TempDir,
     pub addrs: Vec<String>,
     http: Vec<String>,
@@ -36,11 +39,14 @@ fn free_port() -> anyhow::Result<u16> {
 impl Spawned {
     /// Starts `n` nodes with data in a temp dir (under `base` when given).
     /// With `tls`, the nodes run on TLS with a throwaway CA made in that dir ([`Spawned::tls_ca`]).
+    /// With `auth`, they authenticate every client call (`--auth keys`, a cluster secret
+    /// between them, the admin token in [`Spawned::admin_token_file`]).
     pub fn start(
         exe: &std::path::Path,
         n: u64,
         base: Option<PathBuf>,
         tls: bool,
+        auth: bool,
     ) -> anyhow::Result<Self> {
         let dir = match base {
             Some(b) => tempfile::Builder::new()
@@ -76,15 +82,29 @@ impl Spawned {
         } else {
             None
         };
-        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        let mut node_args: Vec<std::ffi::OsString> = Vec::new();
         if let Some(f) = &tls_files {
             for (flag, path) in [
                 ("--tls-cert", &f.node.cert),
                 ("--tls-key", &f.node.key),
                 ("--tls-ca", &f.node.ca),
             ] {
-                tls_args.push(flag.into());
-                tls_args.push(path.into());
+                node_args.push(flag.into());
+                node_args.push(path.into());
+            }
+        }
+        let admin_token_file = auth.then(|| dir.path().join("admin-token"));
+        if let Some(token_file) = &admin_token_file {
+            let secret = dir.path().join("cluster-secret");
+            junction_raft::peer_auth::ClusterSecret::load_or_create(&secret)
+                .map_err(|e| anyhow::anyhow!("making the cluster secret: {e}"))?;
+            for (flag, value) in [
+                ("--auth", std::ffi::OsString::from("keys")),
+                ("--admin-token-file", token_file.into()),
+                ("--cluster-secret-file", secret.into()),
+            ] {
+                node_args.push(flag.into());
+                node_args.push(value);
             }
         }
         let mut children = Vec::new();
@@ -103,7 +123,7 @@ impl Spawned {
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("node{}", i + 1)))
                 .args(["--members", &members])
-                .args(&tls_args)
+                .args(&node_args)
                 .env("JUNCTION_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -113,11 +133,36 @@ impl Spawned {
         }
         Ok(Self {
             tls_ca: tls_files.map(|f| f.node.ca),
+            admin_token_file,
             _dir: dir,
             addrs: grpc,
             http,
             children,
         })
+    }
+
+    /// The bootstrap admin token (`None` without `auth`), once the first node has written it.
+    pub async fn admin_token(&self, limit: Duration) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // A complete token ends with its newline.
+            if let Ok(text) = std::fs::read_to_string(path)
+                && text.ends_with('\n')
+                && !text.trim().is_empty()
+            {
+                return Ok(Some(text.trim().to_owned()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "no node wrote the admin token to {} within {limit:?}",
+                    path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Sums CPU time and storage writes of every node process (Linux `/proc`).
@@ -208,9 +253,13 @@ fn proc_write_bytes(pid: u32) -> Option<u64> {
 
 /// Waits until the cluster answers ClusterStatus with a metadata leader and all nodes alive.
 /// The calls go through the SDK, whose retry policy rides out nodes that do not answer yet.
-pub async fn wait_ready(addrs: &[String], limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_ready(
+    addrs: &[String],
+    token: Option<&str>,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
-    let admin = crate::load::admin(addrs)?;
+    let admin = crate::load::admin(addrs, token)?;
     let mut last = String::from("no answer yet");
     loop {
         match tokio::time::timeout_at(deadline, admin.cluster_status()).await {

@@ -73,6 +73,12 @@ pub struct ChaosArgs {
     /// nodes) and every client over TLS.
     #[arg(long)]
     pub tls: bool,
+    /// Run the cluster with client authentication (`--auth keys`): the run makes an API key
+    /// for the tenant under test (role `admin`, made with the bootstrap admin token) and every
+    /// client of the workload, the consumer group, the pipeline and the replica reads calls
+    /// with it.
+    #[arg(long)]
+    pub auth: bool,
 }
 
 impl Default for ChaosArgs {
@@ -90,6 +96,7 @@ impl Default for ChaosArgs {
             fault_interval: Duration::from_secs(4),
             at_least_once: false,
             tls: false,
+            auth: false,
             faults: Vec::new(),
             out: None,
             junction_bin: None,

@@ -59,6 +59,8 @@ pub enum ClusterError {
     Disk { id: u64, reason: String },
     #[error("cannot make the cluster secret: {0}")]
     Secret(String),
+    #[error("no admin token in {path} (the nodes make it on their first start): {reason}")]
+    AdminToken { path: PathBuf, reason: String },
 }
 
 /// How to build the cluster.
@@ -73,6 +75,8 @@ pub struct ClusterSpec {
     pub disk_faults: bool,
     /// TLS everywhere, with a throwaway CA made for the run.
     pub tls: bool,
+    /// Client authentication (`--auth keys`), with a bootstrap admin token the nodes make.
+    pub auth: bool,
 }
 
 /// The tmpfs each node's data lives on, when mounting works.
@@ -341,6 +345,16 @@ impl Cluster {
         let bin = self.spec.bin.clone();
         let extra = self.spec.extra_args.clone();
         let secret_file = self.secret_file.clone();
+        let auth_args: Vec<std::ffi::OsString> = if self.spec.auth {
+            vec![
+                "--auth".into(),
+                "keys".into(),
+                "--admin-token-file".into(),
+                self.admin_token_file().into(),
+            ]
+        } else {
+            Vec::new()
+        };
         let tls_args: Vec<std::ffi::OsString> = match &self.tls {
             Some(f) => vec![
                 "--tls-cert".into(),
@@ -373,6 +387,7 @@ impl Cluster {
             .arg("--cluster-secret-file")
             .arg(&secret_file)
             .args(&tls_args)
+            .args(&auth_args)
             .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log2))
@@ -551,6 +566,36 @@ impl Cluster {
         let node = self.node(id)?;
         mount_tmpfs(&node.root, TMPFS_SIZE, true)
             .map_err(|reason| ClusterError::Disk { id, reason })
+    }
+
+    /// Where the nodes keep the bootstrap admin token (all share the file; the first node to
+    /// start makes it).
+    fn admin_token_file(&self) -> PathBuf {
+        self.path.join("admin-token")
+    }
+
+    /// The bootstrap admin token on an `auth` run (`None` without), waiting up to `limit`
+    /// for the first node to have written it.
+    pub async fn admin_token(&self, limit: Duration) -> Result<Option<String>, ClusterError> {
+        if !self.spec.auth {
+            return Ok(None);
+        }
+        let path = self.admin_token_file();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let reason = match std::fs::read_to_string(&path) {
+                // A complete token ends with its newline.
+                Ok(text) if text.ends_with('\n') && !text.trim().is_empty() => {
+                    return Ok(Some(text.trim().to_owned()));
+                }
+                Ok(_) => "the file is still being written".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::AdminToken { path, reason });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// What clients of the run trust (`None` without TLS).

@@ -15,11 +15,12 @@
 //! same flags) gives the same schedule; `--faults KIND,...` restricts the kinds, which is how
 //! a failing seed becomes a focused regression run.
 //!
-//! Modules: [`schedule`] (seeded faults, pure) and [`rng`], [`proxy`] (fault-injecting TCP
+//! Modules: [`access`] (the clients' TLS and credential), [`schedule`] (seeded faults, pure) and [`rng`], [`proxy`] (fault-injecting TCP
 //! proxy), [`cluster`] (processes) and [`disk`] (tmpfs per node), [`nemesis`] (executing
 //! faults), [`workload`], [`history`], [`verify`] (convergence and replica reads), [`checker`]
 //! (pure), [`report`] and [`svg`].
 
+pub mod access;
 pub mod checker;
 pub mod cluster;
 pub mod disk;

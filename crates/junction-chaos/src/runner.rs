@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use junction_client::{Client, ClientError, ClientOptions};
+use junction_client::{Client, ClientError};
 use tokio::time::Instant;
 
+use crate::access::Access;
 use crate::args::ChaosArgs;
 use crate::checker::{CheckInput, Violation, ViolationKind, check};
 use crate::cluster::{Cluster, ClusterSpec};
@@ -101,6 +102,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         extra_args,
         disk_faults: !args.no_disk_faults,
         tls: args.tls,
+        auth: args.auth,
     })
     .await
     .context("starting the cluster")?;
@@ -130,12 +132,47 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     outcome
 }
 
-/// Client options of the run: over TLS when the cluster runs it.
-fn client_options(cluster: &Cluster) -> ClientOptions {
-    ClientOptions {
+/// The tenant whose API key the clients of an `--auth` run call with (the stations under
+/// test have no tenant prefix, so they belong to it).
+const TENANT: &str = "default";
+
+/// How the run's clients reach the cluster. On an `--auth` run, the bootstrap admin token
+/// waits for the cluster and makes an API key of the tenant under test (role `admin`:
+/// stations, produce, groups); every other call of the run uses that key, so the whole
+/// workload goes through authentication and the tenant checks, forwarding included.
+async fn access(cluster: &mut Cluster, nodes: u64) -> anyhow::Result<Access> {
+    let addrs = cluster.grpc_addrs();
+    let bootstrap = Access {
         tls: cluster.client_tls(),
-        ..ClientOptions::default()
+        token: cluster.admin_token(SETUP_LIMIT).await?,
+    };
+    let admin = Client::connect_with(
+        addrs.values().cloned(),
+        bootstrap
+            .options()
+            .with_retry_deadline(Duration::from_secs(10)),
+    )?;
+    wait_ready(&admin, nodes, cluster).await?;
+    if bootstrap.token.is_none() {
+        return Ok(bootstrap);
     }
+    let key = admin
+        .create_api_key(junction_client::proto::CreateApiKeyRequest {
+            tenant: TENANT.to_owned(),
+            role: "admin".to_owned(),
+            description: "junction chaos workload".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .context("making the workload's API key")?;
+    println!(
+        "chaos: auth on; the workload calls with API key {} (tenant {TENANT}, role admin)",
+        key.key.map(|k| k.id).unwrap_or_default()
+    );
+    Ok(Access {
+        tls: bootstrap.tls,
+        token: Some(key.token),
+    })
 }
 
 async fn drive(
@@ -146,11 +183,13 @@ async fn drive(
     out: &Path,
 ) -> anyhow::Result<bool> {
     let addrs = cluster.grpc_addrs();
+    let access = access(cluster, args.nodes).await?;
     let admin = Client::connect_with(
         addrs.values().cloned(),
-        client_options(cluster).with_retry_deadline(Duration::from_secs(10)),
+        access
+            .options()
+            .with_retry_deadline(Duration::from_secs(10)),
     )?;
-    wait_ready(&admin, args.nodes, cluster).await?;
     let layout = create_station(&admin, args).await?;
     create_output_station(&admin, args).await?;
     println!("chaos: station {STATION:?} ready: {layout:?}");
@@ -159,7 +198,9 @@ async fn drive(
     let recorder = Arc::new(Recorder::new(origin));
     let reader_client = Client::connect_with(
         addrs.values().cloned(),
-        client_options(cluster).with_retry_deadline(Duration::from_secs(60)),
+        access
+            .options()
+            .with_retry_deadline(Duration::from_secs(60)),
     )?;
     let mut workload = Workload::start(
         &WorkloadSpec {
@@ -172,7 +213,7 @@ async fn drive(
             rpc_timeout: args.rpc_timeout,
             inflight: args.inflight,
             exactly_once: !args.at_least_once,
-            tls: cluster.client_tls(),
+            access: access.clone(),
         },
         recorder.clone(),
         reader_client,
@@ -180,12 +221,16 @@ async fn drive(
 
     let group_client = Client::connect_with(
         addrs.values().cloned(),
-        client_options(cluster).with_retry_deadline(Duration::from_secs(20)),
+        access
+            .options()
+            .with_retry_deadline(Duration::from_secs(20)),
     )?;
     let group = GroupChecker::start(group_client.clone(), STATION.to_owned(), recorder.clone());
     let pipeline_client = Client::connect_with(
         addrs.values().cloned(),
-        client_options(cluster).with_retry_deadline(Duration::from_secs(60)),
+        access
+            .options()
+            .with_retry_deadline(Duration::from_secs(60)),
     )?;
     let pipeline = PipelineRunner::start(pipeline_client.clone(), STATION.to_owned());
 
@@ -275,8 +320,7 @@ async fn drive(
     let (deliveries, lag, dead_letters, rejoins) = group
         .finish(&group_client, STATION, &ends, GROUP_DRAIN_LIMIT)
         .await;
-    let replicas =
-        verify::read_replicas(&addrs, STATION, &layout, cluster.client_tls().as_ref()).await;
+    let replicas = verify::read_replicas(&addrs, STATION, &layout, &access).await;
     println!("chaos: draining the pipeline");
     let (pipeline_stats, pipeline_violations) = pipeline
         .finish(

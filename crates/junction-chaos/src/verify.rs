@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::read_request::Start;
 use junction_proto::v1::{ReadRequest, StartPosition};
 use tokio::time::Instant;
@@ -85,14 +84,14 @@ pub async fn read_replicas(
     addrs: &BTreeMap<u64, String>,
     station: &str,
     layout: &[PartitionLayout],
-    tls: Option<&junction_tls::ClientTls>,
+    access: &crate::access::Access,
 ) -> BTreeMap<u32, Vec<ReplicaRead>> {
     let mut out = BTreeMap::new();
     for part in layout {
         let mut reads = Vec::new();
         for &node in &part.replicas {
             let result = match addrs.get(&node) {
-                Some(addr) => read_replica(addr, node, station, part.partition, tls).await,
+                Some(addr) => read_replica(addr, node, station, part.partition, access).await,
                 None => Err(format!("no address for node {node}")),
             };
             reads.push(ReplicaRead { node, result });
@@ -107,13 +106,14 @@ async fn read_replica(
     node: u64,
     station: &str,
     partition: u32,
-    tls: Option<&junction_tls::ClientTls>,
+    access: &crate::access::Access,
 ) -> Result<Replica, String> {
     let endpoint = Endpoint::from_shared(addr.to_owned())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2));
-    let channel = junction_tls::channel(endpoint, tls);
-    let mut client = BrokerClient::new(channel)
+    let mut client = access
+        .broker(endpoint)
+        .map_err(|e| e.to_string())?
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let mut start = Start::Position(StartPosition::Earliest as i32);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use junction_client::{Client, Start};
+use junction_client::{AuthedChannel, Client, Start};
 use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::{Message, ProduceRequest};
 use parking_lot::Mutex;
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::history::{Attempt, Observation, Outcome, PayloadId, encode_payload};
 use crate::schedule::{SplitMix64, derive_seed};
@@ -125,8 +125,8 @@ pub struct WorkloadSpec {
     /// Each producer is an idempotent client-library producer (see [`SDK_RETRY_DEADLINE`]);
     /// otherwise one raw RPC per attempt.
     pub exactly_once: bool,
-    /// TLS of every connection (the run's CA), or plaintext.
-    pub tls: Option<junction_tls::ClientTls>,
+    /// TLS and credential of every connection.
+    pub access: crate::access::Access,
 }
 
 /// How long the idempotent producers retry one message (through any fault the schedule
@@ -204,20 +204,18 @@ impl Workload {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
                 .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW);
-            let ch = junction_tls::channel(ch, spec.tls.as_ref());
-            channels.push((*id, BrokerClient::new(ch)));
+            let client = spec.access.broker(ch).map_err(std::io::Error::other)?;
+            channels.push((*id, client));
         }
         let channels = Arc::new(channels);
         let sdk = if spec.exactly_once {
             Some(
                 Client::connect_with(
                     spec.nodes.iter().map(|(_, a)| a.clone()),
-                    junction_client::ClientOptions {
-                        tls: spec.tls.clone(),
-                        ..Default::default()
-                    }
-                    .with_retry_deadline(SDK_RETRY_DEADLINE)
-                    .with_connect_timeout(Duration::from_millis(500)),
+                    spec.access
+                        .options()
+                        .with_retry_deadline(SDK_RETRY_DEADLINE)
+                        .with_connect_timeout(Duration::from_millis(500)),
                 )
                 .map_err(std::io::Error::other)?,
             )
@@ -313,14 +311,14 @@ struct KeyState {
 #[derive(Clone)]
 enum Sink {
     /// Raw RPCs to the nodes (at-least-once).
-    Raw(Arc<Vec<(u64, BrokerClient<Channel>)>>),
+    Raw(Arc<Vec<(u64, BrokerClient<AuthedChannel>)>>),
     /// An idempotent producer.
     Idempotent(junction_client::Producer),
 }
 
 /// How one attempt is sent.
 enum Send {
-    Raw(Box<(BrokerClient<Channel>, ProduceRequest)>),
+    Raw(Box<(BrokerClient<AuthedChannel>, ProduceRequest)>),
     Idempotent(junction_client::SendFuture),
 }
 

@@ -77,6 +77,7 @@ async fn a_follower_killed_while_installing_a_snapshot_restarts_cleanly() {
             .to_vec(),
         disk_faults: false,
         tls: false,
+        auth: false,
     })
     .await
     .expect("cluster");

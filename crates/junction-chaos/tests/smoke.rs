@@ -34,16 +34,14 @@ fn junction_bin() -> PathBuf {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_short_seeded_run_finds_no_violation() {
+/// Runs `args` (with a temp output dir and the built binary) and asserts a clean result.
+#[allow(clippy::expect_used)] // a test helper: a failed step fails the test
+async fn assert_clean_run(args: ChaosArgs) -> serde_json::Value {
     let out = tempfile::tempdir().expect("temp dir");
     let args = ChaosArgs {
-        duration: Duration::from_secs(25),
-        seed: Some(20_261_128),
-        fault_interval: Duration::from_secs(2),
         out: Some(out.path().to_path_buf()),
         junction_bin: Some(junction_bin()),
-        ..ChaosArgs::default()
+        ..args
     };
     // Bounded: the run itself has deadlines on every phase; this is a backstop.
     let passed = tokio::time::timeout(Duration::from_secs(600), junction_chaos::run(args))
@@ -63,6 +61,44 @@ async fn a_short_seeded_run_finds_no_violation() {
     );
     assert!(results["faults_injected"].as_u64().unwrap_or(0) >= 1);
     assert!(results["check"]["ok"].as_u64().unwrap_or(0) > 0);
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_seeded_run_finds_no_violation() {
+    assert_clean_run(ChaosArgs {
+        duration: Duration::from_secs(25),
+        seed: Some(20_261_128),
+        fault_interval: Duration::from_secs(2),
+        ..ChaosArgs::default()
+    })
+    .await;
+}
+
+/// The secure configuration a deployment runs: TLS on every connection (mutual between
+/// nodes) and every client call authenticated with a tenant API key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_run_with_tls_and_auth_finds_no_violation() {
+    let results = assert_clean_run(ChaosArgs {
+        duration: Duration::from_secs(20),
+        seed: Some(20_261_205),
+        fault_interval: Duration::from_secs(2),
+        tls: true,
+        auth: true,
+        ..ChaosArgs::default()
+    })
+    .await;
+    // The consumer group and the pipeline ran with the key too.
+    assert!(
+        results["group"]["deliveries"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        results["group"]
+    );
+    assert!(
+        results["pipeline"]["completed"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        results["pipeline"]
+    );
 }
 
 /// A run with any flags, for long runs before `junction chaos` is wired into the binary:

@@ -120,6 +120,21 @@ impl std::fmt::Debug for Bearer {
     }
 }
 
+impl Bearer {
+    /// The header for `token` (an API key `jk_...`, a JWT or the admin token); `None`: calls
+    /// go without credentials. For callers that speak the raw gRPC stubs
+    /// (`BrokerClient::with_interceptor(channel, bearer)`).
+    pub fn new(token: Option<&str>) -> Result<Bearer, ClientError> {
+        match token {
+            Some(t) => format!("Bearer {}", t.trim())
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| ClientError::InvalidToken),
+            None => Ok(Bearer(None)),
+        }
+    }
+}
+
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
@@ -173,14 +188,7 @@ impl Client {
         if addrs.is_empty() {
             return Err(ClientError::NoAddresses);
         }
-        let bearer = match &options.token {
-            Some(t) => Bearer(Some(
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .map_err(|_| ClientError::InvalidToken)?,
-            )),
-            None => Bearer(None),
-        };
+        let bearer = Bearer::new(options.token.as_deref())?;
         Ok(Client {
             inner: Arc::new(Inner {
                 bearer,

@@ -43,7 +43,7 @@ mod tail;
 
 pub use admin::StationSpec;
 pub use broker::Start;
-pub use client::{Client, ClientOptions};
+pub use client::{AuthedChannel, Bearer, Client, ClientOptions};
 pub use error::ClientError;
 pub use group::{Acker, FENCED_REASON, GroupConsumer, GroupMessage, GroupOptions};
 pub use junction_proto::v1 as proto;
