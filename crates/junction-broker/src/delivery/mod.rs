@@ -21,6 +21,8 @@
 //! partition to another member (a new epoch), the old subscription ends with `Fenced` and its
 //! unacked messages go to the new owner.
 
+pub mod engine;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
