@@ -1,0 +1,399 @@
+//! Message schemas: compiling a schema once, validating payloads against it, and deciding
+//! whether a new version of a schema is compatible with the versions before it.
+//!
+//! Three kinds, as in the Confluent and Redpanda registries: Protobuf (a `.proto` file, compiled
+//! in process with `protox`, payloads decoded with `prost-reflect`), JSON Schema (the
+//! `jsonschema` crate, remote `$ref`s refused) and Avro (`apache-avro`, binary datums).
+//!
+//! Everything here is pure and bounded: a schema larger than [`Limits::max_schema_bytes`], a
+//! document nested deeper than [`Limits::max_depth`] or a payload larger than
+//! [`Limits::max_message_bytes`] is refused with a clear error before any work is done on it.
+//! The registry (versions, modes, which station uses what) lives in the metadata group; this
+//! crate only answers "is this payload valid" and "may this version follow those".
+//!
+//! ## Compatibility
+//! [`CompatibilityMode`] has the registries' meanings. `BACKWARD`: consumers using the new
+//! schema can read data written with the previous one. `FORWARD`: consumers still on the
+//! previous schema can read data written with the new one. `FULL`: both. The `_TRANSITIVE`
+//! variants check against every earlier version, not only the latest. [`check`] returns every
+//! violation found, each with the path of the field and the rule it breaks.
+
+mod avro;
+mod json;
+mod proto;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The schema languages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SchemaKind {
+    Protobuf,
+    Json,
+    Avro,
+}
+
+impl SchemaKind {
+    pub const ALL: [SchemaKind; 3] = [SchemaKind::Protobuf, SchemaKind::Json, SchemaKind::Avro];
+
+    /// The name the API and CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaKind::Protobuf => "protobuf",
+            SchemaKind::Json => "json",
+            SchemaKind::Avro => "avro",
+        }
+    }
+}
+
+impl fmt::Display for SchemaKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SchemaKind {
+    type Err = SchemaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "protobuf" | "proto" => Ok(SchemaKind::Protobuf),
+            "json" | "json-schema" | "jsonschema" => Ok(SchemaKind::Json),
+            "avro" => Ok(SchemaKind::Avro),
+            other => Err(SchemaError::UnknownKind(other.to_owned())),
+        }
+    }
+}
+
+/// Which earlier versions a new version must be compatible with, and in which direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CompatibilityMode {
+    /// Readers of the new version read data of the latest earlier version.
+    #[default]
+    Backward,
+    /// ... of every earlier version.
+    BackwardTransitive,
+    /// Readers of the latest earlier version read data of the new one.
+    Forward,
+    ForwardTransitive,
+    /// Both directions, against the latest earlier version.
+    Full,
+    FullTransitive,
+    /// No check.
+    None,
+}
+
+impl CompatibilityMode {
+    pub const ALL: [CompatibilityMode; 7] = [
+        CompatibilityMode::Backward,
+        CompatibilityMode::BackwardTransitive,
+        CompatibilityMode::Forward,
+        CompatibilityMode::ForwardTransitive,
+        CompatibilityMode::Full,
+        CompatibilityMode::FullTransitive,
+        CompatibilityMode::None,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompatibilityMode::Backward => "BACKWARD",
+            CompatibilityMode::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            CompatibilityMode::Forward => "FORWARD",
+            CompatibilityMode::ForwardTransitive => "FORWARD_TRANSITIVE",
+            CompatibilityMode::Full => "FULL",
+            CompatibilityMode::FullTransitive => "FULL_TRANSITIVE",
+            CompatibilityMode::None => "NONE",
+        }
+    }
+
+    fn backward(self) -> bool {
+        matches!(
+            self,
+            CompatibilityMode::Backward
+                | CompatibilityMode::BackwardTransitive
+                | CompatibilityMode::Full
+                | CompatibilityMode::FullTransitive
+        )
+    }
+
+    fn forward(self) -> bool {
+        matches!(
+            self,
+            CompatibilityMode::Forward
+                | CompatibilityMode::ForwardTransitive
+                | CompatibilityMode::Full
+                | CompatibilityMode::FullTransitive
+        )
+    }
+
+    fn transitive(self) -> bool {
+        matches!(
+            self,
+            CompatibilityMode::BackwardTransitive
+                | CompatibilityMode::ForwardTransitive
+                | CompatibilityMode::FullTransitive
+        )
+    }
+}
+
+impl fmt::Display for CompatibilityMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CompatibilityMode {
+    type Err = SchemaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
+        CompatibilityMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == norm)
+            .ok_or_else(|| SchemaError::UnknownMode(s.to_owned()))
+    }
+}
+
+/// Bounds on the work one schema or one message may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest schema text.
+    pub max_schema_bytes: usize,
+    /// Deepest nesting of a JSON document or schema, or of Protobuf and Avro values.
+    pub max_depth: usize,
+    /// Largest payload validated.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_schema_bytes: 1 << 20,
+            max_depth: 64,
+            max_message_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Why a schema could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    #[error("unknown schema type '{0}' (use protobuf, json or avro)")]
+    UnknownKind(String),
+    #[error(
+        "unknown compatibility mode '{0}' (use BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE)"
+    )]
+    UnknownMode(String),
+    #[error("the schema is {bytes} bytes; at most {limit} are accepted")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("the schema nests deeper than {limit} levels")]
+    TooDeep { limit: usize },
+    #[error("the {kind} schema does not parse: {message}")]
+    Parse { kind: SchemaKind, message: String },
+    #[error(
+        "the schema refers to '{0}', which is not in the schema itself (remote references are not fetched; inline the definition)"
+    )]
+    RemoteRef(String),
+    #[error("the Protobuf schema defines no message")]
+    NoMessage,
+    #[error("the Protobuf schema has no message named '{0}'")]
+    UnknownMessage(String),
+}
+
+/// Why a payload is not valid for a schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {rule}", if path.is_empty() { "message" } else { path.as_str() })]
+pub struct Invalid {
+    /// Where in the message (`items[2].sku`, `/items/2/sku`); empty for the whole message.
+    pub path: String,
+    /// What is wrong there.
+    pub rule: String,
+}
+
+impl Invalid {
+    fn whole(rule: impl Into<String>) -> Self {
+        Self {
+            path: String::new(),
+            rule: rule.into(),
+        }
+    }
+}
+
+/// One reason a version may not follow an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The earlier version it conflicts with.
+    pub version: u32,
+    /// `backward` (new readers, old data) or `forward` (old readers, new data).
+    pub direction: &'static str,
+    /// The field (or definition) concerned.
+    pub path: String,
+    /// A stable rule name (`FIELD_TYPE_CHANGED`, `REQUIRED_PROPERTY_ADDED`, ...).
+    pub rule: &'static str,
+    /// What changed, for people.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} against version {} ({}): {}: {}",
+            self.rule,
+            self.version,
+            self.direction,
+            if self.path.is_empty() {
+                "<root>"
+            } else {
+                &self.path
+            },
+            self.detail
+        )
+    }
+}
+
+/// A finding of a one-way check (`reader` reads data of `writer`), before it is tied to a
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Finding {
+    pub path: String,
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+impl Finding {
+    pub(crate) fn new(
+        path: impl Into<String>,
+        rule: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            rule,
+            detail: detail.into(),
+        }
+    }
+}
+
+enum Compiled {
+    Proto(proto::Compiled),
+    Json(json::Compiled),
+    Avro(avro::Compiled),
+}
+
+/// A compiled schema, ready to validate payloads. Compile once, share (it is `Send + Sync`).
+pub struct Schema {
+    kind: SchemaKind,
+    limits: Limits,
+    compiled: Compiled,
+}
+
+impl fmt::Debug for Schema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Schema")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Schema {
+    /// Compiles `text` as a schema of `kind`. For Protobuf, `message` names the message type
+    /// of the payloads (full name, or the name within the file's package); without it, the
+    /// file's first message.
+    pub fn compile(
+        kind: SchemaKind,
+        text: &str,
+        message: Option<&str>,
+        limits: Limits,
+    ) -> Result<Schema, SchemaError> {
+        if text.len() > limits.max_schema_bytes {
+            return Err(SchemaError::TooLarge {
+                bytes: text.len(),
+                limit: limits.max_schema_bytes,
+            });
+        }
+        let compiled = match kind {
+            SchemaKind::Protobuf => Compiled::Proto(proto::Compiled::new(text, message)?),
+            SchemaKind::Json => Compiled::Json(json::Compiled::new(text, &limits)?),
+            SchemaKind::Avro => Compiled::Avro(avro::Compiled::new(text, &limits)?),
+        };
+        Ok(Schema {
+            kind,
+            limits,
+            compiled,
+        })
+    }
+
+    pub fn kind(&self) -> SchemaKind {
+        self.kind
+    }
+
+    /// Checks one payload.
+    pub fn validate(&self, payload: &[u8]) -> Result<(), Invalid> {
+        if payload.len() > self.limits.max_message_bytes {
+            return Err(Invalid::whole(format!(
+                "the message is {} bytes; messages validated against a schema may have at most {}",
+                payload.len(),
+                self.limits.max_message_bytes
+            )));
+        }
+        match &self.compiled {
+            Compiled::Proto(c) => c.validate(payload, self.limits.max_depth),
+            Compiled::Json(c) => c.validate(payload, self.limits.max_depth),
+            Compiled::Avro(c) => c.validate(payload),
+        }
+    }
+
+    /// What goes wrong when a reader using `self` reads data written with `writer`.
+    fn can_read(&self, writer: &Schema) -> Vec<Finding> {
+        match (&self.compiled, &writer.compiled) {
+            (Compiled::Proto(r), Compiled::Proto(w)) => r.can_read(w),
+            (Compiled::Json(r), Compiled::Json(w)) => r.can_read(w, self.limits.max_depth),
+            (Compiled::Avro(r), Compiled::Avro(w)) => r.can_read(w),
+            _ => vec![Finding::new(
+                "",
+                "SCHEMA_TYPE_CHANGED",
+                format!("{} cannot replace {}", self.kind, writer.kind),
+            )],
+        }
+    }
+}
+
+/// Checks that `new` may follow `earlier` (`(version, schema)`, oldest first) under `mode`.
+/// Returns every violation; an empty history, or mode `NONE`, accepts anything.
+pub fn check(
+    new: &Schema,
+    earlier: &[(u32, &Schema)],
+    mode: CompatibilityMode,
+) -> Result<(), Vec<Violation>> {
+    let against: &[(u32, &Schema)] = if mode.transitive() {
+        earlier
+    } else {
+        earlier.last().map_or(&[], std::slice::from_ref)
+    };
+    let mut out = Vec::new();
+    for (version, old) in against {
+        if mode.backward() {
+            out.extend(new.can_read(old).into_iter().map(|f| Violation {
+                version: *version,
+                direction: "backward",
+                path: f.path,
+                rule: f.rule,
+                detail: f.detail,
+            }));
+        }
+        if mode.forward() {
+            out.extend(old.can_read(new).into_iter().map(|f| Violation {
+                version: *version,
+                direction: "forward",
+                path: f.path,
+                rule: f.rule,
+                detail: f.detail,
+            }));
+        }
+    }
+    if out.is_empty() { Ok(()) } else { Err(out) }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,470 @@
+//! The compatibility table per schema type, and validation of good and bad payloads.
+
+use super::*;
+
+fn compile(kind: SchemaKind, text: &str) -> Schema {
+    Schema::compile(kind, text, None, Limits::default())
+        .unwrap_or_else(|e| panic!("{kind} schema does not compile: {e}\n{text}"))
+}
+
+/// The rules broken when `versions` (oldest first, the last one new) are checked in `mode`;
+/// empty when compatible.
+fn rules(kind: SchemaKind, versions: &[&str], mode: CompatibilityMode) -> Vec<&'static str> {
+    let compiled: Vec<Schema> = versions.iter().map(|t| compile(kind, t)).collect();
+    let (new, earlier) = compiled.split_last().expect("at least one version");
+    let earlier: Vec<(u32, &Schema)> = earlier
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32 + 1, s))
+        .collect();
+    match check(new, &earlier, mode) {
+        Ok(()) => Vec::new(),
+        Err(v) => v.into_iter().map(|v| v.rule).collect(),
+    }
+}
+
+use CompatibilityMode::{
+    Backward, BackwardTransitive, Forward, ForwardTransitive, Full, FullTransitive,
+};
+
+// ---------- Protobuf ----------
+
+const PROTO_V1: &str = r#"syntax = "proto3";
+package shop;
+message Order { string id = 1; int32 qty = 2; Item item = 3; }
+message Item { string sku = 1; }
+"#;
+
+fn proto(body: &str) -> String {
+    format!(
+        "syntax = \"proto3\";\npackage shop;\n{body}\nmessage Item {{ string sku = 1; }}\nmessage Other {{ string x = 1; }}\n"
+    )
+}
+
+#[test]
+fn protobuf_compatibility_table() {
+    let p = SchemaKind::Protobuf;
+    let cases: Vec<(&str, String, CompatibilityMode, Vec<&str>)> = vec![
+        (
+            "add a field",
+            proto("message Order { string id = 1; int32 qty = 2; Item item = 3; double price = 4; }"),
+            Full,
+            vec![],
+        ),
+        (
+            "remove a field",
+            proto("message Order { string id = 1; Item item = 3; }"),
+            Full,
+            vec![],
+        ),
+        (
+            "rename a field (same number)",
+            proto("message Order { string id = 1; int32 quantity = 2; Item item = 3; }"),
+            Full,
+            vec![],
+        ),
+        (
+            "widen int32 to int64",
+            proto("message Order { string id = 1; int64 qty = 2; Item item = 3; }"),
+            Full,
+            vec![],
+        ),
+        (
+            "change a field's type",
+            proto("message Order { string id = 1; string qty = 2; Item item = 3; }"),
+            Backward,
+            vec!["FIELD_TYPE_CHANGED"],
+        ),
+        (
+            "change a field's message type",
+            proto("message Order { string id = 1; int32 qty = 2; Other item = 3; }"),
+            Forward,
+            vec!["FIELD_NAMED_TYPE_CHANGED"],
+        ),
+        (
+            "make a field repeated",
+            proto("message Order { string id = 1; repeated int32 qty = 2; Item item = 3; }"),
+            Backward,
+            vec!["FIELD_CARDINALITY_CHANGED"],
+        ),
+        (
+            "change a nested message's field",
+            "syntax = \"proto3\";\npackage shop;\nmessage Order { string id = 1; int32 qty = 2; Item item = 3; }\nmessage Item { int64 sku = 1; }\n".to_owned(),
+            Backward,
+            vec!["FIELD_TYPE_CHANGED"],
+        ),
+        (
+            "another root message",
+            "syntax = \"proto3\";\npackage shop;\nmessage Invoice { string id = 1; }\n".to_owned(),
+            Backward,
+            vec!["MESSAGE_CHANGED"],
+        ),
+    ];
+    for (name, v2, mode, want) in cases {
+        assert_eq!(rules(p, &[PROTO_V1, &v2], mode), want, "{name} ({mode})");
+    }
+    // Removed, then re-added with another type: fine against the latest version only.
+    let v2 = proto("message Order { string id = 1; Item item = 3; }");
+    let v3 = proto("message Order { string id = 1; string qty = 2; Item item = 3; }");
+    assert!(rules(p, &[PROTO_V1, &v2, &v3], Backward).is_empty());
+    assert_eq!(
+        rules(p, &[PROTO_V1, &v2, &v3], BackwardTransitive),
+        vec!["FIELD_TYPE_CHANGED"]
+    );
+    assert_eq!(
+        rules(p, &[PROTO_V1, &v2, &v3], FullTransitive),
+        vec!["FIELD_TYPE_CHANGED", "FIELD_TYPE_CHANGED"]
+    );
+    // proto2: a new required field breaks new readers of old data, not old readers.
+    let r1 = "syntax = \"proto2\";\nmessage Order { optional string id = 1; }\n";
+    let r2 =
+        "syntax = \"proto2\";\nmessage Order { optional string id = 1; required int32 qty = 2; }\n";
+    assert_eq!(rules(p, &[r1, r2], Backward), vec!["REQUIRED_FIELD_ADDED"]);
+    assert!(rules(p, &[r1, r2], Forward).is_empty());
+}
+
+#[test]
+fn protobuf_payloads() {
+    let s = compile(SchemaKind::Protobuf, PROTO_V1);
+    // id = "a", qty = 5, item { sku = "x" }
+    let good = [0x0a, 0x01, b'a', 0x10, 0x05, 0x1a, 0x03, 0x0a, 0x01, b'x'];
+    assert_eq!(s.validate(&good), Ok(()));
+    assert_eq!(s.validate(&[]), Ok(()), "proto3: every field may be absent");
+    // Field 9 is not in the schema.
+    let e = s.validate(&[0x0a, 0x01, b'a', 0x48, 0x01]).unwrap_err();
+    assert!(e.rule.contains("field number 9"), "{e}");
+    // ... nor field 7 of the nested item.
+    let e = s.validate(&[0x1a, 0x02, 0x38, 0x01]).unwrap_err();
+    assert_eq!(e.path, "item");
+    // Truncated: a length that runs past the end.
+    let e = s.validate(&[0x0a, 0x05, b'a']).unwrap_err();
+    assert!(e.rule.contains("not a valid shop.Order"), "{e}");
+    // A string that is not UTF-8.
+    assert!(s.validate(&[0x0a, 0x01, 0xff]).is_err());
+    // The payload type can be named.
+    let item = Schema::compile(
+        SchemaKind::Protobuf,
+        PROTO_V1,
+        Some("Item"),
+        Limits::default(),
+    )
+    .expect("Item");
+    assert_eq!(item.validate(&[0x0a, 0x01, b'x']), Ok(()));
+}
+
+#[test]
+fn protobuf_schemas_that_do_not_compile() {
+    let err = |text: &str, msg: Option<&str>| {
+        Schema::compile(SchemaKind::Protobuf, text, msg, Limits::default()).unwrap_err()
+    };
+    assert!(matches!(err("message {", None), SchemaError::Parse { .. }));
+    let e = err(
+        "syntax = \"proto3\";\nimport \"other/thing.proto\";\nmessage A { other.Thing t = 1; }\n",
+        None,
+    );
+    assert!(e.to_string().contains("other/thing.proto"), "{e}");
+    // The well-known types are available.
+    Schema::compile(
+        SchemaKind::Protobuf,
+        "syntax = \"proto3\";\nimport \"google/protobuf/timestamp.proto\";\nmessage A { google.protobuf.Timestamp at = 1; }\n",
+        None,
+        Limits::default(),
+    )
+    .expect("well-known import");
+    assert_eq!(
+        err("syntax = \"proto3\";\nenum E { A = 0; }\n", None),
+        SchemaError::NoMessage
+    );
+    assert_eq!(
+        err(PROTO_V1, Some("Nope")),
+        SchemaError::UnknownMessage("Nope".to_owned())
+    );
+}
+
+// ---------- JSON Schema ----------
+
+const JSON_CLOSED: &str = r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"}},"required":["id"],"additionalProperties":false}"#;
+const JSON_OPEN: &str = r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"}},"required":["id"]}"#;
+
+#[test]
+fn json_schema_compatibility_table() {
+    let j = SchemaKind::Json;
+    let cases: Vec<(&str, &str, &str, CompatibilityMode, Vec<&str>)> = vec![
+        (
+            "add an optional property to a closed model",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"},"note":{"type":"string"}},"required":["id"],"additionalProperties":false}"#,
+            Backward,
+            vec![],
+        ),
+        (
+            "... which old readers (closed) cannot take",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"},"note":{"type":"string"}},"required":["id"],"additionalProperties":false}"#,
+            Forward,
+            vec!["PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL"],
+        ),
+        (
+            "add a typed property to an open model",
+            JSON_OPEN,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"},"note":{"type":"string"}},"required":["id"]}"#,
+            Backward,
+            vec!["PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL"],
+        ),
+        (
+            "remove a property from an open model",
+            JSON_OPEN,
+            r#"{"type":"object","properties":{"id":{"type":"string"}},"required":["id"]}"#,
+            Backward,
+            vec![],
+        ),
+        (
+            "remove a property from a closed model",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"}},"required":["id"],"additionalProperties":false}"#,
+            Backward,
+            vec!["PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL"],
+        ),
+        (
+            "change a property's type",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"string"}},"required":["id"],"additionalProperties":false}"#,
+            Backward,
+            vec!["TYPE_CHANGED"],
+        ),
+        (
+            "widen integer to number",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"number"}},"required":["id"],"additionalProperties":false}"#,
+            Backward,
+            vec![],
+        ),
+        (
+            "... which old readers cannot take",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"number"}},"required":["id"],"additionalProperties":false}"#,
+            Forward,
+            vec!["TYPE_CHANGED"],
+        ),
+        (
+            "require a property",
+            JSON_CLOSED,
+            r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"integer"}},"required":["id","qty"],"additionalProperties":false}"#,
+            Backward,
+            vec!["REQUIRED_PROPERTY_ADDED"],
+        ),
+        (
+            "narrow a bound",
+            r#"{"type":"string","maxLength":20}"#,
+            r#"{"type":"string","maxLength":10}"#,
+            Backward,
+            vec!["BOUND_NARROWED"],
+        ),
+        (
+            "remove an enum value",
+            r#"{"enum":["a","b","c"]}"#,
+            r#"{"enum":["a","b"]}"#,
+            Full,
+            vec!["ENUM_VALUE_REMOVED"],
+        ),
+        (
+            "close an open model",
+            JSON_OPEN,
+            JSON_CLOSED,
+            Backward,
+            vec!["ADDITIONAL_PROPERTIES_NARROWED"],
+        ),
+        (
+            "a local $ref followed on both sides",
+            r##"{"$defs":{"q":{"type":"integer"}},"type":"object","properties":{"qty":{"$ref":"#/$defs/q"}},"additionalProperties":false}"##,
+            r##"{"$defs":{"q":{"type":"string"}},"type":"object","properties":{"qty":{"$ref":"#/$defs/q"}},"additionalProperties":false}"##,
+            Backward,
+            vec!["TYPE_CHANGED"],
+        ),
+        (
+            "a changed combinator is reported, not guessed",
+            r#"{"anyOf":[{"type":"string"},{"type":"integer"}]}"#,
+            r#"{"anyOf":[{"type":"string"}]}"#,
+            Backward,
+            vec!["COMBINATOR_CHANGED"],
+        ),
+    ];
+    for (name, v1, v2, mode, want) in cases {
+        assert_eq!(rules(j, &[v1, v2], mode), want, "{name} ({mode})");
+    }
+    // Identical versions are compatible in every mode, and a recursive definition ends.
+    let tree = r##"{"$defs":{"n":{"type":"object","properties":{"kids":{"type":"array","items":{"$ref":"#/$defs/n"}}}}},"$ref":"#/$defs/n"}"##;
+    for mode in [
+        Backward,
+        Forward,
+        Full,
+        BackwardTransitive,
+        ForwardTransitive,
+        FullTransitive,
+    ] {
+        assert!(rules(j, &[JSON_CLOSED, JSON_CLOSED], mode).is_empty());
+        assert!(rules(j, &[tree, tree, tree], mode).is_empty());
+    }
+}
+
+#[test]
+fn json_payloads() {
+    let s = compile(SchemaKind::Json, JSON_CLOSED);
+    assert_eq!(s.validate(br#"{"id":"a","qty":3}"#), Ok(()));
+    let e = s.validate(br#"{"id":"a","qty":"three"}"#).unwrap_err();
+    assert_eq!(e.path, "/qty");
+    let e = s.validate(br#"{"qty":3}"#).unwrap_err();
+    assert!(e.rule.contains("id"), "{e}");
+    let e = s.validate(b"\x00\x01binary").unwrap_err();
+    assert!(e.rule.starts_with("not a JSON document"), "{e}");
+    // Valid JSON, nested past the limit.
+    let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+    let e = s.validate(deep.as_bytes()).unwrap_err();
+    assert!(e.rule.contains("deeper than 64"), "{e}");
+    // The message does not echo the payload's values (they may be personal data).
+    let e = s
+        .validate(br#"{"id":"a","qty":"secret-value"}"#)
+        .unwrap_err();
+    assert!(!e.to_string().contains("secret-value"), "{e}");
+}
+
+#[test]
+fn json_schemas_that_do_not_compile() {
+    let err =
+        |text: &str| Schema::compile(SchemaKind::Json, text, None, Limits::default()).unwrap_err();
+    assert!(matches!(err("{not json"), SchemaError::Parse { .. }));
+    assert_eq!(
+        err(r#"{"properties":{"a":{"$ref":"https://example.com/a.json"}}}"#),
+        SchemaError::RemoteRef("https://example.com/a.json".to_owned())
+    );
+    assert_eq!(
+        err(r#"{"$ref":"other.json#/x"}"#),
+        SchemaError::RemoteRef("other.json#/x".to_owned())
+    );
+    assert!(matches!(
+        err(r#"{"type":"no-such-type"}"#),
+        SchemaError::Parse { .. }
+    ));
+    let huge = format!(r#"{{"description":"{}"}}"#, "x".repeat(2 << 20));
+    assert!(matches!(err(&huge), SchemaError::TooLarge { .. }));
+    let deep = format!("{}{{}}{}", r#"{"items":"#.repeat(80), "}".repeat(80));
+    assert_eq!(err(&deep), SchemaError::TooDeep { limit: 64 });
+}
+
+// ---------- Avro ----------
+
+const AVRO_V1: &str = r#"{"type":"record","name":"Order","fields":[{"name":"id","type":"string"},{"name":"qty","type":"int"}]}"#;
+
+fn avro(fields: &str) -> String {
+    format!(r#"{{"type":"record","name":"Order","fields":[{fields}]}}"#)
+}
+
+#[test]
+fn avro_compatibility_table() {
+    let a = SchemaKind::Avro;
+    let id = r#"{"name":"id","type":"string"}"#;
+    let cases: Vec<(&str, String, CompatibilityMode, usize)> = vec![
+        (
+            "add a field with a default",
+            avro(&format!(
+                r#"{id},{{"name":"qty","type":"int"}},{{"name":"note","type":"string","default":""}}"#
+            )),
+            Full,
+            0,
+        ),
+        (
+            "add a field without a default",
+            avro(&format!(
+                r#"{id},{{"name":"qty","type":"int"}},{{"name":"note","type":"string"}}"#
+            )),
+            Backward,
+            1,
+        ),
+        (
+            "... which old readers ignore",
+            avro(&format!(
+                r#"{id},{{"name":"qty","type":"int"}},{{"name":"note","type":"string"}}"#
+            )),
+            Forward,
+            0,
+        ),
+        ("remove a field", avro(id), Backward, 0),
+        ("... which old readers need", avro(id), Forward, 1),
+        (
+            "promote int to long",
+            avro(&format!(r#"{id},{{"name":"qty","type":"long"}}"#)),
+            Backward,
+            0,
+        ),
+        (
+            "... which old readers cannot narrow",
+            avro(&format!(r#"{id},{{"name":"qty","type":"long"}}"#)),
+            Forward,
+            1,
+        ),
+        (
+            "change a field's type",
+            avro(&format!(r#"{id},{{"name":"qty","type":"string"}}"#)),
+            Backward,
+            1,
+        ),
+    ];
+    for (name, v2, mode, n) in cases {
+        let got = rules(a, &[AVRO_V1, &v2], mode);
+        assert_eq!(got.len(), n, "{name} ({mode}): {got:?}");
+        assert!(got.iter().all(|r| *r == "AVRO_RESOLUTION_FAILS"));
+    }
+    // Removed, then re-added with another type (and a default): only the transitive check
+    // sees the conflict with version 1.
+    let v2 = avro(id);
+    let v3 = avro(&format!(
+        r#"{id},{{"name":"qty","type":"string","default":""}}"#
+    ));
+    assert!(rules(a, &[AVRO_V1, &v2, &v3], Backward).is_empty());
+    assert_eq!(rules(a, &[AVRO_V1, &v2, &v3], BackwardTransitive).len(), 1);
+}
+
+#[test]
+fn avro_payloads() {
+    let s = compile(SchemaKind::Avro, AVRO_V1);
+    // "ab" (zigzag length 2), qty 3 (zigzag 6)
+    assert_eq!(s.validate(&[0x04, b'a', b'b', 0x06]), Ok(()));
+    let e = s.validate(&[0x04, b'a', b'b', 0x06, 0x00]).unwrap_err();
+    assert!(e.rule.contains("1 bytes are left"), "{e}");
+    assert!(s.validate(&[0x04, b'a']).is_err(), "truncated");
+    assert!(s.validate(&[]).is_err(), "empty");
+}
+
+#[test]
+fn avro_schemas_that_do_not_compile() {
+    let err =
+        |text: &str| Schema::compile(SchemaKind::Avro, text, None, Limits::default()).unwrap_err();
+    assert!(matches!(
+        err(r#"{"type":"recrod"}"#),
+        SchemaError::Parse { .. }
+    ));
+    let e =
+        err(r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#);
+    assert!(e.to_string().contains("contains itself"), "{e}");
+    let e = err(&avro(r#"{"name":"qty","type":"int","default":"many"}"#));
+    assert!(matches!(e, SchemaError::Parse { .. }), "{e}");
+}
+
+#[test]
+fn kinds_and_modes_parse_and_a_kind_change_is_refused() {
+    for k in SchemaKind::ALL {
+        assert_eq!(k.as_str().parse::<SchemaKind>(), Ok(k));
+    }
+    for m in CompatibilityMode::ALL {
+        assert_eq!(m.as_str().parse::<CompatibilityMode>(), Ok(m));
+    }
+    assert_eq!("full-transitive".parse(), Ok(FullTransitive));
+    assert!("xml".parse::<SchemaKind>().is_err());
+    assert!("SIDEWAYS".parse::<CompatibilityMode>().is_err());
+    let j = compile(SchemaKind::Json, JSON_CLOSED);
+    let a = compile(SchemaKind::Avro, AVRO_V1);
+    let v = check(&a, &[(1, &j)], CompatibilityMode::Backward).unwrap_err();
+    assert_eq!(v[0].rule, "SCHEMA_TYPE_CHANGED");
+    assert!(check(&a, &[(1, &j)], CompatibilityMode::None).is_ok());
+    assert!(check(&a, &[], CompatibilityMode::FullTransitive).is_ok());
+}
