@@ -468,3 +468,121 @@ fn kinds_and_modes_parse_and_a_kind_change_is_refused() {
     assert!(check(&a, &[(1, &j)], CompatibilityMode::None).is_ok());
     assert!(check(&a, &[], CompatibilityMode::FullTransitive).is_ok());
 }
+
+// ---------- Generated documents ----------
+
+/// Deterministic generator for the property tests.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A document valid for [`ORDER_SCHEMA`], drawn from `rng`.
+fn order_doc(rng: &mut SplitMix) -> serde_json::Value {
+    use serde_json::json;
+    let n_items = 1 + rng.below(4);
+    let items: Vec<serde_json::Value> = (0..n_items)
+        .map(|i| {
+            json!({
+                "sku": format!("SKU-{}", rng.below(10_000)),
+                "qty": 1 + rng.below(99),
+                "price": (rng.below(100_000) as f64) / 100.0 + (i as f64),
+            })
+        })
+        .collect();
+    let status = ["new", "paid", "shipped"][rng.below(3) as usize];
+    let mut doc = json!({
+        "id": format!("o-{}", rng.below(1 << 20)),
+        "status": status,
+        "items": items,
+    });
+    if rng.below(2) == 0 {
+        doc["note"] = json!("x".repeat(rng.below(40) as usize));
+    }
+    doc
+}
+
+const ORDER_SCHEMA: &str = r#"{
+  "type": "object",
+  "properties": {
+    "id": {"type": "string", "minLength": 1},
+    "status": {"enum": ["new", "paid", "shipped"]},
+    "note": {"type": "string", "maxLength": 40},
+    "items": {
+      "type": "array", "minItems": 1,
+      "items": {
+        "type": "object",
+        "properties": {
+          "sku": {"type": "string", "pattern": "^SKU-[0-9]+$"},
+          "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+          "price": {"type": "number", "minimum": 0}
+        },
+        "required": ["sku", "qty"],
+        "additionalProperties": false
+      }
+    }
+  },
+  "required": ["id", "status", "items"],
+  "additionalProperties": false
+}"#;
+
+#[test]
+fn generated_documents_pass_and_each_mutation_is_refused_at_its_path() {
+    use serde_json::json;
+    let schema = compile(SchemaKind::Json, ORDER_SCHEMA);
+    for seed in 0..300 {
+        let mut rng = SplitMix(seed);
+        let doc = order_doc(&mut rng);
+        let bytes = serde_json::to_vec(&doc).expect("encode");
+        assert_eq!(schema.validate(&bytes), Ok(()), "seed {seed}: {doc}");
+        // One mutation, each breaking exactly one rule, and where it must be reported.
+        let i = rng.below(doc["items"].as_array().map_or(1, |a| a.len() as u64));
+        let mut bad = doc.clone();
+        let want_path = match rng.below(7) {
+            0 => {
+                bad.as_object_mut().map(|o| o.remove("id"));
+                String::new()
+            }
+            1 => {
+                bad["status"] = json!("lost");
+                "/status".to_owned()
+            }
+            2 => {
+                bad["items"][i as usize]["qty"] = json!(100);
+                format!("/items/{i}/qty")
+            }
+            3 => {
+                bad["items"][i as usize]["qty"] = json!("3");
+                format!("/items/{i}/qty")
+            }
+            4 => {
+                bad["items"][i as usize]["sku"] = json!("sku-1");
+                format!("/items/{i}/sku")
+            }
+            5 => {
+                bad["items"][i as usize]["colour"] = json!("red");
+                format!("/items/{i}")
+            }
+            _ => {
+                bad["items"] = json!([]);
+                "/items".to_owned()
+            }
+        };
+        let bytes = serde_json::to_vec(&bad).expect("encode");
+        let e = schema
+            .validate(&bytes)
+            .expect_err(&format!("seed {seed}: accepted {bad}"));
+        assert_eq!(e.path, want_path, "seed {seed}: {e} for {bad}");
+    }
+}
