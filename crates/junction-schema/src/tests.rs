@@ -471,25 +471,8 @@ fn kinds_and_modes_parse_and_a_kind_change_is_refused() {
 
 // ---------- Generated documents ----------
 
-/// Deterministic generator for the property tests.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// A document valid for [`ORDER_SCHEMA`], drawn from `rng`.
-fn order_doc(rng: &mut SplitMix) -> serde_json::Value {
+fn order_doc(rng: &mut junction_testkit::SplitMix) -> serde_json::Value {
     use serde_json::json;
     let n_items = 1 + rng.below(4);
     let items: Vec<serde_json::Value> = (0..n_items)
@@ -542,7 +525,7 @@ fn generated_documents_pass_and_each_mutation_is_refused_at_its_path() {
     use serde_json::json;
     let schema = compile(SchemaKind::Json, ORDER_SCHEMA);
     for seed in 0..300 {
-        let mut rng = SplitMix(seed);
+        let mut rng = junction_testkit::SplitMix(seed);
         let doc = order_doc(&mut rng);
         let bytes = serde_json::to_vec(&doc).expect("encode");
         assert_eq!(schema.validate(&bytes), Ok(()), "seed {seed}: {doc}");

@@ -408,21 +408,6 @@ mod tests {
         assert_eq!(b.rate(), 10);
     }
 
-    /// A tiny deterministic generator for the model test (no dependency on `rand`).
-    struct SplitMix(u64);
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// Model: a greedy client that sends random sizes and honours the wait it is given. At
     /// every point of the run, what was admitted never exceeds the burst plus the rate times
     /// the elapsed time plus one request; over the run it gets at least the rate (less a
@@ -430,7 +415,7 @@ mod tests {
     #[test]
     fn seeded_model_the_long_run_rate_is_the_quota() {
         for seed in 0..200u64 {
-            let mut rng = SplitMix(seed);
+            let mut rng = junction_testkit::SplitMix(seed);
             let rate = 1 + rng.below(100_000);
             let max_req = 1 + rng.below(rate * 2);
             let mut b = RateBucket::new(rate, 0);

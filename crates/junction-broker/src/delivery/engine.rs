@@ -1261,21 +1261,6 @@ mod tests {
         assert_eq!(deliveries(&step(&mut e, 1)), vec![("a".to_owned(), 10, 1)]);
     }
 
-    /// Tiny deterministic generator for the model test.
-    struct SplitMix(u64);
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
-
     /// What the model test remembers about deliveries it has seen.
     #[derive(Default)]
     struct Seen {
@@ -1390,7 +1375,7 @@ mod tests {
         on_exhausted: OnExhausted,
         per_key: u32,
     ) -> BTreeMap<&'static str, u64> {
-        let mut rng = SplitMix(seed);
+        let mut rng = junction_testkit::SplitMix(seed);
         let mut e = Engine::new(EngineSettings {
             mode,
             ack_wait_ms: 100,
