@@ -20,7 +20,7 @@ use junction_client::proto::QuotaLimits;
 use serde::Serialize;
 
 use crate::BenchArgs;
-use crate::load::{Counters, admin, produce, tenant_key};
+use crate::load::{Counters, admin, ensure_tenant, produce, tenant_key};
 
 /// The I4 targets: the quiet tenant keeps this share of its throughput...
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.90;
@@ -113,11 +113,7 @@ async fn tenant(
     messages_per_sec: u64,
 ) -> anyhow::Result<Option<String>> {
     let client = admin(addrs, args.token.as_deref())?;
-    match client.create_tenant(tenant).await {
-        Ok(()) => {}
-        Err(e) if e.is_already_exists() => {}
-        Err(e) => return Err(e).with_context(|| format!("creating tenant {tenant}")),
-    }
+    ensure_tenant(&client, tenant).await?;
     match client
         .create_station(station, args.partitions, args.replication_factor)
         .await
@@ -139,9 +135,7 @@ async fn tenant(
         .await
         .with_context(|| format!("setting the quota of {tenant}"))?;
     match &args.token {
-        Some(admin_token) => Ok(Some(
-            tenant_key(addrs, admin_token, tenant, "producer").await?,
-        )),
+        Some(_) => Ok(Some(tenant_key(&client, tenant, "producer").await?)),
         None => Ok(None),
     }
 }

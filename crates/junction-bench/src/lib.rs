@@ -224,7 +224,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         // The load calls with an API key of the station's tenant, as an application would.
         let station = args.station.clone().unwrap_or_else(load::default_station);
         let tenant = station.split_once('/').map_or("default", |(t, _)| t);
-        args.token = Some(load::tenant_key(&addrs, &admin_token, tenant, "admin").await?);
+        let admin = load::admin(&addrs, Some(&admin_token))?;
+        load::ensure_tenant(&admin, tenant).await?;
+        args.token = Some(load::tenant_key(&admin, tenant, "admin").await?);
         args.station = Some(station);
     }
     if args.workload == Workload::Isolation {

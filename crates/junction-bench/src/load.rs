@@ -140,22 +140,21 @@ pub(crate) fn default_station() -> String {
     )
 }
 
-/// Makes an API key of `tenant` with `role`, calling with the cluster-admin `admin_token`;
-/// creates the tenant first when it is not `default`. Returns the key's token.
-pub(crate) async fn tenant_key(
-    addrs: &[String],
-    admin_token: &str,
-    tenant: &str,
-    role: &str,
-) -> anyhow::Result<String> {
-    let admin = admin(addrs, Some(admin_token))?;
-    if tenant != "default" {
-        match admin.create_tenant(tenant).await {
-            Ok(()) => {}
-            Err(e) if e.is_already_exists() => {}
-            Err(e) => return Err(e).with_context(|| format!("creating tenant {tenant}")),
-        }
+/// Creates `tenant` unless it exists (`default` always does).
+pub(crate) async fn ensure_tenant(admin: &Client, tenant: &str) -> anyhow::Result<()> {
+    if tenant == "default" {
+        return Ok(());
     }
+    match admin.create_tenant(tenant).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_already_exists() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating tenant {tenant}")),
+    }
+}
+
+/// Makes an API key of `tenant` with `role` through `admin` (a cluster-admin client) and
+/// returns its token.
+pub(crate) async fn tenant_key(admin: &Client, tenant: &str, role: &str) -> anyhow::Result<String> {
     let key = admin
         .create_api_key(junction_proto::v1::CreateApiKeyRequest {
             tenant: tenant.to_owned(),

@@ -148,16 +148,13 @@ impl Spawned {
         };
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            // A complete token ends with its newline.
-            if let Ok(text) = std::fs::read_to_string(path)
-                && text.ends_with('\n')
-                && !text.trim().is_empty()
-            {
-                return Ok(Some(text.trim().to_owned()));
-            }
+            let reason = match junction_testkit::read_admin_token(path) {
+                Ok(token) => return Ok(Some(token)),
+                Err(reason) => reason,
+            };
             if tokio::time::Instant::now() >= deadline {
                 bail!(
-                    "no node wrote the admin token to {} within {limit:?}",
+                    "no node wrote the admin token to {} within {limit:?} ({reason})",
                     path.display()
                 );
             }

@@ -1,7 +1,7 @@
 //! How the run's clients reach the cluster: the CA they trust (a `--tls` run) and the
 //! credential they call with (an `--auth` run).
 
-use junction_client::{AuthedChannel, Bearer, ClientError, ClientOptions};
+use junction_client::{AuthedChannel, Bearer, Client, ClientError, ClientOptions};
 use junction_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Endpoint;
 
@@ -30,6 +30,18 @@ impl Access {
             token: self.token.clone(),
             ..ClientOptions::default()
         }
+    }
+
+    /// An SDK client of the nodes at `addrs` whose calls retry for up to `retry_deadline`.
+    pub fn client(
+        &self,
+        addrs: &std::collections::BTreeMap<u64, String>,
+        retry_deadline: std::time::Duration,
+    ) -> Result<Client, ClientError> {
+        Client::connect_with(
+            addrs.values().cloned(),
+            self.options().with_retry_deadline(retry_deadline),
+        )
     }
 
     /// A raw broker stub on `endpoint` (not connected yet) whose calls carry the credential.

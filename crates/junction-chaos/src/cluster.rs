@@ -583,13 +583,9 @@ impl Cluster {
         let path = self.admin_token_file();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let reason = match std::fs::read_to_string(&path) {
-                // A complete token ends with its newline.
-                Ok(text) if text.ends_with('\n') && !text.trim().is_empty() => {
-                    return Ok(Some(text.trim().to_owned()));
-                }
-                Ok(_) => "the file is still being written".to_owned(),
-                Err(e) => e.to_string(),
+            let reason = match junction_testkit::read_admin_token(&path) {
+                Ok(token) => return Ok(Some(token)),
+                Err(reason) => reason,
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClusterError::AdminToken { path, reason });

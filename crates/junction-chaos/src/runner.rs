@@ -146,12 +146,7 @@ async fn access(cluster: &mut Cluster, nodes: u64) -> anyhow::Result<Access> {
         tls: cluster.client_tls(),
         token: cluster.admin_token(SETUP_LIMIT).await?,
     };
-    let admin = Client::connect_with(
-        addrs.values().cloned(),
-        bootstrap
-            .options()
-            .with_retry_deadline(Duration::from_secs(10)),
-    )?;
+    let admin = bootstrap.client(&addrs, Duration::from_secs(10))?;
     wait_ready(&admin, nodes, cluster).await?;
     if bootstrap.token.is_none() {
         return Ok(bootstrap);
@@ -184,24 +179,14 @@ async fn drive(
 ) -> anyhow::Result<bool> {
     let addrs = cluster.grpc_addrs();
     let access = access(cluster, args.nodes).await?;
-    let admin = Client::connect_with(
-        addrs.values().cloned(),
-        access
-            .options()
-            .with_retry_deadline(Duration::from_secs(10)),
-    )?;
+    let admin = access.client(&addrs, Duration::from_secs(10))?;
     let layout = create_station(&admin, args).await?;
     create_output_station(&admin, args).await?;
     println!("chaos: station {STATION:?} ready: {layout:?}");
 
     let origin = Instant::now();
     let recorder = Arc::new(Recorder::new(origin));
-    let reader_client = Client::connect_with(
-        addrs.values().cloned(),
-        access
-            .options()
-            .with_retry_deadline(Duration::from_secs(60)),
-    )?;
+    let reader_client = access.client(&addrs, Duration::from_secs(60))?;
     let mut workload = Workload::start(
         &WorkloadSpec {
             station: STATION.to_owned(),
@@ -219,19 +204,9 @@ async fn drive(
         reader_client,
     )?;
 
-    let group_client = Client::connect_with(
-        addrs.values().cloned(),
-        access
-            .options()
-            .with_retry_deadline(Duration::from_secs(20)),
-    )?;
+    let group_client = access.client(&addrs, Duration::from_secs(20))?;
     let group = GroupChecker::start(group_client.clone(), STATION.to_owned(), recorder.clone());
-    let pipeline_client = Client::connect_with(
-        addrs.values().cloned(),
-        access
-            .options()
-            .with_retry_deadline(Duration::from_secs(60)),
-    )?;
+    let pipeline_client = access.client(&addrs, Duration::from_secs(60))?;
     let pipeline = PipelineRunner::start(pipeline_client.clone(), STATION.to_owned());
 
     // Faults.

@@ -232,3 +232,13 @@ impl SplitMix {
         self.next_u64() % n.max(1)
     }
 }
+
+/// The bootstrap admin token a node wrote to `path` (`--admin-token-file`), once the file is
+/// complete (a token ends with its newline); otherwise why it cannot be read yet.
+pub fn read_admin_token(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.ends_with('\n') && !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => Err("the file is still being written".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}

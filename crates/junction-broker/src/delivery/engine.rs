@@ -652,8 +652,11 @@ impl Engine {
         if self.members.is_empty() || self.ready.is_empty() {
             return;
         }
-        let candidates: Vec<u64> = self.ready.iter().copied().collect();
-        for offset in candidates {
+        // Walks the ready set in offset order without copying it; delivering removes the
+        // offset, skipping leaves it, and `from` moves past it either way.
+        let mut from = 0;
+        while let Some(offset) = self.ready.range(from..).next().copied() {
+            from = offset + 1;
             let shared = self.shared();
             if self.members.values().all(|m| m.room(shared) == 0) {
                 break;
@@ -859,23 +862,21 @@ impl Engine {
         s.queue.iter().take(window).any(|o| *o == offset)
     }
 
-    /// Recomputes which of a key's messages are ready to go.
+    /// Recomputes which of a key's messages are ready to go. Only the key's first
+    /// `max_in_flight_per_key` messages can be: a key's queue only loses messages, so one
+    /// never leaves that window once in it, and the rest of a long backlog is not looked at.
     fn refresh_key(&mut self, key: &[u8]) {
         let Some(s) = self.keys.get(key) else {
             return;
         };
         let window = self.settings.max_in_flight_per_key.max(1) as usize;
         let parked = s.parked.is_some();
-        let offsets: Vec<u64> = s.queue.iter().copied().collect();
-        for (i, o) in offsets.into_iter().enumerate() {
-            let ready = self
-                .entries
-                .get(&o)
-                .is_some_and(|e| e.state == State::Ready);
-            if ready && !parked && i < window {
-                self.ready.insert(o);
+        for o in s.queue.iter().take(window) {
+            let ready = self.entries.get(o).is_some_and(|e| e.state == State::Ready);
+            if ready && !parked {
+                self.ready.insert(*o);
             } else {
-                self.ready.remove(&o);
+                self.ready.remove(o);
             }
         }
     }
@@ -892,7 +893,10 @@ impl Engine {
         if let Some(k) = &e.key {
             let empty = match self.keys.get_mut(k) {
                 Some(s) => {
-                    s.queue.retain(|o| *o != offset);
+                    // Usually the head: found at once.
+                    if let Some(i) = s.queue.iter().position(|o| *o == offset) {
+                        s.queue.remove(i);
+                    }
                     s.queue.is_empty() && s.in_flight == 0 && s.parked.is_none()
                 }
                 None => false,
