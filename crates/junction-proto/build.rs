@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         root.join("junction/v1/broker.proto"),
         root.join("junction/v1/peer.proto"),
         root.join("junction/v1/groups.proto"),
+        root.join("junction/v1/schemas.proto"),
     ];
     let fds = protox::compile(&files, [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

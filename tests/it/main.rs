@@ -15,5 +15,6 @@ mod memory;
 mod process;
 mod quota;
 mod retention;
+mod schemas;
 mod snapshot;
 mod tls;

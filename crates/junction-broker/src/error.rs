@@ -103,6 +103,22 @@ pub enum BrokerError {
         limit: u64,
         used: u64,
     },
+    /// A schema that does not compile (or exceeds a limit).
+    #[error("invalid schema: {0}")]
+    InvalidSchema(String),
+    /// A schema version that may not follow the earlier ones under the schema's mode.
+    #[error(
+        "the new version of schema '{name}' is not {mode} compatible: {}",
+        .violations.join("; ")
+    )]
+    IncompatibleSchema {
+        name: String,
+        mode: junction_types::schema::Compatibility,
+        violations: Vec<String>,
+    },
+    /// A produced message that its station's schema refuses.
+    #[error("{0}")]
+    InvalidMessage(crate::schemas::InvalidMessage),
     /// The feature exists in the API but this build does not provide it.
     #[error("{0}")]
     Unimplemented(String),

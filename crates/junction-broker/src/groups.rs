@@ -131,7 +131,7 @@ impl Broker {
     /// Creates the dead-letter station now if it can. When it cannot (say, a replica node is
     /// down), the group is created anyway and the controller's session loop keeps trying;
     /// dead letters wait for it.
-    async fn try_dead_letter_station(&self, station: &StationName) {
+    pub(crate) async fn try_dead_letter_station(&self, station: &StationName) {
         if let Err(e) = self.ensure_dead_letter_station(station).await {
             tracing::warn!(station = %station.full(), error = %e, "dead-letter station not created yet; will retry");
         }
@@ -335,11 +335,21 @@ impl Broker {
             let meta = self.metadata();
             if last_dls_check.is_none_or(|t| t.elapsed() >= LEADER_REFRESH) {
                 last_dls_check = Some(Instant::now());
+                // Stations with groups, and stations whose schema dead-letters invalid
+                // messages, need a dead-letter station.
+                let dead_lettering = meta.schemas.bindings.iter().filter_map(|(st, b)| {
+                    (b.on_invalid == junction_types::schema::OnInvalid::DeadLetter).then_some(st)
+                });
                 let missing: std::collections::BTreeSet<String> = meta
                     .groups
                     .values()
-                    .filter(|g| !meta.stations.contains_key(&dead_letter_station(&g.station)))
-                    .map(|g| g.station.clone())
+                    .map(|g| &g.station)
+                    .chain(dead_lettering)
+                    .filter(|st| {
+                        meta.stations.contains_key(*st)
+                            && !meta.stations.contains_key(&dead_letter_station(st))
+                    })
+                    .cloned()
                     .collect();
                 for st in missing {
                     if let Ok(name) = StationName::parse(&st) {

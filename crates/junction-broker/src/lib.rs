@@ -26,6 +26,7 @@ pub mod producers;
 pub mod quota;
 mod reconcile;
 pub mod retention;
+pub mod schemas;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub struct BrokerConfig {
     pub peer_port_offset: u16,
     /// TLS of the connections to other nodes' peer ports; `None`: plaintext.
     pub peer_tls: Option<junction_tls::ClientTls>,
+    /// Longest the schema validation of one message may take before it is refused.
+    pub schema_validation_limit: Duration,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -100,6 +103,8 @@ pub struct Broker {
     retention_passes: std::sync::atomic::AtomicU64,
     /// Rate buckets, stored-bytes tallies and open streams of tenants with quotas.
     quotas: quota::NodeQuotas,
+    /// Compiled schema versions.
+    schema_cache: schemas::SchemaCache,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -195,6 +200,7 @@ impl Broker {
             dead_letters: std::sync::OnceLock::new(),
             retention_passes: std::sync::atomic::AtomicU64::new(0),
             quotas: quota::NodeQuotas::default(),
+            schema_cache: schemas::SchemaCache::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -259,7 +265,7 @@ impl Broker {
         let _ = self.dead_letters.set(sink);
     }
 
-    pub(crate) fn dead_letter_sink(&self) -> Option<Arc<dyn delivery::DeadLetterSink>> {
+    pub fn dead_letter_sink(&self) -> Option<Arc<dyn delivery::DeadLetterSink>> {
         self.dead_letters.get().cloned()
     }
 
@@ -352,7 +358,7 @@ impl Broker {
         group: GroupId,
         records: Vec<Record>,
     ) -> Result<Appended, BrokerError> {
-        self.enqueue_append(group, records, None)
+        self.enqueue_append(group, records, None, None)
             .await?
             .await
             .map_err(|_| {
@@ -370,18 +376,22 @@ impl Broker {
         group: GroupId,
         records: Vec<Record>,
         producer: Option<junction_types::exactly_once::ProducerBatch>,
+        sequence_span: Option<u32>,
     ) -> Result<oneshot::Receiver<Result<Appended, BrokerError>>, BrokerError> {
         let replica = self.partition(group).ok_or(BrokerError::NotHosted {
             node: self.cfg.node_id,
             group,
         })?;
         let bytes = records.iter().map(Record::size).sum();
+        let sequence_span =
+            sequence_span.unwrap_or_else(|| u32::try_from(records.len()).unwrap_or(u32::MAX));
         let (tx, rx) = oneshot::channel();
         replica
             .appends
             .send(partition::AppendRequest {
                 records,
                 producer,
+                sequence_span,
                 bytes,
                 reply: tx,
             })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use junction_raft::{PartitionRaft, PartitionShared};
-use junction_types::command::{AppendBatch, BatchOutcome};
+use junction_types::command::{AppendBatch, BatchOutcome, SpannedBatch};
 use junction_types::exactly_once::{AppendReject, DeliveryPolicy, Placement, ProducerBatch};
 use junction_types::{Command, CommandResponse, GroupId, NodeId, PartitionCommand, Record};
 use openraft::async_runtime::watch::WatchReceiver;
@@ -50,6 +50,9 @@ pub(crate) struct AppendRequest {
     pub(crate) records: Vec<Record>,
     /// Set by idempotent producers.
     pub(crate) producer: Option<ProducerBatch>,
+    /// The producer sequence numbers the request covers (more than `records` when some were
+    /// dead-lettered before it got here).
+    pub(crate) sequence_span: u32,
     pub(crate) bytes: usize,
     pub(crate) reply: oneshot::Sender<Result<Appended, BrokerError>>,
 }
@@ -182,7 +185,27 @@ pub(crate) async fn run_batcher(
         let exactly_once =
             delivery.dedup_window_ms.is_some() || reqs.iter().any(|r| r.producer.is_some());
         let mut waiters = Vec::with_capacity(reqs.len());
-        let cmd = if exactly_once {
+        let spanned = reqs
+            .iter()
+            .any(|r| r.producer.is_some() && r.sequence_span as usize != r.records.len());
+        let cmd = if spanned {
+            let mut batches = Vec::with_capacity(reqs.len());
+            for r in reqs {
+                waiters.push((r.records.len() as u64, r.reply));
+                batches.push(SpannedBatch {
+                    sequence_span: r.sequence_span,
+                    batch: AppendBatch {
+                        producer: r.producer,
+                        records: r.records,
+                    },
+                });
+            }
+            PartitionCommand::AppendSpanned {
+                timestamp_ms: now_ms(),
+                delivery,
+                batches,
+            }
+        } else if exactly_once {
             let mut batches = Vec::with_capacity(reqs.len());
             for r in reqs {
                 waiters.push((r.records.len() as u64, r.reply));

@@ -223,6 +223,8 @@ pub(crate) fn station_json(s: &StationInfo) -> Value {
         "created_at_ms": s.created_at_ms,
         "partition_info": s.partition_info.iter().map(partition_json).collect::<Vec<_>>(),
         "policy": crate::policy::policy_json(s),
+        "schema": (!s.schema.is_empty()).then_some(&s.schema),
+        "on_invalid": (!s.schema.is_empty()).then_some(&s.on_invalid),
     })
 }
 

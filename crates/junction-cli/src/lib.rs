@@ -15,6 +15,7 @@ mod group;
 mod policy;
 mod produce;
 mod read;
+mod schema;
 mod station;
 mod tenant;
 
@@ -25,6 +26,7 @@ pub use dev::{DevArgs, run_dev};
 pub use group::{ConsumeArgs, DlsArgs, DlsCommand, GroupArgs, GroupCommand};
 pub use produce::ProduceArgs;
 pub use read::ReadArgs;
+pub use schema::{SchemaArgs, SchemaCommand};
 pub use station::{StationArgs, StationCommand};
 pub use tenant::{TenantArgs, TenantCommand};
 
@@ -49,6 +51,8 @@ pub enum ClientCommand {
     Group(GroupArgs),
     /// List and re-send dead letters.
     Dls(DlsArgs),
+    /// The schema registry: register, check, list, describe, delete; bind stations.
+    Schema(SchemaArgs),
 }
 
 /// Runs one client command.
@@ -63,6 +67,7 @@ pub async fn run_client(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Consume(args) => group::consume(args).await,
         ClientCommand::Group(args) => group::group(args).await,
         ClientCommand::Dls(args) => group::dls(args).await,
+        ClientCommand::Schema(args) => schema::run(args).await,
     }
 }
 

@@ -32,6 +32,14 @@ pub enum StationCommand {
         /// Largest accepted message in bytes [default: the server's maximum].
         #[arg(long)]
         max_message_bytes: Option<u32>,
+        /// Validate produced messages with this schema of the station's tenant: SCHEMA (the
+        /// latest version, following new ones) or SCHEMA@VERSION.
+        #[arg(long)]
+        schema: Option<String>,
+        /// With --schema: reject (an invalid message fails its batch) or dead_letter (it goes
+        /// to the dead-letter station NAME.dls, the rest is stored).
+        #[arg(long, default_value = "reject", requires = "schema")]
+        on_invalid: String,
         #[command(flatten)]
         policy: Box<PolicyArgs>,
     },
@@ -70,12 +78,18 @@ pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
             partitions,
             replication_factor,
             max_message_bytes,
+            schema,
+            on_invalid,
             policy,
         } => {
             let mut spec = StationSpec::new(&name)
                 .partitions(partitions)
                 .replication_factor(replication_factor)
                 .max_message_bytes(max_message_bytes.unwrap_or(0));
+            if let Some(schema) = &schema {
+                let (schema, version) = crate::schema::schema_ref(schema)?;
+                spec = spec.schema(&schema, version, &on_invalid);
+            }
             if policy.any() {
                 spec = spec.policy(policy.apply(Default::default())?);
             }
@@ -181,6 +195,12 @@ fn describe_text(s: &StationInfo) -> String {
     header.row(vec!["created".into(), format_time_ms(s.created_at_ms)]);
     for (k, v) in policy_rows(s) {
         header.row(vec![k, v]);
+    }
+    if !s.schema.is_empty() {
+        header.row(vec![
+            "schema".into(),
+            format!("{} (on invalid: {})", s.schema, s.on_invalid),
+        ]);
     }
     let mut table = Table::new([
         "PARTITION",

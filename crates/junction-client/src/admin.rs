@@ -1,11 +1,11 @@
 //! Tenants, stations and cluster status.
 
 use junction_proto::v1::{
-    ApiKeyInfo, ClusterStatusRequest, ClusterStatusResponse, CreateApiKeyRequest,
-    CreateApiKeyResponse, CreateStationRequest, CreateTenantRequest, DeleteStationRequest,
-    DescribeStationRequest, GetQuotaRequest, ListApiKeysRequest, ListStationsRequest,
-    ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, SetQuotaRequest, StationInfo,
-    StationPolicy, TenantQuota, UpdateStationRequest, WhoAmIRequest, WhoAmIResponse,
+    ApiKeyInfo, AttachSchemaRequest, ClusterStatusRequest, ClusterStatusResponse,
+    CreateApiKeyRequest, CreateApiKeyResponse, CreateStationRequest, CreateTenantRequest,
+    DeleteStationRequest, DescribeStationRequest, GetQuotaRequest, ListApiKeysRequest,
+    ListStationsRequest, ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, SetQuotaRequest,
+    StationInfo, StationPolicy, TenantQuota, UpdateStationRequest, WhoAmIRequest, WhoAmIResponse,
 };
 
 use crate::client::Client;
@@ -24,6 +24,8 @@ pub struct StationSpec {
     pub max_message_bytes: u32,
     /// Storage, retention and compaction; `None` means file storage and no limits.
     pub policy: Option<StationPolicy>,
+    /// A schema to bind the station to (a schema of its tenant).
+    pub schema: Option<AttachSchemaRequest>,
 }
 
 impl StationSpec {
@@ -35,7 +37,20 @@ impl StationSpec {
             replication_factor: 0,
             max_message_bytes: 0,
             policy: None,
+            schema: None,
         }
+    }
+
+    /// Binds the new station to a schema (`version: None`: the latest); `on_invalid`:
+    /// `reject` or `dead_letter`.
+    pub fn schema(mut self, schema: &str, version: Option<u32>, on_invalid: &str) -> Self {
+        self.schema = Some(AttachSchemaRequest {
+            station: self.name.clone(),
+            schema: schema.to_owned(),
+            version,
+            on_invalid: on_invalid.to_owned(),
+        });
+        self
     }
 
     /// Sets the storage, retention and compaction policy.
@@ -210,6 +225,7 @@ impl Client {
             replication_factor: spec.replication_factor,
             max_message_bytes: spec.max_message_bytes,
             policy: spec.policy,
+            schema: spec.schema,
         };
         let resp = self
             .with_retry(|ch| {

@@ -39,6 +39,7 @@ mod group;
 mod pipeline;
 mod producer;
 mod retry;
+mod schemas;
 mod tail;
 
 pub use admin::StationSpec;
@@ -54,5 +55,6 @@ pub use junction_proto::v1::{
 pub use pipeline::{Completer, Pipeline, PipelineOptions, output_msg_id};
 pub use producer::{Producer, ProducerOptions, SendFuture};
 pub use retry::{LEADER_ADDR_KEY, NOT_LEADER_REASON, THROTTLED_REASON};
+pub use schemas::SchemaSpec;
 pub use tail::{TAIL_BUFFER, TailStream};
 pub use tonic::Code;

@@ -60,10 +60,10 @@ pub const PARTITION_STATE: Format = Format {
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
 /// settings and the producer id registry; since version 3 with API keys; since version 4
-/// with tenants' quotas).
+/// with tenants' quotas; since version 5 with the schema registry).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 4,
+    version: 5,
 };
 /// One stored message.
 pub const RECORD: Format = Format {
@@ -169,13 +169,14 @@ pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<
     })
 }
 
-/// Decodes the metadata state, upgrading versions 1 to 3.
+/// Decodes the metadata state, upgrading versions 1 to 4.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    use junction_types::meta::{v1, v2, v3};
+    use junction_types::meta::{v1, v2, v3, v4};
     decode_upgrading(&META_STATE, b, |version, body| match version {
         1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
         2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
         3 => Some(decode_body::<v3::MetaStateV3>(&META_STATE, body).map(Into::into)),
+        4 => Some(decode_body::<v4::MetaStateV4>(&META_STATE, body).map(Into::into)),
         _ => None,
     })
 }
@@ -267,11 +268,11 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 5;
+        bytes[0] = 6;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 5; this build reads version 4 (written by a \
+            "metadata state is in format version 6; this build reads version 5 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
@@ -354,9 +355,19 @@ mod tests {
         frozen(
             &META_STATE,
             &meta,
-            "04010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+            "05010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
              028108010764656661756c74066f72646572730100010100\
-             0000",
+             00000000",
+        );
+        // Version 4 (before schemas) is still read.
+        assert_eq!(
+            decode_meta_state(&unhex(
+                "04010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+                 028108010764656661756c74066f72646572730100010100\
+                 0000"
+            ))
+            .unwrap(),
+            meta
         );
         // Version 3 (before quotas) is still read.
         assert_eq!(
@@ -419,9 +430,9 @@ mod tests {
         frozen(
             &META_STATE,
             &keyed,
-            "04010764656661756c7400000100010100000000011030313233343536373839616263646566\
+            "05010764656661756c7400000100010100000000011030313233343536373839616263646566\
              10303132333435363738396162636465660764656661756c740101066f7264657273\
-             abababababababababababababababababababababababababababababababab02636980a0bfe9d666000000",
+             abababababababababababababababababababababababababababababababab02636980a0bfe9d6660000000000",
         );
         // Quotas: the command that sets some, and the state that holds them.
         let set_quota = Entry {
@@ -460,7 +471,93 @@ mod tests {
         frozen(
             &META_STATE,
             &limited,
-            "04010764656661756c740000010001010000000000010764656661756c740103808080800400",
+            "05010764656661756c740000010001010000000000010764656661756c7401038080808004000000",
+        );
+        // Schemas: the commands that register a version and bind a station, the entry of a
+        // batch with dead-lettered messages, and the state that holds a schema.
+        let register = Entry {
+            log_id: log_id(3, 1, 15),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::RegisterSchema {
+                version: junction_types::schema::NewVersion {
+                    tenant: "default".into(),
+                    name: "orders".into(),
+                    kind: junction_types::schema::SchemaType::Json,
+                    compatibility: junction_types::schema::Compatibility::Full,
+                    text: "{}".into(),
+                    message: None,
+                    expected_latest: None,
+                    now_ms: 1_764_000_000_000,
+                },
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &register,
+            "0103010f01000e0764656661756c74066f72646572730104027b7d000080a0bfe9d666",
+        );
+        let binding = junction_types::schema::SchemaBinding {
+            schema: "orders".into(),
+            version: Some(1),
+            on_invalid: junction_types::schema::OnInvalid::DeadLetter,
+        };
+        let bind = Entry {
+            log_id: log_id(3, 1, 16),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::BindSchema {
+                station: "default/s".into(),
+                binding: Some(binding.clone()),
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &bind,
+            "010301100100110964656661756c742f7301066f7264657273010101",
+        );
+        let spanned = Entry {
+            log_id: log_id(3, 1, 17),
+            payload: EntryPayload::Normal(Command::Partition(
+                junction_types::PartitionCommand::AppendSpanned {
+                    timestamp_ms: 1_700_000_000_000,
+                    delivery: junction_types::exactly_once::DeliveryPolicy::default(),
+                    batches: vec![junction_types::command::SpannedBatch {
+                        batch: junction_types::command::AppendBatch {
+                            producer: Some(junction_types::exactly_once::ProducerBatch {
+                                id: 7,
+                                epoch: 1,
+                                base_sequence: 40,
+                            }),
+                            records: vec![junction_types::Record {
+                                key: None,
+                                headers: vec![],
+                                payload: b"p".to_vec(),
+                            }],
+                        },
+                        sequence_span: 3,
+                    }],
+                },
+            )),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &spanned,
+            "0103011101010a80a0abfef96200c0843d8088b2a0020101070128010000017003",
+        );
+        let mut schemas = MetaState::default();
+        let Entry {
+            payload: EntryPayload::Normal(Command::Meta(cmd)),
+            ..
+        } = register
+        else {
+            panic!("not a metadata command")
+        };
+        assert!(matches!(
+            schemas.apply(&cmd),
+            CommandResponse::SchemaRegistered(_)
+        ));
+        schemas.schemas.bindings.insert("default/s".into(), binding);
+        frozen(
+            &META_STATE,
+            &schemas,
+            "05010764656661756c74000001000101000000000000010764656661756c74066f72646572730104010101027b7d0080a0bfe9d66602010964656661756c742f73066f7264657273010101",
         );
         // Version 1 (before producers and exactly-once settings) is still read.
         assert_eq!(

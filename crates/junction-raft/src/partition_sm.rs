@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
-use junction_types::command::{AppendBatch, BatchOutcome};
+use junction_types::command::{BatchOutcome, SpannedBatch};
 use junction_types::exactly_once::{
     DedupIndex, DeliveryPolicy, MSG_ID_HEADER, Placement, ProducerTable, SequenceCheck,
 };
@@ -216,7 +216,7 @@ impl PartitionStateMachine {
         state: &mut PartitionState,
         timestamp_ms: i64,
         delivery: &DeliveryPolicy,
-        batches: Vec<AppendBatch>,
+        batches: Vec<SpannedBatch>,
     ) -> Result<CommandResponse, RaftStoreError> {
         let ts = timestamp_ms.max(state.last_timestamp_ms);
         self.producers.expire(ts, delivery.producer_expiry_ms);
@@ -228,9 +228,15 @@ impl PartitionStateMachine {
         // What the batches store, written at the end in one go (one size-index record per
         // entry, as for a plain append); `next` is where the next stored record lands.
         let mut stored: Vec<Record> = Vec::new();
-        for batch in batches {
+        for SpannedBatch {
+            batch,
+            sequence_span,
+        } in batches
+        {
             let next = state.next_offset + stored.len() as u64;
-            let count = u32::try_from(batch.records.len()).unwrap_or(u32::MAX);
+            // The producer's sequence counts what it sent, including records taken out before
+            // the entry (a plain batch's span is its length).
+            let count = sequence_span;
             if let Some(p) = &batch.producer {
                 match self.producers.check(p, count) {
                     SequenceCheck::Append => {}
@@ -378,6 +384,20 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     }
                 }
                 EntryPayload::Normal(Command::Partition(PartitionCommand::AppendBatches {
+                    timestamp_ms,
+                    delivery,
+                    batches,
+                })) => {
+                    let batches = batches
+                        .into_iter()
+                        .map(|batch| SpannedBatch {
+                            sequence_span: u32::try_from(batch.records.len()).unwrap_or(u32::MAX),
+                            batch,
+                        })
+                        .collect();
+                    self.append_batches(&mut b, &mut state, timestamp_ms, &delivery, batches)?
+                }
+                EntryPayload::Normal(Command::Partition(PartitionCommand::AppendSpanned {
                     timestamp_ms,
                     delivery,
                     batches,

@@ -395,5 +395,31 @@ pub fn check(
     if out.is_empty() { Ok(()) } else { Err(out) }
 }
 
+impl From<junction_types::schema::SchemaType> for SchemaKind {
+    fn from(t: junction_types::schema::SchemaType) -> Self {
+        use junction_types::schema::SchemaType;
+        match t {
+            SchemaType::Protobuf => SchemaKind::Protobuf,
+            SchemaType::Json => SchemaKind::Json,
+            SchemaType::Avro => SchemaKind::Avro,
+        }
+    }
+}
+
+impl From<junction_types::schema::Compatibility> for CompatibilityMode {
+    fn from(c: junction_types::schema::Compatibility) -> Self {
+        use junction_types::schema::Compatibility;
+        match c {
+            Compatibility::Backward => CompatibilityMode::Backward,
+            Compatibility::BackwardTransitive => CompatibilityMode::BackwardTransitive,
+            Compatibility::Forward => CompatibilityMode::Forward,
+            Compatibility::ForwardTransitive => CompatibilityMode::ForwardTransitive,
+            Compatibility::Full => CompatibilityMode::Full,
+            Compatibility::FullTransitive => CompatibilityMode::FullTransitive,
+            Compatibility::None => CompatibilityMode::None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

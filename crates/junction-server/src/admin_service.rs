@@ -9,11 +9,12 @@ use junction_broker::{Broker, BrokerError};
 use junction_proto::v1::admin_server::Admin;
 use junction_proto::v1::*;
 use junction_types::auth::{ApiKey, Operation, Refusal, Role};
+use junction_types::schema::SchemaBinding;
 use junction_types::{MetaError, StationMeta, StationName};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, allow_cluster, allow_station, allow_tenant};
-use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
+use crate::forward::{ClientPool, forwarded, hops_of, with_hops};
 use crate::status::to_status;
 
 /// Serves station, tenant and cluster administration.
@@ -34,14 +35,7 @@ impl AdminService {
 
     /// Returns the controller's address when this node is not the controller.
     fn controller_addr(&self, hops: u32) -> Result<Option<String>, Status> {
-        match self.broker.ensure_controller() {
-            Ok(()) => Ok(None),
-            Err(BrokerError::NotLeader {
-                leader: Some((_, addr)),
-                ..
-            }) if hops < MAX_HOPS => Ok(Some(addr)),
-            Err(e) => Err(to_status(e)),
-        }
+        crate::forward::controller_addr(&self.broker, hops)
     }
 }
 
@@ -49,9 +43,18 @@ fn parse(name: &str) -> Result<StationName, Status> {
     StationName::parse(name).map_err(|e| to_status(e.into()))
 }
 
-/// Converts a station and (optionally) the cluster's view of its partitions.
-pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> StationInfo {
+/// Converts a station, its schema binding and (optionally) the cluster's view of its
+/// partitions.
+pub fn station_info(
+    s: &StationMeta,
+    binding: Option<&SchemaBinding>,
+    views: Option<&[PartitionView]>,
+) -> StationInfo {
     StationInfo {
+        schema: binding.map(ToString::to_string).unwrap_or_default(),
+        on_invalid: binding
+            .map(|b| b.on_invalid.as_str().to_owned())
+            .unwrap_or_default(),
         tenant: s.tenant.clone(),
         name: s.name.clone(),
         partitions: s.partitions.len() as u32,
@@ -82,14 +85,16 @@ pub fn station_info(s: &StationMeta, views: Option<&[PartitionView]>) -> Station
 
 fn describe(broker: &Broker, s: &StationMeta, probe: &Probe) -> StationInfo {
     let views = broker.partition_views(s, probe);
-    station_info(s, Some(&views))
+    let meta = broker.metadata();
+    station_info(s, meta.schemas.bindings.get(&s.full_name()), Some(&views))
 }
 
 /// Like [`describe`], with each partition's stored messages and bytes.
 async fn describe_measured(broker: &Broker, s: &StationMeta, probe: &Probe) -> StationInfo {
     let mut views = broker.partition_views(s, probe);
     broker.measure_partitions(&mut views).await;
-    station_info(s, Some(&views))
+    let meta = broker.metadata();
+    station_info(s, meta.schemas.bindings.get(&s.full_name()), Some(&views))
 }
 
 #[tonic::async_trait]
@@ -151,6 +156,15 @@ impl Admin for AdminService {
                 .map_err(forwarded);
         }
         let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
+        let binding = r
+            .schema
+            .as_ref()
+            .map(crate::schemas_service::binding_of)
+            .transpose()?;
+        if let Some(b) = &binding {
+            // Refuse before creating anything: the schema (and version) must exist.
+            crate::schemas_service::check_binding(&self.broker, &name, b)?;
+        }
         let partitions = if r.partitions == 0 { 1 } else { r.partitions };
         let rf = match r.replication_factor {
             0 if self.broker.node_addrs().len() >= 3 => 3,
@@ -169,6 +183,12 @@ impl Admin for AdminService {
             )
             .await
             .map_err(to_status)?;
+        if binding.is_some() {
+            self.broker
+                .bind_schema(&name, binding)
+                .await
+                .map_err(to_status)?;
+        }
         let probe = self.broker.probe_nodes().await;
         Ok(Response::new(CreateStationResponse {
             station: Some(describe(&self.broker, &s, &probe)),
@@ -187,7 +207,7 @@ impl Admin for AdminService {
             .values()
             .filter(|s| tenant.is_empty() || s.tenant == tenant)
             .filter(|s| who.lists_station(&s.tenant, &s.name))
-            .map(|s| station_info(s, None))
+            .map(|s| station_info(s, meta.schemas.bindings.get(&s.full_name()), None))
             .collect();
         Ok(Response::new(ListStationsResponse { stations }))
     }

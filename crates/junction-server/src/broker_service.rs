@@ -27,7 +27,8 @@ use crate::forward::{
     ClientPool, FORWARD_TIMEOUT, MAX_HOPS, forward_timed_out, forwarded, hops_of, with_hops,
 };
 use crate::produce_path::{
-    Forwarders, Part, PartWait, Planned, complete, may_forward, record_of, too_many_hops,
+    Forwarders, Part, PartWait, Planned, apply_schema, complete, may_forward, record_of,
+    split_invalid, too_many_hops,
 };
 use crate::status::to_status;
 use junction_types::auth::{Operation, Principal};
@@ -36,6 +37,9 @@ const DEFAULT_MAX_MESSAGES: usize = 1000;
 const DEFAULT_MAX_BYTES: usize = 4 << 20;
 /// How long a follower waits for a partition to elect a leader before answering UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Batches with more payload bytes than this are validated against a schema on a blocking
+/// thread rather than on an async worker.
+const VALIDATE_INLINE_BYTES: usize = 256 << 10;
 
 /// Serves produce and read calls. Cheap to clone (streams hand a clone to their task).
 #[derive(Clone)]
@@ -194,6 +198,7 @@ impl BrokerService {
                 idx: vec![],
                 msgs: vec![],
                 bytes: 0,
+                invalid: vec![],
             });
             part.bytes += size as u64;
             part.idx.push(i);
@@ -206,9 +211,32 @@ impl BrokerService {
                 by_partition.keys().collect::<Vec<_>>()
             )));
         }
+        let mut parts: Vec<Part> = by_partition.into_values().collect();
+        if let Some(schema) = self
+            .broker
+            .station_schema(&station.full_name())
+            .map_err(to_status)?
+        {
+            let payload: usize = parts
+                .iter()
+                .flat_map(|p| &p.msgs)
+                .map(|m| m.payload.len())
+                .sum();
+            if payload > VALIDATE_INLINE_BYTES {
+                // A large batch is validated off the async workers.
+                parts = tokio::task::spawn_blocking(move || {
+                    apply_schema(&schema, &mut parts).map(|()| parts)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("schema validation stopped: {e}")))?
+                .map_err(to_status)?;
+            } else {
+                apply_schema(&schema, &mut parts).map_err(to_status)?;
+            }
+        }
         Ok(Planned {
             station,
-            parts: by_partition.into_values().collect(),
+            parts,
             total,
         })
     }
@@ -236,21 +264,49 @@ impl BrokerService {
                         .map_err(to_status)?;
                     metrics::counter!("junction_produce_bytes_total", "tenant" => planned.station.tenant.clone())
                         .increment(part.bytes);
-                    let records = part.msgs.into_iter().map(record_of).collect();
-                    let rx = self
-                        .broker
-                        .enqueue_append(
-                            meta.group_id,
-                            records,
-                            part.producer.as_ref().map(producer_batch),
-                        )
-                        .await
-                        .map_err(to_status)?;
+                    let (partition, producer) = (part.partition, part.producer);
+                    let (msgs, idx, dead, dead_idx) = split_invalid(&full, part);
+                    // Dead letters first: if they cannot be stored, nothing is, and the
+                    // producer's retry starts over.
+                    let span = (!dead.is_empty())
+                        .then(|| u32::try_from(msgs.len() + dead.len()).unwrap_or(u32::MAX));
+                    if !dead.is_empty() {
+                        metrics::counter!("junction_schema_dead_letters_total", "tenant" => planned.station.tenant.clone())
+                            .increment(dead.len() as u64);
+                        self.broker
+                            .append_dead_letters(&full, dead)
+                            .await
+                            .map_err(to_status)?;
+                    }
+                    let records: Vec<_> = msgs.into_iter().map(record_of).collect();
+                    let n = records.len() as u64;
+                    let rx = if records.is_empty() && producer.is_none() {
+                        // Every message went to the dead-letter station.
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let _ = tx.send(Ok(junction_broker::Appended {
+                            base_offset: 0,
+                            timestamp_ms: 0,
+                            dups: vec![],
+                            duplicate: false,
+                        }));
+                        rx
+                    } else {
+                        self.broker
+                            .enqueue_append(
+                                meta.group_id,
+                                records,
+                                producer.as_ref().map(producer_batch),
+                                span,
+                            )
+                            .await
+                            .map_err(to_status)?
+                    };
                     waits.push(PartWait::Local {
-                        part: part.partition,
-                        idx: part.idx,
+                        part: partition,
+                        idx,
                         n,
                         rx,
+                        dead: dead_idx,
                     });
                 }
                 Some(_) if !may_forward(hops) => {

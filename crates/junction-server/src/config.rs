@@ -104,6 +104,8 @@ pub struct Config {
     pub compaction_every_ms: u64,
     /// Most bytes the replicas of memory stations may hold on this node.
     pub memory_limit_bytes: u64,
+    /// Longest the schema validation of one message may take, in ms.
+    pub schema_validation_limit_ms: u64,
     /// File holding the secret every node of the cluster shares; node-to-node calls without
     /// it are refused. `None`: peer calls are not authenticated (a warning at start).
     pub cluster_secret_file: Option<PathBuf>,
@@ -177,6 +179,7 @@ impl Default for Config {
             retention_tick_ms: 1000,
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
+            schema_validation_limit_ms: 100,
             cluster_secret_file: None,
             jwt_jwks_file: None,
             jwt_hs256_secret_file: None,
@@ -233,6 +236,10 @@ pub struct ServeArgs {
     /// Most bytes memory stations may hold on this node (default 1 GiB).
     #[arg(long, env = "JUNCTION_MEMORY_LIMIT_BYTES")]
     pub memory_limit_bytes: Option<u64>,
+    /// Longest the schema validation of one message may take before the message is refused,
+    /// in ms (default 100).
+    #[arg(long, env = "JUNCTION_SCHEMA_VALIDATION_LIMIT_MS")]
+    pub schema_validation_limit_ms: Option<u64>,
     /// Raft heartbeat period in ms.
     #[arg(long, env = "JUNCTION_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -361,6 +368,9 @@ impl Config {
         }
         if let Some(v) = &args.members {
             c.members = v.clone();
+        }
+        if let Some(v) = args.schema_validation_limit_ms {
+            c.schema_validation_limit_ms = v.max(1);
         }
         if let Some(v) = args.memory_limit_bytes {
             c.memory_limit_bytes = v;
@@ -664,6 +674,7 @@ impl Config {
             cluster_secret: self.cluster_secret()?,
             peer_port_offset: self.peer_port_offset,
             peer_tls: None,
+            schema_validation_limit: Duration::from_millis(self.schema_validation_limit_ms),
         })
     }
 }

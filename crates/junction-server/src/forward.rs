@@ -139,4 +139,31 @@ impl ClientPool {
     pub fn admin(&self, addr: &str) -> Result<AdminClient<NodeChannel>, Status> {
         Ok(AdminClient::new(self.channel(addr)?))
     }
+
+    /// Returns a Schemas client for `addr`.
+    pub fn schemas(
+        &self,
+        addr: &str,
+    ) -> Result<junction_proto::v1::schemas_client::SchemasClient<NodeChannel>, Status> {
+        Ok(junction_proto::v1::schemas_client::SchemasClient::new(
+            self.channel(addr)?,
+        ))
+    }
+}
+
+/// Where a metadata change runs: `None` when this node is the controller, otherwise the
+/// controller's address (or the not-leader status when it is unknown or the call has been
+/// forwarded too often).
+pub fn controller_addr(
+    broker: &junction_broker::Broker,
+    hops: u32,
+) -> Result<Option<String>, Status> {
+    match broker.ensure_controller() {
+        Ok(()) => Ok(None),
+        Err(junction_broker::BrokerError::NotLeader {
+            leader: Some((_, addr)),
+            ..
+        }) if hops < MAX_HOPS => Ok(Some(addr)),
+        Err(e) => Err(crate::status::to_status(e)),
+    }
 }

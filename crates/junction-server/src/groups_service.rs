@@ -64,15 +64,9 @@ impl GroupsService {
         allow_station(&who, op, &parse(station)?)
     }
 
+    /// Returns the controller's address when this node is not the controller.
     fn controller_addr(&self, hops: u32) -> Result<Option<String>, Status> {
-        match self.broker.ensure_controller() {
-            Ok(()) => Ok(None),
-            Err(BrokerError::NotLeader {
-                leader: Some((_, addr)),
-                ..
-            }) if hops < MAX_HOPS => Ok(Some(addr)),
-            Err(e) => Err(to_status(e)),
-        }
+        crate::forward::controller_addr(&self.broker, hops)
     }
 
     /// Where to run a call for one partition: `None` here (this node leads it), else the

@@ -20,6 +20,7 @@ pub mod http;
 pub mod jwt;
 pub mod policy;
 pub mod produce_path;
+pub mod schemas_service;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use junction_proto::peer::peer_server::PeerServer;
 use junction_proto::v1::admin_server::AdminServer;
 use junction_proto::v1::broker_server::BrokerServer;
 use junction_proto::v1::groups_server::GroupsServer;
+use junction_proto::v1::schemas_server::SchemasServer;
 use junction_raft::PeerService;
 use junction_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
@@ -297,6 +299,9 @@ impl Server {
         health
             .set_serving::<GroupsServer<groups_service::GroupsService>>()
             .await;
+        health
+            .set_serving::<SchemasServer<schemas_service::SchemasService>>()
+            .await;
         // Reflection lists every service this port serves: Junction's own, the standard
         // health service and reflection itself, in both protocol versions (v1 and the
         // v1alpha that older tools still ask for).
@@ -326,6 +331,11 @@ impl Server {
                 .max_encoding_message_size(256 << 20),
             )
             .add_service(AdminServer::new(admin_service::AdminService::new(
+                broker.clone(),
+                clients.clone(),
+                auth.clone(),
+            )))
+            .add_service(SchemasServer::new(schemas_service::SchemasService::new(
                 broker.clone(),
                 clients.clone(),
                 auth.clone(),

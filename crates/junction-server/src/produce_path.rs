@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use junction_broker::delivery::dls_headers;
+use junction_broker::schemas::{InvalidMessage, StationSchema};
 use junction_broker::{Appended, BrokerError};
 use junction_proto::v1::{
-    Message, MessagePosition, ProduceRequest, ProduceResponse, ProducerFields,
+    Header, Message, MessagePosition, ProduceRequest, ProduceResponse, ProducerFields,
 };
+use junction_types::schema::{OnInvalid, SCHEMA_HEADER};
 use junction_types::{Record, StationMeta};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +38,9 @@ pub struct Part {
     pub msgs: Vec<Message>,
     /// Message bytes (key, headers, payload) of `msgs`, as quotas count them.
     pub bytes: u64,
+    /// Messages (position in `msgs`) the station's schema refused, under `dead_letter`: the
+    /// partition's leader sends them to the dead-letter station instead of storing them.
+    pub invalid: Vec<(usize, InvalidMessage)>,
 }
 
 /// A validated batch split by partition.
@@ -51,6 +57,8 @@ pub enum PartWait {
         idx: Vec<usize>,
         n: u64,
         rx: oneshot::Receiver<Result<Appended, BrokerError>>,
+        /// Request positions of messages sent to the dead-letter station.
+        dead: Vec<usize>,
     },
     Remote {
         part: u32,
@@ -69,7 +77,13 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
     let mut positions = vec![MessagePosition::default(); total];
     let results = futures::future::join_all(waits.into_iter().map(|w| async move {
         match w {
-            PartWait::Local { part, idx, n, rx } => {
+            PartWait::Local {
+                part,
+                idx,
+                n,
+                rx,
+                dead,
+            } => {
                 let a = rx
                     .await
                     .map_err(|_| {
@@ -77,7 +91,21 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                     })?
                     .map_err(to_status)?;
                 let count = u32::try_from(n).unwrap_or(u32::MAX);
-                Ok::<_, Status>((part, idx, a.positions(count)))
+                let stored = a
+                    .positions(count)
+                    .into_iter()
+                    .map(|(offset, duplicate)| Placed {
+                        offset,
+                        duplicate,
+                        dead_lettered: false,
+                    });
+                let dead_lettered = (0..dead.len()).map(|_| Placed {
+                    offset: 0,
+                    duplicate: false,
+                    dead_lettered: true,
+                });
+                let idx = idx.into_iter().chain(dead).collect();
+                Ok::<_, Status>((part, idx, stored.chain(dead_lettered).collect()))
             }
             PartWait::Remote { part, idx, sent } => {
                 let resp = match tokio::time::timeout(FORWARD_TIMEOUT, sent.rx).await {
@@ -98,24 +126,32 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
     }))
     .await;
     for r in results {
-        let (part, idx, offsets) = r?;
-        if offsets.len() != idx.len() {
+        let (part, idx, placed): (u32, Vec<usize>, Vec<Placed>) = r?;
+        if placed.len() != idx.len() {
             return Err(Status::internal(
                 "the leader returned a different number of positions",
             ));
         }
-        for (i, (offset, duplicate)) in idx.into_iter().zip(offsets) {
+        for (i, p) in idx.into_iter().zip(placed) {
             positions[i] = MessagePosition {
-                partition: part,
-                offset,
-                duplicate,
+                partition: if p.dead_lettered { 0 } else { part },
+                offset: p.offset,
+                duplicate: p.duplicate,
+                dead_lettered: p.dead_lettered,
             };
         }
     }
     Ok(positions)
 }
 
-fn offsets_of(resp: ProduceResponse) -> Result<Vec<(u64, bool)>, Status> {
+/// Where one message of a part went.
+struct Placed {
+    offset: u64,
+    duplicate: bool,
+    dead_lettered: bool,
+}
+
+fn offsets_of(resp: ProduceResponse) -> Result<Vec<Placed>, Status> {
     if let Some(e) = resp.error {
         return Err(forwarded(Status::with_details(
             tonic::Code::from_i32(e.code),
@@ -126,8 +162,73 @@ fn offsets_of(resp: ProduceResponse) -> Result<Vec<(u64, bool)>, Status> {
     Ok(resp
         .positions
         .into_iter()
-        .map(|p| (p.offset, p.duplicate))
+        .map(|p| Placed {
+            offset: p.offset,
+            duplicate: p.duplicate,
+            dead_lettered: p.dead_lettered,
+        })
         .collect())
+}
+
+/// Validates every message of a planned batch against the station's schema. Valid messages
+/// get the schema header (`name@version`; a header of that name sent by the client is
+/// replaced). Under `reject` the first invalid message fails the batch; under `dead_letter`
+/// invalid messages are marked in their part.
+pub fn apply_schema(schema: &StationSchema, parts: &mut [Part]) -> Result<(), BrokerError> {
+    let label = schema.label();
+    for part in parts.iter_mut() {
+        for (pos, m) in part.msgs.iter_mut().enumerate() {
+            m.headers.retain(|h| h.key != SCHEMA_HEADER);
+            match schema.validate(part.idx[pos], &m.payload) {
+                Ok(()) => m.headers.push(Header {
+                    key: SCHEMA_HEADER.to_owned(),
+                    value: label.clone().into_bytes(),
+                }),
+                Err(invalid) => match schema.binding.on_invalid {
+                    OnInvalid::Reject => return Err(BrokerError::InvalidMessage(invalid)),
+                    OnInvalid::DeadLetter => part.invalid.push((pos, invalid)),
+                },
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits a part's messages into those to store and the dead letters (with the reason and
+/// the station in headers); returns (stored messages, their request positions, dead letters,
+/// their request positions).
+pub fn split_invalid(
+    station: &str,
+    part: Part,
+) -> (Vec<Message>, Vec<usize>, Vec<Record>, Vec<usize>) {
+    let mut reasons: HashMap<usize, String> = part
+        .invalid
+        .into_iter()
+        .map(|(pos, inv)| (pos, inv.to_string()))
+        .collect();
+    let (mut keep, mut keep_idx, mut dead, mut dead_idx) = (vec![], vec![], vec![], vec![]);
+    for (pos, (m, i)) in part.msgs.into_iter().zip(part.idx).enumerate() {
+        match reasons.remove(&pos) {
+            None => {
+                keep.push(m);
+                keep_idx.push(i);
+            }
+            Some(reason) => {
+                let mut r = record_of(m);
+                r.headers
+                    .push((dls_headers::REASON.to_owned(), reason.into_bytes()));
+                r.headers
+                    .push((dls_headers::STATION.to_owned(), station.as_bytes().to_vec()));
+                r.headers.push((
+                    dls_headers::PARTITION.to_owned(),
+                    part.partition.to_string().into_bytes(),
+                ));
+                dead.push(r);
+                dead_idx.push(i);
+            }
+        }
+    }
+    (keep, keep_idx, dead, dead_idx)
 }
 
 /// Converts a wire message to a record.

@@ -6,6 +6,7 @@ use junction_broker::BrokerError;
 use junction_types::MetaError;
 use junction_types::auth::AuthError;
 use junction_types::exactly_once::AppendReject;
+use junction_types::schema::SchemaRegistryError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -54,6 +55,24 @@ pub const REASON_QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
 /// `ErrorInfo` reason: a quota change that cannot be applied (a limit of 0, an unknown name).
 pub const REASON_INVALID_QUOTA: &str = "INVALID_QUOTA";
 
+/// `ErrorInfo` reason: a schema that does not compile or exceeds a limit.
+pub const REASON_INVALID_SCHEMA: &str = "INVALID_SCHEMA";
+/// `ErrorInfo` reason: a schema version incompatible with earlier ones (metadata `mode`,
+/// `violations`: how many).
+pub const REASON_INCOMPATIBLE_SCHEMA: &str = "INCOMPATIBLE_SCHEMA";
+/// `ErrorInfo` reason: no such schema or schema version.
+pub const REASON_SCHEMA_NOT_FOUND: &str = "SCHEMA_NOT_FOUND";
+/// `ErrorInfo` reason: a schema (version) a station uses cannot be deleted.
+pub const REASON_SCHEMA_IN_USE: &str = "SCHEMA_IN_USE";
+/// `ErrorInfo` reason: another version was registered meanwhile; retry.
+pub const REASON_SCHEMA_CONFLICT: &str = "SCHEMA_CONFLICT";
+/// `ErrorInfo` reason: a request about schemas that cannot be acted on (a bad name, a
+/// different type for an existing schema, an unknown mode or policy).
+pub const REASON_BAD_SCHEMA_REQUEST: &str = "BAD_SCHEMA_REQUEST";
+/// `ErrorInfo` reason: a produced message its station's schema refuses (metadata `schema`,
+/// `index`, `path`, `rule`).
+pub const REASON_INVALID_MESSAGE: &str = "INVALID_MESSAGE";
+
 /// Returns the gRPC code of an error.
 pub fn code_of(e: &BrokerError) -> Code {
     match e {
@@ -71,6 +90,17 @@ pub fn code_of(e: &BrokerError) -> Code {
         | BrokerError::Throttled { .. }
         | BrokerError::QuotaExceeded { .. } => Code::ResourceExhausted,
         BrokerError::Meta(MetaError::InvalidQuota(_)) => Code::InvalidArgument,
+        BrokerError::Meta(MetaError::Schema(e)) => match e {
+            SchemaRegistryError::NotFound { .. } | SchemaRegistryError::VersionNotFound { .. } => {
+                Code::NotFound
+            }
+            SchemaRegistryError::InUse { .. } => Code::FailedPrecondition,
+            SchemaRegistryError::Conflict { .. } => Code::Aborted,
+            SchemaRegistryError::TooManyVersions { .. } => Code::ResourceExhausted,
+            _ => Code::InvalidArgument,
+        },
+        BrokerError::InvalidSchema(_) | BrokerError::InvalidMessage(_) => Code::InvalidArgument,
+        BrokerError::IncompatibleSchema { .. } => Code::FailedPrecondition,
         BrokerError::Fenced(_) => Code::FailedPrecondition,
         BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
@@ -155,6 +185,36 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             quota_meta(tenant, None, *what, *limit, Some(*used)),
         ),
         BrokerError::Meta(MetaError::InvalidQuota(_)) => (REASON_INVALID_QUOTA, none()),
+        BrokerError::Meta(MetaError::Schema(e)) => (
+            match e {
+                SchemaRegistryError::NotFound { .. }
+                | SchemaRegistryError::VersionNotFound { .. } => REASON_SCHEMA_NOT_FOUND,
+                SchemaRegistryError::InUse { .. } => REASON_SCHEMA_IN_USE,
+                SchemaRegistryError::Conflict { .. } => REASON_SCHEMA_CONFLICT,
+                SchemaRegistryError::TooManyVersions { .. } => REASON_QUOTA_EXCEEDED,
+                _ => REASON_BAD_SCHEMA_REQUEST,
+            },
+            none(),
+        ),
+        BrokerError::InvalidSchema(_) => (REASON_INVALID_SCHEMA, none()),
+        BrokerError::IncompatibleSchema {
+            mode, violations, ..
+        } => (
+            REASON_INCOMPATIBLE_SCHEMA,
+            HashMap::from([
+                ("mode".to_string(), mode.to_string()),
+                ("violations".to_string(), violations.len().to_string()),
+            ]),
+        ),
+        BrokerError::InvalidMessage(m) => (
+            REASON_INVALID_MESSAGE,
+            HashMap::from([
+                ("schema".to_string(), m.schema.clone()),
+                ("index".to_string(), m.index.to_string()),
+                ("path".to_string(), m.path.clone()),
+                ("rule".to_string(), m.rule.clone()),
+            ]),
+        ),
         BrokerError::Produce(r) => match r {
             AppendReject::Fenced { current, .. } => (
                 REASON_FENCED,
@@ -327,6 +387,87 @@ mod tests {
         for (e, code) in rows {
             assert_eq!(to_status(e).code(), code);
         }
+    }
+
+    #[test]
+    fn schema_errors_have_their_codes_and_reasons() {
+        use junction_broker::schemas::InvalidMessage;
+        use junction_types::schema::Compatibility;
+        let registry = |e: SchemaRegistryError| BrokerError::Meta(MetaError::Schema(e));
+        let rows: Vec<(BrokerError, Code, &str)> = vec![
+            (
+                BrokerError::InvalidSchema("does not parse".into()),
+                Code::InvalidArgument,
+                REASON_INVALID_SCHEMA,
+            ),
+            (
+                BrokerError::IncompatibleSchema {
+                    name: "orders".into(),
+                    mode: Compatibility::Backward,
+                    violations: vec!["FIELD_TYPE_CHANGED".into()],
+                },
+                Code::FailedPrecondition,
+                REASON_INCOMPATIBLE_SCHEMA,
+            ),
+            (
+                BrokerError::InvalidMessage(InvalidMessage {
+                    schema: "orders@1".into(),
+                    index: 3,
+                    path: "/id".into(),
+                    rule: "not an integer".into(),
+                }),
+                Code::InvalidArgument,
+                REASON_INVALID_MESSAGE,
+            ),
+            (
+                registry(SchemaRegistryError::NotFound {
+                    tenant: "t".into(),
+                    name: "n".into(),
+                }),
+                Code::NotFound,
+                REASON_SCHEMA_NOT_FOUND,
+            ),
+            (
+                registry(SchemaRegistryError::InUse {
+                    name: "n".into(),
+                    what: "version 1".into(),
+                    stations: "t/s".into(),
+                }),
+                Code::FailedPrecondition,
+                REASON_SCHEMA_IN_USE,
+            ),
+            (
+                registry(SchemaRegistryError::Conflict {
+                    name: "n".into(),
+                    latest: Some(2),
+                }),
+                Code::Aborted,
+                REASON_SCHEMA_CONFLICT,
+            ),
+            (
+                registry(SchemaRegistryError::UnknownType { name: "xml".into() }),
+                Code::InvalidArgument,
+                REASON_BAD_SCHEMA_REQUEST,
+            ),
+        ];
+        for (e, code, reason) in rows {
+            let s = to_status(e);
+            assert_eq!(s.code(), code, "{s:?}");
+            assert_eq!(s.get_details_error_info().expect("info").reason, reason);
+        }
+        let s = to_status(BrokerError::InvalidMessage(InvalidMessage {
+            schema: "orders@1".into(),
+            index: 3,
+            path: "/id".into(),
+            rule: "not an integer".into(),
+        }));
+        assert_eq!(
+            s.message(),
+            "message 3 is not valid for schema orders@1: /id: not an integer"
+        );
+        let info = s.get_details_error_info().expect("info");
+        assert_eq!(info.metadata["index"], "3");
+        assert_eq!(info.metadata["path"], "/id");
     }
 
     #[test]

@@ -121,6 +121,27 @@ pub enum MetaCommand {
         tenant: String,
         change: crate::quota::QuotaChange,
     },
+    /// Adds a schema version (compiled and checked for compatibility by the controller).
+    RegisterSchema {
+        version: crate::schema::NewVersion,
+    },
+    /// Changes a schema's compatibility mode.
+    SetSchemaCompatibility {
+        tenant: String,
+        name: String,
+        compatibility: crate::schema::Compatibility,
+    },
+    /// Deletes a schema version, or the whole schema (`version: None`).
+    DeleteSchema {
+        tenant: String,
+        name: String,
+        version: Option<u32>,
+    },
+    /// Binds a station (`tenant/name`) to a schema, or detaches it (`binding: None`).
+    BindSchema {
+        station: String,
+        binding: Option<crate::schema::SchemaBinding>,
+    },
 }
 
 /// One produce request's records in an [`PartitionCommand::AppendBatches`] entry.
@@ -129,6 +150,16 @@ pub struct AppendBatch {
     /// Set by idempotent producers: checked against the producer's sequence.
     pub producer: Option<ProducerBatch>,
     pub records: Vec<Record>,
+}
+
+/// A batch some of whose records were taken out before it was proposed (its station's schema
+/// sent them to the dead-letter station): they still count in the producer's sequence, so a
+/// retry of the whole request matches and the next batch follows on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpannedBatch {
+    pub batch: AppendBatch,
+    /// Sequence numbers the batch covers (its records plus those taken out).
+    pub sequence_span: u32,
 }
 
 /// What became of one batch of an `AppendBatches` entry.
@@ -193,6 +224,13 @@ pub enum PartitionCommand {
         delivery: DeliveryPolicy,
         batches: Vec<AppendBatch>,
     },
+    /// `AppendBatches` where a batch's producer sequence covers more records than it stores
+    /// (proposed only then, so logs without dead-lettered messages keep the older variant).
+    AppendSpanned {
+        timestamp_ms: i64,
+        delivery: DeliveryPolicy,
+        batches: Vec<SpannedBatch>,
+    },
 }
 
 /// The result of applying one entry.
@@ -228,6 +266,8 @@ pub enum CommandResponse {
     Producer(ProducerIdentity),
     /// A tenant's quotas after a `SetQuota`.
     Quotas(crate::quota::TenantQuotas),
+    /// The version a `RegisterSchema` stored (or found).
+    SchemaRegistered(crate::schema::Registered),
 }
 
 impl fmt::Display for Command {
@@ -239,6 +279,10 @@ impl fmt::Display for Command {
             }
             Command::Partition(PartitionCommand::AppendBatches { batches, .. }) => {
                 let n: usize = batches.iter().map(|b| b.records.len()).sum();
+                write!(f, "append({} batches, {n} records)", batches.len())
+            }
+            Command::Partition(PartitionCommand::AppendSpanned { batches, .. }) => {
+                let n: usize = batches.iter().map(|b| b.batch.records.len()).sum();
                 write!(f, "append({} batches, {n} records)", batches.len())
             }
             Command::Partition(PartitionCommand::GroupAck { group, offsets, .. }) => {

@@ -336,6 +336,7 @@ pub fn apply_cursor_command(
     match cmd {
         PartitionCommand::Append { .. }
         | PartitionCommand::AppendBatches { .. }
+        | PartitionCommand::AppendSpanned { .. }
         | PartitionCommand::Truncate { .. }
         | PartitionCommand::Compact { .. }
         | PartitionCommand::DataLost { .. } => CommandResponse::WrongGroup,

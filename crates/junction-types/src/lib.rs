@@ -15,6 +15,7 @@
 //! - [`auth`]: roles, API keys and the authorization decision.
 //! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 //! - [`quota`]: per-tenant limits and the token bucket that enforces rates.
+//! - [`schema`]: the schema registry (versions, compatibility modes, station bindings).
 
 pub mod auth;
 pub mod command;
@@ -26,6 +27,7 @@ pub mod partitioner;
 pub mod policy;
 pub mod quota;
 pub mod record;
+pub mod schema;
 
 pub use command::{Command, CommandResponse, MetaCommand, PartitionCommand};
 pub use meta::{MetaError, MetaState, PartitionMeta, StationMeta};

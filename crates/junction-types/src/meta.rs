@@ -12,6 +12,7 @@ use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
 use crate::groups::{GroupMeta, MemberMeta};
 use crate::policy::StationPolicy;
 use crate::quota::{QuotaError, QuotaField, TenantQuotas};
+use crate::schema::{SchemaRegistry, SchemaRegistryError};
 use crate::{DEFAULT_TENANT, GroupId, NodeId};
 
 /// Why the metadata group refused a command.
@@ -46,6 +47,8 @@ pub enum MetaError {
     },
     #[error(transparent)]
     InvalidQuota(#[from] QuotaError),
+    #[error(transparent)]
+    Schema(#[from] SchemaRegistryError),
 }
 
 /// One partition: its Raft group and the nodes holding a replica.
@@ -97,6 +100,8 @@ pub struct MetaState {
     pub api_keys: KeyRegistry,
     /// Tenants' quotas (tenants without any limit are absent).
     pub quotas: BTreeMap<String, TenantQuotas>,
+    /// Tenants' schemas and the stations bound to them.
+    pub schemas: SchemaRegistry,
 }
 
 impl Default for MetaState {
@@ -112,6 +117,7 @@ impl Default for MetaState {
             producers: ProducerRegistry::default(),
             api_keys: KeyRegistry::default(),
             quotas: BTreeMap::new(),
+            schemas: SchemaRegistry::default(),
         }
     }
 }
@@ -170,6 +176,7 @@ impl MetaState {
                     });
                 }
                 self.groups.retain(|(s, _), _| *s != full);
+                self.schemas.station_deleted(&full);
                 if let Some(q) = self.quotas.get_mut(tenant) {
                     q.stations.remove(name);
                     if q.is_empty() {
@@ -326,6 +333,44 @@ impl MetaState {
                 Ok(q) => CommandResponse::Quotas(q),
                 Err(e) => CommandResponse::MetaRejected(e),
             },
+            MetaCommand::RegisterSchema { version } => {
+                if !self.tenants.contains_key(&version.tenant) {
+                    return CommandResponse::MetaRejected(MetaError::TenantNotFound {
+                        tenant: version.tenant.clone(),
+                    });
+                }
+                match self.schemas.register(version) {
+                    Ok(r) => CommandResponse::SchemaRegistered(r),
+                    Err(e) => CommandResponse::MetaRejected(e.into()),
+                }
+            }
+            MetaCommand::SetSchemaCompatibility {
+                tenant,
+                name,
+                compatibility,
+            } => match self.schemas.set_compatibility(tenant, name, *compatibility) {
+                Ok(()) => CommandResponse::Done,
+                Err(e) => CommandResponse::MetaRejected(e.into()),
+            },
+            MetaCommand::DeleteSchema {
+                tenant,
+                name,
+                version,
+            } => match self.schemas.delete(tenant, name, *version) {
+                Ok(()) => CommandResponse::Done,
+                Err(e) => CommandResponse::MetaRejected(e.into()),
+            },
+            MetaCommand::BindSchema { station, binding } => {
+                if !self.stations.contains_key(station) {
+                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                        station: station.clone(),
+                    });
+                }
+                match self.schemas.bind(station, binding.clone()) {
+                    Ok(()) => CommandResponse::Done,
+                    Err(e) => CommandResponse::MetaRejected(e.into()),
+                }
+            }
         }
     }
 
@@ -611,6 +656,7 @@ pub mod v1 {
     use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
     use crate::groups::GroupMeta;
     use crate::policy::StationPolicy;
+    use crate::schema::SchemaRegistry;
 
     /// A station as version 1 stored it.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -663,6 +709,7 @@ pub mod v1 {
                 producers: ProducerRegistry::default(),
                 api_keys: Default::default(),
                 quotas: BTreeMap::new(),
+                schemas: SchemaRegistry::default(),
             }
         }
     }
@@ -677,6 +724,7 @@ pub mod v2 {
     use super::{MetaState, StationMeta};
     use crate::exactly_once::ProducerRegistry;
     use crate::groups::GroupMeta;
+    use crate::schema::SchemaRegistry;
 
     /// The metadata state as version 2 stored it.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,6 +748,7 @@ pub mod v2 {
                 producers: v.producers,
                 api_keys: Default::default(),
                 quotas: BTreeMap::new(),
+                schemas: SchemaRegistry::default(),
             }
         }
     }
@@ -715,6 +764,7 @@ pub mod v3 {
     use crate::auth::KeyRegistry;
     use crate::exactly_once::ProducerRegistry;
     use crate::groups::GroupMeta;
+    use crate::schema::SchemaRegistry;
 
     /// The metadata state as version 3 stored it.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -739,6 +789,50 @@ pub mod v3 {
                 producers: v.producers,
                 api_keys: v.api_keys,
                 quotas: BTreeMap::new(),
+                schemas: SchemaRegistry::default(),
+            }
+        }
+    }
+}
+
+/// The metadata state as format version 4 stored it (before schemas).
+pub mod v4 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, StationMeta};
+    use crate::auth::KeyRegistry;
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::GroupMeta;
+    use crate::quota::TenantQuotas;
+    use crate::schema::SchemaRegistry;
+
+    /// The metadata state as version 4 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV4 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+        pub api_keys: KeyRegistry,
+        pub quotas: BTreeMap<String, TenantQuotas>,
+    }
+
+    impl From<MetaStateV4> for MetaState {
+        fn from(v: MetaStateV4) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: v.api_keys,
+                quotas: v.quotas,
+                schemas: SchemaRegistry::default(),
             }
         }
     }

@@ -591,6 +591,7 @@ mod tests {
                 partition: 0,
                 offset: *o,
                 duplicate: false,
+                dead_lettered: false,
             })
             .collect()
     }
