@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths: the partitioner, record encoding, the storage append
-//! path (one partition entry's messages in one RocksDB batch) and the read path.
+//! path (one partition entry's messages in one RocksDB batch), the read path, and validating
+//! a 1 KiB message against a schema of each type.
 //! Run: `cargo bench --bench micro` (numbers are per iteration; compare runs on one machine).
 
 use junction_storage::Store;
@@ -89,4 +90,128 @@ fn read_1000_messages(bencher: divan::Bencher, size: usize) {
             .read_messages(1, 20_000, 50_000, 1000, 64 << 20)
             .expect("read")
     });
+}
+
+/// An order with `items` line items, as the three schema languages describe it.
+pub mod order {
+    pub const JSON_SCHEMA: &str = r#"{
+      "type": "object",
+      "properties": {
+        "id": {"type": "integer"},
+        "customer": {"type": "string", "maxLength": 64},
+        "items": {"type": "array", "items": {
+          "type": "object",
+          "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+          "required": ["sku", "qty"]
+        }}
+      },
+      "required": ["id", "customer", "items"]
+    }"#;
+    pub const PROTO: &str = r#"
+      syntax = "proto3";
+      package shop;
+      message Item { string sku = 1; int32 qty = 2; }
+      message Order { int64 id = 1; string customer = 2; repeated Item items = 3; }
+    "#;
+    pub const AVRO: &str = r#"{
+      "type": "record", "name": "Order", "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "customer", "type": "string"},
+        {"name": "items", "type": {"type": "array", "items": {
+          "type": "record", "name": "Item", "fields": [
+            {"name": "sku", "type": "string"}, {"name": "qty", "type": "int"}]}}}
+      ]}"#;
+
+    fn sku(i: usize) -> String {
+        format!("SKU-{i:06}-BLUE-XL")
+    }
+
+    pub fn json(items: usize) -> Vec<u8> {
+        let items: Vec<String> = (0..items)
+            .map(|i| format!(r#"{{"sku": "{}", "qty": {}}}"#, sku(i), i % 9 + 1))
+            .collect();
+        format!(
+            r#"{{"id": 4211, "customer": "customer-0042", "items": [{}]}}"#,
+            items.join(", ")
+        )
+        .into_bytes()
+    }
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    pub fn proto(items: usize) -> Vec<u8> {
+        let mut out = vec![0x08];
+        varint(4211, &mut out);
+        out.push(0x12);
+        varint(13, &mut out);
+        out.extend_from_slice(b"customer-0042");
+        for i in 0..items {
+            let s = sku(i);
+            let mut item = vec![0x0a];
+            varint(s.len() as u64, &mut item);
+            item.extend_from_slice(s.as_bytes());
+            item.push(0x10);
+            varint((i % 9 + 1) as u64, &mut item);
+            out.push(0x1a);
+            varint(item.len() as u64, &mut out);
+            out.extend_from_slice(&item);
+        }
+        out
+    }
+
+    fn zigzag(v: i64, out: &mut Vec<u8>) {
+        varint(((v << 1) ^ (v >> 63)) as u64, out);
+    }
+
+    pub fn avro(items: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        zigzag(4211, &mut out);
+        zigzag(13, &mut out);
+        out.extend_from_slice(b"customer-0042");
+        zigzag(items as i64, &mut out);
+        for i in 0..items {
+            let s = sku(i);
+            zigzag(s.len() as i64, &mut out);
+            out.extend_from_slice(s.as_bytes());
+            zigzag((i % 9 + 1) as i64, &mut out);
+        }
+        zigzag(0, &mut out);
+        out
+    }
+}
+
+/// Line items that make each encoding about 1 KiB.
+fn items_for_1k(encode: fn(usize) -> Vec<u8>) -> usize {
+    (1..200).find(|n| encode(*n).len() >= 1024).unwrap_or(200)
+}
+
+#[divan::bench(args = ["protobuf", "json", "avro"])]
+fn validate_1k_message(bencher: divan::Bencher, kind: &str) {
+    use junction_schema::{Limits, Schema, SchemaKind};
+    type Case = (
+        SchemaKind,
+        &'static str,
+        Option<&'static str>,
+        fn(usize) -> Vec<u8>,
+    );
+    let (k, text, message, encode): Case = match kind {
+        "protobuf" => (
+            SchemaKind::Protobuf,
+            order::PROTO,
+            Some("shop.Order"),
+            order::proto,
+        ),
+        "json" => (SchemaKind::Json, order::JSON_SCHEMA, None, order::json),
+        _ => (SchemaKind::Avro, order::AVRO, None, order::avro),
+    };
+    let schema = Schema::compile(k, text, message, Limits::default()).expect("schema");
+    let payload = encode(items_for_1k(encode));
+    schema.validate(&payload).expect("valid");
+    bencher.bench(|| schema.validate(divan::black_box(&payload)));
 }
