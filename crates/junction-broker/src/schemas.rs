@@ -122,7 +122,7 @@ pub fn compile(
     message: Option<&str>,
     max_message_bytes: u32,
 ) -> Result<Schema, BrokerError> {
-    Schema::compile(kind.into(), text, message, limits(max_message_bytes))
+    Schema::compile(kind, text, message, limits(max_message_bytes))
         .map_err(|e| BrokerError::InvalidSchema(e.to_string()))
 }
 
@@ -200,7 +200,7 @@ impl Broker {
             .map(|v| Ok((v.version, self.compiled(tenant, name, kind, v)?)))
             .collect::<Result<Vec<_>, BrokerError>>()?;
         let refs: Vec<(u32, &Schema)> = earlier.iter().map(|(v, s)| (*v, s.as_ref())).collect();
-        junction_schema::check(&new, &refs, subject.compatibility.into()).map_err(|found| {
+        junction_schema::check(&new, &refs, subject.compatibility).map_err(|found| {
             BrokerError::IncompatibleSchema {
                 name: name.to_owned(),
                 mode: subject.compatibility,

@@ -23,135 +23,41 @@ mod json;
 mod proto;
 
 use std::fmt;
-use std::str::FromStr;
 
-/// The schema languages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SchemaKind {
-    Protobuf,
-    Json,
-    Avro,
+/// The schema languages and the compatibility modes are the registry's own types (names,
+/// parsing and printing live with the metadata that stores them).
+pub use junction_types::schema::{Compatibility as CompatibilityMode, SchemaType as SchemaKind};
+
+/// Whether readers of the new version must read data of earlier ones.
+fn backward(mode: CompatibilityMode) -> bool {
+    matches!(
+        mode,
+        CompatibilityMode::Backward
+            | CompatibilityMode::BackwardTransitive
+            | CompatibilityMode::Full
+            | CompatibilityMode::FullTransitive
+    )
 }
 
-impl SchemaKind {
-    pub const ALL: [SchemaKind; 3] = [SchemaKind::Protobuf, SchemaKind::Json, SchemaKind::Avro];
-
-    /// The name the API and CLI use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SchemaKind::Protobuf => "protobuf",
-            SchemaKind::Json => "json",
-            SchemaKind::Avro => "avro",
-        }
-    }
+/// Whether readers of earlier versions must read data of the new one.
+fn forward(mode: CompatibilityMode) -> bool {
+    matches!(
+        mode,
+        CompatibilityMode::Forward
+            | CompatibilityMode::ForwardTransitive
+            | CompatibilityMode::Full
+            | CompatibilityMode::FullTransitive
+    )
 }
 
-impl fmt::Display for SchemaKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SchemaKind {
-    type Err = SchemaError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "protobuf" | "proto" => Ok(SchemaKind::Protobuf),
-            "json" | "json-schema" | "jsonschema" => Ok(SchemaKind::Json),
-            "avro" => Ok(SchemaKind::Avro),
-            other => Err(SchemaError::UnknownKind(other.to_owned())),
-        }
-    }
-}
-
-/// Which earlier versions a new version must be compatible with, and in which direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum CompatibilityMode {
-    /// Readers of the new version read data of the latest earlier version.
-    #[default]
-    Backward,
-    /// ... of every earlier version.
-    BackwardTransitive,
-    /// Readers of the latest earlier version read data of the new one.
-    Forward,
-    ForwardTransitive,
-    /// Both directions, against the latest earlier version.
-    Full,
-    FullTransitive,
-    /// No check.
-    None,
-}
-
-impl CompatibilityMode {
-    pub const ALL: [CompatibilityMode; 7] = [
-        CompatibilityMode::Backward,
-        CompatibilityMode::BackwardTransitive,
-        CompatibilityMode::Forward,
-        CompatibilityMode::ForwardTransitive,
-        CompatibilityMode::Full,
-        CompatibilityMode::FullTransitive,
-        CompatibilityMode::None,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CompatibilityMode::Backward => "BACKWARD",
-            CompatibilityMode::BackwardTransitive => "BACKWARD_TRANSITIVE",
-            CompatibilityMode::Forward => "FORWARD",
-            CompatibilityMode::ForwardTransitive => "FORWARD_TRANSITIVE",
-            CompatibilityMode::Full => "FULL",
-            CompatibilityMode::FullTransitive => "FULL_TRANSITIVE",
-            CompatibilityMode::None => "NONE",
-        }
-    }
-
-    fn backward(self) -> bool {
-        matches!(
-            self,
-            CompatibilityMode::Backward
-                | CompatibilityMode::BackwardTransitive
-                | CompatibilityMode::Full
-                | CompatibilityMode::FullTransitive
-        )
-    }
-
-    fn forward(self) -> bool {
-        matches!(
-            self,
-            CompatibilityMode::Forward
-                | CompatibilityMode::ForwardTransitive
-                | CompatibilityMode::Full
-                | CompatibilityMode::FullTransitive
-        )
-    }
-
-    fn transitive(self) -> bool {
-        matches!(
-            self,
-            CompatibilityMode::BackwardTransitive
-                | CompatibilityMode::ForwardTransitive
-                | CompatibilityMode::FullTransitive
-        )
-    }
-}
-
-impl fmt::Display for CompatibilityMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for CompatibilityMode {
-    type Err = SchemaError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
-        CompatibilityMode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == norm)
-            .ok_or_else(|| SchemaError::UnknownMode(s.to_owned()))
-    }
+/// Whether every earlier version counts, not only the latest.
+fn transitive(mode: CompatibilityMode) -> bool {
+    matches!(
+        mode,
+        CompatibilityMode::BackwardTransitive
+            | CompatibilityMode::ForwardTransitive
+            | CompatibilityMode::FullTransitive
+    )
 }
 
 /// Bounds on the work one schema or one message may cost.
@@ -178,12 +84,6 @@ impl Default for Limits {
 /// Why a schema could not be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaError {
-    #[error("unknown schema type '{0}' (use protobuf, json or avro)")]
-    UnknownKind(String),
-    #[error(
-        "unknown compatibility mode '{0}' (use BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE)"
-    )]
-    UnknownMode(String),
     #[error("the schema is {bytes} bytes; at most {limit} are accepted")]
     TooLarge { bytes: usize, limit: usize },
     #[error("the schema nests deeper than {limit} levels")]
@@ -366,14 +266,14 @@ pub fn check(
     earlier: &[(u32, &Schema)],
     mode: CompatibilityMode,
 ) -> Result<(), Vec<Violation>> {
-    let against: &[(u32, &Schema)] = if mode.transitive() {
+    let against: &[(u32, &Schema)] = if transitive(mode) {
         earlier
     } else {
         earlier.last().map_or(&[], std::slice::from_ref)
     };
     let mut out = Vec::new();
     for (version, old) in against {
-        if mode.backward() {
+        if backward(mode) {
             out.extend(new.can_read(old).into_iter().map(|f| Violation {
                 version: *version,
                 direction: "backward",
@@ -382,7 +282,7 @@ pub fn check(
                 detail: f.detail,
             }));
         }
-        if mode.forward() {
+        if forward(mode) {
             out.extend(old.can_read(new).into_iter().map(|f| Violation {
                 version: *version,
                 direction: "forward",
@@ -393,32 +293,6 @@ pub fn check(
         }
     }
     if out.is_empty() { Ok(()) } else { Err(out) }
-}
-
-impl From<junction_types::schema::SchemaType> for SchemaKind {
-    fn from(t: junction_types::schema::SchemaType) -> Self {
-        use junction_types::schema::SchemaType;
-        match t {
-            SchemaType::Protobuf => SchemaKind::Protobuf,
-            SchemaType::Json => SchemaKind::Json,
-            SchemaType::Avro => SchemaKind::Avro,
-        }
-    }
-}
-
-impl From<junction_types::schema::Compatibility> for CompatibilityMode {
-    fn from(c: junction_types::schema::Compatibility) -> Self {
-        use junction_types::schema::Compatibility;
-        match c {
-            Compatibility::Backward => CompatibilityMode::Backward,
-            Compatibility::BackwardTransitive => CompatibilityMode::BackwardTransitive,
-            Compatibility::Forward => CompatibilityMode::Forward,
-            Compatibility::ForwardTransitive => CompatibilityMode::ForwardTransitive,
-            Compatibility::Full => CompatibilityMode::Full,
-            Compatibility::FullTransitive => CompatibilityMode::FullTransitive,
-            Compatibility::None => CompatibilityMode::None,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub enum SchemaType {
 }
 
 impl SchemaType {
+    pub const ALL: [SchemaType; 3] = [SchemaType::Protobuf, SchemaType::Json, SchemaType::Avro];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SchemaType::Protobuf => "protobuf",
