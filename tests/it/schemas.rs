@@ -534,3 +534,98 @@ async fn schema_commands() {
     crate::cli::ok(&cluster, &["schema", "delete", "orders"]).await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_schemas_and_bad_payloads_get_clear_statuses() {
+    let cluster = TestCluster::start(3).await;
+    let mut schemas = SchemasClient::new(cluster.channel(1).await);
+    let refused = |kind: &str, text: String| {
+        let mut schemas = schemas.clone();
+        let kind = kind.to_owned();
+        async move {
+            schemas
+                .create_schema(request("bad", &kind, &text))
+                .await
+                .expect_err("a bad schema was registered")
+        }
+    };
+    // Bigger than a gRPC message may be: refused by the transport, nothing registered.
+    let huge = format!("{{\"description\": \"{}\"}}", "x".repeat(10 << 20));
+    let s = refused("json", huge).await;
+    assert!(
+        matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{s:?}"
+    );
+    // Bigger than the schema limit (1 MiB).
+    let s = refused(
+        "json",
+        format!("{{\"description\": \"{}\"}}", "x".repeat(2 << 20)),
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("bytes"), "{}", s.message());
+    // A remote reference is not fetched.
+    let s = refused(
+        "json",
+        r#"{"$ref": "https://example.com/order.json"}"#.to_owned(),
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("remote"), "{}", s.message());
+    // An import the registry does not have.
+    let s = refused(
+        "protobuf",
+        "syntax = \"proto3\"; import \"other/order.proto\"; message A { int32 x = 1; }".to_owned(),
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // An Avro default of the wrong type.
+    let s = refused(
+        "avro",
+        r#"{"type": "record", "name": "R", "fields": [{"name": "n", "type": "int", "default": "seven"}]}"#
+            .to_owned(),
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = refused("xml", "<a/>".to_owned()).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(
+        s.get_details_error_info().expect("info").reason,
+        "BAD_SCHEMA_REQUEST"
+    );
+    assert!(
+        schemas
+            .list_schemas(junction_proto::v1::ListSchemasRequest {
+                tenant: String::new()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .schemas
+            .is_empty(),
+        "nothing was registered"
+    );
+
+    // A payload nested deeper than the limit is refused, not validated for ever.
+    schemas
+        .create_schema(request("any", "json", r#"{"type": "array"}"#))
+        .await
+        .expect("register");
+    let client = cluster.client();
+    client
+        .create_station_with(
+            StationSpec::new("deep")
+                .partitions(1)
+                .replication_factor(3)
+                .schema("any", None, "reject"),
+        )
+        .await
+        .expect("station");
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let s = produce(&mut raw(&cluster, 2).await, "deep", vec![text(&deep)], None)
+        .await
+        .expect_err("a document nested 5000 deep was accepted");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(read_all(&client, "deep", 0).await.is_empty());
+    cluster.shutdown().await;
+}
