@@ -344,7 +344,7 @@ impl Broker {
         let Some((binding, kind, v)) = meta.schemas.resolve(station) else {
             return Ok(None);
         };
-        let tenant = station.split_once('/').map_or(station, |(t, _)| t);
+        let tenant = junction_types::schema::station_tenant(station);
         let schema = self.compiled(tenant, &binding.schema, kind, v)?;
         Ok(Some(StationSchema {
             binding: binding.clone(),

@@ -201,6 +201,10 @@ pub fn split_invalid(
     station: &str,
     part: Part,
 ) -> (Vec<Message>, Vec<usize>, Vec<Record>, Vec<usize>) {
+    if part.invalid.is_empty() {
+        // The usual case: everything is stored, nothing is copied.
+        return (part.msgs, part.idx, vec![], vec![]);
+    }
     let mut reasons: HashMap<usize, String> = part
         .invalid
         .into_iter()

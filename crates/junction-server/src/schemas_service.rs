@@ -68,26 +68,11 @@ pub fn check_binding(
     station: &StationName,
     b: &SchemaBinding,
 ) -> Result<(), Status> {
-    let meta = broker.metadata();
-    let subject = meta
+    broker
+        .metadata()
         .schemas
-        .get(&station.tenant, &b.schema)
-        .ok_or_else(|| {
-            registry_error(SchemaRegistryError::NotFound {
-                tenant: station.tenant.clone(),
-                name: b.schema.clone(),
-            })
-        })?;
-    match b.version {
-        Some(v) if !subject.versions.contains_key(&v) => {
-            Err(registry_error(SchemaRegistryError::VersionNotFound {
-                tenant: station.tenant.clone(),
-                name: b.schema.clone(),
-                version: v,
-            }))
-        }
-        _ => Ok(()),
-    }
+        .check_binding(&station.tenant, b)
+        .map_err(registry_error)
 }
 
 /// Describes a schema; `texts` includes each version's text.
@@ -110,12 +95,8 @@ fn info(broker: &Broker, tenant: &str, name: &str, s: &SchemaSubject, texts: boo
             .collect(),
         stations: meta
             .schemas
-            .bindings
-            .iter()
-            .filter(|(station, b)| {
-                b.schema == name && station.split_once('/').is_some_and(|(t, _)| t == tenant)
-            })
-            .map(|(station, b)| match b.version {
+            .users(tenant, name)
+            .map(|(station, version)| match version {
                 Some(v) => format!("{station}@{v}"),
                 None => format!("{station}@latest"),
             })

@@ -19,8 +19,6 @@ use serde::{Deserialize, Serialize};
 pub const MAX_VERSIONS: usize = 1000;
 /// Header on every message validated against a schema: `name@version`.
 pub const SCHEMA_HEADER: &str = "junction-schema";
-/// Header on a dead letter of a message that failed validation: why.
-pub const INVALID_REASON_HEADER: &str = "junction-dls-reason";
 
 /// The schema languages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -417,7 +415,7 @@ impl SchemaRegistry {
     }
 
     /// Stations of `tenant` bound to `name`, and the version each pins (`None`: latest).
-    fn users<'a>(
+    pub fn users<'a>(
         &'a self,
         tenant: &'a str,
         name: &'a str,
@@ -495,21 +493,30 @@ impl SchemaRegistry {
             self.bindings.remove(station);
             return Ok(());
         };
-        let tenant = station_tenant(station);
+        self.check_binding(station_tenant(station), &b)?;
+        self.bindings.insert(station.to_owned(), b);
+        Ok(())
+    }
+
+    /// Checks that a binding names an existing schema (and version) of `tenant`.
+    pub fn check_binding(
+        &self,
+        tenant: &str,
+        b: &SchemaBinding,
+    ) -> Result<(), SchemaRegistryError> {
         let subject = self
             .get(tenant, &b.schema)
             .ok_or_else(|| not_found(tenant, &b.schema))?;
-        if let Some(v) = b.version
-            && !subject.versions.contains_key(&v)
-        {
-            return Err(SchemaRegistryError::VersionNotFound {
-                tenant: tenant.to_owned(),
-                name: b.schema.clone(),
-                version: v,
-            });
+        match b.version {
+            Some(v) if !subject.versions.contains_key(&v) => {
+                Err(SchemaRegistryError::VersionNotFound {
+                    tenant: tenant.to_owned(),
+                    name: b.schema.clone(),
+                    version: v,
+                })
+            }
+            _ => Ok(()),
         }
-        self.bindings.insert(station.to_owned(), b);
-        Ok(())
     }
 
     /// The schema version a station validates with now, and its binding.
@@ -529,7 +536,8 @@ impl SchemaRegistry {
     }
 }
 
-fn station_tenant(station: &str) -> &str {
+/// The tenant of a station's full name (`tenant/name`).
+pub fn station_tenant(station: &str) -> &str {
     station.split_once('/').map_or(station, |(t, _)| t)
 }
 
