@@ -629,3 +629,42 @@ async fn bad_schemas_and_bad_payloads_get_clear_statuses() {
     assert!(read_all(&client, "deep", 0).await.is_empty());
     cluster.shutdown().await;
 }
+
+/// A change made through a node that is not the controller is visible through that node as
+/// soon as the call returns: the node waits to apply it before it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_made_through_a_follower_is_read_back_through_it() {
+    let cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_metadata_leader().await;
+    let follower = cluster
+        .running()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    let c = cluster.client_of(follower);
+    for i in 1..=8u32 {
+        let name = format!("s{i}");
+        let v = c
+            .create_schema(&SchemaSpec::new(&name, "json", ORDER_V1))
+            .await
+            .expect("register through a follower");
+        assert_eq!(v.version, 1);
+        let info = c.get_schema("", &name).await.expect("read back at once");
+        assert_eq!(info.versions.len(), 1, "{name}");
+        c.create_schema(&SchemaSpec::new(&name, "json", ORDER_V2))
+            .await
+            .expect("second version");
+        let info = c.get_schema("", &name).await.expect("read back at once");
+        assert_eq!(
+            info.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            vec![1, 2],
+            "{name}"
+        );
+        c.create_station_with(StationSpec::new(&name).partitions(1).replication_factor(3))
+            .await
+            .expect("station through a follower");
+        let s = c.describe_station(&name).await.expect("described at once");
+        assert_eq!(s.partitions, 1);
+    }
+    cluster.shutdown().await;
+}

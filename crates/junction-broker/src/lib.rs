@@ -302,6 +302,17 @@ impl Broker {
         &self.identity
     }
 
+    /// Returns the index of the last metadata entry applied here.
+    pub fn meta_applied_index(&self) -> u64 {
+        self.meta_shared.applied_index()
+    }
+
+    /// Waits until this node has applied the metadata entry at `index`, for at most `limit`;
+    /// returns whether it has.
+    pub async fn wait_meta_applied(&self, index: u64, limit: std::time::Duration) -> bool {
+        self.meta_shared.wait_applied(index, limit).await
+    }
+
     /// Returns the metadata group's Raft handle.
     pub fn meta_raft(&self) -> &MetaRaft {
         &self.meta

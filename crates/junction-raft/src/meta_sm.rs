@@ -21,6 +21,9 @@ use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 #[derive(Debug)]
 pub struct MetaShared {
     tx: watch::Sender<Arc<MetaState>>,
+    /// The index of the last applied log entry (0 before any): published after the state
+    /// it produced, so a reader that sees an index also sees that state.
+    applied: watch::Sender<u64>,
 }
 
 impl MetaShared {
@@ -32,6 +35,32 @@ impl MetaShared {
     /// Returns a receiver that sees every change.
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
         self.tx.subscribe()
+    }
+
+    /// Returns the index of the last applied entry: the metadata returned by
+    /// [`MetaShared::current`] reflects every entry up to it.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until the entry at `index` is applied here, for at most `limit`; returns
+    /// whether it was.
+    pub async fn wait_applied(&self, index: u64, limit: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        matches!(
+            tokio::time::timeout(limit, rx.wait_for(|a| *a >= index)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn set_applied(&self, index: u64) {
+        self.applied.send_if_modified(|a| {
+            let newer = index > *a;
+            if newer {
+                *a = index;
+            }
+            newer
+        });
     }
 }
 
@@ -57,13 +86,17 @@ impl MetaStateMachine {
             format::decode_meta_state,
         )?;
         let (tx, _) = watch::channel(Arc::new(state.clone()));
+        let (applied_tx, _) = watch::channel(applied.map_or(0, |l| l.index));
         Ok(Self {
             store,
             state,
             applied,
             membership,
             state_bytes,
-            shared: Arc::new(MetaShared { tx }),
+            shared: Arc::new(MetaShared {
+                tx,
+                applied: applied_tx,
+            }),
         })
     }
 
@@ -127,6 +160,9 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         if changed {
             self.shared.tx.send_replace(Arc::new(self.state.clone()));
         }
+        if let Some(a) = applied {
+            self.shared.set_applied(a.index);
+        }
         for (r, resp) in replies {
             r.send(resp);
         }
@@ -165,6 +201,9 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(Arc::new(self.state.clone()));
+        if let Some(a) = meta.last_log_id {
+            self.shared.set_applied(a.index);
+        }
         Ok(())
     }
 

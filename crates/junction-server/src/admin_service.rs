@@ -14,7 +14,7 @@ use junction_types::{MetaError, StationMeta, StationName};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, allow_cluster, allow_station, allow_tenant};
-use crate::forward::{ClientPool, forwarded, hops_of, with_hops};
+use crate::forward::{ClientPool, hops_of, settled, stamped, with_hops};
 use crate::status::to_status;
 
 /// Serves station, tenant and cluster administration.
@@ -107,18 +107,18 @@ impl Admin for AdminService {
         let who = self.auth.principal(req.metadata()).await?;
         allow_cluster(&who)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .create_tenant(with_hops(req.into_inner(), hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker
             .create_tenant(&req.into_inner().name)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(CreateTenantResponse {}))
+        Ok(stamped(&self.broker, CreateTenantResponse {}))
     }
 
     async fn list_tenants(
@@ -148,12 +148,12 @@ impl Admin for AdminService {
         let name = parse(&r.name)?;
         allow_station(&who, Operation::Manage, &name)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .create_station(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
         let binding = r
@@ -190,9 +190,12 @@ impl Admin for AdminService {
                 .map_err(to_status)?;
         }
         let probe = self.broker.probe_nodes().await;
-        Ok(Response::new(CreateStationResponse {
-            station: Some(describe(&self.broker, &s, &probe)),
-        }))
+        Ok(stamped(
+            &self.broker,
+            CreateStationResponse {
+                station: Some(describe(&self.broker, &s, &probe)),
+            },
+        ))
     }
 
     async fn list_stations(
@@ -237,12 +240,12 @@ impl Admin for AdminService {
         allow_station(&who, Operation::Manage, &name)?;
         let (policy, delivery) = crate::policy::from_proto(r.policy.as_ref())?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .update_station(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         let s = self
             .broker
@@ -250,9 +253,12 @@ impl Admin for AdminService {
             .await
             .map_err(to_status)?;
         let probe = self.broker.probe_nodes().await;
-        Ok(Response::new(UpdateStationResponse {
-            station: Some(describe(&self.broker, &s, &probe)),
-        }))
+        Ok(stamped(
+            &self.broker,
+            UpdateStationResponse {
+                station: Some(describe(&self.broker, &s, &probe)),
+            },
+        ))
     }
 
     async fn delete_station(
@@ -265,15 +271,15 @@ impl Admin for AdminService {
         let name = parse(&r.name)?;
         allow_station(&who, Operation::Manage, &name)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .delete_station(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker.delete_station(&name).await.map_err(to_status)?;
-        Ok(Response::new(DeleteStationResponse {}))
+        Ok(stamped(&self.broker, DeleteStationResponse {}))
     }
 
     async fn cluster_status(
@@ -341,12 +347,12 @@ impl Admin for AdminService {
                 Refusal::Denied(e) => to_status(e.into()),
             })?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .create_api_key(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         let (key, token) = self
             .broker
@@ -360,10 +366,13 @@ impl Admin for AdminService {
             .await
             .map_err(to_status)?;
         tracing::info!(key = %key.id, tenant = %key.tenant, role = %key.role, "API key created");
-        Ok(Response::new(CreateApiKeyResponse {
-            key: Some(key_info(&key)),
-            token,
-        }))
+        Ok(stamped(
+            &self.broker,
+            CreateApiKeyResponse {
+                key: Some(key_info(&key)),
+                token,
+            },
+        ))
     }
 
     async fn list_api_keys(
@@ -407,12 +416,12 @@ impl Admin for AdminService {
                     id: r.id,
                 })));
             }
-            return self
+            let reply = self
                 .clients
                 .admin(&addr)?
                 .revoke_api_key(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, reply).await;
         }
         let scope = (who.role != Role::ClusterAdmin).then_some(who.tenant.as_str());
         self.broker
@@ -420,7 +429,7 @@ impl Admin for AdminService {
             .await
             .map_err(to_status)?;
         tracing::info!(key = %r.id, "API key revoked");
-        Ok(Response::new(RevokeApiKeyResponse {}))
+        Ok(stamped(&self.broker, RevokeApiKeyResponse {}))
     }
 
     async fn who_am_i(
@@ -448,12 +457,12 @@ impl Admin for AdminService {
         let change =
             quota_change(req.get_ref()).map_err(|e| to_status(BrokerError::Meta(e.into())))?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .admin(&addr)?
                 .set_quota(with_hops(req.into_inner(), hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         let tenant = req.into_inner().tenant;
         self.broker
@@ -461,7 +470,7 @@ impl Admin for AdminService {
             .await
             .map_err(to_status)?;
         tracing::info!(%tenant, "quota changed");
-        Ok(Response::new(self.tenant_quota(&tenant).await))
+        Ok(stamped(&self.broker, self.tenant_quota(&tenant).await))
     }
 
     async fn get_quota(

@@ -50,6 +50,47 @@ pub fn with_hops<T>(msg: T, hops: u32) -> tonic::Request<T> {
     r
 }
 
+/// Reply metadata naming the metadata log index a controller's answer reflects.
+pub const META_INDEX_HEADER: &str = "x-junction-meta-index";
+
+/// How long a node that forwarded a metadata change waits to apply it itself before it
+/// answers. Past it the node answers anyway (the change is made; only this node's view lags).
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Wraps a controller's reply, stamped with the metadata index it reflects.
+pub fn stamped<T>(broker: &junction_broker::Broker, msg: T) -> tonic::Response<T> {
+    let mut r = tonic::Response::new(msg);
+    if let Ok(v) = broker.meta_applied_index().to_string().parse() {
+        r.metadata_mut().insert(META_INDEX_HEADER, v);
+    }
+    r
+}
+
+/// Finishes a metadata call forwarded to the controller: a failure is mapped by
+/// [`forwarded`]; a success is returned once this node has applied the change too, so a
+/// client that reads through this node next sees its own write.
+pub async fn settled<T>(
+    broker: &junction_broker::Broker,
+    reply: Result<tonic::Response<T>, Status>,
+) -> Result<tonic::Response<T>, Status> {
+    let reply = reply.map_err(forwarded)?;
+    let index = reply
+        .metadata()
+        .get(META_INDEX_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(index) = index
+        && !broker.wait_meta_applied(index, SETTLE_LIMIT).await
+    {
+        tracing::warn!(
+            index,
+            applied = broker.meta_applied_index(),
+            "a forwarded metadata change is not applied here yet; answering anyway"
+        );
+    }
+    Ok(reply)
+}
+
 /// Lazily connected channels to other nodes' public API. Every call made through the pool
 /// carries the cluster secret: the node that took the call has authorized it, and the node it
 /// is forwarded to trusts that (see `crate::auth`).

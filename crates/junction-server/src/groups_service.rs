@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, CREDENTIAL_RECHECK, allow_station};
 use crate::broker_service::{BrokerService, stored_message};
-use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, with_hops};
+use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, settled, stamped, with_hops};
 use crate::status::to_status;
 use junction_types::auth::{Operation, Principal};
 
@@ -26,12 +26,12 @@ use junction_types::auth::{Operation, Principal};
 macro_rules! on_controller {
     ($self:ident, $hops:ident, $req:ident, $method:ident) => {
         if let Some(addr) = $self.controller_addr($hops)? {
-            return $self
+            let r = $self
                 .clients
                 .groups(&addr)?
                 .$method(with_hops($req, $hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&$self.broker, r).await;
         }
     };
 }
@@ -282,7 +282,7 @@ impl Groups for GroupsService {
             .create_group(&station, &r.group, settings_from_proto(r.settings.as_ref()))
             .await
             .map_err(to_status)?;
-        Ok(Response::new(group_info(&g)))
+        Ok(stamped(&self.broker, group_info(&g)))
     }
 
     async fn join_group(
@@ -564,7 +564,7 @@ impl Groups for GroupsService {
                 ));
             }
         }
-        Ok(Response::new(group_info(&dst)))
+        Ok(stamped(&self.broker, group_info(&dst)))
     }
 
     async fn delete_group(
@@ -581,7 +581,7 @@ impl Groups for GroupsService {
             .delete_group(&station, &r.group)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(DeleteGroupResponse {}))
+        Ok(stamped(&self.broker, DeleteGroupResponse {}))
     }
 
     type ConsumeStream = ConsumeStream;

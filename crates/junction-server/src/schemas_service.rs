@@ -16,7 +16,7 @@ use junction_types::schema::{
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, allow_station, allow_tenant};
-use crate::forward::{ClientPool, forwarded, hops_of, with_hops};
+use crate::forward::{ClientPool, hops_of, settled, stamped, with_hops};
 use crate::status::to_status;
 
 /// Serves the schema registry.
@@ -147,12 +147,12 @@ impl Schemas for SchemasService {
         let kind = kind_of(&r.r#type)?;
         let mode = r.compatibility.as_deref().map(mode_of).transpose()?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .schemas(&addr)?
                 .create_schema(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         let done = self
             .broker
@@ -167,10 +167,13 @@ impl Schemas for SchemasService {
             .await
             .map_err(to_status)?;
         tracing::info!(tenant = %r.tenant, schema = %r.name, version = done.version, existing = done.existing, "schema registered");
-        Ok(Response::new(CreateSchemaResponse {
-            version: done.version,
-            existing: done.existing,
-        }))
+        Ok(stamped(
+            &self.broker,
+            CreateSchemaResponse {
+                version: done.version,
+                existing: done.existing,
+            },
+        ))
     }
 
     async fn check_schema(
@@ -259,18 +262,18 @@ impl Schemas for SchemasService {
         r.tenant = tenant_of(&r.tenant, &who);
         allow_tenant(&who, Operation::Manage, &r.tenant)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .schemas(&addr)?
                 .delete_schema(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker
             .delete_schema(&r.tenant, &r.name, r.version)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(DeleteSchemaResponse {}))
+        Ok(stamped(&self.broker, DeleteSchemaResponse {}))
     }
 
     async fn set_compatibility(
@@ -284,25 +287,22 @@ impl Schemas for SchemasService {
         allow_tenant(&who, Operation::Manage, &r.tenant)?;
         let mode = mode_of(&r.compatibility)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .schemas(&addr)?
                 .set_compatibility(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker
             .set_schema_compatibility(&r.tenant, &r.name, mode)
             .await
             .map_err(to_status)?;
         let s = self.subject(&r.tenant, &r.name)?;
-        Ok(Response::new(info(
+        Ok(stamped(
             &self.broker,
-            &r.tenant,
-            &r.name,
-            &s,
-            false,
-        )))
+            info(&self.broker, &r.tenant, &r.name, &s, false),
+        ))
     }
 
     async fn attach_schema(
@@ -316,18 +316,18 @@ impl Schemas for SchemasService {
         allow_station(&who, Operation::Manage, &station)?;
         let binding = binding_of(&r)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .schemas(&addr)?
                 .attach_schema(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker
             .bind_schema(&station, Some(binding))
             .await
             .map_err(to_status)?;
-        Ok(Response::new(AttachSchemaResponse {}))
+        Ok(stamped(&self.broker, AttachSchemaResponse {}))
     }
 
     async fn detach_schema(
@@ -340,17 +340,17 @@ impl Schemas for SchemasService {
         let station = StationName::parse(&r.station).map_err(|e| to_status(e.into()))?;
         allow_station(&who, Operation::Manage, &station)?;
         if let Some(addr) = self.controller_addr(hops)? {
-            return self
+            let r = self
                 .clients
                 .schemas(&addr)?
                 .detach_schema(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
+                .await;
+            return settled(&self.broker, r).await;
         }
         self.broker
             .bind_schema(&station, None)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(DetachSchemaResponse {}))
+        Ok(stamped(&self.broker, DetachSchemaResponse {}))
     }
 }
