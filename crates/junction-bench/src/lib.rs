@@ -10,6 +10,7 @@
 pub mod isolation;
 pub mod load;
 pub mod report;
+pub mod schema;
 pub mod spawn;
 
 use std::path::PathBuf;
@@ -80,6 +81,10 @@ pub struct BenchArgs {
     /// Messages per produce batch.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
+    /// Bind the station to a schema (registered by the bench, `on-invalid reject`), so the
+    /// cluster validates every message; payloads are valid records of the schema.
+    #[arg(long, value_enum)]
+    pub schema: Option<schema::BenchSchema>,
     /// Distinct keys (0: unkeyed, sticky round-robin per batch).
     #[arg(long, default_value_t = 0)]
     pub keys: u64,
@@ -164,6 +169,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.batch_size == 0 || args.in_flight == 0 || args.producers == 0 {
         bail!("--batch-size, --in-flight and --producers must be at least 1");
+    }
+    if args.schema.is_some() && args.workload == Workload::E2e {
+        bail!(
+            "--schema is for the produce and read workloads (e2e writes a time into the payload)"
+        );
+    }
+    if args.schema.is_some() && args.message_size < schema::min_size() {
+        bail!(
+            "--schema protobuf needs --message-size of at least {} (its fixed fields)",
+            schema::min_size()
+        );
     }
     if args.via_any_node && !args.raw_grpc {
         bail!(

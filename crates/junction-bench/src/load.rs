@@ -167,11 +167,32 @@ pub(crate) async fn tenant_key(admin: &Client, tenant: &str, role: &str) -> anyh
     Ok(key.token)
 }
 
-/// Creates the station if it does not exist yet.
+/// Creates the station if it does not exist yet (with `--schema`, registers the schema and
+/// binds the station to it).
 async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<()> {
-    let created = admin(addrs, args.token.as_deref())?
-        .create_station(station, args.partitions, args.replication_factor)
-        .await;
+    let admin = admin(addrs, args.token.as_deref())?;
+    let mut station_spec = junction_client::StationSpec::new(station)
+        .partitions(args.partitions)
+        .replication_factor(args.replication_factor);
+    if let Some(schema) = args.schema {
+        let tenant = station.split_once('/').map_or("", |(t, _)| t);
+        let mut spec = junction_client::SchemaSpec::new(
+            crate::schema::SCHEMA_NAME,
+            schema.kind(),
+            schema.text(),
+        );
+        spec.tenant = tenant.to_owned();
+        let registered = admin
+            .create_schema(&spec)
+            .await
+            .context("registering the bench schema")?;
+        station_spec = station_spec.schema(
+            crate::schema::SCHEMA_NAME,
+            Some(registered.version),
+            "reject",
+        );
+    }
+    let created = admin.create_station_with(station_spec).await;
     match created {
         Ok(_) => Ok(()),
         // Also what a retry after a lost reply reports.
@@ -396,7 +417,7 @@ pub(crate) async fn produce(
     let stop = Arc::new(AtomicBool::new(false));
     let batch_seq = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let filler = filler(args.message_size);
+    let filler = filler(args)?;
     let routes = Routes::discover(args, addrs, station).await?;
     let routes = &routes;
     let mut tasks = futures::stream::FuturesUnordered::new();
@@ -469,7 +490,7 @@ async fn sdk_produce(
     let stop = AtomicBool::new(false);
     let tick = AtomicU64::new(0);
     let started = Instant::now();
-    let filler = filler(args.message_size);
+    let filler = filler(args)?;
     let hist = std::sync::Mutex::new(new_histogram()?);
     let from_send = std::sync::Mutex::new(new_histogram()?);
     let shared = SdkShared {
@@ -525,7 +546,7 @@ struct SdkShared<'a> {
     /// Ticks of `--rate` handed out so far, over all producers.
     tick: &'a AtomicU64,
     started: Instant,
-    filler: &'a Bytes,
+    filler: &'a Filler,
     hist: &'a std::sync::Mutex<Histogram<u64>>,
     from_send: &'a std::sync::Mutex<Histogram<u64>>,
 }
@@ -711,7 +732,7 @@ async fn producer(
     stop: Arc<AtomicBool>,
     batch_seq: Arc<AtomicU64>,
     started: Instant,
-    filler: Bytes,
+    filler: Filler,
 ) -> anyhow::Result<Histogram<u64>> {
     // One stream per distinct destination; `route[p]` is partition p's stream.
     let mut dests: Vec<String> = routes.leaders.clone();
@@ -912,7 +933,38 @@ async fn sleep_until_precisely(at: Instant) {
 /// storage compression (LZ4 on 4 KiB blocks) cannot flatter the write figures.
 const FILLER_SPAN: usize = 1 << 20;
 
-fn filler(size: usize) -> Bytes {
+/// What payloads are cut from.
+#[derive(Clone)]
+pub(crate) struct Filler {
+    bytes: Bytes,
+    /// With `--schema`: how many valid records of the message size lie back to back.
+    records: Option<u64>,
+}
+
+fn filler(args: &BenchArgs) -> anyhow::Result<Filler> {
+    let random = random_filler(args.message_size);
+    match args.schema {
+        None => Ok(Filler {
+            bytes: random,
+            records: None,
+        }),
+        Some(_) => {
+            let (bytes, k) =
+                crate::schema::pool(args.message_size, &random).with_context(|| {
+                    format!(
+                        "--message-size {} is too small for the schema's records",
+                        args.message_size
+                    )
+                })?;
+            Ok(Filler {
+                bytes,
+                records: Some(k),
+            })
+        }
+    }
+}
+
+fn random_filler(size: usize) -> Bytes {
     let mut v = vec![0u8; size + FILLER_SPAN];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for b in v.iter_mut() {
@@ -926,9 +978,12 @@ fn filler(size: usize) -> Bytes {
 
 /// The payload of a producer's `n`-th message: its own slice of the filler (no copy). For e2e
 /// the first 8 bytes carry the intended send time (µs since the epoch).
-fn payload(w: Workload, filler: &Bytes, size: usize, n: u64, due: Instant) -> Bytes {
-    let at = (n as usize).wrapping_mul(size.max(1)) % FILLER_SPAN;
-    let slice = filler.slice(at..at + size);
+fn payload(w: Workload, filler: &Filler, size: usize, n: u64, due: Instant) -> Bytes {
+    let at = match filler.records {
+        Some(k) => (n % k) as usize * size,
+        None => (n as usize).wrapping_mul(size.max(1)) % FILLER_SPAN,
+    };
+    let slice = filler.bytes.slice(at..at + size);
     if w != Workload::E2e {
         return slice;
     }

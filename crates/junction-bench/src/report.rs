@@ -33,6 +33,8 @@ pub struct Report {
     pub client: &'static str,
     /// Produce: whether producers were idempotent (producer ids and sequences).
     pub idempotent: bool,
+    /// The schema the station was bound to (every message validated by the cluster).
+    pub schema: Option<crate::schema::BenchSchema>,
     /// Whether the connections (clients and between nodes) were TLS.
     pub tls: bool,
     /// Whether every call carried a credential the nodes checked (`--auth`, `--token`).
@@ -106,6 +108,7 @@ impl Report {
             batch_size: args.batch_size,
             client: if args.raw_grpc { "raw-grpc" } else { "sdk" },
             idempotent: !args.at_least_once,
+            schema: args.schema,
             tls: args.tls || args.tls_ca.is_some(),
             authenticated: args.token.is_some(),
             keys: args.keys,
@@ -245,6 +248,13 @@ impl Report {
                 } else {
                     "at-least-once"
                 }
+            );
+        }
+        if let Some(schema) = self.schema {
+            let _ = writeln!(
+                t,
+                "schema          {}: the station validates every message (on-invalid reject)",
+                schema.kind()
             );
         }
         let _ = writeln!(

@@ -1,6 +1,8 @@
 //! `junction read STATION`: print messages, optionally following new ones.
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Context;
 use futures::{FutureExt, StreamExt};
@@ -33,6 +35,13 @@ pub struct ReadArgs {
     /// One JSON object per line: partition, offset, key, payload, timestamp_ms, headers.
     #[arg(long)]
     pub json: bool,
+    /// Decode payloads with the schema version named in their `junction-schema` header
+    /// (fetched from the registry) and print them as JSON: Protobuf in its JSON mapping,
+    /// Avro as JSON values. With --json the decoded value is the `decoded` field. A message
+    /// without the header, or one that does not decode, is printed as stored (with a
+    /// `decode_error` field under --json, a note on stderr otherwise).
+    #[arg(long)]
+    pub decode: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -55,21 +64,106 @@ pub(crate) fn parse_start(s: &str) -> Result<Start, String> {
     }
 }
 
+/// Decodes payloads with the registry's schemas, each version fetched and compiled once.
+struct Decoder {
+    client: Client,
+    /// The tenant of the station (empty: the caller's own).
+    tenant: String,
+    /// `name@version` → the compiled schema, or why there is none.
+    schemas: HashMap<String, Result<Arc<junction_schema::Schema>, String>>,
+}
+
+impl Decoder {
+    /// Returns the payload as JSON, `None` for a message without a schema header, or why it
+    /// could not be decoded.
+    async fn decode(&mut self, m: &StoredMessage) -> Option<Result<serde_json::Value, String>> {
+        let label = m
+            .headers
+            .iter()
+            .find(|h| h.key == junction_types::schema::SCHEMA_HEADER)
+            .map(|h| String::from_utf8_lossy(&h.value).into_owned())?;
+        if !self.schemas.contains_key(&label) {
+            let compiled = self.fetch(&label).await;
+            self.schemas.insert(label.clone(), compiled);
+        }
+        let schema = match self.schemas.get(&label) {
+            Some(Ok(s)) => s.clone(),
+            Some(Err(e)) => return Some(Err(e.clone())),
+            None => return Some(Err(format!("schema {label} was not fetched"))),
+        };
+        Some(
+            schema
+                .to_json(&m.payload)
+                .map_err(|e| format!("does not decode with {label}: {e}")),
+        )
+    }
+
+    /// Fetches and compiles `name@version`.
+    async fn fetch(&self, label: &str) -> Result<Arc<junction_schema::Schema>, String> {
+        let (name, version) = label
+            .rsplit_once('@')
+            .and_then(|(n, v)| Some((n, v.parse::<u32>().ok()?)))
+            .ok_or_else(|| format!("the schema header {label:?} is not NAME@VERSION"))?;
+        let info = self
+            .client
+            .get_schema(&self.tenant, name)
+            .await
+            .map_err(|e| format!("fetching schema {label}: {e}"))?;
+        let v = info
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| format!("schema {name} has no version {version} any more"))?;
+        let kind: junction_types::schema::SchemaType = info
+            .r#type
+            .parse()
+            .map_err(|e| format!("schema {label}: {e}"))?;
+        junction_schema::Schema::compile(
+            kind,
+            &v.text,
+            v.message.as_deref(),
+            junction_schema::Limits::default(),
+        )
+        .map(Arc::new)
+        .map_err(|e| format!("schema {label} does not compile here: {e}"))
+    }
+}
+
 /// Writes messages to stdout; remembers when the reader went away (`| head`).
 struct Printer {
     json: bool,
+    decoder: Option<Decoder>,
     out: std::io::BufWriter<Box<dyn Write + Send>>,
     closed: bool,
 }
 
 impl Printer {
-    fn print(&mut self, m: &StoredMessage) -> anyhow::Result<()> {
-        let result = if self.json {
-            writeln!(self.out, "{}", message_json(m))
-        } else {
-            self.out
-                .write_all(&m.payload)
-                .and_then(|()| self.out.write_all(b"\n"))
+    async fn print(&mut self, m: &StoredMessage) -> anyhow::Result<()> {
+        let decoded = match &mut self.decoder {
+            Some(d) => d.decode(m).await,
+            None => None,
+        };
+        let result = match (self.json, decoded) {
+            (true, None) => writeln!(self.out, "{}", message_json(m)),
+            (true, Some(d)) => {
+                let extra = match d {
+                    Ok(v) => format!("\"decoded\":{v}"),
+                    Err(e) => format!("\"decode_error\":{}", serde_json::Value::String(e)),
+                };
+                let plain = message_json(m);
+                // `message_json` writes one object: add the field before its closing brace.
+                let body = plain.strip_suffix('}').unwrap_or(&plain);
+                writeln!(self.out, "{body},{extra}}}")
+            }
+            (false, Some(Ok(v))) => writeln!(self.out, "{v}"),
+            (false, decoded) => {
+                if let Some(Err(e)) = decoded {
+                    eprintln!("partition {} offset {}: {e}", m.partition, m.offset);
+                }
+                self.out
+                    .write_all(&m.payload)
+                    .and_then(|()| self.out.write_all(b"\n"))
+            }
         };
         self.check(result)
     }
@@ -107,8 +201,18 @@ pub(crate) async fn run_to(args: ReadArgs, output: Box<dyn Write + Send>) -> any
             (0..station.partitions).collect()
         }
     };
+    let decoder = args.decode.then(|| Decoder {
+        client: client.clone(),
+        tenant: args
+            .station
+            .split_once('/')
+            .map(|(t, _)| t.to_owned())
+            .unwrap_or_default(),
+        schemas: HashMap::new(),
+    });
     let mut printer = Printer {
         json: args.json,
+        decoder,
         out: std::io::BufWriter::new(output),
         closed: false,
     };
@@ -139,7 +243,7 @@ async fn read_to_end(
                 .await
                 .with_context(|| format!("reading {} partition {partition}", args.station))?;
             for m in resp.messages.iter().take(remaining as usize) {
-                printer.print(m)?;
+                printer.print(m).await?;
                 remaining -= 1;
             }
             printer.flush()?;
@@ -183,7 +287,7 @@ async fn follow(
                     return Err(err).with_context(|| format!("following {}", args.station));
                 }
                 Some(Ok(m)) => {
-                    printer.print(&m)?;
+                    printer.print(&m).await?;
                     remaining -= 1;
                     if remaining == 0 || printer.closed {
                         return printer.flush();

@@ -67,11 +67,21 @@ impl Compiled {
     }
 
     pub(crate) fn validate(&self, payload: &[u8]) -> Result<(), Invalid> {
+        self.read(payload).map(drop)
+    }
+
+    pub(crate) fn to_json(&self, payload: &[u8]) -> Result<serde_json::Value, Invalid> {
+        serde_json::Value::try_from(self.read(payload)?)
+            .map_err(|e| Invalid::whole(format!("cannot print the datum as JSON: {e}")))
+    }
+
+    /// Reads the one datum `payload` must hold.
+    fn read(&self, payload: &[u8]) -> Result<apache_avro::types::Value, Invalid> {
         let mut rest = payload;
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
             .build()
             .map_err(|e| Invalid::whole(format!("cannot read with this schema: {e}")))?;
-        reader
+        let value = reader
             .read_value(&mut rest)
             .map_err(|e| Invalid::whole(format!("not a datum of the schema: {e}")))?;
         if !rest.is_empty() {
@@ -80,7 +90,7 @@ impl Compiled {
                 rest.len()
             )));
         }
-        Ok(())
+        Ok(value)
     }
 
     pub(crate) fn can_read(&self, writer: &Compiled) -> Vec<Finding> {

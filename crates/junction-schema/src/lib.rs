@@ -244,6 +244,18 @@ impl Schema {
         }
     }
 
+    /// Decodes a payload to JSON, as `junction read --decode` prints it: a Protobuf message in
+    /// the canonical Protobuf JSON mapping, an Avro datum in apache-avro's JSON form of its
+    /// values, a JSON document as itself. A payload that does not decode is `Invalid`.
+    pub fn to_json(&self, payload: &[u8]) -> Result<serde_json::Value, Invalid> {
+        match &self.compiled {
+            Compiled::Proto(c) => c.to_json(payload),
+            Compiled::Json(_) => serde_json::from_slice(payload)
+                .map_err(|e| Invalid::whole(format!("not a JSON document: {e}"))),
+            Compiled::Avro(c) => c.to_json(payload),
+        }
+    }
+
     /// What goes wrong when a reader using `self` reads data written with `writer`.
     fn can_read(&self, writer: &Schema) -> Vec<Finding> {
         match (&self.compiled, &writer.compiled) {

@@ -88,6 +88,17 @@ impl Compiled {
         check_known(&msg, "", 0, max_depth)
     }
 
+    pub(crate) fn to_json(&self, payload: &[u8]) -> Result<serde_json::Value, Invalid> {
+        let msg = DynamicMessage::decode(self.message.clone(), payload).map_err(|e| {
+            Invalid::whole(format!(
+                "not a valid {} message: {e}",
+                self.message.full_name()
+            ))
+        })?;
+        serde_json::to_value(&msg)
+            .map_err(|e| Invalid::whole(format!("cannot print the message as JSON: {e}")))
+    }
+
     /// What breaks when a reader of `self` reads data written with `writer`.
     pub(crate) fn can_read(&self, writer: &Compiled) -> Vec<Finding> {
         let mut out = Vec::new();

@@ -569,3 +569,28 @@ fn generated_documents_pass_and_each_mutation_is_refused_at_its_path() {
         assert_eq!(e.path, want_path, "seed {seed}: {e} for {bad}");
     }
 }
+
+#[test]
+fn payloads_decode_to_json() {
+    let p = compile(SchemaKind::Protobuf, PROTO_V1);
+    let good = [0x0a, 0x01, b'a', 0x10, 0x05, 0x1a, 0x03, 0x0a, 0x01, b'x'];
+    assert_eq!(
+        p.to_json(&good).expect("decodes"),
+        serde_json::json!({"id": "a", "qty": 5, "item": {"sku": "x"}})
+    );
+    assert!(p.to_json(&[0x0a, 0x05, b'a']).is_err(), "truncated");
+
+    let a = compile(SchemaKind::Avro, AVRO_V1);
+    assert_eq!(
+        a.to_json(&[0x04, b'a', b'b', 0x06]).expect("decodes"),
+        serde_json::json!({"id": "ab", "qty": 3})
+    );
+    assert!(a.to_json(&[0x04, b'a', b'b', 0x06, 0x00]).is_err());
+
+    let j = compile(SchemaKind::Json, r#"{"type":"object"}"#);
+    assert_eq!(
+        j.to_json(br#"{"n":1}"#).expect("decodes"),
+        serde_json::json!({"n": 1})
+    );
+    assert!(j.to_json(b"\xff").is_err());
+}
