@@ -666,6 +666,14 @@ async fn a_change_made_through_a_follower_is_read_back_through_it() {
         let s = c.describe_station(&name).await.expect("described at once");
         assert_eq!(s.partitions, 1);
     }
+    // Registering a known text with an explicit mode returns the version and sets the mode.
+    let mut spec = SchemaSpec::new("s1", "json", ORDER_V2);
+    spec.compatibility = Some("full".into());
+    let again = c.create_schema(&spec).await.expect("known text");
+    assert!(again.existing);
+    assert_eq!(again.version, 2);
+    let info = c.get_schema("", "s1").await.expect("get");
+    assert_eq!(info.compatibility, "FULL");
     cluster.shutdown().await;
 }
 
@@ -736,5 +744,107 @@ async fn read_decode_prints_protobuf_and_avro_payloads_as_json() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(v["payload"], "hello");
     assert!(v.get("decoded").is_none() && v.get("decode_error").is_none());
+    cluster.shutdown().await;
+}
+
+/// A node that was down while versions were registered, and whose metadata log was purged
+/// meanwhile, gets the registry through a snapshot and validates with the latest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_missed_registrations_gets_the_registry_by_snapshot() {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.snapshot_every = 20;
+        c.keep_logs = 5;
+    })
+    .await;
+    let client = cluster.client();
+    client
+        .create_schema(&SchemaSpec::new("orders", "json", ORDER_V1))
+        .await
+        .expect("register");
+    client
+        .create_station_with(
+            StationSpec::new("orders")
+                .partitions(1)
+                .replication_factor(3)
+                .schema("orders", None, "reject"),
+        )
+        .await
+        .expect("station");
+    let leader = cluster.wait_for_metadata_leader().await;
+    let down = cluster
+        .running()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    let down_at = cluster.broker(down).meta_applied_index();
+    cluster.stop(down).await;
+    // 30 more schemas and a second version of `orders` (adds `note`).
+    for i in 0..30 {
+        client
+            .create_schema(&SchemaSpec::new(format!("s{i}"), "json", ORDER_V1))
+            .await
+            .expect("register while a node is down");
+    }
+    client
+        .create_schema(&SchemaSpec::new("orders", "json", ORDER_V2))
+        .await
+        .expect("version 2");
+    let meta_leader = cluster.wait_for_metadata_leader().await;
+    // The leader's log no longer holds what the stopped node lacks.
+    wait_until(Duration::from_secs(20), "the metadata log purged", || {
+        let broker = cluster.broker(meta_leader);
+        async move {
+            let purged = broker
+                .meta_raft()
+                .metrics()
+                .borrow_watched()
+                .purged
+                .map(|l| l.index);
+            purged.filter(|p| *p > down_at).map(|_| ())
+        }
+    })
+    .await;
+    cluster.restart(down).await;
+    let broker = cluster.broker(down);
+    wait_until(Duration::from_secs(30), "the node to catch up", || {
+        let broker = broker.clone();
+        async move {
+            let meta = broker.metadata();
+            let orders = meta.schemas.get("default", "orders")?;
+            (orders.latest().map(|v| v.version) == Some(2)
+                && meta.schemas.get("default", "s29").is_some())
+            .then_some(())
+        }
+    })
+    .await;
+    let snapshot = broker.meta_raft().metrics().borrow_watched().snapshot;
+    assert!(
+        snapshot.is_some_and(|s| s.index > down_at),
+        "caught up through a snapshot: {snapshot:?}"
+    );
+    // Through that node: a `note` is valid under version 2 and carries its label.
+    let mut b = raw(&cluster, down).await;
+    let reply = wait_until(
+        Duration::from_secs(20),
+        "a produce through the node",
+        || {
+            let mut b = b.clone();
+            async move {
+                produce(&mut b, "orders", vec![text(r#"{"id":1,"note":"n"}"#)], None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(reply.positions.len(), 1);
+    let e = produce(&mut b, "orders", vec![text(r#"{"id":"x"}"#)], None)
+        .await
+        .expect_err("invalid under version 2");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let msgs = stored(&client, "orders").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(header(&msgs[0].1, "junction-schema"), Some("orders@2"));
     cluster.shutdown().await;
 }

@@ -235,6 +235,17 @@ impl Broker {
             attempt += 1;
             let expected_latest = match self.check_schema(tenant, name, kind, text, message)? {
                 CheckOutcome::Existing(version) => {
+                    let current = self
+                        .metadata()
+                        .schemas
+                        .get(tenant, name)
+                        .map(|s| s.compatibility);
+                    if let Some(mode) = compatibility
+                        && current != Some(mode)
+                    {
+                        // The text is known, but an explicit mode still applies.
+                        self.set_schema_compatibility(tenant, name, mode).await?;
+                    }
                     return Ok(Registered {
                         version,
                         existing: true,

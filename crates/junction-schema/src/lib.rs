@@ -21,6 +21,7 @@
 mod avro;
 mod json;
 mod proto;
+mod proto_wire;
 
 use std::fmt;
 

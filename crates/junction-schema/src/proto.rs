@@ -26,7 +26,9 @@ use crate::{Finding, Invalid, SchemaError, SchemaKind};
 const FILE_NAME: &str = "schema.proto";
 
 pub(crate) struct Compiled {
-    message: MessageDescriptor,
+    pub(crate) message: MessageDescriptor,
+    /// Whether payloads are validated by walking the wire format (no proto2 groups).
+    pub(crate) walkable: bool,
 }
 
 /// Serves the schema's own text, and nothing else, under [`FILE_NAME`].
@@ -75,10 +77,27 @@ impl Compiled {
             }
             None => file.messages().next().ok_or(SchemaError::NoMessage)?,
         };
-        Ok(Self { message: found })
+        Ok(Self {
+            walkable: crate::proto_wire::walkable(&found),
+            message: found,
+        })
     }
 
     pub(crate) fn validate(&self, payload: &[u8], max_depth: usize) -> Result<(), Invalid> {
+        if !self.walkable {
+            return self.validate_by_decoding(payload, max_depth);
+        }
+        crate::proto_wire::walk(&self.message, payload, 0, max_depth)
+            .map_err(|s| s.into_invalid(&self.message))
+    }
+
+    /// Validates by decoding into a `DynamicMessage` and refusing unknown fields: the path
+    /// of schemas with groups, and the reference the wire walk is tested against.
+    pub(crate) fn validate_by_decoding(
+        &self,
+        payload: &[u8],
+        max_depth: usize,
+    ) -> Result<(), Invalid> {
         let msg = DynamicMessage::decode(self.message.clone(), payload).map_err(|e| {
             Invalid::whole(format!(
                 "not a valid {} message: {e}",
