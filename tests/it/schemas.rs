@@ -106,6 +106,24 @@ async fn produce(
         .map(tonic::Response::into_inner)
 }
 
+/// Registers `ORDER_V1` as `orders` and creates the station `orders` (one partition, three
+/// replicas) bound to it at `version` (`None`: the latest), rejecting invalid messages.
+async fn orders_station(client: &Client, version: Option<u32>) {
+    client
+        .create_schema(&SchemaSpec::new("orders", "json", ORDER_V1))
+        .await
+        .expect("register");
+    client
+        .create_station_with(
+            StationSpec::new("orders")
+                .partitions(1)
+                .replication_factor(3)
+                .schema("orders", version, "reject"),
+        )
+        .await
+        .expect("station");
+}
+
 /// The stored messages of partition 0 of `station`, as (payload, headers).
 async fn stored(client: &Client, station: &str) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
     read_all(client, station, 0)
@@ -398,19 +416,7 @@ async fn dead_letter_policy_stores_the_valid_messages_and_keeps_an_idempotent_pr
 async fn the_registry_survives_a_controller_failover() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    client
-        .create_schema(&SchemaSpec::new("orders", "json", ORDER_V1))
-        .await
-        .expect("register");
-    client
-        .create_station_with(
-            StationSpec::new("orders")
-                .partitions(1)
-                .replication_factor(3)
-                .schema("orders", Some(1), "reject"),
-        )
-        .await
-        .expect("station");
+    orders_station(&client, Some(1)).await;
     let leader = cluster.wait_for_metadata_leader().await;
     cluster.stop(leader).await;
     let survivor = cluster.running()[0];
@@ -758,19 +764,7 @@ async fn a_node_that_missed_registrations_gets_the_registry_by_snapshot() {
     })
     .await;
     let client = cluster.client();
-    client
-        .create_schema(&SchemaSpec::new("orders", "json", ORDER_V1))
-        .await
-        .expect("register");
-    client
-        .create_station_with(
-            StationSpec::new("orders")
-                .partitions(1)
-                .replication_factor(3)
-                .schema("orders", None, "reject"),
-        )
-        .await
-        .expect("station");
+    orders_station(&client, None).await;
     let leader = cluster.wait_for_metadata_leader().await;
     let down = cluster
         .running()

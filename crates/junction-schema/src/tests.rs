@@ -704,18 +704,56 @@ fn mutate(rng: &mut junction_testkit::SplitMix, bytes: &mut Vec<u8>) {
     }
 }
 
+/// Generates `seeds` records with `generate`, each valid for both `schema` and `reference`,
+/// mutates each once or twice, and asserts that `schema` accepts a mutant exactly when
+/// `reference` does; both outcomes must occur often.
+fn agrees_with_reference(
+    schema: &Schema,
+    seeds: u64,
+    mut generate: impl FnMut(&mut junction_testkit::SplitMix) -> Vec<u8>,
+    reference: impl Fn(&[u8]) -> bool,
+) {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 0..seeds {
+        let mut rng = junction_testkit::SplitMix(seed);
+        let rec = generate(&mut rng);
+        assert!(
+            reference(&rec),
+            "seed {seed}: the reference refuses a generated record"
+        );
+        assert_eq!(schema.validate(&rec), Ok(()), "seed {seed}: {rec:02x?}");
+        let mut bad = rec;
+        for _ in 0..=rng.below(2) {
+            mutate(&mut rng, &mut bad);
+        }
+        let got = schema.validate(&bad);
+        assert_eq!(
+            got.is_ok(),
+            reference(&bad),
+            "seed {seed}: {bad:02x?} gave {got:?}"
+        );
+        if got.is_ok() {
+            accepted += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(
+        accepted > 100 && refused > 100,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
 #[test]
 fn protobuf_generated_records_pass_and_mutations_agree_with_a_reference_reader() {
     let schema = compile(SchemaKind::Protobuf, PROTO_V1);
-    let (mut accepted, mut refused) = (0, 0);
-    for seed in 0..3000 {
-        let mut rng = junction_testkit::SplitMix(seed);
+    let generate = |rng: &mut junction_testkit::SplitMix| {
         let mut rec = Vec::new();
         // Fields in any order, some absent, some repeated (the last one wins).
         for _ in 0..rng.below(5) {
             match rng.below(3) {
                 0 => {
-                    let s = random_text(&mut rng);
+                    let s = random_text(rng);
                     rec.push(0x0a);
                     put_varint(&mut rec, s.len() as u64);
                     rec.extend_from_slice(s.as_bytes());
@@ -726,7 +764,7 @@ fn protobuf_generated_records_pass_and_mutations_agree_with_a_reference_reader()
                     put_varint(&mut rec, i64::from(v) as u64);
                 }
                 _ => {
-                    let sku = random_text(&mut rng);
+                    let sku = random_text(rng);
                     let mut item = vec![0x0a];
                     put_varint(&mut item, sku.len() as u64);
                     item.extend_from_slice(sku.as_bytes());
@@ -736,27 +774,9 @@ fn protobuf_generated_records_pass_and_mutations_agree_with_a_reference_reader()
                 }
             }
         }
-        assert!(
-            pb_reference(&rec, false),
-            "seed {seed}: the generator is wrong"
-        );
-        assert_eq!(schema.validate(&rec), Ok(()), "seed {seed}: {rec:02x?}");
-        let mut bad = rec.clone();
-        mutate(&mut rng, &mut bad);
-        let want = pb_reference(&bad, false);
-        let got = schema.validate(&bad);
-        assert_eq!(got.is_ok(), want, "seed {seed}: {bad:02x?} gave {got:?}");
-        if want {
-            accepted += 1;
-        } else {
-            refused += 1;
-        }
-    }
-    // Both outcomes were exercised.
-    assert!(
-        accepted > 100 && refused > 100,
-        "{accepted} accepted, {refused} refused"
-    );
+        rec
+    };
+    agrees_with_reference(&schema, 3000, generate, |b| pb_reference(b, false));
 }
 
 /// A zig-zag varint as apache-avro reads it (at most 10 bytes; bits past 64 dropped).
@@ -799,31 +819,15 @@ fn avro_reference(buf: &[u8]) -> bool {
 fn avro_generated_records_pass_and_mutations_agree_with_a_reference_reader() {
     let schema = compile(SchemaKind::Avro, AVRO_V1);
     let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
-    let (mut accepted, mut refused) = (0, 0);
-    for seed in 0..3000 {
-        let mut rng = junction_testkit::SplitMix(seed);
-        let id = random_text(&mut rng);
+    let generate = |rng: &mut junction_testkit::SplitMix| {
+        let id = random_text(rng);
         let mut rec = Vec::new();
         put_varint(&mut rec, zigzag(id.len() as i64));
         rec.extend_from_slice(id.as_bytes());
         put_varint(&mut rec, zigzag(i64::from(rng.next_u64() as i32)));
-        assert!(avro_reference(&rec), "seed {seed}: the generator is wrong");
-        assert_eq!(schema.validate(&rec), Ok(()), "seed {seed}: {rec:02x?}");
-        let mut bad = rec.clone();
-        mutate(&mut rng, &mut bad);
-        let want = avro_reference(&bad);
-        let got = schema.validate(&bad);
-        assert_eq!(got.is_ok(), want, "seed {seed}: {bad:02x?} gave {got:?}");
-        if want {
-            accepted += 1;
-        } else {
-            refused += 1;
-        }
-    }
-    assert!(
-        accepted > 100 && refused > 100,
-        "{accepted} accepted, {refused} refused"
-    );
+        rec
+    };
+    agrees_with_reference(&schema, 3000, generate, avro_reference);
 }
 
 const RICH_PROTO: &str = r#"syntax = "proto3";
@@ -922,30 +926,11 @@ fn the_wire_walk_accepts_exactly_what_decoding_accepts() {
     };
     assert!(c.walkable);
     let desc = c.message.clone();
-    let (mut accepted, mut refused) = (0, 0);
-    for seed in 0..4000 {
-        let mut rng = junction_testkit::SplitMix(seed);
-        let rec = random_message(&mut rng, &desc, 3).encode_to_vec();
-        assert_eq!(schema.validate(&rec), Ok(()), "seed {seed}");
-        let mut bad = rec.clone();
-        for _ in 0..=rng.below(2) {
-            mutate(&mut rng, &mut bad);
-        }
-        let walked = schema.validate(&bad);
-        let decoded = c.validate_by_decoding(&bad, Limits::default().max_depth);
-        assert_eq!(
-            walked.is_ok(),
-            decoded.is_ok(),
-            "seed {seed}: {bad:02x?}\nwalk: {walked:?}\ndecode: {decoded:?}"
-        );
-        if walked.is_ok() {
-            accepted += 1;
-        } else {
-            refused += 1;
-        }
-    }
-    assert!(
-        accepted > 100 && refused > 100,
-        "{accepted} accepted, {refused} refused"
+    let max_depth = Limits::default().max_depth;
+    agrees_with_reference(
+        &schema,
+        4000,
+        |rng| random_message(rng, &desc, 3).encode_to_vec(),
+        |b| c.validate_by_decoding(b, max_depth).is_ok(),
     );
 }
