@@ -292,6 +292,22 @@ fn json_schema_compatibility_table() {
     for (name, v1, v2, mode, want) in cases {
         assert_eq!(rules(j, &[v1, v2], mode), want, "{name} ({mode})");
     }
+    // Removed from an open model, then re-added with another type. Unlike Protobuf and Avro,
+    // the plain mode already refuses the re-add (the open model let writers of the previous
+    // version put anything there); the transitive mode adds the conflict with version 1.
+    let v2 = r#"{"type":"object","properties":{"id":{"type":"string"}},"required":["id"]}"#;
+    let v3 = r#"{"type":"object","properties":{"id":{"type":"string"},"qty":{"type":"string"}},"required":["id"]}"#;
+    assert!(rules(j, &[JSON_OPEN, v2], Backward).is_empty());
+    assert_eq!(
+        rules(j, &[JSON_OPEN, v2, v3], Backward),
+        vec!["PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL"]
+    );
+    let transitive = rules(j, &[JSON_OPEN, v2, v3], BackwardTransitive);
+    assert!(
+        transitive.contains(&"PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL")
+            && transitive.contains(&"TYPE_CHANGED"),
+        "{transitive:?}"
+    );
     // Identical versions are compatible in every mode, and a recursive definition ends.
     let tree = r##"{"$defs":{"n":{"type":"object","properties":{"kids":{"type":"array","items":{"$ref":"#/$defs/n"}}}}},"$ref":"#/$defs/n"}"##;
     for mode in [
