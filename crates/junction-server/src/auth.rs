@@ -208,8 +208,6 @@ pub fn allow_cluster(p: &Principal) -> Result<(), Status> {
 
 /// Reads the admin token at `path`, or makes one there (256 random bits, hex, mode 0600).
 fn load_or_create_admin_token(path: &Path) -> Result<[u8; 32], ConfigError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let err = |what: &str, e: std::io::Error| {
         ConfigError::Auth(format!("{what} admin token file {}: {e}", path.display()))
     };
@@ -217,28 +215,17 @@ fn load_or_create_admin_token(path: &Path) -> Result<[u8; 32], ConfigError> {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = junction_broker::auth::random_hex(32).map_err(|e| err("making", e))?;
-            // Several nodes may share the path (the dev cluster): the first to create it wins
-            // and the others read its token.
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(mut file) => {
-                    file.write_all(format!("{token}\n").as_bytes())
-                        .and_then(|()| file.sync_all())
-                        .map_err(|e| err("writing", e))?;
-                    tracing::warn!(
-                        path = %path.display(),
-                        "made a new admin token (cluster-admin); keep the file secret"
-                    );
-                    token
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    read_complete(path).map_err(|e| err("reading", e))?
-                }
-                Err(e) => return Err(err("creating", e)),
+            // Several nodes may share the path (the dev cluster): the first to publish its
+            // token wins and the others read that one. The token is written whole to a file
+            // of its own first, then linked into place, so no node ever reads a partial file.
+            if publish_whole(path, &format!("{token}\n")).map_err(|e| err("creating", e))? {
+                tracing::warn!(
+                    path = %path.display(),
+                    "made a new admin token (cluster-admin); keep the file secret"
+                );
+                format!("{token}\n")
+            } else {
+                std::fs::read_to_string(path).map_err(|e| err("reading", e))?
             }
         }
         Err(e) => return Err(err("reading", e)),
@@ -261,14 +248,69 @@ fn load_or_create_admin_token(path: &Path) -> Result<[u8; 32], ConfigError> {
     Ok(junction_broker::auth::digest(token))
 }
 
-/// Reads a token file another process is writing: waits (briefly) for its final newline.
-fn read_complete(path: &Path) -> std::io::Result<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let text = std::fs::read_to_string(path)?;
-        if text.ends_with('\n') || std::time::Instant::now() >= deadline {
-            return Ok(text);
+/// Creates `path` holding `text`, unless it exists: writes a private temporary file beside it,
+/// fsyncs it, and hard-links it into place (which fails if the path exists, atomically).
+/// Returns whether this call created it.
+fn publish_whole(path: &Path, text: &str) -> std::io::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}",
+        std::process::id(),
+        junction_broker::auth::random_hex(8)?
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let linked = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// Nodes starting together on one token path (the dev cluster) all end up with the one
+    /// token in the file, complete, and leave no temporary files behind.
+    #[test]
+    fn nodes_racing_to_make_the_admin_token_agree_on_one() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("admin.token");
+            let digests: Vec<[u8; 32]> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| load_or_create_admin_token(&path)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("thread").expect("token"))
+                    .collect()
+            });
+            let text = std::fs::read_to_string(&path).expect("token file");
+            assert!(text.ends_with('\n'));
+            let want = junction_broker::auth::digest(text.trim());
+            assert!(digests.iter().all(|d| *d == want));
+            let files = std::fs::read_dir(dir.path()).expect("dir").count();
+            assert_eq!(files, 1, "temporary files left behind");
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
