@@ -175,11 +175,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "--schema is for the produce and read workloads (e2e writes a time into the payload)"
         );
     }
-    if args.schema.is_some() && args.message_size < schema::min_size() {
-        bail!(
-            "--schema protobuf needs --message-size of at least {} (its fixed fields)",
-            schema::min_size()
-        );
+    if args.schema.is_some() {
+        let min = schema::min_size();
+        if args.message_size < min {
+            bail!("--schema protobuf needs --message-size of at least {min} (its fixed fields)");
+        }
     }
     if args.via_any_node && !args.raw_grpc {
         bail!(

@@ -2,7 +2,6 @@
 //! them in the metadata group, and checking a presented token against the metadata. The
 //! decision who may do what is `junction_types::auth`; this is the I/O around it.
 
-use std::io::Read;
 
 use junction_types::MetaCommand;
 use junction_types::auth::{
@@ -20,12 +19,7 @@ pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// `n` random bytes from the kernel's generator, as hex.
-pub fn random_hex(n: usize) -> std::io::Result<String> {
-    let mut bytes = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
+pub use junction_raft::peer_auth::random_hex;
 
 /// What to create a key with.
 #[derive(Debug, Clone)]

@@ -130,11 +130,45 @@ impl ClusterIdentity {
 }
 
 /// `n` random bytes from the kernel's generator, as hex.
-fn random_hex(n: usize) -> std::io::Result<String> {
+/// `n` random bytes from the kernel's generator, as hex.
+pub fn random_hex(n: usize) -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates `path` holding `text` (readable by its owner only), unless it exists: writes a
+/// private temporary file beside it, fsyncs it, and hard-links it into place, which fails
+/// atomically if the path exists. So processes racing to create one file agree on one
+/// content and none reads it partly written. Returns whether this call created it.
+pub fn create_whole(path: &Path, text: &str) -> std::io::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.{}", std::process::id(), random_hex(8)?));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let linked = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Shortest secret accepted: 32 characters (the dev cluster's are 64 hex digits, 256 bits).
@@ -192,8 +226,6 @@ impl ClusterSecret {
     /// random bits as 64 hex digits, from the kernel's generator) and writes it, readable by
     /// its owner only. For `junction dev`, the chaos suite and tests.
     pub fn load_or_create(path: &Path) -> Result<Self, RaftStoreError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if path.exists() {
             return Self::load(path);
         }
@@ -201,16 +233,12 @@ impl ClusterSecret {
             RaftStoreError::ClusterSecret(format!("{what} {}: {e}", path.display()))
         };
         let text = random_hex(32).map_err(|e| io("generating a secret for", e))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| io("creating", e))?;
-        file.write_all(format!("{text}\n").as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io("writing", e))?;
-        Self::new(&text)
+        // Nodes started together on one path: the first to publish wins, the others read it.
+        if create_whole(path, &format!("{text}\n")).map_err(|e| io("creating", e))? {
+            Self::new(&text)
+        } else {
+            Self::load(path)
+        }
     }
 
     /// Compares in time independent of where the first difference is.

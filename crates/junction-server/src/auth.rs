@@ -218,7 +218,9 @@ fn load_or_create_admin_token(path: &Path) -> Result<[u8; 32], ConfigError> {
             // Several nodes may share the path (the dev cluster): the first to publish its
             // token wins and the others read that one. The token is written whole to a file
             // of its own first, then linked into place, so no node ever reads a partial file.
-            if publish_whole(path, &format!("{token}\n")).map_err(|e| err("creating", e))? {
+            if junction_raft::peer_auth::create_whole(path, &format!("{token}\n"))
+                .map_err(|e| err("creating", e))?
+            {
                 tracing::warn!(
                     path = %path.display(),
                     "made a new admin token (cluster-admin); keep the file secret"
@@ -246,42 +248,6 @@ fn load_or_create_admin_token(path: &Path) -> Result<[u8; 32], ConfigError> {
         )));
     }
     Ok(junction_broker::auth::digest(token))
-}
-
-/// Creates `path` holding `text`, unless it exists: writes a private temporary file beside it,
-/// fsyncs it, and hard-links it into place (which fails if the path exists, atomically).
-/// Returns whether this call created it.
-fn publish_whole(path: &Path, text: &str) -> std::io::Result<bool> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}",
-        std::process::id(),
-        junction_broker::auth::random_hex(8)?
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    let linked = file
-        .write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::hard_link(&tmp, path));
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]
