@@ -2,7 +2,6 @@
 //! them in the metadata group, and checking a presented token against the metadata. The
 //! decision who may do what is `junction_types::auth`; this is the I/O around it.
 
-
 use junction_types::MetaCommand;
 use junction_types::auth::{
     ApiKey, AuthError, KEY_ID_HEX, KEY_SECRET_HEX, Principal, Role, TOKEN_PREFIX, parse_token,
