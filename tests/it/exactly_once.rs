@@ -248,6 +248,44 @@ async fn a_named_producer_fences_its_previous_instance() {
     cluster.shutdown().await;
 }
 
+/// Through the SDK: `ready` holds the identity before any send, so a second instance of a
+/// named producer fences the first as soon as it is ready; a producer of a station that does
+/// not exist says so from `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ready_named_producer_fences_the_instance_before_it() {
+    let cluster = TestCluster::start(3).await;
+    let admin = cluster.client();
+    admin.create_station("ready", 1, 3).await.expect("create");
+    let client = junction_client::Client::connect(cluster.addrs()).expect("client");
+    let options = junction_client::ProducerOptions::default();
+    let first = client.named_producer("ready", "ingest", options);
+    first.ready().await.expect("first instance ready");
+    let stored = first
+        .send(crate::harness::keyed("k", "from the first".to_string()))
+        .await
+        .expect("the first instance sends");
+    assert!(!stored.duplicate);
+    let second = client.named_producer("ready", "ingest", options);
+    second.ready().await.expect("second instance ready");
+    let fenced = first
+        .send(crate::harness::keyed("k", "late".to_string()))
+        .await
+        .expect_err("the first instance is fenced");
+    assert!(
+        matches!(fenced, junction_client::ClientError::Fenced { .. }),
+        "{fenced:?}"
+    );
+    let after = second
+        .send(crate::harness::keyed("k", "from the second".to_string()))
+        .await
+        .expect("the second instance sends");
+    assert_eq!(after.offset, stored.offset + 1, "{after:?}");
+    let missing = client.producer("no-such-station", options);
+    let e = missing.ready().await.expect_err("unknown station");
+    assert!(e.to_string().contains("no-such-station"), "{e}");
+    cluster.shutdown().await;
+}
+
 /// A retry after the partition leader died, and after a follower that caught up by snapshot
 /// became the leader, is still recognised: producer state is replicated and part of the
 /// snapshot.

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use junction_client::{AuthedChannel, Bearer, Client, ClientOptions};
+use junction_client::{AuthedChannel, Bearer, Client, ClientOptions, Producer};
 use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::read_request::Start;
 use junction_proto::v1::{Message, ProduceRequest, ReadRequest, StartPosition};
@@ -489,13 +489,29 @@ async fn sdk_produce(
     });
     let stop = AtomicBool::new(false);
     let tick = AtomicU64::new(0);
-    let started = Instant::now();
     let filler = filler(args)?;
     let hist = std::sync::Mutex::new(new_histogram()?);
     let from_send = std::sync::Mutex::new(new_histogram()?);
+    let producer_options = junction_client::ProducerOptions {
+        max_batch_messages: args.batch_size,
+        max_in_flight: args.in_flight,
+        linger: args.linger,
+        idempotent: !args.at_least_once,
+        ..Default::default()
+    };
+    // Every producer learns its routes and identity before the clock starts, as a service's
+    // producers do at start-up; the run measures sending.
+    let mut ready = Vec::with_capacity(args.producers);
+    for _ in 0..args.producers {
+        let client = Client::connect_with(addrs.iter().cloned(), options(args.token.as_deref()))
+            .context("creating a client")?;
+        let producer = client.producer(station, producer_options);
+        producer.ready().await.context("starting a producer")?;
+        ready.push(producer);
+    }
+    let started = Instant::now();
     let shared = SdkShared {
         args,
-        station,
         counters,
         quota: &quota,
         stop: &stop,
@@ -506,10 +522,8 @@ async fn sdk_produce(
         from_send: &from_send,
     };
     let mut producers = futures::stream::FuturesUnordered::new();
-    for _ in 0..args.producers {
-        let client = Client::connect_with(addrs.iter().cloned(), options(args.token.as_deref()))
-            .context("creating a client")?;
-        producers.push(sdk_producer(&shared, client));
+    for producer in ready {
+        producers.push(sdk_producer(&shared, producer));
     }
     let stopper = async {
         if let Some(d) = args.duration {
@@ -538,7 +552,6 @@ async fn sdk_produce(
 /// What the SDK producer tasks of one run share.
 struct SdkShared<'a> {
     args: &'a BenchArgs,
-    station: &'a str,
     counters: &'a Counters,
     /// Messages still to send (closed count) or `u64::MAX` (timed run).
     quota: &'a AtomicU64,
@@ -551,16 +564,8 @@ struct SdkShared<'a> {
     from_send: &'a std::sync::Mutex<Histogram<u64>>,
 }
 
-async fn sdk_producer(shared: &SdkShared<'_>, client: Client) -> anyhow::Result<()> {
+async fn sdk_producer(shared: &SdkShared<'_>, producer: Producer) -> anyhow::Result<()> {
     let args = shared.args;
-    let options = junction_client::ProducerOptions {
-        max_batch_messages: args.batch_size,
-        max_in_flight: args.in_flight,
-        linger: args.linger,
-        idempotent: !args.at_least_once,
-        ..Default::default()
-    };
-    let producer = client.producer(shared.station, options);
     let window = Arc::new(Semaphore::new(args.in_flight * args.batch_size));
     let mut groups = tokio::task::JoinSet::new();
     let mut key_counter = 0u64;

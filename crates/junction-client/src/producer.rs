@@ -55,6 +55,7 @@ pub(crate) enum Command {
     Send(Message, Reply),
     Flush(oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
+    Ready(oneshot::Sender<Result<(), ClientError>>),
 }
 
 /// Sends messages to one station in pipelined batches.
@@ -184,6 +185,19 @@ impl Producer {
             .send(Command::Flush(done))
             .map_err(|_| ClientError::ProducerClosed)?;
         rx.await.map_err(|_| ClientError::ProducerClosed)
+    }
+
+    /// Waits until the producer can send without first asking the cluster anything: it knows
+    /// the station's partitions and, when idempotent, holds its identity (which a named
+    /// producer's start uses to fence its previous instance). Sending does not need this; it
+    /// takes the start-up round trips out of the first sends' latency, and reports at once a
+    /// producer that cannot start (an unknown station, a refused identity).
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ready(done))
+            .map_err(|_| ClientError::ProducerClosed)?;
+        rx.await.map_err(|_| ClientError::ProducerClosed)?
     }
 
     /// Completes everything queued so far, then stops the background task. Sends after this

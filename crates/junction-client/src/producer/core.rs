@@ -162,6 +162,12 @@ impl Core {
             && !self.batches.values().any(|b| b.numbered.is_some())
     }
 
+    /// Whether batches can be numbered now: the producer is not idempotent, or holds an
+    /// identity it need not renew.
+    pub(crate) fn has_identity(&self) -> bool {
+        !self.limits.idempotent || (self.identity.is_some() && !self.reinit)
+    }
+
     /// Installs a (new) identity: sequences start at 0 in every partition.
     pub(crate) fn set_identity(&mut self, identity: Identity) {
         self.identity = Some(identity);
@@ -290,7 +296,7 @@ impl Core {
         let mut out = Vec::new();
         let mut hold_numbered = vec![false; self.partitions as usize];
         let mut hold_new = vec![false; self.partitions as usize];
-        let can_number = !self.limits.idempotent || (self.identity.is_some() && !self.reinit);
+        let can_number = self.has_identity();
         let ids: Vec<u64> = self.batches.keys().copied().collect();
         for id in ids {
             let Some(b) = self.batches.get_mut(&id) else {

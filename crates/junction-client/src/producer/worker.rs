@@ -56,6 +56,8 @@ pub(crate) struct Worker {
     accepting: bool,
     flushes: Vec<(u64, oneshot::Sender<()>)>,
     closes: Vec<oneshot::Sender<()>>,
+    /// Callers of `Producer::ready` waiting for the identity.
+    readies: Vec<oneshot::Sender<Result<(), ClientError>>>,
     routes: Routes,
     refresh_at: Option<Instant>,
     last_refresh: Option<Instant>,
@@ -86,6 +88,7 @@ impl Worker {
             accepting: true,
             flushes: Vec::new(),
             closes: Vec::new(),
+            readies: Vec::new(),
             routes: Routes {
                 tenant: String::new(),
                 leaders: Vec::new(),
@@ -130,28 +133,28 @@ impl Worker {
                 core
             }
         };
+        // The identity is asked for at once, so the first send does not wait for it; when the
+        // cluster cannot give one yet, the first send asks again.
+        if core.wants_identity() {
+            self.get_identity(&mut core).await;
+        }
         loop {
             let now = Instant::now();
             core.expire(now);
             let force = self.force_upto();
             core.form_batches(now, force);
             self.complete_flushes(&core);
+            if !self.readies.is_empty() {
+                self.answer_readies(&core);
+            }
             if self.closing() && core.is_idle() {
                 break;
             }
-            if core.wants_identity() && !core.is_idle() && self.identity_at.is_none_or(|t| t <= now)
+            if core.wants_identity()
+                && (!core.is_idle() || !self.readies.is_empty())
+                && self.identity_at.is_none_or(|t| t <= now)
             {
-                match self.init_identity().await {
-                    Ok(identity) => {
-                        self.identity_at = None;
-                        core.set_identity(identity);
-                    }
-                    Err(e) if is_final(&e) => core.kill(e),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "producer identity not available yet");
-                        self.identity_at = Some(Instant::now() + IDENTITY_RETRY);
-                    }
-                }
+                self.get_identity(&mut core).await;
                 continue;
             }
             if self.refresh_at.is_some_and(|t| t <= now) {
@@ -192,6 +195,35 @@ impl Worker {
         }
     }
 
+    /// Asks the cluster for a producer identity and installs it; a final refusal kills the
+    /// producer, anything else is asked again after [`IDENTITY_RETRY`].
+    async fn get_identity(&mut self, core: &mut Core) {
+        match self.init_identity().await {
+            Ok(identity) => {
+                self.identity_at = None;
+                core.set_identity(identity);
+            }
+            Err(e) if is_final(&e) => core.kill(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "producer identity not available yet");
+                self.identity_at = Some(Instant::now() + IDENTITY_RETRY);
+            }
+        }
+        self.answer_readies(core);
+    }
+
+    /// Answers the `ready` callers once the producer is ready or dead.
+    fn answer_readies(&mut self, core: &Core) {
+        let outcome = match &core.dead {
+            Some(e) => Err(e.clone()),
+            None if !core.has_identity() => return,
+            None => Ok(()),
+        };
+        for done in self.readies.drain(..) {
+            let _ = done.send(outcome.clone());
+        }
+    }
+
     fn on_command(&mut self, core: &mut Core, command: Option<Command>) {
         match command {
             Some(Command::Send(message, reply)) => {
@@ -203,6 +235,10 @@ impl Worker {
             }
             Some(Command::Flush(done)) => self.flushes.push((core.next_msg(), done)),
             Some(Command::Close(done)) => self.closes.push(done),
+            Some(Command::Ready(done)) => {
+                self.readies.push(done);
+                self.answer_readies(core);
+            }
             None => self.accepting = false,
         }
     }
