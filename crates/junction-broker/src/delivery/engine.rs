@@ -284,6 +284,11 @@ impl Engine {
         self.entries.len()
     }
 
+    /// How many times the message at `offset` was delivered (None: not held).
+    pub fn attempts(&self, offset: u64) -> Option<u32> {
+        self.entries.get(&offset).map(|e| e.attempts)
+    }
+
     /// Deliveries out with members.
     pub fn in_flight(&self) -> u32 {
         self.members.values().map(|m| m.in_flight).sum()

@@ -1,21 +1,23 @@
 //! Delivery of one partition to one consumer group, run on the partition's leader.
 //!
-//! A [`Dispatcher`] task per (partition, group) reads committed messages from the group's
-//! cursor onward, hands them to the member that owns the partition (at most `max_in_flight`
-//! unacknowledged at once), and:
-//! - keeps per-key order: a message is delivered only when it is the oldest unfinished message
-//!   of its key, so a key's later messages wait until the earlier one is acked or
-//!   dead-lettered (unkeyed messages are independent);
-//! - redelivers what is not acked within `ack_wait` (or was nacked, after the nack's delay);
-//! - after `max_deliveries`, appends the message with explanatory headers to the dead-letter
-//!   station and counts it as done;
-//! - replicates acks through the partition's Raft group in batches (one write in flight,
-//!   the next batch gathering meanwhile), and tells the member which acks are durable.
+//! A [`Dispatcher`] task per (partition, group) is the runtime around the pure
+//! [`engine::Engine`], which decides who gets what and when. The dispatcher only does I/O:
+//! - reads committed messages from the group's cursor onward into the engine (a bounded
+//!   window, paced by the tenant's consume quota);
+//! - feeds it subscriptions, acks, nacks, in-progress reports, the clock, durable acks and the
+//!   outcome of dead-letter appends;
+//! - carries out its commands: sends deliveries to members, replicates acks through the
+//!   partition's Raft group in batches (one write in flight, the next gathering meanwhile),
+//!   appends dead letters with explanatory headers, and ends fenced subscriptions.
+//!
+//! The engine keeps per-key order (a key's next message goes out once the previous one is
+//! finished), redelivers what is not acked within `ack_wait` (or was nacked, after the nack's
+//! delay), and gives up after `max_deliveries`. Acks count against a member's in-flight limit
+//! until they are replicated, so what a leader failover can redeliver is bounded by
+//! `max_in_flight`.
 //!
 //! Nothing but the cursor is replicated: after a leader failover the new leader's dispatcher
-//! starts from the replicated cursor. Acks count against the in-flight limit until they are
-//! replicated, so what a failover can redeliver is at most `max_in_flight` messages per
-//! partition. Delivery counts restart there too.
+//! starts from the replicated cursor, and delivery counts restart there too.
 //!
 //! Fencing: a subscription names the partition's assignment epoch. When the metadata moves the
 //! partition to another member (a new epoch), the old subscription ends with `Fenced` and its
@@ -23,9 +25,17 @@
 
 pub mod engine;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use engine::{
+    AckRefusal, Command as EngineCommand, Engine, EngineSettings, GiveUp, Mode, OnExhausted,
+};
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::{BoxStream, SelectAll};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use junction_types::groups::{
     GroupCursor, GroupMeta, GroupSettings, StartFrom, dead_letter_station,
@@ -113,10 +123,9 @@ pub(crate) struct Attach {
     control: mpsc::UnboundedReceiver<ConsumeControl>,
 }
 
+/// A subscription the dispatcher delivers to.
 struct Attached {
-    member: String,
     epoch: u64,
-    limit: usize,
     events: mpsc::UnboundedSender<Result<ConsumeEvent, BrokerError>>,
 }
 
@@ -125,20 +134,6 @@ pub(crate) type DispatcherHandle = mpsc::UnboundedSender<Attach>;
 
 /// Where (partition group, group name) a dispatcher delivers.
 pub(crate) type DispatcherKey = (GroupId, String);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PState {
-    Ready,
-    Delivered { deadline: Instant },
-    Delayed { until: Instant },
-    DeadLettering,
-}
-
-struct Pending {
-    record: StoredRecord,
-    deliveries: u32,
-    state: PState,
-}
 
 enum Internal {
     AcksCommitted(Vec<u64>, Result<Option<GroupCursor>, BrokerError>),
@@ -337,6 +332,11 @@ impl Broker {
     }
 }
 
+/// What a subscription's control stream yields: the control, or `None` when it ended.
+type ControlItem = (String, u64, Option<ConsumeControl>);
+
+/// The runtime of one (partition, group): reads records, feeds the [`Engine`] what happens,
+/// and carries out its commands (deliveries, ack writes, dead letters, fencing).
 struct Dispatcher {
     broker: Arc<Broker>,
     station: String,
@@ -347,23 +347,33 @@ struct Dispatcher {
     settings: GroupSettings,
     cursor: GroupCursor,
     read_pos: u64,
-    pending: BTreeMap<u64, Pending>,
-    key_queues: HashMap<Vec<u8>, VecDeque<u64>>,
-    ready: BTreeSet<u64>,
-    timers: BTreeSet<(Instant, u64)>,
-    in_flight: usize,
-    attached: Option<Attached>,
+    engine: Engine,
+    /// The records of the messages the engine holds, by offset.
+    records: HashMap<u64, StoredRecord>,
+    /// The engine's clock starts here.
+    clock: Instant,
+    members: HashMap<String, Attached>,
+    /// Control streams of every subscription, each tagged with its member and epoch.
+    controls: SelectAll<BoxStream<'static, ControlItem>>,
     detached_since: Instant,
     ack_batch: Vec<u64>,
     ack_writing: bool,
-    /// Acks in the replication write under way: with `ack_batch`, they count against the
-    /// in-flight limit, so what a failover can redeliver is at most `max_in_flight`.
-    ack_writing_count: usize,
     dead_lettering: usize,
     internal: mpsc::UnboundedSender<Internal>,
     internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
     /// Over the tenant's consume rate: no reading ahead until then.
     throttled_until: Option<Instant>,
+}
+
+/// The engine settings of a group.
+fn engine_settings(s: &GroupSettings) -> EngineSettings {
+    EngineSettings {
+        mode: Mode::Partitioned,
+        ack_wait_ms: s.ack_wait_ms,
+        max_deliveries: s.max_deliveries,
+        max_in_flight_per_key: 1,
+        on_exhausted: OnExhausted::DeadLetter,
+    }
 }
 
 impl Dispatcher {
@@ -375,6 +385,7 @@ impl Dispatcher {
         replica: Arc<PartitionReplica>,
     ) -> Self {
         let (itx, irx) = mpsc::unbounded_channel();
+        let settings = GroupSettings::default();
         Self {
             broker,
             station,
@@ -382,24 +393,27 @@ impl Dispatcher {
             partition,
             replica,
             uid: 0,
-            settings: GroupSettings::default(),
+            engine: Engine::new(engine_settings(&settings)),
+            settings,
             cursor: GroupCursor::default(),
             read_pos: 0,
-            pending: BTreeMap::new(),
-            key_queues: HashMap::new(),
-            ready: BTreeSet::new(),
-            timers: BTreeSet::new(),
-            in_flight: 0,
-            attached: None,
+            records: HashMap::new(),
+            clock: Instant::now(),
+            members: HashMap::new(),
+            controls: SelectAll::new(),
             detached_since: Instant::now(),
             ack_batch: Vec::new(),
             ack_writing: false,
-            ack_writing_count: 0,
             dead_lettering: 0,
             internal: itx,
             internal_rx: Some(irx),
             throttled_until: None,
         }
+    }
+
+    /// The engine's time: milliseconds since the dispatcher started.
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     async fn run(
@@ -408,8 +422,7 @@ impl Dispatcher {
         me: DispatcherHandle,
         key: DispatcherKey,
     ) {
-        let mut control: Option<mpsc::UnboundedReceiver<ConsumeControl>> = None;
-        let result = self.run_inner(&mut attaches, &mut control).await;
+        let result = self.run_inner(&mut attaches).await;
         if let Err(e) = &result {
             tracing::debug!(station = %self.station, group = %self.group, partition = self.partition, error = %e, "dispatcher stopped");
         }
@@ -425,7 +438,7 @@ impl Dispatcher {
             Ok(()) => BrokerError::Unavailable("delivery stopped; subscribe again".into()),
             Err(e) => e,
         };
-        if let Some(a) = self.attached.take() {
+        for (_, a) in self.members.drain() {
             let _ = a.events.send(Err(err.for_subscriber()));
         }
         while let Ok(a) = attaches.try_recv() {
@@ -436,11 +449,11 @@ impl Dispatcher {
     async fn run_inner(
         &mut self,
         attaches: &mut mpsc::UnboundedReceiver<Attach>,
-        control: &mut Option<mpsc::UnboundedReceiver<ConsumeControl>>,
     ) -> Result<(), BrokerError> {
         let g = self.broker.group_meta(&self.station, &self.group)?;
         self.uid = g.uid;
         self.settings = g.settings;
+        self.engine = Engine::new(engine_settings(&self.settings));
         self.cursor = self.broker.ensure_cursor(&self.replica, &g).await?;
         self.read_pos = self.cursor.committed;
         let mut state_rx = self.replica.shared.subscribe();
@@ -454,27 +467,25 @@ impl Dispatcher {
         let shutdown = self.broker.shutdown_token();
         loop {
             self.fill()?;
-            self.dispatch();
+            let now = self.now();
+            self.engine.dispatch(now);
+            self.carry_out();
             self.commit_acks();
-            let wake = self
-                .timers
-                .first()
-                .map_or_else(|| Instant::now() + Duration::from_secs(3600), |(t, _)| *t);
+            let wake = self.engine.next_wake().map_or_else(
+                || Instant::now() + Duration::from_secs(3600),
+                |t| self.clock + Duration::from_millis(t),
+            );
             tokio::select! {
                 a = attaches.recv() => match a {
-                    Some(a) => {
-                        let ctl = self.attach(a);
-                        *control = Some(ctl);
-                    }
+                    Some(a) => self.attach(a),
                     None => return Ok(()),
                 },
-                c = next_control(control) => match c {
-                    Some(c) => self.on_control(c),
-                    None => {
-                        *control = None;
-                        self.detach();
+                Some((member, epoch, c)) = self.controls.next(), if !self.controls.is_empty() => {
+                    match c {
+                        Some(c) => self.on_control(&member, epoch, c),
+                        None => self.detach(&member, epoch),
                     }
-                },
+                }
                 r = state_rx.changed() => {
                     if r.is_err() {
                         return Err(BrokerError::Unavailable("partition stopped".into()));
@@ -492,16 +503,17 @@ impl Dispatcher {
                         return Err(BrokerError::Unavailable("metadata stopped".into()));
                     }
                     let meta = meta_rx.borrow_and_update().clone();
-                    if self.on_metadata(meta.group(&self.station, &self.group)) {
-                        *control = None;
-                    }
+                    self.on_metadata(meta.group(&self.station, &self.group));
                 }
                 m = internal_rx.recv() => {
                     if let Some(m) = m {
                         self.on_internal(m)?;
                     }
                 }
-                () = tokio::time::sleep_until(wake) => self.expire(),
+                () = tokio::time::sleep_until(wake) => {
+                    let now = self.now();
+                    self.engine.tick(now);
+                }
                 () = sleep_until_some(self.throttled_until), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
                 }
@@ -510,7 +522,7 @@ impl Dispatcher {
                     if self.broker.partition(self.replica.group).is_none() {
                         return Err(BrokerError::Unavailable("partition closed".into()));
                     }
-                    if self.attached.is_none()
+                    if self.members.is_empty()
                         && !self.ack_writing
                         && self.ack_batch.is_empty()
                         && self.dead_lettering == 0
@@ -526,83 +538,11 @@ impl Dispatcher {
         }
     }
 
-    fn is_head(&self, offset: u64, key: Option<&Vec<u8>>) -> bool {
-        match key {
-            None => true,
-            Some(k) => self
-                .key_queues
-                .get(k)
-                .and_then(VecDeque::front)
-                .is_none_or(|h| *h == offset),
-        }
-    }
-
-    fn make_ready(&mut self, offset: u64) {
-        let Some(p) = self.pending.get_mut(&offset) else {
-            return;
-        };
-        p.state = PState::Ready;
-        let key = p.record.key.clone();
-        if self.is_head(offset, key.as_ref()) {
-            self.ready.insert(offset);
-        }
-    }
-
-    fn clear_timer(&mut self, offset: u64, state: PState) {
-        match state {
-            PState::Delivered { deadline } => {
-                self.timers.remove(&(deadline, offset));
-                self.in_flight = self.in_flight.saturating_sub(1);
-            }
-            PState::Delayed { until } => {
-                self.timers.remove(&(until, offset));
-            }
-            PState::Ready | PState::DeadLettering => {}
-        }
-    }
-
-    /// Removes a message that is done (acked or dead-lettered) and releases its key.
-    fn finish(&mut self, offset: u64) {
-        let Some(p) = self.pending.remove(&offset) else {
-            return;
-        };
-        self.clear_timer(offset, p.state);
-        self.ready.remove(&offset);
-        if let Some(k) = p.record.key {
-            let next = match self.key_queues.get_mut(&k) {
-                Some(q) => {
-                    if q.front() == Some(&offset) {
-                        q.pop_front();
-                    } else {
-                        q.retain(|o| *o != offset);
-                    }
-                    q.front().copied()
-                }
-                None => None,
-            };
-            match next {
-                Some(n) => {
-                    if self
-                        .pending
-                        .get(&n)
-                        .is_some_and(|p| p.state == PState::Ready)
-                    {
-                        self.ready.insert(n);
-                    }
-                }
-                None => {
-                    self.key_queues.remove(&k);
-                }
-            }
-        }
-        self.ack_batch.push(offset);
-    }
-
     fn window(&self) -> usize {
         (self.settings.max_in_flight as usize * 2).clamp(256, 20_000)
     }
 
-    /// Reads more committed messages into `pending`.
+    /// Reads more committed messages into the engine.
     fn fill(&mut self) -> Result<(), BrokerError> {
         let window = self.window();
         let state = self.replica.shared.current();
@@ -616,7 +556,7 @@ impl Dispatcher {
             return Ok(());
         }
         let (tenant, station) = self.station.split_once('/').unwrap_or(("", &self.station));
-        while self.pending.len() < window && self.read_pos < state.next_offset {
+        while self.engine.pending() < window && self.read_pos < state.next_offset {
             // Over the tenant's consume rate: read on once it is paid back.
             if let Err(BrokerError::Throttled { retry_after_ms, .. }) =
                 self.broker.check_consume(tenant, station)
@@ -624,7 +564,7 @@ impl Dispatcher {
                 self.throttled_until = Some(Instant::now() + Duration::from_millis(retry_after_ms));
                 break;
             }
-            let want = window - self.pending.len();
+            let want = window - self.engine.pending();
             let (msgs, _) =
                 self.broker
                     .read(self.replica.group, self.read_pos, want, READ_BYTES)?;
@@ -646,61 +586,70 @@ impl Dispatcher {
                             self.partition
                         ))
                     })?;
-                let key = record.key.clone();
-                if let Some(k) = &key {
-                    self.key_queues
-                        .entry(k.clone())
-                        .or_default()
-                        .push_back(offset);
-                }
-                self.pending.insert(
-                    offset,
-                    Pending {
-                        record,
-                        deliveries: 0,
-                        state: PState::Ready,
-                    },
-                );
-                if self.is_head(offset, key.as_ref()) {
-                    self.ready.insert(offset);
-                }
+                self.engine.read(offset, record.key.clone());
+                self.records.insert(offset, record);
             }
         }
         Ok(())
     }
 
-    /// Hands ready messages to the subscriber, up to its in-flight limit.
-    fn dispatch(&mut self) {
-        let Some(a) = &self.attached else {
-            return;
-        };
-        let limit = a.limit;
-        let events = a.events.clone();
-        let ack_wait = Duration::from_millis(self.settings.ack_wait_ms);
-        let mut batch = Vec::new();
-        while self.in_flight + self.ack_batch.len() + self.ack_writing_count < limit {
-            let Some(offset) = self.ready.pop_first() else {
-                break;
-            };
-            let Some(p) = self.pending.get_mut(&offset) else {
-                continue;
-            };
-            let deadline = Instant::now() + ack_wait;
-            p.deliveries += 1;
-            p.state = PState::Delivered { deadline };
-            self.timers.insert((deadline, offset));
-            self.in_flight += 1;
-            batch.push(Delivered {
-                offset,
-                record: p.record.clone(),
-                delivery_count: p.deliveries,
-            });
-            if batch.len() >= DELIVERY_BATCH {
-                let _ = events.send(Ok(ConsumeEvent::Deliveries(std::mem::take(&mut batch))));
+    /// Carries out what the engine decided.
+    fn carry_out(&mut self) {
+        let mut deliveries: HashMap<String, Vec<Delivered>> = HashMap::new();
+        for c in self.engine.take_commands() {
+            match c {
+                EngineCommand::Deliver {
+                    member,
+                    offset,
+                    attempt,
+                } => match self.records.get(&offset) {
+                    Some(record) => deliveries.entry(member).or_default().push(Delivered {
+                        offset,
+                        record: record.clone(),
+                        delivery_count: attempt,
+                    }),
+                    None => tracing::error!(offset, "a delivery of a message that was not read"),
+                },
+                EngineCommand::Ack { offset } => {
+                    self.records.remove(&offset);
+                    self.ack_batch.push(offset);
+                }
+                EngineCommand::DeadLetter {
+                    offset,
+                    attempts,
+                    why,
+                } => self.dead_letter(offset, attempts, why),
+                EngineCommand::Park { key, .. } | EngineCommand::Unpark { key } => {
+                    // Groups cannot choose parking yet (`on_exhausted` is always dead_letter).
+                    tracing::error!(?key, "parking is not available for this group");
+                }
+                EngineCommand::Fence {
+                    member,
+                    epoch,
+                    reason,
+                } => {
+                    if self.members.get(&member).is_some_and(|a| a.epoch == epoch)
+                        && let Some(a) = self.members.remove(&member)
+                    {
+                        let _ = a.events.send(Err(fenced(
+                            &self.station,
+                            &self.group,
+                            self.partition,
+                            reason,
+                        )));
+                    }
+                }
             }
         }
-        if !batch.is_empty() {
-            let _ = events.send(Ok(ConsumeEvent::Deliveries(batch)));
+        for (member, batch) in deliveries {
+            let Some(a) = self.members.get(&member) else {
+                continue;
+            };
+            let mut batch = batch.into_iter().peekable();
+            while batch.peek().is_some() {
+                let part: Vec<Delivered> = batch.by_ref().take(DELIVERY_BATCH).collect();
+                let _ = a.events.send(Ok(ConsumeEvent::Deliveries(part)));
+            }
         }
     }
 
@@ -713,7 +662,6 @@ impl Dispatcher {
         offsets.sort_unstable();
         offsets.dedup();
         self.ack_writing = true;
-        self.ack_writing_count = offsets.len();
         let broker = self.broker.clone();
         let replica = self.replica.clone();
         let tx = self.internal.clone();
@@ -728,123 +676,100 @@ impl Dispatcher {
         });
     }
 
-    fn attach(&mut self, a: Attach) -> mpsc::UnboundedReceiver<ConsumeControl> {
-        if let Some(old) = self.attached.take() {
-            let _ = old.events.send(Err(fenced(
-                &self.station,
-                &self.group,
-                self.partition,
-                format!(
-                    "replaced by a subscription of member '{}' at epoch {}",
-                    a.member, a.epoch
-                ),
-            )));
-        }
-        self.redeliver_in_flight();
-        self.attached = Some(Attached {
-            member: a.member,
-            epoch: a.epoch,
-            limit: a.limit.max(1),
-            events: a.events,
-        });
-        a.control
+    fn attach(&mut self, a: Attach) {
+        self.engine.attach(
+            &a.member,
+            a.epoch,
+            u32::try_from(a.limit).unwrap_or(u32::MAX),
+        );
+        // Fences the subscriptions it replaces before this one is known.
+        self.carry_out();
+        let (member, epoch) = (a.member.clone(), a.epoch);
+        let stream = UnboundedReceiverStream::new(a.control)
+            .map(move |c| (member.clone(), epoch, Some(c)))
+            .chain(futures::stream::once({
+                let member = a.member.clone();
+                async move { (member, epoch, None) }
+            }));
+        self.controls.push(Box::pin(stream));
+        self.members.insert(
+            a.member,
+            Attached {
+                epoch: a.epoch,
+                events: a.events,
+            },
+        );
     }
 
-    fn detach(&mut self) {
-        self.attached = None;
-        self.detached_since = Instant::now();
-        self.redeliver_in_flight();
-    }
-
-    /// Everything delivered to a subscriber that is gone goes back to ready.
-    fn redeliver_in_flight(&mut self) {
-        let delivered: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| matches!(p.state, PState::Delivered { .. }))
-            .map(|(o, _)| *o)
-            .collect();
-        for o in delivered {
-            if let Some(state) = self.pending.get(&o).map(|p| p.state) {
-                self.clear_timer(o, state);
+    /// A subscription's control stream ended: the member left (unless it already
+    /// subscribed again, at another epoch).
+    fn detach(&mut self, member: &str, epoch: u64) {
+        if self.members.get(member).is_some_and(|a| a.epoch == epoch) {
+            self.members.remove(member);
+            self.engine.detach(member);
+            if self.members.is_empty() {
+                self.detached_since = Instant::now();
             }
-            self.make_ready(o);
         }
     }
 
-    fn on_control(&mut self, c: ConsumeControl) {
+    fn on_control(&mut self, member: &str, epoch: u64, c: ConsumeControl) {
+        let now = self.now();
+        // Acks name no delivery attempt yet: they answer the current one.
+        let attempt = |e: &Engine, o: u64| e.attempts(o).unwrap_or(0);
+        let refused = |o: u64, r: AckRefusal| {
+            tracing::debug!(member, epoch, offset = o, reason = %r, "ack refused");
+        };
         match c {
             ConsumeControl::Ack(offsets) => {
                 for o in offsets {
-                    if self.pending.get(&o).is_some_and(|p| p.deliveries > 0) {
-                        self.finish(o);
+                    let n = attempt(&self.engine, o);
+                    if let Err(r) = self.engine.ack(member, epoch, o, n) {
+                        refused(o, r);
                     }
                 }
             }
             ConsumeControl::Nack { offsets, delay_ms } => {
                 for o in offsets {
-                    let Some(state) = self.pending.get(&o).map(|p| p.state) else {
-                        continue;
-                    };
-                    if !matches!(state, PState::Delivered { .. }) {
-                        continue;
+                    let n = attempt(&self.engine, o);
+                    if let Err(r) = self.engine.nack(now, member, epoch, o, n, delay_ms) {
+                        refused(o, r);
                     }
-                    self.clear_timer(o, state);
-                    self.after_failed_delivery(o, delay_ms, "nacked");
                 }
             }
             ConsumeControl::InProgress(offsets) => {
-                let ack_wait = Duration::from_millis(self.settings.ack_wait_ms);
                 for o in offsets {
-                    if let Some(p) = self.pending.get_mut(&o)
-                        && let PState::Delivered { deadline } = p.state
-                    {
-                        let new = Instant::now() + ack_wait;
-                        self.timers.remove(&(deadline, o));
-                        self.timers.insert((new, o));
-                        p.state = PState::Delivered { deadline: new };
+                    let n = attempt(&self.engine, o);
+                    if let Err(r) = self.engine.in_progress(now, member, epoch, o, n) {
+                        refused(o, r);
                     }
                 }
             }
         }
     }
 
-    /// A delivery ended without an ack: dead-letter after `max_deliveries`, else redeliver
-    /// (after `delay_ms`).
-    fn after_failed_delivery(&mut self, offset: u64, delay_ms: u64, reason: &'static str) {
-        let Some(p) = self.pending.get_mut(&offset) else {
-            return;
-        };
-        if p.deliveries >= self.settings.max_deliveries {
-            p.state = PState::DeadLettering;
-            self.dead_letter(offset, reason);
-        } else if delay_ms == 0 {
-            self.make_ready(offset);
-        } else {
-            let until = Instant::now() + Duration::from_millis(delay_ms);
-            p.state = PState::Delayed { until };
-            self.timers.insert((until, offset));
-        }
-    }
-
-    fn dead_letter(&mut self, offset: u64, reason: &'static str) {
-        let Some(p) = self.pending.get(&offset) else {
+    fn dead_letter(&mut self, offset: u64, attempts: u32, why: GiveUp) {
+        let Some(record) = self.records.get(&offset) else {
+            tracing::error!(offset, "a dead letter of a message that was not read");
             return;
         };
         let Some(sink) = self.broker.dead_letter_sink() else {
             tracing::error!("no dead-letter sink configured; the message stays pending");
             return;
         };
-        let mut headers = p.record.headers.clone();
+        let mut headers = record.headers.clone();
         headers.extend([
             (
                 dls_headers::GROUP.to_string(),
                 self.group.clone().into_bytes(),
             ),
-            (dls_headers::REASON.to_string(), reason.as_bytes().to_vec()),
+            (
+                dls_headers::REASON.to_string(),
+                why.as_str().as_bytes().to_vec(),
+            ),
             (
                 dls_headers::DELIVERIES.to_string(),
-                p.deliveries.to_string().into_bytes(),
+                attempts.to_string().into_bytes(),
             ),
             (
                 dls_headers::STATION.to_string(),
@@ -860,9 +785,9 @@ impl Dispatcher {
             ),
         ]);
         let record = Record {
-            key: p.record.key.clone(),
+            key: record.key.clone(),
             headers,
-            payload: p.record.payload.clone(),
+            payload: record.payload.clone(),
         };
         let station = dead_letter_station(&self.station);
         let tx = self.internal.clone();
@@ -874,58 +799,36 @@ impl Dispatcher {
         });
     }
 
-    fn expire(&mut self) {
-        let now = Instant::now();
-        while let Some((t, o)) = self.timers.first().copied() {
-            if t > now {
-                break;
-            }
-            self.timers.remove(&(t, o));
-            let Some(state) = self.pending.get(&o).map(|p| p.state) else {
-                continue;
-            };
-            match state {
-                PState::Delivered { deadline } if deadline == t => {
-                    self.in_flight = self.in_flight.saturating_sub(1);
-                    self.after_failed_delivery(o, 0, "ack-wait-expired");
-                }
-                PState::Delayed { until } if until == t => self.make_ready(o),
-                _ => {}
-            }
-        }
-    }
-
     fn on_internal(&mut self, m: Internal) -> Result<(), BrokerError> {
         match m {
             Internal::AcksCommitted(acks, r) => {
                 self.ack_writing = false;
-                self.ack_writing_count = 0;
                 let cursor = r?;
+                self.engine.acks_durable(&acks);
                 // Through the same path as the watch, so that a seek applied meanwhile is
                 // noticed whichever of the two arrives first.
                 self.on_cursor(cursor);
                 let committed = self.cursor.committed;
-                if let Some(a) = &self.attached {
-                    let _ = a
-                        .events
-                        .send(Ok(ConsumeEvent::Committed { acks, committed }));
+                for a in self.members.values() {
+                    let _ = a.events.send(Ok(ConsumeEvent::Committed {
+                        acks: acks.clone(),
+                        committed,
+                    }));
                 }
             }
             Internal::DeadLettered(offset, r) => {
                 self.dead_lettering = self.dead_lettering.saturating_sub(1);
+                let now = self.now();
+                let retry_ms = u64::try_from(DLS_RETRY.as_millis()).unwrap_or(u64::MAX);
                 match r {
                     Ok(()) => {
                         metrics::counter!("junction_group_dead_letters_total", "group" => self.group.clone())
                             .increment(1);
-                        self.finish(offset);
+                        self.engine.dead_lettered(now, offset, true, retry_ms);
                     }
                     Err(e) => {
                         tracing::warn!(offset, error = %e, "dead-letter append failed; retrying");
-                        if let Some(p) = self.pending.get_mut(&offset) {
-                            let until = Instant::now() + DLS_RETRY;
-                            p.state = PState::Delayed { until };
-                            self.timers.insert((until, offset));
-                        }
+                        self.engine.dead_lettered(now, offset, false, retry_ms);
                     }
                 }
             }
@@ -939,47 +842,42 @@ impl Dispatcher {
         };
         if c.seek_epoch != self.cursor.seek_epoch {
             // A seek: start over from the new position.
-            self.pending.clear();
-            self.key_queues.clear();
-            self.ready.clear();
-            self.timers.clear();
-            self.in_flight = 0;
+            self.engine.reset();
+            self.records.clear();
             self.ack_batch.clear();
             self.read_pos = c.committed;
         }
         self.cursor = c;
     }
 
-    /// Returns true when the subscriber was fenced (the caller drops its control channel).
-    fn on_metadata(&mut self, g: Option<&GroupMeta>) -> bool {
-        let Some(a) = &self.attached else {
-            return false;
-        };
-        let detail = match g {
-            None => "the group was deleted".to_string(),
-            Some(g) if g.uid != self.uid => "the group was re-created".to_string(),
-            Some(g) => match check_owner(g, self.partition, &a.member, a.epoch) {
-                Ok(()) => return false,
-                Err((_, d)) => d,
-            },
-        };
-        let _ = a.events.send(Err(fenced(
-            &self.station,
-            &self.group,
-            self.partition,
-            detail,
-        )));
-        self.detach();
-        true
-    }
-}
-
-async fn next_control(
-    control: &mut Option<mpsc::UnboundedReceiver<ConsumeControl>>,
-) -> Option<ConsumeControl> {
-    match control {
-        Some(c) => c.recv().await,
-        None => std::future::pending().await,
+    /// Fences the members the metadata no longer gives the partition to.
+    fn on_metadata(&mut self, g: Option<&GroupMeta>) {
+        let gone: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter_map(|(member, a)| {
+                let detail = match g {
+                    None => "the group was deleted".to_string(),
+                    Some(g) if g.uid != self.uid => "the group was re-created".to_string(),
+                    Some(g) => check_owner(g, self.partition, member, a.epoch).err()?.1,
+                };
+                Some((member.clone(), detail))
+            })
+            .collect();
+        for (member, detail) in gone {
+            if let Some(a) = self.members.remove(&member) {
+                let _ = a.events.send(Err(fenced(
+                    &self.station,
+                    &self.group,
+                    self.partition,
+                    detail,
+                )));
+            }
+            self.engine.detach(&member);
+            if self.members.is_empty() {
+                self.detached_since = Instant::now();
+            }
+        }
     }
 }
 
