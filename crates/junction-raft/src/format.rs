@@ -60,10 +60,11 @@ pub const PARTITION_STATE: Format = Format {
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
 /// settings and the producer id registry; since version 3 with API keys; since version 4
-/// with tenants' quotas; since version 5 with the schema registry).
+/// with tenants' quotas; since version 5 with the schema registry; since version 6 with each
+/// group's lanes and each member's epoch).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 5,
+    version: 6,
 };
 /// One stored message.
 pub const RECORD: Format = Format {
@@ -169,14 +170,15 @@ pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<
     })
 }
 
-/// Decodes the metadata state, upgrading versions 1 to 4.
+/// Decodes the metadata state, upgrading versions 1 to 5.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    use junction_types::meta::{v1, v2, v3, v4};
+    use junction_types::meta::{v1, v2, v3, v4, v5};
     decode_upgrading(&META_STATE, b, |version, body| match version {
         1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
         2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
         3 => Some(decode_body::<v3::MetaStateV3>(&META_STATE, body).map(Into::into)),
         4 => Some(decode_body::<v4::MetaStateV4>(&META_STATE, body).map(Into::into)),
+        5 => Some(decode_body::<v5::MetaStateV5>(&META_STATE, body).map(Into::into)),
         _ => None,
     })
 }
@@ -268,17 +270,114 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 6;
+        bytes[0] = 7;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 6; this build reads version 5 (written by a \
+            "metadata state is in format version 7; this build reads version 6 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
         assert!(decode_meta_state(&bytes).is_err());
         assert!(decode::<MetaState>(&META_STATE, &[]).is_err());
         assert!(decode::<Vote>(&VOTE, &[1, 0xff]).is_err());
+    }
+
+    /// Groups: the commands that create a key-shared group and join it, the state that holds
+    /// it (version 6), and a partitioned group's version 5 bytes, still read.
+    #[test]
+    fn frozen_group_lanes() {
+        use junction_types::groups::{GroupMode, GroupSettings, Lanes};
+        let lanes = Lanes {
+            mode: GroupMode::KeyShared,
+            max_in_flight_per_key: 2,
+            ..Lanes::default()
+        };
+        let create = Entry {
+            log_id: log_id(3, 1, 20),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::CreateGroupV2 {
+                station: "default/s".into(),
+                group: "g".into(),
+                settings: GroupSettings::default(),
+                lanes,
+                now_ms: 5,
+            })),
+        };
+        frozen(
+            &LOG_ENTRY,
+            &create,
+            "010301140100120964656661756c742f73016700b0ea0105e807904e0102000a",
+        );
+        let join = MetaCommand::JoinGroupV2 {
+            station: "default/s".into(),
+            group: "g".into(),
+            member: "m1".into(),
+            client: "host".into(),
+            settings: GroupSettings::default(),
+            lanes,
+            now_ms: 6,
+        };
+        frozen(
+            &LOG_ENTRY,
+            &Entry {
+                log_id: log_id(3, 1, 21),
+                payload: EntryPayload::Normal(Command::Meta(join.clone())),
+            },
+            "010301150100130964656661756c742f730167026d3104686f737400b0ea0105e807904e0102\
+             000c",
+        );
+        let mut state = MetaState::default();
+        state.apply(&MetaCommand::CreateStation {
+            tenant: "default".into(),
+            name: "s".into(),
+            placement: vec![vec![1]],
+            replication_factor: 1,
+            max_message_bytes: 1024,
+            now_ms: 1,
+            policy: Default::default(),
+        });
+        let CommandResponse::Group(g) = state.apply(&join) else {
+            panic!("no group")
+        };
+        assert_eq!(g.partitions_of("m1"), vec![(0, 1)]);
+        frozen(
+            &META_STATE,
+            &state,
+            "06010764656661756c7400010964656661756c742f730764656661756c740173018008020101\
+             01010000000000000080b8992900c0843d8088b2a00202010964656661756c742f7301670964\
+             656661756c742f7301670100b0ea0105e807904e0c0101026d3104686f73740c010100010200\
+             02010000000000000000",
+        );
+        // A partitioned group as version 5 stored it: its members get the generation as epoch.
+        let mut old = MetaState::default();
+        old.apply(&MetaCommand::CreateStation {
+            tenant: "default".into(),
+            name: "s".into(),
+            placement: vec![vec![1]],
+            replication_factor: 1,
+            max_message_bytes: 1024,
+            now_ms: 1,
+            policy: Default::default(),
+        });
+        old.apply(&MetaCommand::JoinGroup {
+            station: "default/s".into(),
+            group: "g".into(),
+            member: "m1".into(),
+            client: "host".into(),
+            settings: GroupSettings::default(),
+            now_ms: 6,
+        });
+        let upgraded = decode_meta_state(&unhex(
+            "05010764656661756c7400010964656661756c742f730764656661756c740173018008020101\
+             01010000000000000080b8992900c0843d8088b2a00202010964656661756c742f7301670964\
+             656661756c742f7301670100b0ea0105e807904e0c0101026d3104686f73740c0101026d3101\
+             02010000000000000000",
+        ))
+        .unwrap();
+        assert_eq!(upgraded, old);
+        let g = upgraded.group("default/s", "g").unwrap();
+        assert_eq!(g.lanes, Lanes::default());
+        assert_eq!(g.partitions_of("m1"), vec![(0, 1)]);
     }
 
     #[test]
@@ -355,9 +454,19 @@ mod tests {
         frozen(
             &META_STATE,
             &meta,
-            "05010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+            "06010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
              028108010764656661756c74066f72646572730100010100\
              00000000",
+        );
+        // Version 5 (before group lanes) is still read.
+        assert_eq!(
+            decode_meta_state(&unhex(
+                "05010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
+                 028108010764656661756c74066f72646572730100010100\
+                 00000000"
+            ))
+            .unwrap(),
+            meta
         );
         // Version 4 (before schemas) is still read.
         assert_eq!(
@@ -430,7 +539,7 @@ mod tests {
         frozen(
             &META_STATE,
             &keyed,
-            "05010764656661756c7400000100010100000000011030313233343536373839616263646566\
+            "06010764656661756c7400000100010100000000011030313233343536373839616263646566\
              10303132333435363738396162636465660764656661756c740101066f7264657273\
              abababababababababababababababababababababababababababababababab02636980a0bfe9d6660000000000",
         );
@@ -471,7 +580,7 @@ mod tests {
         frozen(
             &META_STATE,
             &limited,
-            "05010764656661756c740000010001010000000000010764656661756c7401038080808004000000",
+            "06010764656661756c740000010001010000000000010764656661756c7401038080808004000000",
         );
         // Schemas: the commands that register a version and bind a station, the entry of a
         // batch with dead-lettered messages, and the state that holds a schema.
@@ -557,7 +666,7 @@ mod tests {
         frozen(
             &META_STATE,
             &schemas,
-            "05010764656661756c74000001000101000000000000010764656661756c74066f72646572730104010101027b7d0080a0bfe9d66602010964656661756c742f73066f7264657273010101",
+            "06010764656661756c74000001000101000000000000010764656661756c74066f72646572730104010101027b7d0080a0bfe9d66602010964656661756c742f73066f7264657273010101",
         );
         // Version 1 (before producers and exactly-once settings) is still read.
         assert_eq!(

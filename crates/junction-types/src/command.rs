@@ -11,7 +11,7 @@ use crate::auth::ApiKey;
 use crate::exactly_once::{
     AppendReject, DeliveryPolicy, Placement, ProducerBatch, ProducerIdentity,
 };
-use crate::groups::{GroupMeta, GroupSettings};
+use crate::groups::{GroupMeta, GroupSettings, Lanes};
 use crate::meta::{MetaError, StationMeta};
 use crate::policy::StationPolicy;
 use crate::record::Record;
@@ -141,6 +141,24 @@ pub enum MetaCommand {
     BindSchema {
         station: String,
         binding: Option<crate::schema::SchemaBinding>,
+    },
+    /// `CreateGroup` with how the members share partitions.
+    CreateGroupV2 {
+        station: String,
+        group: String,
+        settings: GroupSettings,
+        lanes: Lanes,
+        now_ms: i64,
+    },
+    /// `JoinGroup` with how the members share partitions (used when it creates the group).
+    JoinGroupV2 {
+        station: String,
+        group: String,
+        member: String,
+        client: String,
+        settings: GroupSettings,
+        lanes: Lanes,
+        now_ms: i64,
     },
 }
 

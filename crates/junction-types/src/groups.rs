@@ -70,6 +70,54 @@ impl Default for GroupSettings {
     }
 }
 
+/// How a group's members share the station's partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum GroupMode {
+    /// Each partition is delivered to one member at a time.
+    #[default]
+    Partitioned,
+    /// Every member consumes every partition; each message key belongs to one member at a
+    /// time, so a key's order holds while any number of members share a partition.
+    KeyShared,
+}
+
+/// What happens to a message whose deliveries are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnMaxDeliveries {
+    /// It is appended to the dead-letter station, and its key goes on.
+    #[default]
+    DeadLetter,
+}
+
+/// How a group shares partitions among its members (fixed when the group is created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lanes {
+    pub mode: GroupMode,
+    /// Messages of one key in flight at once.
+    pub max_in_flight_per_key: u32,
+    pub on_max_deliveries: OnMaxDeliveries,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Self {
+            mode: GroupMode::Partitioned,
+            max_in_flight_per_key: 1,
+            on_max_deliveries: OnMaxDeliveries::DeadLetter,
+        }
+    }
+}
+
+impl Lanes {
+    /// Checks every setting's range.
+    pub fn validate(&self) -> Result<(), GroupError> {
+        if !(1..=1000).contains(&self.max_in_flight_per_key) {
+            return Err(GroupError::MaxInFlightPerKey(self.max_in_flight_per_key));
+        }
+        Ok(())
+    }
+}
+
 /// Why group settings or a group operation were refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
@@ -82,6 +130,8 @@ pub enum GroupError {
     MaxInFlight(u32),
     #[error("session_timeout must be between 1 s and 10 minutes, got {0} ms")]
     SessionTimeout(u64),
+    #[error("max_in_flight_per_key must be between 1 and 1000, got {0}")]
+    MaxInFlightPerKey(u32),
 }
 
 impl GroupSettings {
@@ -116,6 +166,9 @@ pub struct MemberMeta {
     /// Free-form client identification (host, process), for `describe`.
     pub client: String,
     pub joined_at_ms: i64,
+    /// The group's generation when it joined: in a key-shared group, the fencing epoch of
+    /// its subscriptions (a member that leaves and joins again gets a new one).
+    pub epoch: u64,
 }
 
 /// A consumer group as the metadata group holds it.
@@ -132,13 +185,23 @@ pub struct GroupMeta {
     /// Increases with every change of membership or assignment.
     pub generation: u64,
     pub members: BTreeMap<String, MemberMeta>,
-    /// Index = partition.
+    /// Index = partition. Empty slots in a key-shared group: every member consumes every
+    /// partition.
     pub assignment: Vec<Option<Assignment>>,
+    pub lanes: Lanes,
 }
 
 impl GroupMeta {
-    /// Returns the partitions `member` owns, with their epochs.
+    /// Returns the partitions `member` consumes, with their epochs.
     pub fn partitions_of(&self, member: &str) -> Vec<(u32, u64)> {
+        if self.lanes.mode == GroupMode::KeyShared {
+            return match self.members.get(member) {
+                Some(m) => (0..self.assignment.len() as u32)
+                    .map(|p| (p, m.epoch))
+                    .collect(),
+                None => Vec::new(),
+            };
+        }
         self.assignment
             .iter()
             .enumerate()
@@ -152,11 +215,18 @@ impl GroupMeta {
     /// Recomputes the assignment after a membership change: balanced (counts differ by at
     /// most one) and sticky (a partition stays with its owner unless that owner left or holds
     /// more than its share). Partitions that change owner get the new generation as epoch.
-    /// Returns whether anything changed; the generation advances only then.
+    /// Returns whether anything changed; the generation advances only then. In a key-shared
+    /// group nothing is assigned and every call is a change.
     pub fn rebalance(&mut self) -> bool {
         let n = self.assignment.len();
         let next_gen = self.generation + 1;
         let mut changed = false;
+        if self.lanes.mode == GroupMode::KeyShared {
+            // Nothing to assign (the partitions' leaders share keys among the members); the
+            // generation still counts membership changes.
+            self.generation = next_gen;
+            return true;
+        }
         // Orphans: owners that left.
         for slot in self.assignment.iter_mut() {
             if let Some(a) = slot
@@ -403,6 +473,72 @@ pub fn apply_cursor_command(
     }
 }
 
+/// Groups as the metadata stored them before lanes (metadata format versions 1 to 5).
+pub mod v1 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{Assignment, GroupMeta, GroupSettings, Lanes, MemberMeta};
+
+    /// A member as versions 1 to 5 stored it (no epoch).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MemberMetaV1 {
+        pub client: String,
+        pub joined_at_ms: i64,
+    }
+
+    /// A group as versions 1 to 5 stored it (no lanes: every group was partitioned).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct GroupMetaV1 {
+        pub station: String,
+        pub name: String,
+        pub uid: u64,
+        pub settings: GroupSettings,
+        pub created_at_ms: i64,
+        pub generation: u64,
+        pub members: BTreeMap<String, MemberMetaV1>,
+        pub assignment: Vec<Option<Assignment>>,
+    }
+
+    impl From<GroupMetaV1> for GroupMeta {
+        fn from(g: GroupMetaV1) -> Self {
+            // A partitioned group fences by its partitions' epochs; a member's own epoch is
+            // only read in key-shared groups, so the generation it was read at serves.
+            let generation = g.generation;
+            GroupMeta {
+                station: g.station,
+                name: g.name,
+                uid: g.uid,
+                settings: g.settings,
+                created_at_ms: g.created_at_ms,
+                generation,
+                members: g
+                    .members
+                    .into_iter()
+                    .map(|(name, m)| {
+                        (
+                            name,
+                            MemberMeta {
+                                client: m.client,
+                                joined_at_ms: m.joined_at_ms,
+                                epoch: generation,
+                            },
+                        )
+                    })
+                    .collect(),
+                assignment: g.assignment,
+                lanes: Lanes::default(),
+            }
+        }
+    }
+
+    /// Upgrades a map of groups.
+    pub fn upgrade<K: Ord>(groups: BTreeMap<K, GroupMetaV1>) -> BTreeMap<K, GroupMeta> {
+        groups.into_iter().map(|(k, g)| (k, g.into())).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +553,7 @@ mod tests {
             generation: 0,
             members: BTreeMap::new(),
             assignment: vec![None; partitions],
+            lanes: Lanes::default(),
         };
         for m in members {
             g.members.insert(
@@ -424,6 +561,7 @@ mod tests {
                 MemberMeta {
                     client: String::new(),
                     joined_at_ms: 0,
+                    epoch: 0,
                 },
             );
         }
@@ -444,6 +582,35 @@ mod tests {
             .iter()
             .map(|a| a.as_ref().map(|a| a.member.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_key_shared_group_gives_every_member_every_partition_at_its_join_epoch() {
+        let mut g = group(3, &[]);
+        g.lanes.mode = GroupMode::KeyShared;
+        for (m, epoch) in [("a", 4), ("b", 9)] {
+            g.members.insert(
+                m.into(),
+                MemberMeta {
+                    client: String::new(),
+                    joined_at_ms: 0,
+                    epoch,
+                },
+            );
+            assert!(g.rebalance(), "a membership change advances the generation");
+        }
+        assert!(g.assignment.iter().all(Option::is_none));
+        assert_eq!(g.partitions_of("a"), vec![(0, 4), (1, 4), (2, 4)]);
+        assert_eq!(g.partitions_of("b"), vec![(0, 9), (1, 9), (2, 9)]);
+        assert!(g.partitions_of("c").is_empty());
+        assert_eq!(
+            Lanes {
+                max_in_flight_per_key: 0,
+                ..Lanes::default()
+            }
+            .validate(),
+            Err(GroupError::MaxInFlightPerKey(0))
+        );
     }
 
     #[test]
@@ -475,6 +642,7 @@ mod tests {
             MemberMeta {
                 client: String::new(),
                 joined_at_ms: 0,
+                epoch: 0,
             },
         );
         assert!(g.rebalance());

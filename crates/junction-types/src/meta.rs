@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::KeyRegistry;
 use crate::command::{CommandResponse, MetaCommand};
 use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
-use crate::groups::{GroupMeta, MemberMeta};
+use crate::groups::{GroupMeta, GroupSettings, Lanes, MemberMeta};
 use crate::policy::StationPolicy;
 use crate::quota::{QuotaError, QuotaField, TenantQuotas};
 use crate::schema::{SchemaRegistry, SchemaRegistryError};
@@ -190,27 +190,14 @@ impl MetaState {
                 group,
                 settings,
                 now_ms,
-            } => {
-                let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len())
-                else {
-                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
-                        station: station.clone(),
-                    });
-                };
-                let key = (station.clone(), group.clone());
-                if self.groups.contains_key(&key) {
-                    return CommandResponse::MetaRejected(MetaError::GroupExists {
-                        station: station.clone(),
-                        group: group.clone(),
-                    });
-                }
-                if let Err(e) = self.room_for_group(station) {
-                    return CommandResponse::MetaRejected(e);
-                }
-                let g = self.new_group(station, group, *settings, *now_ms, partitions);
-                self.groups.insert(key, g.clone());
-                CommandResponse::Group(g)
-            }
+            } => self.create_group(station, group, *settings, Lanes::default(), *now_ms),
+            MetaCommand::CreateGroupV2 {
+                station,
+                group,
+                settings,
+                lanes,
+                now_ms,
+            } => self.create_group(station, group, *settings, *lanes, *now_ms),
             MetaCommand::JoinGroup {
                 station,
                 group,
@@ -218,36 +205,23 @@ impl MetaState {
                 client,
                 settings,
                 now_ms,
-            } => {
-                let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len())
-                else {
-                    return CommandResponse::MetaRejected(MetaError::StationNotFound {
-                        station: station.clone(),
-                    });
-                };
-                let key = (station.clone(), group.clone());
-                if !self.groups.contains_key(&key) {
-                    if let Err(e) = self.room_for_group(station) {
-                        return CommandResponse::MetaRejected(e);
-                    }
-                    let g = self.new_group(station, group, *settings, *now_ms, partitions);
-                    self.groups.insert(key.clone(), g);
-                }
-                let Some(g) = self.groups.get_mut(&key) else {
-                    return CommandResponse::WrongGroup;
-                };
-                if !g.members.contains_key(member) {
-                    g.members.insert(
-                        member.clone(),
-                        MemberMeta {
-                            client: client.clone(),
-                            joined_at_ms: *now_ms,
-                        },
-                    );
-                    g.rebalance();
-                }
-                CommandResponse::Group(g.clone())
-            }
+            } => self.join_group(
+                station,
+                group,
+                member,
+                client,
+                (*settings, Lanes::default()),
+                *now_ms,
+            ),
+            MetaCommand::JoinGroupV2 {
+                station,
+                group,
+                member,
+                client,
+                settings,
+                lanes,
+                now_ms,
+            } => self.join_group(station, group, member, client, (*settings, *lanes), *now_ms),
             MetaCommand::LeaveGroup {
                 station,
                 group,
@@ -529,11 +503,85 @@ impl MetaState {
         CommandResponse::StationCreated(station.clone())
     }
 
+    fn create_group(
+        &mut self,
+        station: &str,
+        group: &str,
+        settings: GroupSettings,
+        lanes: Lanes,
+        now_ms: i64,
+    ) -> CommandResponse {
+        let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len()) else {
+            return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                station: station.to_owned(),
+            });
+        };
+        let key = (station.to_owned(), group.to_owned());
+        if self.groups.contains_key(&key) {
+            return CommandResponse::MetaRejected(MetaError::GroupExists {
+                station: station.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        if let Err(e) = self.room_for_group(station) {
+            return CommandResponse::MetaRejected(e);
+        }
+        let g = self.new_group(station, group, (settings, lanes), now_ms, partitions);
+        self.groups.insert(key, g.clone());
+        CommandResponse::Group(g)
+    }
+
+    /// Adds a member (creating the group if it does not exist) and rebalances; joining again
+    /// as an existing member changes nothing.
+    fn join_group(
+        &mut self,
+        station: &str,
+        group: &str,
+        member: &str,
+        client: &str,
+        (settings, lanes): (GroupSettings, Lanes),
+        now_ms: i64,
+    ) -> CommandResponse {
+        let Some(partitions) = self.stations.get(station).map(|s| s.partitions.len()) else {
+            return CommandResponse::MetaRejected(MetaError::StationNotFound {
+                station: station.to_owned(),
+            });
+        };
+        let key = (station.to_owned(), group.to_owned());
+        if !self.groups.contains_key(&key) {
+            if let Err(e) = self.room_for_group(station) {
+                return CommandResponse::MetaRejected(e);
+            }
+            let g = self.new_group(station, group, (settings, lanes), now_ms, partitions);
+            self.groups.insert(key.clone(), g);
+        }
+        let Some(g) = self.groups.get_mut(&key) else {
+            return CommandResponse::WrongGroup;
+        };
+        if !g.members.contains_key(member) {
+            g.members.insert(
+                member.to_owned(),
+                MemberMeta {
+                    client: client.to_owned(),
+                    joined_at_ms: now_ms,
+                    epoch: 0,
+                },
+            );
+            g.rebalance();
+            // The member's epoch is the generation its joining made.
+            let generation = g.generation;
+            if let Some(m) = g.members.get_mut(member) {
+                m.epoch = generation;
+            }
+        }
+        CommandResponse::Group(g.clone())
+    }
+
     fn new_group(
         &mut self,
         station: &str,
         name: &str,
-        settings: crate::groups::GroupSettings,
+        (settings, lanes): (GroupSettings, Lanes),
         now_ms: i64,
         partitions: usize,
     ) -> GroupMeta {
@@ -548,6 +596,7 @@ impl MetaState {
             generation: 0,
             members: BTreeMap::new(),
             assignment: vec![None; partitions],
+            lanes,
         }
     }
 
@@ -654,7 +703,7 @@ pub mod v1 {
 
     use super::{MetaState, PartitionMeta, StationMeta};
     use crate::exactly_once::{DeliveryPolicy, ProducerRegistry};
-    use crate::groups::GroupMeta;
+    use crate::groups::v1::{GroupMetaV1, upgrade};
     use crate::policy::StationPolicy;
     use crate::schema::SchemaRegistry;
 
@@ -676,7 +725,7 @@ pub mod v1 {
         pub tenants: BTreeMap<String, i64>,
         pub stations: BTreeMap<String, StationMetaV1>,
         pub next_group_id: u64,
-        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub groups: BTreeMap<(String, String), GroupMetaV1>,
         pub next_group_uid: u64,
     }
 
@@ -704,7 +753,7 @@ pub mod v1 {
                     })
                     .collect(),
                 next_group_id: v.next_group_id,
-                groups: v.groups,
+                groups: upgrade(v.groups),
                 next_group_uid: v.next_group_uid,
                 producers: ProducerRegistry::default(),
                 api_keys: Default::default(),
@@ -723,7 +772,7 @@ pub mod v2 {
 
     use super::{MetaState, StationMeta};
     use crate::exactly_once::ProducerRegistry;
-    use crate::groups::GroupMeta;
+    use crate::groups::v1::{GroupMetaV1, upgrade};
     use crate::schema::SchemaRegistry;
 
     /// The metadata state as version 2 stored it.
@@ -732,7 +781,7 @@ pub mod v2 {
         pub tenants: BTreeMap<String, i64>,
         pub stations: BTreeMap<String, StationMeta>,
         pub next_group_id: u64,
-        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub groups: BTreeMap<(String, String), GroupMetaV1>,
         pub next_group_uid: u64,
         pub producers: ProducerRegistry,
     }
@@ -743,7 +792,7 @@ pub mod v2 {
                 tenants: v.tenants,
                 stations: v.stations,
                 next_group_id: v.next_group_id,
-                groups: v.groups,
+                groups: upgrade(v.groups),
                 next_group_uid: v.next_group_uid,
                 producers: v.producers,
                 api_keys: Default::default(),
@@ -763,7 +812,7 @@ pub mod v3 {
     use super::{MetaState, StationMeta};
     use crate::auth::KeyRegistry;
     use crate::exactly_once::ProducerRegistry;
-    use crate::groups::GroupMeta;
+    use crate::groups::v1::{GroupMetaV1, upgrade};
     use crate::schema::SchemaRegistry;
 
     /// The metadata state as version 3 stored it.
@@ -772,7 +821,7 @@ pub mod v3 {
         pub tenants: BTreeMap<String, i64>,
         pub stations: BTreeMap<String, StationMeta>,
         pub next_group_id: u64,
-        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub groups: BTreeMap<(String, String), GroupMetaV1>,
         pub next_group_uid: u64,
         pub producers: ProducerRegistry,
         pub api_keys: KeyRegistry,
@@ -784,7 +833,7 @@ pub mod v3 {
                 tenants: v.tenants,
                 stations: v.stations,
                 next_group_id: v.next_group_id,
-                groups: v.groups,
+                groups: upgrade(v.groups),
                 next_group_uid: v.next_group_uid,
                 producers: v.producers,
                 api_keys: v.api_keys,
@@ -804,7 +853,7 @@ pub mod v4 {
     use super::{MetaState, StationMeta};
     use crate::auth::KeyRegistry;
     use crate::exactly_once::ProducerRegistry;
-    use crate::groups::GroupMeta;
+    use crate::groups::v1::{GroupMetaV1, upgrade};
     use crate::quota::TenantQuotas;
     use crate::schema::SchemaRegistry;
 
@@ -814,7 +863,7 @@ pub mod v4 {
         pub tenants: BTreeMap<String, i64>,
         pub stations: BTreeMap<String, StationMeta>,
         pub next_group_id: u64,
-        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub groups: BTreeMap<(String, String), GroupMetaV1>,
         pub next_group_uid: u64,
         pub producers: ProducerRegistry,
         pub api_keys: KeyRegistry,
@@ -827,12 +876,56 @@ pub mod v4 {
                 tenants: v.tenants,
                 stations: v.stations,
                 next_group_id: v.next_group_id,
-                groups: v.groups,
+                groups: upgrade(v.groups),
                 next_group_uid: v.next_group_uid,
                 producers: v.producers,
                 api_keys: v.api_keys,
                 quotas: v.quotas,
                 schemas: SchemaRegistry::default(),
+            }
+        }
+    }
+}
+
+/// The metadata state as format version 5 stored it (before group lanes and member epochs).
+pub mod v5 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, StationMeta};
+    use crate::auth::KeyRegistry;
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::v1::{GroupMetaV1, upgrade};
+    use crate::quota::TenantQuotas;
+    use crate::schema::SchemaRegistry;
+
+    /// The metadata state as version 5 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV5 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMetaV1>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+        pub api_keys: KeyRegistry,
+        pub quotas: BTreeMap<String, TenantQuotas>,
+        pub schemas: SchemaRegistry,
+    }
+
+    impl From<MetaStateV5> for MetaState {
+        fn from(v: MetaStateV5) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: upgrade(v.groups),
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: v.api_keys,
+                quotas: v.quotas,
+                schemas: v.schemas,
             }
         }
     }
