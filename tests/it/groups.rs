@@ -20,6 +20,7 @@ fn settings(ack_wait_ms: u64, max_deliveries: u32) -> GroupSettings {
         max_deliveries,
         max_in_flight: 0,
         session_timeout_ms: 3000,
+        ..Default::default()
     }
 }
 

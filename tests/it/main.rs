@@ -11,6 +11,7 @@ mod exactly_once;
 mod failover;
 mod groups;
 mod harness;
+mod lanes;
 mod memory;
 mod process;
 mod quota;

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use junction_types::groups::{GroupMeta, GroupSettings, dead_letter_station, validate_group_name};
+use junction_types::groups::{
+    GroupMeta, GroupMode, GroupSettings, Lanes, dead_letter_station, validate_group_name,
+};
 use junction_types::{CommandResponse, MetaCommand, MetaError, StationName};
 use tokio::time::Instant;
 
@@ -152,21 +154,32 @@ impl Broker {
         station: &StationName,
         group: &str,
         settings: GroupSettings,
+        lanes: Lanes,
     ) -> Result<GroupMeta, BrokerError> {
         validate_group_name(group)?;
-        settings
-            .validate()
-            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        validate_settings(&settings, &lanes)?;
         self.ensure_controller()?;
         self.station(station)?;
         self.try_dead_letter_station(station).await;
-        self.group_write(MetaCommand::CreateGroup {
-            station: station.full(),
-            group: group.to_string(),
-            settings,
-            now_ms: now_ms(),
-        })
-        .await
+        // The first command form while the lanes are the default, so that nodes that do not
+        // know lanes yet still read the log.
+        let cmd = if lanes == Lanes::default() {
+            MetaCommand::CreateGroup {
+                station: station.full(),
+                group: group.to_string(),
+                settings,
+                now_ms: now_ms(),
+            }
+        } else {
+            MetaCommand::CreateGroupV2 {
+                station: station.full(),
+                group: group.to_string(),
+                settings,
+                lanes,
+                now_ms: now_ms(),
+            }
+        };
+        self.group_write(cmd).await
     }
 
     /// Adds a member to a group (creating the group on first join) and returns its view.
@@ -177,29 +190,51 @@ impl Broker {
         member: &str,
         client: &str,
         settings: GroupSettings,
+        lanes: Option<Lanes>,
     ) -> Result<MemberView, BrokerError> {
         validate_group_name(group)?;
         validate_member(member)?;
-        settings
-            .validate()
-            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        validate_settings(&settings, &lanes.unwrap_or_default())?;
         self.ensure_controller()?;
         self.station(station)?;
         let full = station.full();
-        if self.metadata().group(&full, group).is_none() {
-            self.try_dead_letter_station(station).await;
+        match self.metadata().group(&full, group) {
+            None => self.try_dead_letter_station(station).await,
+            // The mode is fixed when the group is created: a member asking for another one
+            // would break the group's ordering promise.
+            Some(g) => {
+                if let Some(want) = lanes.filter(|l| l.mode != g.lanes.mode) {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "group '{group}' is {}, not {}; a group's mode is fixed when it is \
+                         created (delete it, or use another group)",
+                        mode_name(g.lanes.mode),
+                        mode_name(want.mode)
+                    )));
+                }
+            }
         }
         self.touch(&full, group, member);
-        let g = self
-            .group_write(MetaCommand::JoinGroup {
+        let client: String = client.chars().take(256).collect();
+        let cmd = match lanes.filter(|l| *l != Lanes::default()) {
+            None => MetaCommand::JoinGroup {
                 station: full,
                 group: group.to_string(),
                 member: member.to_string(),
-                client: client.chars().take(256).collect(),
+                client,
                 settings,
                 now_ms: now_ms(),
-            })
-            .await?;
+            },
+            Some(lanes) => MetaCommand::JoinGroupV2 {
+                station: full,
+                group: group.to_string(),
+                member: member.to_string(),
+                client,
+                settings,
+                lanes,
+                now_ms: now_ms(),
+            },
+        };
+        let g = self.group_write(cmd).await?;
         Ok(self.member_view(g, member))
     }
 
@@ -626,5 +661,21 @@ impl Broker {
             }
         }
         out
+    }
+}
+
+/// Checks a group's settings and lanes.
+fn validate_settings(settings: &GroupSettings, lanes: &Lanes) -> Result<(), BrokerError> {
+    settings
+        .validate()
+        .and_then(|()| lanes.validate())
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+}
+
+/// A mode's name as the API and CLI spell it.
+pub fn mode_name(mode: GroupMode) -> &'static str {
+    match mode {
+        GroupMode::Partitioned => "partitioned",
+        GroupMode::KeyShared => "key_shared",
     }
 }

@@ -68,6 +68,7 @@ fn settings() -> GroupSettings {
         max_deliveries: MAX_DELIVERIES,
         max_in_flight: 500,
         session_timeout_ms: 10_000,
+        ..Default::default()
     }
 }
 

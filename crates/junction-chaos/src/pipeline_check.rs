@@ -65,6 +65,7 @@ fn options() -> PipelineOptions {
                 max_deliveries: 1000,
                 max_in_flight: 500,
                 session_timeout_ms: 10_000,
+                ..Default::default()
             },
             client: "junction chaos pipeline".to_owned(),
             ..Default::default()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use junction_client::proto::{
-    GroupInfo, GroupSettings, StartPosition, group_settings, seek_group_request,
+    GroupInfo, GroupMode, GroupSettings, StartPosition, group_settings, seek_group_request,
 };
 use junction_client::{GroupOptions, Start};
 use serde_json::json;
@@ -37,11 +37,37 @@ pub struct ConsumeArgs {
     /// A new group's deliveries before a message goes to the dead-letter station.
     #[arg(long, default_value_t = 5)]
     pub max_deliveries: u32,
+    /// How a new group's members share partitions: `partitioned` (one member per partition)
+    /// or `key_shared` (every member gets a share of every partition's keys, each key's order
+    /// kept). Joining an existing group with another mode is refused [default: the group's
+    /// mode, or partitioned for a new group].
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<GroupMode>,
+    /// A new group's messages of one key in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_in_flight_per_key: u32,
     /// One JSON object per line (with `delivery_count`).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
+}
+
+fn parse_mode(s: &str) -> Result<GroupMode, String> {
+    match s {
+        "partitioned" => Ok(GroupMode::Partitioned),
+        "key_shared" | "key-shared" => Ok(GroupMode::KeyShared),
+        other => Err(format!(
+            "unknown mode '{other}': use partitioned or key_shared"
+        )),
+    }
+}
+
+fn mode_name(mode: i32) -> &'static str {
+    match GroupMode::try_from(mode) {
+        Ok(GroupMode::KeyShared) => "key_shared",
+        Ok(GroupMode::Partitioned | GroupMode::Unspecified) | Err(_) => "partitioned",
+    }
 }
 
 /// List, describe, seek, clone and delete consumer groups.
@@ -139,6 +165,8 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             max_deliveries: args.max_deliveries,
             max_in_flight: 0,
             session_timeout_ms: 0,
+            mode: args.mode.unwrap_or(GroupMode::Unspecified) as i32,
+            max_in_flight_per_key: args.max_in_flight_per_key,
         },
         client: format!("junction-cli pid {}", std::process::id()),
         ..GroupOptions::default()
@@ -198,6 +226,8 @@ fn group_json(g: &GroupInfo) -> serde_json::Value {
             "max_deliveries": s.max_deliveries,
             "max_in_flight": s.max_in_flight,
             "session_timeout_ms": s.session_timeout_ms,
+            "mode": mode_name(s.mode),
+            "max_in_flight_per_key": s.max_in_flight_per_key,
         },
         "members": g.members.iter().map(|m| json!({
             "member_id": m.member_id, "client": m.client, "partitions": m.partitions,
@@ -248,16 +278,19 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             }
             let s = g.settings.unwrap_or_default();
             let mut text = format!(
-                "group {} of {}: generation {}, {} member(s), ack wait {} ms, max deliveries {}, max in flight {}, session timeout {} ms\n\n",
+                "group {} of {}: {}, generation {}, {} member(s), ack wait {} ms, max deliveries {}, max in flight {}, max in flight per key {}, session timeout {} ms\n\n",
                 g.group,
                 g.station,
+                mode_name(s.mode),
                 g.generation,
                 g.members.len(),
                 s.ack_wait_ms,
                 s.max_deliveries,
                 s.max_in_flight,
+                s.max_in_flight_per_key,
                 s.session_timeout_ms
             );
+            let shared = mode_name(s.mode) == "key_shared";
             let mut t = Table::new([
                 "PARTITION",
                 "MEMBER",
@@ -270,7 +303,11 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             for p in &g.partitions {
                 t.row(vec![
                     p.partition.to_string(),
-                    p.member_id.clone().unwrap_or_else(|| "-".into()),
+                    match &p.member_id {
+                        Some(m) => m.clone(),
+                        None if shared => "(every member)".into(),
+                        None => "-".into(),
+                    },
                     if p.known {
                         p.committed.to_string()
                     } else {

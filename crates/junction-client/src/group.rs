@@ -68,10 +68,11 @@ impl GroupMessage {
     }
 }
 
+/// A member's answer to one delivery: (offset, the delivery's attempt), and a nack's delay.
 enum Reply {
-    Ack(u64),
-    Nack(u64, u64),
-    InProgress(u64),
+    Ack(u64, u32),
+    Nack(u64, u32, u64),
+    InProgress(u64, u32),
 }
 
 struct Worker {
@@ -345,7 +346,7 @@ impl GroupConsumer {
     /// Acknowledges a message. Returns false when this member no longer owns its partition
     /// (the message will be delivered to the new owner).
     pub fn ack(&self, m: &GroupMessage) -> bool {
-        self.reply(m, Reply::Ack(m.offset()))
+        self.reply(m, Reply::Ack(m.offset(), m.delivery_count))
     }
 
     /// A handle that acknowledges this member's messages from other tasks.
@@ -357,12 +358,15 @@ impl GroupConsumer {
 
     /// Asks for redelivery after `delay`.
     pub fn nack(&self, m: &GroupMessage, delay: Duration) -> bool {
-        self.reply(m, Reply::Nack(m.offset(), delay.as_millis() as u64))
+        self.reply(
+            m,
+            Reply::Nack(m.offset(), m.delivery_count, delay.as_millis() as u64),
+        )
     }
 
     /// Extends the ack deadline of a message still being worked on.
     pub fn in_progress(&self, m: &GroupMessage) -> bool {
-        self.reply(m, Reply::InProgress(m.offset()))
+        self.reply(m, Reply::InProgress(m.offset(), m.delivery_count))
     }
 
     /// Stops consuming and leaves the group, so its partitions move at once.
@@ -402,7 +406,10 @@ impl Acker {
     pub fn ack(&self, m: &GroupMessage) -> bool {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         match workers.get(&m.partition()) {
-            Some(w) if w.epoch == m.epoch => w.replies.send(Reply::Ack(m.offset())).is_ok(),
+            Some(w) if w.epoch == m.epoch => w
+                .replies
+                .send(Reply::Ack(m.offset(), m.delivery_count))
+                .is_ok(),
             _ => false,
         }
     }
@@ -595,17 +602,28 @@ impl PartitionWorker {
                     if n == 0 {
                         return Status::cancelled("consumer dropped");
                     }
-                    let mut acks = Vec::new();
+                    let mut acks = Offsets::default();
                     for r in buf.drain(..) {
                         let req = match r {
-                            Reply::Ack(o) => { acks.push(o); continue; }
-                            Reply::Nack(o, delay_ms) => ConsumeReq::Nack(Nack { offsets: vec![o], delay_ms }),
-                            Reply::InProgress(o) => ConsumeReq::InProgress(Offsets { offsets: vec![o] }),
+                            Reply::Ack(o, attempt) => {
+                                acks.offsets.push(o);
+                                acks.attempts.push(attempt);
+                                continue;
+                            }
+                            Reply::Nack(o, attempt, delay_ms) => ConsumeReq::Nack(Nack {
+                                offsets: vec![o],
+                                delay_ms,
+                                attempts: vec![attempt],
+                            }),
+                            Reply::InProgress(o, attempt) => ConsumeReq::InProgress(Offsets {
+                                offsets: vec![o],
+                                attempts: vec![attempt],
+                            }),
                         };
                         let _ = req_tx.send(ConsumeRequest { request: Some(req) });
                     }
-                    if !acks.is_empty() {
-                        let _ = req_tx.send(ConsumeRequest { request: Some(ConsumeReq::Ack(Offsets { offsets: acks })) });
+                    if !acks.offsets.is_empty() {
+                        let _ = req_tx.send(ConsumeRequest { request: Some(ConsumeReq::Ack(acks)) });
                     }
                 }
             }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use junction_broker::delivery::{ConsumeControl, ConsumeEvent, DeadLetterSink, dls_headers};
+use junction_broker::delivery::{
+    Answer, ConsumeControl, ConsumeEvent, DeadLetterSink, dls_headers,
+};
 use junction_broker::groups::{GroupPosition, MemberView, SeekTarget};
 use junction_broker::{Broker, BrokerError};
 use junction_proto::v1::consume_request::Request as ConsumeReq;
@@ -134,6 +136,40 @@ fn parse(name: &str) -> Result<StationName, Status> {
     StationName::parse(name).map_err(|e| to_status(e.into()))
 }
 
+fn answer(o: Offsets) -> Answer {
+    Answer {
+        offsets: o.offsets,
+        attempts: o.attempts,
+    }
+}
+
+/// The lanes a request names: `None` when it names no mode (a join then takes the group's).
+pub fn lanes_from_proto(s: Option<&GroupSettings>) -> Result<Option<tg::Lanes>, Status> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    let mode = match GroupMode::try_from(s.mode) {
+        Ok(GroupMode::Unspecified) => return Ok(None),
+        Ok(GroupMode::Partitioned) => tg::GroupMode::Partitioned,
+        Ok(GroupMode::KeyShared) => tg::GroupMode::KeyShared,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown group mode {}: use partitioned or key_shared",
+                s.mode
+            )));
+        }
+    };
+    let d = tg::Lanes::default();
+    Ok(Some(tg::Lanes {
+        mode,
+        max_in_flight_per_key: match s.max_in_flight_per_key {
+            0 => d.max_in_flight_per_key,
+            n => n,
+        },
+        on_max_deliveries: d.on_max_deliveries,
+    }))
+}
+
 /// Converts settings from the wire, applying defaults for zero values.
 pub fn settings_from_proto(s: Option<&GroupSettings>) -> tg::GroupSettings {
     let d = tg::GroupSettings::default();
@@ -158,7 +194,7 @@ pub fn settings_from_proto(s: Option<&GroupSettings>) -> tg::GroupSettings {
     }
 }
 
-fn settings_to_proto(s: &tg::GroupSettings) -> GroupSettings {
+fn settings_to_proto(s: &tg::GroupSettings, lanes: &tg::Lanes) -> GroupSettings {
     let start = match s.start {
         StartFrom::Earliest => group_settings::Start::Position(StartPosition::Earliest as i32),
         StartFrom::Latest => group_settings::Start::Position(StartPosition::Latest as i32),
@@ -171,6 +207,11 @@ fn settings_to_proto(s: &tg::GroupSettings) -> GroupSettings {
         max_deliveries: s.max_deliveries,
         max_in_flight: s.max_in_flight,
         session_timeout_ms: s.session_timeout_ms,
+        mode: match lanes.mode {
+            tg::GroupMode::Partitioned => GroupMode::Partitioned,
+            tg::GroupMode::KeyShared => GroupMode::KeyShared,
+        } as i32,
+        max_in_flight_per_key: lanes.max_in_flight_per_key,
     }
 }
 
@@ -179,7 +220,7 @@ pub fn group_info(g: &GroupMeta) -> GroupInfo {
     GroupInfo {
         station: g.station.clone(),
         group: g.name.clone(),
-        settings: Some(settings_to_proto(&g.settings)),
+        settings: Some(settings_to_proto(&g.settings, &g.lanes)),
         generation: g.generation,
         created_at_ms: g.created_at_ms,
         members: g
@@ -279,7 +320,12 @@ impl Groups for GroupsService {
         on_controller!(self, hops, r, create_group);
         let g = self
             .broker
-            .create_group(&station, &r.group, settings_from_proto(r.settings.as_ref()))
+            .create_group(
+                &station,
+                &r.group,
+                settings_from_proto(r.settings.as_ref()),
+                lanes_from_proto(r.settings.as_ref())?.unwrap_or_default(),
+            )
             .await
             .map_err(to_status)?;
         Ok(stamped(&self.broker, group_info(&g)))
@@ -303,6 +349,7 @@ impl Groups for GroupsService {
                 &r.member_id,
                 &r.client,
                 settings_from_proto(r.settings.as_ref()),
+                lanes_from_proto(r.settings.as_ref())?,
             )
             .await
             .map_err(to_status)?;
@@ -530,7 +577,7 @@ impl Groups for GroupsService {
             .map_err(to_status)?;
         let dst = self
             .broker
-            .create_group(&station, &r.to_group, src.settings)
+            .create_group(&station, &r.to_group, src.settings, src.lanes)
             .await
             .map_err(to_status)?;
         for p in 0..src.assignment.len() as u32 {
@@ -623,12 +670,15 @@ impl Groups for GroupsService {
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 let c = match m.request {
-                    Some(ConsumeReq::Ack(o)) => ConsumeControl::Ack(o.offsets),
+                    Some(ConsumeReq::Ack(o)) => ConsumeControl::Ack(answer(o)),
                     Some(ConsumeReq::Nack(n)) => ConsumeControl::Nack {
-                        offsets: n.offsets,
+                        answer: Answer {
+                            offsets: n.offsets,
+                            attempts: n.attempts,
+                        },
                         delay_ms: n.delay_ms,
                     },
-                    Some(ConsumeReq::InProgress(o)) => ConsumeControl::InProgress(o.offsets),
+                    Some(ConsumeReq::InProgress(o)) => ConsumeControl::InProgress(answer(o)),
                     Some(ConsumeReq::Subscribe(_)) | None => continue,
                 };
                 if control.send(c).is_err() {

@@ -25,9 +25,7 @@
 
 pub mod engine;
 
-use engine::{
-    AckRefusal, Command as EngineCommand, Engine, EngineSettings, GiveUp, Mode, OnExhausted,
-};
+use engine::{Command as EngineCommand, Engine, EngineSettings, GiveUp, Mode, OnExhausted};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,7 +36,8 @@ use futures::stream::{BoxStream, SelectAll};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use junction_types::groups::{
-    GroupCursor, GroupMeta, GroupSettings, StartFrom, dead_letter_station,
+    GroupCursor, GroupMeta, GroupMode, GroupSettings, Lanes, OnMaxDeliveries, StartFrom,
+    dead_letter_station,
 };
 use junction_types::{
     Command, CommandResponse, GroupId, PartitionCommand, Record, StationName, StoredRecord,
@@ -104,9 +103,27 @@ pub enum ConsumeEvent {
 /// What a subscriber sends.
 #[derive(Debug)]
 pub enum ConsumeControl {
-    Ack(Vec<u64>),
-    Nack { offsets: Vec<u64>, delay_ms: u64 },
-    InProgress(Vec<u64>),
+    Ack(Answer),
+    Nack { answer: Answer, delay_ms: u64 },
+    InProgress(Answer),
+}
+
+/// Offsets a subscriber answers, with the delivery attempt each answers (empty, or shorter
+/// than `offsets`: the current attempt).
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub offsets: Vec<u64>,
+    pub attempts: Vec<u32>,
+}
+
+impl Answer {
+    /// (offset, attempt named or None) pairs.
+    fn pairs(&self) -> impl Iterator<Item = (u64, Option<u32>)> + '_ {
+        self.offsets
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (*o, self.attempts.get(i).copied()))
+    }
 }
 
 /// A member's subscription to one partition.
@@ -146,13 +163,35 @@ fn fenced(station: &str, group: &str, partition: u32, detail: String) -> BrokerE
     ))
 }
 
-/// Checks that `member` owns `partition` at `epoch` in `g`.
+/// Checks that `member` may consume `partition` at `epoch` in `g`: it owns the partition
+/// (partitioned), or it is a member that joined at `epoch` (key-shared). The error says whether
+/// the epoch may be one this node has not applied yet (worth waiting for), and why.
 fn check_owner(
     g: &GroupMeta,
     partition: u32,
     member: &str,
     epoch: u64,
 ) -> Result<(), (bool, String)> {
+    if g.lanes.mode == GroupMode::KeyShared {
+        if partition as usize >= g.assignment.len() {
+            return Err((false, format!("partition {partition} does not exist")));
+        }
+        return match g.members.get(member) {
+            Some(m) if m.epoch == epoch => Ok(()),
+            Some(m) if m.epoch < epoch => Err((true, format!("epoch {epoch} is not known yet"))),
+            Some(m) => Err((
+                false,
+                format!(
+                    "member '{member}' joined again at epoch {}, not {epoch}",
+                    m.epoch
+                ),
+            )),
+            None => Err((
+                g.generation < epoch,
+                format!("'{member}' is not a member (generation {})", g.generation),
+            )),
+        };
+    }
     match g
         .assignment
         .get(partition as usize)
@@ -366,13 +405,18 @@ struct Dispatcher {
 }
 
 /// The engine settings of a group.
-fn engine_settings(s: &GroupSettings) -> EngineSettings {
+fn engine_settings(s: &GroupSettings, lanes: &Lanes) -> EngineSettings {
     EngineSettings {
-        mode: Mode::Partitioned,
+        mode: match lanes.mode {
+            GroupMode::Partitioned => Mode::Partitioned,
+            GroupMode::KeyShared => Mode::KeyShared,
+        },
         ack_wait_ms: s.ack_wait_ms,
         max_deliveries: s.max_deliveries,
-        max_in_flight_per_key: 1,
-        on_exhausted: OnExhausted::DeadLetter,
+        max_in_flight_per_key: lanes.max_in_flight_per_key,
+        on_exhausted: match lanes.on_max_deliveries {
+            OnMaxDeliveries::DeadLetter => OnExhausted::DeadLetter,
+        },
     }
 }
 
@@ -393,7 +437,7 @@ impl Dispatcher {
             partition,
             replica,
             uid: 0,
-            engine: Engine::new(engine_settings(&settings)),
+            engine: Engine::new(engine_settings(&settings, &Lanes::default())),
             settings,
             cursor: GroupCursor::default(),
             read_pos: 0,
@@ -453,7 +497,7 @@ impl Dispatcher {
         let g = self.broker.group_meta(&self.station, &self.group)?;
         self.uid = g.uid;
         self.settings = g.settings;
-        self.engine = Engine::new(engine_settings(&self.settings));
+        self.engine = Engine::new(engine_settings(&self.settings, &g.lanes));
         self.cursor = self.broker.ensure_cursor(&self.replica, &g).await?;
         self.read_pos = self.cursor.committed;
         let mut state_rx = self.replica.shared.subscribe();
@@ -620,7 +664,7 @@ impl Dispatcher {
                     why,
                 } => self.dead_letter(offset, attempts, why),
                 EngineCommand::Park { key, .. } | EngineCommand::Unpark { key } => {
-                    // Groups cannot choose parking yet (`on_exhausted` is always dead_letter).
+                    // Groups cannot choose parking yet (`on_max_deliveries` has no `park`).
                     tracing::error!(?key, "parking is not available for this group");
                 }
                 EngineCommand::Fence {
@@ -714,36 +758,27 @@ impl Dispatcher {
     }
 
     fn on_control(&mut self, member: &str, epoch: u64, c: ConsumeControl) {
+        enum What {
+            Ack,
+            Nack(u64),
+            InProgress,
+        }
         let now = self.now();
-        // Acks name no delivery attempt yet: they answer the current one.
-        let attempt = |e: &Engine, o: u64| e.attempts(o).unwrap_or(0);
-        let refused = |o: u64, r: AckRefusal| {
-            tracing::debug!(member, epoch, offset = o, reason = %r, "ack refused");
+        let (answer, what) = match c {
+            ConsumeControl::Ack(a) => (a, What::Ack),
+            ConsumeControl::Nack { answer, delay_ms } => (answer, What::Nack(delay_ms)),
+            ConsumeControl::InProgress(a) => (a, What::InProgress),
         };
-        match c {
-            ConsumeControl::Ack(offsets) => {
-                for o in offsets {
-                    let n = attempt(&self.engine, o);
-                    if let Err(r) = self.engine.ack(member, epoch, o, n) {
-                        refused(o, r);
-                    }
-                }
-            }
-            ConsumeControl::Nack { offsets, delay_ms } => {
-                for o in offsets {
-                    let n = attempt(&self.engine, o);
-                    if let Err(r) = self.engine.nack(now, member, epoch, o, n, delay_ms) {
-                        refused(o, r);
-                    }
-                }
-            }
-            ConsumeControl::InProgress(offsets) => {
-                for o in offsets {
-                    let n = attempt(&self.engine, o);
-                    if let Err(r) = self.engine.in_progress(now, member, epoch, o, n) {
-                        refused(o, r);
-                    }
-                }
+        for (o, named) in answer.pairs() {
+            // An answer naming no attempt answers the current one.
+            let attempt = named.or_else(|| self.engine.attempts(o)).unwrap_or(0);
+            let r = match what {
+                What::Ack => self.engine.ack(member, epoch, o, attempt),
+                What::Nack(delay_ms) => self.engine.nack(now, member, epoch, o, attempt, delay_ms),
+                What::InProgress => self.engine.in_progress(now, member, epoch, o, attempt),
+            };
+            if let Err(r) = r {
+                tracing::debug!(member, epoch, offset = o, reason = %r, "answer refused");
             }
         }
     }
