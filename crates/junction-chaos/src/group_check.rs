@@ -1,6 +1,9 @@
-//! A consumer group in the chaos workload: one member (the Rust group consumer, in this
-//! process) consumes the station while the faults run, and acks every delivery. After the
-//! heal it drains the group to zero lag, and the checker verifies that:
+//! A key-shared consumer group in the chaos workload: [`MEMBERS`] members (Rust group
+//! consumers, in this process) share every partition while the faults run, and ack every
+//! delivery. Members crash too: each drops its consumer without leaving after a number of
+//! messages (what it held is redelivered to another member once `ack_wait` passes) and joins
+//! again as a new member. After the heal the group drains to zero lag, and the checker
+//! verifies that:
 //! - every acknowledged produce was delivered to the group at least once;
 //! - per key, first deliveries came in sequence order;
 //! - nothing was dead-lettered (`max_deliveries` is far above what faults can cause), so
@@ -13,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use junction_client::proto::{GroupSettings, StartPosition, group_settings};
+use junction_client::proto::{GroupMode, GroupSettings, StartPosition, group_settings};
 use junction_client::{Client, GroupOptions, Start};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,11 @@ use crate::workload::Recorder;
 pub const GROUP: &str = "chaos-checker";
 /// Deliveries before a message would be dead-lettered: never reached by redeliveries alone.
 const MAX_DELIVERIES: u32 = 1000;
+/// Members sharing the group's partitions.
+pub const MEMBERS: usize = 3;
+/// Member `i` crashes after `CRASH_AFTER + i × CRASH_STAGGER` messages, then rejoins.
+const CRASH_AFTER: u64 = 400;
+const CRASH_STAGGER: u64 = 170;
 
 /// One message as the group member received it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,12 +58,19 @@ pub struct GroupStats {
     pub final_lag: Option<u64>,
     pub acked_not_delivered: u64,
     pub rejoins: u64,
+    /// Members sharing the partitions at once.
+    #[serde(default)]
+    pub members: u64,
+    /// Members that crashed (dropped without leaving) and were replaced.
+    #[serde(default)]
+    pub member_crashes: u64,
 }
 
-/// The running member.
+/// The running members.
 pub struct GroupChecker {
     deliveries: Arc<Mutex<Vec<GroupDelivery>>>,
     rejoins: Arc<Mutex<u64>>,
+    crashes: Arc<Mutex<u64>>,
     task: JoinHandle<()>,
 }
 
@@ -68,50 +83,51 @@ fn settings() -> GroupSettings {
         max_deliveries: MAX_DELIVERIES,
         max_in_flight: 500,
         session_timeout_ms: 10_000,
+        mode: GroupMode::KeyShared as i32,
         ..Default::default()
     }
 }
 
+/// What the members share.
+#[derive(Clone)]
+struct Shared {
+    client: Client,
+    station: String,
+    rec: Arc<Recorder>,
+    deliveries: Arc<Mutex<Vec<GroupDelivery>>>,
+    rejoins: Arc<Mutex<u64>>,
+    crashes: Arc<Mutex<u64>>,
+}
+
 impl GroupChecker {
-    /// Joins the group and consumes in the background, rejoining if the member stops.
+    /// Starts the members; each consumes in the background, rejoining when it stops or
+    /// after its crash.
     pub fn start(client: Client, station: String, rec: Arc<Recorder>) -> Self {
-        let deliveries: Arc<Mutex<Vec<GroupDelivery>>> = Arc::default();
-        let rejoins: Arc<Mutex<u64>> = Arc::default();
-        let (d, r) = (deliveries.clone(), rejoins.clone());
+        let shared = Shared {
+            client,
+            station,
+            rec,
+            deliveries: Arc::default(),
+            rejoins: Arc::default(),
+            crashes: Arc::default(),
+        };
+        let (deliveries, rejoins, crashes) = (
+            shared.deliveries.clone(),
+            shared.rejoins.clone(),
+            shared.crashes.clone(),
+        );
         let task = tokio::spawn(async move {
-            loop {
-                let opts = GroupOptions {
-                    settings: settings(),
-                    client: "junction chaos".into(),
-                    ..GroupOptions::default()
-                };
-                let mut consumer = match client.group_consumer(&station, GROUP, opts).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        // The cluster may be faulted right now: count it and try again.
-                        *r.lock() += 1;
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                while let Some(m) = consumer.recv().await {
-                    let id = decode_payload(&m.message.payload);
-                    d.lock().push(GroupDelivery {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        delivery_count: m.delivery_count,
-                        key: id.as_ref().map(|i| i.key.clone()).unwrap_or_default(),
-                        seq: id.map_or(u64::MAX, |i| i.seq),
-                        at_ms: rec.now_ms(),
-                    });
-                    consumer.ack(&m);
-                }
-                *r.lock() += 1;
+            // Aborting this task drops the set, which aborts every member.
+            let mut members = tokio::task::JoinSet::new();
+            for i in 0..MEMBERS as u64 {
+                members.spawn(member(shared.clone(), CRASH_AFTER + i * CRASH_STAGGER));
             }
+            while members.join_next().await.is_some() {}
         });
         Self {
             deliveries,
             rejoins,
+            crashes,
             task,
         }
     }
@@ -125,7 +141,7 @@ impl GroupChecker {
         station: &str,
         ends: &BTreeMap<u32, u64>,
         limit: Duration,
-    ) -> (Vec<GroupDelivery>, Option<u64>, u64, u64) {
+    ) -> (Vec<GroupDelivery>, Option<u64>, u64, (u64, u64)) {
         let deadline = Instant::now() + limit;
         let mut lag = None;
         loop {
@@ -161,8 +177,57 @@ impl GroupChecker {
             .await
             .map_or(0, |r| r.high_watermark);
         let rejoins = *self.rejoins.lock();
+        let crashes = *self.crashes.lock();
         let deliveries = self.deliveries.lock().clone();
-        (deliveries, lag, dead_letters, rejoins)
+        (deliveries, lag, dead_letters, (rejoins, crashes))
+    }
+}
+
+/// One member: consumes and acks; after `crash_after` messages it drops its consumer
+/// without leaving (a crash) and joins again as a new member.
+async fn member(sh: Shared, crash_after: u64) {
+    loop {
+        let opts = GroupOptions {
+            settings: settings(),
+            client: "junction chaos".into(),
+            ..GroupOptions::default()
+        };
+        let mut consumer = match sh.client.group_consumer(&sh.station, GROUP, opts).await {
+            Ok(c) => c,
+            Err(_) => {
+                // The cluster may be faulted right now: count it and try again.
+                *sh.rejoins.lock() += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut handled = 0u64;
+        let crashed = loop {
+            let Some(m) = consumer.recv().await else {
+                break false;
+            };
+            let id = decode_payload(&m.message.payload);
+            sh.deliveries.lock().push(GroupDelivery {
+                partition: m.partition(),
+                offset: m.offset(),
+                delivery_count: m.delivery_count,
+                key: id.as_ref().map(|i| i.key.clone()).unwrap_or_default(),
+                seq: id.map_or(u64::MAX, |i| i.seq),
+                at_ms: sh.rec.now_ms(),
+            });
+            handled += 1;
+            if handled == crash_after {
+                // Received, never acked: another member gets it once ack_wait passes.
+                break true;
+            }
+            consumer.ack(&m);
+        };
+        drop(consumer);
+        if crashed {
+            *sh.crashes.lock() += 1;
+        } else {
+            *sh.rejoins.lock() += 1;
+        }
     }
 }
 
@@ -172,7 +237,7 @@ pub fn check_group(
     deliveries: &[GroupDelivery],
     final_lag: Option<u64>,
     dead_letters: u64,
-    rejoins: u64,
+    (rejoins, member_crashes): (u64, u64),
 ) -> (GroupStats, Vec<Violation>) {
     let mut violations = Vec::new();
     let mut seen: BTreeMap<(u32, u64), u32> = BTreeMap::new();
@@ -247,6 +312,8 @@ pub fn check_group(
         final_lag,
         acked_not_delivered,
         rejoins,
+        members: MEMBERS as u64,
+        member_crashes,
     };
     (stats, violations)
 }
@@ -279,7 +346,7 @@ mod tests {
             delivered("a", 0, 0, 2),
             delivered("b", 0, 2, 1),
         ];
-        let (stats, v) = check_group(&attempts, &d, Some(0), 0, 0);
+        let (stats, v) = check_group(&attempts, &d, Some(0), 0, (0, 0));
         assert!(v.is_empty(), "{v:?}");
         assert_eq!((stats.redeliveries, stats.distinct_delivered), (1, 3));
     }
@@ -288,7 +355,7 @@ mod tests {
     fn missing_reordered_dead_lettered_and_lagging_are_violations() {
         let attempts = vec![ok("a", 0, 0, 0), ok("a", 1, 0, 1), ok("b", 0, 0, 2)];
         let d = vec![delivered("a", 1, 1, 1), delivered("a", 0, 0, 1)];
-        let (stats, v) = check_group(&attempts, &d, Some(3), 1, 0);
+        let (stats, v) = check_group(&attempts, &d, Some(3), 1, (0, 0));
         let kinds: Vec<ViolationKind> = v.iter().map(|v| v.kind).collect();
         assert_eq!(
             kinds,

@@ -252,7 +252,9 @@ pub fn summary(r: &Results) -> String {
     if let Some(g) = &r.group {
         let _ = writeln!(
             s,
-            "consumer group: {} deliveries, {} distinct, {} redelivered, {} dead letters, final lag {}, {} rejoins",
+            "consumer group ({} key-shared members, {} crashed and replaced): {} deliveries, {} distinct, {} redelivered, {} dead letters, final lag {}, {} rejoins",
+            g.members,
+            g.member_crashes,
             g.deliveries,
             g.distinct_delivered,
             g.redeliveries,
