@@ -8,6 +8,7 @@
 //! - [`report`]: the table, `--json` and `--plot` SVG.
 
 pub mod isolation;
+pub mod lanes;
 pub mod load;
 pub mod report;
 pub mod schema;
@@ -35,12 +36,16 @@ pub enum Workload {
     /// 10× its `--noisy-quota` without backing off; `quiet`'s throughput and p99 are
     /// compared with a run without `noisy`, over `--rounds` rounds of `--duration` per phase.
     Isolation,
+    /// I2/I3: a key-shared group of each of `--members` counts consumes one partition of
+    /// `--keys` keys, each member handling one message at a time for `--work`; with
+    /// `--poison`, once more with one key failing every delivery.
+    Lanes,
 }
 
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e | idle | isolation
+    /// produce | read | e2e | idle | isolation | lanes
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
@@ -141,8 +146,18 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000)]
     pub noisy_quota: u64,
     /// `isolation`: rounds to run (each: the quiet tenant alone, and with the noisy one).
+    /// `lanes`: rounds of every member count.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// `lanes`: the member counts to compare (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub members: Vec<usize>,
+    /// `lanes`: how long a member works on each message (slept, like a handler's I/O).
+    #[arg(long, value_parser = parse_duration, default_value = "5ms")]
+    pub work: Duration,
+    /// `lanes`: also run the most members with one key failing every delivery (I3).
+    #[arg(long)]
+    pub poison: bool,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds.
@@ -250,6 +265,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
         }
         let report = isolation::run(&args, &addrs, command).await?;
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        drop(spawned);
+        return Ok(());
+    }
+    if args.workload == Workload::Lanes {
+        let report = lanes::run(&args, &addrs, command).await?;
         println!("{}", report.table());
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_vec_pretty(&report)?)

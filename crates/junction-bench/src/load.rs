@@ -85,7 +85,7 @@ pub(crate) fn set_tls(tls: junction_tls::ClientTls) {
 }
 
 /// Client options of the run (its TLS) calling with `token`.
-fn options(token: Option<&str>) -> ClientOptions {
+pub(crate) fn options(token: Option<&str>) -> ClientOptions {
     ClientOptions {
         tls: TLS.get().cloned(),
         token: token.map(str::to_owned),
@@ -239,8 +239,8 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
-        Workload::Isolation => {
-            anyhow::bail!("the isolation workload runs through crate::isolation, not load::run")
+        Workload::Isolation | Workload::Lanes => {
+            anyhow::bail!("the isolation and lanes workloads run through their own modules")
         }
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,
         Workload::Idle => {
