@@ -437,3 +437,86 @@ async fn key_shared_order_holds_through_a_member_crash_and_a_leader_change() {
     }
     cluster.shutdown().await;
 }
+
+/// Two members, each running up to 16 handlers at once through `GroupConsumer::process`:
+/// every message is handled, failed handlers' messages come again, and no key is ever in two
+/// handlers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_handlers_keep_each_key_to_one_at_a_time() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("pool", 2, 3).await.expect("create");
+    const KEYS: usize = 50;
+    produce(&client, "pool", KEYS, 8, 0).await;
+    let busy: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let overlaps: Arc<Mutex<u64>> = Arc::default();
+    let handled: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let failures: Arc<Mutex<u64>> = Arc::default();
+    let options = GroupOptions {
+        settings: key_shared(10_000),
+        ..GroupOptions::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let mut c = client
+            .group_consumer("pool", "pool", options.clone())
+            .await
+            .expect("join");
+        let (busy, overlaps, handled, failures) = (
+            busy.clone(),
+            overlaps.clone(),
+            handled.clone(),
+            failures.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            c.process(16, Duration::ZERO, move |m| {
+                let (busy, overlaps, handled, failures) = (
+                    busy.clone(),
+                    overlaps.clone(),
+                    handled.clone(),
+                    failures.clone(),
+                );
+                async move {
+                    let payload = String::from_utf8_lossy(&m.message.payload).into_owned();
+                    let key = payload.split(':').next().unwrap_or_default().to_owned();
+                    if busy
+                        .lock()
+                        .expect("lock")
+                        .insert(key.clone(), m.offset())
+                        .is_some()
+                    {
+                        *overlaps.lock().expect("lock") += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    busy.lock().expect("lock").remove(&key);
+                    // Every message's first delivery fails once when its offset ends in 3.
+                    if m.delivery_count == 1 && m.offset() % 10 == 3 {
+                        *failures.lock().expect("lock") += 1;
+                        return Err("a transient failure");
+                    }
+                    handled.lock().expect("lock").insert(payload);
+                    Ok(())
+                }
+            })
+            .await;
+            c
+        }));
+    }
+    wait_until(Duration::from_secs(30), "every message handled", || async {
+        (handled.lock().expect("lock").len() >= KEYS * 8).then_some(())
+    })
+    .await;
+    assert_eq!(
+        *overlaps.lock().expect("lock"),
+        0,
+        "a key was in two handlers at once"
+    );
+    assert!(
+        *failures.lock().expect("lock") > 0,
+        "some handlers failed and were retried"
+    );
+    for t in tasks {
+        t.abort();
+    }
+    cluster.shutdown().await;
+}

@@ -369,6 +369,51 @@ impl GroupConsumer {
         self.reply(m, Reply::InProgress(m.offset(), m.delivery_count))
     }
 
+    /// Handles messages with up to `concurrency` handlers running at once, until the
+    /// consumer stops: a message is acked when its handler returns `Ok`, and nacked (delivered
+    /// again after `retry_delay`) when it returns `Err`. The cluster gives a member a key's next
+    /// message only once the previous one is finished (with the group's
+    /// `max_in_flight_per_key` of 1), so two handlers never work on one key at once: a
+    /// key-shared group's members each run a pool, and every key keeps its order.
+    pub async fn process<F, Fut, E>(
+        &mut self,
+        concurrency: usize,
+        retry_delay: Duration,
+        handler: F,
+    ) where
+        F: Fn(GroupMessage) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let acker = self.acker();
+        let mut running = tokio::task::JoinSet::new();
+        let mut open = true;
+        loop {
+            let room = running.len() < concurrency.max(1);
+            tokio::select! {
+                m = self.rx.recv(), if open && room => match m {
+                    Some(m) => {
+                        let work = handler(m.clone());
+                        running.spawn(async move { (m, work.await) });
+                    }
+                    None => open = false,
+                },
+                Some(done) = running.join_next(), if !running.is_empty() => match done {
+                    Ok((m, Ok(()))) => {
+                        acker.ack(&m);
+                    }
+                    Ok((m, Err(e))) => {
+                        tracing::debug!(offset = m.offset(), error = %e, "handler failed; nacked");
+                        acker.nack(&m, retry_delay);
+                    }
+                    // A handler that panicked: its message is redelivered after ack_wait.
+                    Err(e) => tracing::warn!(error = %e, "a message handler panicked"),
+                },
+                else => return,
+            }
+        }
+    }
+
     /// Stops consuming and leaves the group, so its partitions move at once.
     pub async fn close(self) -> Result<(), ClientError> {
         self.stop();
@@ -402,16 +447,23 @@ pub struct Acker {
 }
 
 impl Acker {
-    /// Like [`GroupConsumer::ack`].
-    pub fn ack(&self, m: &GroupMessage) -> bool {
+    fn reply(&self, m: &GroupMessage, r: Reply) -> bool {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         match workers.get(&m.partition()) {
-            Some(w) if w.epoch == m.epoch => w
-                .replies
-                .send(Reply::Ack(m.offset(), m.delivery_count))
-                .is_ok(),
+            Some(w) if w.epoch == m.epoch => w.replies.send(r).is_ok(),
             _ => false,
         }
+    }
+
+    /// Like [`GroupConsumer::ack`].
+    pub fn ack(&self, m: &GroupMessage) -> bool {
+        self.reply(m, Reply::Ack(m.offset(), m.delivery_count))
+    }
+
+    /// Like [`GroupConsumer::nack`].
+    pub fn nack(&self, m: &GroupMessage, delay: Duration) -> bool {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.reply(m, Reply::Nack(m.offset(), m.delivery_count, delay_ms))
     }
 }
 
