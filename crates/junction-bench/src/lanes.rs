@@ -115,16 +115,29 @@ async fn fill(
     Ok(station)
 }
 
-/// One member: handles messages one at a time until `stop`.
-async fn member(
-    client: Client,
+/// What every member of a phase is given.
+#[derive(Clone)]
+struct Plan {
     station: String,
     group: String,
     work: Duration,
     poison: bool,
     order: Arc<Order>,
     stop: Instant,
-) -> anyhow::Result<Tally> {
+    max_in_flight: u32,
+}
+
+/// One member: handles messages one at a time until `stop`.
+async fn member(client: Client, plan: Plan) -> anyhow::Result<Tally> {
+    let Plan {
+        station,
+        group,
+        work,
+        poison,
+        order,
+        stop,
+        max_in_flight,
+    } = plan;
     let options = GroupOptions {
         settings: GroupSettings {
             start: Some(group_settings::Start::Position(
@@ -134,6 +147,7 @@ async fn member(
             ..Default::default()
         },
         client: "junction bench lanes".into(),
+        max_in_flight,
         ..GroupOptions::default()
     };
     let mut consumer = client
@@ -206,19 +220,20 @@ async fn phase(
     // The clock starts as the members start joining (a join takes milliseconds).
     let joined = Instant::now();
     let stop = joined + duration;
+    let plan = Plan {
+        station: station.clone(),
+        group: group.clone(),
+        work,
+        poison,
+        order,
+        stop,
+        max_in_flight: args.member_in_flight,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..members {
         let client = Client::connect_with(addrs.iter().cloned(), options(args.token.as_deref()))
             .context("creating a client")?;
-        tasks.spawn(member(
-            client,
-            station.clone(),
-            group.clone(),
-            work,
-            poison,
-            order.clone(),
-            stop,
-        ));
+        tasks.spawn(member(client, plan.clone()));
     }
     let mut per_member = Vec::with_capacity(members);
     let mut total_tally = Tally::default();

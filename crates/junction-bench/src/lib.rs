@@ -155,6 +155,11 @@ pub struct BenchArgs {
     /// `lanes`: how long a member works on each message (slept, like a handler's I/O).
     #[arg(long, value_parser = parse_duration, default_value = "5ms")]
     pub work: Duration,
+    /// `lanes`: each member's limit of unacknowledged messages per partition (0: the
+    /// group's `max_in_flight`, 1000). A member that joins first takes up to this many keys
+    /// before the others arrive, and a key moves only once it is drained.
+    #[arg(long, default_value_t = 0)]
+    pub member_in_flight: u32,
     /// `lanes`: also run the most members with one key failing every delivery (I3).
     #[arg(long)]
     pub poison: bool,
