@@ -19,8 +19,8 @@ use anyhow::Context;
 use junction_client::proto::QuotaLimits;
 use serde::Serialize;
 
-use crate::BenchArgs;
 use crate::load::{Counters, admin, ensure_tenant, produce, tenant_key};
+use crate::{BenchArgs, median};
 
 /// The I4 targets: the quiet tenant keeps this share of its throughput...
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.90;
@@ -73,15 +73,6 @@ pub struct IsolationReport {
     pub median_excess_p99_ratio: f64,
     pub median_noisy_admitted: f64,
     pub passed: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn ms(us: u64) -> f64 {

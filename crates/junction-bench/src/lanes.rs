@@ -18,8 +18,8 @@ use junction_client::proto::{GroupMode, GroupSettings, StartPosition, group_sett
 use junction_client::{Client, GroupOptions, Message, ProducerOptions};
 use serde::Serialize;
 
-use crate::BenchArgs;
 use crate::load::{admin, options};
+use crate::{BenchArgs, median};
 
 /// I2: 8 members reach at least this multiple of 1 member's throughput.
 pub const MIN_SPEEDUP: f64 = 6.0;
@@ -61,15 +61,6 @@ pub struct LanesReport {
     pub median_poison_ratio: Option<f64>,
     pub order_violations: u64,
     pub passed: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Per key, the highest sequence number seen so far.

@@ -7,6 +7,7 @@
 //!   with `--raw-grpc` the bare `ProduceStream` RPC; readers use the raw `Read`/`Tail` RPCs.
 //! - [`report`]: the table, `--json` and `--plot` SVG.
 
+pub mod groups;
 pub mod isolation;
 pub mod lanes;
 pub mod load;
@@ -40,12 +41,15 @@ pub enum Workload {
     /// `--keys` keys, each member handling one message at a time for `--work`; with
     /// `--poison`, once more with one key failing every delivery.
     Lanes,
+    /// I1: `--groups` one-member groups consume a station produced at `--rate` (default 200
+    /// msg/s); the others' p99 delivery latency with group 0 not acking against all acking.
+    Groups,
 }
 
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e | idle | isolation | lanes
+    /// produce | read | e2e | idle | isolation | lanes | groups
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
@@ -160,9 +164,22 @@ pub struct BenchArgs {
     /// before the others arrive, and a key moves only once it is drained.
     #[arg(long, default_value_t = 0)]
     pub member_in_flight: u32,
+    /// `groups`: how many consumer groups read the station.
+    #[arg(long, default_value_t = 50)]
+    pub groups: usize,
     /// `lanes`: also run the most members with one key failing every delivery (I3).
     #[arg(long)]
     pub poison: bool,
+}
+
+/// The median of `v` (0 when empty; the mean of the middle two when even).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds.
@@ -270,6 +287,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
         }
         let report = isolation::run(&args, &addrs, command).await?;
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        drop(spawned);
+        return Ok(());
+    }
+    if args.workload == Workload::Groups {
+        let report = groups::run(&args, &addrs, command).await?;
         println!("{}", report.table());
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_vec_pretty(&report)?)

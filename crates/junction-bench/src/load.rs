@@ -68,7 +68,7 @@ pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 120_000_000, 3).context("creating a histogram")
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -239,8 +239,8 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
-        Workload::Isolation | Workload::Lanes => {
-            anyhow::bail!("the isolation and lanes workloads run through their own modules")
+        Workload::Isolation | Workload::Lanes | Workload::Groups => {
+            anyhow::bail!("the isolation, lanes and groups workloads run through their own modules")
         }
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,
         Workload::Idle => {
