@@ -130,12 +130,20 @@ async fn producer(
 async fn phase(
     args: &BenchArgs,
     addrs: &[String],
-    station: &str,
+    base: &str,
     stalled: bool,
     tag: &str,
 ) -> anyhow::Result<GroupsPhase> {
     let duration = args.duration.unwrap_or(Duration::from_secs(20));
     let groups = args.groups.max(2);
+    // A fresh station per phase, deleted afterwards: no phase inherits another's groups.
+    let admin = admin(addrs, args.token.as_deref())?;
+    let station = format!("{base}-{tag}");
+    admin
+        .create_station(&station, args.partitions, args.replication_factor)
+        .await
+        .with_context(|| format!("creating {station}"))?;
+    let station = station.as_str();
     // Members join first (from the latest position), then the producer starts.
     let joined_by = Instant::now() + Duration::from_secs(5);
     let stop = joined_by + duration;
@@ -168,6 +176,10 @@ async fn phase(
             healthy.add(&h).context("merging histograms")?;
         }
     }
+    for g in 0..groups {
+        let _ = admin.delete_group(station, &format!("{tag}-g{g}")).await;
+    }
+    let _ = admin.delete_station(station).await;
     let ms = |q: f64| healthy.value_at_quantile(q) as f64 / 1000.0;
     Ok(GroupsPhase {
         stalled,
@@ -189,26 +201,17 @@ pub async fn run(
     addrs: &[String],
     command: String,
 ) -> anyhow::Result<GroupsReport> {
-    let admin = admin(addrs, args.token.as_deref())?;
-    let station = args
+    let base = args
         .station
         .clone()
         .unwrap_or_else(|| format!("groups-{}", std::process::id()));
-    match admin
-        .create_station(&station, args.partitions, args.replication_factor)
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.is_already_exists() => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {station}")),
-    }
     let mut rounds = Vec::new();
     for round in 0..args.rounds.max(1) {
         let mut clean = None;
         let mut stalled = None;
         for step in 0..2 {
             let stall = (round + step) % 2 == 1;
-            let p = phase(args, addrs, &station, stall, &format!("r{round}-{step}")).await?;
+            let p = phase(args, addrs, &base, stall, &format!("r{round}-{step}")).await?;
             eprintln!(
                 "round {round}: {}: p99 {:.2} ms, {:.0} deliveries/s",
                 if stall {
