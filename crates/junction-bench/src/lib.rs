@@ -287,33 +287,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
         }
         let report = isolation::run(&args, &addrs, command).await?;
-        println!("{}", report.table());
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
         drop(spawned);
-        return Ok(());
+        return publish(&report.table(), &report, args.json.as_deref());
     }
     if args.workload == Workload::Groups {
         let report = groups::run(&args, &addrs, command).await?;
-        println!("{}", report.table());
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
         drop(spawned);
-        return Ok(());
+        return publish(&report.table(), &report, args.json.as_deref());
     }
     if args.workload == Workload::Lanes {
         let report = lanes::run(&args, &addrs, command).await?;
-        println!("{}", report.table());
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
         drop(spawned);
-        return Ok(());
+        return publish(&report.table(), &report, args.json.as_deref());
     }
     let result = load::run(&args, &addrs, spawned.as_mut()).await?;
     let report = report::Report::new(&args, command, &result);
@@ -327,6 +312,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     drop(spawned);
+    Ok(())
+}
+
+/// Prints a report's table and writes it as JSON to `json` when given.
+fn publish(
+    table: &str,
+    report: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    println!("{table}");
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
