@@ -233,15 +233,23 @@ async fn an_answer_to_an_earlier_delivery_is_refused() {
     }));
     let second = next(&mut stream).await;
     assert_eq!(second.deliveries[0].delivery_count, 2);
-    // The late ack of delivery 1: refused, nothing committed.
+    // The late ack of delivery 1: refused, so the message is still out as delivery 2, and a
+    // nack of delivery 2 brings it again (had the late ack finished it, nothing would come).
     send(ConsumeReq::Ack(Offsets {
         offsets: vec![0],
         attempts: vec![1],
     }));
-    // Then the ack of delivery 2: the only one committed.
+    send(ConsumeReq::Nack(Nack {
+        offsets: vec![0],
+        delay_ms: 0,
+        attempts: vec![2],
+    }));
+    let third = next(&mut stream).await;
+    assert_eq!(third.deliveries[0].delivery_count, 3, "{third:?}");
+    // Then the ack of delivery 3: the only one committed.
     send(ConsumeReq::Ack(Offsets {
         offsets: vec![0],
-        attempts: vec![2],
+        attempts: vec![3],
     }));
     let committed = next(&mut stream).await;
     assert!(committed.deliveries.is_empty(), "{committed:?}");

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use junction_types::groups::{
-    GroupMeta, GroupMode, GroupSettings, Lanes, dead_letter_station, validate_group_name,
+    GroupMeta, GroupSettings, Lanes, dead_letter_station, validate_group_name,
 };
 use junction_types::{CommandResponse, MetaCommand, MetaError, StationName};
 use tokio::time::Instant;
@@ -207,8 +207,8 @@ impl Broker {
                     return Err(BrokerError::InvalidArgument(format!(
                         "group '{group}' is {}, not {}; a group's mode is fixed when it is \
                          created (delete it, or use another group)",
-                        mode_name(g.lanes.mode),
-                        mode_name(want.mode)
+                        g.lanes.mode.as_str(),
+                        want.mode.as_str()
                     )));
                 }
             }
@@ -670,12 +670,4 @@ fn validate_settings(settings: &GroupSettings, lanes: &Lanes) -> Result<(), Brok
         .validate()
         .and_then(|()| lanes.validate())
         .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
-}
-
-/// A mode's name as the API and CLI spell it.
-pub fn mode_name(mode: GroupMode) -> &'static str {
-    match mode {
-        GroupMode::Partitioned => "partitioned",
-        GroupMode::KeyShared => "key_shared",
-    }
 }

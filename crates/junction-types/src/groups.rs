@@ -81,6 +81,16 @@ pub enum GroupMode {
     KeyShared,
 }
 
+impl GroupMode {
+    /// The mode's name as the API and CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupMode::Partitioned => "partitioned",
+            GroupMode::KeyShared => "key_shared",
+        }
+    }
+}
+
 /// What happens to a message whose deliveries are used up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum OnMaxDeliveries {

@@ -196,7 +196,8 @@ impl Worker {
     }
 
     /// Asks the cluster for a producer identity and installs it; a final refusal kills the
-    /// producer, anything else is asked again after [`IDENTITY_RETRY`].
+    /// producer, anything else is asked again after [`IDENTITY_RETRY`]. Waiting `ready`
+    /// callers are answered at the top of the task's loop.
     async fn get_identity(&mut self, core: &mut Core) {
         match self.init_identity().await {
             Ok(identity) => {
@@ -209,7 +210,6 @@ impl Worker {
                 self.identity_at = Some(Instant::now() + IDENTITY_RETRY);
             }
         }
-        self.answer_readies(core);
     }
 
     /// Answers the `ready` callers once the producer is ready or dead.
