@@ -15,6 +15,7 @@ mod lanes;
 mod memory;
 mod process;
 mod quota;
+mod rest;
 mod retention;
 mod schemas;
 mod snapshot;

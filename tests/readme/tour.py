@@ -320,6 +320,20 @@ def tour(copy):
                     ok = False
             check(ok, "read --partition 0 --json prints JSON objects of partition 0",
                   r.stdout[:2000])
+        elif cmd.startswith("curl") and "-X POST" in cmd:
+            try:
+                positions = json.loads(r.stdout)["positions"]
+                ok = len(positions) == 1 and positions[0]["duplicate"] is False
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            check(ok, "REST produce answers the message's position", r.stdout[:2000])
+            produced += 1
+        elif cmd.startswith("curl") and "/messages?max=2" in cmd:
+            try:
+                ok = len(json.loads(r.stdout)["messages"]) == 2
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            check(ok, "REST read returns two messages", r.stdout[:2000])
         elif "cluster status" in cmd:
             check(all(f"127.0.0.1:{p}" in r.stdout for p in GRPC_PORTS),
                   "cluster status lists the three nodes", r.stdout)

@@ -12,6 +12,7 @@ pub mod isolation;
 pub mod lanes;
 pub mod load;
 pub mod report;
+pub mod rest;
 pub mod schema;
 pub mod spawn;
 
@@ -44,6 +45,9 @@ pub enum Workload {
     /// I1: `--groups` one-member groups consume a station produced at `--rate` (default 200
     /// msg/s); the others' p99 delivery latency with group 0 not acking against all acking.
     Groups,
+    /// REST produce against gRPC unary produce: `--producers` callers, one batch of
+    /// `--batch-size` in flight each, over `--rounds` rounds of `--duration` per API.
+    Rest,
 }
 
 /// Flags of `junction bench`.
@@ -170,6 +174,9 @@ pub struct BenchArgs {
     /// `lanes`: also run the most members with one key failing every delivery (I3).
     #[arg(long)]
     pub poison: bool,
+    /// `rest` with --server: the nodes' HTTP addresses (comma-separated host:port).
+    #[arg(long)]
+    pub http_server: Option<String>,
 }
 
 /// The median of `v` (0 when empty; the mean of the middle two when even).
@@ -287,6 +294,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--noisy-quota must be at least 1 (a quota of 0 is refused)");
         }
         let report = isolation::run(&args, &addrs, command).await?;
+        drop(spawned);
+        return publish(&report.table(), &report, args.json.as_deref());
+    }
+    if args.workload == Workload::Rest {
+        let http: Vec<String> = match (&spawned, &args.http_server) {
+            (Some(s), _) => s.http_addrs().to_vec(),
+            (None, Some(list)) => list.split(',').map(|s| s.trim().to_owned()).collect(),
+            (None, None) => Vec::new(),
+        };
+        let report = rest::run(&args, &addrs, &http, command).await?;
         drop(spawned);
         return publish(&report.table(), &report, args.json.as_deref());
     }

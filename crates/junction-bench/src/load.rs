@@ -239,7 +239,7 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
-        Workload::Isolation | Workload::Lanes | Workload::Groups => {
+        Workload::Isolation | Workload::Lanes | Workload::Groups | Workload::Rest => {
             anyhow::bail!("the isolation, lanes and groups workloads run through their own modules")
         }
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,

@@ -142,6 +142,11 @@ impl Spawned {
     }
 
     /// The bootstrap admin token (`None` without `auth`), once the first node has written it.
+    /// The nodes' HTTP addresses.
+    pub fn http_addrs(&self) -> &[String] {
+        &self.http
+    }
+
     pub async fn admin_token(&self, limit: Duration) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.admin_token_file else {
             return Ok(None);

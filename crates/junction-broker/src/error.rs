@@ -52,6 +52,10 @@ pub enum BrokerError {
     /// A consumer group member acted on an assignment it no longer holds.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// An ack, nack or progress report of a pulled delivery that is no longer out to the
+    /// member (redelivered, finished, given to another member, or its leader changed).
+    #[error("stale receipt: {0}")]
+    StaleReceipt(String),
     /// A heartbeat from a member the group does not have (its session expired).
     #[error(
         "member '{member}' is not in consumer group '{group}' (its session expired?); join again"

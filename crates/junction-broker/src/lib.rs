@@ -98,6 +98,8 @@ pub struct Broker {
     sessions: parking_lot::Mutex<groups::Sessions>,
     /// Running consumer group deliveries of partitions this node leads.
     dispatchers: parking_lot::Mutex<HashMap<delivery::DispatcherKey, delivery::DispatcherHandle>>,
+    /// Subscriptions of pulling members (fetch and settle calls) on partitions this node leads.
+    pulls: delivery::pull::PullSessions,
     dead_letters: std::sync::OnceLock<Arc<dyn delivery::DeadLetterSink>>,
     /// Completed passes of the retention loop (see [`Broker::retention_passes`]).
     retention_passes: std::sync::atomic::AtomicU64,
@@ -197,6 +199,7 @@ impl Broker {
             reconcile_lock: tokio::sync::Mutex::new(()),
             sessions: parking_lot::Mutex::default(),
             dispatchers: parking_lot::Mutex::default(),
+            pulls: delivery::pull::PullSessions::default(),
             dead_letters: std::sync::OnceLock::new(),
             retention_passes: std::sync::atomic::AtomicU64::new(0),
             quotas: quota::NodeQuotas::default(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use junction_broker::delivery::pull::PullMember;
 use junction_broker::delivery::{
     Answer, ConsumeControl, ConsumeEvent, DeadLetterSink, dls_headers,
 };
@@ -37,6 +38,9 @@ macro_rules! on_controller {
         }
     };
 }
+
+/// The most messages one `Fetch` hands out.
+pub const MAX_FETCH: u32 = 1000;
 
 /// How long a dead-letter append may take.
 const DLS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -721,6 +725,118 @@ impl Groups for GroupsService {
             self.auth.clone(),
             who,
         )))
+    }
+
+    async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
+        let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
+        let r = req.into_inner();
+        if r.max_messages == 0 || r.max_messages > MAX_FETCH {
+            return Err(Status::invalid_argument(format!(
+                "max_messages must be 1 to {MAX_FETCH}, not {}",
+                r.max_messages
+            )));
+        }
+        let station = parse(&r.station)?;
+        if let Some(addr) = self.partition_route(&r.station, r.partition, hops).await? {
+            return self
+                .clients
+                .groups(&addr)?
+                .fetch(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let member = PullMember {
+            station: &station,
+            group: &r.group,
+            partition: r.partition,
+            member: &r.member_id,
+            epoch: r.epoch,
+        };
+        let delivered = self
+            .broker
+            .pull_fetch(&member, r.max_messages, Duration::from_millis(r.wait_ms))
+            .await
+            .map_err(to_status)?;
+        metrics::counter!("junction_group_delivered_total", "tenant" => station.tenant.clone())
+            .increment(delivered.len() as u64);
+        Ok(Response::new(FetchResponse {
+            deliveries: delivered
+                .into_iter()
+                .map(|d| Delivery {
+                    message: Some(stored_message(r.partition, d.offset, d.record)),
+                    delivery_count: d.delivery_count,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn settle(
+        &self,
+        req: Request<SettleRequest>,
+    ) -> Result<Response<SettleResponse>, Status> {
+        let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Consume)
+            .await?;
+        let r = req.into_inner();
+        if r.attempts.len() != r.offsets.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} offsets but {} attempts: name the delivery each offset answers",
+                r.offsets.len(),
+                r.attempts.len()
+            )));
+        }
+        let station = parse(&r.station)?;
+        let answer = Answer {
+            offsets: r.offsets.clone(),
+            attempts: r.attempts.clone(),
+        };
+        let control = match SettleKind::try_from(r.kind) {
+            Ok(SettleKind::Ack) => ConsumeControl::Ack(answer),
+            Ok(SettleKind::Nack) => ConsumeControl::Nack {
+                answer,
+                delay_ms: r.delay_ms,
+            },
+            Ok(SettleKind::InProgress) => ConsumeControl::InProgress(answer),
+            Ok(SettleKind::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(
+                    "kind must be ack, nack or in_progress",
+                ));
+            }
+        };
+        if let Some(addr) = self.partition_route(&r.station, r.partition, hops).await? {
+            return self
+                .clients
+                .groups(&addr)?
+                .settle(with_hops(r, hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+        let member = PullMember {
+            station: &station,
+            group: &r.group,
+            partition: r.partition,
+            member: &r.member_id,
+            epoch: r.epoch,
+        };
+        let results = self
+            .broker
+            .pull_settle(&member, control)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(SettleResponse {
+            outcomes: r
+                .offsets
+                .iter()
+                .zip(results)
+                .map(|(offset, result)| SettleOutcome {
+                    offset: *offset,
+                    accepted: result.is_ok(),
+                    refusal: result.err().map(|e| e.to_string()).unwrap_or_default(),
+                })
+                .collect(),
+        }))
     }
 
     async fn resend_dead_letters(

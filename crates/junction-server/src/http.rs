@@ -1,5 +1,6 @@
 //! The HTTP side: `/healthz` (the process serves), `/readyz` (the node has joined a cluster
-//! with a metadata leader), `/metrics` (Prometheus).
+//! with a metadata leader), `/metrics` (Prometheus), and the REST API under `/api/v1`
+//! ([`crate::rest`]), and the web console at `/` ([`crate::console`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,13 +25,15 @@ pub fn init_metrics() {
     let _ = prometheus();
 }
 
-/// Returns the HTTP router.
-pub fn router(broker: Arc<Broker>) -> Router {
+/// Returns the HTTP router: probes, metrics, and the REST API.
+pub fn router(broker: Arc<Broker>, rest: Arc<crate::rest::Rest>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .with_state(broker)
+        .merge(crate::rest::router(rest))
+        .merge(crate::console::router())
 }
 
 async fn readyz(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {

@@ -5,7 +5,7 @@
 //! - [`config`]: the one configuration struct (defaults < TOML < env < flags).
 //! - [`broker_service`], [`admin_service`]: thin handlers — validate, route, call, map.
 //! - [`status`]: the one error → gRPC status table. [`forward`]: hop-limited forwarding.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`; [`rest`]: the REST API under `/api/v1`.
 //!
 //! [`Server::start`] takes bound listeners and returns a [`ServerHandle`] with the real
 //! addresses, so tests run many nodes in one process on port 0.
@@ -14,12 +14,14 @@ pub mod admin_service;
 pub mod auth;
 pub mod broker_service;
 pub mod config;
+pub mod console;
 pub mod forward;
 pub mod groups_service;
 pub mod http;
 pub mod jwt;
 pub mod policy;
 pub mod produce_path;
+pub mod rest;
 pub mod schemas_service;
 pub mod status;
 
@@ -406,7 +408,14 @@ impl Server {
             }
         };
         let s2 = stop.clone();
-        let app = http::router(broker.clone());
+        let app = http::router(
+            broker.clone(),
+            Arc::new(rest::Rest::new(
+                broker.clone(),
+                clients.clone(),
+                auth.clone(),
+            )),
+        );
         let http_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app)
                 .with_graceful_shutdown(s2.cancelled_owned())

@@ -31,6 +31,12 @@ pub const REASON_DEDUP_WINDOW_FULL: &str = "DEDUP_WINDOW_FULL";
 /// `ErrorInfo` reason: a producer id used with another tenant's station.
 pub const REASON_PRODUCER_TENANT: &str = "PRODUCER_TENANT_MISMATCH";
 
+/// `ErrorInfo` reason: a message over its station's size limit (metadata `size`, `max`).
+pub const REASON_MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
+/// `ErrorInfo` reason: an ack, nack or progress report of a delivery that is no longer out
+/// (redelivered, finished, or given to another member); final for that receipt.
+pub const REASON_STALE_RECEIPT: &str = "STALE_RECEIPT";
+
 /// `ErrorInfo` reason: the call carried no credential.
 pub const REASON_MISSING_CREDENTIAL: &str = "MISSING_CREDENTIAL";
 /// `ErrorInfo` reason: the credential is not a well-formed token.
@@ -101,7 +107,7 @@ pub fn code_of(e: &BrokerError) -> Code {
         },
         BrokerError::InvalidSchema(_) | BrokerError::InvalidMessage(_) => Code::InvalidArgument,
         BrokerError::IncompatibleSchema { .. } => Code::FailedPrecondition,
-        BrokerError::Fenced(_) => Code::FailedPrecondition,
+        BrokerError::Fenced(_) | BrokerError::StaleReceipt(_) => Code::FailedPrecondition,
         BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
         BrokerError::TooFewNodes { .. } => Code::FailedPrecondition,
@@ -155,6 +161,14 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             ]),
         ),
         BrokerError::Fenced(_) => (REASON_FENCED, none()),
+        BrokerError::StaleReceipt(_) => (REASON_STALE_RECEIPT, none()),
+        BrokerError::MessageTooLarge { size, max } => (
+            REASON_MESSAGE_TOO_LARGE,
+            HashMap::from([
+                ("size".to_string(), size.to_string()),
+                ("max".to_string(), max.to_string()),
+            ]),
+        ),
         BrokerError::Throttled {
             tenant,
             station,

@@ -221,13 +221,18 @@ struct Member {
     in_flight: u32,
     /// Finished (acked) but the ack is not durable yet.
     undurable: u32,
+    /// A pulling member: how many more it asked for (None: a streaming member, limited by
+    /// `limit` alone).
+    credits: Option<u32>,
 }
 
 impl Member {
     /// How many more it may take, with `shared` undurable acks of nobody's counted too.
     fn room(&self, shared: u32) -> u32 {
-        self.limit
-            .saturating_sub(self.in_flight + self.undurable + shared)
+        let room = self
+            .limit
+            .saturating_sub(self.in_flight + self.undurable + shared);
+        self.credits.map_or(room, |c| room.min(c))
     }
 }
 
@@ -375,8 +380,20 @@ impl Engine {
                 limit: limit.max(1),
                 in_flight: 0,
                 undurable: 0,
+                credits: None,
             },
         );
+    }
+
+    /// Makes `member` (at `epoch`) a pulling member that may take `credits` more messages
+    /// (within its limit), or a streaming one again (`None`). Ignored for a member that is
+    /// not attached at that epoch.
+    pub fn grant(&mut self, member: &str, epoch: u64, credits: Option<u32>) {
+        if let Some(m) = self.members.get_mut(member)
+            && m.epoch == epoch
+        {
+            m.credits = credits;
+        }
     }
 
     /// A member's subscription ended.
@@ -728,6 +745,9 @@ impl Engine {
         };
         e.member = Some(member.to_owned());
         m.in_flight += 1;
+        if let Some(c) = &mut m.credits {
+            *c = c.saturating_sub(1);
+        }
         self.ready.remove(&offset);
         self.timers.insert((deadline, offset));
         if let Some(k) = &e.key
@@ -1019,6 +1039,32 @@ mod tests {
         );
         e.acks_durable(&[0]);
         assert_eq!(deliveries(&step(&mut e, 0)).len(), 1);
+    }
+
+    #[test]
+    fn a_pulling_member_takes_only_what_it_asked_for() {
+        let mut e = shared(5, OnExhausted::DeadLetter);
+        for o in 0..10 {
+            e.read(o, key(o as u32));
+        }
+        e.attach("pull", 1, 100);
+        e.grant("pull", 1, Some(0));
+        assert!(
+            deliveries(&step(&mut e, 0)).is_empty(),
+            "no credit, nothing out"
+        );
+        e.grant("pull", 1, Some(3));
+        assert_eq!(deliveries(&step(&mut e, 0)).len(), 3);
+        // Acks free room under the limit but give no credit.
+        e.ack("pull", 1, 0, 1).unwrap();
+        e.acks_durable(&[0]);
+        assert!(deliveries(&step(&mut e, 1)).is_empty());
+        // A grant at another epoch is not this subscription's.
+        e.grant("pull", 2, Some(5));
+        assert!(deliveries(&step(&mut e, 1)).is_empty());
+        // Credit stays within the limit; a streaming member again takes up to its limit.
+        e.grant("pull", 1, None);
+        assert_eq!(deliveries(&step(&mut e, 2)).len(), 7);
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! unacked messages go to the new owner.
 
 pub mod engine;
+pub mod pull;
 
+pub use engine::AckRefusal;
 use engine::{Command as EngineCommand, Engine, EngineSettings, GiveUp, Mode, OnExhausted};
 
 use std::collections::HashMap;
@@ -104,8 +106,20 @@ pub enum ConsumeEvent {
 #[derive(Debug)]
 pub enum ConsumeControl {
     Ack(Answer),
-    Nack { answer: Answer, delay_ms: u64 },
+    Nack {
+        answer: Answer,
+        delay_ms: u64,
+    },
     InProgress(Answer),
+    /// A pulling subscriber may take this many more messages (`None`: it streams again,
+    /// limited by its in-flight limit alone).
+    Credit(Option<u32>),
+    /// An ack, nack or in-progress report whose outcome the sender awaits: one result per
+    /// offset, in order.
+    Checked {
+        control: Box<ConsumeControl>,
+        reply: tokio::sync::oneshot::Sender<Vec<Result<(), AckRefusal>>>,
+    },
 }
 
 /// Offsets a subscriber answers, with the delivery attempt each answers (empty, or shorter
@@ -764,11 +778,24 @@ impl Dispatcher {
             InProgress,
         }
         let now = self.now();
+        let (c, reply) = match c {
+            ConsumeControl::Checked { control, reply } => (*control, Some(reply)),
+            c => (c, None),
+        };
         let (answer, what) = match c {
             ConsumeControl::Ack(a) => (a, What::Ack),
             ConsumeControl::Nack { answer, delay_ms } => (answer, What::Nack(delay_ms)),
             ConsumeControl::InProgress(a) => (a, What::InProgress),
+            ConsumeControl::Credit(n) => {
+                self.engine.grant(member, epoch, n);
+                return;
+            }
+            ConsumeControl::Checked { .. } => {
+                tracing::error!(member, "a checked answer inside a checked answer, ignored");
+                return;
+            }
         };
+        let mut results = Vec::with_capacity(answer.offsets.len());
         for (o, named) in answer.pairs() {
             // An answer naming no attempt answers the current one.
             let attempt = named.or_else(|| self.engine.attempts(o)).unwrap_or(0);
@@ -777,9 +804,14 @@ impl Dispatcher {
                 What::Nack(delay_ms) => self.engine.nack(now, member, epoch, o, attempt, delay_ms),
                 What::InProgress => self.engine.in_progress(now, member, epoch, o, attempt),
             };
-            if let Err(r) = r {
+            if let Err(r) = &r {
                 tracing::debug!(member, epoch, offset = o, reason = %r, "answer refused");
             }
+            results.push(r);
+        }
+        if let Some(reply) = reply {
+            // The asker may have given up waiting; the answer took effect all the same.
+            let _ = reply.send(results);
         }
     }
 
