@@ -36,6 +36,9 @@ use crate::status::REASON_STALE_RECEIPT;
 
 /// How long a node keeps a REST consumer's membership alive after its last call there.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(300);
+/// How often a node heartbeats for a consumer it first saw in a settle (a fetch uses the
+/// interval the group asks for).
+const SETTLE_BEAT: Duration = Duration::from_secs(2);
 /// Messages a fetch returns when the caller names no maximum.
 const DEFAULT_FETCH: u32 = 10;
 /// How long a fetch waits for a first message when the caller does not say.
@@ -182,7 +185,14 @@ fn member_of(consumer: Option<&str>) -> Result<String, Problem> {
 
 impl Rest {
     /// Notes a call of a REST consumer and keeps its membership alive from this node.
-    fn keep_alive(self: &Arc<Self>, caller: &Caller, station: &str, group: &str, member: &str) {
+    fn keep_alive(
+        self: &Arc<Self>,
+        caller: &Caller,
+        station: &str,
+        group: &str,
+        member: &str,
+        every: Duration,
+    ) {
         let key = (station.to_owned(), group.to_owned(), member.to_owned());
         let fresh = self
             .kept
@@ -197,7 +207,7 @@ impl Rest {
         let caller = caller.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(every).await;
                 let Some(rest) = rest.upgrade() else { return };
                 let idle = rest
                     .kept
@@ -272,7 +282,13 @@ async fn fetch(
         }))
         .await?
         .into_inner();
-    s.keep_alive(&caller, &station, &group, &member_id);
+    let beat = Duration::from_millis(assignment.heartbeat_interval_ms.clamp(100, 2_000));
+    s.keep_alive(&caller, &station, &group, &member_id, beat);
+    if assignment.partitions.is_empty() {
+        // More members than partitions: this one has none now. Wait as asked, so a caller
+        // that polls does not spin.
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
     let mut parts: Vec<(u32, u64)> = assignment
         .partitions
         .iter()
@@ -392,7 +408,7 @@ async fn settle(
     let mut refused: Vec<String> = Vec::new();
     let mut first_refusal = None;
     for ((partition, member, epoch), rs) in by_member {
-        s.keep_alive(caller, &station, &group, &member);
+        s.keep_alive(caller, &station, &group, &member, SETTLE_BEAT);
         let answer = s
             .groups
             .settle(caller.request(pb::SettleRequest {

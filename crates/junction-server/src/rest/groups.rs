@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use junction_proto::v1 as pb;
+use junction_proto::v1::admin_server::Admin as _;
 use junction_proto::v1::broker_server::Broker as _;
 use junction_proto::v1::groups_server::Groups as _;
 use junction_types::groups::dead_letter_station;
@@ -179,8 +180,16 @@ async fn list_dead_letters(
     )?;
     let r = match s.broker.read(caller.request(req)).await {
         Ok(r) => r.into_inner(),
-        // No dead letter yet: the dead-letter station is made with the first group.
-        Err(e) if e.code() == tonic::Code::NotFound => pb::ReadResponse::default(),
+        // No dead-letter station yet (it is made with the first group): none, if the
+        // station itself exists.
+        Err(e) if e.code() == tonic::Code::NotFound => {
+            s.admin
+                .describe_station(caller.request(pb::DescribeStationRequest {
+                    name: station_name(&tenant, &station),
+                }))
+                .await?;
+            pb::ReadResponse::default()
+        }
         Err(e) => return Err(e.into()),
     };
     Ok(Json(DeadLetters {
