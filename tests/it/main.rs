@@ -13,6 +13,7 @@ mod groups;
 mod harness;
 mod lanes;
 mod memory;
+mod parking;
 mod process;
 mod quota;
 mod rest;

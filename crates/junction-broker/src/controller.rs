@@ -50,6 +50,8 @@ pub struct PartitionView {
     pub group_id: GroupId,
     pub replicas: Vec<NodeId>,
     pub leader: Option<NodeId>,
+    /// The Raft term of the leader's report (0 without a leader).
+    pub term: u64,
     pub next_offset: u64,
     pub start_offset: u64,
     /// Messages stored and their bytes, when measured ([`Broker::measure_partitions`]).
@@ -389,6 +391,7 @@ impl Broker {
                     group_id: p.group_id,
                     replicas: p.replicas.clone(),
                     leader,
+                    term: best.map_or(0, |g| g.term),
                     next_offset,
                     start_offset,
                     messages: 0,

@@ -52,6 +52,9 @@ pub enum BrokerError {
     /// A consumer group member acted on an assignment it no longer holds.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// An operator's resume or skip of a key that is not parked.
+    #[error("{0}")]
+    NotParked(String),
     /// An ack, nack or progress report of a pulled delivery that is no longer out to the
     /// member (redelivered, finished, given to another member, or its leader changed).
     #[error("stale receipt: {0}")]

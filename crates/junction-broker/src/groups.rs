@@ -477,6 +477,8 @@ pub struct GroupPosition {
     pub high_watermark: u64,
     pub lag: u64,
     pub oldest_unacked_age_ms: u64,
+    /// Keys parked in this partition.
+    pub parked_keys: u64,
 }
 
 impl Broker {
@@ -596,6 +598,12 @@ impl Broker {
         g: &GroupMeta,
     ) -> GroupPosition {
         let s = replica.shared.current();
+        let parked_keys = replica
+            .shared
+            .cursors()
+            .get(&g.name)
+            .filter(|c| c.uid == g.uid)
+            .map_or(0, |c| c.parked.len() as u64);
         let (committed, acked_beyond) = match replica.shared.cursors().get(&g.name) {
             Some(c) if c.uid == g.uid => (c.committed.max(s.start_offset), c.acked_beyond()),
             _ => match g.settings.start {
@@ -628,6 +636,7 @@ impl Broker {
             0
         };
         GroupPosition {
+            parked_keys,
             committed,
             acked_beyond,
             high_watermark: s.next_offset,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use junction_client::proto::{
-    GroupInfo, GroupMode, GroupSettings, StartPosition, group_settings, seek_group_request,
+    GroupInfo, GroupMode, GroupSettings, OnMaxDeliveries, StartPosition, group_settings,
+    seek_group_request,
 };
 use junction_client::{GroupOptions, Start};
 use serde_json::json;
@@ -46,6 +47,10 @@ pub struct ConsumeArgs {
     /// A new group's messages of one key in flight at once.
     #[arg(long, default_value_t = 1)]
     pub max_in_flight_per_key: u32,
+    /// What a new group does with a message whose deliveries are used up: `dead_letter` it,
+    /// or `park` its key (the key waits, in order, for `junction group resume` or `skip`).
+    #[arg(long, value_parser = parse_on_max_deliveries)]
+    pub on_max_deliveries: Option<OnMaxDeliveries>,
     /// One JSON object per line (with `delivery_count`).
     #[arg(long)]
     pub json: bool,
@@ -60,6 +65,45 @@ fn parse_mode(s: &str) -> Result<GroupMode, String> {
         other => Err(format!(
             "unknown mode '{other}': use partitioned or key_shared"
         )),
+    }
+}
+
+fn parse_on_max_deliveries(s: &str) -> Result<OnMaxDeliveries, String> {
+    match s {
+        "dead_letter" | "dead-letter" => Ok(OnMaxDeliveries::DeadLetter),
+        "park" => Ok(OnMaxDeliveries::Park),
+        other => Err(format!(
+            "unknown --on-max-deliveries '{other}': use dead_letter or park"
+        )),
+    }
+}
+
+fn on_max_deliveries_name(v: i32) -> &'static str {
+    match OnMaxDeliveries::try_from(v) {
+        Ok(OnMaxDeliveries::Park) => "park",
+        _ => "dead_letter",
+    }
+}
+
+/// A key as typed: text, or `hex:` followed by hex digits.
+fn parse_key(s: &str) -> Result<Vec<u8>, String> {
+    match s.strip_prefix("hex:") {
+        Some(h) if h.len() % 2 == 0 => (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|e| format!("bad hex key: {e}")))
+            .collect(),
+        Some(_) => Err("a hex key has an even number of digits".into()),
+        None => Ok(s.as_bytes().to_vec()),
+    }
+}
+
+fn key_text(k: &[u8]) -> String {
+    match std::str::from_utf8(k) {
+        Ok(t) => t.to_owned(),
+        Err(_) => format!(
+            "hex:{}",
+            k.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
     }
 }
 
@@ -111,6 +155,38 @@ pub enum GroupCommand {
     },
     /// Delete a group.
     Delete { station: String, group: String },
+    /// The keys the group parked (`--on-max-deliveries park`), with each one's head message.
+    Parked {
+        station: String,
+        group: String,
+        #[arg(long)]
+        partition: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a parked key's head to the dead-letter station; the key goes on.
+    Skip {
+        station: String,
+        group: String,
+        #[arg(long)]
+        partition: u32,
+        /// The key (text, or `hex:…`).
+        #[arg(long, value_parser = parse_key)]
+        key: Vec<u8>,
+    },
+    /// Deliver a parked key's head again (with fresh deliveries), or every parked key.
+    Resume {
+        station: String,
+        group: String,
+        #[arg(long)]
+        partition: u32,
+        /// The key (text, or `hex:…`).
+        #[arg(long, value_parser = parse_key, required_unless_present = "all")]
+        key: Option<Vec<u8>>,
+        /// Every parked key of the partition.
+        #[arg(long, conflicts_with = "key")]
+        all: bool,
+    },
 }
 
 /// List and re-send a station's dead letters.
@@ -167,6 +243,9 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             session_timeout_ms: 0,
             mode: args.mode.unwrap_or(GroupMode::Unspecified) as i32,
             max_in_flight_per_key: args.max_in_flight_per_key,
+            on_max_deliveries: args
+                .on_max_deliveries
+                .unwrap_or(OnMaxDeliveries::Unspecified) as i32,
         },
         client: format!("junction-cli pid {}", std::process::id()),
         ..GroupOptions::default()
@@ -278,7 +357,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             }
             let s = g.settings.unwrap_or_default();
             let mut text = format!(
-                "group {} of {}: {}, generation {}, {} member(s), ack wait {} ms, max deliveries {}, max in flight {}, max in flight per key {}, session timeout {} ms\n\n",
+                "group {} of {}: {}, generation {}, {} member(s), ack wait {} ms, max deliveries {} (then {}), max in flight {}, max in flight per key {}, session timeout {} ms\n\n",
                 g.group,
                 g.station,
                 mode_name(s.mode),
@@ -286,6 +365,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 g.members.len(),
                 s.ack_wait_ms,
                 s.max_deliveries,
+                on_max_deliveries_name(s.on_max_deliveries),
                 s.max_in_flight,
                 s.max_in_flight_per_key,
                 s.session_timeout_ms
@@ -299,6 +379,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 "END",
                 "LAG",
                 "OLDEST-UNACKED",
+                "PARKED",
             ]);
             for p in &g.partitions {
                 t.row(vec![
@@ -321,6 +402,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                         "?".into()
                     },
                     format!("{:.1}s", p.oldest_unacked_age_ms as f64 / 1000.0),
+                    p.parked_keys.to_string(),
                 ]);
             }
             text.push_str(&t.render());
@@ -359,6 +441,75 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 .await
                 .context("deleting")?;
             out(&format!("group {group} deleted"))
+        }
+        GroupCommand::Parked {
+            station,
+            group,
+            partition,
+            json,
+        } => {
+            let keys = client
+                .list_parked(&station, &group, partition)
+                .await
+                .context("listing parked keys")?;
+            if json {
+                return out_json(&json!(
+                    keys.iter()
+                        .map(|k| json!({
+                            "partition": k.partition,
+                            "key": key_text(&k.key),
+                            "head_offset": k.head_offset,
+                            "head": k.head.as_ref().map(|m| serde_json::from_str::<serde_json::Value>(&message_json(m)).unwrap_or_default()),
+                        }))
+                        .collect::<Vec<_>>()
+                ));
+            }
+            let mut t = Table::new(["PARTITION", "KEY", "HEAD", "HEAD PAYLOAD"]);
+            for k in &keys {
+                t.row(vec![
+                    k.partition.to_string(),
+                    key_text(&k.key),
+                    k.head_offset.to_string(),
+                    k.head.as_ref().map_or_else(
+                        || "?".into(),
+                        |m| {
+                            String::from_utf8_lossy(&m.payload)
+                                .chars()
+                                .take(60)
+                                .collect()
+                        },
+                    ),
+                ]);
+            }
+            out(&t.render())
+        }
+        GroupCommand::Skip {
+            station,
+            group,
+            partition,
+            key,
+        } => {
+            client
+                .skip_parked(&station, &group, partition, &key)
+                .await
+                .context("skipping")?;
+            out(&format!(
+                "key {} skipped: its head goes to the dead-letter station",
+                key_text(&key)
+            ))
+        }
+        GroupCommand::Resume {
+            station,
+            group,
+            partition,
+            key,
+            all: _,
+        } => {
+            let n = client
+                .resume_parked(&station, &group, partition, key.as_deref())
+                .await
+                .context("resuming")?;
+            out(&format!("{n} key(s) resumed"))
         }
     }
 }

@@ -17,9 +17,9 @@ use junction_proto::v1::groups_client::GroupsClient;
 use junction_proto::v1::{
     CloneGroupRequest, ConsumeRequest, CreateGroupRequest, DeleteGroupRequest,
     DescribeGroupRequest, GroupInfo, GroupSettings, HeartbeatRequest, JoinGroupRequest,
-    LeaveGroupRequest, ListGroupsRequest, MemberAssignment, Nack, Offsets,
-    ResendDeadLettersRequest, ResendDeadLettersResponse, SeekGroupRequest, StoredMessage,
-    Subscribe, seek_group_request,
+    LeaveGroupRequest, ListGroupsRequest, ListParkedRequest, MemberAssignment, Nack, Offsets,
+    ParkedKey, ParkedKeyRequest, ResendDeadLettersRequest, ResendDeadLettersResponse,
+    SeekGroupRequest, StoredMessage, Subscribe, seek_group_request,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -222,6 +222,78 @@ impl Client {
             })
             .await?;
         Ok(r.into_inner())
+    }
+
+    /// The parked keys of a group (one partition, or all), each with its head message.
+    pub async fn list_parked(
+        &self,
+        station: &str,
+        group: &str,
+        partition: Option<u32>,
+    ) -> Result<Vec<ParkedKey>, ClientError> {
+        let req = ListParkedRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            partition,
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.list_parked(req).await }
+            })
+            .await?;
+        Ok(r.into_inner().keys)
+    }
+
+    /// Delivers a parked key's head again (`key: None`: every parked key of the partition);
+    /// returns how many keys were resumed.
+    pub async fn resume_parked(
+        &self,
+        station: &str,
+        group: &str,
+        partition: u32,
+        key: Option<&[u8]>,
+    ) -> Result<u32, ClientError> {
+        let req = ParkedKeyRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            partition,
+            key: key.map(<[u8]>::to_vec).unwrap_or_default(),
+            all: key.is_none(),
+        };
+        let r = self
+            .with_retry(|ch| {
+                let req = req.clone();
+                let mut c = self.groups(ch);
+                async move { c.resume_parked(req).await }
+            })
+            .await?;
+        Ok(r.into_inner().keys)
+    }
+
+    /// Moves a parked key's head to the dead-letter station; the key goes on.
+    pub async fn skip_parked(
+        &self,
+        station: &str,
+        group: &str,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<(), ClientError> {
+        let req = ParkedKeyRequest {
+            station: station.to_owned(),
+            group: group.to_owned(),
+            partition,
+            key: key.to_vec(),
+            all: false,
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.groups(ch);
+            async move { c.skip_parked(req).await }
+        })
+        .await?;
+        Ok(())
     }
 
     /// Deletes a group.

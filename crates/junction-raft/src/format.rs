@@ -53,10 +53,11 @@ pub const SNAPSHOT_RECORD: Format = Format {
     version: 1,
 };
 /// A partition state machine's state (log bounds, consumer group positions, and since
-/// version 2 the idempotent producers and the dedup window's first offset).
+/// version 2 the idempotent producers and the dedup window's first offset; since version 3
+/// each group position's parked keys).
 pub const PARTITION_STATE: Format = Format {
     what: "partition state",
-    version: 2,
+    version: 3,
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
 /// settings and the producer id registry; since version 3 with API keys; since version 4
@@ -650,6 +651,19 @@ mod tests {
             &spanned,
             "0103011101010a80a0abfef96200c0843d8088b2a0020101070128010000017003",
         );
+        // A parked key (appended variant; partition state version 3).
+        let park = Entry {
+            log_id: log_id(3, 1, 18),
+            payload: EntryPayload::Normal(Command::Partition(
+                junction_types::PartitionCommand::GroupPark {
+                    group: "audit".into(),
+                    uid: 3,
+                    key: b"k1".to_vec(),
+                    head: Some(30),
+                },
+            )),
+        };
+        frozen(&LOG_ENTRY, &park, "0103011201010b05617564697403026b31011e");
         let mut schemas = MetaState::default();
         let Entry {
             payload: EntryPayload::Normal(Command::Meta(cmd)),
@@ -700,19 +714,49 @@ mod tests {
                 dups: vec![(1, 100)],
             },
         );
+        // Version 3: a group's position carries its parked keys.
+        let mut parked = groups.clone();
+        if let Some(c) = parked.get_mut("audit") {
+            c.parked.insert(b"k1".to_vec(), 30);
+        }
         frozen(
             &PARTITION_STATE,
-            &(log, groups.clone(), producers, 100u64),
+            &(log, parked, producers.clone(), 100u64),
+            "03781480a0abfef9620a802000000001056175646974031401191a0001026b311e\
+             01090280a0abfef9620128037580a0abfef96201016464",
+        );
+        // Version 2 (no parked keys) is still read.
+        use junction_types::exactly_once::ProducerTable;
+        use junction_types::groups::cursor_v2::{GroupCursorsV2, upgrade};
+        let v2 = unhex(
             "02781480a0abfef9620a802000000001056175646974031401191a00\
              01090280a0abfef9620128037580a0abfef96201016464",
         );
+        let state2 = decode_upgrading(&PARTITION_STATE, &v2, |version, body| {
+            (version == 2).then(|| {
+                decode_body::<(
+                    crate::partition_sm::PartitionState,
+                    GroupCursorsV2,
+                    ProducerTable,
+                    u64,
+                )>(&PARTITION_STATE, body)
+                .map(|(l, g, p, d)| (l, upgrade(g), p, d))
+            })
+        })
+        .unwrap();
+        assert_eq!(state2, (log, groups.clone(), producers, 100u64));
         // Version 1 (before producers and the dedup window) is still read.
         let v1 = unhex("01781480a0abfef9620a802000000001056175646974031401191a00");
-        let (log1, groups1): (crate::partition_sm::PartitionState, GroupCursors) =
-            decode_upgrading(&PARTITION_STATE, &v1, |version, body| {
-                (version == 1).then(|| decode_body(&PARTITION_STATE, body))
+        let (log1, groups1) = decode_upgrading(&PARTITION_STATE, &v1, |version, body| {
+            (version == 1).then(|| {
+                decode_body::<(crate::partition_sm::PartitionState, GroupCursorsV2)>(
+                    &PARTITION_STATE,
+                    body,
+                )
+                .map(|(l, g)| (l, upgrade(g)))
             })
-            .unwrap();
+        })
+        .unwrap();
         assert_eq!((log1, groups1), (log, groups));
     }
 

@@ -18,6 +18,7 @@ use junction_types::command::{BatchOutcome, SpannedBatch};
 use junction_types::exactly_once::{
     DedupIndex, DeliveryPolicy, MSG_ID_HEADER, Placement, ProducerTable, SequenceCheck,
 };
+use junction_types::groups::cursor_v2::{self, GroupCursorsV2};
 use junction_types::groups::{GroupCursors, apply_cursor_command};
 use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, Record, StoredRecord};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -67,21 +68,35 @@ struct PersistedState {
 }
 
 impl PersistedState {
-    /// Decodes the current version, or upgrades version 1 (log state and group positions).
+    /// Decodes the current version, or upgrades version 1 (log state and group positions)
+    /// and version 2 (cursors without parked keys).
     fn decode(b: &[u8]) -> Result<Self, RaftStoreError> {
-        format::decode_upgrading(&format::PARTITION_STATE, b, |version, body| {
-            (version == 1).then(|| {
-                format::decode_body::<(PartitionState, GroupCursors)>(
+        format::decode_upgrading(&format::PARTITION_STATE, b, |version, body| match version {
+            1 => Some(
+                format::decode_body::<(PartitionState, GroupCursorsV2)>(
                     &format::PARTITION_STATE,
                     body,
                 )
                 .map(|(log, groups)| PersistedState {
                     log,
-                    groups,
+                    groups: cursor_v2::upgrade(groups),
                     producers: ProducerTable::default(),
                     dedup_from: log.next_offset,
-                })
-            })
+                }),
+            ),
+            2 => Some(
+                format::decode_body::<(PartitionState, GroupCursorsV2, ProducerTable, u64)>(
+                    &format::PARTITION_STATE,
+                    body,
+                )
+                .map(|(log, groups, producers, dedup_from)| PersistedState {
+                    log,
+                    groups: cursor_v2::upgrade(groups),
+                    producers,
+                    dedup_from,
+                }),
+            ),
+            _ => None,
         })
     }
 }
@@ -636,7 +651,7 @@ mod persisted_tests {
         assert_eq!(back.log, log);
         assert!(back.producers.is_empty());
         assert_eq!(back.dedup_from, 7);
-        bytes[0] = 3;
+        bytes[0] = 9;
         assert!(PersistedState::decode(&bytes).is_err());
     }
 }

@@ -69,6 +69,7 @@ pub fn station_info(
                 group_id: v.group_id,
                 replicas: v.replicas.clone(),
                 leader: v.leader,
+                term: v.term,
                 next_offset: v.next_offset,
                 start_offset: v.start_offset,
                 messages: v.messages,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use junction_broker::delivery::pull::PullMember;
 use junction_broker::delivery::{
-    Answer, ConsumeControl, ConsumeEvent, DeadLetterSink, dls_headers,
+    Answer, ConsumeControl, ConsumeEvent, DeadLetterSink, ParkedAction, dls_headers,
 };
 use junction_broker::groups::{GroupPosition, MemberView, SeekTarget};
 use junction_broker::{Broker, BrokerError};
@@ -129,6 +129,45 @@ impl GroupsService {
             .ok_or_else(|| Status::unavailable("no replica address known"))
     }
 
+    /// Resumes (or skips) parked keys on the partition's leader.
+    async fn parked_action(
+        &self,
+        req: Request<ParkedKeyRequest>,
+        resume: bool,
+    ) -> Result<Response<ParkedKeyResponse>, Status> {
+        let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        if r.key.is_empty() && !(resume && r.all) {
+            return Err(Status::invalid_argument(
+                "name the parked key (or, to resume, ask for all)",
+            ));
+        }
+        if let Some(addr) = self.partition_route(&r.station, r.partition, hops).await? {
+            let mut client = self.clients.groups(&addr)?;
+            let req = with_hops(r, hops + 1);
+            let resp = if resume {
+                client.resume_parked(req).await
+            } else {
+                client.skip_parked(req).await
+            };
+            return resp.map_err(forwarded);
+        }
+        let action = match (resume, r.all) {
+            (true, true) => ParkedAction::ResumeAll,
+            (true, false) => ParkedAction::Resume(r.key),
+            (false, _) => ParkedAction::Skip(r.key),
+        };
+        let keys = self
+            .broker
+            .parked_action(&station, &r.group, r.partition, action)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ParkedKeyResponse { keys }))
+    }
+
     fn my_addr(&self) -> Result<String, Status> {
         self.broker
             .addr_of(self.broker.node_id())
@@ -152,7 +191,20 @@ pub fn lanes_from_proto(s: Option<&GroupSettings>) -> Result<Option<tg::Lanes>, 
     let Some(s) = s else {
         return Ok(None);
     };
+    let on_max_deliveries = match OnMaxDeliveries::try_from(s.on_max_deliveries) {
+        Ok(OnMaxDeliveries::Unspecified) => None,
+        Ok(OnMaxDeliveries::DeadLetter) => Some(tg::OnMaxDeliveries::DeadLetter),
+        Ok(OnMaxDeliveries::Park) => Some(tg::OnMaxDeliveries::Park),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown on_max_deliveries {}: use dead_letter or park",
+                s.on_max_deliveries
+            )));
+        }
+    };
     let mode = match GroupMode::try_from(s.mode) {
+        // Parking asked for without a mode: a partitioned group.
+        Ok(GroupMode::Unspecified) if on_max_deliveries.is_some() => tg::GroupMode::Partitioned,
         Ok(GroupMode::Unspecified) => return Ok(None),
         Ok(GroupMode::Partitioned) => tg::GroupMode::Partitioned,
         Ok(GroupMode::KeyShared) => tg::GroupMode::KeyShared,
@@ -170,7 +222,7 @@ pub fn lanes_from_proto(s: Option<&GroupSettings>) -> Result<Option<tg::Lanes>, 
             0 => d.max_in_flight_per_key,
             n => n,
         },
-        on_max_deliveries: d.on_max_deliveries,
+        on_max_deliveries: on_max_deliveries.unwrap_or(d.on_max_deliveries),
     }))
 }
 
@@ -216,6 +268,10 @@ fn settings_to_proto(s: &tg::GroupSettings, lanes: &tg::Lanes) -> GroupSettings 
             tg::GroupMode::KeyShared => GroupMode::KeyShared,
         } as i32,
         max_in_flight_per_key: lanes.max_in_flight_per_key,
+        on_max_deliveries: match lanes.on_max_deliveries {
+            tg::OnMaxDeliveries::DeadLetter => OnMaxDeliveries::DeadLetter,
+            tg::OnMaxDeliveries::Park => OnMaxDeliveries::Park,
+        } as i32,
     }
 }
 
@@ -275,6 +331,7 @@ fn group_partition(g: &GroupMeta, p: u32, pos: Option<GroupPosition>) -> GroupPa
         lag: pos.lag,
         oldest_unacked_age_ms: pos.oldest_unacked_age_ms,
         known,
+        parked_keys: pos.parked_keys,
     }
 }
 
@@ -466,6 +523,7 @@ impl Groups for GroupsService {
                                         high_watermark: x.high_watermark,
                                         lag: x.lag,
                                         oldest_unacked_age_ms: x.oldest_unacked_age_ms,
+                                        parked_keys: x.parked_keys,
                                     }),
                                 Err(_) => None,
                             }
@@ -837,6 +895,74 @@ impl Groups for GroupsService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_parked(
+        &self,
+        req: Request<ListParkedRequest>,
+    ) -> Result<Response<ListParkedResponse>, Status> {
+        let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Read)
+            .await?;
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        let meta = self
+            .routes
+            .station(&r.station, &Principal::superuser(), Operation::Describe)
+            .await?;
+        let parts: Vec<u32> = match r.partition {
+            Some(p) => vec![p],
+            None => (0..meta.partitions.len() as u32).collect(),
+        };
+        let mut keys = Vec::new();
+        for p in parts {
+            if let Some(addr) = self.partition_route(&r.station, p, hops).await? {
+                let sub = ListParkedRequest {
+                    station: r.station.clone(),
+                    group: r.group.clone(),
+                    partition: Some(p),
+                };
+                let resp = self
+                    .clients
+                    .groups(&addr)?
+                    .list_parked(with_hops(sub, hops + 1))
+                    .await
+                    .map_err(forwarded)?;
+                keys.extend(resp.into_inner().keys);
+                continue;
+            }
+            let parked = self
+                .broker
+                .parked_keys(&station, &r.group, p)
+                .map_err(to_status)?;
+            for (key, head_offset) in parked {
+                let head = self
+                    .broker
+                    .read_one(&station, p, head_offset)
+                    .map(|rec| stored_message(p, head_offset, rec));
+                keys.push(ParkedKey {
+                    partition: p,
+                    key,
+                    head_offset,
+                    head,
+                });
+            }
+        }
+        Ok(Response::new(ListParkedResponse { keys }))
+    }
+
+    async fn resume_parked(
+        &self,
+        req: Request<ParkedKeyRequest>,
+    ) -> Result<Response<ParkedKeyResponse>, Status> {
+        self.parked_action(req, true).await
+    }
+
+    async fn skip_parked(
+        &self,
+        req: Request<ParkedKeyRequest>,
+    ) -> Result<Response<ParkedKeyResponse>, Status> {
+        self.parked_action(req, false).await
     }
 
     async fn resend_dead_letters(

@@ -92,6 +92,7 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
         metrics::gauge!("junction_group_oldest_unacked_age_seconds", &labels)
             .set(pos.oldest_unacked_age_ms as f64 / 1000.0);
         metrics::gauge!("junction_group_committed_offset", &labels).set(pos.committed as f64);
+        metrics::gauge!("junction_group_parked_keys", &labels).set(pos.parked_keys as f64);
     }
     match prometheus() {
         Some(h) => (StatusCode::OK, h.render()),

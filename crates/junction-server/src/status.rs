@@ -37,6 +37,9 @@ pub const REASON_MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
 /// (redelivered, finished, or given to another member); final for that receipt.
 pub const REASON_STALE_RECEIPT: &str = "STALE_RECEIPT";
 
+/// `ErrorInfo` reason: a resume or skip of a key that is not parked.
+pub const REASON_NOT_PARKED: &str = "NOT_PARKED";
+
 /// `ErrorInfo` reason: the call carried no credential.
 pub const REASON_MISSING_CREDENTIAL: &str = "MISSING_CREDENTIAL";
 /// `ErrorInfo` reason: the credential is not a well-formed token.
@@ -107,7 +110,9 @@ pub fn code_of(e: &BrokerError) -> Code {
         },
         BrokerError::InvalidSchema(_) | BrokerError::InvalidMessage(_) => Code::InvalidArgument,
         BrokerError::IncompatibleSchema { .. } => Code::FailedPrecondition,
-        BrokerError::Fenced(_) | BrokerError::StaleReceipt(_) => Code::FailedPrecondition,
+        BrokerError::Fenced(_) | BrokerError::StaleReceipt(_) | BrokerError::NotParked(_) => {
+            Code::FailedPrecondition
+        }
         BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
         BrokerError::TooFewNodes { .. } => Code::FailedPrecondition,
@@ -162,6 +167,7 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
         ),
         BrokerError::Fenced(_) => (REASON_FENCED, none()),
         BrokerError::StaleReceipt(_) => (REASON_STALE_RECEIPT, none()),
+        BrokerError::NotParked(_) => (REASON_NOT_PARKED, none()),
         BrokerError::MessageTooLarge { size, max } => (
             REASON_MESSAGE_TOO_LARGE,
             HashMap::from([

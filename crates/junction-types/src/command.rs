@@ -249,6 +249,13 @@ pub enum PartitionCommand {
         delivery: DeliveryPolicy,
         batches: Vec<SpannedBatch>,
     },
+    /// Parks `key` for a group at its `head` offset, or (`head: None`) unparks it.
+    GroupPark {
+        group: String,
+        uid: u64,
+        key: Vec<u8>,
+        head: Option<u64>,
+    },
 }
 
 /// The result of applying one entry.

@@ -97,6 +97,19 @@ pub enum OnMaxDeliveries {
     /// It is appended to the dead-letter station, and its key goes on.
     #[default]
     DeadLetter,
+    /// Its key parks: the key's messages wait, in order, until an operator resumes or skips
+    /// it; the other keys go on.
+    Park,
+}
+
+impl OnMaxDeliveries {
+    /// The name as the API and CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMaxDeliveries::DeadLetter => "dead_letter",
+            OnMaxDeliveries::Park => "park",
+        }
+    }
 }
 
 /// How a group shares partitions among its members (fixed when the group is created).
@@ -319,6 +332,9 @@ pub struct GroupCursor {
     pub acked: BTreeMap<u64, u64>,
     /// Increases with every seek, so the delivering leader knows to start over.
     pub seek_epoch: u64,
+    /// Parked keys (`on_max_deliveries: park`) and the offset of each one's head: the
+    /// message that used up its deliveries.
+    pub parked: BTreeMap<Vec<u8>, u64>,
 }
 
 impl GroupCursor {
@@ -329,6 +345,7 @@ impl GroupCursor {
             committed: start,
             acked: BTreeMap::new(),
             seek_epoch: 0,
+            parked: BTreeMap::new(),
         }
     }
 
@@ -379,6 +396,9 @@ impl GroupCursor {
         self.committed = offset;
         self.acked.clear();
         self.seek_epoch += 1;
+        // A move settles what was parked: the keys' messages are delivered from the new
+        // position like the others.
+        self.parked.clear();
     }
 
     /// Skips everything below `first` (retention removed it).
@@ -480,6 +500,59 @@ pub fn apply_cursor_command(
             cursors.remove(group);
             CommandResponse::Done
         }
+        PartitionCommand::GroupPark {
+            group,
+            uid,
+            key,
+            head,
+        } => {
+            if let Some(c) = cursors.get_mut(group)
+                && c.uid == *uid
+            {
+                match head {
+                    Some(o) => c.parked.insert(key.clone(), *o),
+                    None => c.parked.remove(key),
+                };
+            }
+            CommandResponse::Cursor(cursors.get(group).cloned())
+        }
+    }
+}
+
+/// Cursors as partition state versions 1 and 2 stored them (no parked keys).
+pub mod cursor_v2 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::GroupCursor;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct GroupCursorV2 {
+        pub uid: u64,
+        pub committed: u64,
+        pub acked: BTreeMap<u64, u64>,
+        pub seek_epoch: u64,
+    }
+
+    impl From<GroupCursorV2> for GroupCursor {
+        fn from(c: GroupCursorV2) -> Self {
+            GroupCursor {
+                uid: c.uid,
+                committed: c.committed,
+                acked: c.acked,
+                seek_epoch: c.seek_epoch,
+                parked: BTreeMap::new(),
+            }
+        }
+    }
+
+    /// Every group's cursor, as versions 1 and 2 stored them.
+    pub type GroupCursorsV2 = BTreeMap<String, GroupCursorV2>;
+
+    /// Upgrades the cursors of versions 1 and 2.
+    pub fn upgrade(cs: GroupCursorsV2) -> super::GroupCursors {
+        cs.into_iter().map(|(g, c)| (g, c.into())).collect()
     }
 }
 
@@ -808,6 +881,61 @@ mod tests {
             100,
         );
         assert!(!cs.contains_key("h"));
+    }
+
+    #[test]
+    fn parked_keys_are_recorded_cleared_by_a_seek_and_kept_by_a_clone() {
+        let mut cs = GroupCursors::new();
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupInit {
+                group: "g".into(),
+                uid: 1,
+                start: 0,
+            },
+            0,
+            100,
+        );
+        let park = |key: &str, head: Option<u64>, uid: u64| PartitionCommand::GroupPark {
+            group: "g".into(),
+            uid,
+            key: key.as_bytes().to_vec(),
+            head,
+        };
+        apply_cursor_command(&mut cs, &park("a", Some(7), 1), 0, 100);
+        apply_cursor_command(&mut cs, &park("b", Some(9), 1), 0, 100);
+        // Another incarnation's command changes nothing.
+        apply_cursor_command(&mut cs, &park("c", Some(3), 2), 0, 100);
+        apply_cursor_command(&mut cs, &park("b", None, 1), 0, 100);
+        let parked = |cs: &GroupCursors, g: &str| cs.get(g).map(|c| c.parked.clone());
+        assert_eq!(parked(&cs, "g"), Some(BTreeMap::from([(b"a".to_vec(), 7)])));
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupClone {
+                from: "g".into(),
+                from_uid: 1,
+                to: "h".into(),
+                to_uid: 5,
+            },
+            0,
+            100,
+        );
+        assert_eq!(parked(&cs, "h"), parked(&cs, "g"));
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupSeek {
+                group: "g".into(),
+                uid: 1,
+                offset: 50,
+            },
+            0,
+            100,
+        );
+        assert_eq!(
+            parked(&cs, "g"),
+            Some(BTreeMap::new()),
+            "a seek settles them"
+        );
     }
 
     #[test]

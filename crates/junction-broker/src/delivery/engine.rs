@@ -649,6 +649,7 @@ impl Engine {
     /// The cursor moved (a seek): forget what was read; deliveries out are void. Members
     /// stay attached.
     pub fn reset(&mut self) {
+        self.parked_ahead.clear();
         self.entries.clear();
         self.keys.clear();
         self.ready.clear();

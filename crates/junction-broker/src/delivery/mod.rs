@@ -160,8 +160,30 @@ struct Attached {
     events: mpsc::UnboundedSender<Result<ConsumeEvent, BrokerError>>,
 }
 
+/// What a running dispatcher is sent.
+pub(crate) enum ToDispatcher {
+    Attach(Attach),
+    Operate(Operate),
+}
+
+/// An operator's action on a group's parked keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParkedAction {
+    /// Deliver the key's head again, with a fresh count of deliveries.
+    Resume(Vec<u8>),
+    /// Resume every parked key.
+    ResumeAll,
+    /// Dead-letter the key's head (reason `skipped`); the key goes on once that is stored.
+    Skip(Vec<u8>),
+}
+
+pub(crate) struct Operate {
+    action: ParkedAction,
+    reply: tokio::sync::oneshot::Sender<Result<u32, BrokerError>>,
+}
+
 /// Handle of a running dispatcher, kept by the broker.
-pub(crate) type DispatcherHandle = mpsc::UnboundedSender<Attach>;
+pub(crate) type DispatcherHandle = mpsc::UnboundedSender<ToDispatcher>;
 
 /// Where (partition group, group name) a dispatcher delivers.
 pub(crate) type DispatcherKey = (GroupId, String);
@@ -260,45 +282,127 @@ impl Broker {
         } as usize;
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let mut attach = Attach {
+        let attach = Attach {
             member: member.to_string(),
             epoch,
             limit,
             events: ev_tx,
             control: ctl_rx,
         };
-        let key = (replica.group, group.to_string());
+        let mut msg = ToDispatcher::Attach(attach);
         for _ in 0..2 {
-            let existing = self.dispatchers.lock().get(&key).cloned();
-            let handle = match existing {
-                Some(h) if !h.is_closed() => h,
-                _ => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    self.dispatchers.lock().insert(key.clone(), tx.clone());
-                    let d = Dispatcher::new(
-                        self.clone(),
-                        full.clone(),
-                        group.to_string(),
-                        partition,
-                        replica.clone(),
-                    );
-                    self.tasks_spawn(d.run(rx, tx.clone(), key.clone()));
-                    tx
-                }
-            };
-            match handle.send(attach) {
+            let handle = self.dispatcher(&full, group, partition, &replica);
+            match handle.send(msg) {
                 Ok(()) => {
                     return Ok(Subscription {
                         events: ev_rx,
                         control: ctl_tx,
                     });
                 }
-                Err(mpsc::error::SendError(a)) => attach = a,
+                Err(mpsc::error::SendError(m)) => msg = m,
             }
         }
         Err(BrokerError::Unavailable(format!(
             "delivery of partition {partition} for group '{group}' is restarting; retry"
         )))
+    }
+
+    /// The running dispatcher of a group's partition, started if there is none.
+    fn dispatcher(
+        self: &Arc<Self>,
+        full: &str,
+        group: &str,
+        partition: u32,
+        replica: &Arc<PartitionReplica>,
+    ) -> DispatcherHandle {
+        let key = (replica.group, group.to_string());
+        let existing = self.dispatchers.lock().get(&key).cloned();
+        match existing {
+            Some(h) if !h.is_closed() => h,
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.dispatchers.lock().insert(key.clone(), tx.clone());
+                let d = Dispatcher::new(
+                    self.clone(),
+                    full.to_owned(),
+                    group.to_string(),
+                    partition,
+                    replica.clone(),
+                );
+                self.tasks_spawn(d.run(rx, tx.clone(), key));
+                tx
+            }
+        }
+    }
+
+    /// Resumes or skips parked keys of a group's partition; this node must lead it. Returns
+    /// how many keys the action applied to.
+    pub async fn parked_action(
+        self: &Arc<Self>,
+        station: &StationName,
+        group: &str,
+        partition: u32,
+        action: ParkedAction,
+    ) -> Result<u32, BrokerError> {
+        let full = station.full();
+        let replica = self.hosted_replica(station, partition)?;
+        self.ensure_partition_leader(&replica)?;
+        self.group_meta(&full, group)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut msg = ToDispatcher::Operate(Operate { action, reply });
+        for _ in 0..2 {
+            let handle = self.dispatcher(&full, group, partition, &replica);
+            match handle.send(msg) {
+                Ok(()) => {
+                    return answer.await.map_err(|_| {
+                        BrokerError::Unavailable(format!(
+                            "delivery of partition {partition} for group '{group}' stopped; retry"
+                        ))
+                    })?;
+                }
+                Err(mpsc::error::SendError(m)) => msg = m,
+            }
+        }
+        Err(BrokerError::Unavailable(format!(
+            "delivery of partition {partition} for group '{group}' is restarting; retry"
+        )))
+    }
+
+    /// The stored message at `offset` of a partition this node holds (`None` when it is
+    /// not stored, or cannot be decoded).
+    pub fn read_one(
+        &self,
+        station: &StationName,
+        partition: u32,
+        offset: u64,
+    ) -> Option<StoredRecord> {
+        let replica = self.hosted_replica(station, partition).ok()?;
+        let (msgs, _) = self.read(replica.group, offset, 1, 16 << 20).ok()?;
+        let (at, bytes) = msgs.into_iter().next()?;
+        if at != offset {
+            return None;
+        }
+        junction_raft::decode::<StoredRecord>(&junction_raft::format::RECORD, &bytes).ok()
+    }
+
+    /// The parked keys of a group in a partition this node holds, with their heads, as the
+    /// replicated position records them.
+    pub fn parked_keys(
+        &self,
+        station: &StationName,
+        group: &str,
+        partition: u32,
+    ) -> Result<std::collections::BTreeMap<Vec<u8>, u64>, BrokerError> {
+        let full = station.full();
+        let g = self.group_meta(&full, group)?;
+        let replica = self.hosted_replica(station, partition)?;
+        Ok(replica
+            .shared
+            .cursors()
+            .get(group)
+            .filter(|c| c.uid == g.uid)
+            .map(|c| c.parked.clone())
+            .unwrap_or_default())
     }
 
     pub(crate) fn ensure_partition_leader(
@@ -416,6 +520,22 @@ struct Dispatcher {
     internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
     /// Over the tenant's consume rate: no reading ahead until then.
     throttled_until: Option<Instant>,
+    /// Parked-key writes, replicated one at a time in order.
+    park_tx: Option<mpsc::UnboundedSender<PartitionCommand>>,
+}
+
+/// Replicates parked-key changes in the order they were decided. A failed write is logged:
+/// the key is parked again after its deliveries are used up once more on the next leader.
+async fn write_parks(
+    broker: Arc<Broker>,
+    replica: Arc<PartitionReplica>,
+    mut rx: mpsc::UnboundedReceiver<PartitionCommand>,
+) {
+    while let Some(cmd) = rx.recv().await {
+        if let Err(e) = broker.cursor_write(&replica, cmd).await {
+            tracing::warn!(group = replica.group, error = %e, "a parked-key change was not replicated");
+        }
+    }
 }
 
 /// The engine settings of a group.
@@ -430,6 +550,7 @@ fn engine_settings(s: &GroupSettings, lanes: &Lanes) -> EngineSettings {
         max_in_flight_per_key: lanes.max_in_flight_per_key,
         on_exhausted: match lanes.on_max_deliveries {
             OnMaxDeliveries::DeadLetter => OnExhausted::DeadLetter,
+            OnMaxDeliveries::Park => OnExhausted::Park,
         },
     }
 }
@@ -466,6 +587,7 @@ impl Dispatcher {
             internal: itx,
             internal_rx: Some(irx),
             throttled_until: None,
+            park_tx: None,
         }
     }
 
@@ -476,7 +598,7 @@ impl Dispatcher {
 
     async fn run(
         mut self,
-        mut attaches: mpsc::UnboundedReceiver<Attach>,
+        mut attaches: mpsc::UnboundedReceiver<ToDispatcher>,
         me: DispatcherHandle,
         key: DispatcherKey,
     ) {
@@ -499,14 +621,21 @@ impl Dispatcher {
         for (_, a) in self.members.drain() {
             let _ = a.events.send(Err(err.for_subscriber()));
         }
-        while let Ok(a) = attaches.try_recv() {
-            let _ = a.events.send(Err(err.for_subscriber()));
+        while let Ok(m) = attaches.try_recv() {
+            match m {
+                ToDispatcher::Attach(a) => {
+                    let _ = a.events.send(Err(err.for_subscriber()));
+                }
+                ToDispatcher::Operate(o) => {
+                    let _ = o.reply.send(Err(err.for_subscriber()));
+                }
+            }
         }
     }
 
     async fn run_inner(
         &mut self,
-        attaches: &mut mpsc::UnboundedReceiver<Attach>,
+        attaches: &mut mpsc::UnboundedReceiver<ToDispatcher>,
     ) -> Result<(), BrokerError> {
         let g = self.broker.group_meta(&self.station, &self.group)?;
         self.uid = g.uid;
@@ -514,6 +643,14 @@ impl Dispatcher {
         self.engine = Engine::new(engine_settings(&self.settings, &g.lanes));
         self.cursor = self.broker.ensure_cursor(&self.replica, &g).await?;
         self.read_pos = self.cursor.committed;
+        self.restore_parked();
+        let (park_tx, park_rx) = mpsc::unbounded_channel();
+        self.park_tx = Some(park_tx);
+        self.broker.tasks_spawn(write_parks(
+            self.broker.clone(),
+            self.replica.clone(),
+            park_rx,
+        ));
         let mut state_rx = self.replica.shared.subscribe();
         let mut cursor_rx = self.replica.shared.subscribe_cursors();
         let mut meta_rx = self.broker.subscribe_metadata();
@@ -535,7 +672,8 @@ impl Dispatcher {
             );
             tokio::select! {
                 a = attaches.recv() => match a {
-                    Some(a) => self.attach(a),
+                    Some(ToDispatcher::Attach(a)) => self.attach(a),
+                    Some(ToDispatcher::Operate(o)) => self.operate(o),
                     None => return Ok(()),
                 },
                 Some((member, epoch, c)) = self.controls.next(), if !self.controls.is_empty() => {
@@ -677,10 +815,20 @@ impl Dispatcher {
                     attempts,
                     why,
                 } => self.dead_letter(offset, attempts, why),
-                EngineCommand::Park { key, .. } | EngineCommand::Unpark { key } => {
-                    // Groups cannot choose parking yet (`on_max_deliveries` has no `park`).
-                    tracing::error!(?key, "parking is not available for this group");
+                EngineCommand::Park {
+                    key,
+                    offset,
+                    attempts,
+                    why,
+                } => {
+                    tracing::warn!(
+                        station = %self.station, group = %self.group, partition = self.partition,
+                        key = %String::from_utf8_lossy(&key), offset, attempts, why = why.as_str(),
+                        "a key is parked: its messages wait until it is resumed or skipped"
+                    );
+                    self.record_park(key, Some(offset));
                 }
+                EngineCommand::Unpark { key } => self.record_park(key, None),
                 EngineCommand::Fence {
                     member,
                     epoch,
@@ -907,14 +1055,78 @@ impl Dispatcher {
         let Some(c) = c.filter(|c| c.uid == self.uid) else {
             return;
         };
-        if c.seek_epoch != self.cursor.seek_epoch {
+        let sought = c.seek_epoch != self.cursor.seek_epoch;
+        self.cursor = c;
+        if sought {
             // A seek: start over from the new position.
             self.engine.reset();
             self.records.clear();
             self.ack_batch.clear();
-            self.read_pos = c.committed;
+            self.read_pos = self.cursor.committed;
+            self.restore_parked();
         }
-        self.cursor = c;
+    }
+
+    /// Tells the engine the keys the replicated position has parked.
+    fn restore_parked(&mut self) {
+        for (key, head) in &self.cursor.parked {
+            if *head >= self.cursor.committed {
+                self.engine.restore_parked(key.clone(), *head);
+            }
+        }
+    }
+
+    /// Replicates that a key parked at `head` (or, `None`, that it no longer is), in the
+    /// order the engine decided.
+    fn record_park(&mut self, key: Vec<u8>, head: Option<u64>) {
+        let cmd = PartitionCommand::GroupPark {
+            group: self.group.clone(),
+            uid: self.uid,
+            key,
+            head,
+        };
+        if let Some(tx) = &self.park_tx
+            && tx.send(cmd).is_err()
+        {
+            tracing::error!("the parked-key writer stopped");
+        }
+    }
+
+    fn operate(&mut self, o: Operate) {
+        let key_text = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
+        let result = match &o.action {
+            ParkedAction::Resume(k) => self
+                .engine
+                .resume(k)
+                .map(|()| 1)
+                .map_err(|r| (k.clone(), r)),
+            ParkedAction::Skip(k) => self.engine.skip(k).map(|()| 1).map_err(|r| (k.clone(), r)),
+            ParkedAction::ResumeAll => {
+                let keys: Vec<Vec<u8>> = self.engine.parked().into_keys().collect();
+                let mut n = 0u32;
+                for k in keys {
+                    if self.engine.resume(&k).is_ok() {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            }
+        };
+        let result = result.map_err(|(k, r)| match r {
+            engine::ParkRefusal::NotParked => BrokerError::NotParked(format!(
+                "key '{}' of group '{}' is not parked in partition {}",
+                key_text(&k),
+                self.group,
+                self.partition
+            )),
+            engine::ParkRefusal::Busy => BrokerError::Unavailable(format!(
+                "key '{}': its head is being dead-lettered or not read yet; retry",
+                key_text(&k)
+            )),
+        });
+        tracing::info!(station = %self.station, group = %self.group, partition = self.partition, action = ?o.action, ok = result.is_ok(), "parked keys: operator action");
+        self.carry_out();
+        let _ = o.reply.send(result);
     }
 
     /// Fences the members the metadata no longer gives the partition to.

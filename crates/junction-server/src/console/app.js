@@ -131,11 +131,11 @@ views.cluster = {
             h("span", { class: n.alive ? "pill ok" : "pill bad" }, n.alive ? "alive" : "unreachable"),
             num(n.partition_replicas), num(n.partition_leaders)])),
         h("h2", {}, "Partition leaders"),
-        table(["Station", "Partition#", "Raft group#", "Leader", "Replicas"],
+        table(["Station", "Partition#", "Raft group#", "Leader", "Term#", "Replicas"],
           c.stations.flatMap((s) => s.partition_info.map((p) => [
             stationLink(s), num(p.partition), num(p.group_id),
             p.leader === null ? h("span", { class: "pill bad" }, "no leader") : `node ${p.leader}`,
-            p.replicas.join(", ")])), "No stations."));
+            num(p.term), p.replicas.join(", ")])), "No stations."));
     };
   },
 };
@@ -235,10 +235,11 @@ views.station = {
           card("Size", fmtBytes(s.partition_info.reduce((a, p) => a + p.bytes, 0))),
           card("Policy", `${s.policy.storage}, ${retentionText(s.policy)}`)),
         h("h2", {}, "Partitions"),
-        table(["Partition#", "Leader", "Replicas", "Start offset#", "Next offset#", "Messages#", "Size"],
+        table(["Partition#", "Leader", "Term#", "Replicas", "Start offset#", "Next offset#", "Messages#", "Size"],
           s.partition_info.map((p) => [num(p.partition),
             p.leader === null ? h("span", { class: "pill bad" }, "no leader") : `node ${p.leader}`,
-            p.replicas.join(", "), num(p.start_offset), num(p.next_offset), num(p.messages), fmtBytes(p.bytes)])),
+            num(p.term), p.replicas.join(", "), num(p.start_offset), num(p.next_offset), num(p.messages),
+            fmtBytes(p.bytes)])),
         h("h2", {}, "Consumer groups"),
         table(["Group", "Mode", "Members#", "Lag#", "Oldest unacked"],
           groups.map((x) => [

@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 
 use super::model::{
     CloneGroup, CreateGroup, DeadLetter, DeadLetters, DeadLettersQuery, Done, Group, Groups,
-    ReadQuery, Resend, Resent, Seek,
+    ParkedDone, ParkedKey, ParkedKeyAction, ParkedKeys, ReadQuery, Resend, Resent, Seek,
 };
 use super::{Body, Caller, Path, Problem, ProblemDoc, Query, Rest, station_name};
 
@@ -25,6 +25,9 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Rest>> {
         .routes(routes!(describe_group, delete_group))
         .routes(routes!(seek_group))
         .routes(routes!(clone_group))
+        .routes(routes!(list_parked))
+        .routes(routes!(resume_parked))
+        .routes(routes!(skip_parked))
         .routes(routes!(list_dead_letters))
         .routes(routes!(resend_dead_letters))
 }
@@ -225,5 +228,89 @@ async fn resend_dead_letters(
     Ok(Json(Resent {
         resent: r.resent,
         next_offset: r.next_offset,
+    }))
+}
+
+/// The keys the group parked (`on_max_deliveries: park`), each with its head message.
+#[utoipa::path(get, path = "/stations/{tenant}/{station}/groups/{group}/parked", tag = "groups",
+    params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
+    responses((status = 200, body = ParkedKeys), (status = "default", body = ProblemDoc)))]
+async fn list_parked(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path((tenant, station, group)): Path<(String, String, String)>,
+) -> Result<Json<ParkedKeys>, Problem> {
+    let r = s
+        .groups
+        .list_parked(caller.request(pb::ListParkedRequest {
+            station: station_name(&tenant, &station),
+            group,
+            partition: None,
+        }))
+        .await?;
+    Ok(Json(ParkedKeys {
+        keys: r
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(ParkedKey::from)
+            .collect(),
+    }))
+}
+
+fn parked_request(
+    tenant: &str,
+    station: &str,
+    group: String,
+    body: &ParkedKeyAction,
+) -> Result<pb::ParkedKeyRequest, Problem> {
+    Ok(pb::ParkedKeyRequest {
+        station: station_name(tenant, station),
+        group,
+        partition: body.partition,
+        key: body.key_bytes()?,
+        all: body.all,
+    })
+}
+
+/// Delivers a parked key's head again (with fresh deliveries), or every parked key of a
+/// partition (`all`). 409 `NOT_PARKED` for a key that is not parked.
+#[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/parked/resume",
+    tag = "groups",
+    params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
+    request_body = ParkedKeyAction,
+    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc)))]
+async fn resume_parked(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path((tenant, station, group)): Path<(String, String, String)>,
+    Body(body): Body<ParkedKeyAction>,
+) -> Result<Json<ParkedDone>, Problem> {
+    let req = parked_request(&tenant, &station, group, &body)?;
+    let r = s.groups.resume_parked(caller.request(req)).await?;
+    Ok(Json(ParkedDone {
+        keys: r.into_inner().keys,
+    }))
+}
+
+/// Moves a parked key's head to the dead-letter station (reason `skipped`); the key goes on.
+#[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/parked/skip",
+    tag = "groups",
+    params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
+    request_body = ParkedKeyAction,
+    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc)))]
+async fn skip_parked(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path((tenant, station, group)): Path<(String, String, String)>,
+    Body(body): Body<ParkedKeyAction>,
+) -> Result<Json<ParkedDone>, Problem> {
+    if body.all {
+        return Err(Problem::bad_request("skip takes one key, not `all`"));
+    }
+    let req = parked_request(&tenant, &station, group, &body)?;
+    let r = s.groups.skip_parked(caller.request(req)).await?;
+    Ok(Json(ParkedDone {
+        keys: r.into_inner().keys,
     }))
 }

@@ -250,6 +250,8 @@ pub struct Partition {
     pub group_id: u64,
     pub replicas: Vec<u64>,
     pub leader: Option<u64>,
+    /// The Raft term of the leader (0 when none is known).
+    pub term: u64,
     pub next_offset: u64,
     pub start_offset: u64,
     pub messages: u64,
@@ -296,6 +298,7 @@ impl From<pb::StationInfo> for Station {
                     group_id: p.group_id,
                     replicas: p.replicas,
                     leader: p.leader,
+                    term: p.term,
                     next_offset: p.next_offset,
                     start_offset: p.start_offset,
                     messages: p.messages,
@@ -587,6 +590,18 @@ pub struct GroupSettings {
     /// A member that is not heard from for this long leaves (default 10 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_timeout_ms: Option<u64>,
+    /// What happens to a message whose deliveries are used up (default `dead_letter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_max_deliveries: Option<OnMaxDeliveries>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMaxDeliveries {
+    /// Append it to the dead-letter station; its key goes on.
+    DeadLetter,
+    /// Park its key: the key waits, in order, until resumed or skipped.
+    Park,
 }
 
 impl GroupSettings {
@@ -620,6 +635,11 @@ impl GroupSettings {
                 Some(GroupMode::KeyShared) => pb::GroupMode::KeyShared,
             } as i32,
             max_in_flight_per_key: self.max_in_flight_per_key.unwrap_or(0),
+            on_max_deliveries: match self.on_max_deliveries {
+                None => pb::OnMaxDeliveries::Unspecified,
+                Some(OnMaxDeliveries::DeadLetter) => pb::OnMaxDeliveries::DeadLetter,
+                Some(OnMaxDeliveries::Park) => pb::OnMaxDeliveries::Park,
+            } as i32,
         })
     }
 
@@ -647,6 +667,10 @@ impl GroupSettings {
             max_in_flight: Some(s.max_in_flight),
             max_in_flight_per_key: Some(s.max_in_flight_per_key),
             session_timeout_ms: Some(s.session_timeout_ms),
+            on_max_deliveries: Some(match pb::OnMaxDeliveries::try_from(s.on_max_deliveries) {
+                Ok(pb::OnMaxDeliveries::Park) => OnMaxDeliveries::Park,
+                _ => OnMaxDeliveries::DeadLetter,
+            }),
         }
     }
 }
@@ -675,6 +699,8 @@ pub struct GroupPartition {
     pub oldest_unacked_age_ms: u64,
     /// False when the partition's position could not be read.
     pub known: bool,
+    /// Keys parked in this partition.
+    pub parked_keys: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -707,6 +733,7 @@ impl From<pb::GroupInfo> for Group {
                 lag: p.lag,
                 oldest_unacked_age_ms: p.oldest_unacked_age_ms,
                 known: p.known,
+                parked_keys: p.parked_keys,
             })
             .collect();
         Self {
@@ -873,4 +900,70 @@ pub struct Resent {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Done {
     pub ok: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// Parked keys
+
+/// A key the group parked, and the message that used up its deliveries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedKey {
+    pub partition: u32,
+    pub key: String,
+    pub key_encoding: Encoding,
+    pub head_offset: u64,
+    /// The head message (absent when it could not be read).
+    pub head: Option<Message>,
+}
+
+impl From<pb::ParkedKey> for ParkedKey {
+    fn from(k: pb::ParkedKey) -> Self {
+        let (key, key_encoding) = encode_bytes(&k.key);
+        Self {
+            partition: k.partition,
+            key,
+            key_encoding,
+            head_offset: k.head_offset,
+            head: k.head.map(Message::from),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedKeys {
+    pub keys: Vec<ParkedKey>,
+}
+
+/// Which parked key: `key` as text, or `key_base64`; `all` (resume only) for every parked key
+/// of the partition.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParkedKeyAction {
+    pub partition: u32,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_base64: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl ParkedKeyAction {
+    /// The key's bytes (empty with `all`).
+    pub fn key_bytes(&self) -> Result<Vec<u8>, Problem> {
+        match (&self.key, &self.key_base64, self.all) {
+            (Some(k), None, false) => Ok(k.clone().into_bytes()),
+            (None, Some(b), false) => decode_base64("key_base64", b),
+            (None, None, true) => Ok(Vec::new()),
+            _ => Err(Problem::bad_request(
+                "give exactly one of `key`, `key_base64` and `all`",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedDone {
+    /// Keys the action applied to.
+    pub keys: u32,
 }
