@@ -213,6 +213,23 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
     after = sum(p["next_offset"] for p in rest.call("GET", "/stations/default/orders")["partition_info"])
     assert after == before + 1, (before, after)
 
+    step("a parking group: the poison key shows on its group page; resume it from the console")
+    got = rest.call("POST", "/stations/default/orders/groups/quarantine/fetch",
+                    {"consumer": "q1", "max": 1, "wait_ms": 2000,
+                     "settings": {"max_deliveries": 1, "on_max_deliveries": "park"}})
+    head = got["messages"][0]
+    rest.call("POST", "/stations/default/orders/groups/quarantine/nack", {"receipts": [head["receipt"]]})
+    key = head["message"]["key"]
+    d.get(url + "/#/group/default/orders/quarantine")
+    wait_for("the parked key listed", lambda: d.find_elements(By.CSS_SELECTOR, f"button[data-resume='{key}']"))
+    assert "then park the key" in text(d), text(d)
+    shot(d, "parked")
+    d.find_element(By.CSS_SELECTOR, f"button[data-resume='{key}']").click()
+    accept_confirm(d)
+    wait_for("no parked key left",
+             lambda: not rest.call("GET", "/stations/default/orders/groups/quarantine/parked")["keys"])
+    wait_for("the page says so", lambda: "No parked keys." in text(d))
+
     step("group page: seek to earliest from the console, lag comes back; then delete the group")
     d.get(url + "/#/group/default/orders/billing")
     form = wait_for("the seek form", lambda: d.find_element(By.ID, "seek"))
@@ -223,7 +240,9 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
     d.find_element(By.ID, "delete-group").click()
     accept_confirm(d)
     wait_for("back on the station page without the group",
-             lambda: d.current_url.endswith("#/station/default/orders") and "No consumer groups." in text(d))
+             lambda: d.current_url.endswith("#/station/default/orders") and "Consumer groups" in text(d)
+             and not d.find_elements(By.CSS_SELECTOR, "a[href='#/group/default/orders/billing']")
+             and d.find_elements(By.CSS_SELECTOR, "a[href='#/group/default/orders/quarantine']"))
 
     step("API page: the OpenAPI document rendered")
     d.get(url + "/#/api")

@@ -294,8 +294,10 @@ views.group = {
     root.append(h("h1", {}, `Group ${group} of ${tenant}/${name}`), live,
       h("h2", {}, "Actions"), seek, clone, h("div", { class: "actions" }, del));
     return async () => {
-      const g = await api("GET", path);
+      const [g, parked] = await Promise.all([api("GET", path), api("GET", `${path}/parked`)]);
       const s = g.settings || {};
+      const keyBody = (k) => (k.key_encoding === "base64"
+        ? { partition: k.partition, key_base64: k.key } : { partition: k.partition, key: k.key });
       live.replaceChildren(
         h("div", { class: "cards" },
           card("Lag (messages)", h("span", { id: "group-lag" }, fmtNum(g.lag))),
@@ -303,7 +305,8 @@ views.group = {
           card("Mode", s.mode || "partitioned"),
           card("Members", g.members.length),
           card("Generation", g.generation)),
-        h("p", { class: "muted" }, `ack wait ${fmtMs(s.ack_wait_ms)}, at most ${s.max_deliveries} deliveries, `
+        h("p", { class: "muted" }, `ack wait ${fmtMs(s.ack_wait_ms)}, at most ${s.max_deliveries} deliveries `
+          + `(then ${s.on_max_deliveries === "park" ? "park the key" : "dead-letter"}), `
           + `${s.max_in_flight} in flight, ${s.max_in_flight_per_key} per key, session ${fmtMs(s.session_timeout_ms)}`),
         h("h2", {}, "Members"),
         table(["Member", "Client", "Joined", "Partitions"],
@@ -312,7 +315,21 @@ views.group = {
         table(["Partition#", "Member", "Epoch#", "Committed#", "Acked beyond#", "End#", "Lag#", "Lag (time)"],
           g.partitions.map((p) => [num(p.partition), p.member_id || "–", num(p.epoch), num(p.committed),
             num(p.acked_beyond), num(p.high_watermark), num(p.lag),
-            p.known ? fmtMs(p.oldest_unacked_age_ms) : h("span", { class: "pill bad" }, "unknown")])));
+            p.known ? fmtMs(p.oldest_unacked_age_ms) : h("span", { class: "pill bad" }, "unknown")])),
+        h("h2", {}, "Parked keys"),
+        table(["Partition#", "Key", "Head offset#", "Head payload", ""],
+          parked.keys.map((k) => [num(k.partition), k.key, num(k.head_offset),
+            k.head ? show(k.head.payload, k.head.payload_encoding, "text") : "–",
+            h("span", {},
+              h("button", { class: "plain", type: "button", "data-resume": k.key, onclick: () => {
+                if (!confirm(`Resume key ${k.key}: deliver its head again?`)) return;
+                act(`Key ${k.key} resumed`, () => api("POST", `${path}/parked/resume`, keyBody(k)));
+              } }, "Resume"), " ",
+              h("button", { class: "danger", type: "button", "data-skip": k.key, onclick: () => {
+                if (!confirm(`Skip key ${k.key}'s head to the dead-letter station?`)) return;
+                act(`Key ${k.key} skipped`, () => api("POST", `${path}/parked/skip`, keyBody(k)));
+              } }, "Skip"))]),
+          "No parked keys."));
     };
   },
 };
