@@ -205,13 +205,15 @@ async fn a_poison_key_parks_survives_failover_and_is_resumed_or_skipped() {
         },
     )
     .await;
-    assert!(
+    wait_until(Duration::from_secs(10), "no key parked", || async {
         client
             .list_parked("quarantine", "billing", None)
             .await
             .expect("list")
             .is_empty()
-    );
+            .then_some(())
+    })
+    .await;
 
     // Skip: another key parks; skipping moves its head to the dead-letter station and the
     // key goes on with its next message.

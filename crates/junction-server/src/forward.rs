@@ -9,9 +9,9 @@ use junction_proto::v1::broker_client::BrokerClient;
 use junction_proto::v1::groups_client::GroupsClient;
 use junction_raft::peer_auth::AttachSecret;
 use parking_lot::Mutex;
-use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
 
 /// gRPC metadata key counting how many times a request was forwarded.
 pub const HOPS_HEADER: &str = "x-junction-hops";
@@ -120,6 +120,19 @@ pub fn forwarded(s: Status) -> Status {
 }
 
 impl ClientPool {
+    /// A request this node makes of its own services in process (dead letters, resends),
+    /// carrying the node credential as a forwarded call does: it is authorized already.
+    pub fn node_request<T>(&self, message: T) -> Request<T> {
+        let mut stamp = self.node.clone();
+        match tonic::service::Interceptor::call(&mut stamp, Request::new(())) {
+            Ok(r) => {
+                let (metadata, extensions, ()) = r.into_parts();
+                Request::from_parts(metadata, extensions, message)
+            }
+            Err(_) => Request::new(message),
+        }
+    }
+
     /// Returns a pool that dials `dial[addr]` instead of `addr` where given.
     /// Calls go over TLS when `tls` is given.
     pub fn with_overrides(

@@ -12,6 +12,7 @@ use junction_broker::delivery::{
 };
 use junction_broker::groups::{GroupPosition, MemberView, SeekTarget};
 use junction_broker::{Broker, BrokerError};
+use junction_proto::v1::broker_server::Broker as _;
 use junction_proto::v1::consume_request::Request as ConsumeReq;
 use junction_proto::v1::groups_server::Groups;
 use junction_proto::v1::*;
@@ -166,12 +167,6 @@ impl GroupsService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(ParkedKeyResponse { keys }))
-    }
-
-    fn my_addr(&self) -> Result<String, Status> {
-        self.broker
-            .addr_of(self.broker.node_id())
-            .ok_or_else(|| Status::internal("this node's own address is unknown"))
     }
 }
 
@@ -974,25 +969,25 @@ impl Groups for GroupsService {
         let r = req.into_inner();
         let station = parse(&r.station)?;
         let dls = dead_letter_station(&station.full());
-        let me = self.my_addr()?;
-        let mut client = self.clients.broker(&me)?;
+        // Through this node's own broker service, in process: it routes the reads and the
+        // appends to the partitions' leaders wherever they are.
         let mut next = r.from_offset;
         let mut resent = 0u64;
         loop {
             if r.to_offset != 0 && next >= r.to_offset {
                 break;
             }
-            let resp = client
-                .read(ReadRequest {
+            let resp = self
+                .routes
+                .read(self.clients.node_request(ReadRequest {
                     station: dls.clone(),
                     partition: 0,
                     start: Some(read_request::Start::Offset(next)),
                     max_messages: 500,
                     max_bytes: 0,
                     local_replica: false,
-                })
-                .await
-                .map_err(forwarded)?
+                }))
+                .await?
                 .into_inner();
             if resp.messages.is_empty() {
                 next = next.max(resp.next_offset);
@@ -1026,15 +1021,14 @@ impl Groups for GroupsService {
             }
             if !batch.is_empty() {
                 let n = batch.len() as u64;
-                client
-                    .produce(ProduceRequest {
+                self.routes
+                    .produce(self.clients.node_request(ProduceRequest {
                         station: station.full(),
                         messages: batch,
                         request_id: 0,
                         producer: None,
-                    })
-                    .await
-                    .map_err(forwarded)?;
+                    }))
+                    .await?;
                 resent += n;
             }
         }
@@ -1045,40 +1039,42 @@ impl Groups for GroupsService {
     }
 }
 
-/// Appends dead letters through this node's own public API, which routes them to the
-/// dead-letter station's leader wherever it is.
-pub struct LoopbackDeadLetters {
+/// Appends dead letters through this node's own broker service, in process (no network
+/// call to itself): the service routes each append to the dead-letter station's leader
+/// wherever it is.
+pub struct InProcessDeadLetters {
+    pub service: std::sync::Weak<BrokerService>,
     pub clients: Arc<ClientPool>,
-    pub self_addr: String,
 }
 
-impl DeadLetterSink for LoopbackDeadLetters {
+impl DeadLetterSink for InProcessDeadLetters {
     fn append(
         &self,
         station: String,
         record: Record,
     ) -> futures::future::BoxFuture<'static, Result<(), BrokerError>> {
-        let client = self.clients.broker(&self.self_addr);
+        let service = self.service.upgrade();
+        let req = self.clients.node_request(ProduceRequest {
+            station,
+            messages: vec![Message {
+                key: record.key,
+                headers: record
+                    .headers
+                    .into_iter()
+                    .map(|(key, value)| Header { key, value })
+                    .collect(),
+                payload: record.payload.into(),
+                partition: Some(0),
+                msg_id: None,
+            }],
+            request_id: 0,
+            producer: None,
+        });
         Box::pin(async move {
-            let mut client =
-                client.map_err(|s| BrokerError::Unavailable(s.message().to_string()))?;
-            let req = ProduceRequest {
-                station,
-                messages: vec![Message {
-                    key: record.key,
-                    headers: record
-                        .headers
-                        .into_iter()
-                        .map(|(key, value)| Header { key, value })
-                        .collect(),
-                    payload: record.payload.into(),
-                    partition: Some(0),
-                    msg_id: None,
-                }],
-                request_id: 0,
-                producer: None,
+            let Some(service) = service else {
+                return Err(BrokerError::Unavailable("the node is stopping".into()));
             };
-            match tokio::time::timeout(DLS_TIMEOUT, client.produce(req)).await {
+            match tokio::time::timeout(DLS_TIMEOUT, service.produce(req)).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(s)) => Err(BrokerError::Unavailable(format!(
                     "dead-letter append failed: {}",

@@ -80,6 +80,9 @@ pub struct ServerHandle {
     peer_stop: CancellationToken,
     failed: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The service dead letters are appended through; the broker's sink holds it weakly (the
+    /// service holds the broker).
+    _dead_letters: Arc<broker_service::BrokerService>,
 }
 
 /// How often the server checks whether its store was poisoned.
@@ -284,12 +287,15 @@ impl Server {
             );
         }
         let stop = CancellationToken::new();
-        if let Some(self_addr) = broker.addr_of(broker.node_id()) {
-            broker.set_dead_letter_sink(Arc::new(groups_service::LoopbackDeadLetters {
-                clients: clients.clone(),
-                self_addr,
-            }));
-        }
+        let dead_letters = Arc::new(broker_service::BrokerService::new(
+            broker.clone(),
+            clients.clone(),
+            auth.clone(),
+        ));
+        broker.set_dead_letter_sink(Arc::new(groups_service::InProcessDeadLetters {
+            service: Arc::downgrade(&dead_letters),
+            clients: clients.clone(),
+        }));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -452,6 +458,7 @@ impl Server {
             peer_stop,
             failed,
             tasks,
+            _dead_letters: dead_letters,
         })
     }
 }

@@ -467,6 +467,18 @@ pub fn apply_cursor_command(
                         c.ack(*o);
                     }
                 }
+                // A finished head is not parked any more, whichever write lands first.
+                if !c.parked.is_empty() {
+                    let acked: Vec<Vec<u8>> = c
+                        .parked
+                        .iter()
+                        .filter(|(_, head)| c.is_acked(**head))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in acked {
+                        c.parked.remove(&k);
+                    }
+                }
             }
             CommandResponse::Cursor(cursors.get(group).cloned())
         }
@@ -907,6 +919,18 @@ mod tests {
         // Another incarnation's command changes nothing.
         apply_cursor_command(&mut cs, &park("c", Some(3), 2), 0, 100);
         apply_cursor_command(&mut cs, &park("b", None, 1), 0, 100);
+        apply_cursor_command(&mut cs, &park("d", Some(11), 1), 0, 100);
+        // An acked head is no longer parked.
+        apply_cursor_command(
+            &mut cs,
+            &PartitionCommand::GroupAck {
+                group: "g".into(),
+                uid: 1,
+                offsets: vec![11],
+            },
+            0,
+            100,
+        );
         let parked = |cs: &GroupCursors, g: &str| cs.get(g).map(|c| c.parked.clone());
         assert_eq!(parked(&cs, "g"), Some(BTreeMap::from([(b"a".to_vec(), 7)])));
         apply_cursor_command(
