@@ -740,6 +740,137 @@ async fn consumer_group_commands() {
     cluster.shutdown().await;
 }
 
+/// `consume --exec` runs a command per message, several at once in a key-shared group,
+/// acks what exits 0 and nacks the rest; each key's messages still run one at a time, in
+/// order. A parking group's poison key shows in `group parked` and is skipped with
+/// `group skip`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consume_exec_runs_a_command_per_message_and_parked_keys_are_managed() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("jobs", 2, 3).await.expect("station");
+    let lines: String = (0..40).map(|i| format!("k{}\tjob-{i}\n", i % 4)).collect();
+    let r = run_with_input(
+        &cluster,
+        &["produce", "jobs", "--key-sep", "TAB"],
+        lines.as_bytes(),
+    )
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().display().to_string();
+    // Each command appends its payload to its key's file, slowly enough that four run at
+    // once; a command that finds its key's lock held reports an overlap.
+    let cmd = format!(
+        "mkdir {out}/lock-$JUNCTION_KEY 2>/dev/null || echo overlap >> {out}/overlaps; \
+         cat >> {out}/$JUNCTION_KEY; echo >> {out}/$JUNCTION_KEY; sleep 0.05; \
+         rmdir {out}/lock-$JUNCTION_KEY"
+    );
+    let r = run(
+        &cluster,
+        &[
+            "consume",
+            "jobs",
+            "--group",
+            "exec",
+            "--mode",
+            "key_shared",
+            "--exec",
+            &cmd,
+            "--concurrency",
+            "4",
+            "--count",
+            "40",
+        ],
+    )
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("40 message(s) handled"), "{}", r.stderr);
+    assert!(
+        !dir.path().join("overlaps").exists(),
+        "two commands held one key at once"
+    );
+    for k in 0..4 {
+        let got = std::fs::read_to_string(dir.path().join(format!("k{k}"))).expect("key file");
+        let want: Vec<String> = (0..40)
+            .filter(|i| i % 4 == k)
+            .map(|i| format!("job-{i}"))
+            .collect();
+        assert_eq!(got.lines().collect::<Vec<_>>(), want, "key k{k} in order");
+    }
+
+    // A parking group: the command fails for one key; it parks, the rest are acked.
+    let r = run(
+        &cluster,
+        &[
+            "consume",
+            "jobs",
+            "--group",
+            "strict",
+            "--on-max-deliveries",
+            "park",
+            "--max-deliveries",
+            "1",
+            "--exec",
+            "test \"$JUNCTION_KEY\" != k2",
+            "--retry-delay-ms",
+            "0",
+            "--count",
+            "30",
+        ],
+    )
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let parked = wait_until(Duration::from_secs(15), "k2 parked", || async {
+        let v = ok_json(&cluster, &["group", "parked", "jobs", "strict", "--json"]).await;
+        (v.as_array().map(Vec::len) == Some(1)).then_some(v)
+    })
+    .await;
+    assert_eq!(parked[0]["key"], "k2", "{parked}");
+    assert_eq!(parked[0]["head"]["payload"], "job-2", "{parked}");
+    let p = parked[0]["partition"]
+        .as_u64()
+        .expect("partition")
+        .to_string();
+    let d = ok(&cluster, &["group", "describe", "jobs", "strict"]).await;
+    assert!(d.contains("then park"), "{d}");
+    let not = run(
+        &cluster,
+        &[
+            "group",
+            "resume",
+            "jobs",
+            "strict",
+            "--partition",
+            &p,
+            "--key",
+            "k1",
+        ],
+    )
+    .await;
+    assert!(
+        !not.ok && not.stderr.contains("not parked"),
+        "{}",
+        not.stderr
+    );
+    let skipped = ok(
+        &cluster,
+        &[
+            "group",
+            "skip",
+            "jobs",
+            "strict",
+            "--partition",
+            &p,
+            "--key",
+            "k2",
+        ],
+    )
+    .await;
+    assert!(skipped.contains("skipped"), "{skipped}");
+    cluster.shutdown().await;
+}
+
 /// Exactly-once from the command line: a station with a dedup window, `produce
 /// --msg-id-header` run twice on the same input stores each line once, and `station describe`
 /// shows the window, the producers and the ids held.

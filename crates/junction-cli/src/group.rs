@@ -54,6 +54,20 @@ pub struct ConsumeArgs {
     /// One JSON object per line (with `delivery_count`).
     #[arg(long)]
     pub json: bool,
+    /// Run this command (`sh -c`) for each message instead of printing it: the payload on its
+    /// stdin; `JUNCTION_STATION`, `JUNCTION_PARTITION`, `JUNCTION_OFFSET`, `JUNCTION_KEY` and
+    /// `JUNCTION_DELIVERY` in its environment. Exit status 0 acks the message; anything else
+    /// nacks it (delivered again after --retry-delay, until the group's max deliveries).
+    /// `--count` then counts acknowledged messages.
+    #[arg(long, conflicts_with = "json")]
+    pub exec: Option<String>,
+    /// With --exec: commands running at once. The cluster sends a key's next message only
+    /// once the previous one is finished, so each key keeps its order.
+    #[arg(long, default_value_t = 1, requires = "exec")]
+    pub concurrency: usize,
+    /// With --exec: how long a failed message waits before it is delivered again, in ms.
+    #[arg(long, default_value_t = 1000, requires = "exec")]
+    pub retry_delay_ms: u64,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -85,8 +99,16 @@ fn on_max_deliveries_name(v: i32) -> &'static str {
     }
 }
 
+/// A message key given on the command line.
+#[derive(Debug, Clone)]
+pub struct KeyArg(pub Vec<u8>);
+
 /// A key as typed: text, or `hex:` followed by hex digits.
-fn parse_key(s: &str) -> Result<Vec<u8>, String> {
+fn parse_key(s: &str) -> Result<KeyArg, String> {
+    parse_key_bytes(s).map(KeyArg)
+}
+
+fn parse_key_bytes(s: &str) -> Result<Vec<u8>, String> {
     match s.strip_prefix("hex:") {
         Some(h) if h.len() % 2 == 0 => (0..h.len())
             .step_by(2)
@@ -172,7 +194,7 @@ pub enum GroupCommand {
         partition: u32,
         /// The key (text, or `hex:…`).
         #[arg(long, value_parser = parse_key)]
-        key: Vec<u8>,
+        key: KeyArg,
     },
     /// Deliver a parked key's head again (with fresh deliveries), or every parked key.
     Resume {
@@ -182,7 +204,7 @@ pub enum GroupCommand {
         partition: u32,
         /// The key (text, or `hex:…`).
         #[arg(long, value_parser = parse_key, required_unless_present = "all")]
-        key: Option<Vec<u8>>,
+        key: Option<KeyArg>,
         /// Every parked key of the partition.
         #[arg(long, conflicts_with = "key")]
         all: bool,
@@ -232,6 +254,107 @@ fn start_setting(s: Start) -> group_settings::Start {
     }
 }
 
+/// Runs `cmd` for each message, up to `--concurrency` at once, until `--count` messages are
+/// acked, `--idle-exit` passes with nothing to do, or Ctrl-C; returns how many were acked.
+async fn exec_each(
+    consumer: &mut junction_client::GroupConsumer,
+    args: &ConsumeArgs,
+    cmd: &str,
+) -> anyhow::Result<u64> {
+    let acker = consumer.acker();
+    let retry = Duration::from_millis(args.retry_delay_ms);
+    let mut running = tokio::task::JoinSet::new();
+    let mut acked = 0u64;
+    let mut open = true;
+    let idle = args.idle_exit.map(Duration::from_secs);
+    loop {
+        let wanted = args
+            .count
+            .is_none_or(|c| acked + (running.len() as u64) < c);
+        if (!open || args.count.is_some_and(|c| acked >= c)) && running.is_empty() {
+            return Ok(acked);
+        }
+        let room = open && wanted && running.len() < args.concurrency.max(1);
+        let next = async {
+            match idle {
+                Some(d) => tokio::time::timeout(d, consumer.recv()).await.ok(),
+                None => Some(consumer.recv().await),
+            }
+        };
+        tokio::select! {
+            m = next, if room => match m {
+                Some(Some(m)) => {
+                    let (cmd, station) = (cmd.to_owned(), args.station.clone());
+                    running.spawn(async move {
+                        let r = run_command(&cmd, &station, &m).await;
+                        (m, r)
+                    });
+                }
+                // The consumer stopped, or nothing came for --idle-exit.
+                Some(None) | None => open = false,
+            },
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let (m, r) = done.context("a command task failed")?;
+                match r {
+                    Ok(()) => {
+                        acker.ack(&m);
+                        acked += 1;
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "partition {} offset {}: {e}; delivered again in {} ms",
+                            m.partition(),
+                            m.offset(),
+                            retry.as_millis()
+                        );
+                        acker.nack(&m, retry);
+                    }
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(acked),
+        }
+    }
+}
+
+/// Runs `cmd` with the message on stdin; `Err` says how it failed.
+async fn run_command(
+    cmd: &str,
+    station: &str,
+    m: &junction_client::GroupMessage,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c")
+        .arg(cmd)
+        .env("JUNCTION_STATION", station)
+        .env("JUNCTION_PARTITION", m.partition().to_string())
+        .env("JUNCTION_OFFSET", m.offset().to_string())
+        .env("JUNCTION_DELIVERY", m.delivery_count.to_string())
+        .env(
+            "JUNCTION_KEY",
+            m.message
+                .key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+        )
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("cannot start `{cmd}`: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input is fine.
+        let _ = stdin.write_all(&m.message.payload).await;
+    }
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{cmd}` exited with {status}"))
+    }
+}
+
 pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let client = args.conn.client()?;
     let options = GroupOptions {
@@ -254,6 +377,14 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .group_consumer(&args.station, &args.group, options)
         .await
         .with_context(|| format!("joining group {} of {}", args.group, args.station))?;
+    if let Some(cmd) = args.exec.clone() {
+        let handled = exec_each(&mut consumer, &args, &cmd).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        consumer.close().await.context("leaving the group")?;
+        let handled = handled?;
+        eprintln!("{handled} message(s) handled");
+        return Ok(());
+    }
     let mut stdout = std::io::BufWriter::new(std::io::stdout());
     let mut printed = 0u64;
     let idle = args.idle_exit.map(Duration::from_secs);
@@ -490,12 +621,12 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             key,
         } => {
             client
-                .skip_parked(&station, &group, partition, &key)
+                .skip_parked(&station, &group, partition, &key.0)
                 .await
                 .context("skipping")?;
             out(&format!(
                 "key {} skipped: its head goes to the dead-letter station",
-                key_text(&key)
+                key_text(&key.0)
             ))
         }
         GroupCommand::Resume {
@@ -506,7 +637,12 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
             all: _,
         } => {
             let n = client
-                .resume_parked(&station, &group, partition, key.as_deref())
+                .resume_parked(
+                    &station,
+                    &group,
+                    partition,
+                    key.as_ref().map(|k| k.0.as_slice()),
+                )
                 .await
                 .context("resuming")?;
             out(&format!("{n} key(s) resumed"))

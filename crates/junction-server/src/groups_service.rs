@@ -40,6 +40,23 @@ macro_rules! on_controller {
     };
 }
 
+/// Forwards the call to the leader of `$partition` unless this node leads it.
+macro_rules! on_partition_leader {
+    ($self:ident, $hops:ident, $req:ident, $partition:expr, $method:ident) => {
+        if let Some(addr) = $self
+            .partition_route(&$req.station, $partition, $hops)
+            .await?
+        {
+            return $self
+                .clients
+                .groups(&addr)?
+                .$method(with_hops($req, $hops + 1))
+                .await
+                .map_err(forwarded);
+        }
+    };
+}
+
 /// The most messages one `Fetch` hands out.
 pub const MAX_FETCH: u32 = 1000;
 
@@ -609,14 +626,7 @@ impl Groups for GroupsService {
         let station = parse(&r.station)?;
         if let Some(p) = r.partition {
             // One partition's position, on its leader.
-            if let Some(addr) = self.partition_route(&r.station, p, hops).await? {
-                return self
-                    .clients
-                    .groups(&addr)?
-                    .clone_group(with_hops(r, hops + 1))
-                    .await
-                    .map_err(forwarded);
-            }
+            on_partition_leader!(self, hops, r, p, clone_group);
             self.broker
                 .clone_partition(&station, &r.from_group, &r.to_group, p)
                 .await
@@ -792,14 +802,7 @@ impl Groups for GroupsService {
             )));
         }
         let station = parse(&r.station)?;
-        if let Some(addr) = self.partition_route(&r.station, r.partition, hops).await? {
-            return self
-                .clients
-                .groups(&addr)?
-                .fetch(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_partition_leader!(self, hops, r, r.partition, fetch);
         let member = PullMember {
             station: &station,
             group: &r.group,
@@ -858,14 +861,7 @@ impl Groups for GroupsService {
                 ));
             }
         };
-        if let Some(addr) = self.partition_route(&r.station, r.partition, hops).await? {
-            return self
-                .clients
-                .groups(&addr)?
-                .settle(with_hops(r, hops + 1))
-                .await
-                .map_err(forwarded);
-        }
+        on_partition_leader!(self, hops, r, r.partition, settle);
         let member = PullMember {
             station: &station,
             group: &r.group,
