@@ -27,7 +27,7 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Rest>> {
 
 /// Nodes, their liveness, the metadata leader and every station with its partitions.
 #[utoipa::path(get, path = "/cluster", tag = "cluster",
-    responses((status = 200, body = Cluster), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Cluster), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn cluster(State(s): State<Arc<Rest>>, caller: Caller) -> Result<Json<Cluster>, Problem> {
     let r = s
         .admin
@@ -38,7 +38,7 @@ async fn cluster(State(s): State<Arc<Rest>>, caller: Caller) -> Result<Json<Clus
 
 /// Who the presented credential says the caller is.
 #[utoipa::path(get, path = "/whoami", tag = "cluster",
-    responses((status = 200, body = WhoAmI), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = WhoAmI), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn whoami(State(s): State<Arc<Rest>>, caller: Caller) -> Result<Json<WhoAmI>, Problem> {
     let r = s
         .admin
@@ -48,7 +48,7 @@ async fn whoami(State(s): State<Arc<Rest>>, caller: Caller) -> Result<Json<WhoAm
 }
 
 #[utoipa::path(get, path = "/tenants", tag = "tenants",
-    responses((status = 200, body = Tenants), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Tenants), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_tenants(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -63,7 +63,7 @@ async fn list_tenants(
 }
 
 #[utoipa::path(post, path = "/tenants", tag = "tenants", request_body = CreateTenant,
-    responses((status = 201, body = CreateTenant), (status = "default", body = ProblemDoc)))]
+    responses((status = 201, body = CreateTenant), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn create_tenant(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -79,7 +79,7 @@ async fn create_tenant(
 
 /// Stations (of one tenant with `?tenant=`), without their partitions.
 #[utoipa::path(get, path = "/stations", tag = "stations", params(StationsQuery),
-    responses((status = 200, body = Stations), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Stations), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_stations(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -102,7 +102,7 @@ async fn list_stations(
 }
 
 #[utoipa::path(post, path = "/stations", tag = "stations", request_body = CreateStation,
-    responses((status = 201, body = Station), (status = "default", body = ProblemDoc)))]
+    responses((status = 201, body = Station), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn create_station(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -133,7 +133,7 @@ async fn create_station(
 /// A station with its partitions: leaders, replicas, offsets and sizes.
 #[utoipa::path(get, path = "/stations/{tenant}/{station}", tag = "stations",
     params(("tenant" = String, Path), ("station" = String, Path)),
-    responses((status = 200, body = Station), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Station), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn describe_station(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -155,7 +155,7 @@ async fn describe_station(
 /// Replaces the station's retention, discard, compaction and deduplication settings.
 #[utoipa::path(put, path = "/stations/{tenant}/{station}", tag = "stations",
     params(("tenant" = String, Path), ("station" = String, Path)), request_body = UpdateStation,
-    responses((status = 200, body = Station), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Station), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn update_station(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -178,7 +178,7 @@ async fn update_station(
 
 #[utoipa::path(delete, path = "/stations/{tenant}/{station}", tag = "stations",
     params(("tenant" = String, Path), ("station" = String, Path)),
-    responses((status = 200, body = Done), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Done), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn delete_station(
     State(s): State<Arc<Rest>>,
     caller: Caller,

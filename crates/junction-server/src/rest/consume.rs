@@ -248,7 +248,7 @@ impl Rest {
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/fetch", tag = "consume",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = Fetch,
-    responses((status = 200, body = FetchedBatch), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = FetchedBatch), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn fetch(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -467,8 +467,8 @@ async fn settle(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/ack", tag = "consume",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = Receipts,
-    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc),
-        (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc, content_type = "application/problem+json"),
+        (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn ack(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -493,8 +493,8 @@ async fn ack(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/nack", tag = "consume",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = NackReceipts,
-    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc),
-        (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc, content_type = "application/problem+json"),
+        (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn nack(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -520,8 +520,8 @@ async fn nack(
     tag = "consume",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = Receipts,
-    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc),
-        (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Settled), (status = 409, body = ProblemDoc, content_type = "application/problem+json"),
+        (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn in_progress(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -537,7 +537,7 @@ async fn in_progress(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/leave", tag = "consume",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = Leave,
-    responses((status = 200, body = super::model::Done), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = super::model::Done), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn leave(
     State(s): State<Arc<Rest>>,
     caller: Caller,

@@ -39,7 +39,7 @@ fn one_group(r: tonic::Response<pb::GroupInfo>) -> Json<Group> {
 /// The station's consumer groups, with their members.
 #[utoipa::path(get, path = "/stations/{tenant}/{station}/groups", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path)),
-    responses((status = 200, body = Groups), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Groups), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_groups(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -58,7 +58,7 @@ async fn list_groups(
 
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path)), request_body = CreateGroup,
-    responses((status = 201, body = Group), (status = "default", body = ProblemDoc)))]
+    responses((status = 201, body = Group), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn create_group(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -79,7 +79,7 @@ async fn create_group(
 /// Settings, members, and per partition the position and the lag in messages and in time.
 #[utoipa::path(get, path = "/stations/{tenant}/{station}/groups/{group}", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
-    responses((status = 200, body = Group), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Group), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn describe_group(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -98,7 +98,7 @@ async fn describe_group(
 
 #[utoipa::path(delete, path = "/stations/{tenant}/{station}/groups/{group}", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
-    responses((status = 200, body = Done), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Done), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn delete_group(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -118,7 +118,7 @@ async fn delete_group(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/seek", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = Seek,
-    responses((status = 200, body = Group), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Group), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn seek_group(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -141,7 +141,7 @@ async fn seek_group(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/clone", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = CloneGroup,
-    responses((status = 201, body = Group), (status = "default", body = ProblemDoc)))]
+    responses((status = 201, body = Group), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn clone_group(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -164,7 +164,7 @@ async fn clone_group(
 /// how many deliveries.
 #[utoipa::path(get, path = "/stations/{tenant}/{station}/dead-letters", tag = "dead letters",
     params(("tenant" = String, Path), ("station" = String, Path), DeadLettersQuery),
-    responses((status = 200, body = DeadLetters), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = DeadLetters), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_dead_letters(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -208,7 +208,7 @@ async fn list_dead_letters(
 #[utoipa::path(post, path = "/stations/{tenant}/{station}/dead-letters/resend",
     tag = "dead letters",
     params(("tenant" = String, Path), ("station" = String, Path)), request_body = Resend,
-    responses((status = 200, body = Resent), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Resent), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn resend_dead_letters(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -234,7 +234,7 @@ async fn resend_dead_letters(
 /// The keys the group parked (`on_max_deliveries: park`), each with its head message.
 #[utoipa::path(get, path = "/stations/{tenant}/{station}/groups/{group}/parked", tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
-    responses((status = 200, body = ParkedKeys), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = ParkedKeys), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn list_parked(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -279,7 +279,7 @@ fn parked_request(
     tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = ParkedKeyAction,
-    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn resume_parked(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -298,7 +298,7 @@ async fn resume_parked(
     tag = "groups",
     params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
     request_body = ParkedKeyAction,
-    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = ParkedDone), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn skip_parked(
     State(s): State<Arc<Rest>>,
     caller: Caller,

@@ -37,7 +37,7 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Rest>> {
     params(("tenant" = String, Path), ("station" = String, Path),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry store nothing again (stations with a dedup window)")),
     request_body = Produce,
-    responses((status = 200, body = Produced), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Produced), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn produce(
     State(s): State<Arc<Rest>>,
     caller: Caller,
@@ -94,7 +94,7 @@ async fn produce(
     tag = "messages",
     params(("tenant" = String, Path), ("station" = String, Path), ("partition" = u32, Path),
         ReadQuery),
-    responses((status = 200, body = Messages), (status = "default", body = ProblemDoc)))]
+    responses((status = 200, body = Messages), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
 async fn read(
     State(s): State<Arc<Rest>>,
     caller: Caller,
