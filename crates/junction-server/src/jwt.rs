@@ -34,6 +34,8 @@ use crate::config::ConfigError;
 pub const LEEWAY: Duration = Duration::from_secs(30);
 /// How often the JWKS file is looked at again.
 const JWKS_RECHECK: Duration = Duration::from_secs(5);
+/// Verified tokens remembered at most (the memory is cleared when full).
+const VERIFIED_MAX: usize = 10_000;
 
 /// Where the verification keys come from.
 #[derive(Debug, Clone)]
@@ -107,6 +109,15 @@ struct Loaded {
     bytes: Vec<u8>,
     keys: Vec<Key>,
     checked: Instant,
+    /// Increases when the keys change: what was verified with the old keys is verified again.
+    generation: u64,
+}
+
+/// A token whose signature and claims were checked, by the SHA-256 of its text.
+struct Verified {
+    principal: Principal,
+    exp: i64,
+    generation: u64,
 }
 
 fn config_error(m: String) -> ConfigError {
@@ -228,6 +239,11 @@ fn now_s() -> i64 {
 pub struct JwtVerifier {
     config: JwtConfig,
     loaded: Mutex<Loaded>,
+    /// Clients send the same token with every call: its signature is checked once, then its
+    /// expiry on each use, until the keys change.
+    verified: Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+    /// Calls answered from `verified` (tests watch it).
+    hits: std::sync::atomic::AtomicU64,
 }
 
 impl JwtVerifier {
@@ -247,7 +263,10 @@ impl JwtVerifier {
                 bytes,
                 keys,
                 checked: Instant::now(),
+                generation: 0,
             }),
+            verified: Mutex::default(),
+            hits: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -265,6 +284,7 @@ impl JwtVerifier {
                 tracing::info!(keys = keys.len(), "JWT verification keys reloaded");
                 loaded.bytes = bytes;
                 loaded.keys = keys;
+                loaded.generation += 1;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "JWT key file changed but does not load; keeping the previous keys")
@@ -277,9 +297,50 @@ impl JwtVerifier {
         self.verify_at(token, now_s())
     }
 
-    /// [`JwtVerifier::verify`] at the time `now` (seconds since the epoch).
+    /// [`JwtVerifier::verify`] at the time `now` (seconds since the epoch): from the tokens
+    /// already verified with the current keys (checking only the expiry), or in full.
     fn verify_at(&self, token: &str, now: i64) -> Result<Principal, AuthError> {
         self.refresh();
+        let generation = self.loaded.lock().generation;
+        let digest: [u8; 32] = match ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+        {
+            Ok(d) => d,
+            Err(_) => return self.verify_signed(token, now),
+        };
+        let leeway = LEEWAY.as_secs() as i64;
+        {
+            let mut verified = self.verified.lock();
+            if let Some(v) = verified.get(&digest).filter(|v| v.generation == generation) {
+                if now > v.exp.saturating_add(leeway) {
+                    verified.remove(&digest);
+                    return Err(AuthError::TokenExpired);
+                }
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(v.principal.clone());
+            }
+        }
+        let principal = self.verify_signed(token, now)?;
+        if let Some(exp) = principal.expires_ms.map(|ms| ms / 1000) {
+            let mut verified = self.verified.lock();
+            if verified.len() >= VERIFIED_MAX {
+                verified.clear();
+            }
+            verified.insert(
+                digest,
+                Verified {
+                    principal: principal.clone(),
+                    exp,
+                    generation,
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    /// Checks the token's signature and claims.
+    fn verify_signed(&self, token: &str, now: i64) -> Result<Principal, AuthError> {
         let rejected = |why: String| AuthError::TokenRejected(why);
         let malformed = |why: &str| AuthError::Malformed(format!("not a JWT: {why}"));
         let mut parts = token.split('.');

@@ -384,3 +384,45 @@ fn a_rotated_jwks_is_picked_up_without_a_restart() -> TestResult {
     v.verify(&token)?;
     Ok(())
 }
+
+/// A token is verified once; later calls check only its expiry, until the keys change.
+#[test]
+fn a_verified_token_is_remembered_until_it_expires_or_the_keys_change() -> TestResult {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (es256_key("a")?, es256_key("b")?);
+    let v = verifier(dir.path(), &[&a, &b])?;
+    let token = sign(&a, &claims())?;
+    let first = v.verify(&token)?;
+    assert_eq!(v.hits.load(Ordering::Relaxed), 0);
+    assert_eq!(v.verify(&token)?, first);
+    assert_eq!(
+        v.hits.load(Ordering::Relaxed),
+        1,
+        "the second call is remembered"
+    );
+    // Past its expiry (and the leeway) the remembered token is refused.
+    let later = now_s() + 600 + LEEWAY.as_secs() as i64 + 1;
+    assert!(matches!(
+        v.verify_at(&token, later),
+        Err(AuthError::TokenExpired)
+    ));
+    // A tampered token is another token: verified in full, and refused.
+    let mut tampered = token.clone();
+    tampered.push('A');
+    assert!(v.verify(&tampered).is_err());
+    // Key `a` withdrawn: its tokens are checked again, and refused.
+    v.verify(&token)?;
+    write_jwks(dir.path(), &[&b])?;
+    {
+        let mut loaded = v.loaded.lock();
+        loaded.checked = Instant::now()
+            .checked_sub(JWKS_RECHECK)
+            .unwrap_or(loaded.checked);
+    }
+    assert!(
+        rejected_because(v.verify(&token), "no configured key"),
+        "a token of a withdrawn key must not be served from memory"
+    );
+    Ok(())
+}
