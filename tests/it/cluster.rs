@@ -673,3 +673,68 @@ fn dead_addr() -> String {
         .expect("addr")
         .to_string()
 }
+
+/// A W3C `traceparent` in a produce call's metadata is stored with every message that has
+/// none of its own, also when the call is forwarded to the partition's leader, so consumers
+/// continue the producer's trace; a malformed one is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_traceparent_is_stored_with_the_messages_it_produced() {
+    use junction_proto::v1::broker_client::BrokerClient;
+    use junction_proto::v1::{Header, ProduceRequest};
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client
+        .create_station("traced", 1, 3)
+        .await
+        .expect("station");
+    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
+        cluster.partition_leader(s.partition_info[0].group_id)
+    })
+    .await;
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let mut broker = BrokerClient::new(cluster.channel(follower).await);
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let own = "00-11111111111111111111111111111111-2222222222222222-00";
+    let produce = |trace: &'static str| {
+        let mut req = tonic::Request::new(ProduceRequest {
+            station: "traced".into(),
+            messages: vec![
+                keyed("a", "plain"),
+                junction_proto::v1::Message {
+                    headers: vec![Header {
+                        key: "traceparent".into(),
+                        value: own.as_bytes().to_vec(),
+                    }],
+                    ..keyed("b", "own")
+                },
+            ],
+            request_id: 0,
+            producer: None,
+        });
+        req.metadata_mut()
+            .insert("traceparent", trace.parse().expect("metadata"));
+        req
+    };
+    broker.produce(produce(tp)).await.expect("produce");
+    broker
+        .produce(produce("not-a-trace"))
+        .await
+        .expect("produce with a malformed traceparent");
+    let stored = read_all(&client, "traced", 0).await;
+    let trace_of = |i: usize| {
+        stored[i]
+            .headers
+            .iter()
+            .find(|h| h.key == "traceparent")
+            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+    };
+    assert_eq!(stored.len(), 4);
+    assert_eq!(trace_of(0).as_deref(), Some(tp), "taken from the call");
+    assert_eq!(
+        trace_of(1).as_deref(),
+        Some(own),
+        "the message's own is kept"
+    );
+    assert_eq!(trace_of(2), None, "a malformed traceparent is ignored");
+    cluster.shutdown().await;
+}

@@ -306,6 +306,22 @@ async fn stations_messages_and_bad_input_over_rest() {
         .await
         .ok()
     };
+    // A W3C traceparent on the request is stored with each message.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = http(
+        b,
+        "POST",
+        &format!("{ST}/messages"),
+        &[("Content-Type", "application/json"), ("traceparent", tp)],
+        Some(br#"{"messages": [{"key": "t", "payload": "traced", "partition": 1}]}"#),
+    )
+    .await
+    .ok();
+    let at = traced["positions"][0]["offset"].as_u64().expect("offset");
+    let back = get(c, &format!("{ST}/partitions/1/messages?from={at}&max=1"))
+        .await
+        .ok();
+    assert_eq!(back["messages"][0]["headers"]["traceparent"], tp, "{back}");
     let first = idem(a).await;
     let retry = idem(c).await;
     assert_eq!(first["positions"][0]["duplicate"], false);

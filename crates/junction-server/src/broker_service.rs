@@ -151,8 +151,14 @@ impl BrokerService {
         Ok(Some(candidates[pick % candidates.len()].clone()))
     }
 
-    /// Validates a batch and splits it by partition.
-    async fn plan(&self, req: ProduceRequest, who: &Principal) -> Result<Planned, Status> {
+    /// Validates a batch and splits it by partition. `trace` (the caller's W3C
+    /// `traceparent`) is stored with every message that carries none of its own.
+    async fn plan(
+        &self,
+        req: ProduceRequest,
+        who: &Principal,
+        trace: Option<&str>,
+    ) -> Result<Planned, Status> {
         if req.messages.is_empty() {
             return Err(Status::invalid_argument(
                 "empty batch: a produce request needs at least one message",
@@ -170,6 +176,14 @@ impl BrokerService {
         let total = req.messages.len();
         for (i, mut m) in req.messages.into_iter().enumerate() {
             move_msg_id(&mut m)?;
+            if let Some(t) = trace
+                && !m.headers.iter().any(|h| h.key == TRACEPARENT)
+            {
+                m.headers.push(Header {
+                    key: TRACEPARENT.to_string(),
+                    value: t.as_bytes().to_vec(),
+                });
+            }
             let size = m.key.as_ref().map_or(0, Vec::len)
                 + m.headers
                     .iter()
@@ -475,11 +489,12 @@ impl BrokerApi for BrokerService {
     ) -> Result<Response<ProduceResponse>, Status> {
         let hops = hops_of(&req);
         let who = self.auth.principal(req.metadata()).await?;
+        let trace = traceparent(req.metadata());
         let req = req.into_inner();
         let request_id = req.request_id;
         let mut tenant = who.tenant.clone();
         let positions = async {
-            let planned = self.plan(req, &who).await?;
+            let planned = self.plan(req, &who, trace.as_deref()).await?;
             tenant.clone_from(&planned.station.tenant);
             let total = planned.total;
             let waits = self.dispatch(planned, hops, None).await?;
@@ -550,6 +565,7 @@ impl BrokerApi for BrokerService {
         } else {
             None
         };
+        let trace = traceparent(req.metadata());
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ProduceResponse, Status>>(256);
         let svc = self.clone();
@@ -575,7 +591,7 @@ impl BrokerApi for BrokerService {
                             }
                             let mut tenant = who.tenant.clone();
                             let started = async {
-                                let planned = svc.plan(batch, &who).await?;
+                                let planned = svc.plan(batch, &who, trace.as_deref()).await?;
                                 tenant.clone_from(&planned.station.tenant);
                                 let total = planned.total;
                                 Ok::<_, Status>((total, svc.dispatch(planned, hops, Some(&mut forwarders)).await?))
@@ -804,6 +820,37 @@ fn producer_batch(p: &ProducerFields) -> ProducerBatch {
     }
 }
 
+/// The W3C trace context header: taken from a produce call's metadata and stored as a
+/// header of each message that has none, so consumers continue the producer's trace.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The caller's `traceparent`, when it is well formed (`00-<32 hex>-<16 hex>-<2 hex>`, ids
+/// not all zero); anything else is ignored, as W3C Trace Context asks.
+pub fn traceparent(md: &tonic::metadata::MetadataMap) -> Option<String> {
+    let v = md.get(TRACEPARENT)?.to_str().ok()?.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    match parts.as_slice() {
+        [version, trace, span, flags]
+            if hex(version, 2)
+                && *version != "ff"
+                && hex(trace, 32)
+                && nonzero(trace)
+                && hex(span, 16)
+                && nonzero(span)
+                && hex(flags, 2) =>
+        {
+            Some(v.to_owned())
+        }
+        _ => None,
+    }
+}
+
 /// Moves a message's `msg_id` field into its `junction-msg-id` header (where it is stored),
 /// checking its length; a header and a field that disagree are refused.
 fn move_msg_id(m: &mut Message) -> Result<(), Status> {
@@ -858,4 +905,34 @@ fn batch_error(s: &Status) -> BatchError {
 /// Whether a status means "try again" (used by tests and forwarding).
 pub fn is_retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_traceparents_are_taken() {
+        let of = |v: &str| {
+            let mut md = tonic::metadata::MetadataMap::new();
+            if let Ok(v) = v.parse() {
+                md.insert(TRACEPARENT, v);
+            }
+            traceparent(&md)
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(of(good).as_deref(), Some(good));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(of(bad), None, "{bad}");
+        }
+        assert_eq!(traceparent(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

@@ -154,6 +154,8 @@ pub fn router(rest: Arc<Rest>) -> Router {
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
     authorization: Option<HeaderValue>,
+    /// The W3C trace context, stored with produced messages.
+    traceparent: Option<HeaderValue>,
 }
 
 impl Caller {
@@ -162,6 +164,9 @@ impl Caller {
         let mut headers = HeaderMap::new();
         if let Some(v) = &self.authorization {
             headers.insert(AUTHORIZATION, v.clone());
+        }
+        if let Some(v) = &self.traceparent {
+            headers.insert(crate::broker_service::TRACEPARENT, v.clone());
         }
         tonic::Request::from_parts(
             tonic::metadata::MetadataMap::from_headers(headers),
@@ -172,8 +177,8 @@ impl Caller {
 }
 
 /// The one layer every REST request passes: it reads the credential. Only `Authorization`
-/// is carried over to the services; no other header (in particular not the cluster secret
-/// nodes use among themselves) reaches them from outside.
+/// and the W3C `traceparent` are carried over to the services; no other header (in
+/// particular not the cluster secret nodes use among themselves) reaches them from outside.
 pub async fn identify(mut req: Request, next: Next) -> Response {
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
     if let Some(v) = &authorization
@@ -185,7 +190,14 @@ pub async fn identify(mut req: Request, next: Next) -> Response {
         )
         .into_response();
     }
-    req.extensions_mut().insert(Caller { authorization });
+    let traceparent = req
+        .headers()
+        .get(crate::broker_service::TRACEPARENT)
+        .cloned();
+    req.extensions_mut().insert(Caller {
+        authorization,
+        traceparent,
+    });
     next.run(req).await
 }
 
