@@ -120,6 +120,16 @@ impl PullSession {
     }
 }
 
+/// Takes back a pulling member's credit when dropped.
+struct Withdraw<'a>(&'a PullSession);
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        // The dispatcher may be gone already; then there is nothing to take back.
+        let _ = self.0.control.send(ConsumeControl::Credit(Some(0)));
+    }
+}
+
 impl PullSessions {
     fn get(&self, key: &PullKey) -> Option<Arc<PullSession>> {
         self.map.lock().get(key).cloned()
@@ -217,12 +227,14 @@ impl Broker {
         };
         session.touch();
         let mut inner = session.inner.lock().await;
+        // Whatever happens, nothing more goes out until the next fetch: also when this call
+        // is dropped while it waits (its caller gave up, or a wait on another partition won).
+        let guard = Withdraw(&session);
         let result = self
             .fill_pull(&session, &mut inner, max, wait.min(MAX_PULL_WAIT))
             .await;
-        // Whatever happened, nothing more goes out until the next fetch.
-        let withdrawn = session.credit(0);
-        match result.and(withdrawn) {
+        drop(guard);
+        match result {
             Ok(()) => Ok(inner.hand_out(max as usize)),
             Err(e) => {
                 drop(inner);
