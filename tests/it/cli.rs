@@ -834,6 +834,15 @@ async fn consume_exec_runs_a_command_per_message_and_parked_keys_are_managed() {
         .to_string();
     let d = ok(&cluster, &["group", "describe", "jobs", "strict"]).await;
     assert!(d.contains("then park"), "{d}");
+    let dj = ok_json(&cluster, &["group", "describe", "jobs", "strict", "--json"]).await;
+    assert_eq!(dj["settings"]["on_max_deliveries"], "park", "{dj}");
+    let parked_total: u64 = dj["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["parked_keys"].as_u64().expect("parked_keys"))
+        .sum();
+    assert_eq!(parked_total, 1, "{dj}");
     let not = run(
         &cluster,
         &[

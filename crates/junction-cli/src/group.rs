@@ -438,6 +438,7 @@ fn group_json(g: &GroupInfo) -> serde_json::Value {
             "session_timeout_ms": s.session_timeout_ms,
             "mode": mode_name(s.mode),
             "max_in_flight_per_key": s.max_in_flight_per_key,
+            "on_max_deliveries": on_max_deliveries_name(s.on_max_deliveries),
         },
         "members": g.members.iter().map(|m| json!({
             "member_id": m.member_id, "client": m.client, "partitions": m.partitions,
@@ -447,6 +448,7 @@ fn group_json(g: &GroupInfo) -> serde_json::Value {
             "committed": p.committed, "acked_beyond": p.acked_beyond,
             "high_watermark": p.high_watermark, "lag": p.lag,
             "oldest_unacked_age_ms": p.oldest_unacked_age_ms, "known": p.known,
+            "parked_keys": p.parked_keys,
         })).collect::<Vec<_>>(),
     })
 }
