@@ -90,15 +90,23 @@ class Rest:
         self.base = base
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One call; a 503 (no leader known for a moment) is retried as its Retry-After says,
+        except for a produce, whose outcome a 503 leaves unknown."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + "/api/v1" + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=40) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raise Failure(f"{method} {path}: {e.code} {e.read().decode(errors='replace')}") from None
+        deadline = time.monotonic() + 20
+        while True:
+            req = urllib.request.Request(self.base + "/api/v1" + path, data=data, method=method)
+            if data is not None:
+                req.add_header("Content-Type", "application/json")
+            try:
+                with urllib.request.urlopen(req, timeout=40) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as e:
+                text = e.read().decode(errors="replace")
+                retry = e.code == 503 and not path.endswith("/messages") and time.monotonic() < deadline
+                if not retry:
+                    raise Failure(f"{method} {path}: {e.code} {text}") from None
+                time.sleep(float(e.headers.get("Retry-After", "1")))
 
 
 def browser() -> webdriver.Chrome:

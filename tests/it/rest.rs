@@ -171,6 +171,20 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &Value) -> R
 
 const ST: &str = "/api/v1/stations/acme/orders";
 
+/// Waits until every node sees a metadata leader (`/readyz`): before that a node answers
+/// 503, as it should, and a REST client retries.
+pub async fn ready(cluster: &TestCluster) {
+    for id in cluster.running() {
+        let addr = cluster.http_addr(id);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("node {id} ready"),
+            || async move { (get(addr, "/readyz").await.status == 200).then_some(()) },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stations_messages_and_bad_input_over_rest() {
     let cluster = TestCluster::start(3).await;
@@ -179,7 +193,7 @@ async fn stations_messages_and_bad_input_over_rest() {
         cluster.http_addr(2),
         cluster.http_addr(3),
     );
-    cluster.wait_for_metadata_leader().await;
+    ready(&cluster).await;
 
     // Cluster status, on any node.
     let status = get(b, "/api/v1/cluster").await.ok();
@@ -202,6 +216,37 @@ async fn stations_messages_and_bad_input_over_rest() {
     post(b, "/api/v1/tenants", &json!({"name": "acme"}))
         .await
         .problem(409, None);
+    // A tenant's limits and usage; a limit set, then cleared.
+    let t = send(
+        a,
+        "PUT",
+        "/api/v1/tenants/acme/quota",
+        &json!({"set": {"stations": 5, "produce_messages_per_sec": 100000}}),
+    )
+    .await
+    .ok();
+    assert_eq!(t["limits"]["stations"], 5, "{t}");
+    send(
+        a,
+        "PUT",
+        "/api/v1/tenants/acme/quota",
+        &json!({"set": {"stations": 0}}),
+    )
+    .await
+    .problem(400, Some("INVALID_QUOTA"));
+    let t = send(
+        b,
+        "PUT",
+        "/api/v1/tenants/acme/quota",
+        &json!({"clear": ["produce-messages-per-sec"]}),
+    )
+    .await
+    .ok();
+    assert!(t["limits"].get("produce_messages_per_sec").is_none(), "{t}");
+    let t = get(c, "/api/v1/tenants/acme").await.ok();
+    assert_eq!(t["tenant"], "acme");
+    assert_eq!(t["stations_used"], 0);
+    get(c, "/api/v1/tenants/nobody").await.problem(404, None);
     let tenants = get(c, "/api/v1/tenants").await.ok();
     assert!(
         tenants["tenants"]
@@ -440,7 +485,7 @@ async fn consume_without_sticky_sessions_over_rest() {
         cluster.http_addr(2),
         cluster.http_addr(3),
     );
-    cluster.wait_for_metadata_leader().await;
+    ready(&cluster).await;
     post(
         a,
         "/api/v1/stations",
@@ -722,7 +767,7 @@ async fn consume_without_sticky_sessions_over_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idempotency_key_retried_after_a_crash_stores_once() {
     let mut cluster = TestCluster::start(3).await;
-    cluster.wait_for_metadata_leader().await;
+    ready(&cluster).await;
     post(
         cluster.http_addr(1),
         "/api/v1/stations",
@@ -790,7 +835,7 @@ async fn an_idempotency_key_retried_after_a_crash_stores_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_openapi_document_matches_the_routes() {
     let cluster = TestCluster::start(1).await;
-    cluster.wait_for_metadata_leader().await;
+    ready(&cluster).await;
     let a = cluster.http_addr(1);
     let doc = get(a, "/api/v1/openapi.json").await.ok();
     assert_eq!(doc["openapi"], "3.1.0");
@@ -859,7 +904,7 @@ async fn rest_calls_are_authorized_as_grpc_calls_are() {
         c.admin_token_file = Some(path.clone());
     })
     .await;
-    cluster.wait_for_metadata_leader().await;
+    ready(&cluster).await;
     let admin_token = std::fs::read_to_string(&token_file)
         .expect("admin token")
         .trim()

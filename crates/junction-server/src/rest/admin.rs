@@ -11,8 +11,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{
-    Cluster, CreateStation, CreateTenant, Done, Station, Stations, StationsQuery, Tenants,
-    UpdateStation, WhoAmI,
+    Cluster, CreateStation, CreateTenant, Done, SetQuota, Station, Stations, StationsQuery, Tenant,
+    Tenants, UpdateStation, WhoAmI,
 };
 use super::{Body, Caller, Path, Problem, ProblemDoc, Query, Rest, station_name};
 
@@ -21,6 +21,8 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Rest>> {
         .routes(routes!(cluster))
         .routes(routes!(whoami))
         .routes(routes!(list_tenants, create_tenant))
+        .routes(routes!(describe_tenant))
+        .routes(routes!(set_tenant_quota))
         .routes(routes!(list_stations, create_station))
         .routes(routes!(describe_station, update_station, delete_station))
 }
@@ -190,4 +192,43 @@ async fn delete_station(
         }))
         .await?;
     Ok(Json(Done { ok: true }))
+}
+
+/// A tenant's limits and what it uses (its own principals, or cluster admins).
+#[utoipa::path(get, path = "/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path)),
+    responses((status = 200, body = Tenant), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn describe_tenant(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+) -> Result<Json<Tenant>, Problem> {
+    let r = s
+        .admin
+        .get_quota(caller.request(pb::GetQuotaRequest { tenant }))
+        .await?;
+    Ok(Json(r.into_inner().into()))
+}
+
+/// Sets or clears a tenant's limits, or one of its stations' (cluster admins only). A limit
+/// of 0 is refused: clear it to remove it.
+#[utoipa::path(put, path = "/tenants/{tenant}/quota", tag = "tenants",
+    params(("tenant" = String, Path)), request_body = SetQuota,
+    responses((status = 200, body = Tenant), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn set_tenant_quota(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    Body(body): Body<SetQuota>,
+) -> Result<Json<Tenant>, Problem> {
+    let r = s
+        .admin
+        .set_quota(caller.request(pb::SetQuotaRequest {
+            tenant,
+            station: body.station.unwrap_or_default(),
+            set: Some(body.set.into()),
+            clear: body.clear,
+        }))
+        .await?;
+    Ok(Json(r.into_inner().into()))
 }

@@ -115,6 +115,117 @@ pub struct Tenants {
     pub tenants: Vec<String>,
 }
 
+/// Limits; an absent one does not apply. Rates are per second for the whole cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produce_bytes_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produce_messages_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consume_bytes_per_sec: Option<u64>,
+    /// Message bytes the stations may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    /// Tenant-wide only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u64>,
+    /// Open streams per node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u64>,
+}
+
+impl From<Option<pb::QuotaLimits>> for QuotaLimits {
+    fn from(l: Option<pb::QuotaLimits>) -> Self {
+        let l = l.unwrap_or_default();
+        Self {
+            produce_bytes_per_sec: l.produce_bytes_per_sec,
+            produce_messages_per_sec: l.produce_messages_per_sec,
+            consume_bytes_per_sec: l.consume_bytes_per_sec,
+            stored_bytes: l.stored_bytes,
+            stations: l.stations,
+            groups: l.groups,
+            streams: l.streams,
+        }
+    }
+}
+
+impl From<QuotaLimits> for pb::QuotaLimits {
+    fn from(l: QuotaLimits) -> Self {
+        Self {
+            produce_bytes_per_sec: l.produce_bytes_per_sec,
+            produce_messages_per_sec: l.produce_messages_per_sec,
+            consume_bytes_per_sec: l.consume_bytes_per_sec,
+            stored_bytes: l.stored_bytes,
+            stations: l.stations,
+            groups: l.groups,
+            streams: l.streams,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StationQuota {
+    pub station: String,
+    pub limits: QuotaLimits,
+    pub stored_bytes: u64,
+}
+
+/// A tenant: its limits and what it uses.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Tenant {
+    pub tenant: String,
+    pub limits: QuotaLimits,
+    /// Stations with limits of their own.
+    pub station_limits: Vec<StationQuota>,
+    pub stations_used: u64,
+    pub groups_used: u64,
+    pub stored_bytes: u64,
+    /// Open streams on the node that answered.
+    pub streams_open: u64,
+}
+
+impl From<pb::TenantQuota> for Tenant {
+    fn from(q: pb::TenantQuota) -> Self {
+        Self {
+            tenant: q.tenant,
+            limits: q.limits.into(),
+            station_limits: q
+                .stations
+                .into_iter()
+                .map(|s| StationQuota {
+                    station: s.station,
+                    limits: s.limits.into(),
+                    stored_bytes: s.stored_bytes,
+                })
+                .collect(),
+            stations_used: q.stations_used,
+            groups_used: q.groups_used,
+            stored_bytes: q.stored_bytes,
+            streams_open: q.streams_open,
+        }
+    }
+}
+
+/// Sets and clears a tenant's limits (cluster admins only), or one of its stations'.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuota {
+    /// A station of the tenant (its name without the tenant) whose limits narrow the
+    /// tenant's; absent: the tenant's own limits.
+    #[serde(default)]
+    pub station: Option<String>,
+    #[serde(default)]
+    pub set: QuotaLimits,
+    /// Limits to remove: produce-bytes-per-sec, produce-messages-per-sec,
+    /// consume-bytes-per-sec, stored-bytes, stations, groups, streams.
+    #[serde(default)]
+    pub clear: Vec<String>,
+}
+
 // ---------------------------------------------------------------------------------------
 // Stations
 
