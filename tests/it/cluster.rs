@@ -269,27 +269,16 @@ async fn health_and_metrics_endpoints_answer() {
         resp.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let body = http_get(cluster.http_addr(1), "/metrics").await;
+    let metrics = crate::rest::get(cluster.http_addr(1), "/metrics").await;
+    let body = String::from_utf8_lossy(&metrics.body);
     assert!(
         body.contains("junction_produce_messages_total"),
         "metrics page: {body}"
     );
     assert!(body.contains("junction_raft_is_leader"));
-    let ready = http_get(cluster.http_addr(1), "/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let ready = crate::rest::get(cluster.http_addr(1), "/readyz").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
     cluster.shutdown().await;
-}
-
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect http");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    String::from_utf8_lossy(&buf).to_string()
 }
 
 /// A tail from an offset past the end fails with OUT_OF_RANGE on a follower too (after the

@@ -340,6 +340,124 @@ async fn a_member_on_an_old_epoch_is_fenced() {
     cluster.shutdown().await;
 }
 
+/// Opens a consume stream of `member` at `epoch`; the returned sender keeps it open.
+async fn open_stream(
+    on_leader: &mut GroupsClient<tonic::transport::Channel>,
+    station: &str,
+    member: &str,
+    epoch: u64,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<proto::ConsumeRequest>,
+    tonic::Streaming<proto::ConsumeResponse>,
+) {
+    let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
+    req_tx
+        .send(proto::ConsumeRequest {
+            request: Some(proto::consume_request::Request::Subscribe(
+                proto::Subscribe {
+                    station: station.into(),
+                    group: "g".into(),
+                    partition: 0,
+                    member_id: member.into(),
+                    epoch,
+                    max_in_flight: 0,
+                },
+            )),
+        })
+        .expect("queue subscribe");
+    let stream = on_leader
+        .consume(tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx))
+        .await
+        .expect("subscribed")
+        .into_inner();
+    (req_tx, stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_subscribes_again_at_the_same_epoch_keeps_its_new_subscription() {
+    // A client that reconnects (or a REST consumer whose pull session ended) subscribes again
+    // at the epoch it holds. The new subscription replaces the old; the old one ending
+    // afterwards must not take the new one with it.
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("again", 1, 3).await.expect("station");
+    let mut raw = GroupsClient::connect(format!("http://{}", cluster.addr(1)))
+        .await
+        .expect("connect");
+    let joined = raw
+        .join_group(proto::JoinGroupRequest {
+            station: "again".into(),
+            group: "g".into(),
+            member_id: "m1".into(),
+            client: "test".into(),
+            settings: Some(settings(30_000, 5)),
+        })
+        .await
+        .expect("join")
+        .into_inner();
+    let epoch = joined.partitions[0].epoch;
+    let leader = wait_until(
+        Duration::from_secs(10),
+        "the partition's leader",
+        || async {
+            let meta = cluster.broker(1).metadata();
+            let group = meta.stations.get("default/again")?.partitions[0].group_id;
+            cluster.partition_leader(group)
+        },
+    )
+    .await;
+    let mut on_leader = GroupsClient::connect(format!("http://{}", cluster.addr(leader)))
+        .await
+        .expect("connect leader");
+    let (old_tx, mut old) = open_stream(&mut on_leader, "again", "m1", epoch).await;
+    let (new_tx, mut new) = open_stream(&mut on_leader, "again", "m1", epoch).await;
+    // The old one is replaced: it ends with FENCED.
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(10), old.message())
+            .await
+            .expect("the old subscription ends within 10 s")
+        {
+            Err(e) => break e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the old subscription ended without a status"),
+        }
+    };
+    assert_eq!(
+        err.get_details_error_info().map(|i| i.reason),
+        Some("FENCED".to_string()),
+        "{err:?}"
+    );
+    // The old client goes away for good.
+    drop(old_tx);
+    drop(old);
+    produce_keyed(&client, "again", 3, 2, "after").await;
+    let mut got = BTreeSet::new();
+    while got.len() < 6 {
+        let r = tokio::time::timeout(Duration::from_secs(10), new.message())
+            .await
+            .unwrap_or_else(|_| panic!("the new subscription got {} of 6 messages", got.len()))
+            .expect("the new subscription is still open")
+            .expect("the new subscription is not ended");
+        let mut offsets = Vec::new();
+        for d in r.deliveries {
+            let m = d.message.expect("a message");
+            assert_eq!(d.delivery_count, 1, "first deliveries only");
+            got.insert(m.offset);
+            offsets.push(m.offset);
+        }
+        // A key's next message comes once its previous one is acknowledged.
+        new_tx
+            .send(proto::ConsumeRequest {
+                request: Some(proto::consume_request::Request::Ack(proto::Offsets {
+                    offsets,
+                    attempts: Vec::new(),
+                })),
+            })
+            .expect("ack");
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unacked_messages_are_redelivered_then_dead_lettered_in_key_order() {
     let cluster = TestCluster::start(3).await;

@@ -110,6 +110,7 @@ fn parse_key(s: &str) -> Result<KeyArg, String> {
 
 fn parse_key_bytes(s: &str) -> Result<Vec<u8>, String> {
     match s.strip_prefix("hex:") {
+        Some(h) if !h.is_ascii() => Err("a hex key has only the digits 0-9 and a-f".into()),
         Some(h) if h.len() % 2 == 0 => (0..h.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|e| format!("bad hex key: {e}")))
@@ -122,10 +123,7 @@ fn parse_key_bytes(s: &str) -> Result<Vec<u8>, String> {
 fn key_text(k: &[u8]) -> String {
     match std::str::from_utf8(k) {
         Ok(t) => t.to_owned(),
-        Err(_) => format!(
-            "hex:{}",
-            k.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ),
+        Err(_) => format!("hex:{}", crate::common::hex(k)),
     }
 }
 
@@ -722,6 +720,22 @@ pub(crate) async fn dls(args: DlsArgs) -> anyhow::Result<()> {
                 "resent {} dead letter(s) to {station}; next dead-letter offset {}",
                 r.resent, r.next_offset
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_text, parse_key_bytes};
+
+    #[test]
+    fn keys_parse_as_text_or_hex_and_print_back() {
+        assert_eq!(parse_key_bytes("order-7"), Ok(b"order-7".to_vec()));
+        assert_eq!(parse_key_bytes("hex:00ff7a"), Ok(vec![0, 0xff, 0x7a]));
+        assert_eq!(key_text(&[0, 0xff, 0x7a]), "hex:00ff7a");
+        assert_eq!(key_text(b"order-7"), "order-7");
+        for bad in ["hex:0", "hex:zz", "hex:é", "hex:aé0"] {
+            assert!(parse_key_bytes(bad).is_err(), "{bad} is refused");
         }
     }
 }

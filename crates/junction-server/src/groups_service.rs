@@ -810,9 +810,21 @@ impl Groups for GroupsService {
             member: &r.member_id,
             epoch: r.epoch,
         };
+        let wait = Duration::from_millis(r.wait_ms);
+        if r.peek {
+            let ready = self
+                .broker
+                .pull_peek(&member, r.max_messages, wait)
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(FetchResponse {
+                deliveries: Vec::new(),
+                ready,
+            }));
+        }
         let delivered = self
             .broker
-            .pull_fetch(&member, r.max_messages, Duration::from_millis(r.wait_ms))
+            .pull_fetch(&member, r.max_messages, wait)
             .await
             .map_err(to_status)?;
         metrics::counter!("junction_group_delivered_total", "tenant" => station.tenant.clone())
@@ -825,6 +837,7 @@ impl Groups for GroupsService {
                     delivery_count: d.delivery_count,
                 })
                 .collect(),
+            ready: 0,
         }))
     }
 

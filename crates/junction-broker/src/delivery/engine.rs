@@ -149,6 +149,8 @@ pub enum Command {
 pub enum AckRefusal {
     #[error("offset {0} is not awaiting an ack (already finished, or never delivered)")]
     NotInFlight(u64),
+    #[error("the subscription that received it was replaced or fenced; fetch again")]
+    NotAttached,
     #[error(
         "offset {offset} is delivered to member '{holder}' (epoch {holder_epoch}), not to this one"
     )]

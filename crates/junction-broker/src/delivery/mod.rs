@@ -156,6 +156,10 @@ pub(crate) struct Attach {
 
 /// A subscription the dispatcher delivers to.
 struct Attached {
+    /// Which subscription this is: a member may subscribe again at the same epoch (a pulling
+    /// member whose session ended, a stream that reconnected), and what the old one's control
+    /// stream says afterwards must not reach the new one.
+    id: u64,
     epoch: u64,
     events: mpsc::UnboundedSender<Result<ConsumeEvent, BrokerError>>,
 }
@@ -489,7 +493,8 @@ impl Broker {
     }
 }
 
-/// What a subscription's control stream yields: the control, or `None` when it ended.
+/// What a subscription's control stream yields, tagged with its member and attachment id: the
+/// control, or `None` when it ended.
 type ControlItem = (String, u64, Option<ConsumeControl>);
 
 /// The runtime of one (partition, group): reads records, feeds the [`Engine`] what happens,
@@ -510,7 +515,9 @@ struct Dispatcher {
     /// The engine's clock starts here.
     clock: Instant,
     members: HashMap<String, Attached>,
-    /// Control streams of every subscription, each tagged with its member and epoch.
+    /// The id the next subscription gets.
+    next_attachment: u64,
+    /// Control streams of every subscription, each tagged with its member and attachment id.
     controls: SelectAll<BoxStream<'static, ControlItem>>,
     detached_since: Instant,
     ack_batch: Vec<u64>,
@@ -579,6 +586,7 @@ impl Dispatcher {
             records: HashMap::new(),
             clock: Instant::now(),
             members: HashMap::new(),
+            next_attachment: 0,
             controls: SelectAll::new(),
             detached_since: Instant::now(),
             ack_batch: Vec::new(),
@@ -676,10 +684,10 @@ impl Dispatcher {
                     Some(ToDispatcher::Operate(o)) => self.operate(o),
                     None => return Ok(()),
                 },
-                Some((member, epoch, c)) = self.controls.next(), if !self.controls.is_empty() => {
+                Some((member, id, c)) = self.controls.next(), if !self.controls.is_empty() => {
                     match c {
-                        Some(c) => self.on_control(&member, epoch, c),
-                        None => self.detach(&member, epoch),
+                        Some(c) => self.on_control(&member, id, c),
+                        None => self.detach(&member, id),
                     }
                 }
                 r = state_rx.changed() => {
@@ -890,27 +898,38 @@ impl Dispatcher {
         );
         // Fences the subscriptions it replaces before this one is known.
         self.carry_out();
-        let (member, epoch) = (a.member.clone(), a.epoch);
+        let id = self.next_attachment;
+        self.next_attachment += 1;
+        let member = a.member.clone();
         let stream = UnboundedReceiverStream::new(a.control)
-            .map(move |c| (member.clone(), epoch, Some(c)))
+            .map(move |c| (member.clone(), id, Some(c)))
             .chain(futures::stream::once({
                 let member = a.member.clone();
-                async move { (member, epoch, None) }
+                async move { (member, id, None) }
             }));
         self.controls.push(Box::pin(stream));
         self.members.insert(
             a.member,
             Attached {
+                id,
                 epoch: a.epoch,
                 events: a.events,
             },
         );
     }
 
-    /// A subscription's control stream ended: the member left (unless it already
-    /// subscribed again, at another epoch).
-    fn detach(&mut self, member: &str, epoch: u64) {
-        if self.members.get(member).is_some_and(|a| a.epoch == epoch) {
+    /// The member's epoch if subscription `id` is its current one.
+    fn current_epoch(&self, member: &str, id: u64) -> Option<u64> {
+        self.members
+            .get(member)
+            .filter(|a| a.id == id)
+            .map(|a| a.epoch)
+    }
+
+    /// A subscription's control stream ended: the member left, unless it has subscribed again
+    /// since (at any epoch), or was fenced.
+    fn detach(&mut self, member: &str, id: u64) {
+        if self.current_epoch(member, id).is_some() {
             self.members.remove(member);
             self.engine.detach(member);
             if self.members.is_empty() {
@@ -919,7 +938,7 @@ impl Dispatcher {
         }
     }
 
-    fn on_control(&mut self, member: &str, epoch: u64, c: ConsumeControl) {
+    fn on_control(&mut self, member: &str, id: u64, c: ConsumeControl) {
         enum What {
             Ack,
             Nack(u64),
@@ -930,18 +949,29 @@ impl Dispatcher {
             ConsumeControl::Checked { control, reply } => (*control, Some(reply)),
             c => (c, None),
         };
+        // What a replaced or fenced subscription says is refused (its credit must not reach the
+        // member's new subscription at the same epoch).
+        let epoch = self.current_epoch(member, id);
         let (answer, what) = match c {
             ConsumeControl::Ack(a) => (a, What::Ack),
             ConsumeControl::Nack { answer, delay_ms } => (answer, What::Nack(delay_ms)),
             ConsumeControl::InProgress(a) => (a, What::InProgress),
             ConsumeControl::Credit(n) => {
-                self.engine.grant(member, epoch, n);
+                if let Some(epoch) = epoch {
+                    self.engine.grant(member, epoch, n);
+                }
                 return;
             }
             ConsumeControl::Checked { .. } => {
                 tracing::error!(member, "a checked answer inside a checked answer, ignored");
                 return;
             }
+        };
+        let Some(epoch) = epoch else {
+            if let Some(reply) = reply {
+                let _ = reply.send(vec![Err(AckRefusal::NotAttached); answer.offsets.len()]);
+            }
+            return;
         };
         let mut results = Vec::with_capacity(answer.offsets.len());
         for (o, named) in answer.pairs() {

@@ -199,6 +199,28 @@ impl Broker {
         max: u32,
         wait: Duration,
     ) -> Result<Vec<Delivered>, BrokerError> {
+        self.pull(m, max, wait, true).await.map(|(d, _)| d)
+    }
+
+    /// Waits up to `wait` until deliveries are ready for a pulling member and says how many
+    /// (at most `max`), handing out none: they stay for its next fetch. Dropping this call
+    /// loses nothing, which is what a caller that waits on several partitions needs.
+    pub async fn pull_peek(
+        self: &Arc<Self>,
+        m: &PullMember<'_>,
+        max: u32,
+        wait: Duration,
+    ) -> Result<u32, BrokerError> {
+        self.pull(m, max, wait, false).await.map(|(_, ready)| ready)
+    }
+
+    async fn pull(
+        self: &Arc<Self>,
+        m: &PullMember<'_>,
+        max: u32,
+        wait: Duration,
+        take: bool,
+    ) -> Result<(Vec<Delivered>, u32), BrokerError> {
         if max == 0 {
             return Err(BrokerError::InvalidArgument(
                 "ask for at least one message".into(),
@@ -235,7 +257,11 @@ impl Broker {
             .await;
         drop(guard);
         match result {
-            Ok(()) => Ok(inner.hand_out(max as usize)),
+            Ok(()) if take => Ok((inner.hand_out(max as usize), 0)),
+            Ok(()) => {
+                let ready = u32::try_from(inner.kept.len()).unwrap_or(u32::MAX);
+                Ok((Vec::new(), ready.min(max)))
+            }
             Err(e) => {
                 drop(inner);
                 self.pulls.remove(&key);

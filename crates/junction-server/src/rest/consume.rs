@@ -21,7 +21,7 @@ use axum::Json;
 use axum::extract::State;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use futures::FutureExt;
+use futures::{FutureExt, TryFutureExt};
 use junction_proto::v1 as pb;
 use junction_proto::v1::groups_server::Groups as _;
 use serde::{Deserialize, Serialize};
@@ -298,7 +298,7 @@ async fn fetch(
         let turn = s.kept.turn.fetch_add(1, Ordering::Relaxed) % parts.len();
         parts.rotate_left(turn);
     }
-    let ask = |partition: u32, epoch: u64, max: u32, wait_ms: u64| {
+    let call = |partition: u32, epoch: u64, max: u32, wait_ms: u64, peek: bool| {
         let s = s.clone();
         let req = caller.request(pb::FetchRequest {
             station: station.clone(),
@@ -308,11 +308,12 @@ async fn fetch(
             epoch,
             max_messages: max,
             wait_ms,
+            peek,
         });
-        async move {
-            let r = s.groups.fetch(req).await?;
-            Ok::<_, tonic::Status>((partition, epoch, r.into_inner().deliveries))
-        }
+        async move { Ok::<_, tonic::Status>(s.groups.fetch(req).await?.into_inner()) }
+    };
+    let ask = |partition: u32, epoch: u64, max: u32| {
+        call(partition, epoch, max, 0, false).map_ok(move |r| (partition, epoch, r.deliveries))
     };
     let mut out = Vec::new();
     let mut first_error = None;
@@ -322,7 +323,7 @@ async fn fetch(
         if room == 0 {
             break;
         }
-        match ask(p, e, room, 0).await {
+        match ask(p, e, room).await {
             Ok(got) => out.push(got),
             Err(e) => {
                 tracing::debug!(partition = p, error = %e, "REST fetch of a partition failed");
@@ -331,19 +332,26 @@ async fn fetch(
         }
     }
     let gathered: usize = out.iter().map(|(_, _, d)| d.len()).sum();
-    // Nothing: wait on every partition, and take the first that has something.
+    // Nothing: wait on every partition until one has something, then take from it. The waits
+    // only peek, so cancelling the others loses nothing; a wait that took messages and was
+    // cancelled would leave them out until their ack wait ends.
     if gathered == 0 && wait_ms > 0 && !parts.is_empty() {
         let waits = parts.iter().map(|&(p, e)| {
-            ask(p, e, max, wait_ms)
-                .map(|r| match r {
-                    Ok(got) if !got.2.is_empty() => Ok(got),
+            call(p, e, max, wait_ms, true)
+                .map(move |r| match r {
+                    Ok(r) if r.ready > 0 => Ok((p, e)),
                     Ok(_) => Err(None),
                     Err(e) => Err(Some(e)),
                 })
                 .boxed()
         });
         match futures::future::select_ok(waits).await {
-            Ok((got, _)) => out.push(got),
+            Ok(((p, e), _)) => match ask(p, e, max).await {
+                Ok(got) => out.push(got),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            },
             Err(Some(e)) => {
                 first_error.get_or_insert(e);
             }

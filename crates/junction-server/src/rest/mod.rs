@@ -384,7 +384,17 @@ impl From<tonic::Status> for Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::to_vec(&*self.0).unwrap_or_else(|_| b"{}".to_vec());
+        let body = match serde_json::to_vec(&*self.0) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "a problem document could not be encoded");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the error of this request could not be encoded: {e}"),
+                )
+                    .into_response();
+            }
+        };
         let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/problem+json")],
