@@ -725,6 +725,120 @@ async fn compacted_station_catches_up_by_snapshot() {
     cluster.shutdown().await;
 }
 
+/// An isolation budget: a group that falls past it is detached, and `ack` retention passes it
+/// (a dead consumer cannot hold everyone's disk); re-attached, it holds retention again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_past_its_budget_is_detached_and_no_longer_holds_ack_retention() {
+    let cluster = TestCluster::start_with(3, fast).await;
+    let client = cluster.client();
+    let s = create(&client, "budgeted", policy(|_, r| r.ack = true)).await;
+    let group = s.partition_info[0].group_id;
+    let opts = || junction_client::GroupOptions::default();
+    let mut live = client
+        .group_consumer("budgeted", "live", opts())
+        .await
+        .expect("join live");
+    let dead = client
+        .group_consumer("budgeted", "dead", opts())
+        .await
+        .expect("join dead");
+    // Bad budgets are refused, and change nothing.
+    let zero = run(
+        &cluster,
+        &[
+            "group",
+            "budget",
+            "budgeted",
+            "dead",
+            "--max-lag-messages",
+            "0",
+        ],
+    )
+    .await;
+    assert!(
+        !zero.ok && zero.stderr.contains("at least 1"),
+        "{}",
+        zero.stderr
+    );
+    let set = ok(
+        &cluster,
+        &[
+            "group",
+            "budget",
+            "budgeted",
+            "dead",
+            "--max-lag-messages",
+            "20",
+        ],
+    )
+    .await;
+    assert_eq!(
+        set.trim(),
+        "partition 0: attached, budget 20 messages",
+        "{set}"
+    );
+    // "dead" consumes nothing; "live" acknowledges everything.
+    produce_ten_byte_messages(&client, "budgeted", 0, 100).await;
+    for _ in 0..100 {
+        let m = tokio::time::timeout(Duration::from_secs(20), live.recv())
+            .await
+            .expect("delivery")
+            .expect("running");
+        live.ack(&m);
+    }
+    // 100 behind, budget 20: detached, and retention cuts at "live"'s floor.
+    leader_cuts_at(&cluster, group, 100).await;
+    let d = client
+        .describe_group("budgeted", "dead")
+        .await
+        .expect("describe");
+    assert!(d.partitions[0].detached_at_ms.is_some(), "{d:?}");
+    assert_eq!(d.partitions[0].lag, 0, "what retention removed is skipped");
+    let text = ok(&cluster, &["group", "describe", "budgeted", "dead"]).await;
+    assert!(
+        row(&text, "0").iter().any(|c| c.starts_with("since ")),
+        "{text}"
+    );
+    assert!(text.contains("isolation budget: 20 messages"), "{text}");
+    // A group without a budget is never detached.
+    let l = client
+        .describe_group("budgeted", "live")
+        .await
+        .expect("describe");
+    assert_eq!(l.partitions[0].detached_at_ms, None);
+
+    // Attached again, "dead" holds retention from its position once more.
+    let attached = ok(&cluster, &["group", "attach", "budgeted", "dead"]).await;
+    assert_eq!(attached.trim(), "partition 0: attached, budget 20 messages");
+    produce_ten_byte_messages(&client, "budgeted", 100, 10).await;
+    for _ in 0..10 {
+        let m = tokio::time::timeout(Duration::from_secs(20), live.recv())
+            .await
+            .expect("delivery")
+            .expect("running");
+        live.ack(&m);
+    }
+    wait_until(Duration::from_secs(10), "live acked everything", || async {
+        let l = client.describe_group("budgeted", "live").await.ok()?;
+        (l.partitions[0].lag == 0).then_some(())
+    })
+    .await;
+    wait_for_retention_passes(&cluster, group, 5).await;
+    let leader = cluster.partition_leader(group).expect("leader");
+    assert_eq!(offsets(&cluster, leader, group), Some((100, 110)));
+    let d = client
+        .describe_group("budgeted", "dead")
+        .await
+        .expect("describe");
+    assert_eq!(
+        d.partitions[0].detached_at_ms, None,
+        "10 behind is within 20"
+    );
+    drop(dead);
+    drop(live);
+    cluster.shutdown().await;
+}
+
 /// `ack` retention: a message goes once every consumer group of the station acknowledged it,
 /// and never before — whatever other limit applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use junction_types::groups::{
-    GroupMeta, GroupSettings, Lanes, dead_letter_station, validate_group_name,
+    GroupCursor, GroupMeta, GroupSettings, Lanes, dead_letter_station, validate_group_name,
 };
 use junction_types::{CommandResponse, MetaCommand, MetaError, StationName};
 use tokio::time::Instant;
@@ -479,6 +479,10 @@ pub struct GroupPosition {
     pub oldest_unacked_age_ms: u64,
     /// Keys parked in this partition.
     pub parked_keys: u64,
+    /// How far behind the group may fall here before it is detached.
+    pub budget: junction_types::groups::LagBudget,
+    /// Since when the group is detached here (it no longer holds back `ack` retention).
+    pub detached_at_ms: Option<i64>,
 }
 
 impl Broker {
@@ -578,6 +582,34 @@ impl Broker {
         Ok(())
     }
 
+    /// Sets a group's isolation budget in a partition, or attaches it again after it was
+    /// detached; this node must lead the partition. Returns the cursor after the change.
+    pub async fn set_group_isolation(
+        &self,
+        station: &StationName,
+        group: &str,
+        partition: u32,
+        change: junction_types::groups::Isolation,
+    ) -> Result<GroupCursor, BrokerError> {
+        if let junction_types::groups::Isolation::Budget(b) = &change {
+            b.validate()
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        }
+        let replica = self.led_replica(station, partition)?;
+        let g = self.group_meta_soon(&station.full(), group).await?;
+        self.ensure_cursor(&replica, &g).await?;
+        self.cursor_write(
+            &replica,
+            junction_types::PartitionCommand::GroupIsolation {
+                group: group.to_string(),
+                uid: g.uid,
+                change,
+            },
+        )
+        .await?
+        .ok_or_else(|| BrokerError::Raft("group cursor missing after an isolation change".into()))
+    }
+
     /// Returns a group's position in a partition hosted here (from the local replica, which
     /// may trail the leader by a moment). A group that has not read the partition yet is at
     /// its start setting.
@@ -598,14 +630,13 @@ impl Broker {
         g: &GroupMeta,
     ) -> GroupPosition {
         let s = replica.shared.current();
-        let parked_keys = replica
-            .shared
-            .cursors()
-            .get(&g.name)
-            .filter(|c| c.uid == g.uid)
-            .map_or(0, |c| c.parked.len() as u64);
-        let (committed, acked_beyond) = match replica.shared.cursors().get(&g.name) {
-            Some(c) if c.uid == g.uid => (c.committed.max(s.start_offset), c.acked_beyond()),
+        let cursors = replica.shared.cursors();
+        let mine = cursors.get(&g.name).filter(|c| c.uid == g.uid);
+        let parked_keys = mine.map_or(0, |c| c.parked.len() as u64);
+        let budget = mine.map(|c| c.budget).unwrap_or_default();
+        let detached_at_ms = mine.and_then(|c| c.detached_at_ms);
+        let (committed, acked_beyond) = match mine {
+            Some(c) => (c.committed.max(s.start_offset), c.acked_beyond()),
             _ => match g.settings.start {
                 junction_types::groups::StartFrom::Latest => (s.next_offset, 0),
                 junction_types::groups::StartFrom::Offset(o) => {
@@ -637,6 +668,8 @@ impl Broker {
         };
         GroupPosition {
             parked_keys,
+            budget,
+            detached_at_ms,
             committed,
             acked_beyond,
             high_watermark: s.next_offset,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use junction_raft::{PartitionShared, PartitionState};
 use junction_storage::Store;
+use junction_types::groups::{Isolation, Lag};
 use junction_types::{
     Command, CommandResponse, CompactionPolicy, DiscardPolicy, GroupId, PartitionCommand, Record,
     Retention, StationMeta, StationPolicy, StoredRecord,
@@ -347,9 +348,10 @@ impl Admission {
     }
 }
 
-/// The lowest position committed by the station's consumer groups on this partition: the
-/// `ack` retention floor. `None` while the station has no consumer group. A group that has not
-/// read the partition yet counts at its start position (so `earliest` groups protect all).
+/// The lowest position committed by the station's attached consumer groups on this
+/// partition: the `ack` retention floor. `None` while the station has no attached group. A
+/// group that has not read the partition yet counts at its start position (so `earliest`
+/// groups protect all); a group detached here (past its isolation budget) does not count.
 fn ack_floor(
     broker: &Broker,
     station: &StationMeta,
@@ -357,8 +359,63 @@ fn ack_floor(
 ) -> Option<u64> {
     let meta = broker.metadata();
     meta.groups_of_station(&station.full_name())
-        .map(|g| broker.position_of(replica, g).committed)
+        .map(|g| broker.position_of(replica, g))
+        .filter(|p| p.detached_at_ms.is_none())
+        .map(|p| p.committed)
         .min()
+}
+
+/// Detaches the station's groups that fell past their isolation budget on this partition
+/// (the decision is `LagBudget::exceeded_by`; this only measures and writes).
+async fn detach_laggards(
+    broker: &Broker,
+    station: &StationMeta,
+    replica: &crate::PartitionReplica,
+) -> Result<(), BrokerError> {
+    let meta = broker.metadata();
+    let full = station.full_name();
+    for g in meta.groups_of_station(&full) {
+        let pos = broker.position_of(replica, g);
+        if pos.budget.is_unlimited() || pos.detached_at_ms.is_some() {
+            continue;
+        }
+        let bytes = match pos.budget.max_bytes {
+            Some(_) => {
+                let store = replica.store.clone();
+                let (group, from, next) = (replica.group, pos.committed, pos.high_watermark);
+                tokio::task::spawn_blocking(move || span_bytes(&store, group, from, next))
+                    .await
+                    .map_err(|e| BrokerError::Raft(e.to_string()))??
+            }
+            None => 0,
+        };
+        let lag = Lag {
+            messages: pos.lag,
+            bytes,
+            age_ms: pos.oldest_unacked_age_ms,
+        };
+        let Some(why) = pos.budget.exceeded_by(&lag) else {
+            continue;
+        };
+        broker
+            .cursor_write(
+                replica,
+                PartitionCommand::GroupIsolation {
+                    group: g.name.clone(),
+                    uid: g.uid,
+                    change: Isolation::Detach { at_ms: now_ms() },
+                },
+            )
+            .await?;
+        tracing::warn!(
+            station = %full, group = %g.name, partition_group = replica.group, why = %why,
+            "a consumer group fell past its isolation budget and is detached: retention no \
+             longer waits for it (attach it again with `junction group attach`)"
+        );
+        metrics::counter!("junction_group_detached_total", "tenant" => station.tenant.clone())
+            .increment(1);
+    }
+    Ok(())
 }
 
 impl Broker {
@@ -410,6 +467,7 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let group = replica.group;
         let policy = station.policy;
+        detach_laggards(self, station, replica).await?;
         let state = replica.shared.current();
         let now = now_ms();
         if policy.retention.is_limited() {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use junction_client::proto::{
-    GroupInfo, GroupMode, GroupSettings, OnMaxDeliveries, StartPosition, group_settings,
-    seek_group_request,
+    GroupInfo, GroupMode, GroupSettings, LagBudget, OnMaxDeliveries, SetIsolationResponse,
+    StartPosition, group_settings, seek_group_request,
 };
 use junction_client::{GroupOptions, Start};
 use serde_json::json;
@@ -207,6 +207,74 @@ pub enum GroupCommand {
         #[arg(long, conflicts_with = "key")]
         all: bool,
     },
+    /// Set the group's isolation budget: past it, the group is detached and `ack` retention
+    /// no longer waits for it (a dead consumer cannot fill the disk).
+    Budget {
+        station: String,
+        group: String,
+        /// Most unacknowledged messages per partition.
+        #[arg(long)]
+        max_lag_messages: Option<u64>,
+        /// Most unacknowledged bytes per partition.
+        #[arg(long)]
+        max_lag_bytes: Option<u64>,
+        /// Oldest unacknowledged message's age (e.g. `30m`, `2h`, `1d`).
+        #[arg(long, value_parser = parse_age)]
+        max_lag_age: Option<u64>,
+        /// One partition only (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Attach a detached group again: `ack` retention waits for it from its position once more.
+    Attach {
+        station: String,
+        group: String,
+        /// One partition only (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+}
+
+fn parse_age(s: &str) -> Result<u64, String> {
+    junction_types::policy::parse_duration_ms(s).map_err(|e| e.to_string())
+}
+
+fn isolation_text(parts: &[(u32, SetIsolationResponse)]) -> String {
+    parts
+        .iter()
+        .map(|(p, r)| {
+            let state = match r.detached_at_ms {
+                Some(t) => format!("detached since {}", format_time_ms(t)),
+                None => "attached".into(),
+            };
+            format!(
+                "partition {p}: {state}, budget {}",
+                budget_text(r.budget.as_ref())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn budget_text(b: Option<&LagBudget>) -> String {
+    let Some(b) = b else {
+        return "none".into();
+    };
+    let mut parts = Vec::new();
+    if let Some(m) = b.max_messages {
+        parts.push(format!("{m} messages"));
+    }
+    if let Some(m) = b.max_bytes {
+        parts.push(format!("{m} bytes"));
+    }
+    if let Some(m) = b.max_age_ms {
+        parts.push(format!("{:.0} s old", m as f64 / 1000.0));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// List and re-send a station's dead letters.
@@ -447,6 +515,11 @@ fn group_json(g: &GroupInfo) -> serde_json::Value {
             "high_watermark": p.high_watermark, "lag": p.lag,
             "oldest_unacked_age_ms": p.oldest_unacked_age_ms, "known": p.known,
             "parked_keys": p.parked_keys,
+            "budget": p.budget.as_ref().map(|b| json!({
+                "max_messages": b.max_messages, "max_bytes": b.max_bytes,
+                "max_age_ms": b.max_age_ms,
+            })),
+            "detached_at_ms": p.detached_at_ms,
         })).collect::<Vec<_>>(),
     })
 }
@@ -511,6 +584,7 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 "LAG",
                 "OLDEST-UNACKED",
                 "PARKED",
+                "DETACHED",
             ]);
             for p in &g.partitions {
                 t.row(vec![
@@ -534,9 +608,23 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                     },
                     format!("{:.1}s", p.oldest_unacked_age_ms as f64 / 1000.0),
                     p.parked_keys.to_string(),
+                    match p.detached_at_ms {
+                        Some(t) => format!("since {}", format_time_ms(t)),
+                        None => "-".into(),
+                    },
                 ]);
             }
             text.push_str(&t.render());
+            let budgets: std::collections::BTreeSet<String> = g
+                .partitions
+                .iter()
+                .filter(|p| p.known)
+                .map(|p| budget_text(p.budget.as_ref()))
+                .collect();
+            text.push_str(&format!(
+                "\nisolation budget: {}\n",
+                budgets.into_iter().collect::<Vec<_>>().join(" / ")
+            ));
             out(&text)
         }
         GroupCommand::Seek {
@@ -646,6 +734,36 @@ pub(crate) async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 .await
                 .context("resuming")?;
             out(&format!("{n} key(s) resumed"))
+        }
+        GroupCommand::Budget {
+            station,
+            group,
+            max_lag_messages,
+            max_lag_bytes,
+            max_lag_age,
+            partition,
+        } => {
+            let budget = LagBudget {
+                max_messages: max_lag_messages,
+                max_bytes: max_lag_bytes,
+                max_age_ms: max_lag_age,
+            };
+            let parts = client
+                .set_group_budget(&station, &group, partition, budget)
+                .await
+                .context("setting the budget")?;
+            out(&isolation_text(&parts))
+        }
+        GroupCommand::Attach {
+            station,
+            group,
+            partition,
+        } => {
+            let parts = client
+                .reattach_group(&station, &group, partition)
+                .await
+                .context("attaching")?;
+            out(&isolation_text(&parts))
         }
     }
 }

@@ -16,10 +16,11 @@ use junction_proto::v1::consume_request::Request as ConsumeReq;
 use junction_proto::v1::groups_client::GroupsClient;
 use junction_proto::v1::{
     CloneGroupRequest, ConsumeRequest, CreateGroupRequest, DeleteGroupRequest,
-    DescribeGroupRequest, GroupInfo, GroupSettings, HeartbeatRequest, JoinGroupRequest,
+    DescribeGroupRequest, GroupInfo, GroupSettings, HeartbeatRequest, JoinGroupRequest, LagBudget,
     LeaveGroupRequest, ListGroupsRequest, ListParkedRequest, MemberAssignment, Nack, Offsets,
     ParkedKey, ParkedKeyRequest, ResendDeadLettersRequest, ResendDeadLettersResponse,
-    SeekGroupRequest, StoredMessage, Subscribe, seek_group_request,
+    SeekGroupRequest, SetIsolationRequest, SetIsolationResponse, StoredMessage, Subscribe,
+    seek_group_request, set_isolation_request,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -294,6 +295,72 @@ impl Client {
         })
         .await?;
         Ok(())
+    }
+
+    /// Sets a group's isolation budget (one partition, or every one): past it, the group is
+    /// detached and no longer holds back `ack` retention. Returns each partition's state.
+    pub async fn set_group_budget(
+        &self,
+        station: &str,
+        group: &str,
+        partition: Option<u32>,
+        budget: LagBudget,
+    ) -> Result<Vec<(u32, SetIsolationResponse)>, ClientError> {
+        self.set_isolation(
+            station,
+            group,
+            partition,
+            set_isolation_request::Change::Budget(budget),
+        )
+        .await
+    }
+
+    /// Attaches a detached group again (one partition, or every one): it holds back `ack`
+    /// retention from its position once more. Returns each partition's state.
+    pub async fn reattach_group(
+        &self,
+        station: &str,
+        group: &str,
+        partition: Option<u32>,
+    ) -> Result<Vec<(u32, SetIsolationResponse)>, ClientError> {
+        self.set_isolation(
+            station,
+            group,
+            partition,
+            set_isolation_request::Change::Reattach(true),
+        )
+        .await
+    }
+
+    async fn set_isolation(
+        &self,
+        station: &str,
+        group: &str,
+        partition: Option<u32>,
+        change: set_isolation_request::Change,
+    ) -> Result<Vec<(u32, SetIsolationResponse)>, ClientError> {
+        let partitions: Vec<u32> = match partition {
+            Some(p) => vec![p],
+            None => (0..self.describe_station(station).await?.partitions).collect(),
+        };
+        let mut out = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            let req = SetIsolationRequest {
+                station: station.to_owned(),
+                group: group.to_owned(),
+                partition: p,
+                change: Some(change),
+            };
+            let r = self
+                .with_retry(|ch| {
+                    let req = req.clone();
+                    let mut c = self.groups(ch);
+                    async move { c.set_isolation(req).await }
+                })
+                .await?;
+            out.push((p, r.into_inner()));
+        }
+        Ok(out)
     }
 
     /// Deletes a group.

@@ -54,10 +54,11 @@ pub const SNAPSHOT_RECORD: Format = Format {
 };
 /// A partition state machine's state (log bounds, consumer group positions, and since
 /// version 2 the idempotent producers and the dedup window's first offset; since version 3
-/// each group position's parked keys).
+/// each group position's parked keys; since version 4 each group position's isolation budget
+/// and whether it is detached).
 pub const PARTITION_STATE: Format = Format {
     what: "partition state",
-    version: 3,
+    version: 4,
 };
 /// The metadata state machine's state (since version 2 with each station's exactly-once
 /// settings and the producer id registry; since version 3 with API keys; since version 4
@@ -664,6 +665,39 @@ mod tests {
             )),
         };
         frozen(&LOG_ENTRY, &park, "0103011201010b05617564697403026b31011e");
+        // A group's isolation change (appended variant; partition state version 4).
+        let isolation = |change| Entry {
+            log_id: log_id(3, 1, 19),
+            payload: EntryPayload::Normal(Command::Partition(
+                junction_types::PartitionCommand::GroupIsolation {
+                    group: "audit".into(),
+                    uid: 3,
+                    change,
+                },
+            )),
+        };
+        use junction_types::groups::{Isolation, LagBudget};
+        frozen(
+            &LOG_ENTRY,
+            &isolation(Isolation::Budget(LagBudget {
+                max_messages: Some(1000),
+                max_bytes: None,
+                max_age_ms: Some(60_000),
+            })),
+            "0103011301010c056175646974030001e8070001e0d403",
+        );
+        frozen(
+            &LOG_ENTRY,
+            &isolation(Isolation::Detach {
+                at_ms: 1_700_000_000_000,
+            }),
+            "0103011301010c056175646974030180a0abfef962",
+        );
+        frozen(
+            &LOG_ENTRY,
+            &isolation(Isolation::Reattach),
+            "0103011301010c0561756469740302",
+        );
         let mut schemas = MetaState::default();
         let Entry {
             payload: EntryPayload::Normal(Command::Meta(cmd)),
@@ -714,17 +748,43 @@ mod tests {
                 dups: vec![(1, 100)],
             },
         );
-        // Version 3: a group's position carries its parked keys.
+        // Version 4: a group's position carries its parked keys (since version 3), its
+        // isolation budget and whether it is detached.
         let mut parked = groups.clone();
         if let Some(c) = parked.get_mut("audit") {
             c.parked.insert(b"k1".to_vec(), 30);
         }
+        let mut isolated = parked.clone();
+        if let Some(c) = isolated.get_mut("audit") {
+            c.budget.max_messages = Some(1000);
+            c.detached_at_ms = Some(1_700_000_000_000);
+        }
         frozen(
             &PARTITION_STATE,
-            &(log, parked, producers.clone(), 100u64),
-            "03781480a0abfef9620a802000000001056175646974031401191a0001026b311e\
-             01090280a0abfef9620128037580a0abfef96201016464",
+            &(log, isolated, producers.clone(), 100u64),
+            "04781480a0abfef9620a802000000001056175646974031401191a0001026b311e01e80700000180a0abfef96201090280a0abfef9620128037580a0abfef96201016464",
         );
+        // Version 3 (parked keys, no isolation) is still read.
+        {
+            use junction_types::groups::cursor_v3::{GroupCursorsV3, upgrade};
+            let v3 = unhex(
+                "03781480a0abfef9620a802000000001056175646974031401191a0001026b311e\
+                 01090280a0abfef9620128037580a0abfef96201016464",
+            );
+            let state3 = decode_upgrading(&PARTITION_STATE, &v3, |version, body| {
+                (version == 3).then(|| {
+                    decode_body::<(
+                        crate::partition_sm::PartitionState,
+                        GroupCursorsV3,
+                        junction_types::exactly_once::ProducerTable,
+                        u64,
+                    )>(&PARTITION_STATE, body)
+                    .map(|(l, g, p, d)| (l, upgrade(g), p, d))
+                })
+            })
+            .unwrap();
+            assert_eq!(state3, (log, parked, producers.clone(), 100u64));
+        }
         // Version 2 (no parked keys) is still read.
         use junction_types::exactly_once::ProducerTable;
         use junction_types::groups::cursor_v2::{GroupCursorsV2, upgrade};

@@ -19,6 +19,7 @@ use junction_types::exactly_once::{
     DedupIndex, DeliveryPolicy, MSG_ID_HEADER, Placement, ProducerTable, SequenceCheck,
 };
 use junction_types::groups::cursor_v2::{self, GroupCursorsV2};
+use junction_types::groups::cursor_v3::{self, GroupCursorsV3};
 use junction_types::groups::{GroupCursors, apply_cursor_command};
 use junction_types::{Command, CommandResponse, GroupId, PartitionCommand, Record, StoredRecord};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -68,8 +69,8 @@ struct PersistedState {
 }
 
 impl PersistedState {
-    /// Decodes the current version, or upgrades version 1 (log state and group positions)
-    /// and version 2 (cursors without parked keys).
+    /// Decodes the current version, or upgrades version 1 (log state and group positions),
+    /// version 2 (cursors without parked keys) and version 3 (cursors without isolation).
     fn decode(b: &[u8]) -> Result<Self, RaftStoreError> {
         format::decode_upgrading(&format::PARTITION_STATE, b, |version, body| match version {
             1 => Some(
@@ -92,6 +93,18 @@ impl PersistedState {
                 .map(|(log, groups, producers, dedup_from)| PersistedState {
                     log,
                     groups: cursor_v2::upgrade(groups),
+                    producers,
+                    dedup_from,
+                }),
+            ),
+            3 => Some(
+                format::decode_body::<(PartitionState, GroupCursorsV3, ProducerTable, u64)>(
+                    &format::PARTITION_STATE,
+                    body,
+                )
+                .map(|(log, groups, producers, dedup_from)| PersistedState {
+                    log,
+                    groups: cursor_v3::upgrade(groups),
                     producers,
                     dedup_from,
                 }),

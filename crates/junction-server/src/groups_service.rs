@@ -16,7 +16,9 @@ use junction_proto::v1::broker_server::Broker as _;
 use junction_proto::v1::consume_request::Request as ConsumeReq;
 use junction_proto::v1::groups_server::Groups;
 use junction_proto::v1::*;
-use junction_types::groups::{self as tg, GroupMeta, StartFrom, dead_letter_station};
+use junction_types::groups::{
+    self as tg, GroupMeta, Isolation, LagBudget, StartFrom, dead_letter_station,
+};
 use junction_types::{Record, StationName};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -187,6 +189,22 @@ impl GroupsService {
     }
 }
 
+fn budget_of(b: &junction_proto::v1::LagBudget) -> LagBudget {
+    LagBudget {
+        max_messages: b.max_messages,
+        max_bytes: b.max_bytes,
+        max_age_ms: b.max_age_ms,
+    }
+}
+
+fn budget_proto(b: &LagBudget) -> junction_proto::v1::LagBudget {
+    junction_proto::v1::LagBudget {
+        max_messages: b.max_messages,
+        max_bytes: b.max_bytes,
+        max_age_ms: b.max_age_ms,
+    }
+}
+
 fn parse(name: &str) -> Result<StationName, Status> {
     StationName::parse(name).map_err(|e| to_status(e.into()))
 }
@@ -344,6 +362,8 @@ fn group_partition(g: &GroupMeta, p: u32, pos: Option<GroupPosition>) -> GroupPa
         oldest_unacked_age_ms: pos.oldest_unacked_age_ms,
         known,
         parked_keys: pos.parked_keys,
+        budget: Some(budget_proto(&pos.budget)),
+        detached_at_ms: pos.detached_at_ms,
     }
 }
 
@@ -536,6 +556,12 @@ impl Groups for GroupsService {
                                         lag: x.lag,
                                         oldest_unacked_age_ms: x.oldest_unacked_age_ms,
                                         parked_keys: x.parked_keys,
+                                        budget: x
+                                            .budget
+                                            .as_ref()
+                                            .map(budget_of)
+                                            .unwrap_or_default(),
+                                        detached_at_ms: x.detached_at_ms,
                                     }),
                                 Err(_) => None,
                             }
@@ -967,6 +993,36 @@ impl Groups for GroupsService {
         req: Request<ParkedKeyRequest>,
     ) -> Result<Response<ParkedKeyResponse>, Status> {
         self.parked_action(req, false).await
+    }
+
+    async fn set_isolation(
+        &self,
+        req: Request<SetIsolationRequest>,
+    ) -> Result<Response<SetIsolationResponse>, Status> {
+        let hops = hops_of(&req);
+        self.allow(&req, &req.get_ref().station, Operation::Manage)
+            .await?;
+        let r = req.into_inner();
+        let station = parse(&r.station)?;
+        let change = match &r.change {
+            Some(set_isolation_request::Change::Budget(b)) => Isolation::Budget(budget_of(b)),
+            Some(set_isolation_request::Change::Reattach(true)) => Isolation::Reattach,
+            Some(set_isolation_request::Change::Reattach(false)) | None => {
+                return Err(Status::invalid_argument(
+                    "say what to change: a `budget`, or `reattach: true`",
+                ));
+            }
+        };
+        on_partition_leader!(self, hops, r, r.partition, set_isolation);
+        let c = self
+            .broker
+            .set_group_isolation(&station, &r.group, r.partition, change)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(SetIsolationResponse {
+            budget: Some(budget_proto(&c.budget)),
+            detached_at_ms: c.detached_at_ms,
+        }))
     }
 
     async fn resend_dead_letters(

@@ -93,6 +93,11 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
             .set(pos.oldest_unacked_age_ms as f64 / 1000.0);
         metrics::gauge!("junction_group_committed_offset", &labels).set(pos.committed as f64);
         metrics::gauge!("junction_group_parked_keys", &labels).set(pos.parked_keys as f64);
+        metrics::gauge!("junction_group_detached", &labels).set(if pos.detached_at_ms.is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
     match prometheus() {
         Some(h) => (StatusCode::OK, h.render()),

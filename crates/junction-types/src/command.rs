@@ -256,6 +256,12 @@ pub enum PartitionCommand {
         key: Vec<u8>,
         head: Option<u64>,
     },
+    /// Sets a group's isolation budget in the partition, or detaches / re-attaches it.
+    GroupIsolation {
+        group: String,
+        uid: u64,
+        change: crate::groups::Isolation,
+    },
 }
 
 /// The result of applying one entry.

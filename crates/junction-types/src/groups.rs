@@ -155,6 +155,8 @@ pub enum GroupError {
     SessionTimeout(u64),
     #[error("max_in_flight_per_key must be between 1 and 1000, got {0}")]
     MaxInFlightPerKey(u32),
+    #[error("{0}")]
+    LagBudget(String),
 }
 
 impl GroupSettings {
@@ -335,6 +337,99 @@ pub struct GroupCursor {
     /// Parked keys (`on_max_deliveries: park`) and the offset of each one's head: the
     /// message that used up its deliveries.
     pub parked: BTreeMap<Vec<u8>, u64>,
+    /// How far behind the group may fall here before it is detached.
+    pub budget: LagBudget,
+    /// Since when (ms) the group is detached here: it fell past its budget, and no longer
+    /// holds back `ack` retention, which may pass it. Cleared only by re-attaching.
+    pub detached_at_ms: Option<i64>,
+}
+
+/// A group's isolation budget in a partition: how far behind it may fall before it is
+/// detached, so a dead consumer never holds a station's `ack` retention (and everyone's disk)
+/// forever. `None`: no limit of that kind; all `None`: never detached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagBudget {
+    pub max_messages: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub max_age_ms: Option<u64>,
+}
+
+/// The longest age budget: a year.
+pub const MAX_LAG_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// How far behind a group is in a partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Messages from its position to the end.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How old the oldest of them is (0 when there is none).
+    pub age_ms: u64,
+}
+
+impl LagBudget {
+    /// Whether no limit is set.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_messages.is_none() && self.max_bytes.is_none() && self.max_age_ms.is_none()
+    }
+
+    /// Refuses limits of 0 and ages over [`MAX_LAG_AGE_MS`].
+    pub fn validate(&self) -> Result<(), GroupError> {
+        for (what, v) in [
+            ("max_lag_messages", self.max_messages),
+            ("max_lag_bytes", self.max_bytes),
+            ("max_lag_age_ms", self.max_age_ms),
+        ] {
+            if v == Some(0) {
+                return Err(GroupError::LagBudget(format!(
+                    "{what} must be at least 1 (leave it out for no limit)"
+                )));
+            }
+        }
+        if let Some(a) = self.max_age_ms
+            && a > MAX_LAG_AGE_MS
+        {
+            return Err(GroupError::LagBudget(format!(
+                "max_lag_age_ms must be at most {MAX_LAG_AGE_MS} (a year), not {a}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which limit `lag` is past, said in words; `None` while it is within every limit.
+    pub fn exceeded_by(&self, lag: &Lag) -> Option<String> {
+        if let Some(m) = self.max_messages
+            && lag.messages > m
+        {
+            return Some(format!("{} messages behind, budget {m}", lag.messages));
+        }
+        if let Some(b) = self.max_bytes
+            && lag.bytes > b
+        {
+            return Some(format!("{} bytes behind, budget {b}", lag.bytes));
+        }
+        if let Some(a) = self.max_age_ms
+            && lag.age_ms > a
+        {
+            return Some(format!(
+                "oldest unacknowledged message {} ms old, budget {a} ms",
+                lag.age_ms
+            ));
+        }
+        None
+    }
+}
+
+/// A change of a group's isolation in one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Sets the budget (keeps the detached state).
+    Budget(LagBudget),
+    /// The group fell past its budget at `at_ms` (the leader's clock).
+    Detach { at_ms: i64 },
+    /// An operator attaches the group again: it holds back `ack` retention from its position.
+    Reattach,
 }
 
 impl GroupCursor {
@@ -346,7 +441,14 @@ impl GroupCursor {
             acked: BTreeMap::new(),
             seek_epoch: 0,
             parked: BTreeMap::new(),
+            budget: LagBudget::default(),
+            detached_at_ms: None,
         }
+    }
+
+    /// Whether the group holds back `ack` retention here.
+    pub fn is_detached(&self) -> bool {
+        self.detached_at_ms.is_some()
     }
 
     /// Whether `offset` is acknowledged.
@@ -504,6 +606,8 @@ pub fn apply_cursor_command(
             if let Some(mut c) = src {
                 c.uid = *to_uid;
                 c.seek_epoch += 1;
+                // The clone starts attached: it is a new consumer, with the same budget.
+                c.detached_at_ms = None;
                 cursors.insert(to.clone(), c);
             }
             CommandResponse::Cursor(cursors.get(to).cloned())
@@ -525,6 +629,22 @@ pub fn apply_cursor_command(
                     Some(o) => c.parked.insert(key.clone(), *o),
                     None => c.parked.remove(key),
                 };
+            }
+            CommandResponse::Cursor(cursors.get(group).cloned())
+        }
+        PartitionCommand::GroupIsolation { group, uid, change } => {
+            if let Some(c) = cursors.get_mut(group)
+                && c.uid == *uid
+            {
+                match change {
+                    Isolation::Budget(b) => c.budget = *b,
+                    Isolation::Detach { at_ms } => {
+                        if c.detached_at_ms.is_none() {
+                            c.detached_at_ms = Some(*at_ms);
+                        }
+                    }
+                    Isolation::Reattach => c.detached_at_ms = None,
+                }
             }
             CommandResponse::Cursor(cursors.get(group).cloned())
         }
@@ -555,6 +675,8 @@ pub mod cursor_v2 {
                 acked: c.acked,
                 seek_epoch: c.seek_epoch,
                 parked: BTreeMap::new(),
+                budget: super::LagBudget::default(),
+                detached_at_ms: None,
             }
         }
     }
@@ -564,6 +686,47 @@ pub mod cursor_v2 {
 
     /// Upgrades the cursors of versions 1 and 2.
     pub fn upgrade(cs: GroupCursorsV2) -> super::GroupCursors {
+        cs.into_iter().map(|(g, c)| (g, c.into())).collect()
+    }
+}
+
+/// Cursors as partition state version 3 stored them (parked keys, no isolation budget).
+pub mod cursor_v3 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{GroupCursor, LagBudget};
+
+    /// A group's position as version 3 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct GroupCursorV3 {
+        pub uid: u64,
+        pub committed: u64,
+        pub acked: BTreeMap<u64, u64>,
+        pub seek_epoch: u64,
+        pub parked: BTreeMap<Vec<u8>, u64>,
+    }
+
+    impl From<GroupCursorV3> for GroupCursor {
+        fn from(c: GroupCursorV3) -> Self {
+            GroupCursor {
+                uid: c.uid,
+                committed: c.committed,
+                acked: c.acked,
+                seek_epoch: c.seek_epoch,
+                parked: c.parked,
+                budget: LagBudget::default(),
+                detached_at_ms: None,
+            }
+        }
+    }
+
+    /// Every group's cursor, as version 3 stored them.
+    pub type GroupCursorsV3 = BTreeMap<String, GroupCursorV3>;
+
+    /// Upgrades the cursors of version 3.
+    pub fn upgrade(cs: GroupCursorsV3) -> super::GroupCursors {
         cs.into_iter().map(|(g, c)| (g, c.into())).collect()
     }
 }
@@ -978,5 +1141,101 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_lag_budget_says_which_limit_is_past() {
+        let b = LagBudget {
+            max_messages: Some(100),
+            max_bytes: None,
+            max_age_ms: Some(60_000),
+        };
+        let within = Lag {
+            messages: 100,
+            bytes: u64::MAX,
+            age_ms: 60_000,
+        };
+        assert_eq!(b.exceeded_by(&within), None);
+        let many = Lag {
+            messages: 101,
+            ..within
+        };
+        assert!(
+            b.exceeded_by(&many)
+                .is_some_and(|w| w.contains("101 messages"))
+        );
+        let old = Lag {
+            age_ms: 60_001,
+            ..within
+        };
+        assert!(b.exceeded_by(&old).is_some_and(|w| w.contains("60001 ms")));
+        assert_eq!(LagBudget::default().exceeded_by(&many), None);
+        assert!(LagBudget::default().is_unlimited());
+        assert!(b.validate().is_ok());
+        for bad in [
+            LagBudget {
+                max_messages: Some(0),
+                ..b
+            },
+            LagBudget {
+                max_bytes: Some(0),
+                ..b
+            },
+            LagBudget {
+                max_age_ms: Some(MAX_LAG_AGE_MS + 1),
+                ..b
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(GroupError::LagBudget(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn detaching_is_sticky_until_reattached_and_a_clone_starts_attached() {
+        let mut cs = GroupCursors::new();
+        let init = PartitionCommand::GroupInit {
+            group: "g".into(),
+            uid: 7,
+            start: 0,
+        };
+        apply_cursor_command(&mut cs, &init, 0, 10);
+        let iso = |uid: u64, change: Isolation| PartitionCommand::GroupIsolation {
+            group: "g".into(),
+            uid,
+            change,
+        };
+        let budget = LagBudget {
+            max_messages: Some(5),
+            ..LagBudget::default()
+        };
+        apply_cursor_command(&mut cs, &iso(7, Isolation::Budget(budget)), 0, 10);
+        apply_cursor_command(&mut cs, &iso(7, Isolation::Detach { at_ms: 100 }), 0, 10);
+        // A second detach keeps the first time; a stale incarnation changes nothing.
+        apply_cursor_command(&mut cs, &iso(7, Isolation::Detach { at_ms: 200 }), 0, 10);
+        apply_cursor_command(&mut cs, &iso(6, Isolation::Reattach), 0, 10);
+        assert_eq!(cs["g"].detached_at_ms, Some(100));
+        assert_eq!(cs["g"].budget, budget);
+        // A seek keeps the state; a clone is a new consumer and starts attached.
+        let seek = PartitionCommand::GroupSeek {
+            group: "g".into(),
+            uid: 7,
+            offset: 3,
+        };
+        apply_cursor_command(&mut cs, &seek, 0, 10);
+        assert!(cs["g"].is_detached());
+        let clone = PartitionCommand::GroupClone {
+            from: "g".into(),
+            from_uid: 7,
+            to: "h".into(),
+            to_uid: 8,
+        };
+        apply_cursor_command(&mut cs, &clone, 0, 10);
+        assert!(!cs["h"].is_detached());
+        assert_eq!(cs["h"].budget, budget);
+        apply_cursor_command(&mut cs, &iso(7, Isolation::Reattach), 0, 10);
+        assert!(!cs["g"].is_detached());
     }
 }

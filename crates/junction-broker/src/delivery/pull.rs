@@ -27,6 +27,8 @@ use crate::{Broker, BrokerError};
 
 /// A pulling session nobody fetched from or settled on for this long is dropped.
 pub const PULL_IDLE: Duration = Duration::from_secs(600);
+/// How often fetches look for sessions to drop.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The longest a fetch waits for a first message.
 pub const MAX_PULL_WAIT: Duration = Duration::from_secs(30);
 
@@ -38,6 +40,8 @@ pub struct PullSessions {
     map: parking_lot::Mutex<HashMap<PullKey, Arc<PullSession>>>,
     /// Serialises making sessions, so two fetches of one member do not subscribe twice.
     making: tokio::sync::Mutex<()>,
+    /// When [`PullSessions::sweep`] last looked at every session.
+    swept: parking_lot::Mutex<Option<Instant>>,
 }
 
 struct PullSession {
@@ -139,8 +143,16 @@ impl PullSessions {
         self.map.lock().remove(key);
     }
 
-    /// Drops sessions whose delivery ended or that nobody used for [`PULL_IDLE`].
+    /// Drops sessions whose delivery ended or that nobody used for [`PULL_IDLE`]; at most once
+    /// per [`SWEEP_EVERY`], as it visits every session.
     fn sweep(&self) {
+        {
+            let mut swept = self.swept.lock();
+            if swept.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+                return;
+            }
+            *swept = Some(Instant::now());
+        }
         self.map
             .lock()
             .retain(|_, s| !s.control.is_closed() && s.last_used.lock().elapsed() < PULL_IDLE);
