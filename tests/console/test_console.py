@@ -238,6 +238,19 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
              lambda: not rest.call("GET", "/stations/default/orders/groups/quarantine/parked")["keys"])
     wait_for("the page says so", lambda: "No parked keys." in text(d))
 
+    step("group page: set an isolation budget from the console; every partition holds it")
+    d.get(url + "/#/group/default/orders/billing")
+    form = wait_for("the budget form", lambda: d.find_element(By.ID, "budget"))
+    form.find_element(By.NAME, "max_messages").send_keys("5000")
+    form.find_element(By.NAME, "max_age_s").send_keys("3600")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    accept_confirm(d)
+    wait_for("the budget on every partition", lambda: all(
+        p["budget"] == {"max_messages": 5000, "max_bytes": None, "max_age_ms": 3600000}
+        for p in rest.call("GET", "/stations/default/orders/groups/billing")["partitions"]))
+    wait_for("the page shows it", lambda: "Isolation budget: 5,000 messages" in text(d))
+    assert "held" in text(d), text(d)
+
     step("group page: seek to earliest from the console, lag comes back; then delete the group")
     d.get(url + "/#/group/default/orders/billing")
     form = wait_for("the seek form", lambda: d.find_element(By.ID, "seek"))

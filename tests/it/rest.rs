@@ -576,6 +576,43 @@ async fn consume_without_sticky_sessions_over_rest() {
     .await
     .problem(400, None);
 
+    // An isolation budget, per partition; a limit of 0 is refused. Attached again at once.
+    send(
+        a,
+        "PUT",
+        &format!("{st}/groups/workers/budget"),
+        &json!({"max_messages": 0}),
+    )
+    .await
+    .problem(400, None);
+    let set = send(
+        b,
+        "PUT",
+        &format!("{st}/groups/workers/budget"),
+        &json!({"max_messages": 500, "max_age_ms": 3_600_000}),
+    )
+    .await
+    .ok();
+    assert_eq!(set["partitions"].as_array().map(Vec::len), Some(2), "{set}");
+    let g = get(c, &format!("{st}/groups/workers")).await.ok();
+    for p in g["partitions"].as_array().expect("partitions") {
+        assert_eq!(p["budget"]["max_messages"], 500, "{p}");
+        assert_eq!(p["budget"]["max_age_ms"], 3_600_000, "{p}");
+        assert!(p["detached_at_ms"].is_null(), "{p}");
+    }
+    let attached = post(
+        a,
+        &format!("{st}/groups/workers/attach"),
+        &json!({"partition": 1}),
+    )
+    .await
+    .ok();
+    assert_eq!(attached["partitions"][0]["partition"], 1);
+    assert_eq!(attached["partitions"][0]["budget"]["max_messages"], 500);
+    post(a, &format!("{st}/groups/nobody/attach"), &json!({}))
+        .await
+        .problem(404, None);
+
     // Nack on node 3, fetch the redelivery on node 2; the first delivery's receipt is stale.
     post(
         b,

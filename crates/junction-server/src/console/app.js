@@ -291,8 +291,21 @@ views.group = {
         location.hash = `#/station/${enc(tenant)}/${enc(name)}`;
       });
     } }, "Delete group");
+    const budget = h("form", { class: "inline", id: "budget" },
+      h("label", {}, "Budget: messages", h("input", { name: "max_messages", type: "number", min: 1, size: 10 })),
+      h("label", {}, "age (s)", h("input", { name: "max_age_s", type: "number", min: 1, size: 8 })),
+      h("button", { type: "submit" }, "Set budget"));
+    budget.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const f = new FormData(budget);
+      const body = {};
+      if (f.get("max_messages") !== "") body.max_messages = Number(f.get("max_messages"));
+      if (f.get("max_age_s") !== "") body.max_age_ms = Number(f.get("max_age_s")) * 1000;
+      if (!confirm(`Set group ${group}'s isolation budget to ${budgetText(body)}? Past it, ack retention stops waiting for the group.`)) return;
+      act(`Budget of ${group} set`, () => api("PUT", `${path}/budget`, body));
+    });
     root.append(h("h1", {}, `Group ${group} of ${tenant}/${name}`), live,
-      h("h2", {}, "Actions"), seek, clone, h("div", { class: "actions" }, del));
+      h("h2", {}, "Actions"), seek, clone, budget, h("div", { class: "actions" }, del));
     return async () => {
       const [g, parked] = await Promise.all([api("GET", path), api("GET", `${path}/parked`)]);
       const s = g.settings || {};
@@ -312,10 +325,18 @@ views.group = {
         table(["Member", "Client", "Joined", "Partitions"],
           g.members.map((m) => [m.member_id, m.client, fmtTime(m.joined_at_ms), m.partitions.join(", ")]), "No members."),
         h("h2", {}, "Partitions"),
-        table(["Partition#", "Member", "Epoch#", "Committed#", "Acked beyond#", "End#", "Lag#", "Lag (time)"],
+        table(["Partition#", "Member", "Epoch#", "Committed#", "Acked beyond#", "End#", "Lag#", "Lag (time)",
+          "Retention"],
           g.partitions.map((p) => [num(p.partition), p.member_id || "–", num(p.epoch), num(p.committed),
             num(p.acked_beyond), num(p.high_watermark), num(p.lag),
-            p.known ? fmtMs(p.oldest_unacked_age_ms) : h("span", { class: "pill bad" }, "unknown")])),
+            p.known ? fmtMs(p.oldest_unacked_age_ms) : h("span", { class: "pill bad" }, "unknown"),
+            p.detached_at_ms === null || p.detached_at_ms === undefined ? "held"
+              : h("span", {}, h("span", { class: "pill bad" }, `detached ${fmtTime(p.detached_at_ms)}`), " ",
+                h("button", { class: "plain", type: "button", "data-attach": p.partition, onclick: () => {
+                  if (!confirm(`Attach group ${group} again in partition ${p.partition}? Ack retention waits for it again.`)) return;
+                  act(`Group ${group} attached`, () => api("POST", `${path}/attach`, { partition: p.partition }));
+                } }, "Attach"))])),
+        h("p", { class: "muted", id: "budget-now" }, `Isolation budget: ${budgetText(g.partitions[0] && g.partitions[0].budget)}`),
         h("h2", {}, "Parked keys"),
         table(["Partition#", "Key", "Head offset#", "Head payload", ""],
           parked.keys.map((k) => [num(k.partition), k.key, num(k.head_offset),
@@ -333,6 +354,15 @@ views.group = {
     };
   },
 };
+
+function budgetText(b) {
+  if (!b) return "none";
+  const parts = [];
+  if (b.max_messages) parts.push(`${fmtNum(b.max_messages)} messages`);
+  if (b.max_bytes) parts.push(fmtBytes(b.max_bytes));
+  if (b.max_age_ms) parts.push(fmtMs(b.max_age_ms));
+  return parts.length ? parts.join(", ") : "none";
+}
 
 function bytesOf(text, encoding) {
   if (encoding === "base64") return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));

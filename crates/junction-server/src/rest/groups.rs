@@ -14,8 +14,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{
-    CloneGroup, CreateGroup, DeadLetter, DeadLetters, DeadLettersQuery, Done, Group, Groups,
-    ParkedDone, ParkedKey, ParkedKeyAction, ParkedKeys, ReadQuery, Resend, Resent, Seek,
+    AttachGroup, CloneGroup, CreateGroup, DeadLetter, DeadLetters, DeadLettersQuery, Done, Group,
+    Groups, Isolation, LagBudget, ParkedDone, ParkedKey, ParkedKeyAction, ParkedKeys,
+    PartitionIsolation, ReadQuery, Resend, Resent, Seek, SetBudget,
 };
 use super::{Body, Caller, Path, Problem, ProblemDoc, Query, Rest, station_name};
 
@@ -28,6 +29,8 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Rest>> {
         .routes(routes!(list_parked))
         .routes(routes!(resume_parked))
         .routes(routes!(skip_parked))
+        .routes(routes!(set_budget))
+        .routes(routes!(attach_group))
         .routes(routes!(list_dead_letters))
         .routes(routes!(resend_dead_letters))
 }
@@ -313,4 +316,98 @@ async fn skip_parked(
     Ok(Json(ParkedDone {
         keys: r.into_inner().keys,
     }))
+}
+
+/// Sets or attaches in the partitions asked for (absent: every partition of the group).
+async fn isolate(
+    s: &Arc<Rest>,
+    caller: &Caller,
+    station: String,
+    group: String,
+    partition: Option<u32>,
+    change: pb::set_isolation_request::Change,
+) -> Result<Json<Isolation>, Problem> {
+    let partitions: Vec<u32> = match partition {
+        Some(p) => vec![p],
+        None => s
+            .groups
+            .describe_group(caller.request(pb::DescribeGroupRequest {
+                station: station.clone(),
+                group: group.clone(),
+                only_partitions: vec![],
+            }))
+            .await?
+            .into_inner()
+            .partitions
+            .iter()
+            .map(|p| p.partition)
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(partitions.len());
+    for p in partitions {
+        let r = s
+            .groups
+            .set_isolation(caller.request(pb::SetIsolationRequest {
+                station: station.clone(),
+                group: group.clone(),
+                partition: p,
+                change: Some(change),
+            }))
+            .await?
+            .into_inner();
+        out.push(PartitionIsolation {
+            partition: p,
+            budget: LagBudget::from_proto(r.budget),
+            detached_at_ms: r.detached_at_ms,
+        });
+    }
+    Ok(Json(Isolation { partitions: out }))
+}
+
+/// Sets a group's isolation budget: past it in a partition, the group is detached there and
+/// `ack` retention no longer waits for it. The detached state is kept; an absent limit is no
+/// limit.
+#[utoipa::path(put, path = "/stations/{tenant}/{station}/groups/{group}/budget", tag = "groups",
+    params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
+    request_body = SetBudget,
+    responses((status = 200, body = Isolation), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn set_budget(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path((tenant, station, group)): Path<(String, String, String)>,
+    Body(body): Body<SetBudget>,
+) -> Result<Json<Isolation>, Problem> {
+    let change = pb::set_isolation_request::Change::Budget(body.budget().into_proto());
+    isolate(
+        &s,
+        &caller,
+        station_name(&tenant, &station),
+        group,
+        body.partition,
+        change,
+    )
+    .await
+}
+
+/// Attaches a detached group again: `ack` retention waits for it from its position once more.
+#[utoipa::path(post, path = "/stations/{tenant}/{station}/groups/{group}/attach", tag = "groups",
+    params(("tenant" = String, Path), ("station" = String, Path), ("group" = String, Path)),
+    request_body = AttachGroup,
+    responses((status = 200, body = Isolation), (status = "default", body = ProblemDoc, content_type = "application/problem+json")))]
+async fn attach_group(
+    State(s): State<Arc<Rest>>,
+    caller: Caller,
+    Path((tenant, station, group)): Path<(String, String, String)>,
+    Body(body): Body<AttachGroup>,
+) -> Result<Json<Isolation>, Problem> {
+    let change = pb::set_isolation_request::Change::Reattach(true);
+    isolate(
+        &s,
+        &caller,
+        station_name(&tenant, &station),
+        group,
+        body.partition,
+        change,
+    )
+    .await
 }

@@ -812,6 +812,96 @@ pub struct GroupPartition {
     pub known: bool,
     /// Keys parked in this partition.
     pub parked_keys: u64,
+    /// The group's isolation budget here.
+    pub budget: LagBudget,
+    /// Since when (ms) the group is detached here: past its budget, `ack` retention no longer
+    /// waits for it. Absent: attached.
+    pub detached_at_ms: Option<i64>,
+}
+
+/// How far behind a group may fall in a partition before it is detached. An absent limit is
+/// no limit.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LagBudget {
+    /// Most unacknowledged messages (at least 1).
+    #[schema(minimum = 1)]
+    pub max_messages: Option<u64>,
+    /// Most unacknowledged bytes (at least 1).
+    #[schema(minimum = 1)]
+    pub max_bytes: Option<u64>,
+    /// Oldest unacknowledged message's age (1 ms to a year).
+    #[schema(minimum = 1, maximum = 31536000000_u64)]
+    pub max_age_ms: Option<u64>,
+}
+
+impl LagBudget {
+    pub fn from_proto(b: Option<pb::LagBudget>) -> Self {
+        let b = b.unwrap_or_default();
+        Self {
+            max_messages: b.max_messages,
+            max_bytes: b.max_bytes,
+            max_age_ms: b.max_age_ms,
+        }
+    }
+
+    pub fn into_proto(self) -> pb::LagBudget {
+        pb::LagBudget {
+            max_messages: self.max_messages,
+            max_bytes: self.max_bytes,
+            max_age_ms: self.max_age_ms,
+        }
+    }
+}
+
+/// A new isolation budget for a group, in every partition (or one).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetBudget {
+    /// Most unacknowledged messages (at least 1).
+    #[schema(minimum = 1)]
+    pub max_messages: Option<u64>,
+    /// Most unacknowledged bytes (at least 1).
+    #[schema(minimum = 1)]
+    pub max_bytes: Option<u64>,
+    /// Oldest unacknowledged message's age (1 ms to a year).
+    #[schema(minimum = 1, maximum = 31536000000_u64)]
+    pub max_age_ms: Option<u64>,
+    /// One partition only (absent: every partition).
+    pub partition: Option<u32>,
+}
+
+impl SetBudget {
+    pub fn budget(&self) -> LagBudget {
+        LagBudget {
+            max_messages: self.max_messages,
+            max_bytes: self.max_bytes,
+            max_age_ms: self.max_age_ms,
+        }
+    }
+}
+
+/// Attach a detached group again, in every partition (or one).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachGroup {
+    /// One partition only (absent: every partition).
+    pub partition: Option<u32>,
+}
+
+/// A group's isolation in one partition after a change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PartitionIsolation {
+    pub partition: u32,
+    pub budget: LagBudget,
+    /// Since when the group is detached here (absent: attached).
+    pub detached_at_ms: Option<i64>,
+}
+
+/// A group's isolation in the partitions a change applied to.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Isolation {
+    pub partitions: Vec<PartitionIsolation>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -845,6 +935,8 @@ impl From<pb::GroupInfo> for Group {
                 oldest_unacked_age_ms: p.oldest_unacked_age_ms,
                 known: p.known,
                 parked_keys: p.parked_keys,
+                budget: LagBudget::from_proto(p.budget),
+                detached_at_ms: p.detached_at_ms,
             })
             .collect();
         Self {
