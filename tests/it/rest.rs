@@ -594,12 +594,26 @@ async fn consume_without_sticky_sessions_over_rest() {
     .await
     .ok();
     assert_eq!(set["partitions"].as_array().map(Vec::len), Some(2), "{set}");
-    let g = get(c, &format!("{st}/groups/workers")).await.ok();
-    for p in g["partitions"].as_array().expect("partitions") {
-        assert_eq!(p["budget"]["max_messages"], 500, "{p}");
-        assert_eq!(p["budget"]["max_age_ms"], 3_600_000, "{p}");
-        assert!(p["detached_at_ms"].is_null(), "{p}");
-    }
+    // A description is read from each partition's local replica, which may trail its leader by
+    // a moment.
+    wait_until(
+        Duration::from_secs(10),
+        "the budget on every replica",
+        || async {
+            let g = get(c, &format!("{st}/groups/workers")).await.ok();
+            g["partitions"]
+                .as_array()
+                .expect("partitions")
+                .iter()
+                .all(|p| {
+                    p["budget"]["max_messages"] == 500
+                        && p["budget"]["max_age_ms"] == 3_600_000
+                        && p["detached_at_ms"].is_null()
+                })
+                .then_some(())
+        },
+    )
+    .await;
     let attached = post(
         a,
         &format!("{st}/groups/workers/attach"),
