@@ -485,6 +485,31 @@ pub struct GroupPosition {
     pub detached_at_ms: Option<i64>,
 }
 
+/// How old the message at `committed` is (0 when `committed` is the end): the age of a
+/// group's oldest unacknowledged message. One read from the partition's store.
+pub(crate) fn oldest_unacked_age_ms(
+    replica: &crate::PartitionReplica,
+    committed: u64,
+    next: u64,
+) -> u64 {
+    if committed >= next {
+        return 0;
+    }
+    replica
+        .store
+        .read_messages(replica.group, committed, next, 1, 1 << 20)
+        .ok()
+        .and_then(|m| m.into_iter().next())
+        .and_then(|(_, b)| {
+            junction_raft::decode::<junction_types::StoredRecord>(
+                &junction_raft::format::RECORD,
+                &b,
+            )
+            .ok()
+        })
+        .map_or(0, |r| (now_ms() - r.timestamp_ms).max(0) as u64)
+}
+
 impl Broker {
     /// The replica of `partition` of `station` hosted on this node.
     pub(crate) fn hosted_replica(
@@ -629,6 +654,19 @@ impl Broker {
         replica: &crate::PartitionReplica,
         g: &GroupMeta,
     ) -> GroupPosition {
+        let mut p = self.cursor_position(replica, g);
+        p.oldest_unacked_age_ms = oldest_unacked_age_ms(replica, p.committed, p.high_watermark);
+        p
+    }
+
+    /// [`Broker::position_of`] from the replica's state alone, without reading the oldest
+    /// unacknowledged message from disk (its age is left 0): what the retention pass needs
+    /// for every group on every tick.
+    pub(crate) fn cursor_position(
+        &self,
+        replica: &crate::PartitionReplica,
+        g: &GroupMeta,
+    ) -> GroupPosition {
         let s = replica.shared.current();
         let cursors = replica.shared.cursors();
         let mine = cursors.get(&g.name).filter(|c| c.uid == g.uid);
@@ -649,23 +687,6 @@ impl Broker {
             .next_offset
             .saturating_sub(committed)
             .saturating_sub(acked_beyond);
-        let oldest_unacked_age_ms = if committed < s.next_offset {
-            replica
-                .store
-                .read_messages(replica.group, committed, s.next_offset, 1, 1 << 20)
-                .ok()
-                .and_then(|m| m.into_iter().next())
-                .and_then(|(_, b)| {
-                    junction_raft::decode::<junction_types::StoredRecord>(
-                        &junction_raft::format::RECORD,
-                        &b,
-                    )
-                    .ok()
-                })
-                .map_or(0, |r| (now_ms() - r.timestamp_ms).max(0) as u64)
-        } else {
-            0
-        };
         GroupPosition {
             parked_keys,
             budget,
@@ -674,7 +695,7 @@ impl Broker {
             acked_beyond,
             high_watermark: s.next_offset,
             lag,
-            oldest_unacked_age_ms,
+            oldest_unacked_age_ms: 0,
         }
     }
 

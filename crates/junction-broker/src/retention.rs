@@ -359,7 +359,7 @@ fn ack_floor(
 ) -> Option<u64> {
     let meta = broker.metadata();
     meta.groups_of_station(&station.full_name())
-        .map(|g| broker.position_of(replica, g))
+        .map(|g| broker.cursor_position(replica, g))
         .filter(|p| p.detached_at_ms.is_none())
         .map(|p| p.committed)
         .min()
@@ -375,10 +375,18 @@ async fn detach_laggards(
     let meta = broker.metadata();
     let full = station.full_name();
     for g in meta.groups_of_station(&full) {
-        let pos = broker.position_of(replica, g);
+        // From the replica's state first: most groups have no budget, and the disk reads
+        // below are made only for the limits that are set.
+        let pos = broker.cursor_position(replica, g);
         if pos.budget.is_unlimited() || pos.detached_at_ms.is_some() {
             continue;
         }
+        let age_ms = match pos.budget.max_age_ms {
+            Some(_) => {
+                crate::groups::oldest_unacked_age_ms(replica, pos.committed, pos.high_watermark)
+            }
+            None => 0,
+        };
         let bytes = match pos.budget.max_bytes {
             Some(_) => {
                 let store = replica.store.clone();
@@ -392,7 +400,7 @@ async fn detach_laggards(
         let lag = Lag {
             messages: pos.lag,
             bytes,
-            age_ms: pos.oldest_unacked_age_ms,
+            age_ms,
         };
         let Some(why) = pos.budget.exceeded_by(&lag) else {
             continue;
