@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use hdrhistogram::Histogram;
 use junction_client::proto::QuotaLimits;
 use serde::Serialize;
 
@@ -72,25 +73,71 @@ pub struct IsolationReport {
     pub median_excess_throughput_ratio: f64,
     pub median_excess_p99_ratio: f64,
     pub median_noisy_admitted: f64,
+    /// The quiet tenant's p99 over every round's phase of each kind.
+    pub pooled_p99: PooledP99,
+    /// Throughput (median of the rounds' ratios) and p99 (over all rounds) met their targets.
     pub passed: bool,
 }
 
-fn ms(us: u64) -> f64 {
+/// The quiet tenant's p99 over all rounds, per phase kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct PooledP99 {
+    pub alone_ms: f64,
+    pub at_quota_ms: f64,
+    pub contended_ms: f64,
+}
+
+impl PooledP99 {
+    /// Beside the neighbour at ten times its quota, over alone: the I4 p99 figure.
+    pub fn ratio(&self) -> f64 {
+        self.contended_ms / self.alone_ms.max(1e-9)
+    }
+}
+
+pub(crate) fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-/// Runs one tenant's load for `args.duration` and measures it.
-async fn phase(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<Phase> {
+/// Runs one tenant's load for `args.duration` and measures it; also returns its latencies.
+pub(crate) async fn phase(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+) -> anyhow::Result<(Phase, Histogram<u64>)> {
     let counters = Counters::new();
     let started = Instant::now();
     let h = produce(args, addrs, station, &counters, None).await?;
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(Phase {
+    let phase = Phase {
         throughput: counters.done.load(Ordering::Relaxed) as f64 / elapsed,
         p50_ms: ms(h.value_at_quantile(0.5)),
         p99_ms: ms(h.value_at_quantile(0.99)),
         errors: counters.errors.load(Ordering::Relaxed),
-    })
+    };
+    Ok((phase, h))
+}
+
+/// The latencies of every round's phases of one kind, merged: the p99 over all of them.
+///
+/// A phase's p99 is decided by its worst 1 %: at 5,000 msg/s over 20 s, 0.2 s of the
+/// phase. One stall of the shared machine (a memtable flush, the load generator descheduled)
+/// that lands in a phase decides its p99, so the ratio of two phases' p99s mostly says which
+/// of them a stall hit. Merged over the rounds, each phase kind has run as long as the
+/// others, in alternating order, and stalls fall on each about evenly.
+pub(crate) struct Pooled(Histogram<u64>);
+
+impl Pooled {
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        Ok(Self(crate::load::new_histogram()?))
+    }
+
+    pub(crate) fn add(&mut self, h: &Histogram<u64>) -> anyhow::Result<()> {
+        self.0.add(h).context("merging latency histograms")
+    }
+
+    pub(crate) fn p99_ms(&self) -> f64 {
+        ms(self.0.value_at_quantile(0.99))
+    }
 }
 
 /// Creates a tenant and a station of it (both may exist already) and sets its quota. On a
@@ -169,26 +216,36 @@ pub async fn run(
     };
     let rounds_n = args.rounds.max(1);
     let mut rounds = Vec::with_capacity(rounds_n);
+    let (mut pooled_alone, mut pooled_at_quota, mut pooled_contended) =
+        (Pooled::new()?, Pooled::new()?, Pooled::new()?);
     for round in 0..rounds_n {
         let mut alone = None;
         let mut at_quota = None;
         let mut over = None;
         for step in 0..3 {
             match (round + step) % 3 {
-                0 => alone = Some(phase(&quiet, addrs, &quiet_station).await?),
+                0 => {
+                    let (q, h) = phase(&quiet, addrs, &quiet_station).await?;
+                    pooled_alone.add(&h)?;
+                    alone = Some(q);
+                }
                 1 => {
                     let (q, _) = tokio::join!(
                         phase(&quiet, addrs, &quiet_station),
                         phase(&polite, addrs, &noisy_station)
                     );
-                    at_quota = Some(q?);
+                    let (q, h) = q?;
+                    pooled_at_quota.add(&h)?;
+                    at_quota = Some(q);
                 }
                 _ => {
                     let (q, n) = tokio::join!(
                         phase(&quiet, addrs, &quiet_station),
                         phase(&noisy, addrs, &noisy_station)
                     );
-                    over = Some((q?, n?));
+                    let (q, h) = q?;
+                    pooled_contended.add(&h)?;
+                    over = Some((q, n?.0));
                 }
             }
         }
@@ -228,6 +285,11 @@ pub async fn run(
     let median_excess_throughput_ratio =
         median(rounds.iter().map(|r| r.excess_throughput_ratio).collect());
     let median_excess_p99_ratio = median(rounds.iter().map(|r| r.excess_p99_ratio).collect());
+    let pooled = PooledP99 {
+        alone_ms: pooled_alone.p99_ms(),
+        at_quota_ms: pooled_at_quota.p99_ms(),
+        contended_ms: pooled_contended.p99_ms(),
+    };
     Ok(IsolationReport {
         command,
         quiet_rate,
@@ -237,8 +299,8 @@ pub async fn run(
         duration_s: duration.as_secs_f64(),
         tls: args.tls || args.tls_ca.is_some(),
         authenticated: quiet.token.is_some(),
-        passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO
-            && median_p99_ratio <= MAX_P99_RATIO,
+        passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO && pooled.ratio() <= MAX_P99_RATIO,
+        pooled_p99: pooled,
         rounds,
         median_throughput_ratio,
         median_p99_ratio,
@@ -295,13 +357,21 @@ impl IsolationReport {
             ));
         }
         t.push_str(&format!(
-            "median: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3} (target ≤ {MAX_P99_RATIO}); against the neighbour at its quota: throughput ×{:.3}, p99 ×{:.3}; noisy admitted {:.0} msg/s of its {} quota — {}\n",
+            "median of the rounds: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3}; against the neighbour at its quota: throughput ×{:.3}, p99 ×{:.3}; noisy admitted {:.0} msg/s of its {} quota; median p99 ratio {}\n",
             self.median_throughput_ratio,
             self.median_p99_ratio,
             self.median_excess_throughput_ratio,
             self.median_excess_p99_ratio,
             self.median_noisy_admitted,
             self.noisy_quota,
+            if self.median_p99_ratio <= MAX_P99_RATIO { "met" } else { "not met" }
+        ));
+        t.push_str(&format!(
+            "over all rounds: quiet's p99 alone {:.2} ms, beside the neighbour at its quota {:.2} ms, at 10x {:.2} ms: p99 ×{:.3} (target ≤ {MAX_P99_RATIO}) — I4 {}\n",
+            self.pooled_p99.alone_ms,
+            self.pooled_p99.at_quota_ms,
+            self.pooled_p99.contended_ms,
+            self.pooled_p99.ratio(),
             if self.passed { "met" } else { "NOT met" }
         ));
         t

@@ -8,6 +8,7 @@
 //! - [`report`]: the table, `--json` and `--plot` SVG.
 
 pub mod groups;
+pub mod idempotence;
 pub mod isolation;
 pub mod lanes;
 pub mod load;
@@ -45,6 +46,9 @@ pub enum Workload {
     /// I1: `--groups` one-member groups consume a station produced at `--rate` (default 200
     /// msg/s); the others' p99 delivery latency with group 0 not acking against all acking.
     Groups,
+    /// Issue 13: the SDK `Producer` idempotent against at-least-once at the same shape, one
+    /// phase of `--duration` each per round, over `--rounds` rounds in alternating order.
+    Idempotence,
     /// REST produce against gRPC unary produce: `--producers` callers, one batch of
     /// `--batch-size` in flight each, over `--rounds` rounds of `--duration` per API.
     Rest,
@@ -53,7 +57,7 @@ pub enum Workload {
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e | idle | isolation | lanes | groups
+    /// produce | read | e2e | idle | isolation | lanes | groups | idempotence | rest
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
@@ -154,7 +158,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000)]
     pub noisy_quota: u64,
     /// `isolation`: rounds to run (each: the quiet tenant alone, and with the noisy one).
-    /// `lanes`: rounds of every member count.
+    /// `lanes`: rounds of every member count. `idempotence`: rounds of both modes.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// `lanes`: the member counts to compare (comma-separated).
@@ -304,6 +308,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (None, None) => Vec::new(),
         };
         let report = rest::run(&args, &addrs, &http, command).await?;
+        drop(spawned);
+        return publish(&report.table(), &report, args.json.as_deref());
+    }
+    if args.workload == Workload::Idempotence {
+        let report = idempotence::run(&args, &addrs, command).await?;
         drop(spawned);
         return publish(&report.table(), &report, args.json.as_deref());
     }

@@ -169,7 +169,11 @@ pub(crate) async fn tenant_key(admin: &Client, tenant: &str, role: &str) -> anyh
 
 /// Creates the station if it does not exist yet (with `--schema`, registers the schema and
 /// binds the station to it).
-async fn prepare(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<()> {
+pub(crate) async fn prepare(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+) -> anyhow::Result<()> {
     let admin = admin(addrs, args.token.as_deref())?;
     let mut station_spec = junction_client::StationSpec::new(station)
         .partitions(args.partitions)
@@ -239,7 +243,11 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
-        Workload::Isolation | Workload::Lanes | Workload::Groups | Workload::Rest => {
+        Workload::Isolation
+        | Workload::Lanes
+        | Workload::Groups
+        | Workload::Idempotence
+        | Workload::Rest => {
             anyhow::bail!("the isolation, lanes and groups workloads run through their own modules")
         }
         Workload::E2e => e2e(args, addrs, &station, &counters).await?,
@@ -368,7 +376,7 @@ async fn total_offsets(args: &BenchArgs, addrs: &[String], station: &str) -> any
 
 /// Waits until every partition of `station` has a leader (for `idle`: measuring before the
 /// elections are over would count them).
-async fn wait_for_leaders(
+pub(crate) async fn wait_for_leaders(
     args: &BenchArgs,
     addrs: &[String],
     station: &str,
