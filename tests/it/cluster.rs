@@ -654,6 +654,194 @@ async fn a_node_with_another_clusters_data_refuses_to_start() {
     cluster.shutdown().await;
 }
 
+/// A node whose data directory is lost (a replaced disk) rejoins the cluster it belonged to,
+/// with the same id, instead of initialising a new one; it catches up on the metadata and
+/// on every message, votes only once caught up, and then counts in quorums again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_rejoins_and_catches_up() {
+    let mut cluster = TestCluster::start(3).await;
+    let id = cluster.cluster_id().await;
+    let client = cluster.client_of(2);
+    client.create_station("kept", 1, 3).await.expect("create");
+    let producer = client.producer("kept", junction_client::ProducerOptions::default());
+    for i in 0..50 {
+        producer
+            .send(keyed("k", format!("m{i}")))
+            .await
+            .expect("produce");
+    }
+    producer.close().await;
+    let group = client
+        .describe_station("kept")
+        .await
+        .expect("describe")
+        .partition_info[0]
+        .group_id;
+
+    // Node 1, the lowest id (the one that initialised the cluster), loses everything.
+    cluster.stop(1).await;
+    std::fs::remove_dir_all(cluster.data_dir(1)).expect("delete node 1's data");
+    cluster.restart(1).await;
+    let rejoined = cluster.broker(1);
+    assert_eq!(
+        rejoined.identity().get().as_deref(),
+        Some(id.as_str()),
+        "node 1 took its members' cluster id instead of making a new one"
+    );
+    let floors = rejoined.vote_floors();
+    assert!(
+        floors.floor(junction_types::META_GROUP).unwrap_or(0) > 0
+            && floors.floor(group).unwrap_or(0) > 0,
+        "node 1 recorded what its members had applied: {floors:?}"
+    );
+    let want = local_contents(&cluster.broker(2), group);
+    assert_eq!(want.len(), 50);
+    wait_until(
+        Duration::from_secs(60),
+        "node 1 to hold the station and its messages again",
+        || async {
+            let b = cluster.broker(1);
+            (b.metadata().stations.contains_key("default/kept")
+                && local_contents(&b, group) == want)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // With node 3 down, every write needs node 1's acknowledgement: it is a voter again.
+    cluster.stop(3).await;
+    let positions = cluster
+        .client_of(1)
+        .produce("kept", vec![keyed("k", "after the rejoin")])
+        .await
+        .expect("produce with nodes 1 and 2");
+    assert_eq!(positions[0].offset, 50);
+    cluster
+        .client_of(1)
+        .create_tenant("after-rejoin")
+        .await
+        .expect("metadata write with nodes 1 and 2");
+    cluster.shutdown().await;
+}
+
+/// A stored record whose bytes change on one node's disk fails its checksum there: a read of
+/// that replica answers DATA_LOSS (`CORRUPT_RECORD`, naming the node and offset) instead of
+/// serving the changed bytes, while the other replicas serve the record intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_record_is_refused_not_served() {
+    use junction_proto::v1::ReadRequest;
+    use junction_proto::v1::broker_client::BrokerClient;
+    use tonic_types::StatusExt;
+
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("bits", 1, 3).await.expect("create");
+    let payloads: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("payload {i:04}").into_bytes())
+        .collect();
+    client
+        .produce(
+            "bits",
+            payloads.iter().map(|p| keyed("k", p.clone())).collect(),
+        )
+        .await
+        .expect("produce");
+    let described = client.describe_station("bits").await.expect("describe");
+    let group = described.partition_info[0].group_id;
+    let want = local_contents(&cluster.broker(1), group);
+    assert_eq!(want.len(), 20);
+    for id in [2, 3] {
+        let broker = cluster.broker(id);
+        wait_until(
+            Duration::from_secs(10),
+            "every replica holds the batch",
+            || async { (local_contents(&broker, group) == want).then_some(()) },
+        )
+        .await;
+    }
+
+    // Flip one bit of offset 7's payload in node 3's store, as a failing disk would.
+    cluster.stop(3).await;
+    let db = cluster.data_dir(3).join("db");
+    let store = wait_until(
+        Duration::from_secs(10),
+        "node 3's store to be free",
+        || async { junction_storage::Store::open(&db).ok() },
+    )
+    .await;
+    let mut bytes = store
+        .read_messages(group, 7, 8, 1, 1 << 20)
+        .expect("read the record")
+        .pop()
+        .expect("offset 7 is stored")
+        .1;
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"payload 0007")
+        .expect("the payload is in the stored bytes");
+    bytes[at + 3] ^= 0x04;
+    let mut batch = store.batch();
+    batch.put_message(group, 7, &bytes).expect("put");
+    store.write_sync(batch).expect("write");
+    drop(store);
+    cluster.restart(3).await;
+
+    let read_local = |id: u64| {
+        let cluster = &cluster;
+        async move {
+            let mut broker = BrokerClient::new(cluster.channel(id).await);
+            broker
+                .read(ReadRequest {
+                    station: "bits".into(),
+                    partition: 0,
+                    start: Some(junction_proto::v1::read_request::Start::Offset(0)),
+                    max_messages: 100,
+                    local_replica: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let status = wait_until(
+        Duration::from_secs(20),
+        "node 3 to serve its replica again",
+        || async {
+            match read_local(3).await {
+                Err(s) if s.code() == tonic::Code::DataLoss => Some(s),
+                Err(s) => {
+                    eprintln!("node 3 not ready: {s}");
+                    None
+                }
+                Ok(r) => panic!(
+                    "node 3 served a corrupted replica: {:?}",
+                    r.into_inner()
+                        .messages
+                        .iter()
+                        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                        .collect::<Vec<_>>()
+                ),
+            }
+        },
+    )
+    .await;
+    assert!(status.message().contains("checksum mismatch"), "{status:?}");
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "CORRUPT_RECORD");
+    assert_eq!(info.metadata.get("node").map(String::as_str), Some("3"));
+    assert_eq!(info.metadata.get("offset").map(String::as_str), Some("7"));
+
+    // The other replicas hold it intact.
+    for id in [1, 2] {
+        let read = read_local(id)
+            .await
+            .expect("an intact replica")
+            .into_inner();
+        let got: Vec<Vec<u8>> = read.messages.iter().map(|m| m.payload.to_vec()).collect();
+        assert_eq!(got, payloads, "node {id}");
+    }
+    cluster.shutdown().await;
+}
+
 /// A loopback address where nothing listens (the port was free a moment ago).
 fn dead_addr() -> String {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,10 +6,11 @@
 //! same `--rate`, batch size and shape. Comparing phases of one run, interleaved, keeps the
 //! machine's drift (page cache, compactions, other load) out of the ratio, which separate
 //! invocations do not. The report gives per-round figures, the medians of the per-round
-//! ratios, and the p99 over all rounds of each mode (a phase's p99 is its worst 1 %, and one
-//! stall of the shared machine decides it; merged over the rounds, stalls fall on both modes
-//! about evenly). Targets (issue 13): idempotent throughput ≥ 0.95 and p99 ≤ 1.05 of
-//! at-least-once.
+//! ratios, and the p99 over all rounds of each mode. The two statistics answer differently to
+//! the shared machine's stalls: one stall decides the p99 of the phase it hits, which moves
+//! that round's ratio but not the median of ten; merged over the rounds, a stall counts with
+//! its weight in the whole population. The target is met only when both are. Targets (issue
+//! 13): idempotent throughput ≥ 0.95 and p99 ≤ 1.05 of at-least-once.
 
 use std::time::Duration;
 
@@ -50,7 +51,8 @@ pub struct IdempotenceReport {
     pub pooled_idempotent_p99_ms: f64,
     pub pooled_at_least_once_p99_ms: f64,
     pub pooled_p99_ratio: f64,
-    /// Median throughput ratio and pooled p99 ratio met their targets.
+    /// The median throughput ratio met its target, and the p99 ratio did by both statistics
+    /// (the median of the rounds' ratios and the ratio over all rounds).
     pub passed: bool,
 }
 
@@ -125,6 +127,7 @@ pub async fn run(
         message_size: args.message_size,
         duration_s: duration.as_secs_f64(),
         passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO
+            && median_p99_ratio <= MAX_P99_RATIO
             && pooled_p99_ratio <= MAX_P99_RATIO,
         rounds,
         median_throughput_ratio,
@@ -179,15 +182,15 @@ impl IdempotenceReport {
             ));
         }
         t.push_str(&format!(
-            "median of the rounds: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3}\n",
+            "median of the rounds: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3} (target ≤ {MAX_P99_RATIO})\n",
             self.median_throughput_ratio, self.median_p99_ratio
         ));
         t.push_str(&format!(
-            "over all rounds: p99 idempotent {:.2} ms, at-least-once {:.2} ms: ×{:.3} (target ≤ {MAX_P99_RATIO}) — {}\n",
+            "over all rounds: p99 idempotent {:.2} ms, at-least-once {:.2} ms: ×{:.3} (target ≤ {MAX_P99_RATIO}); both statistics within target: {}\n",
             self.pooled_idempotent_p99_ms,
             self.pooled_at_least_once_p99_ms,
             self.pooled_p99_ratio,
-            if self.passed { "met" } else { "NOT met" }
+            if self.passed { "yes, met" } else { "no, NOT met" }
         ));
         t
     }

@@ -75,7 +75,8 @@ pub struct IsolationReport {
     pub median_noisy_admitted: f64,
     /// The quiet tenant's p99 over every round's phase of each kind.
     pub pooled_p99: PooledP99,
-    /// Throughput (median of the rounds' ratios) and p99 (over all rounds) met their targets.
+    /// Throughput (median of the rounds' ratios) met its target, and p99 did by both the
+    /// median of the rounds' ratios and the ratio over all rounds.
     pub passed: bool,
 }
 
@@ -123,7 +124,8 @@ pub(crate) async fn phase(
 /// phase. One stall of the shared machine (a memtable flush, the load generator descheduled)
 /// that lands in a phase decides its p99, so the ratio of two phases' p99s mostly says which
 /// of them a stall hit. Merged over the rounds, each phase kind has run as long as the
-/// others, in alternating order, and stalls fall on each about evenly.
+/// others, in rotating order, and a stall counts with its weight in the whole population.
+/// The reports give both statistics and call a target met only when both are.
 pub(crate) struct Pooled(Histogram<u64>);
 
 impl Pooled {
@@ -299,7 +301,9 @@ pub async fn run(
         duration_s: duration.as_secs_f64(),
         tls: args.tls || args.tls_ca.is_some(),
         authenticated: quiet.token.is_some(),
-        passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO && pooled.ratio() <= MAX_P99_RATIO,
+        passed: median_throughput_ratio >= MIN_THROUGHPUT_RATIO
+            && median_p99_ratio <= MAX_P99_RATIO
+            && pooled.ratio() <= MAX_P99_RATIO,
         pooled_p99: pooled,
         rounds,
         median_throughput_ratio,
@@ -357,17 +361,21 @@ impl IsolationReport {
             ));
         }
         t.push_str(&format!(
-            "median of the rounds: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3}; against the neighbour at its quota: throughput ×{:.3}, p99 ×{:.3}; noisy admitted {:.0} msg/s of its {} quota; median p99 ratio {}\n",
+            "median of the rounds: throughput ×{:.3} (target ≥ {MIN_THROUGHPUT_RATIO}), p99 ×{:.3} (target ≤ {MAX_P99_RATIO}: {}); against the neighbour at its quota: throughput ×{:.3}, p99 ×{:.3}; noisy admitted {:.0} msg/s of its {} quota\n",
             self.median_throughput_ratio,
             self.median_p99_ratio,
+            if self.median_p99_ratio <= MAX_P99_RATIO {
+                "within"
+            } else {
+                "above"
+            },
             self.median_excess_throughput_ratio,
             self.median_excess_p99_ratio,
             self.median_noisy_admitted,
             self.noisy_quota,
-            if self.median_p99_ratio <= MAX_P99_RATIO { "met" } else { "not met" }
         ));
         t.push_str(&format!(
-            "over all rounds: quiet's p99 alone {:.2} ms, beside the neighbour at its quota {:.2} ms, at 10x {:.2} ms: p99 ×{:.3} (target ≤ {MAX_P99_RATIO}) — I4 {}\n",
+            "over all rounds: quiet's p99 alone {:.2} ms, beside the neighbour at its quota {:.2} ms, at 10x {:.2} ms: p99 ×{:.3} (target ≤ {MAX_P99_RATIO}); I4 (both p99 statistics within target): {}\n",
             self.pooled_p99.alone_ms,
             self.pooled_p99.at_quota_ms,
             self.pooled_p99.contended_ms,

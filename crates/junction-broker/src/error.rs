@@ -47,6 +47,14 @@ pub enum BrokerError {
     Unavailable(String),
     #[error(transparent)]
     Storage(#[from] junction_storage::StorageError),
+    /// A stored record on this node failed its checksum (see `junction_raft::decode_record`).
+    #[error("partition {partition} offset {offset} is corrupt on node {node}: {detail}")]
+    CorruptRecord {
+        node: u64,
+        partition: u32,
+        offset: u64,
+        detail: String,
+    },
     #[error("raft failed: {0}")]
     Raft(String),
     /// A consumer group member acted on an assignment it no longer holds.

@@ -500,13 +500,7 @@ pub(crate) fn oldest_unacked_age_ms(
         .read_messages(replica.group, committed, next, 1, 1 << 20)
         .ok()
         .and_then(|m| m.into_iter().next())
-        .and_then(|(_, b)| {
-            junction_raft::decode::<junction_types::StoredRecord>(
-                &junction_raft::format::RECORD,
-                &b,
-            )
-            .ok()
-        })
+        .and_then(|(_, b)| junction_raft::decode_record(&b).ok())
         .map_or(0, |r| (now_ms() - r.timestamp_ms).max(0) as u64)
 }
 

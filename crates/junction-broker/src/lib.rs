@@ -76,6 +76,9 @@ pub struct BrokerConfig {
     pub peer_tls: Option<junction_tls::ClientTls>,
     /// Longest the schema validation of one message may take before it is refused.
     pub schema_validation_limit: Duration,
+    /// This node may initialise a new cluster (see [`junction_raft::rejoin`]); the lowest
+    /// member id may without it.
+    pub bootstrap: bool,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -109,7 +112,14 @@ pub struct Broker {
     schema_cache: schemas::SchemaCache,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Set when this node rejoined its cluster with empty state (see
+    /// [`junction_raft::rejoin`]); empty otherwise.
+    vote_floors: RwLock<junction_raft::rejoin::VoteFloors>,
 }
+
+/// How long a node with empty state waits for each member's answer before it decides whether
+/// to initialise or rejoin (members that are starting answer once they serve).
+const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
 /// Before a node with a known cluster id starts its groups, it asks the configured members
 /// whether they belong to the same cluster: a member that refuses its calls as coming from
@@ -157,8 +167,9 @@ async fn refuse_another_clusters_members(
 }
 
 impl Broker {
-    /// Opens the node's groups and starts the metadata group. The lowest-id member with empty
-    /// state initialises the cluster; a node with existing state never re-initialises.
+    /// Opens the node's groups and starts the metadata group. A node with empty state then
+    /// initialises or rejoins the cluster in [`Broker::bootstrap_metadata`], which the server
+    /// calls once its peer service answers.
     pub async fn start(cfg: BrokerConfig, store: Store) -> Result<Arc<Self>, BrokerError> {
         let identity = junction_raft::peer_auth::ClusterIdentity::load(store.clone())
             .map_err(|e| BrokerError::Raft(e.to_string()))?;
@@ -170,6 +181,11 @@ impl Broker {
             cfg.peer_tls.clone(),
         ));
         refuse_another_clusters_members(&cfg, &pool).await?;
+        let vote_floors = match store.rejoin_floors()? {
+            Some(bytes) => junction_raft::rejoin::VoteFloors::decode(&bytes)
+                .map_err(|e| BrokerError::Raft(e.to_string()))?,
+            None => junction_raft::rejoin::VoteFloors::default(),
+        };
         let sm = MetaStateMachine::open(store.clone())?;
         let meta_shared = sm.shared();
         let config = cfg
@@ -193,6 +209,7 @@ impl Broker {
             memory_groups: Arc::new(RwLock::new(HashMap::new())),
             pool,
             identity,
+            vote_floors: RwLock::new(vote_floors),
             meta,
             meta_shared,
             partitions: RwLock::new(HashMap::new()),
@@ -207,7 +224,6 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        broker.bootstrap_metadata().await?;
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
         let b = broker.clone();
@@ -221,11 +237,10 @@ impl Broker {
         Ok(broker)
     }
 
-    async fn bootstrap_metadata(&self) -> Result<(), BrokerError> {
-        let lowest = self.cfg.members.keys().next().copied();
-        if lowest != Some(self.cfg.node_id) {
-            return Ok(());
-        }
+    /// For a node with empty state: asks the members whether a cluster runs, and initialises
+    /// a new one or rejoins it (see [`junction_raft::rejoin`]). Nothing for a node with state.
+    pub async fn bootstrap_metadata(&self) -> Result<(), BrokerError> {
+        use junction_raft::rejoin::{Bootstrap, decide};
         let initialized = self
             .meta
             .is_initialized()
@@ -234,6 +249,73 @@ impl Broker {
         if initialized {
             return Ok(());
         }
+        let lowest = self.cfg.members.keys().next().copied() == Some(self.cfg.node_id);
+        let answers = self.probe_members().await;
+        let decision = decide(self.cfg.bootstrap || lowest, &answers)
+            .map_err(|e| BrokerError::Raft(format!("refusing to start: {e}")))?;
+        match decision {
+            Bootstrap::Wait => Ok(()),
+            Bootstrap::Rejoin { cluster_id, floors } => {
+                self.identity.adopt(&cluster_id).map_err(|e| {
+                    BrokerError::Raft(format!("refusing to start with empty state: {e}"))
+                })?;
+                self.store.set_rejoin_floors(&floors.encode())?;
+                tracing::warn!(
+                    cluster = %cluster_id,
+                    floors = ?floors,
+                    "this node has no state but its members run cluster {cluster_id}: rejoining \
+                     it as an empty replica; each group catches up from its leader, and this \
+                     node votes in a group only once it holds what the members had applied"
+                );
+                *self.vote_floors.write() = floors;
+                Ok(())
+            }
+            Bootstrap::Initialise => self.initialise_cluster().await,
+        }
+    }
+
+    /// Asks every other member for its cluster id and how far its groups have applied;
+    /// returns the answers that came (a member that does not answer in time is left out).
+    async fn probe_members(&self) -> Vec<junction_raft::rejoin::ProbeAnswer> {
+        let calls = self
+            .cfg
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.cfg.node_id)
+            .map(|(id, addr)| async move {
+                let mut client = self.pool.client(addr).ok()?;
+                let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
+                match tokio::time::timeout(PROBE_LIMIT, call).await {
+                    Ok(Ok(resp)) => {
+                        let r = resp.into_inner();
+                        Some(junction_raft::rejoin::ProbeAnswer {
+                            node: *id,
+                            cluster_id: r.cluster_id,
+                            applied: r
+                                .groups
+                                .iter()
+                                .map(|g| (g.group, g.applied_index))
+                                .collect(),
+                        })
+                    }
+                    Ok(Err(status)) => {
+                        tracing::info!(member = id, %addr, %status, "member did not answer");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::info!(member = id, %addr, "member did not answer in time");
+                        None
+                    }
+                }
+            });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn initialise_cluster(&self) -> Result<(), BrokerError> {
         let nodes: BTreeMap<NodeId, openraft::BasicNode> = self
             .cfg
             .members
@@ -241,8 +323,8 @@ impl Broker {
             .map(|(id, addr)| (*id, openraft::BasicNode::new(addr)))
             .collect();
         // The cluster's id is made here, once, by the one node that initialises it; every
-        // other node adopts it from the first peer call that carries it. (A node that
-        // initialises after losing its data gets a new id, which the running members refuse.)
+        // other node adopts it from the first peer call that carries it, or from its members'
+        // answers when it starts with empty state.
         let id = match self.identity.get() {
             Some(id) => id,
             None => self
@@ -260,6 +342,37 @@ impl Broker {
                 Ok(())
             }
             Err(e) => Err(BrokerError::Raft(e.to_string())),
+        }
+    }
+
+    /// The vote floors this node keeps since it rejoined with empty state (empty when it
+    /// never did).
+    pub fn vote_floors(&self) -> junction_raft::rejoin::VoteFloors {
+        self.vote_floors.read().clone()
+    }
+
+    /// Whether this replica may answer a vote in `group` (see [`junction_raft::rejoin`]).
+    fn vote_allowed(&self, group: GroupId, candidate_last: Option<u64>) -> Result<(), String> {
+        let floors = self.vote_floors.read();
+        if floors.is_empty() {
+            return Ok(());
+        }
+        let own_last = if group == META_GROUP {
+            self.meta.metrics().borrow_watched().last_log_index
+        } else {
+            self.partition(group)
+                .and_then(|r| r.raft.metrics().borrow_watched().last_log_index)
+        };
+        if floors.may_grant(group, own_last, candidate_last) {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {} rejoined with empty state and holds group {group} up to {own_last:?}; \
+                 it votes there only for a candidate holding index {} (what its members had \
+                 applied when it rejoined)",
+                self.cfg.node_id,
+                floors.floor(group).unwrap_or(0)
+            ))
         }
     }
 
@@ -530,8 +643,12 @@ impl Broker {
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        // A group this node's members held when it rejoined with empty state runs already:
+        // its leader brings this replica up to date.
+        let running_elsewhere = self.vote_floors.read().floor(group).is_some();
         if first
             && memory_start != Some(memory::MemoryStart::Join)
+            && !running_elsewhere
             && !raft
                 .is_initialized()
                 .await
@@ -641,6 +758,7 @@ impl Broker {
                 next_offset: 0,
                 start_offset: 0,
                 term: m.current_term,
+                applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             });
         }
         let replicas: Vec<Arc<PartitionReplica>> =
@@ -653,6 +771,13 @@ impl Broker {
                 next_offset: s.next_offset,
                 start_offset: s.start_offset,
                 term: r.term(),
+                applied_index: r
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .last_applied
+                    .as_ref()
+                    .map_or(0, |l| l.index),
             });
         }
         NodeStatusResponse {
@@ -678,6 +803,10 @@ impl GroupHost for Broker {
 
     fn node_status(&self) -> NodeStatusResponse {
         self.local_status()
+    }
+
+    fn may_vote(&self, group: GroupId, candidate_last: Option<u64>) -> Result<(), String> {
+        self.vote_allowed(group, candidate_last)
     }
 
     fn partition_stats(&self, groups: &[GroupId]) -> Vec<junction_proto::peer::GroupStats> {

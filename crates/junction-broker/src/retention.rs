@@ -17,7 +17,7 @@ use junction_storage::Store;
 use junction_types::groups::{Isolation, Lag};
 use junction_types::{
     Command, CommandResponse, CompactionPolicy, DiscardPolicy, GroupId, PartitionCommand, Record,
-    Retention, StationMeta, StationPolicy, StoredRecord,
+    Retention, StationMeta, StationPolicy,
 };
 use parking_lot::RwLock;
 
@@ -140,7 +140,7 @@ pub fn partition_stats(
             group,
             start,
             dense_from,
-            |_, v| match junction_raft::decode::<StoredRecord>(&junction_raft::format::RECORD, v) {
+            |_, v| match junction_raft::decode_record(v) {
                 Ok(r) => {
                     messages += 1;
                     bytes += (r.key.as_ref().map_or(0, Vec::len)

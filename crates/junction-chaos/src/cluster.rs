@@ -810,6 +810,7 @@ mod tests {
                     next_offset: 0,
                     start_offset: 0,
                     term,
+                    applied_index: 0,
                 })
                 .collect(),
             cluster_id: String::new(),

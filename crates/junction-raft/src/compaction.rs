@@ -10,9 +10,9 @@
 use std::collections::HashMap;
 
 use junction_storage::{Batch, Store};
-use junction_types::{GroupId, StoredRecord, policy};
+use junction_types::{GroupId, policy};
 
-use crate::{RaftStoreError, decode};
+use crate::RaftStoreError;
 
 /// What compaction needs to know of one stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,8 +76,11 @@ pub(crate) fn plan_stored(
 ) -> Result<CompactionPlan, RaftStoreError> {
     let mut items = Vec::new();
     let mut bad: Option<RaftStoreError> = None;
-    store.scan_messages(group, from, upto, |offset, value| {
-        match decode::<StoredRecord>(&crate::format::RECORD, value) {
+    store.scan_messages(
+        group,
+        from,
+        upto,
+        |offset, value| match crate::format::decode_record(value) {
             Ok(r) => {
                 let tombstone = policy::is_tombstone(&r.headers, &r.payload);
                 items.push(CompactionItem {
@@ -92,8 +95,8 @@ pub(crate) fn plan_stored(
                 bad = Some(e);
                 Ok(false)
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = bad {
         return Err(e);
     }
@@ -210,7 +213,7 @@ mod tests {
                         value: (!tombstone).then(|| format!("v{offset}").into_bytes()),
                         ts: offset as i64,
                     };
-                    let rec = StoredRecord {
+                    let rec = junction_types::StoredRecord {
                         timestamp_ms: a.ts,
                         key,
                         headers: if tombstone {
@@ -221,12 +224,8 @@ mod tests {
                         payload: a.value.clone().unwrap_or_default(),
                     };
                     let mut b = store.batch();
-                    b.put_message(
-                        group,
-                        offset,
-                        &crate::encode(&crate::format::RECORD, &rec).unwrap(),
-                    )
-                    .unwrap();
+                    b.put_message(group, offset, &crate::format::encode_record(&rec).unwrap())
+                        .unwrap();
                     store.write(b).unwrap();
                     log.push(a);
                 } else {

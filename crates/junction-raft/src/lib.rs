@@ -20,6 +20,7 @@ pub mod partition_sm;
 pub mod peer_auth;
 pub mod peer_service;
 pub mod promotion;
+pub mod rejoin;
 mod sm_common;
 pub mod snapshot;
 pub mod tuning;
@@ -73,6 +74,9 @@ pub enum RaftStoreError {
          {theirs}"
     )]
     ClusterMismatch { ours: String, theirs: String },
+    /// Stored bytes that fail their checksum: corrupted on this node's disk.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
 }
 
 impl From<RaftStoreError> for std::io::Error {
@@ -81,4 +85,4 @@ impl From<RaftStoreError> for std::io::Error {
     }
 }
 
-pub use format::{Format, decode, encode};
+pub use format::{Format, decode, decode_record, encode, encode_record};

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::RaftStoreError;
-use crate::format::{self, decode, encode};
+use crate::format::{self, encode};
 use crate::sm_common::{self, SnapshotBuilder};
 use crate::snapshot::SnapshotData;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
@@ -359,7 +359,7 @@ impl PartitionStateMachine {
             b.put_message(
                 self.group,
                 base + i as u64,
-                &encode(&format::RECORD, &stored)?,
+                &format::encode_record(&stored)?,
             )?;
         }
         state.next_offset = base + count;
@@ -594,8 +594,11 @@ fn rebuild_dedup(
 ) -> Result<DedupIndex, RaftStoreError> {
     let mut index = DedupIndex::new(from);
     let mut bad: Option<RaftStoreError> = None;
-    store.scan_messages(group, from, upto, |offset, value| {
-        match decode::<StoredRecord>(&format::RECORD, value) {
+    store.scan_messages(
+        group,
+        from,
+        upto,
+        |offset, value| match format::decode_record(value) {
             Ok(r) => {
                 if let Some((_, id)) = r.headers.iter().find(|(k, _)| k == MSG_ID_HEADER) {
                     index.rebuild_add(offset, r.timestamp_ms, id);
@@ -606,8 +609,8 @@ fn rebuild_dedup(
                 bad = Some(e);
                 Ok(false)
             }
-        }
-    })?;
+        },
+    )?;
     match bad {
         Some(e) => Err(e),
         None => Ok(index),

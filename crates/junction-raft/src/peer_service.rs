@@ -33,6 +33,11 @@ pub trait GroupHost: Send + Sync + 'static {
     fn partition_stats(&self, _groups: &[GroupId]) -> Vec<GroupStats> {
         Vec::new()
     }
+    /// Whether this node may answer a vote (or pre-vote) in `group` from a candidate whose log
+    /// ends at `candidate_last`; `Err` says why not (see [`crate::rejoin::VoteFloors`]).
+    fn may_vote(&self, _group: GroupId, _candidate_last: Option<u64>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Either kind of Raft group (they differ only in their state machine type).
@@ -67,6 +72,14 @@ impl<H: GroupHost> PeerService<H> {
 fn not_hosted() -> Response<RaftReply> {
     Response::new(RaftReply {
         not_hosted: true,
+        ..Default::default()
+    })
+}
+
+/// A vote this node does not answer: the candidate counts it as not granted.
+fn withheld(why: String) -> Response<RaftReply> {
+    Response::new(RaftReply {
+        error: why,
         ..Default::default()
     })
 }
@@ -115,6 +128,12 @@ impl<H: GroupHost> Peer for PeerService<H> {
         let r = req.into_inner();
         let rpc: VoteRequest<TypeConfig> =
             decode(&format::VOTE_REQUEST, &r.payload).map_err(bad)?;
+        if let Err(why) = self
+            .host
+            .may_vote(r.group, rpc.last_log_id.as_ref().map(|l| l.index))
+        {
+            return Ok(withheld(why));
+        }
         match self.raft(r.group) {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.vote(rpc).await),
@@ -126,6 +145,12 @@ impl<H: GroupHost> Peer for PeerService<H> {
         let r = req.into_inner();
         let rpc: VoteRequest<TypeConfig> =
             decode(&format::VOTE_REQUEST, &r.payload).map_err(bad)?;
+        if let Err(why) = self
+            .host
+            .may_vote(r.group, rpc.last_log_id.as_ref().map(|l| l.index))
+        {
+            return Ok(withheld(why));
+        }
         match self.raft(r.group) {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await),
@@ -184,14 +209,22 @@ impl<H: GroupHost> Peer for PeerService<H> {
         // storage error that stops the group. The leader gets an error and sends again.
         let check = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || check_complete(&path)).await
+            tokio::task::spawn_blocking(move || {
+                check_complete(&path)?;
+                if group != META_GROUP {
+                    crate::snapshot::check_records(&path)?;
+                }
+                Ok::<(), crate::RaftStoreError>(())
+            })
+            .await
         };
         match check {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let _ignored = tokio::fs::remove_file(&path).await;
+                tracing::error!(group, error = %e, "refused a received snapshot");
                 return Err(Status::aborted(format!(
-                    "snapshot stream for group {group} is incomplete ({e}); send it again"
+                    "snapshot stream for group {group} is refused ({e}); send it again"
                 )));
             }
             Err(e) => {

@@ -106,6 +106,33 @@ pub fn check_complete(path: &std::path::Path) -> Result<(), RaftStoreError> {
     }
 }
 
+/// Checks the checksum of every stored record a spooled partition snapshot carries, so that
+/// a copy that changed on the sender's disk or on the way is refused before it is installed
+/// (and never spreads to this replica); returns how many records it checked.
+pub fn check_records(path: &std::path::Path) -> Result<u64, RaftStoreError> {
+    let file = std::fs::File::open(path)
+        .map_err(|_| RaftStoreError::BadSnapshot("snapshot file is missing"))?;
+    let mut reader = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let mut checked = 0;
+    while let Some(f) = reader.next_frame()? {
+        if f.cf != junction_storage::keys::SM_CF_MESSAGES {
+            continue;
+        }
+        crate::format::check_record(&f.value).map_err(|e| match e {
+            RaftStoreError::Corrupt { what, detail } => RaftStoreError::Corrupt {
+                what,
+                detail: format!(
+                    "offset {:?} of the snapshot: {detail}",
+                    junction_storage::keys::u64_at(&f.key, 0)
+                ),
+            },
+            other => other,
+        })?;
+        checked += 1;
+    }
+    Ok(checked)
+}
+
 impl LocalSnapshot {
     /// Streams the snapshot in chunks of about `chunk_bytes` to `tx`. Blocking: call it from
     /// `spawn_blocking`. Stops early (Ok) if the receiver is gone.
@@ -238,6 +265,40 @@ mod tests {
         write_end(&mut wrong, body as u64 - 1);
         std::fs::write(&path, &wrong).unwrap();
         assert!(check_complete(&path).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_carrying_a_changed_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let record = junction_types::StoredRecord {
+            timestamp_ms: 1,
+            key: None,
+            headers: vec![],
+            payload: b"intact".to_vec(),
+        };
+        let good = crate::format::encode_record(&record).unwrap();
+        let write = |records: &[&[u8]]| {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, FRAME_STATE, &[], b"state");
+            for (i, r) in records.iter().enumerate() {
+                write_frame(&mut buf, 0, &(i as u64).to_be_bytes(), r);
+            }
+            let body = buf.len();
+            write_end(&mut buf, body as u64);
+            std::fs::write(&path, &buf).unwrap();
+        };
+        write(&[&good, &good]);
+        assert_eq!(check_records(&path).unwrap(), 2);
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        write(&[&good, &bad]);
+        let e = check_records(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("offset Some(1)") && e.contains("checksum mismatch"),
+            "{e}"
+        );
     }
 
     #[test]

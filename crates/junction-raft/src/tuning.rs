@@ -47,15 +47,20 @@ impl RaftTuning {
     }
 
     /// Like [`RaftTuning::config`]; `memory` is for groups whose replicas keep their log in
-    /// memory: a restarted replica comes back with an empty log, and the leader accepts that
-    /// reversion and replicates everything (entries or a snapshot) to it again.
+    /// memory: a restarted replica comes back with an empty log.
+    ///
+    /// Every group accepts a follower whose log went back (openraft's `allow_log_reversion`)
+    /// and replicates everything (entries or a snapshot) to it again: besides memory
+    /// replicas, a node whose disk was replaced rejoins with empty state
+    /// ([`crate::rejoin`], which also keeps its votes from electing a replica that misses
+    /// acknowledged entries).
     pub fn config_with(
         &self,
         cluster_name: &str,
-        memory: bool,
+        _memory: bool,
     ) -> Result<Arc<Config>, openraft::ConfigError> {
         let c = Config {
-            allow_log_reversion: memory.then_some(true),
+            allow_log_reversion: Some(true),
             cluster_name: cluster_name.to_string(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
             election_timeout_min: self.election_min.as_millis() as u64,

@@ -428,10 +428,25 @@ impl BrokerService {
             .increment(read_bytes);
         let mut messages = Vec::with_capacity(raw.len());
         for (offset, bytes) in raw {
-            let r: StoredRecord = junction_raft::decode(&junction_raft::format::RECORD, &bytes)
-                .map_err(|e| {
-                    Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition))
-                })?;
+            let r: StoredRecord = junction_raft::decode_record(&bytes).map_err(|e| match e {
+                junction_raft::RaftStoreError::Corrupt { detail, .. } => {
+                    metrics::counter!("junction_corrupt_records_total").increment(1);
+                    tracing::error!(
+                        station = %req.station,
+                        partition = req.partition,
+                        offset,
+                        %detail,
+                        "a stored record failed its checksum on this node"
+                    );
+                    to_status(BrokerError::CorruptRecord {
+                        node: self.broker.node_id(),
+                        partition: req.partition,
+                        offset,
+                        detail,
+                    })
+                }
+                e => Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition)),
+            })?;
             messages.push(stored_message(req.partition, offset, r));
         }
         // Nothing stored from `from` to the end (compaction holes): continue at the end.

@@ -109,6 +109,9 @@ pub struct Config {
     /// File holding the secret every node of the cluster shares; node-to-node calls without
     /// it are refused. `None`: peer calls are not authenticated (a warning at start).
     pub cluster_secret_file: Option<PathBuf>,
+    /// With empty state and no member answering with a cluster id, this node initialises
+    /// the cluster (as the lowest member id does without it).
+    pub bootstrap: bool,
     /// Whether client calls must carry a credential.
     pub auth: AuthMode,
     /// File with the bootstrap admin token (cluster-admin); made on first start when missing.
@@ -181,6 +184,7 @@ impl Default for Config {
             memory_limit_bytes: 1 << 30,
             schema_validation_limit_ms: 100,
             cluster_secret_file: None,
+            bootstrap: false,
             jwt_jwks_file: None,
             jwt_hs256_secret_file: None,
             jwt_issuer: None,
@@ -265,6 +269,12 @@ pub struct ServeArgs {
     /// refused; without this flag they are not authenticated at all.
     #[arg(long, env = "JUNCTION_CLUSTER_SECRET_FILE", value_name = "PATH")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// This node may initialise a new cluster when it starts with empty state and none of its
+    /// members answers with an existing cluster id. Without the flag, the lowest member id
+    /// may. A node with empty state whose members run a cluster always rejoins it instead (a
+    /// replaced disk), whatever this flag says.
+    #[arg(long, env = "JUNCTION_BOOTSTRAP")]
+    pub bootstrap: bool,
     /// `keys`: every client call must carry `authorization: Bearer <token>` (an API key made
     /// with `junction auth key create`, or the admin token) and may only touch its tenant.
     /// Needs --cluster-secret-file (nodes forward calls to each other with it) and
@@ -396,6 +406,7 @@ impl Config {
         if let Some(v) = &args.cluster_secret_file {
             c.cluster_secret_file = Some(v.clone());
         }
+        c.bootstrap |= args.bootstrap;
         if let Some(v) = args.auth {
             c.auth = v;
         }
@@ -675,6 +686,7 @@ impl Config {
             peer_port_offset: self.peer_port_offset,
             peer_tls: None,
             schema_validation_limit: Duration::from_millis(self.schema_validation_limit_ms),
+            bootstrap: self.bootstrap,
         })
     }
 }

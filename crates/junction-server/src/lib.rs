@@ -449,7 +449,7 @@ impl Server {
             }
         });
         tasks.extend([grpc_task, http_task, poison_task]);
-        Ok(ServerHandle {
+        let handle = ServerHandle {
             grpc_addr,
             http_addr,
             peer_addr,
@@ -459,6 +459,13 @@ impl Server {
             failed,
             tasks,
             _dead_letters: dead_letters,
-        })
+        };
+        // With the peer service answering (members starting at the same time ask each other
+        // for their cluster), a node with empty state initialises the cluster or rejoins it.
+        if let Err(e) = handle.broker.bootstrap_metadata().await {
+            handle.shutdown().await;
+            return Err(e.into());
+        }
+        Ok(handle)
     }
 }

@@ -26,6 +26,9 @@ pub const REASON_UNKNOWN_PRODUCER: &str = "UNKNOWN_PRODUCER";
 pub const REASON_DUPLICATE_SEQUENCE: &str = "DUPLICATE_SEQUENCE";
 /// `ErrorInfo` reason: a producer's sequence number would overflow.
 pub const REASON_SEQUENCE_OVERFLOW: &str = "SEQUENCE_OVERFLOW";
+/// `ErrorInfo` reason: a stored record failed its checksum on the node that read it (another
+/// replica may still hold it intact).
+pub const REASON_CORRUPT_RECORD: &str = "CORRUPT_RECORD";
 /// `ErrorInfo` reason: the partition's dedup window holds its maximum of ids.
 pub const REASON_DEDUP_WINDOW_FULL: &str = "DEDUP_WINDOW_FULL";
 /// `ErrorInfo` reason: a producer id used with another tenant's station.
@@ -121,6 +124,7 @@ pub fn code_of(e: &BrokerError) -> Code {
         | BrokerError::Unavailable(_) => Code::Unavailable,
         BrokerError::Raft(_) => Code::Unavailable,
         BrokerError::Storage(_) => Code::Internal,
+        BrokerError::CorruptRecord { .. } => Code::DataLoss,
         BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
         BrokerError::Unimplemented(_) => Code::Unimplemented,
         BrokerError::Produce(r) => match r {
@@ -252,6 +256,13 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             AppendReject::SequenceOverflow { .. } => (REASON_SEQUENCE_OVERFLOW, none()),
             AppendReject::DedupFull { .. } => (REASON_DEDUP_WINDOW_FULL, none()),
         },
+        BrokerError::CorruptRecord { node, offset, .. } => (
+            REASON_CORRUPT_RECORD,
+            HashMap::from([
+                ("node".to_string(), node.to_string()),
+                ("offset".to_string(), offset.to_string()),
+            ]),
+        ),
         BrokerError::UnknownProducerId(_) => (REASON_UNKNOWN_PRODUCER, none()),
         BrokerError::ProducerTenant { .. } => (REASON_PRODUCER_TENANT, none()),
         BrokerError::Auth(a) => match a {

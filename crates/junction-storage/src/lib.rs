@@ -86,6 +86,9 @@ pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
 
 /// Where a node keeps the id of the cluster its data belongs to.
 pub const CLUSTER_ID_KEY: &[u8] = b"junction/cluster-id";
+/// Where a node that rejoined its cluster with empty state keeps its vote floors
+/// (`junction_raft::rejoin::VoteFloors`, versioned there).
+pub const REJOIN_FLOORS_KEY: &[u8] = b"junction/rejoin-floors";
 
 impl Store {
     /// The id of the cluster this store's data belongs to, once known.
@@ -113,6 +116,24 @@ impl Store {
             .db
             .put_opt(CLUSTER_ID_KEY, id.as_bytes(), &w)
             .map_err(self.poisoning("write the cluster id"))
+    }
+
+    /// The encoded vote floors of a rejoined node, if it ever rejoined.
+    pub fn rejoin_floors(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner
+            .db
+            .get(REJOIN_FLOORS_KEY)
+            .map_err(rocks("read the rejoin vote floors"))
+    }
+
+    /// Records the encoded vote floors, durably, before returning.
+    pub fn set_rejoin_floors(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.inner
+            .db
+            .put_opt(REJOIN_FLOORS_KEY, bytes, &w)
+            .map_err(self.poisoning("write the rejoin vote floors"))
     }
 }
 

@@ -386,7 +386,7 @@ impl Broker {
         if at != offset {
             return None;
         }
-        junction_raft::decode::<StoredRecord>(&junction_raft::format::RECORD, &bytes).ok()
+        junction_raft::decode_record(&bytes).ok()
     }
 
     /// The parked keys of a group in a partition this node holds, with their heads, as the
@@ -783,13 +783,12 @@ impl Dispatcher {
                 if self.cursor.is_acked(offset) {
                     continue;
                 }
-                let record: StoredRecord =
-                    junction_raft::decode(&junction_raft::format::RECORD, &bytes).map_err(|e| {
-                        BrokerError::Raft(format!(
-                            "partition {} offset {offset} is unreadable: {e}",
-                            self.partition
-                        ))
-                    })?;
+                let record: StoredRecord = junction_raft::decode_record(&bytes).map_err(|e| {
+                    BrokerError::Raft(format!(
+                        "partition {} offset {offset} is unreadable: {e}",
+                        self.partition
+                    ))
+                })?;
                 self.engine.read(offset, record.key.clone());
                 self.records.insert(offset, record);
             }
