@@ -130,7 +130,6 @@ impl ClusterIdentity {
 }
 
 /// `n` random bytes from the kernel's generator, as hex.
-/// `n` random bytes from the kernel's generator, as hex.
 pub fn random_hex(n: usize) -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = vec![0u8; n];
