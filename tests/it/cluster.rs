@@ -614,13 +614,7 @@ async fn a_node_with_another_clusters_data_refuses_to_start() {
 
     // Node 3's data is replaced by another cluster's (here: its recorded id is).
     cluster.stop(3).await;
-    let db = cluster.data_dir(3).join("db");
-    let store = wait_until(
-        Duration::from_secs(10),
-        "node 3's store to be free",
-        || async { junction_storage::Store::open(&db).ok() },
-    )
-    .await;
+    let store = cluster.open_store(3).await;
     assert_eq!(
         store.cluster_id().expect("id").as_deref(),
         Some(id.as_str())
@@ -762,13 +756,7 @@ async fn a_corrupted_record_is_refused_not_served() {
 
     // Flip one bit of offset 7's payload in node 3's store, as a failing disk would.
     cluster.stop(3).await;
-    let db = cluster.data_dir(3).join("db");
-    let store = wait_until(
-        Duration::from_secs(10),
-        "node 3's store to be free",
-        || async { junction_storage::Store::open(&db).ok() },
-    )
-    .await;
+    let store = cluster.open_store(3).await;
     let mut bytes = store
         .read_messages(group, 7, 8, 1, 1 << 20)
         .expect("read the record")

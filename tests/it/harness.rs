@@ -296,6 +296,18 @@ impl TestCluster {
         .await
     }
 
+    /// Opens the store of stopped node `id` (its last handle may hold RocksDB's lock for a
+    /// moment after the stop).
+    pub async fn open_store(&self, id: u64) -> junction_storage::Store {
+        let db = self.data_dir(id).join("db");
+        wait_until(
+            Duration::from_secs(10),
+            &format!("node {id}'s store to be free"),
+            || async { junction_storage::Store::open(&db).ok() },
+        )
+        .await
+    }
+
     /// The data directory of node `id`.
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.slots[&id].data_dir.clone()

@@ -121,6 +121,36 @@ pub struct Broker {
 /// to initialise or rejoin (members that are starting answer once they serve).
 const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
+/// What one other member answered to `NodeStatus`; `None` when it could not be dialled or did
+/// not answer within the limit.
+type MemberAnswer = Option<Result<NodeStatusResponse, tonic::Status>>;
+
+/// Asks every other configured member for its status at once, each for at most `limit`.
+async fn ask_members(
+    cfg: &BrokerConfig,
+    pool: &PeerPool,
+    limit: Duration,
+) -> Vec<(NodeId, String, MemberAnswer)> {
+    let calls = cfg
+        .members
+        .iter()
+        .filter(|(id, _)| **id != cfg.node_id)
+        .map(|(id, addr)| async move {
+            let answer = match pool.client(addr) {
+                Ok(mut client) => {
+                    let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
+                    tokio::time::timeout(limit, call)
+                        .await
+                        .ok()
+                        .map(|r| r.map(tonic::Response::into_inner))
+                }
+                Err(_) => None,
+            };
+            (*id, addr.clone(), answer)
+        });
+    futures::future::join_all(calls).await
+}
+
 /// Before a node with a known cluster id starts its groups, it asks the configured members
 /// whether they belong to the same cluster: a member that refuses its calls as coming from
 /// another cluster (its data directory was swapped, restored from another cluster, or its
@@ -130,30 +160,21 @@ async fn refuse_another_clusters_members(
     cfg: &BrokerConfig,
     pool: &PeerPool,
 ) -> Result<(), BrokerError> {
-    let checks = cfg
-        .members
-        .iter()
-        .filter(|(id, _)| **id != cfg.node_id)
-        .map(|(id, addr)| async move {
-            let mut client = pool.client(addr).ok()?;
-            let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
-            match tokio::time::timeout(std::time::Duration::from_secs(2), call).await {
-                Ok(Err(status))
-                    if status.code() == tonic::Code::FailedPrecondition
-                        && status.message().starts_with("cluster mismatch") =>
-                {
-                    Some(format!(
-                        "member {id} at {addr} answered: {}",
-                        status.message()
-                    ))
-                }
-                _ => None,
-            }
-        });
-    let refusals: Vec<String> = futures::future::join_all(checks)
+    let refusals: Vec<String> = ask_members(cfg, pool, Duration::from_secs(2))
         .await
         .into_iter()
-        .flatten()
+        .filter_map(|(id, addr, answer)| match answer {
+            Some(Err(status))
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with("cluster mismatch") =>
+            {
+                Some(format!(
+                    "member {id} at {addr} answered: {}",
+                    status.message()
+                ))
+            }
+            _ => None,
+        })
         .collect();
     if refusals.is_empty() {
         Ok(())
@@ -277,41 +298,28 @@ impl Broker {
     /// Asks every other member for its cluster id and how far its groups have applied;
     /// returns the answers that came (a member that does not answer in time is left out).
     async fn probe_members(&self) -> Vec<junction_raft::rejoin::ProbeAnswer> {
-        let calls = self
-            .cfg
-            .members
-            .iter()
-            .filter(|(id, _)| **id != self.cfg.node_id)
-            .map(|(id, addr)| async move {
-                let mut client = self.pool.client(addr).ok()?;
-                let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
-                match tokio::time::timeout(PROBE_LIMIT, call).await {
-                    Ok(Ok(resp)) => {
-                        let r = resp.into_inner();
-                        Some(junction_raft::rejoin::ProbeAnswer {
-                            node: *id,
-                            cluster_id: r.cluster_id,
-                            applied: r
-                                .groups
-                                .iter()
-                                .map(|g| (g.group, g.applied_index))
-                                .collect(),
-                        })
-                    }
-                    Ok(Err(status)) => {
-                        tracing::info!(member = id, %addr, %status, "member did not answer");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::info!(member = id, %addr, "member did not answer in time");
-                        None
-                    }
-                }
-            });
-        futures::future::join_all(calls)
+        ask_members(&self.cfg, &self.pool, PROBE_LIMIT)
             .await
             .into_iter()
-            .flatten()
+            .filter_map(|(id, addr, answer)| match answer {
+                Some(Ok(r)) => Some(junction_raft::rejoin::ProbeAnswer {
+                    node: id,
+                    cluster_id: r.cluster_id,
+                    applied: r
+                        .groups
+                        .iter()
+                        .map(|g| (g.group, g.applied_index))
+                        .collect(),
+                }),
+                Some(Err(status)) => {
+                    tracing::info!(member = id, %addr, %status, "member did not answer");
+                    None
+                }
+                None => {
+                    tracing::info!(member = id, %addr, "member did not answer in time");
+                    None
+                }
+            })
             .collect()
     }
 
