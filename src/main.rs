@@ -27,17 +27,22 @@ enum Command {
     Client(junction_cli::ClientCommand),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JUNCTION_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
     let config = junction_server::Config::load(&args)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JUNCTION_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let telemetry = junction_server::telemetry::init(
+        filter,
+        config.otlp_endpoint.as_deref(),
+        Some(config.node_id),
+    )?;
+    let result = serve_node(config).await;
+    // Flushing waits on the exporter, which runs on this runtime: off the async workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn serve_node(config: junction_server::Config) -> anyhow::Result<()> {
     let handle = junction_server::Server::start(config).await?;
     tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, peer = ?handle.peer_addr, "node serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -60,10 +65,7 @@ async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            init_tracing();
-            serve(*args).await
-        }
+        Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => junction_cli::run_dev(args).await,
         Command::Bench(args) => junction_bench::run(args).await,
         Command::Chaos(args) => {

@@ -21,3 +21,4 @@ mod retention;
 mod schemas;
 mod snapshot;
 mod tls;
+mod traces;

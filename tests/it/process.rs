@@ -14,11 +14,15 @@ use crate::failover::{check_history, spawn_producers};
 use crate::harness::{read_all, wait_until};
 
 /// Three node processes; every child is killed when this is dropped.
-struct ProcessCluster {
+pub(crate) struct ProcessCluster {
     dir: tempfile::TempDir,
-    grpc: BTreeMap<u64, String>,
+    pub(crate) grpc: BTreeMap<u64, String>,
     http: BTreeMap<u64, String>,
     children: BTreeMap<u64, Child>,
+    /// More `junction serve` arguments, given to every node.
+    pub(crate) extra_args: Vec<String>,
+    /// Environment variables of every node.
+    pub(crate) envs: Vec<(String, String)>,
 }
 
 /// A port for a child node: outside the ephemeral range, so no outgoing connection of a test
@@ -28,7 +32,7 @@ fn free_port() -> u16 {
 }
 
 impl ProcessCluster {
-    fn new(n: u64) -> Self {
+    pub(crate) fn new(n: u64) -> Self {
         // Client ports whose peer port (+ the default offset) is free too.
         let ports = junction_testkit::loopback_port_pairs(
             n as usize,
@@ -47,6 +51,8 @@ impl ProcessCluster {
             grpc,
             http,
             children: BTreeMap::new(),
+            extra_args: Vec::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -68,7 +74,7 @@ impl ProcessCluster {
         self.dir.path().join(format!("node{id}"))
     }
 
-    fn start(&mut self, id: u64) {
+    pub(crate) fn start(&mut self, id: u64) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -87,6 +93,8 @@ impl ProcessCluster {
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--members", &self.members()])
+            .args(&self.extra_args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -101,11 +109,11 @@ impl ProcessCluster {
         }
     }
 
-    fn client(&self) -> junction_client::Client {
+    pub(crate) fn client(&self) -> junction_client::Client {
         junction_client::Client::connect(self.grpc.values().cloned()).expect("client")
     }
 
-    async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         let client = self.client();
         let n = self.grpc.len();
         wait_until(
@@ -118,6 +126,19 @@ impl ProcessCluster {
             },
         )
         .await;
+    }
+
+    /// Returns the leader of `group` as node `id` sees it.
+    pub(crate) async fn leader_seen_by(&self, id: u64, group: u64) -> Option<u64> {
+        let mut c = PeerClient::connect(format!("http://{}", self.peer_addr(id)))
+            .await
+            .ok()?;
+        let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        status
+            .groups
+            .into_iter()
+            .find(|g| g.group == group)
+            .and_then(|g| g.leader)
     }
 
     /// Returns (group → next offset) as node `id` itself has applied it.

@@ -607,6 +607,10 @@ impl Broker {
             .map(|(s, _)| (s.policy, s.delivery))
             .unwrap_or_default();
         let memory = policy.storage == junction_types::StorageTier::Memory;
+        // A replica placed here again after an earlier one was deleted (group ids are never
+        // reused by stations, but a replica may move away and back).
+        self.store.reinstate_group(group);
+        self.mem_store.reinstate_group(group);
         let store = if memory {
             self.mem_store.clone()
         } else {

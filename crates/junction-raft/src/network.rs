@@ -249,7 +249,21 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
         let req = self.request(&format::APPEND_ENTRIES, &rpc)?;
         let mut c = self.client()?;
-        let r = tokio::time::timeout(rpc_deadline(&option), c.append_entries(req)).await;
+        let call = tokio::time::timeout(rpc_deadline(&option), c.append_entries(req));
+        let r = if rpc.entries.is_empty() {
+            call.await
+        } else {
+            // Exported only by a node that traces (the server's `SPANS` target); the call
+            // carries it to the follower, whose span of the call becomes its child.
+            let span = tracing::info_span!(
+                target: "junction::trace",
+                "replicate",
+                group = self.group,
+                target_node = self.target,
+                entries = rpc.entries.len(),
+            );
+            tracing::Instrument::instrument(call, span).await
+        };
         let payload = payload_of(self.target, r)?;
         decode(&format::APPEND_REPLY, &payload).map_err(network)
     }

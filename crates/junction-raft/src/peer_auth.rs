@@ -257,8 +257,22 @@ impl ClusterSecret {
 #[derive(Clone, Debug, Default)]
 pub struct AttachSecret(pub Option<ClusterSecret>, pub Option<ClusterIdentity>);
 
+/// Adds the caller's trace context to an outgoing node-to-node call. Set once, by a node that
+/// exports traces; until then (and on nodes that do not) nothing is added.
+static TRACE_CONTEXT: std::sync::OnceLock<fn(&mut tonic::metadata::MetadataMap)> =
+    std::sync::OnceLock::new();
+
+/// Installs the hook every [`AttachSecret`] call runs to carry the current trace context
+/// (a W3C `traceparent`) to the called node. Only the first call takes effect.
+pub fn set_trace_context_hook(inject: fn(&mut tonic::metadata::MetadataMap)) {
+    let _ = TRACE_CONTEXT.set(inject);
+}
+
 impl Interceptor for AttachSecret {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(inject) = TRACE_CONTEXT.get() {
+            inject(req.metadata_mut());
+        }
         if let Some(secret) = &self.0 {
             req.metadata_mut()
                 .insert(CLUSTER_SECRET_HEADER, (*secret.value).clone());

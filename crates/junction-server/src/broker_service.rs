@@ -321,6 +321,14 @@ impl BrokerService {
                         n,
                         rx,
                         dead: dead_idx,
+                        span: tracing::info_span!(
+                            target: crate::telemetry::SPANS,
+                            "append",
+                            station = %full,
+                            partition,
+                            group = meta.group_id,
+                            messages = n,
+                        ),
                     });
                 }
                 Some(_) if !may_forward(hops) => {
@@ -345,6 +353,14 @@ impl BrokerService {
                             request_id: 0,
                             producer: part.producer,
                         };
+                        let span = tracing::info_span!(
+                            target: crate::telemetry::SPANS,
+                            "forward",
+                            station = %full,
+                            partition = part.partition,
+                            leader = %addr,
+                            messages = n,
+                        );
                         let fut = async move {
                             let mut req = with_hops(req, hops + 1);
                             req.set_timeout(FORWARD_TIMEOUT);
@@ -356,7 +372,7 @@ impl BrokerService {
                         waits.push(PartWait::Unary {
                             part: part.partition,
                             idx: part.idx,
-                            fut: Box::pin(fut),
+                            fut: Box::pin(tracing::Instrument::instrument(fut, span)),
                         });
                     }
                 },

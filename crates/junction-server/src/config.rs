@@ -143,6 +143,9 @@ pub struct Config {
     /// How often the TLS files are checked for changes (a renewed certificate is served from
     /// the next connection on), in ms.
     pub tls_reload_ms: u64,
+    /// An OTLP/gRPC collector (`http://host:4317`) to export spans to. `None`: no spans are
+    /// made at all.
+    pub otlp_endpoint: Option<String>,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
@@ -198,6 +201,7 @@ impl Default for Config {
             plaintext_client_port: false,
             auth: AuthMode::None,
             admin_token_file: None,
+            otlp_endpoint: None,
             test_no_preallocation: false,
         }
     }
@@ -323,6 +327,12 @@ pub struct ServeArgs {
     /// How often the TLS files are read for changes, in ms (default 5000).
     #[arg(long, env = "JUNCTION_TLS_RELOAD_MS", value_name = "MS")]
     pub tls_reload_ms: Option<u64>,
+    /// Export spans (client and peer calls, appends, forwards, deliveries, replication) to
+    /// this OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. The W3C `traceparent` of a
+    /// client call becomes their parent. Off by default, and then nothing is traced.
+    /// `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` variables tune sampling and batching.
+    #[arg(long, env = "JUNCTION_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -445,6 +455,9 @@ impl Config {
         }
         if args.plaintext_client_port {
             c.plaintext_client_port = true;
+        }
+        if let Some(v) = &args.otlp_endpoint {
+            c.otlp_endpoint = Some(v.clone());
         }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;

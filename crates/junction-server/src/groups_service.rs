@@ -26,6 +26,7 @@ use crate::auth::{Authenticator, CREDENTIAL_RECHECK, allow_station};
 use crate::broker_service::{BrokerService, stored_message};
 use crate::forward::{ClientPool, MAX_HOPS, forwarded, hops_of, settled, stamped, with_hops};
 use crate::status::to_status;
+use crate::telemetry;
 use junction_types::auth::{Operation, Principal};
 
 /// Forwards the call to the controller unless this node is the controller.
@@ -365,6 +366,14 @@ fn group_partition(g: &GroupMeta, p: u32, pos: Option<GroupPosition>) -> GroupPa
         budget: Some(budget_proto(&pos.budget)),
         detached_at_ms: pos.detached_at_ms,
     }
+}
+
+/// The `traceparent` header of a stored message, if it has one.
+fn traceparent_of(headers: &[(String, Vec<u8>)]) -> Option<&[u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k == crate::broker_service::TRACEPARENT)
+        .map(|(_, v)| v.as_slice())
 }
 
 type ConsumeStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
@@ -782,6 +791,7 @@ impl Groups for GroupsService {
         });
         let partition = sub.partition;
         let tenant = station.tenant.clone();
+        let (station_name, group) = (sub.station.clone(), sub.group.clone());
         let out = tokio_stream::wrappers::UnboundedReceiverStream::new(subscription.events).map(
             move |e| match e {
                 Ok(ConsumeEvent::Deliveries(d)) => {
@@ -789,6 +799,13 @@ impl Groups for GroupsService {
                     let _held = &permit;
                     metrics::counter!("junction_group_delivered_total", "tenant" => tenant.clone())
                         .increment(d.len() as u64);
+                    telemetry::record_delivery(
+                        &station_name,
+                        &group,
+                        partition,
+                        d.len(),
+                        d.iter().filter_map(|d| traceparent_of(&d.record.headers)),
+                    );
                     Ok(ConsumeResponse {
                         deliveries: d
                             .into_iter()
@@ -855,6 +872,15 @@ impl Groups for GroupsService {
             .map_err(to_status)?;
         metrics::counter!("junction_group_delivered_total", "tenant" => station.tenant.clone())
             .increment(delivered.len() as u64);
+        telemetry::record_delivery(
+            &r.station,
+            &r.group,
+            r.partition,
+            delivered.len(),
+            delivered
+                .iter()
+                .filter_map(|d| traceparent_of(&d.record.headers)),
+        );
         Ok(Response::new(FetchResponse {
             deliveries: delivered
                 .into_iter()

@@ -24,6 +24,7 @@ pub mod produce_path;
 pub mod rest;
 pub mod schemas_service;
 pub mod status;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -116,7 +117,7 @@ impl ServerHandle {
 
 /// Serves `router` on `incoming` until `stop`.
 fn serve<I, IO, IE>(
-    router: tonic::transport::server::Router,
+    router: GrpcRouter,
     incoming: I,
     stop: CancellationToken,
     what: &'static str,
@@ -141,12 +142,20 @@ where
     })
 }
 
+/// A router of either listener: every call passes the span layer first.
+type GrpcRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<telemetry::RpcSpans, tower::layer::util::Identity>,
+>;
+
 /// The gRPC server settings of both listeners.
-fn grpc_builder() -> tonic::transport::Server {
+fn grpc_builder() -> tonic::transport::Server<
+    tower::layer::util::Stack<telemetry::RpcSpans, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
+        .layer(telemetry::RpcSpans)
 }
 
 /// Starts a node.

@@ -59,6 +59,8 @@ pub enum PartWait {
         rx: oneshot::Receiver<Result<Appended, BrokerError>>,
         /// Request positions of messages sent to the dead-letter station.
         dead: Vec<usize>,
+        /// Covers the wait for the commit (see [`crate::telemetry`]).
+        span: tracing::Span,
     },
     Remote {
         part: u32,
@@ -83,8 +85,9 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                 n,
                 rx,
                 dead,
+                span,
             } => {
-                let a = rx
+                let a = tracing::Instrument::instrument(rx, span)
                     .await
                     .map_err(|_| {
                         Status::unavailable("the partition stopped; the outcome is unknown")

@@ -54,6 +54,8 @@ pub enum StorageError {
     },
     #[error("the store is poisoned by an earlier failed write or fsync and accepts no more writes")]
     Poisoned,
+    #[error("group {0} was deleted on this node; a write to it is refused")]
+    GroupDeleted(GroupId),
     #[error(
         "the data directory {path} holds data in store format {found}, which this build cannot \
          read (it reads format {supported}){hint}"
@@ -297,6 +299,10 @@ struct Inner {
     /// A memory store: no WAL (nothing to recover from after a restart anyway), and syncs
     /// are no-ops.
     memory: bool,
+    /// Groups deleted by [`Store::delete_group`]: a write that touches one is refused, so a
+    /// late apply of a closing replica cannot bring back data after its deletion. Writers
+    /// hold the read side while they write; a deletion takes the write side.
+    deleted: parking_lot::RwLock<std::collections::HashSet<GroupId>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -452,6 +458,7 @@ impl Store {
                 poisoned,
                 opts,
                 memory: env.is_some(),
+                deleted: parking_lot::RwLock::default(),
             }),
         })
     }
@@ -475,7 +482,22 @@ impl Store {
         Batch {
             store: self,
             wb: WriteBatch::default(),
+            groups: Vec::new(),
         }
+    }
+
+    /// Runs `write` unless the batch touches a deleted group, holding the deletion fence's
+    /// read side throughout so that no deletion lands in between.
+    fn fenced<T>(
+        &self,
+        groups: &[GroupId],
+        write: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let deleted = self.inner.deleted.read();
+        if let Some(g) = groups.iter().find(|g| deleted.contains(g)) {
+            return Err(StorageError::GroupDeleted(*g));
+        }
+        write()
     }
 
     /// Writes a batch without waiting for fsync.
@@ -486,14 +508,17 @@ impl Store {
     /// [`Store::is_poisoned`]) and be restarted once the disk is fixed.
     pub fn write(&self, batch: Batch<'_>) -> Result<(), StorageError> {
         self.check_poisoned()?;
-        let result = if self.inner.memory {
-            let mut wo = WriteOptions::default();
-            wo.disable_wal(true);
-            self.inner.db.write_opt(batch.wb, &wo)
-        } else {
-            self.inner.db.write(batch.wb)
-        };
-        result.map_err(self.poisoning("write"))
+        let Batch { wb, groups, .. } = batch;
+        self.fenced(&groups, || {
+            let result = if self.inner.memory {
+                let mut wo = WriteOptions::default();
+                wo.disable_wal(true);
+                self.inner.db.write_opt(wb, &wo)
+            } else {
+                self.inner.db.write(wb)
+            };
+            result.map_err(self.poisoning("write"))
+        })
     }
 
     /// Writes a batch of state machine changes without the WAL (see the crate docs): a crash
@@ -503,10 +528,13 @@ impl Store {
         self.check_poisoned()?;
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        self.inner
-            .db
-            .write_opt(batch.wb, &wo)
-            .map_err(self.poisoning("write"))
+        let Batch { wb, groups, .. } = batch;
+        self.fenced(&groups, || {
+            self.inner
+                .db
+                .write_opt(wb, &wo)
+                .map_err(self.poisoning("write"))
+        })
     }
 
     /// Makes every write so far durable, including [`Store::write_applied`] ones: flushes the
@@ -562,10 +590,13 @@ impl Store {
         self.check_poisoned()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.inner
-            .db
-            .write_opt(batch.wb, &wo)
-            .map_err(self.poisoning("sync write"))
+        let Batch { wb, groups, .. } = batch;
+        self.fenced(&groups, || {
+            self.inner
+                .db
+                .write_opt(wb, &wo)
+                .map_err(self.poisoning("sync write"))
+        })
     }
 
     /// Writes a batch now and calls `done` once the WAL holding it is fsynced (from the
@@ -774,13 +805,43 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes every key of `group` in every column family and syncs the removal.
+    /// Removes every key of `group` in every column family and syncs the removal. From
+    /// then on every write that touches the group is refused ([`StorageError::GroupDeleted`])
+    /// until [`Store::reinstate_group`]: a replica's last apply, still running while it
+    /// closes, cannot write its data back after the deletion.
     pub fn delete_group(&self, group: GroupId) -> Result<(), StorageError> {
+        let mut deleted = self.inner.deleted.write();
+        deleted.insert(group);
         let mut b = self.batch();
         for cf in ALL_CFS {
             b.delete_group_range(cf, group)?;
         }
-        self.write_sync(b)
+        if self.inner.memory {
+            return self.write_unfenced(b.wb);
+        }
+        self.check_poisoned()?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.inner
+            .db
+            .write_opt(b.wb, &wo)
+            .map_err(self.poisoning("sync write"))
+    }
+
+    fn write_unfenced(&self, wb: WriteBatch) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.inner
+            .db
+            .write_opt(wb, &wo)
+            .map_err(self.poisoning("write"))
+    }
+
+    /// Accepts writes to `group` again after [`Store::delete_group`] (a replica placed on
+    /// this node anew).
+    pub fn reinstate_group(&self, group: GroupId) {
+        self.inner.deleted.write().remove(&group);
     }
 
     /// Returns the bytes RocksDB wrote since it opened, by cause.
@@ -804,9 +865,18 @@ impl Store {
 pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
+    /// The groups this batch writes to (for the deletion fence).
+    groups: Vec<GroupId>,
 }
 
 impl Batch<'_> {
+    /// Notes that the batch writes to `group`.
+    fn touch(&mut self, group: GroupId) {
+        if !self.groups.contains(&group) {
+            self.groups.push(group);
+        }
+    }
+
     /// Puts `group · tag` in `cf`.
     pub fn put_tag(
         &mut self,
@@ -815,6 +885,7 @@ impl Batch<'_> {
         tag: u8,
         value: &[u8],
     ) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb
             .put_cf(self.store.cf(cf)?, group_tag(group, tag), value);
         Ok(())
@@ -827,6 +898,7 @@ impl Batch<'_> {
         group: GroupId,
         tag: u8,
     ) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb.delete_cf(self.store.cf(cf)?, group_tag(group, tag));
         Ok(())
     }
@@ -838,6 +910,7 @@ impl Batch<'_> {
         index: u64,
         value: &[u8],
     ) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb
             .put_cf(self.store.cf(CF_RAFT_LOG)?, group_u64(group, index), value);
         Ok(())
@@ -845,6 +918,7 @@ impl Batch<'_> {
 
     /// Deletes log entries with index in `[from, to)`.
     pub fn delete_logs(&mut self, group: GroupId, from: u64, to: u64) -> Result<(), StorageError> {
+        self.touch(group);
         let cf = self.store.cf(CF_RAFT_LOG)?;
         if to == u64::MAX {
             self.wb
@@ -863,6 +937,7 @@ impl Batch<'_> {
         offset: u64,
         value: &[u8],
     ) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb
             .put_cf(self.store.cf(CF_MESSAGES)?, group_u64(group, offset), value);
         Ok(())
@@ -875,6 +950,7 @@ impl Batch<'_> {
         ts_ms: i64,
         offset: u64,
     ) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb.put_cf(
             self.store.cf(CF_TIME_INDEX)?,
             group_time(group, ts_ms),
@@ -891,6 +967,7 @@ impl Batch<'_> {
         suffix: &[u8],
         value: &[u8],
     ) -> Result<(), StorageError> {
+        self.touch(group);
         let name = SM_CFS
             .get(cf_index as usize)
             .copied()
@@ -1137,6 +1214,46 @@ mod tests {
                 .read_messages(1, 0, 10, 100, 1 << 20)
                 .unwrap()
                 .is_empty()
+        );
+        // A late write to the deleted group (a closing replica's last apply) is refused
+        // whichever write path it takes, and a batch touching another group too is refused
+        // as a whole; other groups still take writes.
+        for path in 0..3 {
+            let mut b = store.batch();
+            b.put_message(2, 9, b"late-other").unwrap();
+            b.put_message(1, 9, b"late").unwrap();
+            let res = match path {
+                0 => store.write(b),
+                1 => store.write_applied(b),
+                _ => store.write_sync(b),
+            };
+            assert!(
+                matches!(res, Err(StorageError::GroupDeleted(1))),
+                "path {path}: {res:?}"
+            );
+        }
+        assert!(
+            store
+                .read_messages(1, 0, 10, 100, 1 << 20)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.read_messages(2, 0, 10, 100, 1 << 20).unwrap().len(),
+            5
+        );
+        assert!(
+            !store.is_poisoned(),
+            "a refused write must not poison the store"
+        );
+        // Placed here anew: writable again.
+        store.reinstate_group(1);
+        let mut b = store.batch();
+        b.put_message(1, 0, b"again").unwrap();
+        store.write(b).unwrap();
+        assert_eq!(
+            store.read_messages(1, 0, 10, 100, 1 << 20).unwrap().len(),
+            1
         );
     }
 

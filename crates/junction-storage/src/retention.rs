@@ -146,6 +146,7 @@ impl Batch<'_> {
         bytes_before: u64,
         sizes: &[u32],
     ) -> Result<(), StorageError> {
+        self.touch(group);
         let mut v = Vec::with_capacity(8 + 4 * sizes.len());
         v.extend_from_slice(&bytes_before.to_be_bytes());
         for s in sizes {
@@ -164,6 +165,7 @@ impl Batch<'_> {
         before: u64,
         plan: &TruncatePlan,
     ) -> Result<(), StorageError> {
+        self.touch(group);
         let start = group_start(group);
         self.wb.delete_range_cf(
             self.store.cf(CF_MESSAGES)?,
@@ -186,6 +188,7 @@ impl Batch<'_> {
 
     /// Deletes one message (compaction).
     pub fn delete_message(&mut self, group: GroupId, offset: u64) -> Result<(), StorageError> {
+        self.touch(group);
         self.wb
             .delete_cf(self.store.cf(CF_MESSAGES)?, group_u64(group, offset));
         Ok(())
