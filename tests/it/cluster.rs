@@ -720,7 +720,8 @@ async fn a_node_that_lost_its_data_rejoins_and_catches_up() {
 
 /// A stored record whose bytes change on one node's disk fails its checksum there: a read of
 /// that replica answers DATA_LOSS (`CORRUPT_RECORD`, naming the node and offset) instead of
-/// serving the changed bytes, while the other replicas serve the record intact.
+/// serving the changed bytes, while the other replicas serve the record intact; then the
+/// corrupt replica repairs itself from the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupted_record_is_refused_not_served() {
     use junction_proto::v1::ReadRequest;
@@ -755,24 +756,7 @@ async fn a_corrupted_record_is_refused_not_served() {
     }
 
     // Flip one bit of offset 7's payload in node 3's store, as a failing disk would.
-    cluster.stop(3).await;
-    let store = cluster.open_store(3).await;
-    let mut bytes = store
-        .read_messages(group, 7, 8, 1, 1 << 20)
-        .expect("read the record")
-        .pop()
-        .expect("offset 7 is stored")
-        .1;
-    let at = bytes
-        .windows(12)
-        .position(|w| w == b"payload 0007")
-        .expect("the payload is in the stored bytes");
-    bytes[at + 3] ^= 0x04;
-    let mut batch = store.batch();
-    batch.put_message(group, 7, &bytes).expect("put");
-    store.write_sync(batch).expect("write");
-    drop(store);
-    cluster.restart(3).await;
+    flip_payload_bit(&mut cluster, 3, group, 7, b"payload 0007").await;
 
     let read_local = |id: u64| {
         let cluster = &cluster;
@@ -827,6 +811,19 @@ async fn a_corrupted_record_is_refused_not_served() {
         let got: Vec<Vec<u8>> = read.messages.iter().map(|m| m.payload.to_vec()).collect();
         assert_eq!(got, payloads, "node {id}");
     }
+    // Node 3 repairs itself: the corrupt read started a scrub of its replica, which wiped it
+    // (a leader hands over first, and the next corrupt read repairs it); it catches up from
+    // the leader and serves the intact records.
+    wait_until(
+        Duration::from_secs(30),
+        "node 3 to repair its replica",
+        || async {
+            let r = read_local(3).await.ok()?.into_inner();
+            let got: Vec<Vec<u8>> = r.messages.iter().map(|m| m.payload.to_vec()).collect();
+            (got == payloads).then_some(())
+        },
+    )
+    .await;
     cluster.shutdown().await;
 }
 
@@ -901,5 +898,250 @@ async fn a_traceparent_is_stored_with_the_messages_it_produced() {
         "the message's own is kept"
     );
     assert_eq!(trace_of(2), None, "a malformed traceparent is ignored");
+    cluster.shutdown().await;
+}
+
+/// Stops node `id`, flips one bit of the stored record at `offset` of `group` (inside
+/// `payload`, which the record must hold), as a failing disk would, and restarts the node.
+async fn flip_payload_bit(
+    cluster: &mut TestCluster,
+    id: u64,
+    group: u64,
+    offset: u64,
+    payload: &[u8],
+) {
+    cluster.stop(id).await;
+    let store = cluster.open_store(id).await;
+    let mut bytes = store
+        .read_messages(group, offset, offset + 1, 1, 1 << 20)
+        .expect("read the record")
+        .pop()
+        .expect("the offset is stored")
+        .1;
+    let at = bytes
+        .windows(payload.len())
+        .position(|w| w == payload)
+        .expect("the payload is in the stored bytes");
+    bytes[at + 3] ^= 0x04;
+    let mut batch = store.batch();
+    batch.put_message(group, offset, &bytes).expect("put");
+    store.write_sync(batch).expect("write");
+    drop(store);
+    cluster.restart(id).await;
+}
+
+/// Everything `broker` holds of `group`, or `None` while it cannot read it (a replica
+/// being reopened, or a corrupt record).
+fn try_local_contents(broker: &junction_broker::Broker, group: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let (batch, _) = broker.read(group, from, 10_000, 64 << 20).ok()?;
+        match batch.last() {
+            None => return Some(out),
+            Some((last, _)) => from = last + 1,
+        }
+        out.extend(batch);
+    }
+}
+
+/// A flipped bit in a follower's stored record: a scrub pass finds it on that node only
+/// (checksum), wipes that replica, which catches up from the leader; the next pass finds
+/// every replica intact, and the repaired replica counts in quorums again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client
+        .create_station("scrubbed", 1, 3)
+        .await
+        .expect("create");
+    let group = s.partition_info[0].group_id;
+    client
+        .produce(
+            "scrubbed",
+            (0..50)
+                .map(|i| keyed("k", format!("payload {i:04}")))
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
+        cluster.partition_leader(group)
+    })
+    .await;
+    let want = local_contents(&cluster.broker(leader), group);
+    assert_eq!(want.len(), 50);
+    for id in 1..=3 {
+        let broker = cluster.broker(id);
+        wait_until(
+            Duration::from_secs(10),
+            "every replica holds the batch",
+            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+        )
+        .await;
+    }
+    // A clean cluster scrubs clean.
+    let clean = client.scrub().await.expect("scrub");
+    assert_eq!(clean.nodes.len(), 3);
+    for n in &clean.nodes {
+        assert!(n.error.is_empty(), "node {}: {}", n.node, n.error);
+        let r = n
+            .replicas
+            .iter()
+            .find(|r| r.group == group)
+            .expect("replica report");
+        assert_eq!(
+            (
+                r.records,
+                r.corrupt_records,
+                r.mismatched_ranges,
+                r.action.as_str()
+            ),
+            (50, 0, 0, "ok"),
+            "node {}: {r:?}",
+            n.node
+        );
+    }
+
+    // Flip one bit of offset 7's payload in a follower's store, as a failing disk would.
+    let bad = (1..=3).find(|n| *n != leader).expect("a follower");
+    flip_payload_bit(&mut cluster, bad, group, 7, b"payload 0007").await;
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to run again",
+        || async { cluster.broker(bad).partition(group).map(|_| ()) },
+    )
+    .await;
+
+    // Scrub until the corrupt replica was wiped (a replica that happens to lead hands
+    // leadership over first).
+    let mut found = 0;
+    let mut repaired = false;
+    for _ in 0..5 {
+        let report = client.scrub().await.expect("scrub");
+        for n in &report.nodes {
+            for r in n.replicas.iter().filter(|r| r.group == group) {
+                if n.node == bad {
+                    found += r.corrupt_records;
+                    if r.corrupt_records > 0 {
+                        assert_eq!(r.corrupt_offsets, vec![7], "{r:?}");
+                    }
+                    repaired |= r.action == "repairing";
+                } else {
+                    assert_eq!(
+                        (r.corrupt_records, r.mismatched_ranges),
+                        (0, 0),
+                        "healthy node {} reported {r:?}",
+                        n.node
+                    );
+                }
+            }
+        }
+        if repaired {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(found > 0, "the flipped bit was not found");
+    assert!(repaired, "the corrupt replica was not repaired");
+    let broker = cluster.broker(bad);
+    wait_until(
+        Duration::from_secs(30),
+        "the wiped replica to catch up",
+        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+    )
+    .await;
+    let after = client.scrub().await.expect("scrub");
+    for n in &after.nodes {
+        let r = n
+            .replicas
+            .iter()
+            .find(|r| r.group == group)
+            .expect("replica report");
+        assert_eq!(
+            (
+                r.records,
+                r.corrupt_records,
+                r.mismatched_ranges,
+                r.action.as_str()
+            ),
+            (50, 0, 0, "ok"),
+            "node {} after the repair: {r:?}",
+            n.node
+        );
+    }
+    // The repaired replica is part of every quorum again: with another node down, writes
+    // still commit.
+    let other = (1..=3)
+        .find(|n| *n != bad && *n != leader)
+        .expect("a third node");
+    cluster.stop(other).await;
+    wait_until(
+        Duration::from_secs(30),
+        "a write with the repaired replica in quorum",
+        || async {
+            client
+                .produce("scrubbed", vec![keyed("k", "after the repair")])
+                .await
+                .ok()
+        },
+    )
+    .await;
+    cluster.shutdown().await;
+}
+
+/// The background scrubber finds and repairs a flipped bit in a follower's replica without
+/// anyone asking or reading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
+    let mut cluster = TestCluster::start_with(3, |c| c.scrub_every_ms = 300).await;
+    let client = cluster.client();
+    let s = client
+        .create_station("scrubbed", 1, 3)
+        .await
+        .expect("create");
+    let group = s.partition_info[0].group_id;
+    client
+        .produce(
+            "scrubbed",
+            (0..30)
+                .map(|i| keyed("k", format!("payload {i:04}")))
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
+        cluster.partition_leader(group)
+    })
+    .await;
+    let want = local_contents(&cluster.broker(leader), group);
+    let bad = (1..=3).find(|n| *n != leader).expect("a follower");
+    let broker = cluster.broker(bad);
+    wait_until(
+        Duration::from_secs(10),
+        "the follower holds the batch",
+        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+    )
+    .await;
+    drop(broker); // the node's store closes when it stops
+    flip_payload_bit(&mut cluster, bad, group, 12, b"payload 0012").await;
+    let broker = cluster.broker(bad);
+    // Until repaired, the record there fails its checksum.
+    if let Ok((raw, _)) = broker.read(group, 12, 1, 1 << 20)
+        && let Some((12, bytes)) = raw.first()
+        && bytes != &want[12].1
+    {
+        assert!(
+            junction_raft::format::check_record(bytes).is_err(),
+            "a changed record passed its checksum"
+        );
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the scrubber to repair the replica",
+        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+    )
+    .await;
     cluster.shutdown().await;
 }

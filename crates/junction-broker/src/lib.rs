@@ -25,8 +25,10 @@ pub mod partition;
 pub mod producers;
 pub mod quota;
 mod reconcile;
+mod repair;
 pub mod retention;
 pub mod schemas;
+pub mod scrub;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -79,6 +81,8 @@ pub struct BrokerConfig {
     /// This node may initialise a new cluster (see [`junction_raft::rejoin`]); the lowest
     /// member id may without it.
     pub bootstrap: bool,
+    /// The background scrubber (see [`scrub`]).
+    pub scrub: scrub::ScrubTuning,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -97,6 +101,8 @@ pub struct Broker {
     partitions: RwLock<HashMap<GroupId, Arc<PartitionReplica>>>,
     /// Serialises reconciliation (the loop and explicit calls).
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// Groups whose replica here a scrub is checking because a read found a corrupt record.
+    scrubbing: parking_lot::Mutex<std::collections::BTreeSet<GroupId>>,
     /// Consumer group sessions (used while this node is the controller).
     sessions: parking_lot::Mutex<groups::Sessions>,
     /// Running consumer group deliveries of partitions this node leads.
@@ -235,6 +241,7 @@ impl Broker {
             meta_shared,
             partitions: RwLock::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
+            scrubbing: parking_lot::Mutex::default(),
             sessions: parking_lot::Mutex::default(),
             dispatchers: parking_lot::Mutex::default(),
             pulls: delivery::pull::PullSessions::default(),
@@ -255,6 +262,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.quota_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.join_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.scrub_loop().await });
         Ok(broker)
     }
 
@@ -819,6 +828,22 @@ impl GroupHost for Broker {
 
     fn may_vote(&self, group: GroupId, candidate_last: Option<u64>) -> Result<(), String> {
         self.vote_allowed(group, candidate_last)
+    }
+
+    fn scrub_digests(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        span: u64,
+    ) -> Result<(Vec<u32>, u64), String> {
+        Broker::scrub_digests(self, group, from, to, span).map_err(|e| e.to_string())
+    }
+
+    fn scrub_node(
+        self: Arc<Self>,
+    ) -> futures::future::BoxFuture<'static, junction_proto::v1::NodeScrubReport> {
+        Box::pin(async move { Broker::scrub_node(&self).await })
     }
 
     fn partition_stats(&self, groups: &[GroupId]) -> Vec<junction_proto::peer::GroupStats> {

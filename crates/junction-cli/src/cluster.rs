@@ -1,7 +1,7 @@
 //! `junction cluster ...`
 
 use anyhow::Context;
-use junction_client::proto::ClusterStatusResponse;
+use junction_client::proto::{ClusterStatusResponse, ScrubResponse};
 use serde_json::json;
 
 use crate::common::{
@@ -21,6 +21,15 @@ pub struct ClusterArgs {
 pub enum ClusterCommand {
     /// Nodes, the metadata leader, and where every partition's leader and replicas are.
     Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every stored record on every node now: checksums, and each replica's range
+    /// digests against its leader's. A corrupt follower replica is wiped and catches up from
+    /// its leader; a corrupt leader hands leadership over first (run it again to repair).
+    /// Exits 1 when anything corrupt was found.
+    Scrub {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -47,7 +56,92 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 out(&status_text(&status))
             }
         }
+        ClusterCommand::Scrub { json } => {
+            let report = client.scrub().await.context("scrubbing the cluster")?;
+            if json {
+                out_json(&json!({
+                    "nodes": report.nodes.iter().map(|n| json!({
+                        "node": n.node,
+                        "error": n.error,
+                        "replicas": n.replicas.iter().map(|r| json!({
+                            "group": r.group,
+                            "station": r.station,
+                            "partition": r.partition,
+                            "records": r.records,
+                            "bytes": r.bytes,
+                            "corrupt_records": r.corrupt_records,
+                            "corrupt_offsets": r.corrupt_offsets,
+                            "mismatched_ranges": r.mismatched_ranges,
+                            "action": r.action,
+                            "error": r.error,
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                out(&scrub_text(&report))?;
+            }
+            if scrub_found_corruption(&report) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
+}
+
+fn scrub_found_corruption(report: &ScrubResponse) -> bool {
+    report
+        .nodes
+        .iter()
+        .flat_map(|n| &n.replicas)
+        .any(|r| r.corrupt_records > 0 || r.mismatched_ranges > 0)
+}
+
+pub(crate) fn scrub_text(report: &ScrubResponse) -> String {
+    let mut t = Table::new([
+        "NODE",
+        "STATION",
+        "PARTITION",
+        "GROUP",
+        "RECORDS",
+        "BYTES",
+        "CORRUPT",
+        "DIFFERING",
+        "ACTION",
+    ]);
+    let mut problems = String::new();
+    for n in &report.nodes {
+        if !n.error.is_empty() {
+            problems.push_str(&format!("node {}: {}\n", n.node, n.error));
+        }
+        for r in &n.replicas {
+            t.row(vec![
+                n.node.to_string(),
+                r.station.clone(),
+                r.partition.to_string(),
+                r.group.to_string(),
+                r.records.to_string(),
+                r.bytes.to_string(),
+                r.corrupt_records.to_string(),
+                r.mismatched_ranges.to_string(),
+                r.action.clone(),
+            ]);
+            if !r.error.is_empty() {
+                problems.push_str(&format!("node {} group {}: {}\n", n.node, r.group, r.error));
+            }
+            if !r.corrupt_offsets.is_empty() {
+                problems.push_str(&format!(
+                    "node {} group {}: corrupt offsets {:?}\n",
+                    n.node, r.group, r.corrupt_offsets
+                ));
+            }
+        }
+    }
+    let mut text = t.render();
+    if !problems.is_empty() {
+        text.push('\n');
+        text.push_str(&problems);
+    }
+    text
 }
 
 pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {

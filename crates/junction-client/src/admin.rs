@@ -4,8 +4,9 @@ use junction_proto::v1::{
     ApiKeyInfo, AttachSchemaRequest, ClusterStatusRequest, ClusterStatusResponse,
     CreateApiKeyRequest, CreateApiKeyResponse, CreateStationRequest, CreateTenantRequest,
     DeleteStationRequest, DescribeStationRequest, GetQuotaRequest, ListApiKeysRequest,
-    ListStationsRequest, ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, SetQuotaRequest,
-    StationInfo, StationPolicy, TenantQuota, UpdateStationRequest, WhoAmIRequest, WhoAmIResponse,
+    ListStationsRequest, ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, ScrubRequest,
+    ScrubResponse, SetQuotaRequest, StationInfo, StationPolicy, TenantQuota, UpdateStationRequest,
+    WhoAmIRequest, WhoAmIResponse,
 };
 
 use crate::client::Client;
@@ -319,5 +320,14 @@ impl Client {
             })
             .await?;
         Ok(resp.into_inner())
+    }
+
+    /// Runs one scrub pass on every node and returns what each found (see the `Scrub` call).
+    /// One attempt against the current node, waiting as long as the pass takes: a pass reads
+    /// every stored record, and is not repeated on failure.
+    pub async fn scrub(&self) -> Result<ScrubResponse, ClientError> {
+        let addr = self.inner.current_address();
+        let mut admin = self.admin(self.inner.channel(&addr)?);
+        Ok(admin.scrub(ScrubRequest {}).await?.into_inner())
     }
 }

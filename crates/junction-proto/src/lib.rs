@@ -4,15 +4,25 @@
 
 #![allow(clippy::all, missing_docs)]
 
-/// The public API: `Broker` (produce/read) and `Admin` (stations, tenants, cluster).
-pub mod v1 {
-    tonic::include_proto!("junction.v1");
+/// Nested by package, as the generated code's cross-package paths expect.
+mod generated {
+    pub mod junction {
+        /// The public API: `Broker` (produce/read) and `Admin` (stations, tenants, cluster).
+        pub mod v1 {
+            tonic::include_proto!("junction.v1");
+        }
+
+        pub mod peer {
+            /// The node-to-node service that carries every Raft group's RPCs.
+            pub mod v1 {
+                tonic::include_proto!("junction.peer.v1");
+            }
+        }
+    }
 }
 
-/// The node-to-node service that carries every Raft group's RPCs.
-pub mod peer {
-    tonic::include_proto!("junction.peer.v1");
-}
+pub use generated::junction::peer::v1 as peer;
+pub use generated::junction::v1;
 
 /// HTTP/2 flow-control window of one stream, for every Junction server and client.
 ///

@@ -10,7 +10,8 @@ use futures::{Stream, StreamExt};
 use junction_proto::peer::peer_server::Peer;
 use junction_proto::peer::{
     GroupStats, JoinClusterRequest, JoinClusterResponse, NodeStatusRequest, NodeStatusResponse,
-    PartitionStatsRequest, PartitionStatsResponse, RaftReply, RaftRequest, SnapshotChunk,
+    PartitionStatsRequest, PartitionStatsResponse, RaftReply, RaftRequest, ScrubDigestsRequest,
+    ScrubDigestsResponse, ScrubNodeRequest, SnapshotChunk,
 };
 use junction_types::{GroupId, META_GROUP, NodeId};
 use openraft::async_runtime::watch::WatchReceiver;
@@ -37,6 +38,29 @@ pub trait GroupHost: Send + Sync + 'static {
     /// ends at `candidate_last`; `Err` says why not (see [`crate::rejoin::VoteFloors`]).
     fn may_vote(&self, _group: GroupId, _candidate_last: Option<u64>) -> Result<(), String> {
         Ok(())
+    }
+    /// Digests of a partition replica's records in `[from, to)` in ranges of `span`, and
+    /// the replica's applied index (see `junction_broker::scrub`). Blocking: called off the
+    /// async workers.
+    fn scrub_digests(
+        &self,
+        group: GroupId,
+        _from: u64,
+        _to: u64,
+        _span: u64,
+    ) -> Result<(Vec<u32>, u64), String> {
+        Err(format!("group {group}: this node does not scrub"))
+    }
+    /// Runs one scrub pass over every partition replica here.
+    fn scrub_node(
+        self: Arc<Self>,
+    ) -> futures::future::BoxFuture<'static, junction_proto::v1::NodeScrubReport> {
+        Box::pin(async {
+            junction_proto::v1::NodeScrubReport {
+                error: "this node does not scrub".into(),
+                ..Default::default()
+            }
+        })
     }
 }
 
@@ -283,6 +307,37 @@ impl<H: GroupHost> Peer for PeerService<H> {
     ) -> Result<Response<PartitionStatsResponse>, Status> {
         let groups = self.host.partition_stats(&req.into_inner().groups);
         Ok(Response::new(PartitionStatsResponse { groups }))
+    }
+
+    async fn scrub_digests(
+        &self,
+        req: Request<ScrubDigestsRequest>,
+    ) -> Result<Response<ScrubDigestsResponse>, Status> {
+        let r = req.into_inner();
+        let host = self.host.clone();
+        let answer =
+            tokio::task::spawn_blocking(move || host.scrub_digests(r.group, r.from, r.to, r.span))
+                .await
+                .map_err(|e| Status::internal(format!("digest task failed: {e}")))?;
+        Ok(Response::new(match answer {
+            Ok((digests, applied_index)) => ScrubDigestsResponse {
+                digests,
+                error: String::new(),
+                applied_index,
+            },
+            Err(error) => ScrubDigestsResponse {
+                digests: Vec::new(),
+                error,
+                applied_index: 0,
+            },
+        }))
+    }
+
+    async fn scrub_node(
+        &self,
+        _req: Request<ScrubNodeRequest>,
+    ) -> Result<Response<junction_proto::v1::NodeScrubReport>, Status> {
+        Ok(Response::new(self.host.clone().scrub_node().await))
     }
 }
 

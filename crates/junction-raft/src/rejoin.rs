@@ -105,6 +105,12 @@ impl VoteFloors {
         self.0.is_empty()
     }
 
+    /// Sets `group`'s floor to `floor`, or keeps a higher one.
+    pub fn raise(&mut self, group: GroupId, floor: u64) {
+        let f = self.0.entry(group).or_insert(floor);
+        *f = (*f).max(floor);
+    }
+
     pub fn floor(&self, group: GroupId) -> Option<u64> {
         self.0.get(&group).copied()
     }

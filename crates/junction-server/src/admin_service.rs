@@ -493,6 +493,13 @@ impl Admin for AdminService {
         }
         Ok(Response::new(self.tenant_quota(&tenant).await))
     }
+
+    async fn scrub(&self, req: Request<ScrubRequest>) -> Result<Response<ScrubResponse>, Status> {
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_cluster(&who)?;
+        let nodes = self.broker.scrub_cluster().await;
+        Ok(Response::new(ScrubResponse { nodes }))
+    }
 }
 
 /// Converts a key for the API (never its digest).

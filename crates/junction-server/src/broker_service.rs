@@ -454,6 +454,7 @@ impl BrokerService {
                         %detail,
                         "a stored record failed its checksum on this node"
                     );
+                    self.broker.corruption_found(group);
                     to_status(BrokerError::CorruptRecord {
                         node: self.broker.node_id(),
                         partition: req.partition,

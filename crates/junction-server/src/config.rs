@@ -146,6 +146,10 @@ pub struct Config {
     /// An OTLP/gRPC collector (`http://host:4317`) to export spans to. `None`: no spans are
     /// made at all.
     pub otlp_endpoint: Option<String>,
+    /// Time between background scrub passes, in ms (0: none).
+    pub scrub_every_ms: u64,
+    /// Most bytes per second a background scrub pass reads (0: no limit).
+    pub scrub_bytes_per_sec: u64,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
@@ -202,6 +206,8 @@ impl Default for Config {
             auth: AuthMode::None,
             admin_token_file: None,
             otlp_endpoint: None,
+            scrub_every_ms: 24 * 3600 * 1000,
+            scrub_bytes_per_sec: 32 << 20,
             test_no_preallocation: false,
         }
     }
@@ -333,6 +339,14 @@ pub struct ServeArgs {
     /// `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` variables tune sampling and batching.
     #[arg(long, env = "JUNCTION_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Time between background scrub passes, in ms (default one day; 0: none). A pass checks
+    /// the checksum of every record this node stores and compares each replica's range
+    /// digests with its leader's; a corrupt follower replica is wiped and fetched again.
+    #[arg(long, env = "JUNCTION_SCRUB_EVERY_MS", value_name = "MS")]
+    pub scrub_every_ms: Option<u64>,
+    /// Most bytes per second a background scrub pass reads (default 32 MiB; 0: no limit).
+    #[arg(long, env = "JUNCTION_SCRUB_BYTES_PER_SEC", value_name = "BYTES")]
+    pub scrub_bytes_per_sec: Option<u64>,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -458,6 +472,12 @@ impl Config {
         }
         if let Some(v) = &args.otlp_endpoint {
             c.otlp_endpoint = Some(v.clone());
+        }
+        if let Some(v) = args.scrub_every_ms {
+            c.scrub_every_ms = v;
+        }
+        if let Some(v) = args.scrub_bytes_per_sec {
+            c.scrub_bytes_per_sec = v;
         }
         if args.test_no_preallocation {
             c.test_no_preallocation = true;
@@ -700,6 +720,11 @@ impl Config {
             peer_tls: None,
             schema_validation_limit: Duration::from_millis(self.schema_validation_limit_ms),
             bootstrap: self.bootstrap,
+            scrub: junction_broker::scrub::ScrubTuning {
+                every: (self.scrub_every_ms > 0)
+                    .then(|| Duration::from_millis(self.scrub_every_ms)),
+                bytes_per_sec: self.scrub_bytes_per_sec,
+            },
         })
     }
 }
