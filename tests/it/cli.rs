@@ -633,6 +633,24 @@ async fn cluster_status_text_and_json() {
     }
     assert_eq!(parts[1]["next_offset"], 1);
 
+    // A scrub of the healthy cluster: every replica checked on every node, nothing corrupt
+    // (exit status 0).
+    let scrub = ok_json(&cluster, &["cluster", "scrub", "--json"]).await;
+    let nodes = scrub["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{scrub}");
+    for n in nodes {
+        assert_eq!(n["error"], "", "{n}");
+        let replicas = n["replicas"].as_array().expect("replicas");
+        assert_eq!(replicas.len(), 2, "{n}");
+        for r in replicas {
+            assert_eq!(r["action"], "ok", "{r}");
+            assert_eq!(r["corrupt_records"], 0, "{r}");
+            assert_eq!(r["station"], "default/stat", "{r}");
+        }
+    }
+    let text = ok(&cluster, &["cluster", "scrub"]).await;
+    assert!(text.contains("ACTION") && text.contains("default/stat"), "{text}");
+
     // A stopped node shows as not alive once the cluster notices.
     let victim = (1..=3).find(|id| *id != leader).expect("a follower");
     cluster.stop(victim).await;
