@@ -649,7 +649,10 @@ async fn cluster_status_text_and_json() {
         }
     }
     let text = ok(&cluster, &["cluster", "scrub"]).await;
-    assert!(text.contains("ACTION") && text.contains("default/stat"), "{text}");
+    assert!(
+        text.contains("ACTION") && text.contains("default/stat"),
+        "{text}"
+    );
 
     // A stopped node shows as not alive once the cluster notices.
     let victim = (1..=3).find(|id| *id != leader).expect("a follower");

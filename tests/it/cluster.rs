@@ -1052,6 +1052,10 @@ async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader()
         || async { (try_local_contents(&broker, group)? == want).then_some(()) },
     )
     .await;
+    assert!(
+        broker.vote_floors().floor(group).is_some(),
+        "no vote floor after the wipe"
+    );
     let after = client.scrub().await.expect("scrub");
     for n in &after.nodes {
         let r = n
@@ -1143,5 +1147,89 @@ async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
         || async { (try_local_contents(&broker, group)? == want).then_some(()) },
     )
     .await;
+    cluster.shutdown().await;
+}
+
+/// A flipped bit in a record a replica must read to open (its dedup window is rebuilt from
+/// the stored messages): the replica cannot start, so the node wipes it and fetches it again
+/// from the leader instead of retrying the same failure forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_cannot_open_for_corruption_is_rebuilt() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let s = client
+        .create_station_with(
+            junction_client::StationSpec::new("windowed")
+                .partitions(1)
+                .replication_factor(3)
+                .policy(junction_proto::v1::StationPolicy {
+                    dedup_window_ms: Some(600_000),
+                    ..Default::default()
+                }),
+        )
+        .await
+        .expect("create");
+    let group = s.partition_info[0].group_id;
+    client
+        .produce(
+            "windowed",
+            (0..20)
+                .map(|i| junction_proto::v1::Message {
+                    msg_id: Some(format!("id-{i}")),
+                    ..keyed("k", format!("payload {i:04}"))
+                })
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
+        cluster.partition_leader(group)
+    })
+    .await;
+    let want = local_contents(&cluster.broker(leader), group);
+    assert_eq!(want.len(), 20);
+    let bad = (1..=3).find(|n| *n != leader).expect("a follower");
+    {
+        let broker = cluster.broker(bad);
+        wait_until(
+            Duration::from_secs(10),
+            "the follower holds the batch",
+            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+        )
+        .await;
+    }
+    flip_payload_bit(&mut cluster, bad, group, 4, b"payload 0004").await;
+    let broker = cluster.broker(bad);
+    wait_until(
+        Duration::from_secs(30),
+        "the replica to be rebuilt",
+        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+    )
+    .await;
+    assert!(
+        broker.vote_floors().floor(group).is_some(),
+        "the replica opened without being rebuilt (no vote floor recorded for it)"
+    );
+    // The rebuilt replica knows the window: a repeated id is still a duplicate.
+    drop(broker);
+    cluster.stop(leader).await;
+    let again = wait_until(
+        Duration::from_secs(30),
+        "a produce without the old leader",
+        || async {
+            client
+                .produce(
+                    "windowed",
+                    vec![junction_proto::v1::Message {
+                        msg_id: Some("id-3".into()),
+                        ..keyed("k", "again")
+                    }],
+                )
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert!(again[0].duplicate, "{again:?}");
     cluster.shutdown().await;
 }

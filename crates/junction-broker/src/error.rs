@@ -55,6 +55,10 @@ pub enum BrokerError {
         offset: u64,
         detail: String,
     },
+    /// This node's replica of a group holds bytes that fail their checksum, so it cannot
+    /// open; it is wiped and fetched again from the other replicas.
+    #[error("the replica of group {group} on this node is corrupt: {detail}")]
+    CorruptReplica { group: GroupId, detail: String },
     #[error("raft failed: {0}")]
     Raft(String),
     /// A consumer group member acted on an assignment it no longer holds.

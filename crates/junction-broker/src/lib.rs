@@ -121,6 +121,11 @@ pub struct Broker {
     /// Set when this node rejoined its cluster with empty state (see
     /// [`junction_raft::rejoin`]); empty otherwise.
     vote_floors: RwLock<junction_raft::rejoin::VoteFloors>,
+    /// Whether the metadata group had no state when this node started.
+    started_empty: bool,
+    /// A node that started with empty state answers no vote at all until it knows whether
+    /// it rejoins a running cluster (and its vote floors) or starts a new one.
+    votes_held: std::sync::atomic::AtomicBool,
 }
 
 /// How long a node with empty state waits for each member's answer before it decides whether
@@ -130,6 +135,9 @@ const PROBE_LIMIT: Duration = Duration::from_secs(3);
 /// What one other member answered to `NodeStatus`; `None` when it could not be dialled or did
 /// not answer within the limit.
 type MemberAnswer = Option<Result<NodeStatusResponse, tonic::Status>>;
+
+/// Between rounds of asking the members how to start, while none answers.
+const BOOTSTRAP_RETRY: Duration = Duration::from_millis(500);
 
 /// Asks every other configured member for its status at once, each for at most `limit`.
 async fn ask_members(
@@ -228,6 +236,12 @@ impl Broker {
         )
         .await
         .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        // Decided now, before any peer can reach this node: once its peer service answers,
+        // a leader may replicate into an empty node before it asks its members anything.
+        let started_empty = !meta
+            .is_initialized()
+            .await
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
         let mem_store = Store::open_in_memory(&cfg.data_dir.join("memory"))?;
         let broker = Arc::new(Self {
             cfg,
@@ -236,6 +250,8 @@ impl Broker {
             memory_groups: Arc::new(RwLock::new(HashMap::new())),
             pool,
             identity,
+            votes_held: std::sync::atomic::AtomicBool::new(started_empty && vote_floors.is_empty()),
+            started_empty,
             vote_floors: RwLock::new(vote_floors),
             meta,
             meta_shared,
@@ -267,24 +283,47 @@ impl Broker {
         Ok(broker)
     }
 
-    /// For a node with empty state: asks the members whether a cluster runs, and initialises
-    /// a new one or rejoins it (see [`junction_raft::rejoin`]). Nothing for a node with state.
-    pub async fn bootstrap_metadata(&self) -> Result<(), BrokerError> {
-        use junction_raft::rejoin::{Bootstrap, decide};
-        let initialized = self
-            .meta
-            .is_initialized()
-            .await
-            .map_err(|e| BrokerError::Raft(e.to_string()))?;
-        if initialized {
+    /// For a node that started with empty state: asks the members whether a cluster runs,
+    /// and initialises a new one or rejoins it (see [`junction_raft::rejoin`]). Until it
+    /// knows, it answers no vote; when no member answers yet and it may not initialise, it
+    /// asks again in the background. Nothing for a node with state.
+    pub async fn bootstrap_metadata(self: &Arc<Self>) -> Result<(), BrokerError> {
+        if !self.started_empty {
             return Ok(());
         }
+        if self.bootstrap_once().await? {
+            return Ok(());
+        }
+        let broker = self.clone();
+        self.tasks.spawn(async move {
+            let shutdown = broker.shutdown_token();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(BOOTSTRAP_RETRY) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                match broker.bootstrap_once().await {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "deciding how to start failed; asking again");
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// One round of [`Broker::bootstrap_metadata`]: `Ok(true)` once decided (votes are
+    /// answered again), `Ok(false)` to ask again later.
+    async fn bootstrap_once(&self) -> Result<bool, BrokerError> {
+        use junction_raft::rejoin::{Bootstrap, decide};
         let lowest = self.cfg.members.keys().next().copied() == Some(self.cfg.node_id);
         let answers = self.probe_members().await;
         let decision = decide(self.cfg.bootstrap || lowest, &answers)
             .map_err(|e| BrokerError::Raft(format!("refusing to start: {e}")))?;
         match decision {
-            Bootstrap::Wait => Ok(()),
+            Bootstrap::Wait => return Ok(false),
             Bootstrap::Rejoin { cluster_id, floors } => {
                 self.identity.adopt(&cluster_id).map_err(|e| {
                     BrokerError::Raft(format!("refusing to start with empty state: {e}"))
@@ -298,10 +337,21 @@ impl Broker {
                      node votes in a group only once it holds what the members had applied"
                 );
                 *self.vote_floors.write() = floors;
-                Ok(())
             }
-            Bootstrap::Initialise => self.initialise_cluster().await,
+            Bootstrap::Initialise => {
+                let initialized = self
+                    .meta
+                    .is_initialized()
+                    .await
+                    .map_err(|e| BrokerError::Raft(e.to_string()))?;
+                if !initialized {
+                    self.initialise_cluster().await?;
+                }
+            }
         }
+        self.votes_held
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(true)
     }
 
     /// Asks every other member for its cluster id and how far its groups have applied;
@@ -370,6 +420,13 @@ impl Broker {
 
     /// Whether this replica may answer a vote in `group` (see [`junction_raft::rejoin`]).
     fn vote_allowed(&self, group: GroupId, candidate_last: Option<u64>) -> Result<(), String> {
+        if self.votes_held.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(format!(
+                "node {} started with empty state and is still asking its members whether a \
+                 cluster runs; it votes once it knows",
+                self.cfg.node_id
+            ));
+        }
         let floors = self.vote_floors.read();
         if floors.is_empty() {
             return Ok(());
@@ -642,7 +699,21 @@ impl Broker {
         } else {
             None
         };
-        let sm = junction_raft::PartitionStateMachine::open(store.clone(), group)?;
+        let sm =
+            junction_raft::PartitionStateMachine::open(store.clone(), group).map_err(
+                |e| match e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
+                {
+                    Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
+                        BrokerError::CorruptReplica {
+                            group,
+                            detail: e.to_string(),
+                        }
+                    }
+                    _ => BrokerError::from(e),
+                },
+            )?;
         let shared = sm.shared();
         // A memory group's vote stays on disk: a restarted replica never votes twice.
         let log_store = if memory {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use junction_types::{GroupId, META_GROUP, MetaState};
 
-use crate::Broker;
+use crate::{Broker, BrokerError};
 
 /// How often a node moves leaderships back to preferred replicas.
 const REBALANCE_EVERY: Duration = Duration::from_secs(30);
@@ -55,8 +55,19 @@ impl Broker {
                 }
                 continue;
             }
-            if let Err(e) = self.open_partition(*group, replicas).await {
-                tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
+            match self.open_partition(*group, replicas).await {
+                Ok(()) => {}
+                Err(BrokerError::CorruptReplica { detail, .. }) => {
+                    metrics::counter!("junction_corruption_events_total", "kind" => "open")
+                        .increment(1);
+                    tracing::error!(group, %detail, "a partition replica cannot open: its stored data is corrupt");
+                    if let Err(e) = self.wipe_and_reopen(*group, replicas).await {
+                        tracing::error!(group, error = %e, "repairing a corrupt replica failed; will retry");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
+                }
             }
         }
         for group in &running {

@@ -274,6 +274,7 @@ impl Broker {
                 node: self.node_id(),
                 group,
             })?;
+            let local_applied = applied_index(&replica.raft);
             let state = replica.shared.current();
             let local = (state.start_offset, state.next_offset);
             let leader = replica.leader();
@@ -298,21 +299,34 @@ impl Broker {
             report.corrupt_records = scan.corrupt_count;
             findings.corrupt_records = scan.corrupt_count;
             findings.mismatched_ranges = 0;
+            report.mismatched_ranges = 0;
             let Some((addr, _)) = theirs.filter(|_| common.0 < common.1) else {
                 break;
             };
             let (digests, leader_applied) = self.leader_digests(&addr, group, common).await?;
-            findings.mismatched_ranges = crate::scrub::mismatched(&scan.digests, &digests);
-            report.mismatched_ranges = findings.mismatched_ranges;
-            if findings.mismatched_ranges == 0 || scan.corrupt_count > 0 {
+            let mismatched = crate::scrub::mismatched(&scan.digests, &digests);
+            if mismatched == 0 || scan.corrupt_count > 0 {
                 break;
             }
-            if attempt + 1 < COMPARISONS {
-                // Maybe only behind: let this replica apply what the leader had, then look
-                // again.
-                self.wait_applied(group, leader_applied, Duration::from_secs(10))
-                    .await;
+            // Ranges differ. Only a replica that had applied everything its leader had when
+            // the leader digested is judged by them: one that lags may just not have applied
+            // a compaction or a retention cut yet. Let it catch up and look again.
+            if local_applied >= leader_applied {
+                findings.mismatched_ranges = mismatched;
+                report.mismatched_ranges = mismatched;
+                if attempt + 1 == COMPARISONS {
+                    break;
+                }
+            } else if attempt + 1 == COMPARISONS {
+                report.error = format!(
+                    "{mismatched} ranges differ from the leader's, but this replica (applied \
+                     {local_applied}) trails the leader's digest (applied {leader_applied}); \
+                     not judged"
+                );
+                break;
             }
+            self.wait_applied(group, leader_applied, Duration::from_secs(10))
+                .await;
         }
         if findings.corrupt() {
             metrics::counter!("junction_corruption_events_total", "kind" => if findings.corrupt_records > 0 { "checksum" } else { "digest" })
@@ -445,6 +459,15 @@ impl Broker {
                 node: self.node_id(),
                 group,
             })?;
+        self.wipe_and_reopen(group, &replicas).await
+    }
+
+    /// [`Broker::rejoin_replica`] for a caller that holds the reconcile lock.
+    pub(crate) async fn wipe_and_reopen(
+        &self,
+        group: GroupId,
+        replicas: &[junction_types::NodeId],
+    ) -> Result<(), BrokerError> {
         let floor = self
             .members_applied(group)
             .await
@@ -488,7 +511,7 @@ impl Broker {
         })
         .await
         .map_err(|e| BrokerError::Unavailable(format!("wiping group {group} failed: {e}")))??;
-        self.open_partition(group, &replicas).await
+        self.open_partition(group, replicas).await
     }
 
     /// The highest index of `group` the other members say they applied (0 when none

@@ -41,7 +41,7 @@ pub struct ChaosArgs {
     pub fault_interval: Duration,
     /// Only these fault kinds, comma-separated (default: all): kill-node,
     /// kill-partition-leader, kill-meta-leader, pause, isolate, split, one-way, bridge,
-    /// latency, loss, rolling-restart, cluster-restart, disk-fill.
+    /// latency, loss, rolling-restart, cluster-restart, disk-fill, bit-flip, replace-node.
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<FaultKind>,
     /// Output directory (default `./chaos-out/<seed>`): history.json, results.json,

@@ -537,6 +537,24 @@ impl Cluster {
             .collect()
     }
 
+    /// Node `id`'s data directory (what `--data-dir` names).
+    pub fn data_dir(&self, id: u64) -> Result<PathBuf, ClusterError> {
+        Ok(self.node(id)?.root.join("data"))
+    }
+
+    /// Deletes node `id`'s data directory (stop the node first): a replaced disk.
+    pub fn wipe_data(&self, id: u64) -> Result<(), ClusterError> {
+        let dir = self.data_dir(id)?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClusterError::Disk {
+                id,
+                reason: format!("removing {}: {e}", dir.display()),
+            }),
+        }
+    }
+
     /// Fills node `id`'s data file system: shrinks its tmpfs to what is in use right now.
     pub fn fill_disk(&self, id: u64) -> Result<u64, ClusterError> {
         self.disk_faults

@@ -66,6 +66,45 @@ pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Flips one bit inside one stored message of one partition replica in the store of a
+/// stopped node (its data directory `data_dir`), through RocksDB, so RocksDB's own block
+/// checksums stay valid: what a bit flipped in memory, on the bus or by firmware looks like,
+/// which only Junction's record checksum can catch. `pick` chooses the replica, the message
+/// and the bit. Returns (group, offset) of the changed message.
+pub fn flip_stored_bit(data_dir: &Path, pick: u64) -> Result<(u64, u64), String> {
+    let store = junction_storage::Store::open(&data_dir.join("db")).map_err(|e| e.to_string())?;
+    let groups: Vec<u64> = store
+        .hosted_groups()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|g| *g != junction_types::META_GROUP)
+        .collect();
+    let mut rng = crate::rng::SplitMix64::new(pick);
+    let start = rng.below(groups.len().max(1) as u64) as usize;
+    for i in 0..groups.len() {
+        let group = groups[(start + i) % groups.len()];
+        let stored = store
+            .read_messages(group, 0, u64::MAX, 1_000, 4 << 20)
+            .map_err(|e| e.to_string())?;
+        let candidates: Vec<&(u64, Vec<u8>)> = stored.iter().filter(|(_, b)| b.len() > 1).collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        let (offset, bytes) = candidates[rng.below(candidates.len() as u64) as usize];
+        let mut bytes = bytes.clone();
+        // Past the version byte: inside the checksum or the body.
+        let at = 1 + rng.below(bytes.len() as u64 - 1) as usize;
+        bytes[at] ^= 1 << rng.below(8);
+        let mut batch = store.batch();
+        batch
+            .put_message(group, *offset, &bytes)
+            .map_err(|e| e.to_string())?;
+        store.write_sync(batch).map_err(|e| e.to_string())?;
+        return Ok((group, *offset));
+    }
+    Err("no partition replica with stored messages on that node".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,16 @@ const REJOIN_LIMIT: Duration = Duration::from_secs(30);
 const ELECTION_LIMIT: Duration = Duration::from_secs(30);
 /// What a node logs when a failed write poisons its store (junction-storage).
 const POISON_LOG: &str = "the store is now poisoned";
+/// What a node logs when a scrub finds a corrupt replica, when a read meets a corrupt
+/// record, and when it wipes a replica to fetch it again (junction-broker, junction-server).
+const SCRUB_FOUND_LOG: &str = "scrub found corrupt data";
+const CORRUPT_READ_LOG: &str = "failed its checksum";
+const CORRUPT_OPEN_LOG: &str = "its stored data is corrupt";
+const REPAIR_LOG: &str = "wiping a corrupt partition replica";
+/// What a node with empty state logs when it rejoins its members' cluster, and when it
+/// initialises a new one (junction-broker).
+const REJOIN_LOG: &str = "rejoining it as an empty replica";
+const NEW_CLUSTER_LOG: &str = "initialising a new cluster";
 /// How long a node with a poisoned store may take to stop.
 const POISON_EXIT_LIMIT: Duration = Duration::from_secs(20);
 
@@ -193,6 +203,81 @@ impl Nemesis {
                         "nodes {missing:?} did not answer after the restart"
                     ));
                 }
+            }
+            Action::BitFlip { node, pick } => {
+                rec.nodes.push(*node);
+                // Stopped cleanly: after `kill -9` the node re-applies log entries past its
+                // last flush on restart and would rewrite the changed message itself.
+                let _ignored = cluster.terminate(*node, Duration::from_secs(15)).await;
+                let flipped = cluster
+                    .data_dir(*node)
+                    .map_err(|e| e.to_string())
+                    .and_then(|dir| crate::disk::flip_stored_bit(&dir, *pick));
+                let mark = cluster.log_len(*node);
+                self.restart(cluster, *node, &mut rec).await;
+                match flipped {
+                    Ok((group, offset)) => {
+                        rec.notes.push(format!(
+                            "flipped a bit of group {group} offset {offset} on node {node}"
+                        ));
+                        // The node's scrubber (or a read) finds it and the replica is wiped
+                        // and fetched again; a leader hands over first.
+                        let deadline = Instant::now() + hold;
+                        let mut seen = String::new();
+                        while Instant::now() < deadline {
+                            seen = cluster.log_since(*node, mark);
+                            if seen.contains(REPAIR_LOG) {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        let detected = [SCRUB_FOUND_LOG, CORRUPT_READ_LOG, CORRUPT_OPEN_LOG]
+                            .iter()
+                            .any(|l| seen.contains(l));
+                        rec.notes.push(match (detected, seen.contains(REPAIR_LOG)) {
+                            (_, true) => format!("corruption detected and repaired on node {node}"),
+                            (true, false) => format!(
+                                "corruption detected on node {node}, not repaired within {hold:?} \
+                                 (a leader hands over first)"
+                            ),
+                            (false, false) => format!(
+                                "corruption on node {node} not detected within {hold:?} (a \
+                                 retention cut may have removed the message first)"
+                            ),
+                        });
+                    }
+                    Err(e) => rec.notes.push(format!("no bit flipped: {e}")),
+                }
+            }
+            Action::ReplaceNode { node } => {
+                rec.nodes.push(*node);
+                let _ignored = cluster.kill(*node).await;
+                match cluster.wipe_data(*node) {
+                    Ok(()) => rec
+                        .notes
+                        .push(format!("node {node}'s data directory deleted")),
+                    Err(e) => rec.notes.push(format!("deleting the data failed: {e}")),
+                }
+                tokio::time::sleep(hold).await;
+                let mark = cluster.log_len(*node);
+                self.restart(cluster, *node, &mut rec).await;
+                // The node answers before it decides how to start: wait for its decision.
+                let deadline = Instant::now() + REJOIN_LIMIT;
+                let mut log = cluster.log_since(*node, mark);
+                while !log.contains(REJOIN_LOG)
+                    && !log.contains(NEW_CLUSTER_LOG)
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    log = cluster.log_since(*node, mark);
+                }
+                rec.notes.push(if log.contains(REJOIN_LOG) {
+                    format!("node {node} rejoined the cluster as an empty replica")
+                } else if log.contains(NEW_CLUSTER_LOG) {
+                    format!("!!! node {node} initialised a new cluster instead of rejoining")
+                } else {
+                    format!("node {node} restarted; no rejoin logged within {REJOIN_LIMIT:?}")
+                });
             }
             Action::DiskFill { node } => {
                 rec.nodes.push(*node);

@@ -36,7 +36,8 @@ const NOT_INJECTABLE: &[&str] = &[
     "machine crash / power loss (loss of un-fsynced page cache): kill -9 keeps the page cache; needs a VM or a crash-simulating file system",
     "clock skew and jumps: nodes share the host clock (needs time namespaces or libfaketime)",
     "packet-level loss, reordering and duplication: the proxy works on TCP streams, so loss is emulated by stalls and resets",
-    "disk corruption / bit flips and slow disks",
+    "slow disks, torn writes and corruption below RocksDB's own checksums (bit flips are \
+     injected through RocksDB, inside stored messages)",
     "faults between clients and nodes: clients reach nodes directly; only node-to-node links go through proxies",
     "overlapping faults: faults run one at a time",
 ];
@@ -89,6 +90,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         args.snapshot_every.to_string(),
         "--keep-logs".to_owned(),
         args.keep_logs.to_string(),
+        // Scrub often, so that a flipped bit is found and repaired within the run.
+        "--scrub-every-ms".to_owned(),
+        "3000".to_owned(),
     ];
     if !args.no_disk_faults {
         // Without preallocated WAL space a capped file system fails the node's very next

@@ -28,10 +28,12 @@ pub enum FaultKind {
     RollingRestart,
     ClusterRestart,
     DiskFill,
+    BitFlip,
+    ReplaceNode,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::KillNode,
         FaultKind::KillPartitionLeader,
         FaultKind::KillMetaLeader,
@@ -45,6 +47,8 @@ impl FaultKind {
         FaultKind::RollingRestart,
         FaultKind::ClusterRestart,
         FaultKind::DiskFill,
+        FaultKind::BitFlip,
+        FaultKind::ReplaceNode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,8 @@ impl FaultKind {
             FaultKind::RollingRestart => "rolling-restart",
             FaultKind::ClusterRestart => "cluster-restart",
             FaultKind::DiskFill => "disk-fill",
+            FaultKind::BitFlip => "bit-flip",
+            FaultKind::ReplaceNode => "replace-node",
         }
     }
 
@@ -81,6 +87,8 @@ impl FaultKind {
             FaultKind::RollingRestart => 3,
             FaultKind::ClusterRestart => 3,
             FaultKind::DiskFill => 4,
+            FaultKind::BitFlip => 4,
+            FaultKind::ReplaceNode => 3,
         }
     }
 }
@@ -149,6 +157,12 @@ pub enum Action {
     ClusterRestart,
     /// Fill the data file system of `node` (ENOSPC), free it after the hold.
     DiskFill { node: u64 },
+    /// Stop `node`, flip one bit inside one stored message of one of its partition replicas
+    /// (chosen by `pick`), restart it; the hold is how long its repair is watched for.
+    BitFlip { node: u64, pick: u64 },
+    /// `kill -9` `node`, delete its data directory (a replaced disk), restart it after the
+    /// hold: it must rejoin the cluster and catch up, not start a new one.
+    ReplaceNode { node: u64 },
 }
 
 impl Action {
@@ -167,6 +181,8 @@ impl Action {
             Action::RollingRestart { .. } => FaultKind::RollingRestart,
             Action::ClusterRestart => FaultKind::ClusterRestart,
             Action::DiskFill { .. } => FaultKind::DiskFill,
+            Action::BitFlip { .. } => FaultKind::BitFlip,
+            Action::ReplaceNode { .. } => FaultKind::ReplaceNode,
         }
     }
 
@@ -245,6 +261,12 @@ impl fmt::Display for Action {
             Action::RollingRestart { order } => write!(f, "rolling restart {}", list(order)),
             Action::ClusterRestart => write!(f, "kill -9 every node, restart all"),
             Action::DiskFill { node } => write!(f, "fill the data disk of node {node}"),
+            Action::BitFlip { node, .. } => {
+                write!(f, "flip a bit in a stored message of node {node}")
+            }
+            Action::ReplaceNode { node } => {
+                write!(f, "kill -9 node {node}, delete its data, restart")
+            }
         }
     }
 }
@@ -417,6 +439,17 @@ fn draw(rng: &mut SplitMix64, kind: FaultKind, p: &ScheduleParams) -> (Action, u
             Action::DiskFill { node: node(rng) },
             rng.range(2_000, 6_000),
         ),
+        FaultKind::BitFlip => (
+            Action::BitFlip {
+                node: node(rng),
+                pick: rng.next_u64(),
+            },
+            rng.range(5_000, 10_000),
+        ),
+        FaultKind::ReplaceNode => (
+            Action::ReplaceNode { node: node(rng) },
+            rng.range(500, 3_000),
+        ),
     }
 }
 
@@ -431,6 +464,8 @@ pub fn nodes_out(action: &Action, nodes: u64) -> u64 {
         | Action::Pause { .. }
         | Action::Isolate { .. }
         | Action::DiskFill { .. }
+        | Action::BitFlip { .. }
+        | Action::ReplaceNode { .. }
         | Action::RollingRestart { .. } => 1,
         Action::Split { minority, .. } => minority.len() as u64,
         Action::Bridge { .. } | Action::OneWay { .. } => 0,
@@ -522,7 +557,9 @@ mod tests {
                     | Action::Isolate { node, .. }
                     | Action::Latency { node, .. }
                     | Action::Loss { node, .. }
-                    | Action::DiskFill { node } => assert!((1..=5).contains(node)),
+                    | Action::DiskFill { node }
+                    | Action::BitFlip { node, .. }
+                    | Action::ReplaceNode { node } => assert!((1..=5).contains(node)),
                     Action::KillPartitionLeader { partition } => assert!(*partition < 6),
                     Action::OneWay { from, to, .. } => assert_ne!(from, to),
                     Action::Bridge {

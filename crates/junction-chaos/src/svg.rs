@@ -21,6 +21,8 @@ fn color(kind: FaultKind) -> &'static str {
         FaultKind::RollingRestart => "#98df8a",
         FaultKind::ClusterRestart => "#000000",
         FaultKind::DiskFill => "#c49c94",
+        FaultKind::BitFlip => "#ffbb78",
+        FaultKind::ReplaceNode => "#2ca02c",
     }
 }
 

@@ -19,6 +19,10 @@ pub const LEADER_ADDR_KEY: &str = "leader_addr";
 /// The `ErrorInfo.reason` of a call over its tenant's rate quota; its `RetryInfo` says when to
 /// try again.
 pub const THROTTLED_REASON: &str = "THROTTLED";
+/// The `ErrorInfo.reason` of a read that met a record whose checksum failed on the node that
+/// answered. Retried: that replica repairs itself from the others (a leader hands over first),
+/// and the record is intact on them.
+pub const CORRUPT_RECORD_REASON: &str = "CORRUPT_RECORD";
 /// The longest wait a throttled call is told to take that the SDK honours as given.
 pub(crate) const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(30);
 
@@ -68,6 +72,11 @@ pub(crate) enum Disposition {
 pub(crate) fn classify(status: &Status) -> Disposition {
     if let Some(after) = throttled(status) {
         return Disposition::Throttled { after };
+    }
+    if let Some(info) = status.get_details_error_info()
+        && info.reason == CORRUPT_RECORD_REASON
+    {
+        return Disposition::Retry { leader_hint: None };
     }
     if let Some(info) = status.get_details_error_info()
         && info.reason == NOT_LEADER_REASON
@@ -288,6 +297,21 @@ mod tests {
             ),
         );
         assert_eq!(classify(&full), Disposition::Fail);
+    }
+
+    #[test]
+    fn a_corrupt_replica_is_retried_other_data_loss_is_not() {
+        let corrupt = Status::with_error_details(
+            Code::DataLoss,
+            "offset 7 is corrupt on node 3",
+            tonic_types::ErrorDetails::with_error_info(
+                CORRUPT_RECORD_REASON,
+                "junction",
+                std::collections::HashMap::new(),
+            ),
+        );
+        assert_eq!(classify(&corrupt), Disposition::Retry { leader_hint: None });
+        assert_eq!(classify(&Status::data_loss("gone")), Disposition::Fail);
     }
 
     #[test]

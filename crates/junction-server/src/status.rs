@@ -29,6 +29,9 @@ pub const REASON_SEQUENCE_OVERFLOW: &str = "SEQUENCE_OVERFLOW";
 /// `ErrorInfo` reason: a stored record failed its checksum on the node that read it (another
 /// replica may still hold it intact).
 pub const REASON_CORRUPT_RECORD: &str = "CORRUPT_RECORD";
+/// A replica that could not open because its stored bytes are corrupt; it is being
+/// fetched again (retry).
+pub const REASON_CORRUPT_REPLICA: &str = "CORRUPT_REPLICA";
 /// `ErrorInfo` reason: the partition's dedup window holds its maximum of ids.
 pub const REASON_DEDUP_WINDOW_FULL: &str = "DEDUP_WINDOW_FULL";
 /// `ErrorInfo` reason: a producer id used with another tenant's station.
@@ -125,6 +128,7 @@ pub fn code_of(e: &BrokerError) -> Code {
         BrokerError::Raft(_) => Code::Unavailable,
         BrokerError::Storage(_) => Code::Internal,
         BrokerError::CorruptRecord { .. } => Code::DataLoss,
+        BrokerError::CorruptReplica { .. } => Code::Unavailable,
         BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
         BrokerError::Unimplemented(_) => Code::Unimplemented,
         BrokerError::Produce(r) => match r {
@@ -256,6 +260,10 @@ fn error_info(e: &BrokerError) -> Option<(&'static str, HashMap<String, String>)
             AppendReject::SequenceOverflow { .. } => (REASON_SEQUENCE_OVERFLOW, none()),
             AppendReject::DedupFull { .. } => (REASON_DEDUP_WINDOW_FULL, none()),
         },
+        BrokerError::CorruptReplica { group, .. } => (
+            REASON_CORRUPT_REPLICA,
+            HashMap::from([("group".to_string(), group.to_string())]),
+        ),
         BrokerError::CorruptRecord { node, offset, .. } => (
             REASON_CORRUPT_RECORD,
             HashMap::from([
