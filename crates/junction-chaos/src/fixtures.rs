@@ -34,6 +34,7 @@ pub fn kill_fault() -> FaultRecord {
         end_ms: 4000,
         nodes: vec![2],
         skipped: None,
+        outcome: None,
         leader_kill: Some(LeaderKill {
             node: 2,
             killed_at_ms: 1000,

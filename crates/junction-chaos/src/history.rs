@@ -136,6 +136,21 @@ pub struct FaultRecord {
     pub leader_kill: Option<LeaderKill>,
     /// Anything notable (slow restart, unexpected state).
     pub notes: Vec<String>,
+    /// What a storage fault (bit flip, node replacement) led to.
+    #[serde(default)]
+    pub outcome: Option<StorageOutcome>,
+}
+
+/// What a storage fault led to, as the node's log told within the fault's hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "fault")]
+pub enum StorageOutcome {
+    /// A bit of a stored message was flipped: whether the node found it, and whether it
+    /// wiped and refetched the replica.
+    Flipped { detected: bool, repaired: bool },
+    /// A data directory was deleted: whether the node rejoined its cluster, or (never
+    /// acceptable) initialised a new one.
+    Replaced { rejoined: bool, new_cluster: bool },
 }
 
 /// The groups a killed node led, and how long each took to get a new leader.

@@ -110,6 +110,7 @@ impl Nemesis {
             skipped: None,
             leader_kill: None,
             notes: Vec::new(),
+            outcome: None,
         };
         let n = cluster.ids().len() as u64;
         match &f.action {
@@ -234,6 +235,10 @@ impl Nemesis {
                         let detected = [SCRUB_FOUND_LOG, CORRUPT_READ_LOG, CORRUPT_OPEN_LOG]
                             .iter()
                             .any(|l| seen.contains(l));
+                        rec.outcome = Some(crate::history::StorageOutcome::Flipped {
+                            detected,
+                            repaired: seen.contains(REPAIR_LOG),
+                        });
                         rec.notes.push(match (detected, seen.contains(REPAIR_LOG)) {
                             (_, true) => format!("corruption detected and repaired on node {node}"),
                             (true, false) => format!(
@@ -271,6 +276,10 @@ impl Nemesis {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     log = cluster.log_since(*node, mark);
                 }
+                rec.outcome = Some(crate::history::StorageOutcome::Replaced {
+                    rejoined: log.contains(REJOIN_LOG),
+                    new_cluster: log.contains(NEW_CLUSTER_LOG),
+                });
                 rec.notes.push(if log.contains(REJOIN_LOG) {
                     format!("node {node} rejoined the cluster as an empty replica")
                 } else if log.contains(NEW_CLUSTER_LOG) {

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::checker::{CheckStats, Violation, count_by_kind};
-use crate::history::{Attempt, FaultRecord, Outcome};
+use crate::history::{Attempt, FaultRecord, Outcome, StorageOutcome};
 use crate::nemesis::Crash;
 use crate::schedule::FaultKind;
 
@@ -186,6 +186,9 @@ pub struct Results {
     pub faults_injected: u64,
     pub faults_skipped: u64,
     pub faults_by_kind: BTreeMap<FaultKind, KindCount>,
+    /// Bit flips and node replacements, and what became of them.
+    #[serde(default)]
+    pub storage_faults: StorageFaultStats,
     pub check: CheckStats,
     pub violations_by_kind: BTreeMap<String, u64>,
     /// The first violations (all of them are counted above).
@@ -225,6 +228,41 @@ pub fn count_faults(faults: &[FaultRecord]) -> BTreeMap<FaultKind, KindCount> {
     m
 }
 
+/// Storage faults and their outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageFaultStats {
+    pub bits_flipped: u64,
+    pub corruption_detected: u64,
+    pub corruption_repaired: u64,
+    pub nodes_replaced: u64,
+    pub rejoined: u64,
+    pub new_clusters: u64,
+}
+
+/// Counts the outcomes of storage faults.
+pub fn count_storage_faults(faults: &[FaultRecord]) -> StorageFaultStats {
+    let mut s = StorageFaultStats::default();
+    for f in faults {
+        match f.outcome {
+            Some(StorageOutcome::Flipped { detected, repaired }) => {
+                s.bits_flipped += 1;
+                s.corruption_detected += u64::from(detected);
+                s.corruption_repaired += u64::from(repaired);
+            }
+            Some(StorageOutcome::Replaced {
+                rejoined,
+                new_cluster,
+            }) => {
+                s.nodes_replaced += 1;
+                s.rejoined += u64::from(rejoined);
+                s.new_clusters += u64::from(new_cluster);
+            }
+            None => {}
+        }
+    }
+    s
+}
+
 pub fn violations_by_kind(v: &[Violation]) -> BTreeMap<String, u64> {
     count_by_kind(v)
         .into_iter()
@@ -248,6 +286,21 @@ pub fn summary(r: &Results) -> String {
     let _ = writeln!(s, "  {:<24}{:>9}{:>9}", "kind", "injected", "skipped");
     for (k, c) in &r.faults_by_kind {
         let _ = writeln!(s, "  {:<24}{:>9}{:>9}", k.name(), c.injected, c.skipped);
+    }
+    let st = &r.storage_faults;
+    if st.bits_flipped > 0 {
+        let _ = writeln!(
+            s,
+            "bit flips: {} stored messages changed, {} detected, {} repaired within the fault's hold",
+            st.bits_flipped, st.corruption_detected, st.corruption_repaired
+        );
+    }
+    if st.nodes_replaced > 0 {
+        let _ = writeln!(
+            s,
+            "node replacements: {} data directories deleted, {} rejoined their cluster, {} started a new one",
+            st.nodes_replaced, st.rejoined, st.new_clusters
+        );
     }
     if let Some(g) = &r.group {
         let _ = writeln!(
@@ -400,6 +453,49 @@ mod tests {
     }
 
     #[test]
+    fn storage_fault_outcomes_are_counted() {
+        let with = |outcome| FaultRecord {
+            outcome: Some(outcome),
+            ..kill_fault()
+        };
+        let faults = vec![
+            kill_fault(),
+            with(StorageOutcome::Flipped {
+                detected: true,
+                repaired: true,
+            }),
+            with(StorageOutcome::Flipped {
+                detected: true,
+                repaired: false,
+            }),
+            with(StorageOutcome::Flipped {
+                detected: false,
+                repaired: false,
+            }),
+            with(StorageOutcome::Replaced {
+                rejoined: true,
+                new_cluster: false,
+            }),
+        ];
+        assert_eq!(
+            count_storage_faults(&faults),
+            StorageFaultStats {
+                bits_flipped: 3,
+                corruption_detected: 2,
+                corruption_repaired: 1,
+                nodes_replaced: 1,
+                rejoined: 1,
+                new_clusters: 0,
+            }
+        );
+        // A record from before the field existed reads as no outcome.
+        let mut json = serde_json::to_value(kill_fault()).expect("json");
+        json.as_object_mut().expect("object").remove("outcome");
+        let old: FaultRecord = serde_json::from_value(json).expect("old record");
+        assert_eq!(old.outcome, None);
+    }
+
+    #[test]
     fn summary_mentions_the_verdict_and_kinds() {
         let faults = vec![kill_fault()];
         let r = Results {
@@ -413,6 +509,7 @@ mod tests {
             faults_injected: 1,
             faults_skipped: 0,
             faults_by_kind: count_faults(&faults),
+            storage_faults: count_storage_faults(&faults),
             check: CheckStats::default(),
             violations_by_kind: BTreeMap::new(),
             violations: vec![],
@@ -434,5 +531,22 @@ mod tests {
         assert!(text.contains("kill-partition-leader"));
         assert!(text.contains("violations: none"));
         assert!(text.contains("not injected: disk-fill"));
+        assert!(!text.contains("bit flips:"), "no storage faults, no line");
+        let flipped = Results {
+            storage_faults: StorageFaultStats {
+                bits_flipped: 2,
+                corruption_detected: 2,
+                corruption_repaired: 1,
+                ..StorageFaultStats::default()
+            },
+            ..r
+        };
+        assert!(
+            summary(&flipped).contains(
+                "bit flips: 2 stored messages changed, 2 detected, 1 repaired within the fault's hold"
+            ),
+            "{}",
+            summary(&flipped)
+        );
     }
 }

@@ -344,6 +344,7 @@ async fn drive(
         faults_injected: faults_by_kind.values().map(|c| c.injected).sum(),
         faults_skipped: faults_by_kind.values().map(|c| c.skipped).sum(),
         faults_by_kind,
+        storage_faults: report::count_storage_faults(&records),
         check: report.stats.clone(),
         violations_by_kind: report::violations_by_kind(&report.violations),
         violations: report.violations.iter().take(1000).cloned().collect(),
