@@ -485,23 +485,31 @@ pub struct GroupPosition {
     pub detached_at_ms: Option<i64>,
 }
 
-/// How old the message at `committed` is (0 when `committed` is the end): the age of a
-/// group's oldest unacknowledged message. One read from the partition's store.
+/// How old the message at `committed` is (0 when `committed` is the end, or when nothing is
+/// stored from there on: compacted away): the age of a group's oldest unacknowledged message.
+/// One read from the partition's store; a record that cannot be read or fails its checksum
+/// is an error, not an age.
 pub(crate) fn oldest_unacked_age_ms(
     replica: &crate::PartitionReplica,
     committed: u64,
     next: u64,
-) -> u64 {
+) -> Result<u64, BrokerError> {
     if committed >= next {
-        return 0;
+        return Ok(0);
     }
-    replica
+    let Some((offset, bytes)) = replica
         .store
-        .read_messages(replica.group, committed, next, 1, 1 << 20)
-        .ok()
-        .and_then(|m| m.into_iter().next())
-        .and_then(|(_, b)| junction_raft::decode_record(&b).ok())
-        .map_or(0, |r| (now_ms() - r.timestamp_ms).max(0) as u64)
+        .read_messages(replica.group, committed, next, 1, 1 << 20)?
+        .into_iter()
+        .next()
+    else {
+        return Ok(0);
+    };
+    let r = junction_raft::decode_record(&bytes).map_err(|e| BrokerError::CorruptReplica {
+        group: replica.group,
+        detail: format!("offset {offset}: {e}"),
+    })?;
+    Ok((now_ms() - r.timestamp_ms).max(0) as u64)
 }
 
 impl Broker {
@@ -640,17 +648,17 @@ impl Broker {
     ) -> Result<GroupPosition, BrokerError> {
         let replica = self.hosted_replica(station, partition)?;
         let g = self.group_meta(&station.full(), group)?;
-        Ok(self.position_of(&replica, &g))
+        self.position_of(&replica, &g)
     }
 
     pub(crate) fn position_of(
         &self,
         replica: &crate::PartitionReplica,
         g: &GroupMeta,
-    ) -> GroupPosition {
+    ) -> Result<GroupPosition, BrokerError> {
         let mut p = self.cursor_position(replica, g);
-        p.oldest_unacked_age_ms = oldest_unacked_age_ms(replica, p.committed, p.high_watermark);
-        p
+        p.oldest_unacked_age_ms = oldest_unacked_age_ms(replica, p.committed, p.high_watermark)?;
+        Ok(p)
     }
 
     /// [`Broker::position_of`] from the replica's state alone, without reading the oldest
@@ -709,12 +717,17 @@ impl Broker {
                 if replica.leader() != Some(self.node_id()) {
                     continue;
                 }
-                out.push((
-                    g.station.clone(),
-                    g.name.clone(),
-                    i as u32,
-                    self.position_of(&replica, g),
-                ));
+                match self.position_of(&replica, g) {
+                    Ok(pos) => out.push((g.station.clone(), g.name.clone(), i as u32, pos)),
+                    // Left out of the metrics rather than shown with a made-up age.
+                    Err(e) => tracing::warn!(
+                        station = %g.station,
+                        group = %g.name,
+                        partition = i,
+                        error = %e,
+                        "group position unreadable"
+                    ),
+                }
             }
         }
         out

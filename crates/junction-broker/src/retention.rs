@@ -383,7 +383,7 @@ async fn detach_laggards(
         }
         let age_ms = match pos.budget.max_age_ms {
             Some(_) => {
-                crate::groups::oldest_unacked_age_ms(replica, pos.committed, pos.high_watermark)
+                crate::groups::oldest_unacked_age_ms(replica, pos.committed, pos.high_watermark)?
             }
             None => 0,
         };
