@@ -901,6 +901,88 @@ async fn a_traceparent_is_stored_with_the_messages_it_produced() {
     cluster.shutdown().await;
 }
 
+/// Creates `station` (one partition, three replicas), produces `n` messages `payload NNNN`
+/// and waits until every replica holds them; returns the group, its leader and the records.
+async fn replicated_payloads(
+    cluster: &TestCluster,
+    station: &str,
+    n: usize,
+) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
+    let client = cluster.client();
+    let s = client.create_station(station, 1, 3).await.expect("create");
+    let group = s.partition_info[0].group_id;
+    client
+        .produce(
+            station,
+            (0..n)
+                .map(|i| keyed("k", format!("payload {i:04}")))
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
+        cluster.partition_leader(group)
+    })
+    .await;
+    let want = local_contents(&cluster.broker(leader), group);
+    assert_eq!(want.len(), n);
+    for id in 1..=3 {
+        let broker = cluster.broker(id);
+        wait_until(
+            Duration::from_secs(10),
+            "every replica holds the batch",
+            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+        )
+        .await;
+    }
+    (group, leader, want)
+}
+
+/// Waits until node `id`'s replica of `group` holds `want` again after it was wiped and
+/// fetched anew (a rebuilt replica keeps a vote floor; one that was not rebuilt has none).
+async fn wait_rebuilt(cluster: &TestCluster, id: u64, group: u64, want: &[(u64, Vec<u8>)]) {
+    let broker = cluster.broker(id);
+    wait_until(
+        Duration::from_secs(30),
+        "the replica to be rebuilt",
+        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+    )
+    .await;
+    assert!(
+        broker.vote_floors().floor(group).is_some(),
+        "node {id}'s replica of group {group} was not rebuilt (no vote floor for it)"
+    );
+}
+
+/// Asserts that every node reported `group` whole (`records`), intact and unchanged.
+fn assert_all_clean(
+    report: &junction_proto::v1::ScrubResponse,
+    group: u64,
+    records: u64,
+    when: &str,
+) {
+    assert_eq!(report.nodes.len(), 3);
+    for n in &report.nodes {
+        assert!(n.error.is_empty(), "node {}: {}", n.node, n.error);
+        let r = n
+            .replicas
+            .iter()
+            .find(|r| r.group == group)
+            .expect("replica report");
+        assert_eq!(
+            (
+                r.records,
+                r.corrupt_records,
+                r.mismatched_ranges,
+                r.action.as_str()
+            ),
+            (records, 0, 0, "ok"),
+            "node {} {when}: {r:?}",
+            n.node
+        );
+    }
+}
+
 /// Stops node `id`, flips one bit of the stored record at `offset` of `group` (inside
 /// `payload`, which the record must hold), as a failing disk would, and restarts the node.
 async fn flip_payload_bit(
@@ -952,57 +1034,10 @@ fn try_local_contents(broker: &junction_broker::Broker, group: u64) -> Option<Ve
 async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    let s = client
-        .create_station("scrubbed", 1, 3)
-        .await
-        .expect("create");
-    let group = s.partition_info[0].group_id;
-    client
-        .produce(
-            "scrubbed",
-            (0..50)
-                .map(|i| keyed("k", format!("payload {i:04}")))
-                .collect(),
-        )
-        .await
-        .expect("produce");
-    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
-        cluster.partition_leader(group)
-    })
-    .await;
-    let want = local_contents(&cluster.broker(leader), group);
-    assert_eq!(want.len(), 50);
-    for id in 1..=3 {
-        let broker = cluster.broker(id);
-        wait_until(
-            Duration::from_secs(10),
-            "every replica holds the batch",
-            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-        )
-        .await;
-    }
+    let (group, leader, want) = replicated_payloads(&cluster, "scrubbed", 50).await;
     // A clean cluster scrubs clean.
     let clean = client.scrub().await.expect("scrub");
-    assert_eq!(clean.nodes.len(), 3);
-    for n in &clean.nodes {
-        assert!(n.error.is_empty(), "node {}: {}", n.node, n.error);
-        let r = n
-            .replicas
-            .iter()
-            .find(|r| r.group == group)
-            .expect("replica report");
-        assert_eq!(
-            (
-                r.records,
-                r.corrupt_records,
-                r.mismatched_ranges,
-                r.action.as_str()
-            ),
-            (50, 0, 0, "ok"),
-            "node {}: {r:?}",
-            n.node
-        );
-    }
+    assert_all_clean(&clean, group, 50, "before");
 
     // Flip one bit of offset 7's payload in a follower's store, as a failing disk would.
     let bad = (1..=3).find(|n| *n != leader).expect("a follower");
@@ -1045,36 +1080,9 @@ async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader()
     }
     assert!(found > 0, "the flipped bit was not found");
     assert!(repaired, "the corrupt replica was not repaired");
-    let broker = cluster.broker(bad);
-    wait_until(
-        Duration::from_secs(30),
-        "the wiped replica to catch up",
-        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-    )
-    .await;
-    assert!(
-        broker.vote_floors().floor(group).is_some(),
-        "no vote floor after the wipe"
-    );
+    wait_rebuilt(&cluster, bad, group, &want).await;
     let after = client.scrub().await.expect("scrub");
-    for n in &after.nodes {
-        let r = n
-            .replicas
-            .iter()
-            .find(|r| r.group == group)
-            .expect("replica report");
-        assert_eq!(
-            (
-                r.records,
-                r.corrupt_records,
-                r.mismatched_ranges,
-                r.action.as_str()
-            ),
-            (50, 0, 0, "ok"),
-            "node {} after the repair: {r:?}",
-            n.node
-        );
-    }
+    assert_all_clean(&after, group, 50, "after the repair");
     // The repaired replica is part of every quorum again: with another node down, writes
     // still commit.
     let other = (1..=3)
@@ -1100,35 +1108,8 @@ async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
     let mut cluster = TestCluster::start_with(3, |c| c.scrub_every_ms = 300).await;
-    let client = cluster.client();
-    let s = client
-        .create_station("scrubbed", 1, 3)
-        .await
-        .expect("create");
-    let group = s.partition_info[0].group_id;
-    client
-        .produce(
-            "scrubbed",
-            (0..30)
-                .map(|i| keyed("k", format!("payload {i:04}")))
-                .collect(),
-        )
-        .await
-        .expect("produce");
-    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
-        cluster.partition_leader(group)
-    })
-    .await;
-    let want = local_contents(&cluster.broker(leader), group);
+    let (group, leader, want) = replicated_payloads(&cluster, "scrubbed", 30).await;
     let bad = (1..=3).find(|n| *n != leader).expect("a follower");
-    let broker = cluster.broker(bad);
-    wait_until(
-        Duration::from_secs(10),
-        "the follower holds the batch",
-        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-    )
-    .await;
-    drop(broker); // the node's store closes when it stops
     flip_payload_bit(&mut cluster, bad, group, 12, b"payload 0012").await;
     let broker = cluster.broker(bad);
     // Until repaired, the record there fails its checksum.
@@ -1141,12 +1122,8 @@ async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
             "a changed record passed its checksum"
         );
     }
-    wait_until(
-        Duration::from_secs(30),
-        "the scrubber to repair the replica",
-        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-    )
-    .await;
+    drop(broker);
+    wait_rebuilt(&cluster, bad, group, &want).await;
     cluster.shutdown().await;
 }
 
@@ -1199,19 +1176,8 @@ async fn a_replica_that_cannot_open_for_corruption_is_rebuilt() {
         .await;
     }
     flip_payload_bit(&mut cluster, bad, group, 4, b"payload 0004").await;
-    let broker = cluster.broker(bad);
-    wait_until(
-        Duration::from_secs(30),
-        "the replica to be rebuilt",
-        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-    )
-    .await;
-    assert!(
-        broker.vote_floors().floor(group).is_some(),
-        "the replica opened without being rebuilt (no vote floor recorded for it)"
-    );
+    wait_rebuilt(&cluster, bad, group, &want).await;
     // The rebuilt replica knows the window: a repeated id is still a duplicate.
-    drop(broker);
     cluster.stop(leader).await;
     let again = wait_until(
         Duration::from_secs(30),
