@@ -17,7 +17,7 @@ use crate::harness::{read_all, wait_until};
 pub(crate) struct ProcessCluster {
     dir: tempfile::TempDir,
     pub(crate) grpc: BTreeMap<u64, String>,
-    http: BTreeMap<u64, String>,
+    pub(crate) http: BTreeMap<u64, String>,
     children: BTreeMap<u64, Child>,
     /// More `junction serve` arguments, given to every node.
     pub(crate) extra_args: Vec<String>,

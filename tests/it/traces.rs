@@ -175,6 +175,41 @@ async fn a_forwarded_produce_is_one_trace_across_nodes_and_its_delivery_links_to
     );
     assert_eq!(append.parent, at_leader.span, "the append is a step there");
 
+    // A REST produce with a traceparent, to the same follower: its HTTP span continues the
+    // caller's trace, and the append it led to (on the leader, through a forward) too.
+    let rest_trace = "0af7651916cd43dd8448eb211c80319c";
+    let rest_caller = "b7ad6b7169203331";
+    let tp = format!("00-{rest_trace}-{rest_caller}-01");
+    let reply = crate::rest::http(
+        cluster.http[&follower].parse().expect("http address"),
+        "POST",
+        "/api/v1/stations/default/traced/messages",
+        &[("Content-Type", "application/json"), ("traceparent", &tp)],
+        Some(br#"{"messages": [{"key": "r", "payload": "over rest"}]}"#),
+    )
+    .await;
+    reply.ok();
+    let (http_span, rest_append) = wait_until(
+        Duration::from_secs(30),
+        "the REST produce's spans",
+        || async {
+            let seen = collector.0.lock().clone();
+            let in_trace = |name: &str| {
+                seen.iter()
+                    .find(|s| s.trace == rest_trace && s.name.starts_with(name))
+                    .cloned()
+            };
+            Some((in_trace("POST /api/v1/stations/")?, in_trace("append")?))
+        },
+    )
+    .await;
+    assert_eq!(http_span.node, follower_s);
+    assert_eq!(
+        http_span.parent, rest_caller,
+        "the caller's span is the parent"
+    );
+    assert_eq!(rest_append.node, leader_s, "the append ran on the leader");
+
     // Replication of entries is traced on the leader.
     wait_until(Duration::from_secs(15), "replication spans", || async {
         collector

@@ -155,7 +155,7 @@ fn grpc_builder() -> tonic::transport::Server<
         .tcp_nodelay(true)
         .initial_stream_window_size(junction_proto::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(junction_proto::HTTP2_CONNECTION_WINDOW)
-        .layer(telemetry::RpcSpans)
+        .layer(telemetry::RpcSpans::grpc())
 }
 
 /// Starts a node.

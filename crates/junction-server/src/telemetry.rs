@@ -169,17 +169,34 @@ impl Extractor for OneTraceparent<'_> {
     }
 }
 
-/// A tower layer giving every gRPC call a server span whose parent is the caller's
-/// `traceparent`; a pass-through when this process does not export spans. Node-to-node
-/// calls get one only when they are part of a trace (not every heartbeat).
+/// A tower layer giving every gRPC call (or REST request) a server span whose parent is the
+/// caller's `traceparent`; a pass-through when this process does not export spans.
+/// Node-to-node calls get one only when they are part of a trace (not every heartbeat).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RpcSpans;
+pub struct RpcSpans {
+    rest: bool,
+}
+
+impl RpcSpans {
+    /// For a gRPC listener.
+    pub fn grpc() -> Self {
+        Self { rest: false }
+    }
+
+    /// For the REST API.
+    pub fn rest() -> Self {
+        Self { rest: true }
+    }
+}
 
 impl<S> tower::Layer<S> for RpcSpans {
     type Service = RpcSpanService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcSpanService { inner }
+        RpcSpanService {
+            inner,
+            rest: self.rest,
+        }
     }
 }
 
@@ -187,6 +204,7 @@ impl<S> tower::Layer<S> for RpcSpans {
 #[derive(Clone, Debug)]
 pub struct RpcSpanService<S> {
     inner: S,
+    rest: bool,
 }
 
 /// The gRPC package of node-to-node calls.
@@ -218,19 +236,31 @@ where
             // Heartbeats and Raft traffic outside any trace: no span of their own.
             return futures::future::Either::Left(self.inner.call(req));
         }
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or((path, ""));
-        let span = tracing::info_span!(
-            target: SPANS,
-            "rpc",
-            otel.name = %path,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-        );
+        let span = if self.rest {
+            let method = req.method().as_str();
+            tracing::info_span!(
+                target: SPANS,
+                "http",
+                otel.name = %format_args!("{method} {path}"),
+                otel.kind = "server",
+                http.request.method = %method,
+                url.path = %path,
+            )
+        } else {
+            let (service, method) = path
+                .trim_start_matches('/')
+                .split_once('/')
+                .unwrap_or((path, ""));
+            tracing::info_span!(
+                target: SPANS,
+                "rpc",
+                otel.name = %path,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = %service,
+                rpc.method = %method,
+            )
+        };
         if traced {
             let _ = span.set_parent(parent);
         }

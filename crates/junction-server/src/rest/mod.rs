@@ -144,6 +144,7 @@ pub fn router(rest: Arc<Rest>) -> Router {
         .nest(PREFIX, api)
         .layer(axum::middleware::from_fn(identify))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(crate::telemetry::RpcSpans::rest())
 }
 
 // ---------------------------------------------------------------------------------------
