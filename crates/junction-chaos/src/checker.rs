@@ -74,6 +74,9 @@ pub enum ViolationKind {
     GroupLag,
     /// The pipeline's output does not hold each input message exactly as often as the input.
     PipelineMismatch,
+    /// A node whose data directory was deleted initialised a new cluster instead of
+    /// rejoining its own.
+    NewCluster,
 }
 
 impl ViolationKind {
@@ -98,6 +101,7 @@ impl ViolationKind {
             ViolationKind::GroupDeadLettered => "group-dead-lettered",
             ViolationKind::GroupLag => "group-lag",
             ViolationKind::PipelineMismatch => "pipeline-mismatch",
+            ViolationKind::NewCluster => "new-cluster",
         }
     }
 }

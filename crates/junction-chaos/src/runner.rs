@@ -42,6 +42,32 @@ const NOT_INJECTABLE: &[&str] = &[
     "overlapping faults: faults run one at a time",
 ];
 
+/// A replaced node that started a new cluster instead of rejoining its own.
+fn new_cluster_violations(records: &[crate::history::FaultRecord]) -> Vec<Violation> {
+    records
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.outcome,
+                Some(crate::history::StorageOutcome::Replaced {
+                    new_cluster: true,
+                    ..
+                })
+            )
+        })
+        .map(|f| {
+            Violation::new(
+                ViolationKind::NewCluster,
+                format!(
+                    "fault #{}: node {:?} initialised a new cluster after its data directory was \
+                     deleted, instead of rejoining its own",
+                    f.index, f.nodes
+                ),
+            )
+        })
+        .collect()
+}
+
 fn random_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -320,6 +346,7 @@ async fn drive(
         replicas: &replicas,
         exactly_once: !args.at_least_once,
     });
+    extra_violations.extend(new_cluster_violations(&records));
     report.violations.extend(extra_violations);
     let (group_stats, group_violations) =
         check_group(&attempts, &deliveries, lag, dead_letters, rejoins);
@@ -502,4 +529,29 @@ fn write_outputs(out: &Path, history: &History, results: &Results) -> anyhow::Re
     let svg = crate::svg::timeline_svg(&title, &history.attempts, &history.faults);
     std::fs::write(out.join("timeline.svg"), svg).context("cannot write timeline.svg")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::kill_fault;
+    use crate::history::{FaultRecord, StorageOutcome};
+
+    #[test]
+    fn only_a_replaced_node_that_started_a_new_cluster_is_a_violation() {
+        let replaced = |rejoined, new_cluster| FaultRecord {
+            outcome: Some(StorageOutcome::Replaced {
+                rejoined,
+                new_cluster,
+            }),
+            ..kill_fault()
+        };
+        let records = vec![kill_fault(), replaced(true, false), replaced(false, false)];
+        assert!(new_cluster_violations(&records).is_empty());
+        let records = vec![replaced(true, false), replaced(false, true)];
+        let v = new_cluster_violations(&records);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].kind, ViolationKind::NewCluster);
+        assert!(v[0].detail.contains("new cluster"), "{}", v[0].detail);
+    }
 }
