@@ -1051,35 +1051,39 @@ async fn scrub_finds_a_flipped_bit_and_the_replica_is_repaired_from_the_leader()
 
     // Scrub until the corrupt replica was wiped (a replica that happens to lead hands
     // leadership over first).
-    let mut found = 0;
-    let mut repaired = false;
-    for _ in 0..5 {
-        let report = client.scrub().await.expect("scrub");
-        for n in &report.nodes {
-            for r in n.replicas.iter().filter(|r| r.group == group) {
-                if n.node == bad {
-                    found += r.corrupt_records;
-                    if r.corrupt_records > 0 {
-                        assert_eq!(r.corrupt_offsets, vec![7], "{r:?}");
+    let found = std::cell::Cell::new(0u64);
+    wait_until(
+        Duration::from_secs(30),
+        "a scrub pass to repair the corrupt replica",
+        || {
+            let (client, found) = (&client, &found);
+            async move {
+                let report = client.scrub().await.expect("scrub");
+                let mut repaired = false;
+                for n in &report.nodes {
+                    for r in n.replicas.iter().filter(|r| r.group == group) {
+                        if n.node == bad {
+                            found.set(found.get() + r.corrupt_records);
+                            if r.corrupt_records > 0 {
+                                assert_eq!(r.corrupt_offsets, vec![7], "{r:?}");
+                            }
+                            repaired |= r.action == "repairing";
+                        } else {
+                            assert_eq!(
+                                (r.corrupt_records, r.mismatched_ranges),
+                                (0, 0),
+                                "healthy node {} reported {r:?}",
+                                n.node
+                            );
+                        }
                     }
-                    repaired |= r.action == "repairing";
-                } else {
-                    assert_eq!(
-                        (r.corrupt_records, r.mismatched_ranges),
-                        (0, 0),
-                        "healthy node {} reported {r:?}",
-                        n.node
-                    );
                 }
+                repaired.then_some(())
             }
-        }
-        if repaired {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(found > 0, "the flipped bit was not found");
-    assert!(repaired, "the corrupt replica was not repaired");
+        },
+    )
+    .await;
+    assert!(found.get() > 0, "the flipped bit was not found");
     wait_rebuilt(&cluster, bad, group, &want).await;
     let after = client.scrub().await.expect("scrub");
     assert_all_clean(&after, group, 50, "after the repair");

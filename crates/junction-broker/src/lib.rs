@@ -863,13 +863,7 @@ impl Broker {
                 next_offset: s.next_offset,
                 start_offset: s.start_offset,
                 term: r.term(),
-                applied_index: r
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .last_applied
-                    .as_ref()
-                    .map_or(0, |l| l.index),
+                applied_index: r.applied_index(),
             });
         }
         NodeStatusResponse {

@@ -79,6 +79,16 @@ impl PartitionReplica {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// Returns the index of the last log entry this replica applied (0: none).
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map_or(0, |l| l.index)
+    }
+
     /// Returns the current term.
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow_watched().current_term

@@ -34,12 +34,39 @@ struct Scan {
     digests: Vec<u32>,
 }
 
+/// Hands every stored record of `group` in `[from, to)` to `visit` in offset order, reading
+/// in steps and, with `bytes_per_sec`, pausing after each step to keep to that rate.
+/// Blocking.
+fn each_stored(
+    store: &junction_storage::Store,
+    group: GroupId,
+    (from, to): (u64, u64),
+    bytes_per_sec: u64,
+    mut visit: impl FnMut(u64, &[u8]) -> Result<(), BrokerError>,
+) -> Result<(), BrokerError> {
+    let mut at = from;
+    while at < to {
+        let step = store.read_messages(group, at, to, STEP_RECORDS, STEP_BYTES)?;
+        let Some(last) = step.last().map(|(o, _)| *o) else {
+            break;
+        };
+        let mut step_bytes = 0u64;
+        for (offset, raw) in &step {
+            step_bytes += raw.len() as u64;
+            visit(*offset, raw)?;
+        }
+        at = last + 1;
+        std::thread::sleep(crate::scrub::pace(step_bytes, bytes_per_sec));
+    }
+    Ok(())
+}
+
 /// Reads every record of `group` in `[start, next)` from `store`, checking each checksum and
 /// digesting `[from, to)`. Blocking.
 fn scan(
     store: &junction_storage::Store,
     group: GroupId,
-    (start, next): (u64, u64),
+    local: (u64, u64),
     (from, to): (u64, u64),
     bytes_per_sec: u64,
 ) -> Result<Scan, BrokerError> {
@@ -51,32 +78,22 @@ fn scan(
         corrupt_count: 0,
         digests: Vec::new(),
     };
-    let mut at = start;
-    while at < next {
-        let step = store.read_messages(group, at, next, STEP_RECORDS, STEP_BYTES)?;
-        let Some(last) = step.last().map(|(o, _)| *o) else {
-            break;
-        };
-        for (offset, raw) in &step {
-            out.records += 1;
-            out.bytes += raw.len() as u64;
-            match junction_raft::format::check_record(raw) {
-                Ok(body) => digester.add(*offset, body),
-                Err(_) => {
-                    out.corrupt_count += 1;
-                    if out.corrupt.len() < LISTED_OFFSETS {
-                        out.corrupt.push(*offset);
-                    }
-                    // A corrupt record still marks its range as differing.
-                    digester.add(*offset, raw);
+    each_stored(store, group, local, bytes_per_sec, |offset, raw| {
+        out.records += 1;
+        out.bytes += raw.len() as u64;
+        match junction_raft::format::check_record(raw) {
+            Ok(body) => digester.add(offset, body),
+            Err(_) => {
+                out.corrupt_count += 1;
+                if out.corrupt.len() < LISTED_OFFSETS {
+                    out.corrupt.push(offset);
                 }
+                // A corrupt record still marks its range as differing.
+                digester.add(offset, raw);
             }
         }
-        at = last + 1;
-        // Background passes keep to their rate (this runs on a blocking thread).
-        let step_bytes: u64 = step.iter().map(|(_, raw)| raw.len() as u64).sum();
-        std::thread::sleep(crate::scrub::pace(step_bytes, bytes_per_sec));
-    }
+        Ok(())
+    })?;
     out.digests = digester.finish();
     Ok(out)
 }
@@ -96,7 +113,7 @@ impl Broker {
             node: self.node_id(),
             group,
         })?;
-        let applied = applied_index(&replica.raft);
+        let applied = replica.applied_index();
         let state = replica.shared.current();
         if from < state.start_offset || to > state.next_offset {
             return Err(BrokerError::InvalidArgument(format!(
@@ -104,32 +121,22 @@ impl Broker {
                 state.start_offset, state.next_offset
             )));
         }
-        let span = span.max(1);
         let mut digester = Digester::new(from, to, span);
-        let mut at = from;
-        while at < to {
-            let step = replica
-                .store
-                .read_messages(group, at, to, STEP_RECORDS, STEP_BYTES)?;
-            let Some(last) = step.last().map(|(o, _)| *o) else {
-                break;
-            };
-            for (offset, raw) in &step {
-                let body = junction_raft::format::check_record(raw).map_err(|e| {
-                    BrokerError::CorruptRecord {
-                        node: self.node_id(),
-                        partition: self
-                            .metadata()
-                            .partition_of_group(group)
-                            .map_or(0, |(_, p)| p),
-                        offset: *offset,
-                        detail: e.to_string(),
-                    }
-                })?;
-                digester.add(*offset, body);
-            }
-            at = last + 1;
-        }
+        each_stored(&replica.store, group, (from, to), 0, |offset, raw| {
+            let body = junction_raft::format::check_record(raw).map_err(|e| {
+                BrokerError::CorruptRecord {
+                    node: self.node_id(),
+                    partition: self
+                        .metadata()
+                        .partition_of_group(group)
+                        .map_or(0, |(_, p)| p),
+                    offset,
+                    detail: e.to_string(),
+                }
+            })?;
+            digester.add(offset, body);
+            Ok(())
+        })?;
         Ok((digester.finish(), applied))
     }
 
@@ -274,7 +281,7 @@ impl Broker {
                 node: self.node_id(),
                 group,
             })?;
-            let local_applied = applied_index(&replica.raft);
+            let local_applied = replica.applied_index();
             let state = replica.shared.current();
             let local = (state.start_offset, state.next_offset);
             let leader = replica.leader();
@@ -399,14 +406,15 @@ impl Broker {
         Ok((reply.digests, reply.applied_index))
     }
 
+    /// Waits (at most `limit`) until this replica of `group` applied `index`.
     async fn wait_applied(&self, group: GroupId, index: u64, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            match self.partition(group) {
-                Some(r) if applied_index(&r.raft) >= index => return,
-                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                None => return,
-            }
+        if let Some(r) = self.partition(group) {
+            // A timeout only means the next look judges nothing (see `inspect`).
+            let _ = r
+                .raft
+                .wait(Some(limit))
+                .applied_index_at_least(Some(index), "scrub: catch up with the leader")
+                .await;
         }
     }
 
@@ -471,7 +479,7 @@ impl Broker {
         let floor = self
             .members_applied(group)
             .await
-            .max(self.partition(group).map_or(0, |r| applied_index(&r.raft)));
+            .max(self.partition(group).map_or(0, |r| r.applied_index()));
         {
             let mut floors = self.vote_floors.write();
             floors.raise(group, floor);
@@ -517,22 +525,11 @@ impl Broker {
     /// The highest index of `group` the other members say they applied (0 when none
     /// answers).
     async fn members_applied(&self, group: GroupId) -> u64 {
-        crate::ask_members(&self.cfg, &self.pool, Duration::from_secs(2))
+        self.probe_members()
             .await
-            .into_iter()
-            .filter_map(|(_, _, answer)| answer?.ok())
-            .flat_map(|s| s.groups)
-            .filter(|g| g.group == group)
-            .map(|g| g.applied_index)
+            .iter()
+            .filter_map(|a| a.applied.get(&group).copied())
             .max()
             .unwrap_or(0)
     }
-}
-
-fn applied_index(raft: &junction_raft::PartitionRaft) -> u64 {
-    raft.metrics()
-        .borrow_watched()
-        .last_applied
-        .as_ref()
-        .map_or(0, |l| l.index)
 }

@@ -36,6 +36,24 @@ const NEW_CLUSTER_LOG: &str = "initialising a new cluster";
 /// How long a node with a poisoned store may take to stop.
 const POISON_EXIT_LIMIT: Duration = Duration::from_secs(20);
 
+/// What node `id` logged since `mark`, once `done` holds for it or `limit` has passed.
+async fn wait_for_log(
+    cluster: &Cluster,
+    id: u64,
+    mark: u64,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = cluster.log_since(id, mark);
+        if done(&log) || Instant::now() >= deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// An exit of a node that no fault asked for.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Crash {
@@ -223,15 +241,10 @@ impl Nemesis {
                         ));
                         // The node's scrubber (or a read) finds it and the replica is wiped
                         // and fetched again; a leader hands over first.
-                        let deadline = Instant::now() + hold;
-                        let mut seen = String::new();
-                        while Instant::now() < deadline {
-                            seen = cluster.log_since(*node, mark);
-                            if seen.contains(REPAIR_LOG) {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
+                        let seen = wait_for_log(cluster, *node, mark, hold, |log| {
+                            log.contains(REPAIR_LOG)
+                        })
+                        .await;
                         let detected = [SCRUB_FOUND_LOG, CORRUPT_READ_LOG, CORRUPT_OPEN_LOG]
                             .iter()
                             .any(|l| seen.contains(l));
@@ -267,15 +280,10 @@ impl Nemesis {
                 let mark = cluster.log_len(*node);
                 self.restart(cluster, *node, &mut rec).await;
                 // The node answers before it decides how to start: wait for its decision.
-                let deadline = Instant::now() + REJOIN_LIMIT;
-                let mut log = cluster.log_since(*node, mark);
-                while !log.contains(REJOIN_LOG)
-                    && !log.contains(NEW_CLUSTER_LOG)
-                    && Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    log = cluster.log_since(*node, mark);
-                }
+                let log = wait_for_log(cluster, *node, mark, REJOIN_LIMIT, |log| {
+                    log.contains(REJOIN_LOG) || log.contains(NEW_CLUSTER_LOG)
+                })
+                .await;
                 rec.outcome = Some(crate::history::StorageOutcome::Replaced {
                     rejoined: log.contains(REJOIN_LOG),
                     new_cluster: log.contains(NEW_CLUSTER_LOG),

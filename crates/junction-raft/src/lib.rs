@@ -86,3 +86,8 @@ impl From<RaftStoreError> for std::io::Error {
 }
 
 pub use format::{Format, decode, decode_record, encode, encode_record};
+
+/// The `tracing` target of every span Junction exports over OTLP (see the server's
+/// `telemetry` module): nothing else subscribes to it, so without an exporter these spans
+/// cost nothing.
+pub const TRACE_TARGET: &str = "junction::trace";

@@ -253,10 +253,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let r = if rpc.entries.is_empty() {
             call.await
         } else {
-            // Exported only by a node that traces (the server's `SPANS` target); the call
-            // carries it to the follower, whose span of the call becomes its child.
+            // Exported only by a node that traces; the call carries it to the follower,
+            // whose span of the call becomes its child.
             let span = tracing::info_span!(
-                target: "junction::trace",
+                target: crate::TRACE_TARGET,
                 "replicate",
                 group = self.group,
                 target_node = self.target,

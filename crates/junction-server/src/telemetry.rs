@@ -30,7 +30,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// The target of every span Junction exports. Logging does not show these spans, and
 /// without an exporter nothing subscribes to them.
-pub const SPANS: &str = "junction::trace";
+pub const SPANS: &str = junction_raft::TRACE_TARGET;
 
 use crate::broker_service::TRACEPARENT;
 

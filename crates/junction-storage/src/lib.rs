@@ -584,19 +584,24 @@ impl Store {
 
     /// Writes a batch and fsyncs the WAL before returning.
     pub fn write_sync(&self, batch: Batch<'_>) -> Result<(), StorageError> {
-        if self.inner.memory {
-            return self.write(batch);
-        }
         self.check_poisoned()?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
         let Batch { wb, groups, .. } = batch;
-        self.fenced(&groups, || {
-            self.inner
-                .db
-                .write_opt(wb, &wo)
-                .map_err(self.poisoning("sync write"))
-        })
+        self.fenced(&groups, || self.write_durably(wb))
+    }
+
+    /// Writes `wb` and fsyncs the WAL (a memory store has none): the write of
+    /// [`Store::write_sync`], without its checks.
+    fn write_durably(&self, wb: WriteBatch) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        if self.inner.memory {
+            wo.disable_wal(true);
+        } else {
+            wo.set_sync(true);
+        }
+        self.inner
+            .db
+            .write_opt(wb, &wo)
+            .map_err(self.poisoning("sync write"))
     }
 
     /// Writes a batch now and calls `done` once the WAL holding it is fsynced (from the
@@ -816,26 +821,8 @@ impl Store {
         for cf in ALL_CFS {
             b.delete_group_range(cf, group)?;
         }
-        if self.inner.memory {
-            return self.write_unfenced(b.wb);
-        }
         self.check_poisoned()?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.inner
-            .db
-            .write_opt(b.wb, &wo)
-            .map_err(self.poisoning("sync write"))
-    }
-
-    fn write_unfenced(&self, wb: WriteBatch) -> Result<(), StorageError> {
-        self.check_poisoned()?;
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.inner
-            .db
-            .write_opt(wb, &wo)
-            .map_err(self.poisoning("write"))
+        self.write_durably(b.wb)
     }
 
     /// Accepts writes to `group` again after [`Store::delete_group`] (a replica placed on
