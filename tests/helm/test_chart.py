@@ -224,30 +224,42 @@ def test_bad_values() -> None:
 
 
 def test_replica_guard() -> None:
-    section("upgrade guard: a running cluster can grow (new pods join) but not shrink")
+    section("upgrade guard: a running cluster grows freely, shrinks only after remove-node")
     # `lookup` returns nothing offline, so render a copy of the chart whose lookup is replaced
     # by the live StatefulSet a cluster would return (spec.replicas as JSON gives it: a float).
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     call = 'lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .)'
     check(helpers.count(call) == 1, "the guard looks up the live StatefulSet of this release")
+    cases: list[tuple[int, int, list[int] | None, str | None]] = [
+        (3, 3, None, None),
+        (3, 5, None, None),
+        (5, 3, None, "nodes 4,5 must leave the cluster first"),
+        (5, 3, [5], "nodes 4 must leave the cluster first"),
+        (5, 3, [4, 5], None),
+        (5, 3, [5, 4, 9], None),
+    ]
     with tempfile.TemporaryDirectory(prefix="junction-chart-guard-") as tmp:
-        for live, want, ok in [(3, 3, True), (3, 5, True), (5, 3, False)]:
-            copy = Path(tmp) / f"junction-{live}-{want}"
+        for live, want, removed, refusal in cases:
+            copy = Path(tmp) / f"junction-{live}-{want}-{len(removed or [])}"
             shutil.copytree(CHART, copy)
             (copy / "templates" / "_helpers.tpl").write_text(
                 helpers.replace(call, f'dict "spec" (dict "replicas" (float64 {live}))'))
             chart = helm_python.Chart.load(str(copy))
+            values: dict[str, Any] = {"replicaCount": want}
+            if removed is not None:
+                values["scaleDown"] = {"removedNodes": removed}
             try:
-                chart.render({"replicaCount": want}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+                chart.render(values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
                 refused = None
             except helm_python.HelmRenderError as e:
                 refused = " ".join(str(e).split())
-            if ok:
-                check(refused is None, f"upgrade of a {live}-node cluster with replicaCount {want} renders", str(refused))
+            label = f"upgrade of a {live}-node cluster to replicaCount {want} (removedNodes {removed})"
+            if refusal is None:
+                check(refused is None, f"{label} renders", str(refused))
             else:
                 check(refused is not None and f"replicaCount {want} is below the running cluster's {live}" in refused
-                      and "scaling down is not supported" in refused,
-                      f"upgrade of a {live}-node cluster to replicaCount {want} is refused", str(refused))
+                      and refusal in refused and "junction cluster remove-node N --wait" in refused,
+                      f"{label} is refused: {refusal}", str(refused))
 
 
 def members_of(toml_text: str) -> dict[int, str]:
@@ -1039,6 +1051,82 @@ def scale_up(binary: Path, root: Path) -> dict[str, float]:
                 p.terminate(grace)
 
 
+def scale_down(binary: Path, root: Path) -> dict[str, float]:
+    """Five pods from the replicaCount=5 render, a station with replicas on every node and a
+    producer; step one of scaling down, `junction cluster remove-node 5 --wait` then `4`, moves
+    their replicas to nodes 1-3 and takes them out of the cluster; step two is the upgrade to
+    replicaCount=3 with scaleDown.removedNodes={4,5}: pods 3 and 4 stop, pods 2, 1, 0 restart
+    one at a time with the three-member config. Every message produced before, between and
+    after the removals is read back."""
+    timings: dict[str, float] = {}
+    big = objects(render({"replicaCount": 5}))
+    small = objects(render({"replicaCount": 3, "scaleDown": {"removedNodes": [4, 5]}}))
+    small = [o for o in small if o["kind"] != "Secret"] + [o for o in big if o["kind"] == "Secret"]
+    grace = one(big, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    offset = peer_offset_of(big)
+    grpc_ports, http_ports = free_port_pairs(5, offset), free_ports(5)
+    pods = [PodSim(i, big, root / "down", binary, grpc_ports, http_ports) for i in range(5)]
+    cli = Cli(binary, admin_token_of(big), tls_ca_of(big, root / "down"))
+    produced: list[str] = []
+
+    def produce(via: PodSim, n: int) -> None:
+        lines = [f"k{len(produced) + i}\tm-{len(produced) + i}" for i in range(n)]
+        cli.ok([via.addr], "produce", "shrink", "--key-sep", "TAB", stdin="\n".join(lines) + "\n")
+        produced.extend(line.split("\t")[1] for line in lines)
+
+    try:
+        for p in pods:
+            p.start()
+        for p in pods:
+            wait_for(f"{p.name} ready", lambda p=p: p.probe("readinessProbe"), 90)
+        every = [p.addr for p in pods]
+        wait_for("a five-node cluster", lambda: formed(cli, pods, every), 60)
+        cli.ok(every, "station", "create", "shrink", "--partitions", "5", "--replication-factor", "3")
+        produce(pods[0], 50)
+        st = cli.status(every)
+        held = {n["id"]: n["partition_replicas"] for n in st["nodes"]}
+        check(held.get(4, 0) > 0 and held.get(5, 0) > 0, f"nodes 4 and 5 hold replicas before: {held}")
+        stay = [p.addr for p in pods[:3]]
+        t = time.monotonic()
+        for node in (5, 4):
+            out = cli.ok(stay, "cluster", "remove-node", str(node), "--wait", "--timeout-secs", "240", timeout=260)
+            check(f"node {node} left the cluster" in out, f"remove-node {node} --wait: {out.strip()}")
+            check(not pods[node - 1].probe("readinessProbe"),
+                  f"the removed node {node} reports not ready (the Service stops routing to it)")
+            produce(pods[1], 25)
+        timings["remove-node 5 and 4"] = time.monotonic() - t
+        st = cli.status(stay)
+        check(sorted(n["id"] for n in st["nodes"]) == [1, 2, 3], f"nodes 1-3 remain: {st['nodes']}")
+        replicas = {r for s in st["stations"] for p in s["partition_info"] for r in p["replicas"]}
+        check(replicas <= {1, 2, 3}, f"every replica is on nodes 1-3: {sorted(replicas)}")
+        # Step two: the upgrade. Pods 3 and 4 go; the others restart with three members.
+        for p in pods[3:]:
+            p.terminate(grace)
+        t = time.monotonic()
+        for i in (2, 1, 0):
+            pods[i].terminate(grace)
+            pods[i] = PodSim(i, small, root / "down", binary, grpc_ports, http_ports)
+            pods[i].start()
+            wait_for(f"{pods[i].name} ready with the three-member config",
+                     lambda i=i: pods[i].probe("readinessProbe"), 90)
+        wait_for("a three-node cluster", lambda: formed(cli, pods[:3], stay), 60)
+        timings["rolling restart to three members"] = time.monotonic() - t
+        produce(pods[2], 25)
+        got = cli.read_all(stay, "shrink", len(produced))
+        check(sorted(got) == sorted(produced),
+              f"scaled 5 → 3: all {len(produced)} messages (before, between and after the removals) read back",
+              f"missing {sorted(set(produced) - set(got))[:10]}")
+        return timings
+    except BaseException:
+        for p in pods:
+            print(f"\n  --- log tail of {p.name} ({p.log}):\n{p.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        for p in pods:
+            if p.alive():
+                p.terminate(grace)
+
+
 def test_boot(binary: Path) -> dict[str, dict[str, float]]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="junction-chart-boot-") as tmp:
@@ -1048,6 +1136,8 @@ def test_boot(binary: Path) -> dict[str, dict[str, float]]:
         results["5 nodes"] = boot_cluster("five", objects(render({"replicaCount": 5})), binary, Path(tmp), chaos=False)
         section("scale a running three-node cluster to five (helm upgrade --set replicaCount=5)")
         results["3 → 5"] = scale_up(binary, Path(tmp))
+        section("scale a running five-node cluster down to three (remove-node, then helm upgrade)")
+        results["5 → 3"] = scale_down(binary, Path(tmp))
     return results
 
 

@@ -16,6 +16,7 @@ mod memory;
 mod parking;
 mod process;
 mod quota;
+mod reconfig;
 mod rest;
 mod retention;
 mod schemas;

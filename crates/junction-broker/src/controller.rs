@@ -195,11 +195,13 @@ impl Broker {
         }
         self.ensure_controller()?;
         let members = self.node_addrs().len();
+        // Nodes being removed take no new replicas.
+        let draining = self.metadata().reconfig.draining.clone();
         let live: BTreeSet<NodeId> = self
             .probe_nodes()
             .await
             .into_iter()
-            .filter(|(_, s)| s.is_some())
+            .filter(|(id, s)| s.is_some() && !draining.contains(id))
             .map(|(id, _)| id)
             .collect();
         if (replication_factor as usize) > live.len() {

@@ -10,6 +10,9 @@ pub enum BrokerError {
     InvalidName(#[from] NameError),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A node cannot be removed (not a member, or too few would be left).
+    #[error(transparent)]
+    Removal(#[from] junction_types::reconfig::RemovalError),
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error("station '{0}' does not exist")]

@@ -46,16 +46,32 @@ where
     }
 }
 
+/// The metadata voter to hand the controller role to (the most up-to-date caught-up one), if
+/// this node leads the metadata group.
+pub(crate) fn meta_handoff_target(b: &Broker) -> Option<NodeId> {
+    handoff_target(b.meta_raft(), None)
+}
+
 impl Broker {
     /// Moves leadership of partitions this node leads to their preferred replica when that
     /// replica is caught up. Runs periodically from the reconcile loop.
     pub(crate) async fn rebalance_leaders(&self) {
-        let assigned = self.metadata().groups_of(self.node_id());
+        let state = self.metadata();
+        let assigned = state.groups_of(self.node_id());
         for (group, replicas) in assigned {
             let Some(replica) = self.partition(group) else {
                 continue;
             };
-            let preferred = replicas.first().copied();
+            // Never back onto a node being removed, nor onto one a move has not finished
+            // adding.
+            let listed = state
+                .partition(group)
+                .map(|p| p.replicas.clone())
+                .unwrap_or(replicas);
+            let preferred = listed
+                .iter()
+                .copied()
+                .find(|n| !state.reconfig.draining.contains(n));
             if preferred == Some(self.node_id()) {
                 continue;
             }

@@ -21,6 +21,7 @@ pub mod groups;
 mod leadership;
 mod membership;
 mod memory;
+pub mod moves;
 pub mod partition;
 pub mod producers;
 pub mod quota;
@@ -83,6 +84,8 @@ pub struct BrokerConfig {
     pub bootstrap: bool,
     /// The background scrubber (see [`scrub`]).
     pub scrub: scrub::ScrubTuning,
+    /// Replica moves: how many at once, and whether the balancer runs unasked.
+    pub moves: moves::MoveTuning,
 }
 
 /// One node's broker. Shared as `Arc<Broker>`.
@@ -103,6 +106,8 @@ pub struct Broker {
     reconcile_lock: tokio::sync::Mutex<()>,
     /// Groups whose replica here a scrub is checking because a read found a corrupt record.
     scrubbing: parking_lot::Mutex<std::collections::BTreeSet<GroupId>>,
+    /// Partition moves this node (as controller) is driving.
+    moving: parking_lot::Mutex<std::collections::BTreeSet<GroupId>>,
     /// Consumer group sessions (used while this node is the controller).
     sessions: parking_lot::Mutex<groups::Sessions>,
     /// Running consumer group deliveries of partitions this node leads.
@@ -258,6 +263,7 @@ impl Broker {
             partitions: RwLock::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
             scrubbing: parking_lot::Mutex::default(),
+            moving: parking_lot::Mutex::default(),
             sessions: parking_lot::Mutex::default(),
             dispatchers: parking_lot::Mutex::default(),
             pulls: delivery::pull::PullSessions::default(),
@@ -280,6 +286,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.join_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.scrub_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.reconfig_loop().await });
         Ok(broker)
     }
 
@@ -909,6 +917,14 @@ impl GroupHost for Broker {
         self: Arc<Self>,
     ) -> futures::future::BoxFuture<'static, junction_proto::v1::NodeScrubReport> {
         Box::pin(async move { Broker::scrub_node(&self).await })
+    }
+
+    fn change_replicas(
+        self: Arc<Self>,
+        group: GroupId,
+        voters: Vec<NodeId>,
+    ) -> futures::future::BoxFuture<'static, junction_proto::peer::ChangeReplicasResponse> {
+        Box::pin(async move { Broker::change_replicas(&self, group, voters).await })
     }
 
     fn partition_stats(&self, groups: &[GroupId]) -> Vec<junction_proto::peer::GroupStats> {

@@ -34,6 +34,20 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a node: every partition replica on it moves to another node (the new replica
+    /// catches up before the node leaves each partition), then it leaves the metadata group.
+    /// Stop the node's process (or scale the StatefulSet down) once it is gone. Refused when
+    /// fewer nodes would be left than a station's replication factor (or than 3).
+    RemoveNode {
+        /// The node id (`junction cluster status` lists them).
+        node: u64,
+        /// Wait until the node has left the cluster.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -50,6 +64,8 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     "metadata_leader": status.metadata_leader,
                     "metadata_term": status.metadata_term,
                     "cluster_id": status.cluster_id,
+                    "moves_in_progress": status.moves_in_progress,
+                    "rebalancing": status.rebalancing,
                     "stations": status.stations.iter().map(station_json).collect::<Vec<_>>(),
                 }))
             } else {
@@ -84,6 +100,31 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        ClusterCommand::RemoveNode {
+            node,
+            wait,
+            timeout_secs,
+        } => {
+            client
+                .remove_node(node)
+                .await
+                .with_context(|| format!("removing node {node}"))?;
+            if !wait {
+                return out(&format!(
+                    "node {node} is being removed: its replicas move to other nodes \
+                     (`junction cluster status` shows it draining until it is gone)\n"
+                ));
+            }
+            let gone = crate::common::wait_for_status(&client, timeout_secs, |s| {
+                !s.nodes.iter().any(|n| n.id == node)
+            })
+            .await
+            .with_context(|| format!("waiting for node {node} to leave the cluster"))?;
+            out(&format!(
+                "node {node} left the cluster; {} node(s) remain\n",
+                gone.nodes.len()
+            ))
         }
     }
 }
@@ -159,15 +200,31 @@ pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {
     });
     let mut nodes = Table::new(["NODE", "ADDRESS", "ALIVE", "REPLICAS", "LEADERS"]);
     for n in &status.nodes {
+        let alive = if n.alive { "yes" } else { "no" };
         nodes.row(vec![
             n.id.to_string(),
             n.addr.clone(),
-            if n.alive { "yes" } else { "no" }.to_owned(),
+            if n.draining {
+                format!("{alive} (draining)")
+            } else {
+                alive.to_owned()
+            },
             n.partition_replicas.to_string(),
             n.partition_leaders.to_string(),
         ]);
     }
     text.push_str(&nodes.render());
+    if status.moves_in_progress > 0 || status.rebalancing {
+        text.push_str(&format!(
+            "\nreplica moves in progress: {}{}\n",
+            status.moves_in_progress,
+            if status.rebalancing {
+                " (rebalancing)"
+            } else {
+                ""
+            }
+        ));
+    }
     if status.stations.is_empty() {
         text.push_str("\nno stations\n");
         return text;
@@ -206,6 +263,7 @@ mod tests {
                 alive: true,
                 partition_replicas: 2,
                 partition_leaders: 1,
+                draining: false,
             }],
             metadata_leader: Some(1),
             metadata_term: 3,
@@ -223,6 +281,7 @@ mod tests {
                 ..Default::default()
             }],
             cluster_id: "c0ffee".into(),
+            ..Default::default()
         };
         assert_eq!(
             super::status_text(&status),

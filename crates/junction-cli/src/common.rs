@@ -228,6 +228,31 @@ pub(crate) fn station_json(s: &StationInfo) -> Value {
     })
 }
 
+/// Polls the cluster status (every 500 ms) until `done` holds for it, for up to
+/// `timeout_secs`; returns that status.
+pub(crate) async fn wait_for_status(
+    client: &Client,
+    timeout_secs: u64,
+    done: impl Fn(&junction_client::proto::ClusterStatusResponse) -> bool,
+) -> anyhow::Result<junction_client::proto::ClusterStatusResponse> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    let mut last_error = None;
+    loop {
+        match client.cluster_status().await {
+            Ok(s) if done(&s) => return Ok(s),
+            Ok(_) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match last_error {
+                Some(e) => anyhow::anyhow!("not done after {timeout_secs}s (last error: {e})"),
+                None => anyhow::anyhow!("not done after {timeout_secs}s"),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 pub(crate) fn node_json(n: &NodeInfo) -> Value {
     json!({
         "id": n.id,
@@ -235,6 +260,7 @@ pub(crate) fn node_json(n: &NodeInfo) -> Value {
         "alive": n.alive,
         "partition_replicas": n.partition_replicas,
         "partition_leaders": n.partition_leaders,
+        "draining": n.draining,
     })
 }
 

@@ -68,6 +68,16 @@ pub enum StationCommand {
     },
     /// Delete a station and all its messages.
     Delete { name: String },
+    /// Move partition replicas (a few at a time, each a Raft membership change) until every
+    /// node holds within one replica of the others, e.g. after adding nodes.
+    Rebalance {
+        /// Wait until the rebalance has finished.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
@@ -175,6 +185,29 @@ pub(crate) async fn run(args: StationArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("deleting station {name}"))?;
             out(&format!("deleted station {name}\n"))
+        }
+        StationCommand::Rebalance { wait, timeout_secs } => {
+            let planned = client.rebalance().await.context("starting a rebalance")?;
+            if !wait {
+                return out(&format!(
+                    "rebalancing: {planned} replica move(s) planned (`junction cluster status` \
+                     shows the moves in progress)\n"
+                ));
+            }
+            let done = crate::common::wait_for_status(&client, timeout_secs, |s| {
+                !s.rebalancing && s.moves_in_progress == 0
+            })
+            .await
+            .context("waiting for the rebalance to finish")?;
+            let counts: Vec<String> = done
+                .nodes
+                .iter()
+                .map(|n| format!("node {}: {}", n.id, n.partition_replicas))
+                .collect();
+            out(&format!(
+                "rebalanced ({planned} move(s) planned); replicas per node: {}\n",
+                counts.join(", ")
+            ))
         }
     }
 }

@@ -4,9 +4,9 @@ use junction_proto::v1::{
     ApiKeyInfo, AttachSchemaRequest, ClusterStatusRequest, ClusterStatusResponse,
     CreateApiKeyRequest, CreateApiKeyResponse, CreateStationRequest, CreateTenantRequest,
     DeleteStationRequest, DescribeStationRequest, GetQuotaRequest, ListApiKeysRequest,
-    ListStationsRequest, ListTenantsRequest, QuotaLimits, RevokeApiKeyRequest, ScrubRequest,
-    ScrubResponse, SetQuotaRequest, StationInfo, StationPolicy, TenantQuota, UpdateStationRequest,
-    WhoAmIRequest, WhoAmIResponse,
+    ListStationsRequest, ListTenantsRequest, QuotaLimits, RebalanceRequest, RemoveNodeRequest,
+    RevokeApiKeyRequest, ScrubRequest, ScrubResponse, SetQuotaRequest, StationInfo, StationPolicy,
+    TenantQuota, UpdateStationRequest, WhoAmIRequest, WhoAmIResponse,
 };
 
 use crate::client::Client;
@@ -325,6 +325,30 @@ impl Client {
     /// Runs one scrub pass on every node and returns what each found (see the `Scrub` call).
     /// One attempt against the current node, waiting as long as the pass takes: a pass reads
     /// every stored record, and is not repeated on failure.
+    /// Starts removing a node from the cluster (cluster admins): its partition replicas move
+    /// to other nodes, then it leaves the metadata group. Returns once that is recorded;
+    /// [`Client::cluster_status`] shows the node draining until it is gone.
+    pub async fn remove_node(&self, node_id: u64) -> Result<(), ClientError> {
+        self.with_retry(|ch| {
+            let mut admin = self.admin(ch);
+            async move { admin.remove_node(RemoveNodeRequest { node_id }).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a rebalance of partition replicas over the nodes (cluster admins); returns the
+    /// number of moves planned.
+    pub async fn rebalance(&self) -> Result<u32, ClientError> {
+        let r = self
+            .with_retry(|ch| {
+                let mut admin = self.admin(ch);
+                async move { admin.rebalance(RebalanceRequest {}).await }
+            })
+            .await?;
+        Ok(r.into_inner().planned_moves)
+    }
+
     pub async fn scrub(&self) -> Result<ScrubResponse, ClientError> {
         let addr = self.inner.current_address();
         let mut admin = self.admin(self.inner.channel(&addr)?);

@@ -63,10 +63,11 @@ pub const PARTITION_STATE: Format = Format {
 /// The metadata state machine's state (since version 2 with each station's exactly-once
 /// settings and the producer id registry; since version 3 with API keys; since version 4
 /// with tenants' quotas; since version 5 with the schema registry; since version 6 with each
-/// group's lanes and each member's epoch).
+/// group's lanes and each member's epoch; since version 7 with the replica moves and node
+/// removals in progress).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 6,
+    version: 7,
 };
 /// One stored message. Version 2 adds a CRC32C of the record's bytes (see
 /// [`encode_record`]); version 1 records (written before) are still read, unchecked.
@@ -237,15 +238,16 @@ pub fn decode_record(b: &[u8]) -> Result<junction_types::StoredRecord, RaftStore
     decode_body(&RECORD, check_record(b)?)
 }
 
-/// Decodes the metadata state, upgrading versions 1 to 5.
+/// Decodes the metadata state, upgrading versions 1 to 6.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    use junction_types::meta::{v1, v2, v3, v4, v5};
+    use junction_types::meta::{v1, v2, v3, v4, v5, v6};
     decode_upgrading(&META_STATE, b, |version, body| match version {
         1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
         2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
         3 => Some(decode_body::<v3::MetaStateV3>(&META_STATE, body).map(Into::into)),
         4 => Some(decode_body::<v4::MetaStateV4>(&META_STATE, body).map(Into::into)),
         5 => Some(decode_body::<v5::MetaStateV5>(&META_STATE, body).map(Into::into)),
+        6 => Some(decode_body::<v6::MetaStateV6>(&META_STATE, body).map(Into::into)),
         _ => None,
     })
 }
@@ -282,6 +284,22 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// Metadata state as version 6 wrote it (`v6`, frozen): still read, as `sample`, and
+    /// written as version 7 — the same bytes followed by an empty [`Reconfig`] (no moves, no
+    /// draining nodes, no rebalance).
+    ///
+    /// [`Reconfig`]: junction_types::meta::Reconfig
+    fn frozen_meta_v6(sample: &MetaState, v6: &str) {
+        let v6 = v6.replace(char::is_whitespace, "");
+        assert_eq!(
+            &decode_meta_state(&unhex(&v6)).unwrap(),
+            sample,
+            "version 6 bytes read"
+        );
+        assert!(v6.starts_with("06"));
+        frozen(&META_STATE, sample, &format!("07{}000000", &v6[2..]));
     }
 
     /// The sample encodes to `frozen`, and `frozen` decodes to a value that prints like the
@@ -387,17 +405,72 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 7;
+        bytes[0] = 8;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 7; this build reads version 6 (written by a \
+            "metadata state is in format version 8; this build reads version 7 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
         assert!(decode_meta_state(&bytes).is_err());
         assert!(decode::<MetaState>(&META_STATE, &[]).is_err());
         assert!(decode::<Vote>(&VOTE, &[1, 0xff]).is_err());
+    }
+
+    /// Replica moves: the metadata commands that remove a node and move replicas, and the
+    /// state (version 7) that holds a move, a draining node and a running rebalance.
+    #[test]
+    fn frozen_replica_moves() {
+        let commands = [
+            (MetaCommand::DrainNode { node: 4 }, "0104011e01001404"),
+            (
+                MetaCommand::StartMoves {
+                    moves: vec![(1, vec![2, 3, 5])],
+                },
+                "0104011f010015010103020305",
+            ),
+            (
+                MetaCommand::FinishMove {
+                    group: 1,
+                    replicas: vec![2, 3, 5],
+                },
+                "010401200100160103020305",
+            ),
+            (MetaCommand::ForgetNode { node: 4 }, "0104012101001704"),
+            (MetaCommand::SetRebalancing { on: true }, "0104012201001801"),
+        ];
+        for (i, (cmd, bytes)) in commands.into_iter().enumerate() {
+            frozen(
+                &LOG_ENTRY,
+                &Entry {
+                    log_id: log_id(4, 1, 30 + i as u64),
+                    payload: EntryPayload::Normal(Command::Meta(cmd)),
+                },
+                bytes,
+            );
+        }
+        let mut state = MetaState::default();
+        state.apply(&MetaCommand::CreateStation {
+            tenant: "default".into(),
+            name: "s".into(),
+            placement: vec![vec![2, 3, 4]],
+            replication_factor: 3,
+            max_message_bytes: 1024,
+            now_ms: 1,
+            policy: Default::default(),
+        });
+        state.apply(&MetaCommand::DrainNode { node: 4 });
+        state.apply(&MetaCommand::StartMoves {
+            moves: vec![(1, vec![2, 3, 5])],
+        });
+        state.apply(&MetaCommand::SetRebalancing { on: true });
+        assert_eq!(state.reconfig.moves.len(), 1);
+        frozen(
+            &META_STATE,
+            &state,
+            "07010764656661756c7400010964656661756c742f730764656661756c740173038008020101030203040000000000000080b8992900c0843d8088b2a002020001010000000000000000010103020305010401",
+        );
     }
 
     /// Groups: the commands that create a key-shared group and join it, the state that holds
@@ -457,8 +530,7 @@ mod tests {
             panic!("no group")
         };
         assert_eq!(g.partitions_of("m1"), vec![(0, 1)]);
-        frozen(
-            &META_STATE,
+        frozen_meta_v6(
             &state,
             "06010764656661756c7400010964656661756c742f730764656661756c740173018008020101\
              01010000000000000080b8992900c0843d8088b2a00202010964656661756c742f7301670964\
@@ -563,8 +635,7 @@ mod tests {
             tenant: "default".into(),
             name: Some("orders".into()),
         });
-        frozen(
-            &META_STATE,
+        frozen_meta_v6(
             &meta,
             "06010764656661756c7400000100018108010181080764656661756c74010764656661756c74\
              028108010764656661756c74066f72646572730100010100\
@@ -648,8 +719,7 @@ mod tests {
         );
         let mut keyed = MetaState::default();
         keyed.apply(&MetaCommand::CreateApiKey { key });
-        frozen(
-            &META_STATE,
+        frozen_meta_v6(
             &keyed,
             "06010764656661756c7400000100010100000000011030313233343536373839616263646566\
              10303132333435363738396162636465660764656661756c740101066f7264657273\
@@ -689,8 +759,7 @@ mod tests {
         }) else {
             panic!("quota not set")
         };
-        frozen(
-            &META_STATE,
+        frozen_meta_v6(
             &limited,
             "06010764656661756c740000010001010000000000010764656661756c7401038080808004000000",
         );
@@ -821,8 +890,7 @@ mod tests {
             CommandResponse::SchemaRegistered(_)
         ));
         schemas.schemas.bindings.insert("default/s".into(), binding);
-        frozen(
-            &META_STATE,
+        frozen_meta_v6(
             &schemas,
             "06010764656661756c74000001000101000000000000010764656661756c74066f72646572730104010101027b7d0080a0bfe9d66602010964656661756c742f73066f7264657273010101",
         );

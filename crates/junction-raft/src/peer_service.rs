@@ -9,9 +9,10 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use junction_proto::peer::peer_server::Peer;
 use junction_proto::peer::{
-    GroupStats, JoinClusterRequest, JoinClusterResponse, NodeStatusRequest, NodeStatusResponse,
-    PartitionStatsRequest, PartitionStatsResponse, RaftReply, RaftRequest, ScrubDigestsRequest,
-    ScrubDigestsResponse, ScrubNodeRequest, SnapshotChunk,
+    ChangeReplicasRequest, ChangeReplicasResponse, GroupStats, JoinClusterRequest,
+    JoinClusterResponse, NodeStatusRequest, NodeStatusResponse, PartitionStatsRequest,
+    PartitionStatsResponse, RaftReply, RaftRequest, ScrubDigestsRequest, ScrubDigestsResponse,
+    ScrubNodeRequest, SnapshotChunk,
 };
 use junction_types::{GroupId, META_GROUP, NodeId};
 use openraft::async_runtime::watch::WatchReceiver;
@@ -58,6 +59,20 @@ pub trait GroupHost: Send + Sync + 'static {
         Box::pin(async {
             junction_proto::v1::NodeScrubReport {
                 error: "this node does not scrub".into(),
+                ..Default::default()
+            }
+        })
+    }
+    /// Makes the voters of a partition group this node leads exactly `voters` (see the
+    /// `ChangeReplicas` call).
+    fn change_replicas(
+        self: Arc<Self>,
+        group: GroupId,
+        _voters: Vec<NodeId>,
+    ) -> futures::future::BoxFuture<'static, ChangeReplicasResponse> {
+        Box::pin(async move {
+            ChangeReplicasResponse {
+                error: format!("group {group}: this node does not move replicas"),
                 ..Default::default()
             }
         })
@@ -338,6 +353,21 @@ impl<H: GroupHost> Peer for PeerService<H> {
         _req: Request<ScrubNodeRequest>,
     ) -> Result<Response<junction_proto::v1::NodeScrubReport>, Status> {
         Ok(Response::new(self.host.clone().scrub_node().await))
+    }
+
+    async fn change_replicas(
+        &self,
+        req: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let r = req.into_inner();
+        if r.group == META_GROUP || r.voters.is_empty() {
+            return Err(Status::invalid_argument(
+                "a replica change needs a partition group and at least one voter",
+            ));
+        }
+        Ok(Response::new(
+            self.host.clone().change_replicas(r.group, r.voters).await,
+        ))
     }
 }
 

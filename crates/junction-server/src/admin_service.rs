@@ -312,6 +312,7 @@ impl Admin for AdminService {
                     alive: probe.get(id).is_some_and(Option::is_some),
                     partition_replicas: replicas,
                     partition_leaders: leaders,
+                    draining: meta.reconfig.draining.contains(id),
                 }
             })
             .collect();
@@ -326,6 +327,8 @@ impl Admin for AdminService {
             metadata_term: term,
             stations,
             cluster_id: self.broker.identity().get().unwrap_or_default(),
+            moves_in_progress: meta.reconfig.moves.len() as u32,
+            rebalancing: meta.reconfig.rebalancing,
         }))
     }
 
@@ -499,6 +502,52 @@ impl Admin for AdminService {
         allow_cluster(&who)?;
         let nodes = self.broker.scrub_cluster().await;
         Ok(Response::new(ScrubResponse { nodes }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_cluster(&who)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            let r = self
+                .clients
+                .admin(&addr)?
+                .remove_node(with_hops(req.into_inner(), hops + 1))
+                .await;
+            return settled(&self.broker, r).await;
+        }
+        self.broker
+            .remove_node(req.into_inner().node_id)
+            .await
+            .map_err(to_status)?;
+        Ok(stamped(&self.broker, RemoveNodeResponse {}))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let hops = hops_of(&req);
+        let who = self.auth.principal(req.metadata()).await?;
+        allow_cluster(&who)?;
+        if let Some(addr) = self.controller_addr(hops)? {
+            let r = self
+                .clients
+                .admin(&addr)?
+                .rebalance(with_hops(req.into_inner(), hops + 1))
+                .await;
+            return settled(&self.broker, r).await;
+        }
+        let planned = self.broker.rebalance().await.map_err(to_status)?;
+        Ok(stamped(
+            &self.broker,
+            RebalanceResponse {
+                planned_moves: planned as u32,
+            },
+        ))
     }
 }
 

@@ -150,6 +150,10 @@ pub struct Config {
     pub scrub_every_ms: u64,
     /// Most bytes per second a background scrub pass reads (0: no limit).
     pub scrub_bytes_per_sec: u64,
+    /// Partition moves in progress at once, cluster-wide (node removal and rebalancing).
+    pub max_moves: u32,
+    /// Rebalance replicas onto new nodes without being asked (checked every 30 s).
+    pub auto_balance: bool,
     /// Test-only (chaos suite): no file space preallocation in RocksDB, so a full disk
     /// surfaces at the next write. See `junction_storage::StoreOptions`.
     pub test_no_preallocation: bool,
@@ -208,6 +212,8 @@ impl Default for Config {
             otlp_endpoint: None,
             scrub_every_ms: 24 * 3600 * 1000,
             scrub_bytes_per_sec: 32 << 20,
+            max_moves: 2,
+            auto_balance: false,
             test_no_preallocation: false,
         }
     }
@@ -347,6 +353,14 @@ pub struct ServeArgs {
     /// Most bytes per second a background scrub pass reads (default 32 MiB; 0: no limit).
     #[arg(long, env = "JUNCTION_SCRUB_BYTES_PER_SEC", value_name = "BYTES")]
     pub scrub_bytes_per_sec: Option<u64>,
+    /// Partition moves in progress at once, cluster-wide, when a node is removed or replicas
+    /// are rebalanced (default 2). Read by the controller.
+    #[arg(long, env = "JUNCTION_MAX_MOVES", value_name = "N")]
+    pub max_moves: Option<u32>,
+    /// Move replicas onto nodes added later without `junction station rebalance` (checked
+    /// every 30 s, at most --max-moves at once).
+    #[arg(long, env = "JUNCTION_AUTO_BALANCE")]
+    pub auto_balance: bool,
     /// Test-only: no RocksDB file preallocation (the chaos suite's disk-fill fault).
     #[arg(long, hide = true)]
     pub test_no_preallocation: bool,
@@ -476,6 +490,12 @@ impl Config {
         if let Some(v) = args.scrub_every_ms {
             c.scrub_every_ms = v;
         }
+        if let Some(v) = args.max_moves {
+            c.max_moves = v;
+        }
+        if args.auto_balance {
+            c.auto_balance = true;
+        }
         if let Some(v) = args.scrub_bytes_per_sec {
             c.scrub_bytes_per_sec = v;
         }
@@ -517,6 +537,13 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if self.max_moves == 0 {
+            return Err(ConfigError::OutOfRange {
+                field: "max-moves",
+                rule: "at least 1",
+                value: 0,
+            });
         }
         let members = self.member_map()?;
         self.dial_overrides()?;
@@ -724,6 +751,10 @@ impl Config {
                 every: (self.scrub_every_ms > 0)
                     .then(|| Duration::from_millis(self.scrub_every_ms)),
                 bytes_per_sec: self.scrub_bytes_per_sec,
+            },
+            moves: junction_broker::moves::MoveTuning {
+                max_moves: self.max_moves as usize,
+                auto_balance: self.auto_balance,
             },
         })
     }

@@ -1,6 +1,6 @@
 //! The HTTP side: `/healthz` (the process serves), `/readyz` (the node has joined a cluster
-//! with a metadata leader), `/metrics` (Prometheus), and the REST API under `/api/v1`
-//! ([`crate::rest`]), and the web console at `/` ([`crate::console`]).
+//! with a metadata leader and is not being removed), `/metrics` (Prometheus), the REST API
+//! under `/api/v1` ([`crate::rest`]), and the web console at `/` ([`crate::console`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -37,6 +37,21 @@ pub fn router(broker: Arc<Broker>, rest: Arc<crate::rest::Rest>) -> Router {
 }
 
 async fn readyz(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {
+    // A node being removed takes no new clients: its metadata stops following the cluster
+    // once it has left.
+    if broker
+        .metadata()
+        .reconfig
+        .draining
+        .contains(&broker.node_id())
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: this node is being removed from the cluster (or was removed: to bring it \
+             back, start it with an empty data directory and it joins as a new node)\n"
+                .into(),
+        );
+    }
     match broker.meta_leader() {
         (Some(leader), term) => (
             StatusCode::OK,

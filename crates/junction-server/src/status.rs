@@ -6,6 +6,7 @@ use junction_broker::BrokerError;
 use junction_types::MetaError;
 use junction_types::auth::AuthError;
 use junction_types::exactly_once::AppendReject;
+use junction_types::reconfig::RemovalError;
 use junction_types::schema::SchemaRegistryError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -122,6 +123,8 @@ pub fn code_of(e: &BrokerError) -> Code {
         BrokerError::MemberNotFound { .. } => Code::NotFound,
         BrokerError::Meta(_) | BrokerError::StationNotFound(_) => Code::NotFound,
         BrokerError::TooFewNodes { .. } => Code::FailedPrecondition,
+        BrokerError::Removal(RemovalError::NotMember { .. }) => Code::NotFound,
+        BrokerError::Removal(RemovalError::TooFew { .. }) => Code::FailedPrecondition,
         BrokerError::NotLeader { .. }
         | BrokerError::NotHosted { .. }
         | BrokerError::Unavailable(_) => Code::Unavailable,

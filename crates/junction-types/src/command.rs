@@ -160,6 +160,29 @@ pub enum MetaCommand {
         lanes: Lanes,
         now_ms: i64,
     },
+    /// Starts removing a node: its replicas move away, then it leaves the metadata group.
+    DrainNode {
+        node: u64,
+    },
+    /// Starts moving partitions to new replica lists (group id, target replicas); groups that
+    /// move already or no longer exist are skipped.
+    StartMoves {
+        moves: Vec<(u64, Vec<u64>)>,
+    },
+    /// A move's Raft membership change committed: the partition's replicas become
+    /// `replicas` (ignored unless that is the move in progress).
+    FinishMove {
+        group: u64,
+        replicas: Vec<u64>,
+    },
+    /// A drained node left the metadata group.
+    ForgetNode {
+        node: u64,
+    },
+    /// Starts or ends a rebalance.
+    SetRebalancing {
+        on: bool,
+    },
 }
 
 /// One produce request's records in an [`PartitionCommand::AppendBatches`] entry.

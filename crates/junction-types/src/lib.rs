@@ -26,6 +26,7 @@ pub mod names;
 pub mod partitioner;
 pub mod policy;
 pub mod quota;
+pub mod reconfig;
 pub mod record;
 pub mod schema;
 

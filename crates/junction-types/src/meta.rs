@@ -102,6 +102,23 @@ pub struct MetaState {
     pub quotas: BTreeMap<String, TenantQuotas>,
     /// Tenants' schemas and the stations bound to them.
     pub schemas: SchemaRegistry,
+    /// Replica moves and node removals in progress.
+    pub reconfig: Reconfig,
+}
+
+/// Changes of where replicas live that are in progress (metadata format version 7). They
+/// are metadata, not the controller's memory, so a move survives a controller failover: the
+/// next controller carries on from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconfig {
+    /// Partition group → the replica list it moves to. The nodes of both lists host the
+    /// group until the move finishes ([`MetaCommand::FinishMove`]); a node the move adds is
+    /// listed after the current replicas, so it never initialises the group.
+    pub moves: BTreeMap<GroupId, Vec<NodeId>>,
+    /// Nodes being removed: their replicas move away, then they leave the metadata group.
+    pub draining: BTreeSet<NodeId>,
+    /// A rebalance was asked for and is not finished.
+    pub rebalancing: bool,
 }
 
 impl Default for MetaState {
@@ -118,6 +135,7 @@ impl Default for MetaState {
             api_keys: KeyRegistry::default(),
             quotas: BTreeMap::new(),
             schemas: SchemaRegistry::default(),
+            reconfig: Reconfig::default(),
         }
     }
 }
@@ -177,12 +195,52 @@ impl MetaState {
                 }
                 self.groups.retain(|(s, _), _| *s != full);
                 self.schemas.station_deleted(&full);
+                self.reconfig.moves.retain(|g, _| {
+                    self.stations
+                        .values()
+                        .any(|s| s.partitions.iter().any(|p| p.group_id == *g))
+                });
                 if let Some(q) = self.quotas.get_mut(tenant) {
                     q.stations.remove(name);
                     if q.is_empty() {
                         self.quotas.remove(tenant);
                     }
                 }
+                CommandResponse::Done
+            }
+            MetaCommand::DrainNode { node } => {
+                self.reconfig.draining.insert(*node);
+                CommandResponse::Done
+            }
+            MetaCommand::StartMoves { moves } => {
+                for (group, target) in moves {
+                    if self.partition(*group).is_some() && !self.reconfig.moves.contains_key(group)
+                    {
+                        self.reconfig.moves.insert(*group, target.clone());
+                    }
+                }
+                CommandResponse::Done
+            }
+            MetaCommand::FinishMove { group, replicas } => {
+                if self.reconfig.moves.get(group) == Some(replicas) {
+                    self.reconfig.moves.remove(group);
+                    if let Some(p) = self
+                        .stations
+                        .values_mut()
+                        .flat_map(|s| &mut s.partitions)
+                        .find(|p| p.group_id == *group)
+                    {
+                        p.replicas.clone_from(replicas);
+                    }
+                }
+                CommandResponse::Done
+            }
+            MetaCommand::ForgetNode { node } => {
+                self.reconfig.draining.remove(node);
+                CommandResponse::Done
+            }
+            MetaCommand::SetRebalancing { on } => {
+                self.reconfig.rebalancing = *on;
                 CommandResponse::Done
             }
             MetaCommand::CreateGroup {
@@ -626,30 +684,60 @@ impl MetaState {
         })
     }
 
-    /// Returns every partition group whose replicas include `node`, with its members.
+    /// Returns the nodes hosting a partition: its replicas, then (while it moves) the nodes
+    /// the move adds. The first is the replica that initialised the group.
+    pub fn hosts_of(&self, p: &PartitionMeta) -> Vec<NodeId> {
+        let mut hosts = p.replicas.clone();
+        if let Some(target) = self.reconfig.moves.get(&p.group_id) {
+            hosts.extend(target.iter().filter(|n| !p.replicas.contains(n)));
+        }
+        hosts
+    }
+
+    /// Returns every partition group `node` hosts (see [`MetaState::hosts_of`]), with its
+    /// hosts.
     pub fn groups_of(&self, node: NodeId) -> BTreeMap<GroupId, Vec<NodeId>> {
         let mut out = BTreeMap::new();
         for s in self.stations.values() {
             for p in &s.partitions {
-                if p.replicas.contains(&node) {
-                    out.insert(p.group_id, p.replicas.clone());
+                let hosts = self.hosts_of(p);
+                if hosts.contains(&node) {
+                    out.insert(p.group_id, hosts);
                 }
             }
         }
         out
     }
 
-    /// Returns how many partition replicas each node holds.
+    /// Returns how many partition replicas each node holds (counting those a move in
+    /// progress adds).
     pub fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
         let mut counts = BTreeMap::new();
         for s in self.stations.values() {
             for p in &s.partitions {
-                for r in &p.replicas {
-                    *counts.entry(*r).or_insert(0) += 1;
+                for r in self.hosts_of(p) {
+                    *counts.entry(r).or_insert(0) += 1;
                 }
             }
         }
         counts
+    }
+
+    /// Returns the partition of a group.
+    pub fn partition(&self, group: GroupId) -> Option<&PartitionMeta> {
+        self.stations
+            .values()
+            .flat_map(|s| &s.partitions)
+            .find(|p| p.group_id == group)
+    }
+
+    /// Whether any partition lists `node` as a replica or as the target of a move.
+    pub fn references(&self, node: NodeId) -> bool {
+        self.stations
+            .values()
+            .flat_map(|s| &s.partitions)
+            .any(|p| p.replicas.contains(&node))
+            || self.reconfig.moves.values().any(|t| t.contains(&node))
     }
 }
 
@@ -759,6 +847,7 @@ pub mod v1 {
                 api_keys: Default::default(),
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
+                reconfig: Default::default(),
             }
         }
     }
@@ -798,6 +887,7 @@ pub mod v2 {
                 api_keys: Default::default(),
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
+                reconfig: Default::default(),
             }
         }
     }
@@ -839,6 +929,7 @@ pub mod v3 {
                 api_keys: v.api_keys,
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
+                reconfig: Default::default(),
             }
         }
     }
@@ -882,6 +973,7 @@ pub mod v4 {
                 api_keys: v.api_keys,
                 quotas: v.quotas,
                 schemas: SchemaRegistry::default(),
+                reconfig: Default::default(),
             }
         }
     }
@@ -926,6 +1018,53 @@ pub mod v5 {
                 api_keys: v.api_keys,
                 quotas: v.quotas,
                 schemas: v.schemas,
+                reconfig: Default::default(),
+            }
+        }
+    }
+}
+
+/// The metadata state as format version 6 stored it (before replica moves and node
+/// removals).
+pub mod v6 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, StationMeta};
+    use crate::auth::KeyRegistry;
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::GroupMeta;
+    use crate::quota::TenantQuotas;
+    use crate::schema::SchemaRegistry;
+
+    /// The metadata state as version 6 stored it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV6 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+        pub api_keys: KeyRegistry,
+        pub quotas: BTreeMap<String, TenantQuotas>,
+        pub schemas: SchemaRegistry,
+    }
+
+    impl From<MetaStateV6> for MetaState {
+        fn from(v: MetaStateV6) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: v.api_keys,
+                quotas: v.quotas,
+                schemas: v.schemas,
+                reconfig: Default::default(),
             }
         }
     }

@@ -78,17 +78,33 @@ The initial member list: node (ordinal + 1) at its pod's stable DNS name, for ev
 {{- end }}
 
 {{/*
-Refuse to shrink a running cluster: new pods join the running cluster (as learners, then
-voters), but removing nodes is not automatic and would lose quorum. lookup sees the live
-StatefulSet during install/upgrade; it returns nothing in `helm template` and dry runs, where
-there is no cluster to protect.
+Guard the node count of a running cluster: new pods join it (as learners, then voters), so
+growing is always fine; shrinking is allowed only once every node above the new count has
+been removed from the cluster (`junction cluster remove-node N --wait`, which moves its
+replicas away first) and the upgrade says so in scaleDown.removedNodes. Dropping pods that are
+still members would lose replicas and, with two of five, the metadata quorum. lookup sees the
+live StatefulSet during install/upgrade; it returns nothing in `helm template` and dry runs,
+where there is no cluster to protect.
 */}}
 {{- define "junction.guardReplicaChange" -}}
 {{- $live := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "junction.fullname" .) }}
 {{- if and $live $live.spec }}
 {{- $current := int (default 0 $live.spec.replicas) }}
-{{- if and (gt $current 0) (lt (int .Values.replicaCount) $current) }}
-{{- fail (printf "replicaCount %d is below the running cluster's %d: scaling down is not supported (removing Raft members is not automatic, and dropping pods would lose quorum). Keep replicaCount=%d (README: Deploy on Kubernetes, Scaling)." (int .Values.replicaCount) $current $current) }}
+{{- $want := int .Values.replicaCount }}
+{{- if and (gt $current 0) (lt $want $current) }}
+{{- $removed := list }}
+{{- range (.Values.scaleDown.removedNodes | default list) }}
+{{- $removed = append $removed (int .) }}
+{{- end }}
+{{- $missing := list }}
+{{- range $id := untilStep (int (add $want 1)) (int (add $current 1)) 1 }}
+{{- if not (has (int $id) $removed) }}
+{{- $missing = append $missing (int $id) }}
+{{- end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "replicaCount %d is below the running cluster's %d: nodes %s must leave the cluster first. Run `junction cluster remove-node N --wait` for each (it moves the node's replicas to the others, then takes it out of the metadata group), then upgrade with --set scaleDown.removedNodes='{%s}' (README: Deploy on Kubernetes, Scaling)." $want $current (join "," $missing) (join "," $missing)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

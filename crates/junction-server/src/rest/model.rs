@@ -48,6 +48,8 @@ pub struct Node {
     pub alive: bool,
     pub partition_replicas: u32,
     pub partition_leaders: u32,
+    /// Being removed: its replicas move away, then it leaves the cluster.
+    pub draining: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -58,6 +60,10 @@ pub struct Cluster {
     pub metadata_term: u64,
     pub nodes: Vec<Node>,
     pub stations: Vec<Station>,
+    /// Partition moves in progress (node removals and rebalancing).
+    pub moves_in_progress: u32,
+    /// A rebalance runs.
+    pub rebalancing: bool,
 }
 
 impl From<pb::ClusterStatusResponse> for Cluster {
@@ -75,9 +81,12 @@ impl From<pb::ClusterStatusResponse> for Cluster {
                     alive: n.alive,
                     partition_replicas: n.partition_replicas,
                     partition_leaders: n.partition_leaders,
+                    draining: n.draining,
                 })
                 .collect(),
             stations: c.stations.into_iter().map(Station::from).collect(),
+            moves_in_progress: c.moves_in_progress,
+            rebalancing: c.rebalancing,
         }
     }
 }
