@@ -1012,6 +1012,47 @@ async fn flip_payload_bit(
     cluster.restart(id).await;
 }
 
+/// A flipped bit in a follower's stored Raft log entry (format version 2 carries a CRC32C):
+/// the replica refuses the entry as it starts instead of applying or sending it, is wiped
+/// keeping its vote and catches up from the leader; the others never notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_log_entry_is_refused_and_the_replica_rebuilt() {
+    let mut cluster = TestCluster::start(3).await;
+    let (group, leader, want) = replicated_payloads(&cluster, "logged", 40).await;
+    let bad = (1..=3).find(|n| *n != leader).expect("a follower");
+    cluster.stop(bad).await;
+    let store = cluster.open_store(bad).await;
+    let (index, mut bytes) = store
+        .last_log(group)
+        .expect("read the log")
+        .expect("the log has entries");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    let mut batch = store.batch();
+    batch.put_log(group, index, &bytes).expect("put");
+    store.write_sync(batch).expect("write");
+    let e = junction_raft::format::decode_log_entry(&bytes).expect_err("a flipped bit is caught");
+    assert!(junction_raft::names_corruption(&e.to_string()), "{e}");
+    drop(store);
+    cluster.restart(bad).await;
+    wait_rebuilt(&cluster, bad, group, &want).await;
+    // It takes part again: a write commits and reaches it.
+    let client = cluster.client();
+    client
+        .produce("logged", vec![keyed("k", "after the repair")])
+        .await
+        .expect("produce");
+    let broker = cluster.broker(bad);
+    wait_until(
+        Duration::from_secs(10),
+        "the new write on the rebuilt replica",
+        || async { (try_local_contents(&broker, group)?.len() == want.len() + 1).then_some(()) },
+    )
+    .await;
+    drop(broker);
+    cluster.shutdown().await;
+}
+
 /// Everything `broker` holds of `group`, or `None` while it cannot read it (a replica
 /// being reopened, or a corrupt record).
 fn try_local_contents(broker: &junction_broker::Broker, group: u64) -> Option<Vec<(u64, Vec<u8>)>> {

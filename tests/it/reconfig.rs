@@ -372,3 +372,75 @@ async fn removals_that_would_lose_safety_are_refused() {
     assert!(meta.reconfig.draining.is_empty());
     cluster.shutdown().await;
 }
+
+/// A node that is down can be removed: its partitions keep a majority, so their leaders move
+/// the replicas without it, and the metadata group drops it. Started again on its old data,
+/// it stays out of the cluster (and not ready) instead of rejoining or disturbing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_is_down_can_be_removed_and_stays_out() {
+    let mut cluster = TestCluster::start(4).await;
+    let client = cluster.client_of(1);
+    client.create_station("down", 4, 3).await.expect("station");
+    let mut acked = Vec::new();
+    for b in 0..5 {
+        let msgs: Vec<_> = (0..20)
+            .map(|i| keyed(&format!("k{i}"), format!("{b}-{i}")))
+            .collect();
+        let pos = client.produce("down", msgs.clone()).await.expect("produce");
+        for (m, p) in msgs.into_iter().zip(pos) {
+            acked.push((p.partition, p.offset, m.payload));
+        }
+    }
+    let controller = cluster.wait_for_metadata_leader().await;
+    let gone = cluster
+        .running()
+        .into_iter()
+        .rev()
+        .find(|n| *n != controller)
+        .expect("a node to remove");
+    cluster.stop(gone).await;
+    let members: Vec<u64> = cluster
+        .running()
+        .into_iter()
+        .filter(|n| *n != gone)
+        .collect();
+    let via = cluster.client_of(members[0]);
+    via.remove_node(gone)
+        .await
+        .expect("remove a node that is down");
+    wait_settled(&cluster, &members, Duration::from_secs(120)).await;
+    let d = via.describe_station("down").await.expect("describe");
+    assert!(!replica_nodes(&d).contains(&gone), "{:?}", d.partition_info);
+    assert_acked_stored(&via, "down", 4, &acked).await;
+    // Back on its old data (which predates its removal): the metadata leader's answer shows
+    // it is no longer a member, so it reports not ready and takes no part.
+    cluster.restart(gone).await;
+    let back = cluster.broker(gone);
+    wait_until(
+        Duration::from_secs(30),
+        "the node to learn it was removed",
+        || async { back.is_removed().then_some(()) },
+    )
+    .await;
+    let st = status(&via).await;
+    assert_eq!(
+        st.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+        members,
+        "the removed node is not listed again"
+    );
+    let ready = crate::rest::http(cluster.http_addr(gone), "GET", "/readyz", &[], None).await;
+    let text = String::from_utf8_lossy(&ready.body);
+    assert_eq!(ready.status, 503, "{text}");
+    assert!(text.contains("was removed from the cluster"), "{text}");
+    assert_ne!(
+        back.meta_leader().0,
+        Some(gone),
+        "it did not take over the metadata group"
+    );
+    // The cluster still serves writes with it running.
+    via.produce("down", vec![keyed("after", "removal")])
+        .await
+        .expect("produce after the removal");
+    drop(back);
+    cluster.shutdown().await;
+}

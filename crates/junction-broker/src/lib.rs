@@ -128,6 +128,9 @@ pub struct Broker {
     vote_floors: RwLock<junction_raft::rejoin::VoteFloors>,
     /// Whether the metadata group had no state when this node started.
     started_empty: bool,
+    /// Set once the metadata leader's answer shows this node is no longer a member (it was
+    /// removed, perhaps while it was down): it serves nothing new and reports not ready.
+    removed: std::sync::atomic::AtomicBool,
     /// A node that started with empty state answers no vote at all until it knows whether
     /// it rejoins a running cluster (and its vote floors) or starts a new one.
     votes_held: std::sync::atomic::AtomicBool,
@@ -273,6 +276,7 @@ impl Broker {
             schema_cache: schemas::SchemaCache::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            removed: std::sync::atomic::AtomicBool::new(false),
         });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
@@ -288,6 +292,10 @@ impl Broker {
         broker.tasks.spawn(async move { b.scrub_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconfig_loop().await });
+        let b = broker.clone();
+        broker
+            .tasks
+            .spawn(async move { b.membership_watch().await });
         Ok(broker)
     }
 
@@ -742,7 +750,16 @@ impl Broker {
             sm,
         )
         .await
-        .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        .map_err(|e| {
+            // Raft reads the log's last entry and re-applies what the state machine lacks as
+            // it starts: a stored entry that fails its checksum surfaces here.
+            let detail = e.to_string();
+            if junction_raft::names_corruption(&detail) {
+                BrokerError::CorruptReplica { group, detail }
+            } else {
+                BrokerError::Raft(detail)
+            }
+        })?;
         // A group this node's members held when it rejoined with empty state runs already:
         // its leader brings this replica up to date.
         let running_elsewhere = self.vote_floors.read().floor(group).is_some();
@@ -878,6 +895,7 @@ impl Broker {
             node_id: self.cfg.node_id,
             groups,
             cluster_id: self.identity.get().unwrap_or_default(),
+            meta_voters: self.meta_voters().into_iter().collect(),
         }
     }
 }

@@ -53,6 +53,8 @@ const CALL_LIMIT: Duration = Duration::from_secs(30);
 /// Between the controller's passes, and between automatic balance checks.
 const PASS_EVERY: Duration = Duration::from_secs(1);
 const AUTO_BALANCE_EVERY: Duration = Duration::from_secs(30);
+/// Between a follower's checks that the metadata leader still counts it as a member.
+const MEMBERSHIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 /// A partition group's membership as its leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +150,22 @@ fn group_view(raft: &junction_raft::PartitionRaft) -> Result<GroupView, Option<N
         caught_up,
         joint: membership.get_joint_config().len() > 1,
     })
+}
+
+/// Whether `status`, the answer of the node `leader` this node takes for the metadata leader,
+/// shows that this node (which believes itself a voter) was removed: `leader` leads and its
+/// voters do not include `me`. A learner still joining believes no such thing.
+pub fn removed_by(
+    me: NodeId,
+    believes_voter: bool,
+    leader: NodeId,
+    status: &junction_proto::peer::NodeStatusResponse,
+) -> bool {
+    let leads = status
+        .groups
+        .iter()
+        .any(|g| g.group == junction_types::META_GROUP && g.leader == Some(leader));
+    believes_voter && leads && !status.meta_voters.is_empty() && !status.meta_voters.contains(&me)
 }
 
 fn not_done(leader: Option<NodeId>, error: String) -> ChangeReplicasResponse {
@@ -307,6 +325,46 @@ impl Broker {
         self.meta_write(MetaCommand::SetRebalancing { on: true })
             .await?;
         Ok(expected)
+    }
+
+    /// Whether this node learnt from the metadata leader that it is no longer a member.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Watches whether this node is still a member: every few seconds a follower asks the
+    /// metadata leader it knows for its voters. A node removed while it was down (or whose
+    /// removal it never applied) still believes its old membership; the leader's answer
+    /// tells it otherwise, and it then reports not ready instead of serving stale metadata.
+    pub(crate) async fn membership_watch(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(MEMBERSHIP_CHECK_EVERY) => {}
+            }
+            let (leader, _) = self.meta_leader();
+            let Some(leader) = leader.filter(|l| *l != self.node_id()) else {
+                continue;
+            };
+            let Some(addr) = self.addr_of(leader) else {
+                continue;
+            };
+            let Some(status) = self.node_status_of(&addr).await else {
+                continue;
+            };
+            let removed = removed_by(self.node_id(), self.is_voter(), leader, &status);
+            let was = self
+                .removed
+                .swap(removed, std::sync::atomic::Ordering::Relaxed);
+            if removed && !was {
+                tracing::error!(
+                    leader,
+                    voters = ?status.meta_voters,
+                    "this node is no longer a member of the cluster (it was removed); it \
+                     reports not ready. To bring it back, start it on an empty data directory"
+                );
+            }
+        }
     }
 
     /// One node's status, if it answers within a second.
@@ -566,6 +624,29 @@ mod tests {
         );
         let v = view(2, &[2, 3, 4], &[], &[2, 3, 4]);
         assert_eq!(next_step(&v, &target), Step::Done);
+    }
+
+    #[test]
+    fn a_voter_missing_from_the_leaders_voters_was_removed() {
+        use junction_proto::peer::{GroupStatus, NodeStatusResponse};
+        let answer = |leader: Option<NodeId>, voters: &[NodeId]| NodeStatusResponse {
+            node_id: 1,
+            groups: vec![GroupStatus {
+                group: junction_types::META_GROUP,
+                leader,
+                ..Default::default()
+            }],
+            meta_voters: voters.to_vec(),
+            ..Default::default()
+        };
+        assert!(removed_by(4, true, 1, &answer(Some(1), &[1, 2, 3])));
+        assert!(!removed_by(4, true, 1, &answer(Some(1), &[1, 2, 3, 4])));
+        // A learner that is joining is not "removed".
+        assert!(!removed_by(4, false, 1, &answer(Some(1), &[1, 2, 3])));
+        // Only the leader's word counts, and an answer without voters (an older node) says
+        // nothing.
+        assert!(!removed_by(4, true, 1, &answer(Some(2), &[1, 2, 3])));
+        assert!(!removed_by(4, true, 1, &answer(Some(1), &[])));
     }
 
     #[test]

@@ -46,6 +46,16 @@ impl Broker {
         let wanted = state.groups_of(self.node_id());
         let running: BTreeSet<GroupId> = self.hosted().into_iter().collect();
         for (group, replicas) in &wanted {
+            if let Some(detail) = self.partition(*group).and_then(|r| corrupt_stop(&r.raft)) {
+                // Its Raft stopped on a stored entry that fails its checksum: the replica
+                // cannot go on, so it is wiped and fetched again like any corrupt replica.
+                metrics::counter!("junction_corruption_events_total", "kind" => "log").increment(1);
+                tracing::error!(group, %detail, "a partition replica stopped on corrupt stored data");
+                if let Err(e) = self.wipe_and_reopen(*group, replicas).await {
+                    tracing::error!(group, error = %e, "repairing a corrupt replica failed; will retry");
+                }
+                continue;
+            }
             if running.contains(group) {
                 if let (Some(r), Some((station, _))) =
                     (self.partition(*group), state.partition_of_group(*group))
@@ -90,5 +100,20 @@ impl Broker {
             }
             Err(e) => tracing::warn!(error = %e, "listing stored groups failed"),
         }
+    }
+}
+
+/// Why a partition's Raft stopped, when it stopped because stored bytes failed their checksum
+/// (a corrupt log entry or record read by Raft itself).
+fn corrupt_stop(raft: &junction_raft::PartitionRaft) -> Option<String> {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    match &m.running_state {
+        Err(openraft::errors::Fatal::StorageError(e)) => {
+            let text = e.to_string();
+            junction_raft::names_corruption(&text).then_some(text)
+        }
+        _ => None,
     }
 }

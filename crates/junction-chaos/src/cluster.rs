@@ -832,6 +832,7 @@ mod tests {
                 })
                 .collect(),
             cluster_id: String::new(),
+            meta_voters: Vec::new(),
         }
     }
 

@@ -27,10 +27,12 @@ pub struct Format {
     pub version: u8,
 }
 
-/// A Raft log entry (`openraft::Entry` with Junction's commands).
+/// A Raft log entry (`openraft::Entry` with Junction's commands), as stored in a node's
+/// log. Version 2 adds a CRC32C of the entry's bytes (see [`encode_log_entry`]); version 1
+/// entries (written before) are still read, unchecked.
 pub const LOG_ENTRY: Format = Format {
     what: "log entry",
-    version: 1,
+    version: 2,
 };
 /// A vote, stored and sent with snapshots.
 pub const VOTE: Format = Format {
@@ -174,33 +176,34 @@ pub fn decode_body<T: DeserializeOwned>(format: &Format, body: &[u8]) -> Result<
     })
 }
 
-/// Encodes a stored message as [`RECORD`] version 2: the version byte, the CRC32C
-/// (Castagnoli, little-endian) of the postcard body, then the body. Every replica computes it
-/// when it applies the entry, so a record that changes on disk afterwards (a flipped bit, a
-/// zeroed block) no longer matches and is never served as if it were intact.
-pub fn encode_record(r: &junction_types::StoredRecord) -> Result<Vec<u8>, RaftStoreError> {
+/// Encodes `v` as the checksummed current version of `format`: the version byte, the
+/// CRC32C (Castagnoli, little-endian) of the postcard body, then the body.
+fn encode_checked<T: Serialize + ?Sized>(
+    format: &Format,
+    v: &T,
+) -> Result<Vec<u8>, RaftStoreError> {
     let encode_error = |source| RaftStoreError::Encode {
-        what: RECORD.what,
+        what: format.what,
         source,
     };
-    let size = postcard::experimental::serialized_size(r).map_err(encode_error)?;
+    let size = postcard::experimental::serialized_size(v).map_err(encode_error)?;
     let mut out = Vec::with_capacity(size + 5);
-    out.extend_from_slice(&[RECORD.version, 0, 0, 0, 0]);
-    let mut out = postcard::to_extend(r, out).map_err(encode_error)?;
+    out.extend_from_slice(&[format.version, 0, 0, 0, 0]);
+    let mut out = postcard::to_extend(v, out).map_err(encode_error)?;
     let crc = crc32c::crc32c(&out[5..]);
     out[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
 }
 
-/// Checks a stored message's checksum without decoding it: the body of a version 2 record
-/// whose CRC32C matches, or of a version 1 record (which has none). A checksum that does not
-/// match is [`RaftStoreError::Corrupt`]; a newer version is refused.
-pub fn check_record(b: &[u8]) -> Result<&[u8], RaftStoreError> {
+/// The body of bytes written by [`encode_checked`] whose CRC32C matches, or of a version 1
+/// value of `format` (which has none). A checksum that does not match is
+/// [`RaftStoreError::Corrupt`]; a newer version is refused.
+fn check_checked<'a>(format: &Format, b: &'a [u8]) -> Result<&'a [u8], RaftStoreError> {
     match b.split_first() {
-        Some((2, rest)) => {
+        Some((&v, rest)) if v == format.version => {
             let Some((crc, body)) = rest.split_first_chunk::<4>() else {
                 return Err(RaftStoreError::Corrupt {
-                    what: RECORD.what,
+                    what: format.what,
                     detail: format!("{} bytes, too short for a checksum", b.len()),
                 });
             };
@@ -210,7 +213,7 @@ pub fn check_record(b: &[u8]) -> Result<&[u8], RaftStoreError> {
                 Ok(body)
             } else {
                 Err(RaftStoreError::Corrupt {
-                    what: RECORD.what,
+                    what: format.what,
                     detail: format!(
                         "checksum mismatch (stored {stored:08x}, computed {computed:08x} over \
                          {} bytes)",
@@ -221,15 +224,42 @@ pub fn check_record(b: &[u8]) -> Result<&[u8], RaftStoreError> {
         }
         Some((1, body)) => Ok(body),
         Some((&found, _)) => Err(RaftStoreError::Version {
-            what: RECORD.what,
+            what: format.what,
             found,
-            supported: RECORD.version,
+            supported: format.version,
         }),
         None => Err(RaftStoreError::Format {
-            what: RECORD.what,
+            what: format.what,
             detail: "no bytes at all".to_owned(),
         }),
     }
+}
+
+/// Encodes a stored message as [`RECORD`] version 2: the version byte, the CRC32C of the
+/// postcard body, then the body. Every replica computes it when it applies the entry, so a
+/// record that changes on disk afterwards (a flipped bit, a zeroed block) no longer matches
+/// and is never served as if it were intact.
+pub fn encode_record(r: &junction_types::StoredRecord) -> Result<Vec<u8>, RaftStoreError> {
+    encode_checked(&RECORD, r)
+}
+
+/// Checks a stored message's checksum without decoding it: the body of a version 2 record
+/// whose CRC32C matches, or of a version 1 record (which has none). A checksum that does not
+/// match is [`RaftStoreError::Corrupt`]; a newer version is refused.
+pub fn check_record(b: &[u8]) -> Result<&[u8], RaftStoreError> {
+    check_checked(&RECORD, b)
+}
+
+/// Encodes a Raft log entry as [`LOG_ENTRY`] version 2 (checksummed like a record), as a
+/// node appends it to its log: an entry whose bytes change on disk before (or after) it is
+/// applied is refused when read, never applied or sent to another node.
+pub fn encode_log_entry(e: &crate::types::Entry) -> Result<Vec<u8>, RaftStoreError> {
+    encode_checked(&LOG_ENTRY, e)
+}
+
+/// Decodes a log entry written by [`encode_log_entry`] (or an unchecked version 1 one).
+pub fn decode_log_entry(b: &[u8]) -> Result<crate::types::Entry, RaftStoreError> {
+    decode_body(&LOG_ENTRY, check_checked(&LOG_ENTRY, b)?)
 }
 
 /// Decodes a stored message written by [`encode_record`] (or an unchecked version 1 one).
@@ -305,6 +335,9 @@ mod tests {
     /// The sample encodes to `frozen`, and `frozen` decodes to a value that prints like the
     /// sample and encodes to the same bytes again.
     fn frozen<T: Serialize + DeserializeOwned + Debug>(format: &Format, sample: &T, frozen: &str) {
+        if *format == LOG_ENTRY {
+            return frozen_checked_v1(format, sample, frozen);
+        }
         let bytes = encode(format, sample).unwrap();
         assert_eq!(
             hex(&bytes),
@@ -320,6 +353,37 @@ mod tests {
             format.what
         );
         assert_eq!(hex(&encode(format, &back).unwrap()), frozen);
+    }
+
+    /// A checksummed structure (log entries): `v1` (frozen, version 1, no checksum) is still
+    /// read as `sample`, and the current version writes the same body after its version byte
+    /// and the body's CRC32C.
+    fn frozen_checked_v1<T: Serialize + DeserializeOwned + Debug>(
+        format: &Format,
+        sample: &T,
+        v1: &str,
+    ) {
+        let v1 = unhex(v1);
+        assert_eq!(v1[0], 1, "frozen {} bytes are version 1", format.what);
+        let back: T = decode_body(format, check_checked(format, &v1).unwrap()).unwrap();
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{sample:?}"),
+            "{}",
+            format.what
+        );
+        let now = encode_checked(format, sample).unwrap();
+        assert_eq!(now[0], format.version);
+        assert_eq!(
+            hex(&now[5..]),
+            hex(&v1[1..]),
+            "the bytes of {} changed: bump its version (see the module doc)",
+            format.what
+        );
+        assert_eq!(
+            u32::from_le_bytes([now[1], now[2], now[3], now[4]]),
+            crc32c::crc32c(&v1[1..])
+        );
     }
 
     fn log_id(term: u64, node: u64, index: u64) -> LogId {

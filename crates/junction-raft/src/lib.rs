@@ -79,6 +79,14 @@ pub enum RaftStoreError {
     Corrupt { what: &'static str, detail: String },
 }
 
+/// Whether an error's text names a [`RaftStoreError::Corrupt`] of a log entry or a stored
+/// record. openraft keeps a storage error that stopped a group only as text.
+pub fn names_corruption(text: &str) -> bool {
+    ["corrupt log entry", "corrupt stored record"]
+        .iter()
+        .any(|mark| text.contains(mark))
+}
+
 impl From<RaftStoreError> for std::io::Error {
     fn from(e: RaftStoreError) -> Self {
         std::io::Error::other(e)

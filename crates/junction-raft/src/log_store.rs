@@ -73,7 +73,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let raw = self.store.log_range(self.group, start, end)?;
         let mut out = Vec::with_capacity(raw.len());
         for (index, bytes) in raw {
-            let entry: Entry = decode(&format::LOG_ENTRY, &bytes)?;
+            let entry: Entry = format::decode_log_entry(&bytes)?;
             if entry.log_id.index != index {
                 return Err(io::Error::other(StorageError::Corrupt {
                     what: "log entry",
@@ -105,7 +105,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = match self.store.last_log(self.group)? {
             None => None,
             Some((_, bytes)) => {
-                let e: Entry = decode(&format::LOG_ENTRY, &bytes)?;
+                let e: Entry = format::decode_log_entry(&bytes)?;
                 Some(e.log_id)
             }
         };
@@ -165,7 +165,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             b.put_log(
                 self.group,
                 entry.log_id.index,
-                &encode(&format::LOG_ENTRY, &entry)?,
+                &format::encode_log_entry(&entry)?,
             )?;
         }
         // Readable now; `callback` fires once the shared WAL is fsynced, which is when openraft

@@ -39,6 +39,14 @@ pub fn router(broker: Arc<Broker>, rest: Arc<crate::rest::Rest>) -> Router {
 async fn readyz(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {
     // A node being removed takes no new clients: its metadata stops following the cluster
     // once it has left.
+    if broker.is_removed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: this node was removed from the cluster (to bring it back, start it with \
+             an empty data directory and it joins as a new node)\n"
+                .into(),
+        );
+    }
     if broker
         .metadata()
         .reconfig
@@ -47,9 +55,7 @@ async fn readyz(State(broker): State<Arc<Broker>>) -> (StatusCode, String) {
     {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: this node is being removed from the cluster (or was removed: to bring it \
-             back, start it with an empty data directory and it joins as a new node)\n"
-                .into(),
+            "not ready: this node is being removed from the cluster\n".into(),
         );
     }
     match broker.meta_leader() {
