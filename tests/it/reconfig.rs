@@ -279,6 +279,14 @@ async fn rebalance_spreads_replicas_onto_added_nodes() {
     assert_eq!(counts.iter().sum::<u32>(), 18);
     let d = client.describe_station("wide").await.expect("describe");
     assert!(replica_nodes(&d).contains(&4) && replica_nodes(&d).contains(&5));
+    // The preferred leaders (first replicas) are spread too: 6 partitions over 5 nodes.
+    let mut firsts: BTreeMap<u64, usize> = (1..=5).map(|n| (n, 0)).collect();
+    for p in &d.partition_info {
+        *firsts.entry(p.replicas[0]).or_insert(0) += 1;
+    }
+    let most = firsts.values().copied().max().expect("nodes");
+    let least = firsts.values().copied().min().expect("nodes");
+    assert!(most <= least + 1, "preferred leaders per node: {firsts:?}");
     assert_acked_stored(&client, "wide", 6, &acked).await;
     // The moved partitions serve writes.
     client

@@ -168,7 +168,64 @@ pub fn plan_moves(state: &MetaState, cluster: &Cluster) -> Vec<(GroupId, Vec<Nod
         out.push((group, target));
         budget -= 1;
     }
+    // Replica counts even (and nothing else moving): spread the preferred leaders, the first
+    // replica of each list, by reordering lists. A reorder changes no Raft membership, so
+    // its move finishes at once; leaders follow within the leader rebalance period.
+    if out.is_empty() && state.reconfig.moves.is_empty() {
+        let mut firsts: BTreeMap<NodeId, usize> = targets.iter().map(|n| (*n, 0)).collect();
+        for (_, replicas) in &idle {
+            if let Some(f) = replicas.first().and_then(|f| firsts.get_mut(f)) {
+                *f += 1;
+            }
+        }
+        while budget > 0 {
+            let Some((group, to)) = best_leader_move(&idle, &moved, &firsts, &targets) else {
+                break;
+            };
+            let Some((_, replicas)) = idle.iter().find(|(g, _)| *g == group) else {
+                break;
+            };
+            let mut target: Vec<NodeId> = vec![to];
+            target.extend(replicas.iter().copied().filter(|n| *n != to));
+            if let Some(f) = replicas.first().and_then(|f| firsts.get_mut(f)) {
+                *f -= 1;
+            }
+            *firsts.entry(to).or_insert(0) += 1;
+            moved.insert(group);
+            out.push((group, target));
+            budget -= 1;
+        }
+    }
     out
+}
+
+/// A partition whose first replica is on a node preferred by two or more partitions more than
+/// another node it also lists: that node becomes its first replica.
+fn best_leader_move(
+    idle: &[(GroupId, &Vec<NodeId>)],
+    moved: &BTreeSet<GroupId>,
+    firsts: &BTreeMap<NodeId, usize>,
+    targets: &BTreeSet<NodeId>,
+) -> Option<(GroupId, NodeId)> {
+    let mut by_firsts: Vec<(usize, NodeId)> = firsts.iter().map(|(n, c)| (*c, *n)).collect();
+    by_firsts.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(high, from) in &by_firsts {
+        for &(low, to) in by_firsts.iter().rev() {
+            if high < low + 2 {
+                break;
+            }
+            let found = idle.iter().find(|(g, replicas)| {
+                !moved.contains(g)
+                    && replicas.first() == Some(&from)
+                    && replicas.contains(&to)
+                    && replicas.iter().all(|n| targets.contains(n))
+            });
+            if let Some((g, _)) = found {
+                return Some((*g, to));
+            }
+        }
+    }
+    None
 }
 
 /// Whether a rebalance has nothing left to do: no move in progress and none worth starting.
@@ -424,11 +481,34 @@ mod tests {
         let mut moves = 0;
         for _ in 0..10 {
             let plan = plan_moves(&s, &c);
-            moves += plan.len();
+            moves += plan
+                .iter()
+                .filter(|(g, t)| {
+                    let before: BTreeSet<NodeId> =
+                        s.partition(*g).unwrap().replicas.iter().copied().collect();
+                    before != t.iter().copied().collect::<BTreeSet<NodeId>>()
+                })
+                .count();
             s.apply(&MetaCommand::StartMoves { moves: plan });
             finish_all(&mut s);
         }
+        let firsts = |s: &MetaState| {
+            let mut f: BTreeMap<NodeId, usize> = BTreeMap::new();
+            for st in s.stations.values() {
+                for p in &st.partitions {
+                    *f.entry(p.replicas[0]).or_insert(0) += 1;
+                }
+            }
+            f
+        };
+        // Then the preferred leaders spread too: 10 partitions, 2 per node.
         assert_eq!(moves, 12, "each move brings one replica to a new node");
+        assert_eq!(
+            firsts(&s).values().copied().collect::<Vec<_>>(),
+            vec![2, 2, 2, 2, 2],
+            "{:?}",
+            firsts(&s)
+        );
         let (lo, hi) = spread(&s, &[1, 2, 3, 4, 5]);
         assert_eq!((lo, hi), (6, 6), "30 replicas over 5 nodes");
         assert!(balanced(&s, &c));
@@ -540,6 +620,8 @@ mod tests {
                 }
             }
             assert!(s.reconfig.draining.is_empty(), "seed {seed}: drains finish");
+            let c = cluster(&members.iter().copied().collect::<Vec<_>>());
+            assert!(balanced(&s, &c), "seed {seed}: the rebalance ends");
             let nodes: Vec<NodeId> = members.iter().copied().collect();
             let (lo, hi) = spread(&s, &nodes);
             assert!(
