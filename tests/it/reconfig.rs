@@ -37,6 +37,28 @@ fn produce_in_background(
     })
 }
 
+/// Produces `batches` batches of 20 keyed messages; returns where each was acknowledged.
+async fn produce_batches(
+    client: &Client,
+    station: &str,
+    batches: usize,
+) -> Vec<(u32, u64, bytes::Bytes)> {
+    let mut acked = Vec::new();
+    for b in 0..batches {
+        let msgs: Vec<_> = (0..20)
+            .map(|i| keyed(&format!("k{i}"), format!("{b}-{i}")))
+            .collect();
+        let pos = client
+            .produce(station, msgs.clone())
+            .await
+            .expect("produce");
+        for (m, p) in msgs.into_iter().zip(pos) {
+            acked.push((p.partition, p.offset, m.payload));
+        }
+    }
+    acked
+}
+
 /// Every acknowledged payload is stored at its acknowledged offset.
 async fn assert_acked_stored(
     client: &Client,
@@ -233,16 +255,7 @@ async fn rebalance_spreads_replicas_onto_added_nodes() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client_of(1);
     client.create_station("wide", 6, 3).await.expect("station");
-    let mut acked = Vec::new();
-    for b in 0..10 {
-        let msgs: Vec<_> = (0..20)
-            .map(|i| keyed(&format!("k{i}"), format!("{b}-{i}")))
-            .collect();
-        let pos = client.produce("wide", msgs.clone()).await.expect("produce");
-        for (m, p) in msgs.into_iter().zip(pos) {
-            acked.push((p.partition, p.offset, m.payload));
-        }
-    }
+    let acked = produce_batches(&client, "wide", 10).await;
     for _ in 0..2 {
         let id = cluster.add_node().await;
         wait_until(
@@ -302,19 +315,7 @@ async fn a_removal_survives_a_controller_crash() {
     let mut cluster = TestCluster::start_with(4, |c| c.max_moves = 1).await;
     let client = cluster.client_of(1);
     client.create_station("crash", 6, 3).await.expect("station");
-    let mut acked = Vec::new();
-    for b in 0..5 {
-        let msgs: Vec<_> = (0..20)
-            .map(|i| keyed(&format!("k{i}"), format!("{b}-{i}")))
-            .collect();
-        let pos = client
-            .produce("crash", msgs.clone())
-            .await
-            .expect("produce");
-        for (m, p) in msgs.into_iter().zip(pos) {
-            acked.push((p.partition, p.offset, m.payload));
-        }
-    }
+    let acked = produce_batches(&client, "crash", 5).await;
     let controller = cluster.wait_for_metadata_leader().await;
     let leaving = cluster
         .running()
@@ -389,16 +390,7 @@ async fn a_node_that_is_down_can_be_removed_and_stays_out() {
     let mut cluster = TestCluster::start(4).await;
     let client = cluster.client_of(1);
     client.create_station("down", 4, 3).await.expect("station");
-    let mut acked = Vec::new();
-    for b in 0..5 {
-        let msgs: Vec<_> = (0..20)
-            .map(|i| keyed(&format!("k{i}"), format!("{b}-{i}")))
-            .collect();
-        let pos = client.produce("down", msgs.clone()).await.expect("produce");
-        for (m, p) in msgs.into_iter().zip(pos) {
-            acked.push((p.partition, p.offset, m.payload));
-        }
-    }
+    let acked = produce_batches(&client, "down", 5).await;
     let controller = cluster.wait_for_metadata_leader().await;
     let gone = cluster
         .running()
