@@ -464,8 +464,13 @@ impl Broker {
         }
         let b = self.clone();
         self.tasks.spawn(async move {
-            if let Err(e) = b.drive_move(group, &target).await {
-                tracing::info!(group, error = %e, "partition move not finished yet; will retry");
+            let shutdown = b.shutdown.clone();
+            tokio::select! {
+                // A stopping node leaves the move to the next controller.
+                () = shutdown.cancelled() => {}
+                r = b.drive_move(group, &target) => if let Err(e) = r {
+                    tracing::info!(group, error = %e, "partition move not finished yet; will retry");
+                }
             }
             b.moving.lock().remove(&group);
         });
