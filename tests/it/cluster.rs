@@ -908,15 +908,27 @@ async fn replicated_payloads(
     station: &str,
     n: usize,
 ) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
+    let spec = junction_client::StationSpec::new(station)
+        .partitions(1)
+        .replication_factor(3);
+    replicated(cluster, spec, n, |i| keyed("k", format!("payload {i:04}"))).await
+}
+
+/// Creates the one-partition station `spec`, produces `message(i)` for `i` in `0..n` and
+/// waits until every replica holds them; returns the group, its leader and the records.
+async fn replicated(
+    cluster: &TestCluster,
+    spec: junction_client::StationSpec,
+    n: usize,
+    message: impl Fn(usize) -> junction_proto::v1::Message,
+) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
     let client = cluster.client();
-    let s = client.create_station(station, 1, 3).await.expect("create");
+    let s = client.create_station_with(spec).await.expect("create");
     let group = s.partition_info[0].group_id;
     client
         .produce(
-            station,
-            (0..n)
-                .map(|i| keyed("k", format!("payload {i:04}")))
-                .collect(),
+            &format!("{}/{}", s.tenant, s.name),
+            (0..n).map(message).collect(),
         )
         .await
         .expect("produce");
@@ -1179,47 +1191,19 @@ async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
 async fn a_replica_that_cannot_open_for_corruption_is_rebuilt() {
     let mut cluster = TestCluster::start(3).await;
     let client = cluster.client();
-    let s = client
-        .create_station_with(
-            junction_client::StationSpec::new("windowed")
-                .partitions(1)
-                .replication_factor(3)
-                .policy(junction_proto::v1::StationPolicy {
-                    dedup_window_ms: Some(600_000),
-                    ..Default::default()
-                }),
-        )
-        .await
-        .expect("create");
-    let group = s.partition_info[0].group_id;
-    client
-        .produce(
-            "windowed",
-            (0..20)
-                .map(|i| junction_proto::v1::Message {
-                    msg_id: Some(format!("id-{i}")),
-                    ..keyed("k", format!("payload {i:04}"))
-                })
-                .collect(),
-        )
-        .await
-        .expect("produce");
-    let leader = wait_until(Duration::from_secs(10), "a leader", || async {
-        cluster.partition_leader(group)
+    let spec = junction_client::StationSpec::new("windowed")
+        .partitions(1)
+        .replication_factor(3)
+        .policy(junction_proto::v1::StationPolicy {
+            dedup_window_ms: Some(600_000),
+            ..Default::default()
+        });
+    let (group, leader, want) = replicated(&cluster, spec, 20, |i| junction_proto::v1::Message {
+        msg_id: Some(format!("id-{i}")),
+        ..keyed("k", format!("payload {i:04}"))
     })
     .await;
-    let want = local_contents(&cluster.broker(leader), group);
-    assert_eq!(want.len(), 20);
     let bad = (1..=3).find(|n| *n != leader).expect("a follower");
-    {
-        let broker = cluster.broker(bad);
-        wait_until(
-            Duration::from_secs(10),
-            "the follower holds the batch",
-            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
-        )
-        .await;
-    }
     flip_payload_bit(&mut cluster, bad, group, 4, b"payload 0004").await;
     wait_rebuilt(&cluster, bad, group, &want).await;
     // The rebuilt replica knows the window: a repeated id is still a duplicate.

@@ -195,15 +195,7 @@ impl Broker {
         }
         self.ensure_controller()?;
         let members = self.node_addrs().len();
-        // Nodes being removed take no new replicas.
-        let draining = self.metadata().reconfig.draining.clone();
-        let live: BTreeSet<NodeId> = self
-            .probe_nodes()
-            .await
-            .into_iter()
-            .filter(|(id, s)| s.is_some() && !draining.contains(id))
-            .map(|(id, _)| id)
-            .collect();
+        let live = self.placeable_nodes().await;
         if (replication_factor as usize) > live.len() {
             return Err(BrokerError::TooFewNodes {
                 requested: replication_factor,
@@ -337,17 +329,31 @@ impl Broker {
             if id == me {
                 return (id, Some(self.local_status()));
             }
-            let Ok(mut client) = self.peers().client(&addr) else {
-                return (id, None);
-            };
-            let r =
-                tokio::time::timeout(PROBE_TIMEOUT, client.node_status(NodeStatusRequest {})).await;
-            (
-                id,
-                r.ok().and_then(Result::ok).map(tonic::Response::into_inner),
-            )
+            (id, self.node_status_of(&addr).await)
         });
         futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    /// One node's status, if it answers within [`PROBE_TIMEOUT`].
+    pub(crate) async fn node_status_of(&self, addr: &str) -> Option<NodeStatusResponse> {
+        let mut client = self.peers().client(addr).ok()?;
+        tokio::time::timeout(PROBE_TIMEOUT, client.node_status(NodeStatusRequest {}))
+            .await
+            .ok()?
+            .ok()
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The members that answer a status probe now, except those being removed (they take no
+    /// new replicas).
+    pub(crate) async fn placeable_nodes(&self) -> BTreeSet<NodeId> {
+        let draining = self.metadata().reconfig.draining.clone();
+        self.probe_nodes()
+            .await
+            .into_iter()
+            .filter(|(id, s)| s.is_some() && !draining.contains(id))
+            .map(|(id, _)| id)
+            .collect()
     }
 
     /// Combines probe answers into one view per partition: the leader as reported by the

@@ -10,8 +10,26 @@ use openraft::async_runtime::watch::WatchReceiver;
 
 use crate::Broker;
 
-/// A preferred replica within this many entries of the leader counts as caught up.
-const CAUGHT_UP_ENTRIES: u64 = 64;
+/// A follower within this many entries of the leader's log counts as caught up (to take
+/// over leadership, or, as a learner, to become a voter).
+pub(crate) const CAUGHT_UP_ENTRIES: u64 = 64;
+
+/// The followers (voters and learners) within [`CAUGHT_UP_ENTRIES`] of the leader's log, from
+/// the leader's metrics; empty on a node that does not lead.
+pub(crate) fn caught_up_followers(
+    m: &openraft::RaftMetrics<junction_raft::TypeConfig>,
+) -> std::collections::BTreeSet<NodeId> {
+    let last = m.last_log_index.unwrap_or(0);
+    m.replication
+        .iter()
+        .flatten()
+        .filter(|(_, l)| {
+            l.as_ref()
+                .is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+        })
+        .map(|(id, _)| *id)
+        .collect()
+}
 
 /// Returns the follower to hand leadership to: `preferred` if caught up, else (when
 /// `preferred` is `None`) the most up-to-date follower; `None` if this node is not the leader.
@@ -27,22 +45,16 @@ where
     if m.current_leader != Some(m.id) {
         return None;
     }
-    let last = m.last_log_index.unwrap_or(0);
     let replication = m.replication.as_ref()?;
-    let caught_up = |id: &NodeId| {
-        replication
-            .get(id)
-            .and_then(|l| l.as_ref())
-            .is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
-    };
+    let caught_up = caught_up_followers(&m);
     match preferred {
-        Some(p) => (p != m.id && caught_up(&p)).then_some(p),
+        Some(p) => (p != m.id && caught_up.contains(&p)).then_some(p),
         None => replication
             .iter()
             .filter(|(id, _)| **id != m.id)
             .max_by_key(|(_, l)| l.as_ref().map(|l| l.index))
             .map(|(id, _)| *id)
-            .filter(caught_up),
+            .filter(|id| caught_up.contains(id)),
     }
 }
 

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use junction_proto::peer::JoinClusterRequest;
-use openraft::async_runtime::watch::WatchReceiver;
 
 use crate::Broker;
 
@@ -25,12 +24,7 @@ const CALL_LIMIT: Duration = Duration::from_secs(30);
 impl Broker {
     /// Whether the metadata group's membership has this node as a voter.
     pub fn is_voter(&self) -> bool {
-        let m = self.meta_raft().metrics();
-        let m = m.borrow_watched();
-        m.membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == self.node_id())
+        self.meta_voters().contains(&self.node_id())
     }
 
     /// Asks to be added to the cluster until this node is a voter.

@@ -44,8 +44,6 @@ impl Default for MoveTuning {
     }
 }
 
-/// A learner within this many entries of the leader's log counts as caught up.
-const CAUGHT_UP_ENTRIES: u64 = 64;
 /// Longest one `ChangeReplicas` call works before it answers (the controller asks again).
 const CHANGE_LIMIT: Duration = Duration::from_secs(20);
 /// The controller's wait for one `ChangeReplicas` answer.
@@ -63,7 +61,8 @@ pub struct GroupView {
     /// Voters of every configuration in effect (both, during a joint change).
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
-    /// Nodes whose log is within [`CAUGHT_UP_ENTRIES`] of the leader's.
+    /// Nodes whose log is within [`crate::leadership::CAUGHT_UP_ENTRIES`] of the leader's
+    /// (the leader itself included).
     pub caught_up: BTreeSet<NodeId>,
     /// A joint configuration is in effect (a change was interrupted).
     pub joint: bool,
@@ -125,21 +124,13 @@ fn group_view(raft: &junction_raft::PartitionRaft) -> Result<GroupView, Option<N
     if m.current_leader != Some(m.id) {
         return Err(m.current_leader);
     }
-    let Some(replication) = m.replication.as_ref() else {
+    if m.replication.is_none() {
         return Err(None);
-    };
-    let last = m.last_log_index.unwrap_or(0);
+    }
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    let caught_up = replication
-        .iter()
-        .filter(|(_, l)| {
-            l.as_ref()
-                .is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
-        })
-        .map(|(id, _)| *id)
-        .chain(std::iter::once(m.id))
-        .collect();
+    let mut caught_up = crate::leadership::caught_up_followers(&m);
+    caught_up.insert(m.id);
     Ok(GroupView {
         me: m.id,
         learners: membership
@@ -315,13 +306,7 @@ impl Broker {
     /// is within one of the others'. Returns how many moves it expects.
     pub async fn rebalance(&self) -> Result<usize, BrokerError> {
         self.ensure_controller()?;
-        let mut state = (*self.metadata()).clone();
-        state.reconfig.rebalancing = true;
-        let cluster = Cluster {
-            max_moves: usize::MAX,
-            ..self.cluster_view().await
-        };
-        let expected = reconfig::plan_moves(&state, &cluster).len();
+        let expected = reconfig::rebalance_size(&self.metadata(), &self.cluster_view().await);
         self.meta_write(MetaCommand::SetRebalancing { on: true })
             .await?;
         Ok(expected)
@@ -367,17 +352,6 @@ impl Broker {
         }
     }
 
-    /// One node's status, if it answers within a second.
-    async fn node_status_of(&self, addr: &str) -> Option<junction_proto::peer::NodeStatusResponse> {
-        let mut client = self.peers().client(addr).ok()?;
-        let call = client.node_status(junction_proto::peer::NodeStatusRequest {});
-        tokio::time::timeout(Duration::from_secs(1), call)
-            .await
-            .ok()?
-            .ok()
-            .map(tonic::Response::into_inner)
-    }
-
     /// The voters of the metadata group.
     pub fn meta_voters(&self) -> BTreeSet<NodeId> {
         let m = self.meta_raft().metrics();
@@ -386,16 +360,11 @@ impl Broker {
     }
 
     async fn cluster_view(&self) -> Cluster {
-        let live = self
-            .probe_nodes()
-            .await
-            .into_iter()
-            .filter(|(_, s)| s.is_some())
-            .map(|(id, _)| id)
-            .collect();
+        // `reconfig` reads `live` only to choose targets, where it leaves out draining nodes
+        // itself: the placeable nodes are the same answer.
         Cluster {
             members: self.meta_voters(),
-            live,
+            live: self.placeable_nodes().await,
             max_moves: self.config().moves.max_moves,
             auto_balance: self.config().moves.auto_balance,
         }

@@ -99,6 +99,25 @@ pub fn check_removal(
 /// a rebalance runs) those that even out replica counts, up to `max_moves` in progress.
 /// Partitions with a replica on a node that is down are not moved by a rebalance.
 pub fn plan_moves(state: &MetaState, cluster: &Cluster) -> Vec<(GroupId, Vec<NodeId>)> {
+    plan(
+        state,
+        cluster,
+        state.reconfig.rebalancing || cluster.auto_balance,
+    )
+}
+
+/// How many moves a rebalance started now would make, as planned now (no limit on moves at
+/// once).
+pub fn rebalance_size(state: &MetaState, cluster: &Cluster) -> usize {
+    let unlimited = Cluster {
+        max_moves: usize::MAX,
+        ..cluster.clone()
+    };
+    plan(state, &unlimited, true).len()
+}
+
+/// [`plan_moves`], balancing or not.
+fn plan(state: &MetaState, cluster: &Cluster, balance: bool) -> Vec<(GroupId, Vec<NodeId>)> {
     let mut budget = cluster.max_moves.saturating_sub(state.reconfig.moves.len());
     let targets = eligible(state, cluster);
     let mut load: BTreeMap<NodeId, usize> = targets.iter().map(|n| (*n, 0)).collect();
@@ -146,7 +165,7 @@ pub fn plan_moves(state: &MetaState, cluster: &Cluster) -> Vec<(GroupId, Vec<Nod
             budget -= 1;
         }
     }
-    if !(state.reconfig.rebalancing || cluster.auto_balance) {
+    if !balance {
         return out;
     }
     let planned: BTreeSet<GroupId> = out.iter().map(|(g, _)| *g).collect();
@@ -233,16 +252,11 @@ pub fn balanced(state: &MetaState, cluster: &Cluster) -> bool {
     if !state.reconfig.moves.is_empty() {
         return false;
     }
-    let mut probe = state.clone();
-    probe.reconfig.rebalancing = true;
-    plan_moves(
-        &probe,
-        &Cluster {
-            max_moves: 1,
-            ..cluster.clone()
-        },
-    )
-    .is_empty()
+    let one = Cluster {
+        max_moves: 1,
+        ..cluster.clone()
+    };
+    plan(state, &one, true).is_empty()
 }
 
 /// Draining nodes that no partition references any more: ready to leave the metadata group.
