@@ -65,6 +65,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
     raise Failure(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
+def click(d: webdriver.Chrome, what: str, css: str) -> None:
+    """Finds and clicks the element in one step, again while the page re-renders under it (a
+    refreshing page replaces its elements: one found a moment before may be stale)."""
+    def found_and_clicked() -> bool:
+        d.find_element(By.CSS_SELECTOR, css).click()
+        return True
+    wait_for(what, found_and_clicked)
+
+
 def free_base() -> int:
     """A gRPC base port whose three ports, peer ports and HTTP ports are all free."""
     for _ in range(200):
@@ -215,7 +224,7 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
     wait_for("the dead letter", lambda: "billing" in text(d) and "default/orders" in text(d))
     before = sum(p["next_offset"] for p in rest.call("GET", "/stations/default/orders")["partition_info"])
     shot(d, "dead-letters")
-    d.find_element(By.CSS_SELECTOR, "button[data-resend]").click()
+    click(d, "the resend button", "button[data-resend]")
     accept_confirm(d)
     wait_for("the resend confirmed", lambda: "resent" in d.find_element(By.ID, "flash").text)
     after = sum(p["next_offset"] for p in rest.call("GET", "/stations/default/orders")["partition_info"])
@@ -232,7 +241,7 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
     wait_for("the parked key listed", lambda: d.find_elements(By.CSS_SELECTOR, f"button[data-resume='{key}']"))
     assert "then park the key" in text(d), text(d)
     shot(d, "parked")
-    d.find_element(By.CSS_SELECTOR, f"button[data-resume='{key}']").click()
+    click(d, "the resume button", f"button[data-resume='{key}']")
     accept_confirm(d)
     wait_for("no parked key left",
              lambda: not rest.call("GET", "/stations/default/orders/groups/quarantine/parked")["keys"])
@@ -258,7 +267,7 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     accept_confirm(d)
     wait_for("lag 41 after seeking to the start", lambda: lag() == "41")
-    d.find_element(By.ID, "delete-group").click()
+    click(d, "the delete-group button", "#delete-group")
     accept_confirm(d)
     wait_for("back on the station page without the group",
              lambda: d.current_url.endswith("#/station/default/orders") and "Consumer groups" in text(d)
@@ -272,7 +281,7 @@ def run(d: webdriver.Chrome, url: str, rest: Rest) -> None:
 
     step("stations page: delete the station from the console")
     d.get(url + "/#/stations")
-    wait_for("the delete button", lambda: d.find_element(By.CSS_SELECTOR, "button[data-delete='default/orders']")).click()
+    click(d, "the delete button", "button[data-delete='default/orders']")
     accept_confirm(d)
     wait_for("the station gone",
              lambda: not d.find_elements(By.CSS_SELECTOR, "button[data-delete='default/orders']"), 30)
