@@ -15,6 +15,7 @@ mod lanes;
 mod memory;
 mod parking;
 mod process;
+mod quiescence;
 mod quota;
 mod reconfig;
 mod rest;

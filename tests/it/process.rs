@@ -102,7 +102,7 @@ impl ProcessCluster {
         self.children.insert(id, child);
     }
 
-    fn kill9(&mut self, id: u64) {
+    pub(crate) fn kill9(&mut self, id: u64) {
         if let Some(mut c) = self.children.remove(&id) {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
@@ -128,12 +128,20 @@ impl ProcessCluster {
         .await;
     }
 
-    /// Returns the leader of `group` as node `id` sees it.
-    pub(crate) async fn leader_seen_by(&self, id: u64, group: u64) -> Option<u64> {
+    /// Node `id`'s status of its groups, as its peer service answers it.
+    pub(crate) async fn node_status(
+        &self,
+        id: u64,
+    ) -> Option<junction_proto::peer::NodeStatusResponse> {
         let mut c = PeerClient::connect(format!("http://{}", self.peer_addr(id)))
             .await
             .ok()?;
-        let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        Some(c.node_status(NodeStatusRequest {}).await.ok()?.into_inner())
+    }
+
+    /// Returns the leader of `group` as node `id` sees it.
+    pub(crate) async fn leader_seen_by(&self, id: u64, group: u64) -> Option<u64> {
+        let status = self.node_status(id).await?;
         status
             .groups
             .into_iter()
@@ -143,10 +151,7 @@ impl ProcessCluster {
 
     /// Returns (group → next offset) as node `id` itself has applied it.
     async fn local_offsets(&self, id: u64) -> Option<BTreeMap<u64, u64>> {
-        let mut c = PeerClient::connect(format!("http://{}", self.peer_addr(id)))
-            .await
-            .ok()?;
-        let status = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        let status = self.node_status(id).await?;
         Some(
             status
                 .groups

@@ -2,9 +2,9 @@
 //! replica (the first in its replica list, which placement spreads evenly), and handing
 //! leadership off before a graceful shutdown so that clients see a handover, not an election.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use junction_raft::PartitionRaft;
 use junction_types::NodeId;
 use openraft::async_runtime::watch::WatchReceiver;
 
@@ -93,6 +93,7 @@ impl Broker {
                     to,
                     "moving partition leadership to its preferred replica"
                 );
+                replica.quiet.wake();
                 let _ = replica.raft.trigger().transfer_leader(to).await;
             }
         }
@@ -102,14 +103,12 @@ impl Broker {
     /// moved, so a graceful stop costs clients a handover rather than an election timeout.
     pub(crate) async fn hand_off_leadership(&self, limit: Duration) {
         let mut waits = Vec::new();
-        let partitions: Vec<PartitionRaft> = self
-            .partitions
-            .read()
-            .values()
-            .map(|r| r.raft.clone())
-            .collect();
-        for raft in partitions {
-            if let Some(to) = handoff_target(&raft, None) {
+        let partitions: Vec<Arc<crate::PartitionReplica>> =
+            self.partitions.read().values().cloned().collect();
+        for replica in partitions {
+            let raft = &replica.raft;
+            if let Some(to) = handoff_target(raft, None) {
+                replica.quiet.wake();
                 let _ = raft.trigger().transfer_leader(to).await;
                 let r = raft.clone();
                 let leader = move || r.metrics().borrow_watched().current_leader;

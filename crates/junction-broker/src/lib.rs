@@ -24,6 +24,7 @@ mod memory;
 pub mod moves;
 pub mod partition;
 pub mod producers;
+pub mod quiet;
 pub mod quota;
 mod reconcile;
 mod repair;
@@ -134,6 +135,8 @@ pub struct Broker {
     /// A node that started with empty state answers no vote at all until it knows whether
     /// it rejoins a running cluster (and its vote floors) or starts a new one.
     votes_held: std::sync::atomic::AtomicBool,
+    /// Which other members answer pings (see [`quiet`]).
+    liveness: parking_lot::RwLock<junction_raft::quiesce::Liveness>,
 }
 
 /// How long a node with empty state waits for each member's answer before it decides whether
@@ -251,6 +254,7 @@ impl Broker {
             .await
             .map_err(|e| BrokerError::Raft(e.to_string()))?;
         let mem_store = Store::open_in_memory(&cfg.data_dir.join("memory"))?;
+        let cfg_tuning = cfg.tuning.clone();
         let broker = Arc::new(Self {
             cfg,
             store,
@@ -277,6 +281,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
+            liveness: quiet::liveness(&cfg_tuning),
         });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
@@ -296,6 +301,10 @@ impl Broker {
         broker
             .tasks
             .spawn(async move { b.membership_watch().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.quiesce_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.liveness_loop().await });
         Ok(broker)
     }
 
@@ -797,7 +806,7 @@ impl Broker {
         let (tx, rx) = mpsc::channel(4096);
         let node = self.cfg.node_id;
         let limits = self.cfg.batch;
-        let r2 = raft.clone();
+        let quiet = Arc::new(quiet::Quiet::new(raft.clone()));
         let policy = Arc::new(RwLock::new(policy));
         let delivery = Arc::new(RwLock::new(delivery));
         let admission = retention::Admission {
@@ -821,7 +830,7 @@ impl Broker {
         self.tasks.spawn(partition::run_batcher(
             node,
             group,
-            r2,
+            quiet.clone(),
             rx,
             limits,
             admission,
@@ -829,6 +838,7 @@ impl Broker {
         ));
         let replica = Arc::new(PartitionReplica {
             group,
+            quiet: quiet.clone(),
             raft,
             shared,
             appends: tx,
@@ -876,6 +886,7 @@ impl Broker {
                 start_offset: 0,
                 term: m.current_term,
                 applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+                quiet: false,
             });
         }
         let replicas: Vec<Arc<PartitionReplica>> =
@@ -889,6 +900,7 @@ impl Broker {
                 start_offset: s.start_offset,
                 term: r.term(),
                 applied_index: r.applied_index(),
+                quiet: r.quiet.is_quiet(),
             });
         }
         NodeStatusResponse {
@@ -901,8 +913,29 @@ impl Broker {
 }
 
 impl GroupHost for Broker {
+    fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
     fn meta_raft(&self) -> Option<MetaRaft> {
         Some(self.meta.clone())
+    }
+
+    fn wake_group(&self, group: GroupId) {
+        if let Some(r) = self.partition(group) {
+            r.quiet.wake();
+        }
+    }
+
+    fn pre_vote_rule(&self, group: GroupId) -> junction_raft::quiesce::PreVote {
+        Broker::pre_vote_rule(self, group)
+    }
+
+    fn quiesce(
+        &self,
+        req: junction_proto::peer::QuiesceRequest,
+    ) -> junction_proto::peer::QuiesceResponse {
+        self.quiesce_followers(req)
     }
 
     fn partition_raft(&self, group: GroupId) -> Option<PartitionRaft> {

@@ -185,6 +185,8 @@ impl Broker {
         let raft = &replica.raft;
         let deadline = tokio::time::Instant::now() + CHANGE_LIMIT;
         loop {
+            // Every step may write (learners, voters, a hand-off): the group stays awake.
+            replica.quiet.wake();
             let view = match group_view(raft) {
                 Ok(v) => v,
                 Err(leader) => {

@@ -61,6 +61,8 @@ pub(crate) struct AppendRequest {
 pub struct PartitionReplica {
     pub group: GroupId,
     pub raft: PartitionRaft,
+    /// Whether the group is quiescent here; woken before every write (see [`crate::quiet`]).
+    pub quiet: Arc<crate::quiet::Quiet>,
     pub shared: Arc<PartitionShared>,
     pub(crate) appends: mpsc::Sender<AppendRequest>,
     /// The station's storage and retention policy, refreshed from the metadata.
@@ -121,12 +123,13 @@ pub fn now_ms() -> i64 {
 pub(crate) async fn run_batcher(
     node: NodeId,
     group: GroupId,
-    raft: PartitionRaft,
+    quiet: Arc<crate::quiet::Quiet>,
     mut rx: mpsc::Receiver<AppendRequest>,
     limits: BatchLimits,
     admission: Admission,
     delivery: Arc<parking_lot::RwLock<DeliveryPolicy>>,
 ) {
+    let raft = quiet.raft().clone();
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
     loop {
@@ -243,6 +246,7 @@ pub(crate) async fn run_batcher(
         // The commit notification is not used, but its receiver must live until the entry
         // completes, or openraft logs a warning for every entry.
         let (responder, committed, complete) = ProgressResponder::new();
+        quiet.wake();
         if let Err(fatal) = raft
             .client_write_ff(Command::Partition(cmd), Some(responder))
             .await

@@ -436,6 +436,7 @@ impl Broker {
             Action::Healthy => "ok".into(),
             Action::Stuck => "stuck".into(),
             Action::HandOver(to) => {
+                replica.quiet.wake();
                 if let Err(e) = replica.raft.trigger().transfer_leader(to).await {
                     tracing::warn!(group, to, error = %e, "handing leadership over failed");
                 }

@@ -535,6 +535,7 @@ impl Broker {
         replica: &crate::PartitionReplica,
         cmd: PartitionCommand,
     ) -> Result<CommandResponse, BrokerError> {
+        replica.quiet.wake();
         replica
             .raft
             .client_write(Command::Partition(cmd))

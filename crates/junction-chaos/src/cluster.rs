@@ -829,6 +829,7 @@ mod tests {
                     start_offset: 0,
                     term,
                     applied_index: 0,
+                    quiet: false,
                 })
                 .collect(),
             cluster_id: String::new(),

@@ -20,6 +20,7 @@ pub mod partition_sm;
 pub mod peer_auth;
 pub mod peer_service;
 pub mod promotion;
+pub mod quiesce;
 pub mod rejoin;
 mod sm_common;
 pub mod snapshot;

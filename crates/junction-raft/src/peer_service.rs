@@ -11,8 +11,8 @@ use junction_proto::peer::peer_server::Peer;
 use junction_proto::peer::{
     ChangeReplicasRequest, ChangeReplicasResponse, GroupStats, JoinClusterRequest,
     JoinClusterResponse, NodeStatusRequest, NodeStatusResponse, PartitionStatsRequest,
-    PartitionStatsResponse, RaftReply, RaftRequest, ScrubDigestsRequest, ScrubDigestsResponse,
-    ScrubNodeRequest, SnapshotChunk,
+    PartitionStatsResponse, PingRequest, PingResponse, QuiesceRequest, QuiesceResponse, RaftReply,
+    RaftRequest, ScrubDigestsRequest, ScrubDigestsResponse, ScrubNodeRequest, SnapshotChunk,
 };
 use junction_types::{GroupId, META_GROUP, NodeId};
 use openraft::async_runtime::watch::WatchReceiver;
@@ -22,12 +22,26 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::format::{self, Format, decode, encode};
 use crate::promotion::{Promotion, PromotionView, ReplicaView, decide};
+use crate::quiesce::PreVote;
 use crate::snapshot::{SnapshotData, check_complete};
 use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// What the peer service needs from the node: its Raft groups and a place for snapshots.
 pub trait GroupHost: Send + Sync + 'static {
+    fn node_id(&self) -> NodeId;
     fn meta_raft(&self) -> Option<MetaRaft>;
+    /// Raft traffic that needs a partition group awake reached this node: entries, a
+    /// snapshot, a vote or a leadership transfer (see [`crate::quiesce`]).
+    fn wake_group(&self, _group: GroupId) {}
+    /// What to do with a pre-vote in a partition group (see [`crate::quiesce::pre_vote`]).
+    fn pre_vote_rule(&self, _group: GroupId) -> PreVote {
+        PreVote::Answer
+    }
+    /// A leader asks this node to let some of its partition groups go quiet; returns those
+    /// that did.
+    fn quiesce(&self, _req: QuiesceRequest) -> QuiesceResponse {
+        QuiesceResponse::default()
+    }
     fn partition_raft(&self, group: GroupId) -> Option<PartitionRaft>;
     fn snapshot_dir(&self) -> PathBuf;
     fn node_status(&self) -> NodeStatusResponse;
@@ -158,7 +172,14 @@ impl<H: GroupHost> Peer for PeerService<H> {
                 reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
             }
             Some(AnyRaft::Partition(raft)) => {
-                reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
+                // Entries wake a quiet follower once they are in (its election timer then
+                // starts from this leader's message); heartbeats wake nobody.
+                let entries = !rpc.entries.is_empty();
+                let res = raft.append_entries(rpc).await;
+                if entries {
+                    self.host.wake_group(r.group);
+                }
+                reply(&format::APPEND_REPLY, res)
             }
         }
     }
@@ -176,7 +197,10 @@ impl<H: GroupHost> Peer for PeerService<H> {
         match self.raft(r.group) {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.vote(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(&format::VOTE_REPLY, raft.vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => {
+                self.host.wake_group(r.group);
+                reply(&format::VOTE_REPLY, raft.vote(rpc).await)
+            }
         }
     }
 
@@ -193,7 +217,23 @@ impl<H: GroupHost> Peer for PeerService<H> {
         match self.raft(r.group) {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await),
-            Some(AnyRaft::Partition(raft)) => reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await),
+            Some(AnyRaft::Partition(raft)) => match self.host.pre_vote_rule(r.group) {
+                PreVote::Withhold => Ok(withheld(format!(
+                    "group {} is quiescent here and its leader's node answers",
+                    r.group
+                ))),
+                PreVote::Lead => {
+                    self.host.wake_group(r.group);
+                    Ok(withheld(format!(
+                        "group {} is quiescent and led by this node",
+                        r.group
+                    )))
+                }
+                PreVote::Answer => {
+                    self.host.wake_group(r.group);
+                    reply(&format::VOTE_REPLY, raft.pre_vote(rpc).await)
+                }
+            },
         }
     }
 
@@ -210,10 +250,13 @@ impl<H: GroupHost> Peer for PeerService<H> {
                 &format::TRANSFER_REPLY,
                 raft.handle_transfer_leader(rpc).await,
             ),
-            Some(AnyRaft::Partition(raft)) => reply(
-                &format::TRANSFER_REPLY,
-                raft.handle_transfer_leader(rpc).await,
-            ),
+            Some(AnyRaft::Partition(raft)) => {
+                self.host.wake_group(r.group);
+                reply(
+                    &format::TRANSFER_REPLY,
+                    raft.handle_transfer_leader(rpc).await,
+                )
+            }
         }
     }
 
@@ -282,14 +325,30 @@ impl<H: GroupHost> Peer for PeerService<H> {
                 &format::SNAPSHOT_REPLY,
                 raft.install_full_snapshot(vote, snapshot).await,
             ),
-            AnyRaft::Partition(raft) => reply(
-                &format::SNAPSHOT_REPLY,
-                raft.install_full_snapshot(vote, snapshot).await,
-            ),
+            AnyRaft::Partition(raft) => {
+                self.host.wake_group(group);
+                reply(
+                    &format::SNAPSHOT_REPLY,
+                    raft.install_full_snapshot(vote, snapshot).await,
+                )
+            }
         };
         // Installed snapshots delete their file; a rejected one must not leak it.
         let _ignored = tokio::fs::remove_file(&path).await;
         r
+    }
+
+    async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            node_id: self.host.node_id(),
+        }))
+    }
+
+    async fn quiesce(
+        &self,
+        req: Request<QuiesceRequest>,
+    ) -> Result<Response<QuiesceResponse>, Status> {
+        Ok(Response::new(self.host.quiesce(req.into_inner())))
     }
 
     async fn node_status(

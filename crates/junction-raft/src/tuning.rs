@@ -26,6 +26,9 @@ pub struct RaftTuning {
     pub snapshot_every: u64,
     /// Entries kept below the snapshot, so briefly lagging followers catch up from the log.
     pub keep_logs: u64,
+    /// A partition group nobody wrote to for this long goes quiet: no ticks, no heartbeats
+    /// (see [`crate::quiesce`]). Zero: never.
+    pub quiesce_after: Duration,
 }
 
 impl Default for RaftTuning {
@@ -36,11 +39,18 @@ impl Default for RaftTuning {
             election_max: Duration::from_millis(500),
             snapshot_every: 20_000,
             keep_logs: 5_000,
+            quiesce_after: Duration::from_secs(2),
         }
     }
 }
 
 impl RaftTuning {
+    /// A member that has not answered a ping for this long is suspected down: followers of
+    /// quiet groups it leads wake and elect another leader.
+    pub fn suspect_after(&self) -> Duration {
+        self.heartbeat * 4
+    }
+
     /// Returns the validated openraft config.
     pub fn config(&self, cluster_name: &str) -> Result<Arc<Config>, openraft::ConfigError> {
         self.config_with(cluster_name, false)

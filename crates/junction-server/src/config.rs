@@ -93,6 +93,8 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Raft entries kept below a snapshot for lagging followers.
     pub keep_logs: u64,
+    /// A partition group nobody wrote to for this long stops its Raft timers (0: never).
+    pub quiesce_after_ms: u64,
     /// Raft entries of one partition replicating at once (group commit merges the rest).
     pub max_in_flight: usize,
     /// `ADVERTISED=DIALLED,...`: dial another address for a peer (for fault-injecting
@@ -188,6 +190,7 @@ impl Default for Config {
             election_max_ms: t.election_max.as_millis() as u64,
             snapshot_every: t.snapshot_every,
             keep_logs: t.keep_logs,
+            quiesce_after_ms: t.quiesce_after.as_millis() as u64,
             max_in_flight: 8,
             dial_overrides: String::new(),
             retention_tick_ms: 1000,
@@ -269,6 +272,11 @@ pub struct ServeArgs {
     /// Raft entries kept below a snapshot.
     #[arg(long, env = "JUNCTION_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
+    /// A partition nobody wrote to for this many ms goes quiescent: its Raft group stops
+    /// ticking and heartbeating until the next write, or until a follower's node stops
+    /// hearing the leader's node (default 2000; 0: never).
+    #[arg(long, env = "JUNCTION_QUIESCE_AFTER_MS", value_name = "MS")]
+    pub quiesce_after_ms: Option<u64>,
     /// Address the node-to-node service (Raft, joins) binds. Default: the host of --listen,
     /// port + --peer-port-offset. Only other nodes of the cluster may call it.
     #[arg(long, env = "JUNCTION_PEER_LISTEN", value_name = "HOST:PORT")]
@@ -438,6 +446,9 @@ impl Config {
         if let Some(v) = args.keep_logs {
             c.keep_logs = v;
         }
+        if let Some(v) = args.quiesce_after_ms {
+            c.quiesce_after_ms = v;
+        }
         if let Some(v) = &args.dial_overrides {
             c.dial_overrides = v.clone();
         }
@@ -592,6 +603,13 @@ impl Config {
                 value: self.election_max_ms,
             });
         }
+        if self.quiesce_after_ms != 0 && self.quiesce_after_ms < self.election_max_ms {
+            return Err(ConfigError::OutOfRange {
+                field: "quiesce-after-ms",
+                rule: "0 (never) or at least election-max-ms",
+                value: self.quiesce_after_ms,
+            });
+        }
         Ok(())
     }
 
@@ -730,6 +748,7 @@ impl Config {
                 election_max: Duration::from_millis(self.election_max_ms),
                 snapshot_every: self.snapshot_every,
                 keep_logs: self.keep_logs,
+                quiesce_after: Duration::from_millis(self.quiesce_after_ms),
             },
             max_message_bytes: self.max_message_bytes,
             batch: BatchLimits {

@@ -75,6 +75,7 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
     let node = broker.node_id();
     let node_label = node.to_string();
     let mut leaders = 0u64;
+    let quiet = status.groups.iter().filter(|g| g.quiet).count();
     for g in &status.groups {
         let group = g.group.to_string();
         let is_leader = g.leader == Some(node);
@@ -92,6 +93,8 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
     metrics::gauge!("junction_partition_replicas", "node" => node_label.clone())
         .set((status.groups.len().saturating_sub(1)) as f64);
     metrics::gauge!("junction_partition_leaders", "node" => node_label.clone()).set(leaders as f64);
+    // Partition replicas whose Raft timers are stopped (see junction_raft::quiesce).
+    metrics::gauge!("junction_partition_quiet", "node" => node_label.clone()).set(quiet as f64);
     // Bytes RocksDB wrote, by cause: with the bytes produced, this gives write amplification.
     let written = broker.store().written_bytes();
     for (cause, bytes) in [

@@ -444,6 +444,7 @@ impl Broker {
         replica: &PartitionReplica,
         cmd: PartitionCommand,
     ) -> Result<Option<GroupCursor>, BrokerError> {
+        replica.quiet.wake();
         match replica.raft.client_write(Command::Partition(cmd)).await {
             Ok(r) => match r.data {
                 CommandResponse::Cursor(c) => Ok(c),
