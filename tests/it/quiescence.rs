@@ -87,17 +87,25 @@ async fn idle_partitions_go_quiet_and_wake_on_a_write() {
         "a replica woke with nothing written"
     );
 
-    // A write wakes the group where it is needed and is acknowledged, without an election.
+    // A write wakes the group and is acknowledged, without an election. It goes to each
+    // leader's broker directly, so no client retry could hide a first refusal (a woken
+    // leader's lease has run out; it renews it before writing).
     let terms: Vec<u64> = groups.iter().map(|g| term(&cluster, 1, *g)).collect();
-    for p in 0..3 {
-        let pos = tokio::time::timeout(
+    for (p, g) in groups.iter().enumerate() {
+        let leader = cluster.partition_leader(*g).expect("a leader");
+        let record = junction_types::Record {
+            key: None,
+            headers: Vec::new(),
+            payload: format!("second-{p}").into_bytes(),
+        };
+        let appended = tokio::time::timeout(
             Duration::from_secs(10),
-            client.produce("idle", vec![to_partition(p, format!("second-{p}"))]),
+            cluster.broker(leader).append(*g, vec![record]),
         )
         .await
-        .expect("produce to a quiet partition answers")
-        .expect("produce");
-        assert_eq!(pos[0].offset, 1);
+        .expect("a write to a quiet partition answers")
+        .expect("the quiet leader accepts the write at once");
+        assert_eq!(appended.base_offset, 1);
     }
     for (p, g) in groups.iter().enumerate() {
         assert_eq!(

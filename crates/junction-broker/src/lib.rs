@@ -806,7 +806,10 @@ impl Broker {
         let (tx, rx) = mpsc::channel(4096);
         let node = self.cfg.node_id;
         let limits = self.cfg.batch;
-        let quiet = Arc::new(quiet::Quiet::new(raft.clone()));
+        let quiet = Arc::new(quiet::Quiet::new(
+            raft.clone(),
+            self.cfg.tuning.election_max,
+        ));
         let policy = Arc::new(RwLock::new(policy));
         let delivery = Arc::new(RwLock::new(delivery));
         let admission = retention::Admission {

@@ -186,7 +186,7 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + CHANGE_LIMIT;
         loop {
             // Every step may write (learners, voters, a hand-off): the group stays awake.
-            replica.quiet.wake();
+            replica.quiet.ready_to_write().await;
             let view = match group_view(raft) {
                 Ok(v) => v,
                 Err(leader) => {

@@ -246,7 +246,7 @@ pub(crate) async fn run_batcher(
         // The commit notification is not used, but its receiver must live until the entry
         // completes, or openraft logs a warning for every entry.
         let (responder, committed, complete) = ProgressResponder::new();
-        quiet.wake();
+        quiet.ready_to_write().await;
         if let Err(fatal) = raft
             .client_write_ff(Command::Partition(cmd), Some(responder))
             .await

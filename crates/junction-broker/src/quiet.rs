@@ -17,24 +17,73 @@ use junction_raft::quiesce::{
     follower_accepts, leader_may_quiesce, wake_delay,
 };
 use junction_types::{GroupId, NodeId};
+use openraft::Instant as _;
 use openraft::ServerState;
 use openraft::async_runtime::watch::WatchReceiver;
 
 use crate::Broker;
 use crate::partition::PartitionReplica;
 
+/// The clock openraft stamps its metrics with.
+type RaftInstant = openraft::alias::InstantOf<junction_raft::TypeConfig>;
+
 /// One partition replica's quiescence and the openraft timer it switches.
 pub struct Quiet {
     state: parking_lot::Mutex<QuietState>,
     raft: PartitionRaft,
+    /// openraft's leader lease (the longest election timeout): a leader whose quorum has not
+    /// acknowledged it for this long refuses writes until a heartbeat round renews it.
+    lease: Duration,
 }
 
 impl Quiet {
-    pub(crate) fn new(raft: PartitionRaft) -> Self {
+    pub(crate) fn new(raft: PartitionRaft, lease: Duration) -> Self {
         Self {
             state: parking_lot::Mutex::new(QuietState::new(Instant::now())),
             raft,
+            lease,
         }
+    }
+
+    /// Wakes the group and, on its leader, makes sure it may write: a leader that was quiet
+    /// sent no heartbeats, so its lease has run out and openraft would refuse the write (as
+    /// if it were no leader). One heartbeat round renews it; bounded by twice the lease, after
+    /// which the write goes ahead and fails as it would have.
+    pub async fn ready_to_write(&self) {
+        self.wake();
+        if self.lease_fresh() {
+            return;
+        }
+        let asked = RaftInstant::now();
+        if self.raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+        let _ = self
+            .raft
+            .wait(Some(self.lease * 2))
+            .metrics(
+                |m| {
+                    m.state != ServerState::Leader
+                        || m.last_quorum_acked.is_some_and(|t| *t >= asked)
+                },
+                "a quorum acknowledges the woken leader",
+            )
+            .await;
+    }
+
+    /// Whether writes need no lease renewal first: this replica does not lead (the write
+    /// fails or is forwarded as usual), leads alone, or was acknowledged recently.
+    fn lease_fresh(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.state != ServerState::Leader
+            || m.membership_config.membership().voter_ids().count() <= 1
+        {
+            return true;
+        }
+        let margin = self.lease / 4;
+        m.last_quorum_acked
+            .is_some_and(|t| t.elapsed() + margin < self.lease)
     }
 
     /// The group's Raft handle.
@@ -46,8 +95,9 @@ impl Quiet {
         self.state.lock().is_quiet()
     }
 
-    /// Something needs the group awake: starts its timer if it was quiet. Called before every
-    /// write a leader makes and on Raft traffic that needs a replica awake.
+    /// Something needs the group awake: starts its timer if it was quiet. Called on Raft
+    /// traffic that needs a replica awake, and (through [`Quiet::ready_to_write`]) before
+    /// every write a leader makes.
     pub fn wake(&self) {
         let mut s = self.state.lock();
         if s.wake(Instant::now()) {

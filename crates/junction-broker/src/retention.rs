@@ -535,7 +535,7 @@ impl Broker {
         replica: &crate::PartitionReplica,
         cmd: PartitionCommand,
     ) -> Result<CommandResponse, BrokerError> {
-        replica.quiet.wake();
+        replica.quiet.ready_to_write().await;
         replica
             .raft
             .client_write(Command::Partition(cmd))

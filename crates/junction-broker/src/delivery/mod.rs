@@ -444,7 +444,7 @@ impl Broker {
         replica: &PartitionReplica,
         cmd: PartitionCommand,
     ) -> Result<Option<GroupCursor>, BrokerError> {
-        replica.quiet.wake();
+        replica.quiet.ready_to_write().await;
         match replica.raft.client_write(Command::Partition(cmd)).await {
             Ok(r) => match r.data {
                 CommandResponse::Cursor(c) => Ok(c),
