@@ -202,6 +202,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("PDB allowing two of three down", {"podDisruptionBudget": {"maxUnavailable": 2}}, "at most 1"),
     ("election timeout under two heartbeats", {"config": {"heartbeatMs": 500, "electionMinMs": 600, "electionMaxMs": 900}}, "twice"),
     ("election max not above min", {"config": {"electionMinMs": 900, "electionMaxMs": 900}}, "greater than"),
+    ("quiescence sooner than an election timeout", {"config": {"quiesceAfterMs": 100}}, "0 (never) or at least"),
+    ("negative quiescence", {"config": {"quiesceAfterMs": -1}}, "/config/quiesceAfterMs"),
     ("cert-manager without an issuer", {"tls": {"certManager": {"enabled": True}}}, "issuerRef.name"),
     ("cert-manager and an existing Secret", {"tls": {"existingSecret": "mine", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "leave tls.existingSecret empty"),
     ("an issuer kind that does not exist", {"tls": {"certManager": {"issuerRef": {"kind": "Issuers"}}}}, "/tls/certManager/issuerRef/kind"),
