@@ -158,6 +158,22 @@ fn grpc_builder() -> tonic::transport::Server<
         .layer(telemetry::RpcSpans::grpc())
 }
 
+/// Streams a peer may reset before the peer port accepted them, per connection. h2's default
+/// (20) guards public ports against reset floods; on the peer port every group's Raft calls
+/// share one connection per peer, and when a node is overloaded (a thousand groups electing
+/// at once) the callers' deadlines cancel hundreds of calls not yet accepted: at 20 the port
+/// answered with GOAWAY `too_many_resets`, which cut every group's traffic with that peer and
+/// turned the overload into an election storm that did not end. Only cluster members (the
+/// secret, or mutual TLS) reach this port.
+const PEER_PENDING_RESETS: usize = 1 << 16;
+
+/// The server builder of the peer port (see [`PEER_PENDING_RESETS`]).
+fn peer_grpc_builder() -> tonic::transport::Server<
+    tower::layer::util::Stack<telemetry::RpcSpans, tower::layer::util::Identity>,
+> {
+    grpc_builder().http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS))
+}
+
 /// Starts a node.
 pub struct Server;
 
@@ -380,7 +396,7 @@ impl Server {
         let router = match peer {
             None => router.add_service(peer_service),
             Some(peer) => {
-                let peer_router = grpc_builder().add_service(peer_service);
+                let peer_router = peer_grpc_builder().add_service(peer_service);
                 tasks.push(match &tls {
                     Some(tls) => {
                         let t = tls.clone();
