@@ -81,6 +81,17 @@ impl PartitionReplica {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// Returns the group's voters as this replica knows them.
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     /// Returns the index of the last log entry this replica applied (0: none).
     pub fn applied_index(&self) -> u64 {
         self.raft

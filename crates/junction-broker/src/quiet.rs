@@ -376,15 +376,7 @@ impl Broker {
             if !replica.quiet.is_quiet() || replica.leader() != Some(leader) {
                 continue;
             }
-            let voters: Vec<NodeId> = replica
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
-            let delay = wake_delay(&voters, leader, me, step);
+            let delay = wake_delay(&replica.voters(), leader, me, step);
             if delay.is_zero() {
                 replica.quiet.wake();
             } else {

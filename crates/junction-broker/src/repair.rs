@@ -6,7 +6,6 @@ use std::time::Duration;
 use junction_proto::peer::{NodeStatusRequest, ScrubDigestsRequest};
 use junction_proto::v1::{NodeScrubReport, ReplicaScrubReport};
 use junction_types::GroupId;
-use openraft::async_runtime::watch::WatchReceiver;
 
 use crate::scrub::{Action, DIGEST_SPAN, Digester, Findings};
 use crate::{Broker, BrokerError};
@@ -423,14 +422,7 @@ impl Broker {
         let Some(replica) = self.partition(group) else {
             return "skipped".into();
         };
-        let voters: Vec<junction_types::NodeId> = replica
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = replica.voters();
         let leads = replica.leader() == Some(self.node_id());
         match crate::scrub::decide(findings, self.node_id(), leads, &voters, group) {
             Action::Healthy => "ok".into(),
