@@ -103,8 +103,7 @@ impl Broker {
     /// moved, so a graceful stop costs clients a handover rather than an election timeout.
     pub(crate) async fn hand_off_leadership(&self, limit: Duration) {
         let mut waits = Vec::new();
-        let partitions: Vec<Arc<crate::PartitionReplica>> =
-            self.partitions.read().values().cloned().collect();
+        let partitions: Vec<Arc<crate::PartitionReplica>> = self.replicas();
         for replica in partitions {
             let raft = &replica.raft;
             if let Some(to) = handoff_target(raft, None) {

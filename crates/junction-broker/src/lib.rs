@@ -562,6 +562,11 @@ impl Broker {
         self.node_addrs().remove(&node)
     }
 
+    /// Returns every partition replica hosted here (a copy of the list: no lock is held).
+    pub(crate) fn replicas(&self) -> Vec<Arc<PartitionReplica>> {
+        self.partitions.read().values().cloned().collect()
+    }
+
     /// Returns the replica of `group` hosted here.
     pub fn partition(&self, group: GroupId) -> Option<Arc<PartitionReplica>> {
         self.partitions.read().get(&group).cloned()
@@ -892,8 +897,7 @@ impl Broker {
                 quiet: false,
             });
         }
-        let replicas: Vec<Arc<PartitionReplica>> =
-            self.partitions.read().values().cloned().collect();
+        let replicas: Vec<Arc<PartitionReplica>> = self.replicas();
         for r in replicas {
             let s = r.shared.current();
             groups.push(GroupStatus {

@@ -34,6 +34,9 @@ pub struct Quiet {
     /// openraft's leader lease (the longest election timeout): a leader whose quorum has not
     /// acknowledged it for this long refuses writes until a heartbeat round renews it.
     lease: Duration,
+    /// Set when the group wakes from quiet, cleared once a write found the lease renewed: only
+    /// then do writes look at the lease, so an awake group's writes never read the metrics.
+    lease_unsure: std::sync::atomic::AtomicBool,
 }
 
 impl Quiet {
@@ -42,6 +45,7 @@ impl Quiet {
             state: parking_lot::Mutex::new(QuietState::new(Instant::now())),
             raft,
             lease,
+            lease_unsure: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -50,8 +54,13 @@ impl Quiet {
     /// if it were no leader). One heartbeat round renews it; bounded by twice the lease, after
     /// which the write goes ahead and fails as it would have.
     pub async fn ready_to_write(&self) {
+        use std::sync::atomic::Ordering;
         self.wake();
+        if !self.lease_unsure.load(Ordering::Acquire) {
+            return;
+        }
         if self.lease_fresh() {
+            self.lease_unsure.store(false, Ordering::Release);
             return;
         }
         let asked = RaftInstant::now();
@@ -101,6 +110,8 @@ impl Quiet {
     pub fn wake(&self) {
         let mut s = self.state.lock();
         if s.wake(Instant::now()) {
+            self.lease_unsure
+                .store(true, std::sync::atomic::Ordering::Release);
             self.raft.runtime_config().tick(true);
         }
     }
@@ -186,8 +197,7 @@ impl Broker {
 
     async fn quiesce_pass(&self, after: Duration) {
         let me = self.cfg.node_id;
-        let replicas: Vec<Arc<PartitionReplica>> =
-            self.partitions.read().values().cloned().collect();
+        let replicas: Vec<Arc<PartitionReplica>> = self.replicas();
         let mut asks: BTreeMap<NodeId, Vec<QuiesceGroup>> = BTreeMap::new();
         let mut pending = Vec::new();
         for replica in replicas {
@@ -370,8 +380,7 @@ impl Broker {
     fn wake_followers_of(&self, leader: NodeId) {
         let me = self.cfg.node_id;
         let step = self.cfg.tuning.election_min;
-        let replicas: Vec<Arc<PartitionReplica>> =
-            self.partitions.read().values().cloned().collect();
+        let replicas: Vec<Arc<PartitionReplica>> = self.replicas();
         for replica in replicas {
             if !replica.quiet.is_quiet() || replica.leader() != Some(leader) {
                 continue;

@@ -437,8 +437,7 @@ impl Broker {
                 _ = tokio::time::sleep(tuning.tick) => {}
             }
             let meta = self.metadata();
-            let replicas: Vec<Arc<crate::PartitionReplica>> =
-                self.partitions.read().values().cloned().collect();
+            let replicas: Vec<Arc<crate::PartitionReplica>> = self.replicas();
             for replica in replicas {
                 if replica.leader() != Some(self.node_id()) {
                     continue;
