@@ -204,6 +204,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("election max not above min", {"config": {"electionMinMs": 900, "electionMaxMs": 900}}, "greater than"),
     ("quiescence sooner than an election timeout", {"config": {"quiesceAfterMs": 100}}, "0 (never) or at least"),
     ("negative quiescence", {"config": {"quiesceAfterMs": -1}}, "/config/quiesceAfterMs"),
+    ("negative tail window", {"config": {"tailWindowBytes": -1}}, "/config/tailWindowBytes"),
+    ("negative opening wave", {"config": {"openWave": -1}}, "/config/openWave"),
     ("cert-manager without an issuer", {"tls": {"certManager": {"enabled": True}}}, "issuerRef.name"),
     ("cert-manager and an existing Secret", {"tls": {"existingSecret": "mine", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "leave tls.existingSecret empty"),
     ("an issuer kind that does not exist", {"tls": {"certManager": {"issuerRef": {"kind": "Issuers"}}}}, "/tls/certManager/issuerRef/kind"),

@@ -72,14 +72,14 @@ async fn acknowledged_messages_are_on_every_replica() {
         .await
         .expect("describe");
     for p in &described.partition_info {
-        let want = local_contents(&cluster.broker(p.leader.expect("leader")), p.group_id);
+        let want = local_contents(&cluster.broker(p.leader.expect("leader")), p.group_id).await;
         assert_eq!(want.len() as u64, p.next_offset);
         for r in &p.replicas {
             let broker = cluster.broker(*r);
             wait_until(
                 Duration::from_secs(10),
                 "replica to hold every message",
-                || async { (local_contents(&broker, p.group_id) == want).then_some(()) },
+                || async { (local_contents(&broker, p.group_id).await == want).then_some(()) },
             )
             .await;
         }
@@ -688,7 +688,7 @@ async fn a_node_that_lost_its_data_rejoins_and_catches_up() {
             && floors.floor(group).unwrap_or(0) > 0,
         "node 1 recorded what its members had applied: {floors:?}"
     );
-    let want = local_contents(&cluster.broker(2), group);
+    let want = local_contents(&cluster.broker(2), group).await;
     assert_eq!(want.len(), 50);
     wait_until(
         Duration::from_secs(60),
@@ -696,7 +696,7 @@ async fn a_node_that_lost_its_data_rejoins_and_catches_up() {
         || async {
             let b = cluster.broker(1);
             (b.metadata().stations.contains_key("default/kept")
-                && local_contents(&b, group) == want)
+                && local_contents(&b, group).await == want)
                 .then_some(())
         },
     )
@@ -743,14 +743,14 @@ async fn a_corrupted_record_is_refused_not_served() {
         .expect("produce");
     let described = client.describe_station("bits").await.expect("describe");
     let group = described.partition_info[0].group_id;
-    let want = local_contents(&cluster.broker(1), group);
+    let want = local_contents(&cluster.broker(1), group).await;
     assert_eq!(want.len(), 20);
     for id in [2, 3] {
         let broker = cluster.broker(id);
         wait_until(
             Duration::from_secs(10),
             "every replica holds the batch",
-            || async { (local_contents(&broker, group) == want).then_some(()) },
+            || async { (local_contents(&broker, group).await == want).then_some(()) },
         )
         .await;
     }
@@ -907,7 +907,7 @@ async fn replicated_payloads(
     cluster: &TestCluster,
     station: &str,
     n: usize,
-) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
+) -> (u64, u64, Vec<(u64, bytes::Bytes)>) {
     let spec = junction_client::StationSpec::new(station)
         .partitions(1)
         .replication_factor(3);
@@ -921,7 +921,7 @@ async fn replicated(
     spec: junction_client::StationSpec,
     n: usize,
     message: impl Fn(usize) -> junction_proto::v1::Message,
-) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
+) -> (u64, u64, Vec<(u64, bytes::Bytes)>) {
     let client = cluster.client();
     let s = client.create_station_with(spec).await.expect("create");
     let group = s.partition_info[0].group_id;
@@ -936,14 +936,14 @@ async fn replicated(
         cluster.partition_leader(group)
     })
     .await;
-    let want = local_contents(&cluster.broker(leader), group);
+    let want = local_contents(&cluster.broker(leader), group).await;
     assert_eq!(want.len(), n);
     for id in 1..=3 {
         let broker = cluster.broker(id);
         wait_until(
             Duration::from_secs(10),
             "every replica holds the batch",
-            || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+            || async { (try_local_contents(&broker, group).await? == want).then_some(()) },
         )
         .await;
     }
@@ -952,12 +952,12 @@ async fn replicated(
 
 /// Waits until node `id`'s replica of `group` holds `want` again after it was wiped and
 /// fetched anew (a rebuilt replica keeps a vote floor; one that was not rebuilt has none).
-async fn wait_rebuilt(cluster: &TestCluster, id: u64, group: u64, want: &[(u64, Vec<u8>)]) {
+async fn wait_rebuilt(cluster: &TestCluster, id: u64, group: u64, want: &[(u64, bytes::Bytes)]) {
     let broker = cluster.broker(id);
     wait_until(
         Duration::from_secs(30),
         "the replica to be rebuilt",
-        || async { (try_local_contents(&broker, group)? == want).then_some(()) },
+        || async { (try_local_contents(&broker, group).await? == want).then_some(()) },
     )
     .await;
     assert!(
@@ -1058,7 +1058,9 @@ async fn a_corrupt_log_entry_is_refused_and_the_replica_rebuilt() {
     wait_until(
         Duration::from_secs(10),
         "the new write on the rebuilt replica",
-        || async { (try_local_contents(&broker, group)?.len() == want.len() + 1).then_some(()) },
+        || async {
+            (try_local_contents(&broker, group).await?.len() == want.len() + 1).then_some(())
+        },
     )
     .await;
     drop(broker);
@@ -1067,11 +1069,14 @@ async fn a_corrupt_log_entry_is_refused_and_the_replica_rebuilt() {
 
 /// Everything `broker` holds of `group`, or `None` while it cannot read it (a replica
 /// being reopened, or a corrupt record).
-fn try_local_contents(broker: &junction_broker::Broker, group: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+async fn try_local_contents(
+    broker: &junction_broker::Broker,
+    group: u64,
+) -> Option<Vec<(u64, bytes::Bytes)>> {
     let mut out = Vec::new();
     let mut from = 0;
     loop {
-        let (batch, _) = broker.read(group, from, 10_000, 64 << 20).ok()?;
+        let (batch, _) = broker.read(group, from, 10_000, 64 << 20).await.ok()?;
         match batch.last() {
             None => return Some(out),
             Some((last, _)) => from = last + 1,
@@ -1170,7 +1175,7 @@ async fn the_background_scrubber_repairs_a_flipped_bit_on_its_own() {
     flip_payload_bit(&mut cluster, bad, group, 12, b"payload 0012").await;
     let broker = cluster.broker(bad);
     // Until repaired, the record there fails its checksum.
-    if let Ok((raw, _)) = broker.read(group, 12, 1, 1 << 20)
+    if let Ok((raw, _)) = broker.read(group, 12, 1, 1 << 20).await
         && let Some((12, bytes)) = raw.first()
         && bytes != &want[12].1
     {

@@ -184,11 +184,11 @@ async fn a_retried_batch_is_stored_once_with_its_original_offsets() {
     // Every replica holds the same offsets.
     let s = client.describe_station("eo").await.expect("describe");
     let group = s.partition_info[0].group_id;
-    let want = local_contents(&cluster.broker(1), group);
+    let want = local_contents(&cluster.broker(1), group).await;
     for id in [2, 3] {
         let broker = cluster.broker(id);
         wait_until(Duration::from_secs(10), "replicas to agree", || async {
-            (local_contents(&broker, group) == want).then_some(())
+            (local_contents(&broker, group).await == want).then_some(())
         })
         .await;
     }
@@ -362,16 +362,14 @@ async fn retries_across_a_leader_kill_and_a_snapshot_catch_up_are_stored_once() 
         .expect("last");
     cluster.wait_log_purged(leader, group, 100).await;
     cluster.restart(lagging).await;
-    let want = local_contents(&cluster.broker(leader), group);
+    let want = local_contents(&cluster.broker(leader), group).await;
     let broker_l = cluster.broker(lagging);
     wait_until(
         Duration::from_secs(30),
         "the follower to catch up",
         || async {
-            broker_l
-                .partition(group)
-                .filter(|_| local_contents(&broker_l, group) == want)
-                .map(|_| ())
+            broker_l.partition(group)?;
+            (local_contents(&broker_l, group).await == want).then_some(())
         },
     )
     .await;

@@ -403,12 +403,13 @@ pub async fn read_all(
 }
 
 /// Reads every message a node holds locally for `group` (no forwarding, no leader check).
-pub fn local_contents(broker: &Broker, group: u64) -> Vec<(u64, Vec<u8>)> {
+pub async fn local_contents(broker: &Broker, group: u64) -> Vec<(u64, bytes::Bytes)> {
     let mut out = Vec::new();
     let mut from = 0;
     loop {
         let (batch, _) = broker
             .read(group, from, 10_000, 64 << 20)
+            .await
             .expect("local read");
         match batch.last() {
             None => return out,

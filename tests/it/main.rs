@@ -22,5 +22,6 @@ mod rest;
 mod retention;
 mod schemas;
 mod snapshot;
+mod tail_window;
 mod tls;
 mod traces;

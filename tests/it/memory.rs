@@ -54,16 +54,16 @@ async fn produce(client: &Client, station: &str, from: u64, count: u64) {
 }
 
 /// Waits until every running node holds `want` messages for `group`, all equal; returns them.
-async fn all_hold(cluster: &TestCluster, group: u64, want: usize) -> Vec<(u64, Vec<u8>)> {
+async fn all_hold(cluster: &TestCluster, group: u64, want: usize) -> Vec<(u64, bytes::Bytes)> {
     wait_until(
         Duration::from_secs(20),
         &format!("every replica of group {group} to hold {want} equal messages"),
         || async {
-            let mut first: Option<Vec<(u64, Vec<u8>)>> = None;
+            let mut first: Option<Vec<(u64, bytes::Bytes)>> = None;
             for id in cluster.running() {
                 let b = cluster.broker(id);
                 b.partition(group)?;
-                let c = local_contents(&b, group);
+                let c = local_contents(&b, group).await;
                 if c.len() != want {
                     return None;
                 }

@@ -300,3 +300,81 @@ async fn a_quiet_partition_elects_a_new_leader_when_its_leader_is_killed() {
         );
     }
 }
+
+/// New replicas come up in waves: with a wave of 4, a node never has more than 4 replicas
+/// settling (opened, not yet quiet) and opens its first 4 before any other, and a
+/// 12-partition station still gets every leader and goes quiet everywhere; a produce to each
+/// partition then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_replicas_come_up_in_waves() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const WAVE: usize = 4;
+    const PARTITIONS: usize = 12;
+    let cluster = Arc::new(
+        TestCluster::start_with(3, |c| {
+            c.quiesce_after_ms = QUIESCE_MS;
+            c.open_wave = WAVE;
+        })
+        .await,
+    );
+    // Watches every node while the station is created: the most replicas settling at once,
+    // and the fewest replicas hosted once there were any.
+    let most = Arc::new(AtomicUsize::new(0));
+    let fewest = Arc::new(AtomicUsize::new(usize::MAX));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (cluster, most, fewest, stop) =
+            (cluster.clone(), most.clone(), fewest.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for id in cluster.running() {
+                    let b = cluster.broker(id);
+                    most.fetch_max(b.settling_replicas(), Ordering::Relaxed);
+                    let hosted = b.hosted().len();
+                    if hosted > 0 {
+                        fewest.fetch_min(hosted, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let client = cluster.client();
+    let s = client
+        .create_station("waves", PARTITIONS as u32, 3)
+        .await
+        .expect("create");
+    let groups: Vec<u64> = s.partition_info.iter().map(|p| p.group_id).collect();
+    wait_until(
+        Duration::from_secs(60),
+        "every replica of every partition to be opened and go quiet",
+        || async { all_quiet(&cluster, &groups).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    watcher.await.expect("watcher");
+    let (most, fewest) = (most.load(Ordering::Relaxed), fewest.load(Ordering::Relaxed));
+    assert!(
+        (1..=WAVE).contains(&most),
+        "at most {WAVE} replicas settle at once on a node, saw {most}"
+    );
+    assert!(
+        fewest <= WAVE,
+        "a node opens its first wave before the rest (fewest hosted seen: {fewest})"
+    );
+    for p in 0..PARTITIONS as u32 {
+        client
+            .produce("waves", vec![to_partition(p, format!("m-{p}"))])
+            .await
+            .expect("produce");
+    }
+    for p in 0..PARTITIONS as u32 {
+        let got = read_all(&client, "waves", p).await;
+        assert_eq!(payloads(&got), vec![format!("m-{p}")]);
+    }
+    match Arc::try_unwrap(cluster) {
+        Ok(c) => c.shutdown().await,
+        Err(_) => panic!("the cluster is still shared"),
+    }
+}

@@ -193,11 +193,11 @@ async fn remove_node_while_producing_loses_nothing_and_releases_its_data() {
             cluster.partition_leader(p.group_id)
         })
         .await;
-        let want = local_contents(&cluster.broker(leader), p.group_id);
+        let want = local_contents(&cluster.broker(leader), p.group_id).await;
         for r in &p.replicas {
             let b = cluster.broker(*r);
             wait_until(Duration::from_secs(15), "replicas to converge", || async {
-                (local_contents(&b, p.group_id) == want).then_some(())
+                (local_contents(&b, p.group_id).await == want).then_some(())
             })
             .await;
         }

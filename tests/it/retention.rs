@@ -91,18 +91,18 @@ async fn replicas_agree(
     cluster: &TestCluster,
     group: u64,
     want: (u64, u64),
-) -> Vec<(u64, Vec<u8>)> {
+) -> Vec<(u64, bytes::Bytes)> {
     wait_until(
         Duration::from_secs(15),
         &format!("every replica of group {group} at {want:?} with equal contents"),
         || async {
             let nodes = cluster.running();
-            let mut first: Option<Vec<(u64, Vec<u8>)>> = None;
+            let mut first: Option<Vec<(u64, bytes::Bytes)>> = None;
             for id in nodes {
                 if offsets(cluster, id, group) != Some(want) {
                     return None;
                 }
-                let c = local_contents(&cluster.broker(id), group);
+                let c = local_contents(&cluster.broker(id), group).await;
                 match &first {
                     None => first = Some(c),
                     Some(f) if *f == c => {}
@@ -416,7 +416,7 @@ async fn compaction_keeps_the_newest_per_key_on_every_replica() {
         || async {
             let mut first = None;
             for id in cluster.running() {
-                let c = local_contents(&cluster.broker(id), group);
+                let c = local_contents(&cluster.broker(id), group).await;
                 let offs: Vec<u64> = c.iter().map(|(o, _)| *o).collect();
                 if offs != want_offsets {
                     return None;
@@ -487,16 +487,17 @@ async fn young_tombstones_stay_until_their_delay() {
         Duration::from_secs(10),
         "compaction on every replica",
         || async {
-            cluster
-                .running()
-                .into_iter()
-                .all(|id| {
-                    local_contents(&cluster.broker(id), group)
-                        .iter()
-                        .map(|(o, _)| *o)
-                        .eq([2, 3])
-                })
-                .then_some(())
+            for id in cluster.running() {
+                let offsets: Vec<u64> = local_contents(&cluster.broker(id), group)
+                    .await
+                    .iter()
+                    .map(|(o, _)| *o)
+                    .collect();
+                if offsets != [2, 3] {
+                    return None;
+                }
+            }
+            Some(())
         },
     )
     .await;
@@ -690,20 +691,20 @@ async fn compacted_station_catches_up_by_snapshot() {
             let b = cluster.broker(leader);
             let r = b.partition(group)?;
             let purged = r.raft.metrics().borrow_watched().purged.map(|l| l.index);
-            (purged.is_some_and(|p| p >= 100) && local_contents(&b, group).len() == 15)
+            (purged.is_some_and(|p| p >= 100) && local_contents(&b, group).await.len() == 15)
                 .then_some(())
         },
     )
     .await;
     cluster.restart(follower).await;
-    let want = local_contents(&cluster.broker(leader), group);
+    let want = local_contents(&cluster.broker(leader), group).await;
     wait_until(
         Duration::from_secs(30),
         "the restarted follower to hold exactly the compacted messages",
         || async {
             let b = cluster.broker(follower);
             b.partition(group)?;
-            (local_contents(&b, group) == want).then_some(())
+            (local_contents(&b, group).await == want).then_some(())
         },
     )
     .await;

@@ -66,17 +66,15 @@ async fn lagging_follower_catches_up_by_snapshot() {
     eprintln!("leader purged its log up to index {purged}");
 
     cluster.restart(follower).await;
-    let want = local_contents(&cluster.broker(leader), group);
+    let want = local_contents(&cluster.broker(leader), group).await;
     assert_eq!(want.len(), 3200);
     let broker = cluster.broker(follower);
     wait_until(
         Duration::from_secs(30),
         "the follower to catch up",
         || async {
-            broker
-                .partition(group)
-                .filter(|_| local_contents(&broker, group) == want)
-                .map(|_| ())
+            broker.partition(group)?;
+            (local_contents(&broker, group).await == want).then_some(())
         },
     )
     .await;
@@ -178,12 +176,12 @@ async fn a_cut_snapshot_stream_is_refused_and_the_replica_keeps_working() {
         "the follower's group stopped"
     );
     let leader = cluster.partition_leader(group).expect("leader");
-    let want = local_contents(&cluster.broker(leader), group);
+    let want = local_contents(&cluster.broker(leader), group).await;
     assert_eq!(want.len(), 40);
     wait_until(
         Duration::from_secs(20),
         "the follower to catch up",
-        || async { (local_contents(&broker, group) == want).then_some(()) },
+        || async { (local_contents(&broker, group).await == want).then_some(()) },
     )
     .await;
     cluster.shutdown().await;

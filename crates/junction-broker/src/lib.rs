@@ -42,7 +42,7 @@ use junction_raft::{
     GroupHost, LogStore, MetaRaft, MetaShared, MetaStateMachine, NetworkFactory, PartitionRaft,
     PartitionState, PeerPool, RaftTuning,
 };
-use junction_storage::{RawMessage, Store};
+use junction_storage::Store;
 use junction_types::{GroupId, META_GROUP, MetaState, NodeId, Record};
 use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::RwLock;
@@ -87,7 +87,17 @@ pub struct BrokerConfig {
     pub scrub: scrub::ScrubTuning,
     /// Replica moves: how many at once, and whether the balancer runs unasked.
     pub moves: moves::MoveTuning,
+    /// Most bytes the tail windows of this node's replicas hold together (0: no windows;
+    /// see [`junction_raft::tail`]).
+    pub tail_window_bytes: usize,
+    /// Most replicas a node brings up while earlier ones are still settling (electing, not yet
+    /// quiet; see [`junction_raft::quiesce::may_open`]); 0: no limit.
+    pub open_wave: usize,
 }
+
+/// One message read: its offset and the encoded `StoredRecord` (shared, not copied, when it
+/// came from a tail window).
+pub type ReadMessage = (u64, bytes::Bytes);
 
 /// One node's broker. Shared as `Arc<Broker>`.
 pub struct Broker {
@@ -137,6 +147,8 @@ pub struct Broker {
     votes_held: std::sync::atomic::AtomicBool,
     /// Which other members answer pings (see [`quiet`]).
     liveness: parking_lot::RwLock<junction_raft::quiesce::Liveness>,
+    /// The memory every replica's tail window draws on.
+    tail_budget: Arc<junction_raft::TailBudget>,
 }
 
 /// How long a node with empty state waits for each member's answer before it decides whether
@@ -149,6 +161,10 @@ type MemberAnswer = Option<Result<NodeStatusResponse, tonic::Status>>;
 
 /// Between rounds of asking the members how to start, while none answers.
 const BOOTSTRAP_RETRY: Duration = Duration::from_millis(500);
+
+/// How often idle tail windows are emptied: a window nobody appended to for one to two of
+/// these periods lets its memory go.
+const TAIL_SWEEP: Duration = Duration::from_secs(5);
 
 /// Asks every other configured member for its status at once, each for at most `limit`.
 async fn ask_members(
@@ -255,6 +271,7 @@ impl Broker {
             .map_err(|e| BrokerError::Raft(e.to_string()))?;
         let mem_store = Store::open_in_memory(&cfg.data_dir.join("memory"))?;
         let cfg_tuning = cfg.tuning.clone();
+        let tail_budget = junction_raft::TailBudget::new(cfg.tail_window_bytes);
         let broker = Arc::new(Self {
             cfg,
             store,
@@ -282,6 +299,7 @@ impl Broker {
             tasks: TaskTracker::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
             liveness: quiet::liveness(&cfg_tuning),
+            tail_budget,
         });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.reconcile_loop().await });
@@ -305,6 +323,8 @@ impl Broker {
         broker.tasks.spawn(async move { b.quiesce_loop().await });
         let b = broker.clone();
         broker.tasks.spawn(async move { b.liveness_loop().await });
+        let b = broker.clone();
+        broker.tasks.spawn(async move { b.tail_sweep_loop().await });
         Ok(broker)
     }
 
@@ -634,28 +654,67 @@ impl Broker {
     }
 
     /// Reads committed messages of a hosted partition from `from`; returns them with the
-    /// partition state they were read against.
-    pub fn read(
+    /// partition state they were read against. Messages still in the replica's tail window
+    /// come from memory; older ones from the store, on a blocking thread.
+    pub async fn read(
         &self,
         group: GroupId,
         from: u64,
         max_count: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<RawMessage>, PartitionState), BrokerError> {
+    ) -> Result<(Vec<ReadMessage>, PartitionState), BrokerError> {
         let replica = self.partition(group).ok_or(BrokerError::NotHosted {
             node: self.cfg.node_id,
             group,
         })?;
         let state = replica.shared.current();
         let from = from.max(state.start_offset);
-        let msgs = replica.store.read_messages(
-            group,
-            from,
-            state.next_offset,
-            max_count.max(1),
-            max_bytes.max(1),
-        )?;
-        Ok((msgs, state))
+        let (count, bytes) = (max_count.max(1), max_bytes.max(1));
+        if from >= state.next_offset {
+            return Ok((Vec::new(), state));
+        }
+        if let Some(msgs) = replica
+            .shared
+            .window()
+            .read(from, state.next_offset, count, bytes)
+        {
+            metrics::counter!("junction_read_requests_total", "source" => "memory").increment(1);
+            return Ok((msgs, state));
+        }
+        metrics::counter!("junction_read_requests_total", "source" => "disk").increment(1);
+        let store = replica.store.clone();
+        let msgs = tokio::task::spawn_blocking(move || {
+            store.read_messages(group, from, state.next_offset, count, bytes)
+        })
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("a read of group {group} stopped: {e}")))??;
+        Ok((
+            msgs.into_iter()
+                .map(|(o, v)| (o, bytes::Bytes::from(v)))
+                .collect(),
+            state,
+        ))
+    }
+
+    /// Bytes the tail windows of this node's replicas hold, and their limit.
+    pub fn tail_window_bytes(&self) -> (usize, usize) {
+        (self.tail_budget.used(), self.tail_budget.limit())
+    }
+
+    /// Empties, every few seconds, the tail windows nobody appended to since the last pass,
+    /// so idle partitions give their memory to busy ones.
+    async fn tail_sweep_loop(self: Arc<Self>) {
+        let mut every = tokio::time::interval(TAIL_SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            for r in self.replicas() {
+                r.shared.window().sweep_idle();
+            }
+        }
     }
 
     /// Returns the offset of the first message at or after `ts_ms` (or the end).
@@ -729,21 +788,25 @@ impl Broker {
         } else {
             None
         };
-        let sm =
-            junction_raft::PartitionStateMachine::open(store.clone(), group).map_err(
-                |e| match e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
-                {
-                    Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
-                        BrokerError::CorruptReplica {
-                            group,
-                            detail: e.to_string(),
-                        }
+        let sm = junction_raft::PartitionStateMachine::open(
+            store.clone(),
+            group,
+            self.tail_budget.clone(),
+        )
+        .map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
+            {
+                Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
+                    BrokerError::CorruptReplica {
+                        group,
+                        detail: e.to_string(),
                     }
-                    _ => BrokerError::from(e),
-                },
-            )?;
+                }
+                _ => BrokerError::from(e),
+            }
+        })?;
         let shared = sm.shared();
         // A memory group's vote stays on disk: a restarted replica never votes twice.
         let log_store = if memory {

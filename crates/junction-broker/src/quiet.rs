@@ -24,6 +24,10 @@ use openraft::async_runtime::watch::WatchReceiver;
 use crate::Broker;
 use crate::partition::PartitionReplica;
 
+/// A new replica counts against the node's opening wave until it first goes quiet or for this
+/// long, whichever is first (a group with steady traffic never goes quiet).
+pub(crate) const SETTLE_PERIOD: Duration = Duration::from_secs(10);
+
 /// The clock openraft stamps its metrics with.
 type RaftInstant = openraft::alias::InstantOf<junction_raft::TypeConfig>;
 
@@ -102,6 +106,11 @@ impl Quiet {
 
     pub fn is_quiet(&self) -> bool {
         self.state.lock().is_quiet()
+    }
+
+    /// Whether the replica is still settling (see [`QuietState::settling`]).
+    pub fn settling(&self, period: Duration) -> bool {
+        self.state.lock().settling(Instant::now(), period)
     }
 
     /// Something needs the group awake: starts its timer if it was quiet. Called on Raft
@@ -297,6 +306,21 @@ impl Broker {
             }
         }
         QuiesceResponse { quiet }
+    }
+
+    /// This node's replicas still settling: opened within [`SETTLE_PERIOD`] and not yet quiet.
+    pub fn settling_replicas(&self) -> usize {
+        self.replicas()
+            .iter()
+            .filter(|r| r.quiet.settling(SETTLE_PERIOD))
+            .count()
+    }
+
+    /// Whether reconciliation may bring up one more replica now that `settling` are settling:
+    /// always when quiescence is off (nothing would settle).
+    pub(crate) fn may_open(&self, settling: usize) -> bool {
+        self.cfg.tuning.quiesce_after.is_zero()
+            || junction_raft::quiesce::may_open(settling, self.cfg.open_wave)
     }
 
     /// The pre-vote rule of a partition group (see [`junction_raft::quiesce::pre_vote`]).

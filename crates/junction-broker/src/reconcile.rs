@@ -45,6 +45,9 @@ impl Broker {
         }
         let wanted = state.groups_of(self.node_id());
         let running: BTreeSet<GroupId> = self.hosted().into_iter().collect();
+        // New replicas come up in waves: the rest wait for a later pass (every second).
+        let mut settling = self.settling_replicas();
+        let mut deferred = 0usize;
         for (group, replicas) in &wanted {
             if let Some(detail) = self.partition(*group).and_then(|r| corrupt_stop(&r.raft)) {
                 // Its Raft stopped on a stored entry that fails its checksum: the replica
@@ -65,8 +68,12 @@ impl Broker {
                 }
                 continue;
             }
+            if !self.may_open(settling) {
+                deferred += 1;
+                continue;
+            }
             match self.open_partition(*group, replicas).await {
-                Ok(()) => {}
+                Ok(()) => settling += 1,
                 Err(BrokerError::CorruptReplica { detail, .. }) => {
                     metrics::counter!("junction_corruption_events_total", "kind" => "open")
                         .increment(1);
@@ -79,6 +86,13 @@ impl Broker {
                     tracing::warn!(group, error = %e, "starting partition replica failed; will retry");
                 }
             }
+        }
+        if deferred > 0 {
+            tracing::debug!(
+                settling,
+                deferred,
+                "opening more partition replicas once the ones just opened settle"
+            );
         }
         for group in &running {
             if !wanted.contains_key(group) && *group < state.next_group_id {

@@ -7,6 +7,7 @@
 //! - [`partition_sm`] / [`meta_sm`]: the partition (message log) and metadata state machines.
 //! - [`snapshot`]: snapshot data — dumped lazily from RocksDB on the sender, spooled to a file
 //!   on the receiver; never held in memory whole.
+//! - [`tail`]: the in-memory window of recently applied messages that tail readers use.
 //! - [`network`]: `RaftNetworkV2` over the `Peer` gRPC service; [`peer_service`]: its server.
 //!
 //! Depends on types, proto and storage; knows nothing of stations, produce or read requests.
@@ -24,6 +25,7 @@ pub mod quiesce;
 pub mod rejoin;
 mod sm_common;
 pub mod snapshot;
+pub mod tail;
 pub mod tuning;
 pub mod types;
 
@@ -36,6 +38,7 @@ pub use network::{
 pub use partition_sm::{PartitionShared, PartitionState, PartitionStateMachine};
 pub use peer_service::{GroupHost, PeerService};
 pub use snapshot::SnapshotData;
+pub use tail::{TailBudget, TailWindow};
 pub use tuning::RaftTuning;
 pub use types::*;
 

@@ -31,6 +31,7 @@ use crate::RaftStoreError;
 use crate::format::{self, encode};
 use crate::sm_common::{self, SnapshotBuilder};
 use crate::snapshot::SnapshotData;
+use crate::tail::{TailBudget, TailWindow};
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// The small state of a partition besides its messages.
@@ -130,6 +131,7 @@ pub struct PartitionShared {
     tx: watch::Sender<PartitionState>,
     groups: watch::Sender<Arc<GroupCursors>>,
     exactly_once: watch::Sender<ExactlyOnceStats>,
+    window: TailWindow,
 }
 
 impl PartitionShared {
@@ -151,6 +153,11 @@ impl PartitionShared {
     /// Returns the exactly-once state's size as of the last apply.
     pub fn exactly_once(&self) -> ExactlyOnceStats {
         *self.exactly_once.borrow()
+    }
+
+    /// Returns the window of the most recently applied messages (see [`crate::tail`]).
+    pub fn window(&self) -> &TailWindow {
+        &self.window
     }
 
     /// Returns a receiver that sees every change of the consumer group cursors.
@@ -175,8 +182,9 @@ pub struct PartitionStateMachine {
 }
 
 impl PartitionStateMachine {
-    /// Opens the state machine of `group`, recovering its state from the store.
-    pub fn open(store: Store, group: GroupId) -> io::Result<Self> {
+    /// Opens the state machine of `group`, recovering its state from the store; its tail
+    /// window draws on `budget`.
+    pub fn open(store: Store, group: GroupId, budget: Arc<TailBudget>) -> io::Result<Self> {
         let (applied, membership) = sm_common::load_applied(&store, group)?;
         let (persisted, state_bytes) = sm_common::load_state(
             &store,
@@ -204,6 +212,7 @@ impl PartitionStateMachine {
                 tx,
                 groups: gtx,
                 exactly_once: etx,
+                window: TailWindow::new(budget),
             }),
         };
         sm.publish_exactly_once();
@@ -245,6 +254,7 @@ impl PartitionStateMachine {
         timestamp_ms: i64,
         delivery: &DeliveryPolicy,
         batches: Vec<SpannedBatch>,
+        fresh: &mut Fresh,
     ) -> Result<CommandResponse, RaftStoreError> {
         let ts = timestamp_ms.max(state.last_timestamp_ms);
         self.producers.expire(ts, delivery.producer_expiry_ms);
@@ -319,7 +329,7 @@ impl PartitionStateMachine {
                 duplicate: false,
             }));
         }
-        self.append_records(b, state, ts, stored)?;
+        self.append_records(b, state, ts, stored, fresh)?;
         Ok(CommandResponse::Batches(outcomes))
     }
 
@@ -331,6 +341,7 @@ impl PartitionStateMachine {
         state: &mut PartitionState,
         ts: i64,
         records: Vec<Record>,
+        fresh: &mut Fresh,
     ) -> Result<u64, RaftStoreError> {
         let base = state.next_offset;
         let count = records.len() as u64;
@@ -356,11 +367,9 @@ impl PartitionStateMachine {
                 headers: r.headers,
                 payload: r.payload,
             };
-            b.put_message(
-                self.group,
-                base + i as u64,
-                &format::encode_record(&stored)?,
-            )?;
+            let encoded = format::encode_record(&stored)?;
+            b.put_message(self.group, base + i as u64, &encoded)?;
+            fresh.push(base + i as u64, encoded);
         }
         state.next_offset = base + count;
         state.last_timestamp_ms = ts;
@@ -388,6 +397,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let mut applied = None;
         let mut membership = None;
         let mut replies = Vec::new();
+        let mut fresh = Fresh::default();
         while let Some((entry, responder)) = entries.try_next().await? {
             applied = Some(entry.log_id);
             let resp = match entry.payload {
@@ -404,7 +414,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     let ts = timestamp_ms.max(state.last_timestamp_ms);
                     let count = records.len() as u32;
                     self.dedup.disable(state.next_offset + u64::from(count));
-                    let base = self.append_records(&mut b, &mut state, ts, records)?;
+                    let base = self.append_records(&mut b, &mut state, ts, records, &mut fresh)?;
                     CommandResponse::Appended {
                         base_offset: base,
                         count,
@@ -423,18 +433,33 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                             batch,
                         })
                         .collect();
-                    self.append_batches(&mut b, &mut state, timestamp_ms, &delivery, batches)?
+                    self.append_batches(
+                        &mut b,
+                        &mut state,
+                        timestamp_ms,
+                        &delivery,
+                        batches,
+                        &mut fresh,
+                    )?
                 }
                 EntryPayload::Normal(Command::Partition(PartitionCommand::AppendSpanned {
                     timestamp_ms,
                     delivery,
                     batches,
-                })) => self.append_batches(&mut b, &mut state, timestamp_ms, &delivery, batches)?,
+                })) => self.append_batches(
+                    &mut b,
+                    &mut state,
+                    timestamp_ms,
+                    &delivery,
+                    batches,
+                    &mut fresh,
+                )?,
                 EntryPayload::Normal(Command::Partition(PartitionCommand::Truncate { before })) => {
                     // The cut reads the stored indexes: write what this call applied so far.
                     self.store
                         .write_applied(std::mem::replace(&mut b, store.batch()))
                         .map_err(RaftStoreError::from)?;
+                    fresh.hand_to(&self.shared.window);
                     let before = before.min(state.next_offset);
                     let mut removed = 0;
                     if before > state.start_offset {
@@ -445,6 +470,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         b.truncate_below(self.group, before, &plan)
                             .map_err(RaftStoreError::from)?;
                         self.dedup.truncate(before);
+                        self.shared.window.trim_below(before);
                         removed = before - state.start_offset;
                         state.start_offset = before;
                         // Group positions below the cut skip forward with it.
@@ -465,6 +491,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     self.store
                         .write_applied(std::mem::replace(&mut b, store.batch()))
                         .map_err(RaftStoreError::from)?;
+                    fresh.hand_to(&self.shared.window);
                     let upto = upto.min(state.next_offset);
                     let cutoff = tombstones_before_ms.max(state.tombstone_cutoff_ms);
                     // The scan reads the whole range: keep it off the async workers.
@@ -476,6 +503,8 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     .map_err(io::Error::other)??;
                     crate::compaction::apply_plan(&mut b, self.group, &plan)?;
                     self.dedup.removed(&plan.remove);
+                    // Compaction removed messages below `upto`: the window keeps none of them.
+                    self.shared.window.trim_below(upto);
                     state.compacted_upto = state.compacted_upto.max(upto);
                     state.tombstone_cutoff_ms = cutoff;
                     state.tombstones = plan.tombstones_kept;
@@ -507,6 +536,8 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             &state_bytes,
         )?;
         self.store.write_applied(b).map_err(RaftStoreError::from)?;
+        // Readers woken by the new state find its messages in the window.
+        fresh.hand_to(&self.shared.window);
         if applied.is_some() {
             self.applied = applied;
         }
@@ -574,6 +605,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         self.groups = Arc::new(persisted.groups);
         self.publish_exactly_once();
         self.shared.groups.send_replace(self.groups.clone());
+        self.shared.window.clear();
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(state);
@@ -582,6 +614,33 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         sm_common::current_snapshot(&self.store, self.group)
+    }
+}
+
+/// The messages one `apply` call stored, kept for the tail window until their write is done.
+#[derive(Default)]
+struct Fresh {
+    base: u64,
+    records: Vec<bytes::Bytes>,
+}
+
+impl Fresh {
+    fn push(&mut self, offset: u64, encoded: Vec<u8>) {
+        if self.base + self.records.len() as u64 != offset {
+            // Not contiguous (never expected): the window only ever takes a contiguous run.
+            self.records.clear();
+        }
+        if self.records.is_empty() {
+            self.base = offset;
+        }
+        self.records.push(bytes::Bytes::from(encoded));
+    }
+
+    /// Hands the messages written so far to `window`.
+    fn hand_to(&mut self, window: &TailWindow) {
+        if !self.records.is_empty() {
+            window.append(self.base, std::mem::take(&mut self.records));
+        }
     }
 }
 

@@ -125,6 +125,10 @@ pub fn follower_accepts(view: &FollowerView, ask: &QuiesceAsk) -> Result<(), &'s
 #[derive(Debug, Clone)]
 pub struct QuietState {
     quiet: bool,
+    /// When the replica was opened on this node.
+    opened: Instant,
+    /// Went quiet at least once since it was opened.
+    ever_quiet: bool,
     /// Bumped by every wake-up: a quiescence decided before one is void.
     epoch: u64,
     last_log: Option<u64>,
@@ -144,6 +148,8 @@ impl QuietState {
     pub fn new(now: Instant) -> Self {
         Self {
             quiet: false,
+            opened: now,
+            ever_quiet: false,
             epoch: 0,
             last_log: None,
             idle_since: now,
@@ -152,6 +158,13 @@ impl QuietState {
 
     pub fn is_quiet(&self) -> bool {
         self.quiet
+    }
+
+    /// Whether the replica is still settling at `now`: opened less than `period` ago and not
+    /// quiet once since. A node brings up new replicas only while few are settling
+    /// ([`may_open`]).
+    pub fn settling(&self, now: Instant, period: Duration) -> bool {
+        !self.ever_quiet && now.saturating_duration_since(self.opened) < period
     }
 
     /// Something happened in the group (a write, a Raft message): it is awake and idle from
@@ -186,13 +199,24 @@ impl QuietState {
             return false;
         }
         self.quiet = true;
+        self.ever_quiet = true;
         true
     }
 
     /// A follower agreed to a leader's request: it goes quiet (idempotent).
     pub fn follow_quiet(&mut self) -> bool {
+        self.ever_quiet = true;
         !std::mem::replace(&mut self.quiet, true)
     }
+}
+
+/// Whether a node may bring up one more partition replica while `settling` of its replicas
+/// are settling ([`QuietState::settling`]); `wave` 0 sets no limit. Each new group ticks,
+/// elects and heartbeats until it goes quiet: a thousand at once overload a small node, whose
+/// late heartbeats and votes then start elections faster than any finishes. In waves, each
+/// wave elects and goes quiet before the next one starts.
+pub fn may_open(settling: usize, wave: usize) -> bool {
+    wave == 0 || settling < wave
 }
 
 /// How long a follower of a quiet group whose leader's node is suspected waits before it
@@ -331,6 +355,34 @@ mod tests {
     }
 
     const AFTER: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn a_replica_settles_when_it_first_goes_quiet_or_after_the_period() {
+        let t0 = Instant::now();
+        let period = Duration::from_secs(10);
+        let mut s = QuietState::new(t0);
+        assert!(s.settling(t0, period));
+        assert!(s.settling(t0 + Duration::from_secs(9), period));
+        assert!(!s.settling(t0 + period, period), "settled by age");
+        // A follower that agreed to go quiet has settled, and stays settled once woken.
+        let mut f = QuietState::new(t0);
+        assert!(f.follow_quiet());
+        assert!(!f.settling(t0, period));
+        f.wake(t0);
+        assert!(!f.settling(t0, period));
+        // So has a leader whose quiescence was confirmed; one whose ticket was void has not.
+        s.observe(Some(3), t0);
+        let ticket = s.ticket();
+        s.wake(t0);
+        assert!(!s.commit(ticket, Some(3)));
+        assert!(s.settling(t0, period));
+        let mut l = QuietState::new(t0);
+        l.observe(Some(3), t0);
+        assert!(l.commit(l.ticket(), Some(3)));
+        assert!(!l.settling(t0, period));
+        // Waves: a limit of 0 never holds a replica back.
+        assert!(may_open(99, 100) && !may_open(100, 100) && may_open(10_000, 0));
+    }
 
     #[test]
     fn an_idle_settled_group_quiesces_with_all_its_followers() {

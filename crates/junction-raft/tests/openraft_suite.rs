@@ -39,7 +39,9 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir
     ) -> Result<(tempfile::TempDir, LogStore, PartitionStateMachine), StorageError<TypeConfig>>
     {
         let (dir, store) = store();
-        let sm = PartitionStateMachine::open(store.clone(), 7).expect("state machine");
+        let sm =
+            PartitionStateMachine::open(store.clone(), 7, junction_raft::TailBudget::new(1 << 20))
+                .expect("state machine");
         Ok((dir, LogStore::new(store, 7), sm))
     }
 }

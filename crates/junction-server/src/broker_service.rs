@@ -382,7 +382,7 @@ impl BrokerService {
     }
 
     /// A unary read: refused with THROTTLED while the tenant is over its consume rate.
-    fn read_checked(
+    async fn read_checked(
         &self,
         req: &ReadRequest,
         station: &StationMeta,
@@ -391,10 +391,10 @@ impl BrokerService {
         self.broker
             .check_consume(&station.tenant, &station.name)
             .map_err(to_status)?;
-        self.read_local(req, station, group)
+        self.read_local(req, station, group).await
     }
 
-    fn read_local(
+    async fn read_local(
         &self,
         req: &ReadRequest,
         station: &StationMeta,
@@ -436,6 +436,7 @@ impl BrokerService {
         let (raw, state) = self
             .broker
             .read(group, from, max_messages, max_bytes)
+            .await
             .map_err(to_status)?;
         let read_bytes: u64 = raw.iter().map(|(_, b)| b.len() as u64).sum();
         self.broker
@@ -444,7 +445,7 @@ impl BrokerService {
             .increment(read_bytes);
         let mut messages = Vec::with_capacity(raw.len());
         for (offset, bytes) in raw {
-            let r: StoredRecord = junction_raft::decode_record(&bytes).map_err(|e| match e {
+            let r = junction_raft::format::decode_record_ref(&bytes).map_err(|e| match e {
                 junction_raft::RaftStoreError::Corrupt { detail, .. } => {
                     metrics::counter!("junction_corrupt_records_total").increment(1);
                     tracing::error!(
@@ -464,7 +465,23 @@ impl BrokerService {
                 }
                 e => Status::data_loss(format!("partition {} offset {offset}: {e}", req.partition)),
             })?;
-            messages.push(stored_message(req.partition, offset, r));
+            // The payload is handed on as a slice of the stored bytes (from a tail window,
+            // shared with it): no copy.
+            messages.push(StoredMessage {
+                partition: req.partition,
+                offset,
+                timestamp_ms: r.timestamp_ms,
+                key: r.key.map(<[u8]>::to_vec),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|(key, value)| Header {
+                        key: key.to_owned(),
+                        value: value.to_vec(),
+                    })
+                    .collect(),
+                payload: bytes.slice_ref(r.payload),
+            });
         }
         // Nothing stored from `from` to the end (compaction holes): continue at the end.
         let next_offset = messages
@@ -674,18 +691,14 @@ impl BrokerApi for BrokerService {
                     station.full_name()
                 )));
             }
-            return Ok(Response::new(self.read_checked(
-                &req,
-                &station,
-                part.group_id,
-            )?));
+            return Ok(Response::new(
+                self.read_checked(&req, &station, part.group_id).await?,
+            ));
         }
         match self.route(part.group_id, &part.replicas).await? {
-            None => Ok(Response::new(self.read_checked(
-                &req,
-                &station,
-                part.group_id,
-            )?)),
+            None => Ok(Response::new(
+                self.read_checked(&req, &station, part.group_id).await?,
+            )),
             Some(addr) => {
                 if hops >= MAX_HOPS {
                     return Err(Status::unavailable("partition leadership is moving; retry"));
@@ -759,7 +772,7 @@ impl BrokerApi for BrokerService {
                     below_start: false,
                 }
             }
-            _ => self.read_local(&req, &station, part.group_id)?,
+            _ => self.read_local(&req, &station, part.group_id).await?,
         };
         let (tx, rx) = mpsc::channel::<Result<ReadResponse, Status>>(16);
         let svc = self.clone();
@@ -829,7 +842,7 @@ impl BrokerApi for BrokerService {
                         _ = shutdown.cancelled() => return,
                     }
                 }
-                resp = match svc.read_local(&r, &station, part.group_id) {
+                resp = match svc.read_local(&r, &station, part.group_id).await {
                     Ok(resp) => resp,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;

@@ -106,6 +106,12 @@ pub struct Config {
     pub compaction_every_ms: u64,
     /// Most bytes the replicas of memory stations may hold on this node.
     pub memory_limit_bytes: u64,
+    /// Most bytes of recently applied messages this node keeps in memory for tail readers,
+    /// all partitions together (0: none; every read goes to RocksDB).
+    pub tail_window_bytes: u64,
+    /// Most partition replicas a node brings up while earlier ones are still electing and
+    /// not yet quiet (0: no limit).
+    pub open_wave: usize,
     /// Longest the schema validation of one message may take, in ms.
     pub schema_validation_limit_ms: u64,
     /// File holding the secret every node of the cluster shares; node-to-node calls without
@@ -196,6 +202,8 @@ impl Default for Config {
             retention_tick_ms: 1000,
             compaction_every_ms: 60_000,
             memory_limit_bytes: 1 << 30,
+            tail_window_bytes: 64 << 20,
+            open_wave: 100,
             schema_validation_limit_ms: 100,
             cluster_secret_file: None,
             bootstrap: false,
@@ -259,6 +267,15 @@ pub struct ServeArgs {
     /// Most bytes memory stations may hold on this node (default 1 GiB).
     #[arg(long, env = "JUNCTION_MEMORY_LIMIT_BYTES")]
     pub memory_limit_bytes: Option<u64>,
+    /// Most bytes of recently applied messages kept in memory for readers at the tail of
+    /// their partitions, all partitions of the node together (default 64 MiB; 0: none).
+    #[arg(long, env = "JUNCTION_TAIL_WINDOW_BYTES", value_name = "BYTES")]
+    pub tail_window_bytes: Option<u64>,
+    /// Most partition replicas the node brings up while earlier ones are still electing and
+    /// not yet quiet, so that creating or restarting thousands of partitions goes in waves
+    /// (default 100; 0: no limit; no effect with --quiesce-after-ms 0).
+    #[arg(long, env = "JUNCTION_OPEN_WAVE", value_name = "N")]
+    pub open_wave: Option<usize>,
     /// Longest the schema validation of one message may take before the message is refused,
     /// in ms (default 100).
     #[arg(long, env = "JUNCTION_SCHEMA_VALIDATION_LIMIT_MS")]
@@ -430,6 +447,12 @@ impl Config {
         }
         if let Some(v) = args.memory_limit_bytes {
             c.memory_limit_bytes = v;
+        }
+        if let Some(v) = args.tail_window_bytes {
+            c.tail_window_bytes = v;
+        }
+        if let Some(v) = args.open_wave {
+            c.open_wave = v;
         }
         if let Some(v) = args.max_message_bytes {
             c.max_message_bytes = v;
@@ -775,6 +798,8 @@ impl Config {
                 max_moves: self.max_moves as usize,
                 auto_balance: self.auto_balance,
             },
+            tail_window_bytes: usize::try_from(self.tail_window_bytes).unwrap_or(usize::MAX),
+            open_wave: self.open_wave,
         })
     }
 }

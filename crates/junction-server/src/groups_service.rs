@@ -995,6 +995,7 @@ impl Groups for GroupsService {
                 let head = self
                     .broker
                     .read_one(&station, p, head_offset)
+                    .await
                     .map(|rec| stored_message(p, head_offset, rec));
                 keys.push(ParkedKey {
                     partition: p,

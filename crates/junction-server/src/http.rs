@@ -95,6 +95,12 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
     metrics::gauge!("junction_partition_leaders", "node" => node_label.clone()).set(leaders as f64);
     // Partition replicas whose Raft timers are stopped (see junction_raft::quiesce).
     metrics::gauge!("junction_partition_quiet", "node" => node_label.clone()).set(quiet as f64);
+    // Recently applied messages kept in memory for tail readers (see junction_raft::tail).
+    let (tail_used, tail_limit) = broker.tail_window_bytes();
+    metrics::gauge!("junction_tail_window_bytes", "node" => node_label.clone())
+        .set(tail_used as f64);
+    metrics::gauge!("junction_tail_window_limit_bytes", "node" => node_label.clone())
+        .set(tail_limit as f64);
     // Bytes RocksDB wrote, by cause: with the bytes produced, this gives write amplification.
     let written = broker.store().written_bytes();
     for (cause, bytes) in [

@@ -38,6 +38,18 @@ pub struct StoredRecord {
     pub payload: Vec<u8>,
 }
 
+/// A [`StoredRecord`] decoded from its encoding without copying: its byte fields borrow from
+/// the encoded buffer, so a reader can hand the payload on as a slice of that buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StoredRecordRef<'a> {
+    pub timestamp_ms: i64,
+    #[serde(borrow)]
+    pub key: Option<&'a [u8]>,
+    #[serde(borrow)]
+    pub headers: Vec<(&'a str, &'a [u8])>,
+    pub payload: &'a [u8],
+}
+
 // Byte fields go through serde's bytes API. Without it a `Vec<u8>` is a sequence of `u8`,
 // visited one element at a time: encoding and decoding records took 18 % of a node's CPU when
 // producing 1 KiB messages. Postcard writes both forms identically (a varint length, then the
@@ -171,6 +183,19 @@ mod tests {
         assert_eq!(new_bytes, postcard::to_allocvec(&old).unwrap());
         let back: StoredRecord = postcard::from_bytes(&new_bytes).unwrap();
         assert_eq!(back, r);
+        // The borrowed form reads the same bytes, and its payload lies inside them.
+        let view: StoredRecordRef<'_> = postcard::from_bytes(&new_bytes).unwrap();
+        assert_eq!(view.timestamp_ms, r.timestamp_ms);
+        assert_eq!(view.key, r.key.as_deref());
+        assert_eq!(
+            view.headers,
+            r.headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(view.payload, r.payload.as_slice());
+        assert!(new_bytes.as_ptr_range().contains(&view.payload.as_ptr()));
         let none = Record {
             key: None,
             headers: vec![],

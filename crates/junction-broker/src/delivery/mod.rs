@@ -374,14 +374,14 @@ impl Broker {
 
     /// The stored message at `offset` of a partition this node holds (`None` when it is
     /// not stored, or cannot be decoded).
-    pub fn read_one(
+    pub async fn read_one(
         &self,
         station: &StationName,
         partition: u32,
         offset: u64,
     ) -> Option<StoredRecord> {
         let replica = self.hosted_replica(station, partition).ok()?;
-        let (msgs, _) = self.read(replica.group, offset, 1, 16 << 20).ok()?;
+        let (msgs, _) = self.read(replica.group, offset, 1, 16 << 20).await.ok()?;
         let (at, bytes) = msgs.into_iter().next()?;
         if at != offset {
             return None;
@@ -670,7 +670,7 @@ impl Dispatcher {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.broker.shutdown_token();
         loop {
-            self.fill()?;
+            self.fill().await?;
             let now = self.now();
             self.engine.dispatch(now);
             self.carry_out();
@@ -748,7 +748,7 @@ impl Dispatcher {
     }
 
     /// Reads more committed messages into the engine.
-    fn fill(&mut self) -> Result<(), BrokerError> {
+    async fn fill(&mut self) -> Result<(), BrokerError> {
         let window = self.window();
         let state = self.replica.shared.current();
         if self.read_pos < state.start_offset {
@@ -770,9 +770,10 @@ impl Dispatcher {
                 break;
             }
             let want = window - self.engine.pending();
-            let (msgs, _) =
-                self.broker
-                    .read(self.replica.group, self.read_pos, want, READ_BYTES)?;
+            let (msgs, _) = self
+                .broker
+                .read(self.replica.group, self.read_pos, want, READ_BYTES)
+                .await?;
             if msgs.is_empty() {
                 self.read_pos = state.next_offset;
                 break;
