@@ -33,7 +33,8 @@ pub enum Workload {
     /// Produce and tail at once, measuring produce → delivery.
     E2e,
     /// Create the station, wait until every partition has a leader, then only measure the
-    /// nodes' CPU for `--duration` (default 30 s): the cost of idle partitions.
+    /// nodes' CPU and memory for `--duration` (default 30 s): the cost of idle partitions.
+    /// More than 1,024 partitions go into stations of 1,000.
     Idle,
     /// I4: tenant `quiet` produces at `--rate` within its quota while tenant `noisy` offers
     /// 10× its `--noisy-quota` without backing off; `quiet`'s throughput and p99 are

@@ -212,7 +212,19 @@ pub async fn run(
     spawned: Option<&mut Spawned>,
 ) -> anyhow::Result<LoadResult> {
     let station = args.station.clone().unwrap_or_else(default_station);
-    prepare(args, addrs, &station).await?;
+    if args.workload == Workload::Idle {
+        let stations = idle_stations(&station, args.partitions);
+        for (name, partitions) in &stations {
+            let mut one = args.clone();
+            one.partitions = *partitions;
+            prepare(&one, addrs, name).await?;
+        }
+        for (name, _) in &stations {
+            wait_for_leaders(args, addrs, name, Duration::from_secs(1800)).await?;
+        }
+    } else {
+        prepare(args, addrs, &station).await?;
+    }
     if args.workload == Workload::Read {
         let existing = total_offsets(args, addrs, &station).await?;
         if existing < args.messages {
@@ -223,9 +235,6 @@ pub async fn run(
             fill.messages = args.messages - existing;
             produce(&fill, addrs, &station, &Counters::new(), None).await?;
         }
-    }
-    if args.workload == Workload::Idle {
-        wait_for_leaders(args, addrs, &station, Duration::from_secs(600)).await?;
     }
     let counters = Arc::new(Counters::new());
     let before = spawned.as_deref().map(Spawned::usage);
@@ -274,6 +283,7 @@ pub async fn run(
                     .collect(),
                 write_bytes: a.write_bytes.saturating_sub(b.write_bytes),
                 rocksdb: std::array::from_fn(|i| a.rocksdb[i].saturating_sub(b.rocksdb[i])),
+                node_rss_bytes: a.node_rss_bytes,
             })
         }
         _ => None,
@@ -372,6 +382,22 @@ async fn describe(
 async fn total_offsets(args: &BenchArgs, addrs: &[String], station: &str) -> anyhow::Result<u64> {
     let info = describe(&admin(addrs, args.token.as_deref())?, station).await?;
     Ok(info.partition_info.iter().map(|p| p.next_offset).sum())
+}
+
+/// The stations `idle` creates for `partitions` partitions: `station` itself when one station
+/// can hold them all (1,024 at most), else stations of 1,000 named `station-1`, `station-2`, …
+fn idle_stations(station: &str, partitions: u32) -> Vec<(String, u32)> {
+    const MAX: u32 = 1024;
+    const CHUNK: u32 = 1000;
+    if partitions <= MAX {
+        return vec![(station.to_owned(), partitions)];
+    }
+    (0..partitions.div_ceil(CHUNK))
+        .map(|i| {
+            let n = (partitions - i * CHUNK).min(CHUNK);
+            (format!("{station}-{}", i + 1), n)
+        })
+        .collect()
 }
 
 /// Waits until every partition of `station` has a leader (for `idle`: measuring before the
@@ -1166,4 +1192,20 @@ async fn e2e(
         );
     }
     Ok((total, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idle_stations;
+
+    #[test]
+    fn many_idle_partitions_are_spread_over_stations() {
+        assert_eq!(idle_stations("s", 1000), vec![("s".to_owned(), 1000)]);
+        assert_eq!(idle_stations("s", 1024), vec![("s".to_owned(), 1024)]);
+        let many = idle_stations("s", 10_500);
+        assert_eq!(many.len(), 11);
+        assert_eq!(many[0], ("s-1".to_owned(), 1000));
+        assert_eq!(many[10], ("s-11".to_owned(), 500));
+        assert_eq!(many.iter().map(|(_, n)| n).sum::<u32>(), 10_500);
+    }
 }

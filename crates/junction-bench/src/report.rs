@@ -60,6 +60,8 @@ pub struct Report {
     pub server_cores: Option<f64>,
     /// Average cores each spawned node used, in node order.
     pub node_cores: Vec<f64>,
+    /// Resident memory of each spawned node at the end, MiB, in node order.
+    pub node_rss_mib: Vec<f64>,
     /// Bytes the nodes wrote to storage per payload byte, per replica.
     pub write_amplification: Option<f64>,
     /// The same, from RocksDB's own counters, by cause: WAL, flush, compaction.
@@ -138,6 +140,12 @@ impl Report {
                     .map(|us| *us as f64 / 1e6 / secs)
                     .collect()
             }),
+            node_rss_mib: r.usage.as_ref().map_or_else(Vec::new, |u| {
+                u.node_rss_bytes
+                    .iter()
+                    .map(|b| *b as f64 / f64::from(1 << 20))
+                    .collect()
+            }),
             write_amplification: r
                 .usage
                 .as_ref()
@@ -211,6 +219,15 @@ impl Report {
                 .map(|(i, c)| format!("node {} {:.1} %", i + 1, c * 100.0))
                 .collect();
             let _ = writeln!(t, "CPU per node    {} of a core", per.join(", "));
+        }
+        if !self.node_rss_mib.is_empty() {
+            let per: Vec<String> = self
+                .node_rss_mib
+                .iter()
+                .enumerate()
+                .map(|(i, m)| format!("node {} {m:.1} MiB", i + 1))
+                .collect();
+            let _ = writeln!(t, "RSS per node    {}", per.join(", "));
         }
         let _ = writeln!(
             t,

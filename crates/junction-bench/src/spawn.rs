@@ -30,6 +30,8 @@ pub struct ProcUsage {
     /// What RocksDB says it wrote (`junction_storage_written_bytes_total`), by cause:
     /// WAL, memtable flushes, compactions.
     pub rocksdb: [u64; 3],
+    /// Resident memory of each node when measured (not a difference), in node order.
+    pub node_rss_bytes: Vec<u64>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -178,6 +180,7 @@ impl Spawned {
             if let Some(w) = proc_write_bytes(pid) {
                 u.write_bytes += w;
             }
+            u.node_rss_bytes.push(proc_rss_bytes(pid).unwrap_or(0));
         }
         for h in &self.http {
             if let Some(page) = http_get(h, "/metrics") {
@@ -222,6 +225,14 @@ fn proc_cpu_us(pid: u32) -> Option<u64> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
     Some((utime + stime) * 1_000_000 / ticks)
+}
+
+/// Resident memory of a process (`VmRSS` in `/proc/PID/status`).
+fn proc_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A plain HTTP/1.0 GET on loopback, for the node's own `/metrics` page.
