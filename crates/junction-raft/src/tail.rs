@@ -338,13 +338,8 @@ mod tests {
     /// must equal the windows' bytes.
     #[test]
     fn the_window_never_answers_differently_from_the_store() {
-        let mut seed = 0x5eed_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = junction_testkit::SplitMix(0x5eed);
+        let mut next = move |n: u64| rng.below(n);
         let budget = TailBudget::new(64 << 10);
         let w = TailWindow::new(budget.clone());
         let mut store: std::collections::BTreeMap<u64, Bytes> = Default::default();
