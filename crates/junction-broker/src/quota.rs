@@ -8,10 +8,13 @@
 //!   [`SHARE_REFRESH`]). Unary calls over the rate are refused with the time to wait; streams
 //!   (tails, group deliveries) are slowed down instead.
 //! - **Stored bytes** are tallied every [`TALLY_PERIOD`] from every partition of the tenant
-//!   (asking the node that hosts it), plus what this node accepted since. A tenant at or over
-//!   its limit gets its produces refused; nothing is deleted. Other nodes' produces since the
-//!   last tally are not seen, so a tenant can pass its limit by what the cluster accepts in one
-//!   period.
+//!   (asking the node that hosts it), plus what this node accepted that a finished tally may
+//!   not have seen: produces still in flight, and those stored since the last finished tally
+//!   began (a produce admitted before a tally but stored after it measured its partition is
+//!   thus counted; it may be counted twice until the next tally ends, which errs
+//!   on the side of the limit). A tenant at or over its limit gets its produces refused;
+//!   nothing is deleted. Other nodes' produces since the last tally are not seen, so a tenant
+//!   can pass its limit by what the cluster accepts in one period.
 //! - **Streams** are counted per node.
 //!
 //! [`QuotaBook`] makes every decision from the limits, the shares, the tallies and a clock
@@ -106,8 +109,13 @@ pub struct QuotaBook {
     buckets: HashMap<(Scope, QuotaField), RateBucket>,
     /// Stored bytes at the last tally.
     stored: HashMap<Scope, u64>,
-    /// Bytes this node accepted since the last tally.
-    accepted: HashMap<Scope, u64>,
+    /// Bytes of produces admitted here and not yet stored (or failed).
+    in_flight: HashMap<Scope, u64>,
+    /// Bytes of produces that completed since the running (or last) tally began.
+    settled: HashMap<Scope, u64>,
+    /// Bytes of produces that completed before the running tally began but perhaps after it
+    /// measured their partition: counted until that tally ends.
+    measuring: HashMap<Scope, u64>,
     /// Open streams per tenant on this node.
     streams: HashMap<String, u64>,
 }
@@ -123,12 +131,11 @@ impl QuotaBook {
         share: impl Fn(&Scope) -> Share,
         now_ms: i64,
         (messages, bytes): (u64, u64),
-    ) -> Result<(), Refusal> {
+    ) -> Result<Charge, Refusal> {
         let scopes = scopes(tenant, station);
         for scope in &scopes {
             if let Some(limit) = limit_of(q, scope, QuotaField::StoredBytes) {
-                let used = self.stored.get(scope).copied().unwrap_or(0)
-                    + self.accepted.get(scope).copied().unwrap_or(0);
+                let used = self.stored_bytes(scope);
                 if used >= limit {
                     return Err(Refusal::Exceeded {
                         scope: scope.clone(),
@@ -144,12 +151,45 @@ impl QuotaBook {
             (QuotaField::ProduceMessagesPerSec, messages),
         ];
         self.take_rates(q, &scopes, &share, now_ms, &rates)?;
-        for scope in scopes {
-            if limit_of(q, &scope, QuotaField::StoredBytes).is_some() {
-                *self.accepted.entry(scope).or_default() += bytes;
-            }
+        let limited: Vec<Scope> = scopes
+            .into_iter()
+            .filter(|s| limit_of(q, s, QuotaField::StoredBytes).is_some())
+            .collect();
+        for scope in &limited {
+            *self.in_flight.entry(scope.clone()).or_default() += bytes;
         }
-        Ok(())
+        Ok(Charge {
+            scopes: limited,
+            bytes,
+        })
+    }
+
+    /// The stored bytes of `scope` as this node knows them: the last tally plus what it
+    /// accepted that the tally may not have counted.
+    pub fn stored_bytes(&self, scope: &Scope) -> u64 {
+        [
+            &self.stored,
+            &self.in_flight,
+            &self.settled,
+            &self.measuring,
+        ]
+        .iter()
+        .map(|m| m.get(scope).copied().unwrap_or(0))
+        .fold(0u64, u64::saturating_add)
+    }
+
+    /// Records that an admitted produce completed (stored, failed, or its outcome no longer
+    /// awaited): its bytes count until a tally that begins after now has ended.
+    pub fn settle(&mut self, charge: &Charge) {
+        for scope in &charge.scopes {
+            if let Some(n) = self.in_flight.get_mut(scope) {
+                *n = n.saturating_sub(charge.bytes);
+                if *n == 0 {
+                    self.in_flight.remove(scope);
+                }
+            }
+            *self.settled.entry(scope.clone()).or_default() += charge.bytes;
+        }
     }
 
     /// Whether a read of `tenant/station` may go now (`Err` with the wait while over the
@@ -256,10 +296,12 @@ impl QuotaBook {
         self.streams.get(tenant).copied().unwrap_or(0)
     }
 
-    /// Starts a tally: forgets what was accepted (the tally will count it) and returns the
-    /// scopes to measure.
+    /// Starts a tally: what completed until now is counted until this tally ends (it will
+    /// have been measured by then). Returns the scopes to measure.
     pub fn begin_tally(&mut self, quotas: &BTreeMap<String, TenantQuotas>) -> Vec<Scope> {
-        self.accepted.clear();
+        for (scope, n) in self.settled.drain() {
+            *self.measuring.entry(scope).or_default() += n;
+        }
         let mut out = Vec::new();
         for (tenant, q) in quotas {
             if q.tenant.get(QuotaField::StoredBytes).is_some() {
@@ -277,6 +319,7 @@ impl QuotaBook {
     /// Records a tally's result; scopes no longer limited are forgotten.
     pub fn end_tally(&mut self, measured: HashMap<Scope, u64>) {
         self.stored = measured;
+        self.measuring.clear();
     }
 
     /// Forgets buckets of scopes that no longer have a rate limit.
@@ -286,6 +329,31 @@ impl QuotaBook {
                 .get(&scope.0)
                 .is_some_and(|q| limit_of(q, scope, *field).is_some())
         });
+    }
+}
+
+/// The stored-bytes scopes a produce was charged to, and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    scopes: Vec<Scope>,
+    bytes: u64,
+}
+
+/// An admitted produce's charge to its tenant's stored bytes; hold it until the produce
+/// completes (dropping it settles the charge).
+pub struct ProduceCharge {
+    broker: std::sync::Weak<Broker>,
+    charge: Charge,
+}
+
+impl Drop for ProduceCharge {
+    fn drop(&mut self) {
+        if self.charge.scopes.is_empty() {
+            return;
+        }
+        if let Some(b) = self.broker.upgrade() {
+            b.quotas.book.lock().settle(&self.charge);
+        }
     }
 }
 
@@ -356,26 +424,37 @@ impl Broker {
     }
 
     /// Admits a produce to a partition of `station` that this node leads, or refuses it
-    /// with the quota it would pass.
+    /// with the quota it would pass. Hold the charge until the produce completes.
     pub fn admit_produce(
-        &self,
+        self: &std::sync::Arc<Self>,
         station: &junction_types::StationMeta,
         messages: u64,
         bytes: u64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<ProduceCharge, BrokerError> {
         let meta = self.metadata();
-        let Some(q) = meta.quotas.get(&station.tenant) else {
-            return Ok(());
+        let charge = match meta.quotas.get(&station.tenant) {
+            None => Charge {
+                scopes: Vec::new(),
+                bytes,
+            },
+            Some(q) => self
+                .quotas
+                .book
+                .lock()
+                .admit_produce(
+                    q,
+                    &station.tenant,
+                    &station.name,
+                    |s| self.share(&meta, s),
+                    now_ms(),
+                    (messages, bytes),
+                )
+                .map_err(|e| refused(&station.tenant, e))?,
         };
-        let r = self.quotas.book.lock().admit_produce(
-            q,
-            &station.tenant,
-            &station.name,
-            |s| self.share(&meta, s),
-            now_ms(),
-            (messages, bytes),
-        );
-        r.map_err(|e| refused(&station.tenant, e))
+        Ok(ProduceCharge {
+            broker: std::sync::Arc::downgrade(self),
+            charge,
+        })
     }
 
     /// Whether a read of `tenant/station` may go now; `Err` names the wait.
@@ -533,26 +612,30 @@ mod tests {
         let q = quotas(&[(QuotaField::ProduceBytesPerSec, 3000)], &[]);
         let mut b = QuotaBook::default();
         // This node's third: 1000 bytes per second, one second of burst.
-        assert_eq!(b.admit_produce(&q, "t", "s", third, 0, (1, 1000)), Ok(()));
+        assert_eq!(
+            b.admit_produce(&q, "t", "s", third, 0, (1, 1000)).map(drop),
+            Ok(())
+        );
         let Err(Refusal::Throttled {
             what,
             limit,
             retry_after_ms,
             ..
-        }) = b.admit_produce(&q, "t", "s", third, 0, (1, 10))
+        }) = b.admit_produce(&q, "t", "s", third, 0, (1, 10)).map(drop)
         else {
             panic!("not throttled")
         };
         assert_eq!((what, limit), (QuotaField::ProduceBytesPerSec, 3000));
         assert!((1..=2).contains(&retry_after_ms), "{retry_after_ms}");
         assert_eq!(
-            b.admit_produce(&q, "t", "s", third, 2, (1, 10)),
+            b.admit_produce(&q, "t", "s", third, 2, (1, 10)).map(drop),
             Ok(()),
             "paid back"
         );
         // Another tenant is not affected.
         assert_eq!(
-            b.admit_produce(&q, "u", "s", third, 2, (1, 1_000_000)),
+            b.admit_produce(&q, "u", "s", third, 2, (1, 1_000_000))
+                .map(drop),
             Ok(())
         );
     }
@@ -565,15 +648,25 @@ mod tests {
         );
         let mut b = QuotaBook::default();
         let whole = |_: &Scope| Share::WHOLE;
-        assert_eq!(b.admit_produce(&q, "t", "s", whole, 0, (10, 1)), Ok(()));
-        let r = b.admit_produce(&q, "t", "s", whole, 0, (10, 1));
+        assert_eq!(
+            b.admit_produce(&q, "t", "s", whole, 0, (10, 1)).map(drop),
+            Ok(())
+        );
+        let r = b.admit_produce(&q, "t", "s", whole, 0, (10, 1)).map(drop);
         assert!(
             matches!(&r, Err(Refusal::Throttled { scope, limit: 10, .. }) if scope.1.as_deref() == Some("s")),
             "{r:?}"
         );
         // Other stations of the tenant still have the tenant's 90 left, not 80.
-        assert_eq!(b.admit_produce(&q, "t", "x", whole, 0, (90, 1)), Ok(()));
-        assert!(b.admit_produce(&q, "t", "x", whole, 0, (1, 1)).is_err());
+        assert_eq!(
+            b.admit_produce(&q, "t", "x", whole, 0, (90, 1)).map(drop),
+            Ok(())
+        );
+        assert!(
+            b.admit_produce(&q, "t", "x", whole, 0, (1, 1))
+                .map(drop)
+                .is_err()
+        );
     }
 
     #[test]
@@ -584,9 +677,12 @@ mod tests {
         assert_eq!(b.begin_tally(&all), vec![("t".to_string(), None)]);
         b.end_tally([(("t".to_string(), None), 900)].into());
         let whole = |_: &Scope| Share::WHOLE;
-        assert_eq!(b.admit_produce(&q, "t", "s", whole, 0, (1, 200)), Ok(()));
         assert_eq!(
-            b.admit_produce(&q, "t", "s", whole, 0, (1, 1)),
+            b.admit_produce(&q, "t", "s", whole, 0, (1, 200)).map(drop),
+            Ok(())
+        );
+        assert_eq!(
+            b.admit_produce(&q, "t", "s", whole, 0, (1, 1)).map(drop),
             Err(Refusal::Exceeded {
                 scope: ("t".to_string(), None),
                 what: QuotaField::StoredBytes,
@@ -597,7 +693,123 @@ mod tests {
         // Retention freed space: the next tally lets produces in again.
         b.begin_tally(&all);
         b.end_tally([(("t".to_string(), None), 100)].into());
-        assert_eq!(b.admit_produce(&q, "t", "s", whole, 0, (1, 1)), Ok(()));
+        assert_eq!(
+            b.admit_produce(&q, "t", "s", whole, 0, (1, 1)).map(drop),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_produce_stored_after_a_tally_measured_counts_until_a_later_tally_ends() {
+        let q = quotas(&[(QuotaField::StoredBytes, 600)], &[]);
+        let mut b = QuotaBook::default();
+        let all: BTreeMap<String, TenantQuotas> = [("t".to_string(), q.clone())].into();
+        let t: Scope = ("t".to_string(), None);
+        let whole = |_: &Scope| Share::WHOLE;
+        let charge = b
+            .admit_produce(&q, "t", "s", whole, 0, (1, 600))
+            .expect("admitted");
+        // A tally begins and measures the partition before the produce is stored.
+        b.begin_tally(&all);
+        b.end_tally([(t.clone(), 0)].into());
+        assert_eq!(b.stored_bytes(&t), 600, "in flight, still counted");
+        // Stored; the next tally begins, and may measure before or after it was: either way
+        // the bytes count until that tally ends.
+        b.settle(&charge);
+        assert_eq!(b.stored_bytes(&t), 600);
+        b.begin_tally(&all);
+        assert_eq!(
+            b.stored_bytes(&t),
+            600,
+            "the running tally may have missed it"
+        );
+        assert!(
+            b.admit_produce(&q, "t", "s", whole, 0, (1, 1)).is_err(),
+            "at the limit"
+        );
+        b.end_tally([(t.clone(), 600)].into());
+        assert_eq!(
+            b.stored_bytes(&t),
+            600,
+            "counted once by the tally, not twice"
+        );
+    }
+
+    /// Produces admitted, stored and tallied in random interleavings: the book never counts
+    /// less than what is stored plus what is in flight, and once everything is stored and a
+    /// whole tally has run, it counts exactly what is stored.
+    #[test]
+    fn seeded_model_the_book_never_counts_less_than_is_stored_or_in_flight() {
+        let q = quotas(&[(QuotaField::StoredBytes, u64::MAX)], &[]);
+        let all: BTreeMap<String, TenantQuotas> = [("t".to_string(), q.clone())].into();
+        let t: Scope = ("t".to_string(), None);
+        let whole = |_: &Scope| Share::WHOLE;
+        for seed in 0..50u64 {
+            let mut rng = junction_testkit::SplitMix(seed);
+            let mut b = QuotaBook::default();
+            let mut stored = 0u64;
+            // Admitted, not yet stored: (charge, stored yet).
+            let mut flying: Vec<(Charge, bool)> = Vec::new();
+            // A running tally: what it measured, if it measured yet.
+            let mut tally: Option<Option<u64>> = None;
+            for _ in 0..2_000 {
+                match rng.below(6) {
+                    0 => {
+                        let bytes = 1 + rng.below(100);
+                        let c = b
+                            .admit_produce(&q, "t", "s", whole, 0, (1, bytes))
+                            .expect("no limit is reached");
+                        flying.push((c, false));
+                    }
+                    1 if !flying.is_empty() => {
+                        // The partition stores one (the client has not heard yet).
+                        let i = rng.below(flying.len() as u64) as usize;
+                        if !flying[i].1 {
+                            flying[i].1 = true;
+                            stored += flying[i].0.bytes;
+                        }
+                    }
+                    2 if !flying.is_empty() => {
+                        // One completes: stored, or failed.
+                        let i = rng.below(flying.len() as u64) as usize;
+                        let (c, was_stored) = flying.swap_remove(i);
+                        if !was_stored && rng.below(2) == 0 {
+                            stored += c.bytes;
+                        }
+                        b.settle(&c);
+                    }
+                    3 if tally.is_none() => {
+                        b.begin_tally(&all);
+                        tally = Some(None);
+                    }
+                    4 if tally == Some(None) => tally = Some(Some(stored)),
+                    5 if matches!(tally, Some(Some(_))) => {
+                        let measured = tally.take().flatten().unwrap_or_default();
+                        b.end_tally([(t.clone(), measured)].into());
+                    }
+                    _ => {}
+                }
+                let in_flight: u64 = flying.iter().filter(|f| !f.1).map(|f| f.0.bytes).sum();
+                assert!(
+                    b.stored_bytes(&t) >= stored + in_flight,
+                    "seed {seed}: counted {} < stored {stored} + in flight {in_flight}",
+                    b.stored_bytes(&t)
+                );
+            }
+            for (c, was_stored) in flying.drain(..) {
+                if !was_stored {
+                    stored += c.bytes;
+                }
+                b.settle(&c);
+            }
+            if tally.take().is_some() {
+                b.end_tally([(t.clone(), 0)].into());
+            }
+            // A whole tally after everything settled counts exactly what is stored.
+            b.begin_tally(&all);
+            b.end_tally([(t.clone(), stored)].into());
+            assert_eq!(b.stored_bytes(&t), stored, "seed {seed}");
+        }
     }
 
     #[test]

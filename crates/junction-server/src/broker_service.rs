@@ -273,7 +273,8 @@ impl BrokerService {
                 None => {
                     // Quotas are held where the data is: here, the partition's leader (and
                     // before any conversion, so a refusal costs little).
-                    self.broker
+                    let charge = self
+                        .broker
                         .admit_produce(&planned.station, n, part.bytes)
                         .map_err(to_status)?;
                     metrics::counter!("junction_produce_bytes_total", "tenant" => planned.station.tenant.clone())
@@ -320,6 +321,7 @@ impl BrokerService {
                         idx,
                         n,
                         rx,
+                        charge,
                         dead: dead_idx,
                         span: tracing::info_span!(
                             target: crate::telemetry::SPANS,

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use junction_broker::delivery::dls_headers;
+use junction_broker::quota::ProduceCharge;
 use junction_broker::schemas::{InvalidMessage, StationSchema};
 use junction_broker::{Appended, BrokerError};
 use junction_proto::v1::{
@@ -57,6 +58,8 @@ pub enum PartWait {
         idx: Vec<usize>,
         n: u64,
         rx: oneshot::Receiver<Result<Appended, BrokerError>>,
+        /// The produce's charge to stored-bytes quotas, settled when the wait ends.
+        charge: ProduceCharge,
         /// Request positions of messages sent to the dead-letter station.
         dead: Vec<usize>,
         /// Covers the wait for the commit (see [`crate::telemetry`]).
@@ -84,11 +87,13 @@ pub async fn complete(total: usize, waits: Vec<PartWait>) -> Result<Vec<MessageP
                 idx,
                 n,
                 rx,
+                charge,
                 dead,
                 span,
             } => {
-                let a = tracing::Instrument::instrument(rx, span)
-                    .await
+                let a = tracing::Instrument::instrument(rx, span).await;
+                drop(charge);
+                let a = a
                     .map_err(|_| {
                         Status::unavailable("the partition stopped; the outcome is unknown")
                     })?
