@@ -206,6 +206,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("negative quiescence", {"config": {"quiesceAfterMs": -1}}, "/config/quiesceAfterMs"),
     ("negative tail window", {"config": {"tailWindowBytes": -1}}, "/config/tailWindowBytes"),
     ("negative opening wave", {"config": {"openWave": -1}}, "/config/openWave"),
+    ("format level 0", {"config": {"maxFormatLevel": 0}}, "/config/maxFormatLevel"),
     ("cert-manager without an issuer", {"tls": {"certManager": {"enabled": True}}}, "issuerRef.name"),
     ("cert-manager and an existing Secret", {"tls": {"existingSecret": "mine", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "leave tls.existingSecret empty"),
     ("an issuer kind that does not exist", {"tls": {"certManager": {"issuerRef": {"kind": "Issuers"}}}}, "/tls/certManager/issuerRef/kind"),
@@ -381,6 +382,9 @@ def test_ha_properties(rendered: dict[str, list[dict[str, Any]]]) -> None:
               f"{probe}: GET {path} on the HTTP port ({http_port})")
     toml = toml_of(objs)
     check(f':{http_port}"' in re.search(r'^http = .*$', toml, re.M).group(0), "config: HTTP server on the probed port")
+    held = toml_of(objects(render({"config": {"maxFormatLevel": 1}})))
+    check("max-format-level" not in toml and re.search(r'^max-format-level = 1$', held, re.M) is not None,
+          "config: no format level limit by default; config.maxFormatLevel sets max-format-level")
 
     vct = spec["volumeClaimTemplates"][0]
     mounts = {m["name"]: m for m in c["volumeMounts"]}

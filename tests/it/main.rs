@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod exactly_once;
 mod failover;
+mod format_level;
 mod groups;
 mod harness;
 mod lanes;

@@ -83,6 +83,30 @@ impl Broker {
         })
     }
 
+    /// Raises the cluster's format level once every member reports a higher one (see
+    /// [`junction_types::format_level`]). Called by the controller.
+    pub(crate) async fn raise_format_level(&self, state: &junction_types::MetaState) {
+        let mut reported = self.peer_levels.read().clone();
+        reported.insert(self.node_id(), self.cfg.max_format_level);
+        let members = self.node_addrs().into_keys();
+        let Some(level) =
+            junction_types::format_level::raise_to(state.format_level, members, &reported)
+        else {
+            return;
+        };
+        match self
+            .meta_write(MetaCommand::RaiseFormatLevel { level })
+            .await
+        {
+            Ok(_) => tracing::info!(
+                from = state.format_level,
+                to = level,
+                "every member understands a newer format: raised the cluster's format level"
+            ),
+            Err(e) => tracing::warn!(error = %e, "raising the cluster's format level: will retry"),
+        }
+    }
+
     pub(crate) async fn meta_write(
         &self,
         cmd: MetaCommand,

@@ -93,6 +93,8 @@ pub struct BrokerConfig {
     /// Most replicas a node brings up while earlier ones are still settling (electing, not yet
     /// quiet; see [`junction_raft::quiesce::may_open`]); 0: no limit.
     pub open_wave: usize,
+    /// The highest cluster format level this node reports and takes part in.
+    pub max_format_level: u16,
 }
 
 /// One message read: its offset and the encoded `StoredRecord` (shared, not copied, when it
@@ -147,6 +149,8 @@ pub struct Broker {
     votes_held: std::sync::atomic::AtomicBool,
     /// Which other members answer pings (see [`quiet`]).
     liveness: parking_lot::RwLock<junction_raft::quiesce::Liveness>,
+    /// The format level each other member last reported in its answer to a ping.
+    peer_levels: parking_lot::RwLock<BTreeMap<NodeId, u16>>,
     /// The memory every replica's tail window draws on.
     tail_budget: Arc<junction_raft::TailBudget>,
 }
@@ -250,6 +254,13 @@ impl Broker {
         };
         let sm = MetaStateMachine::open(store.clone())?;
         let meta_shared = sm.shared();
+        // A cluster that runs at a level this build does not understand writes entries it
+        // cannot read: refuse to start rather than stall or misread them.
+        junction_types::format_level::check_supported(
+            meta_shared.current().format_level,
+            cfg.max_format_level,
+        )
+        .map_err(BrokerError::Raft)?;
         let config = cfg
             .tuning
             .config("junction-meta")
@@ -299,6 +310,7 @@ impl Broker {
             tasks: TaskTracker::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
             liveness: quiet::liveness(&cfg_tuning),
+            peer_levels: Default::default(),
             tail_budget,
         });
         let b = broker.clone();
@@ -515,6 +527,11 @@ impl Broker {
     /// Returns this node's id.
     pub fn node_id(&self) -> NodeId {
         self.cfg.node_id
+    }
+
+    /// The format level each other member last reported (in its answer to a ping).
+    pub fn peer_format_levels(&self) -> BTreeMap<NodeId, u16> {
+        self.peer_levels.read().clone()
     }
 
     /// Returns the broker's configuration.
@@ -905,7 +922,10 @@ impl Broker {
             rx,
             limits,
             admission,
-            delivery.clone(),
+            partition::EntrySettings {
+                delivery: delivery.clone(),
+                meta: self.meta_shared.clone(),
+            },
         ));
         let replica = Arc::new(PartitionReplica {
             group,
@@ -985,6 +1005,10 @@ impl Broker {
 impl GroupHost for Broker {
     fn node_id(&self) -> NodeId {
         self.cfg.node_id
+    }
+
+    fn format_level(&self) -> u16 {
+        self.cfg.max_format_level
     }
 
     fn meta_raft(&self) -> Option<MetaRaft> {

@@ -386,6 +386,7 @@ impl Broker {
                 continue;
             }
             let state = self.metadata();
+            self.raise_format_level(&state).await;
             let auto =
                 self.config().moves.auto_balance && last_auto.elapsed() >= AUTO_BALANCE_EVERY;
             if state.reconfig == junction_types::meta::Reconfig::default() && !auto {

@@ -7,7 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use junction_raft::{PartitionRaft, PartitionShared};
 use junction_types::command::{AppendBatch, BatchOutcome, SpannedBatch};
 use junction_types::exactly_once::{AppendReject, DeliveryPolicy, Placement, ProducerBatch};
-use junction_types::{Command, CommandResponse, GroupId, NodeId, PartitionCommand, Record};
+use junction_types::{
+    Command, CommandResponse, GroupId, NodeId, PartitionCommand, Record, format_level,
+};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::ClientWriteError;
 use openraft::impls::ProgressResponder;
@@ -125,6 +127,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What the group-commit loop reads as it makes each entry: the station's exactly-once
+/// settings, and the metadata (for the cluster's format level).
+pub(crate) struct EntrySettings {
+    pub delivery: Arc<parking_lot::RwLock<DeliveryPolicy>>,
+    pub meta: Arc<junction_raft::MetaShared>,
+}
+
 /// Runs the group-commit loop of one partition until its queue closes.
 ///
 /// A permit is taken before reading the queue, so while `max_in_flight` entries are being
@@ -138,8 +147,9 @@ pub(crate) async fn run_batcher(
     mut rx: mpsc::Receiver<AppendRequest>,
     limits: BatchLimits,
     admission: Admission,
-    delivery: Arc<parking_lot::RwLock<DeliveryPolicy>>,
+    settings: EntrySettings,
 ) {
+    let EntrySettings { delivery, meta } = settings;
     let raft = quiet.raft().clone();
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
@@ -253,6 +263,13 @@ pub(crate) async fn run_batcher(
                 timestamp_ms: now_ms(),
                 records,
             }
+        };
+        // Once every member reads them, appends carry this leader's checksum of their
+        // messages (see `junction_types::format_level`).
+        let cmd = if meta.current().format_level >= format_level::CHECKED_APPENDS {
+            cmd.checked()
+        } else {
+            cmd
         };
         // The commit notification is not used, but its receiver must live until the entry
         // completes, or openraft logs a warning for every entry.

@@ -369,22 +369,31 @@ impl Broker {
                     .into_iter()
                     .filter(|(n, _)| *n != me)
                     .map(|(node, addr)| async move {
+                        // The answer's format level (0 from builds before levels: level 1).
                         let answered = match pool.client(&addr) {
                             Ok(mut client) => {
                                 let call = client.ping(PingRequest { from: me });
-                                matches!(tokio::time::timeout(limit, call).await, Ok(Ok(r))
-                                if r.get_ref().node_id == node)
+                                match tokio::time::timeout(limit, call).await {
+                                    Ok(Ok(r)) if r.get_ref().node_id == node => Some(
+                                        u16::try_from(r.get_ref().format_level)
+                                            .unwrap_or(u16::MAX)
+                                            .max(junction_types::format_level::BASE),
+                                    ),
+                                    _ => None,
+                                }
                             }
-                            Err(_) => false,
+                            Err(_) => None,
                         };
-                        (node, answered.then(Instant::now))
+                        (node, answered.map(|level| (Instant::now(), level)))
                     });
             let answers = futures::future::join_all(pings).await;
             let suspected = {
                 let mut live = self.liveness.write();
-                for (node, at) in answers {
-                    if let Some(at) = at {
+                let mut levels = self.peer_levels.write();
+                for (node, answer) in answers {
+                    if let Some((at, level)) = answer {
                         live.answered(node, at);
+                        levels.insert(node, level);
                     }
                 }
                 live.check(Instant::now())

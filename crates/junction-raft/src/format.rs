@@ -30,6 +30,12 @@ pub struct Format {
 /// A Raft log entry (`openraft::Entry` with Junction's commands), as stored in a node's
 /// log. Version 2 adds a CRC32C of the entry's bytes (see [`encode_log_entry`]); version 1
 /// entries (written before) are still read, unchecked.
+///
+/// A new kind of command inside an entry (a new variant) leaves the bytes of every existing
+/// entry as they were, so it does not bump this version: it is gated by the cluster's format
+/// level instead ([`junction_types::format_level`]), and written only once every member
+/// reads it. Bumping this version would make every entry unreadable to older members during
+/// a rolling upgrade.
 pub const LOG_ENTRY: Format = Format {
     what: "log entry",
     version: 2,
@@ -66,10 +72,10 @@ pub const PARTITION_STATE: Format = Format {
 /// settings and the producer id registry; since version 3 with API keys; since version 4
 /// with tenants' quotas; since version 5 with the schema registry; since version 6 with each
 /// group's lanes and each member's epoch; since version 7 with the replica moves and node
-/// removals in progress).
+/// removals in progress; since version 8 with the cluster's format level).
 pub const META_STATE: Format = Format {
     what: "metadata state",
-    version: 7,
+    version: 8,
 };
 /// One stored message. Version 2 adds a CRC32C of the record's bytes (see
 /// [`encode_record`]); version 1 records (written before) are still read, unchecked.
@@ -278,9 +284,9 @@ pub fn decode_record_ref(b: &[u8]) -> Result<junction_types::StoredRecordRef<'_>
     })
 }
 
-/// Decodes the metadata state, upgrading versions 1 to 6.
+/// Decodes the metadata state, upgrading versions 1 to 7.
 pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStoreError> {
-    use junction_types::meta::{v1, v2, v3, v4, v5, v6};
+    use junction_types::meta::{v1, v2, v3, v4, v5, v6, v7};
     decode_upgrading(&META_STATE, b, |version, body| match version {
         1 => Some(decode_body::<v1::MetaStateV1>(&META_STATE, body).map(Into::into)),
         2 => Some(decode_body::<v2::MetaStateV2>(&META_STATE, body).map(Into::into)),
@@ -288,6 +294,7 @@ pub fn decode_meta_state(b: &[u8]) -> Result<junction_types::MetaState, RaftStor
         4 => Some(decode_body::<v4::MetaStateV4>(&META_STATE, body).map(Into::into)),
         5 => Some(decode_body::<v5::MetaStateV5>(&META_STATE, body).map(Into::into)),
         6 => Some(decode_body::<v6::MetaStateV6>(&META_STATE, body).map(Into::into)),
+        7 => Some(decode_body::<v7::MetaStateV7>(&META_STATE, body).map(Into::into)),
         _ => None,
     })
 }
@@ -326,9 +333,10 @@ mod tests {
             .collect()
     }
 
-    /// Metadata state as version 6 wrote it (`v6`, frozen): still read, as `sample`, and
-    /// written as version 7 — the same bytes followed by an empty [`Reconfig`] (no moves, no
-    /// draining nodes, no rebalance).
+    /// Metadata state as version 6 wrote it (`v6`, frozen): still read, as `sample`; read
+    /// as version 7 wrote it (the same bytes followed by an empty [`Reconfig`]: no moves, no
+    /// draining nodes, no rebalance); and written as version 8 — the version 7 bytes
+    /// followed by format level 1.
     ///
     /// [`Reconfig`]: junction_types::meta::Reconfig
     fn frozen_meta_v6(sample: &MetaState, v6: &str) {
@@ -339,7 +347,13 @@ mod tests {
             "version 6 bytes read"
         );
         assert!(v6.starts_with("06"));
-        frozen(&META_STATE, sample, &format!("07{}000000", &v6[2..]));
+        let v7 = format!("07{}000000", &v6[2..]);
+        assert_eq!(
+            &decode_meta_state(&unhex(&v7)).unwrap(),
+            sample,
+            "version 7 bytes read"
+        );
+        frozen(&META_STATE, sample, &format!("08{}01", &v7[2..]));
     }
 
     /// The sample encodes to `frozen`, and `frozen` decodes to a value that prints like the
@@ -497,11 +511,11 @@ mod tests {
     #[test]
     fn an_unknown_version_is_refused_with_both_versions_named() {
         let mut bytes = encode(&META_STATE, &MetaState::default()).unwrap();
-        bytes[0] = 8;
+        bytes[0] = 9;
         let err = decode_meta_state(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "metadata state is in format version 8; this build reads version 7 (written by a \
+            "metadata state is in format version 9; this build reads version 8 (written by a \
              newer Junction?)"
         );
         bytes[0] = 0;
@@ -558,10 +572,53 @@ mod tests {
         });
         state.apply(&MetaCommand::SetRebalancing { on: true });
         assert_eq!(state.reconfig.moves.len(), 1);
+        let v7 = "07010764656661756c7400010964656661756c742f730764656661756c740173038008020101030203040000000000000080b8992900c0843d8088b2a002020001010000000000000000010103020305010401";
+        assert_eq!(
+            decode_meta_state(&unhex(v7)).unwrap(),
+            state,
+            "version 7 read"
+        );
+        frozen(&META_STATE, &state, &format!("08{}01", &v7[2..]));
+    }
+
+    /// Format levels: the command that raises the level, a metadata state at level 2, and a
+    /// partition append carrying its leader's checksum.
+    #[test]
+    fn frozen_format_levels() {
+        frozen(
+            &LOG_ENTRY,
+            &Entry {
+                log_id: log_id(5, 1, 40),
+                payload: EntryPayload::Normal(Command::Meta(MetaCommand::RaiseFormatLevel {
+                    level: 2,
+                })),
+            },
+            "0105012801001902",
+        );
+        let mut state = MetaState::default();
+        state.apply(&MetaCommand::RaiseFormatLevel { level: 2 });
         frozen(
             &META_STATE,
             &state,
-            "07010764656661756c7400010964656661756c742f730764656661756c740173038008020101030203040000000000000080b8992900c0843d8088b2a002020001010000000000000000010103020305010401",
+            "08010764656661756c74000001000101000000000000000000000002",
+        );
+        let append = junction_types::PartitionCommand::Append {
+            timestamp_ms: 1_700_000_000_000,
+            records: vec![junction_types::Record {
+                key: Some(b"k".to_vec()),
+                headers: vec![("h".into(), b"v".to_vec())],
+                payload: b"hello".to_vec(),
+            }],
+        };
+        let checked = append.checked();
+        assert_eq!(checked.check(), Ok(()));
+        frozen(
+            &LOG_ENTRY,
+            &Entry {
+                log_id: log_id(5, 1, 41),
+                payload: EntryPayload::Normal(Command::Partition(checked)),
+            },
+            "0105012901010dbed684dc090080a0abfef9620101016b01016801760568656c6c6f",
         );
     }
 

@@ -400,7 +400,25 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let mut fresh = Fresh::default();
         while let Some((entry, responder)) = entries.try_next().await? {
             applied = Some(entry.log_id);
-            let resp = match entry.payload {
+            let payload = match entry.payload {
+                // The leader's checksum: checked on receipt (the peer service), and again here
+                // before anything is stored, against a change in this node's memory or log.
+                EntryPayload::Normal(Command::Partition(PartitionCommand::Checked {
+                    crc,
+                    command,
+                })) => match PartitionCommand::verify(crc, *command) {
+                    Ok(c) => EntryPayload::Normal(Command::Partition(c)),
+                    Err(e) => {
+                        return Err(RaftStoreError::Corrupt {
+                            what: "log entry",
+                            detail: format!("group {} at {}: {e}", self.group, entry.log_id),
+                        }
+                        .into());
+                    }
+                },
+                p => p,
+            };
+            let resp = match payload {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));

@@ -29,6 +29,10 @@ use crate::types::{MetaRaft, PartitionRaft, Snapshot, SnapshotMeta, TypeConfig, 
 /// What the peer service needs from the node: its Raft groups and a place for snapshots.
 pub trait GroupHost: Send + Sync + 'static {
     fn node_id(&self) -> NodeId;
+    /// The highest cluster format level this node reports to its peers.
+    fn format_level(&self) -> u16 {
+        junction_types::format_level::SUPPORTED
+    }
     fn meta_raft(&self) -> Option<MetaRaft>;
     /// Raft traffic that needs a partition group awake reached this node: entries, a
     /// snapshot, a vote or a leadership transfer (see [`crate::quiesce`]).
@@ -153,6 +157,22 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(
     }))
 }
 
+/// Checks the leader's checksum of every checked append among received entries.
+fn check_received(group: GroupId, rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    for e in &rpc.entries {
+        if let openraft::EntryPayload::Normal(junction_types::Command::Partition(cmd)) = &e.payload
+        {
+            cmd.check().map_err(|m| {
+                format!(
+                    "corrupt log entry received: group {group} at {}: {m}",
+                    e.log_id
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
@@ -172,6 +192,14 @@ impl<H: GroupHost> Peer for PeerService<H> {
                 reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
             }
             Some(AnyRaft::Partition(raft)) => {
+                // Entries that fail their leader's checksum changed on the way: none is
+                // stored, and the leader sends them again (read again from its log).
+                if let Err(detail) = check_received(r.group, &rpc) {
+                    metrics::counter!("junction_corruption_events_total", "kind" => "replication")
+                        .increment(1);
+                    tracing::error!(group = r.group, %detail, "refused corrupt entries from the leader");
+                    return Err(Status::data_loss(detail));
+                }
                 // Entries wake a quiet follower once they are in (its election timer then
                 // starts from this leader's message); heartbeats wake nobody.
                 let entries = !rpc.entries.is_empty();
@@ -341,6 +369,7 @@ impl<H: GroupHost> Peer for PeerService<H> {
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         Ok(Response::new(PingResponse {
             node_id: self.host.node_id(),
+            format_level: u32::from(self.host.format_level()),
         }))
     }
 

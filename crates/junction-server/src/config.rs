@@ -112,6 +112,9 @@ pub struct Config {
     /// Most partition replicas a node brings up while earlier ones are still electing and
     /// not yet quiet (0: no limit).
     pub open_wave: usize,
+    /// The highest cluster format level this node takes part in (see
+    /// `junction_types::format_level`; default: the highest this build understands).
+    pub max_format_level: u16,
     /// Longest the schema validation of one message may take, in ms.
     pub schema_validation_limit_ms: u64,
     /// File holding the secret every node of the cluster shares; node-to-node calls without
@@ -204,6 +207,7 @@ impl Default for Config {
             memory_limit_bytes: 1 << 30,
             tail_window_bytes: 64 << 20,
             open_wave: 100,
+            max_format_level: junction_types::format_level::SUPPORTED,
             schema_validation_limit_ms: 100,
             cluster_secret_file: None,
             bootstrap: false,
@@ -276,6 +280,13 @@ pub struct ServeArgs {
     /// (default 100; 0: no limit; no effect with --quiesce-after-ms 0).
     #[arg(long, env = "JUNCTION_OPEN_WAVE", value_name = "N")]
     pub open_wave: Option<usize>,
+    /// The highest cluster format level this node reports (default: the highest this build
+    /// understands). The cluster writes a new kind of entry only once every node reports
+    /// its level; during a rolling upgrade, set the old build's level on the upgraded nodes
+    /// to keep the option of going back until you lift it. A node refuses to start on a
+    /// cluster already above its level.
+    #[arg(long, env = "JUNCTION_MAX_FORMAT_LEVEL", value_name = "LEVEL")]
+    pub max_format_level: Option<u16>,
     /// Longest the schema validation of one message may take before the message is refused,
     /// in ms (default 100).
     #[arg(long, env = "JUNCTION_SCHEMA_VALIDATION_LIMIT_MS")]
@@ -454,6 +465,9 @@ impl Config {
         if let Some(v) = args.open_wave {
             c.open_wave = v;
         }
+        if let Some(v) = args.max_format_level {
+            c.max_format_level = v;
+        }
         if let Some(v) = args.max_message_bytes {
             c.max_message_bytes = v;
         }
@@ -603,6 +617,15 @@ impl Config {
             return Err(ConfigError::NotAMember {
                 id: self.node_id,
                 members: self.members.clone(),
+            });
+        }
+        if self.max_format_level < junction_types::format_level::BASE
+            || self.max_format_level > junction_types::format_level::SUPPORTED
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "max-format-level",
+                rule: "between 1 and the highest level this build understands",
+                value: u64::from(self.max_format_level),
             });
         }
         if self.max_message_bytes == 0 || self.max_message_bytes > 64 << 20 {
@@ -800,6 +823,7 @@ impl Config {
             },
             tail_window_bytes: usize::try_from(self.tail_window_bytes).unwrap_or(usize::MAX),
             open_wave: self.open_wave,
+            max_format_level: self.max_format_level,
         })
     }
 }
@@ -1046,5 +1070,39 @@ mod tests {
             Config::load(&args),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn the_format_level_limit_is_read_and_kept_within_what_the_build_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.toml");
+        let base = "node-id = 1\nmembers = \"1=a:1\"\nlisten = \"a:1\"\n";
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        std::fs::write(&path, base).unwrap();
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.max_format_level, junction_types::format_level::SUPPORTED);
+        std::fs::write(&path, format!("{base}max-format-level = 1\n")).unwrap();
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.max_format_level, 1);
+        assert!(c.validate().is_ok());
+        for bad in [0, junction_types::format_level::SUPPORTED + 1] {
+            let c = Config {
+                max_format_level: bad,
+                ..c.clone()
+            };
+            assert!(
+                matches!(
+                    c.validate(),
+                    Err(ConfigError::OutOfRange {
+                        field: "max-format-level",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -183,6 +183,10 @@ pub enum MetaCommand {
     SetRebalancing {
         on: bool,
     },
+    /// Raises the cluster's format level (see [`crate::format_level`]); never lowers it.
+    RaiseFormatLevel {
+        level: u16,
+    },
 }
 
 /// One produce request's records in an [`PartitionCommand::AppendBatches`] entry.
@@ -285,6 +289,163 @@ pub enum PartitionCommand {
         uid: u64,
         change: crate::groups::Isolation,
     },
+    /// An append (`Append`, `AppendBatches` or `AppendSpanned`) with the CRC32C its leader
+    /// computed over its messages ([`PartitionCommand::digest`]). Every replica checks it
+    /// before storing anything: a mismatch means the entry changed after the leader made it
+    /// (in memory, on the wire or in a log), and the replica stops instead of storing it.
+    /// Written only from format level [`crate::format_level::CHECKED_APPENDS`] on.
+    Checked {
+        crc: u32,
+        command: Box<PartitionCommand>,
+    },
+}
+
+/// A CRC32C over a sequence of fields, each byte string prefixed by its length (so that
+/// moving bytes from one field to the next changes the digest).
+struct Digest(u32);
+
+impl Digest {
+    fn u64(&mut self, v: u64) {
+        self.0 = crc32c::crc32c_append(self.0, &v.to_le_bytes());
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0 = crc32c::crc32c_append(self.0, b);
+    }
+
+    fn record(&mut self, r: &Record) {
+        match &r.key {
+            None => self.u64(0),
+            Some(k) => {
+                self.u64(1);
+                self.bytes(k);
+            }
+        }
+        self.u64(r.headers.len() as u64);
+        for (name, value) in &r.headers {
+            self.bytes(name.as_bytes());
+            self.bytes(value);
+        }
+        self.bytes(&r.payload);
+    }
+
+    fn batch(&mut self, b: &AppendBatch) {
+        match &b.producer {
+            None => self.u64(0),
+            Some(p) => {
+                self.u64(1);
+                self.u64(p.id);
+                self.u64(u64::from(p.epoch));
+                self.u64(p.base_sequence);
+            }
+        }
+        self.u64(b.records.len() as u64);
+        for r in &b.records {
+            self.record(r);
+        }
+    }
+}
+
+impl PartitionCommand {
+    /// The CRC32C a leader carries with an append: over its kind, timestamp, and every
+    /// batch's producer fields and every record's key, headers and payload, in order. `None`
+    /// for commands that carry no messages.
+    pub fn digest(&self) -> Option<u32> {
+        let mut d = Digest(0);
+        match self {
+            PartitionCommand::Append {
+                timestamp_ms,
+                records,
+            } => {
+                d.u64(1);
+                d.u64(*timestamp_ms as u64);
+                d.u64(records.len() as u64);
+                for r in records {
+                    d.record(r);
+                }
+            }
+            PartitionCommand::AppendBatches {
+                timestamp_ms,
+                batches,
+                ..
+            } => {
+                d.u64(2);
+                d.u64(*timestamp_ms as u64);
+                d.u64(batches.len() as u64);
+                for b in batches {
+                    d.batch(b);
+                }
+            }
+            PartitionCommand::AppendSpanned {
+                timestamp_ms,
+                batches,
+                ..
+            } => {
+                d.u64(3);
+                d.u64(*timestamp_ms as u64);
+                d.u64(batches.len() as u64);
+                for b in batches {
+                    d.u64(u64::from(b.sequence_span));
+                    d.batch(&b.batch);
+                }
+            }
+            _ => return None,
+        }
+        Some(d.0)
+    }
+
+    /// This command with its leader's checksum: appends become [`PartitionCommand::Checked`],
+    /// other commands stay as they are.
+    pub fn checked(self) -> PartitionCommand {
+        match self.digest() {
+            Some(crc) => PartitionCommand::Checked {
+                crc,
+                command: Box::new(self),
+            },
+            None => self,
+        }
+    }
+
+    /// The append inside a [`PartitionCommand::Checked`], if its checksum matches.
+    pub fn verify(
+        crc: u32,
+        command: PartitionCommand,
+    ) -> Result<PartitionCommand, ChecksumMismatch> {
+        match command.digest() {
+            Some(d) if d == crc => Ok(command),
+            computed => Err(ChecksumMismatch {
+                carried: crc,
+                computed,
+            }),
+        }
+    }
+
+    /// Checks the leader's checksum of a [`PartitionCommand::Checked`]; other commands carry
+    /// none and pass.
+    pub fn check(&self) -> Result<(), ChecksumMismatch> {
+        match self {
+            PartitionCommand::Checked { crc, command } => match command.digest() {
+                Some(d) if d == *crc => Ok(()),
+                computed => Err(ChecksumMismatch {
+                    carried: *crc,
+                    computed,
+                }),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A checked append whose messages do not give the checksum its leader computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the leader's checksum {carried:#010x} does not match the entry's messages ({})",
+    computed.map_or_else(|| "not an append".to_string(), |c| format!("{c:#010x}"))
+)]
+pub struct ChecksumMismatch {
+    pub carried: u32,
+    pub computed: Option<u32>,
 }
 
 /// The result of applying one entry.
@@ -344,5 +505,126 @@ impl fmt::Display for Command {
             }
             Command::Partition(p) => write!(f, "{p:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: Option<&[u8]>, headers: &[(&str, &[u8])], payload: &[u8]) -> Record {
+        Record {
+            key: key.map(<[u8]>::to_vec),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// The digest of the sample in `a_checked_append_verifies_and_any_changed_byte_fails_it`.
+    const FROZEN_SAMPLE_CRC: u32 = 0xff00_58f2;
+
+    fn append(records: Vec<Record>) -> PartitionCommand {
+        PartitionCommand::Append {
+            timestamp_ms: 7,
+            records,
+        }
+    }
+
+    #[test]
+    fn a_checked_append_verifies_and_any_changed_byte_fails_it() {
+        let cmd = append(vec![rec(Some(b"k"), &[("h", b"v")], b"hello")]);
+        let PartitionCommand::Checked { crc, command } = cmd.clone().checked() else {
+            panic!("an append is checked")
+        };
+        assert_eq!(PartitionCommand::verify(crc, *command), Ok(cmd.clone()));
+        assert_eq!(cmd.clone().checked().check(), Ok(()));
+        assert_eq!(
+            cmd.check(),
+            Ok(()),
+            "an unchecked command has nothing to check"
+        );
+        // Every field counts, and so does where one field ends and the next begins.
+        let changed = [
+            append(vec![rec(Some(b"k"), &[("h", b"v")], b"hellp")]),
+            append(vec![rec(Some(b"K"), &[("h", b"v")], b"hello")]),
+            append(vec![rec(None, &[("h", b"v")], b"hello")]),
+            append(vec![rec(Some(b"k"), &[("h", b"w")], b"hello")]),
+            append(vec![rec(Some(b"k"), &[("hv", b"")], b"hello")]),
+            append(vec![rec(Some(b"k"), &[], b"hello")]),
+            append(vec![
+                rec(Some(b"k"), &[("h", b"v")], b"hello"),
+                rec(None, &[], b""),
+            ]),
+            PartitionCommand::Append {
+                timestamp_ms: 8,
+                records: vec![rec(Some(b"k"), &[("h", b"v")], b"hello")],
+            },
+        ];
+        for c in changed {
+            let swapped = PartitionCommand::Checked {
+                crc,
+                command: Box::new(c.clone()),
+            };
+            assert!(
+                swapped.check().is_err() && PartitionCommand::verify(crc, c.clone()).is_err(),
+                "{c:?} passed the original's checksum"
+            );
+        }
+        // Frozen: the digest is part of the entry format (every replica computes it, whatever
+        // its build), so its value for a sample never changes.
+        assert_eq!(crc, FROZEN_SAMPLE_CRC, "{crc:#010x}");
+    }
+
+    #[test]
+    fn batches_digest_their_producer_fields_and_spans() {
+        let batch = |epoch| AppendBatch {
+            producer: Some(ProducerBatch {
+                id: 9,
+                epoch,
+                base_sequence: 4,
+            }),
+            records: vec![rec(None, &[], b"x")],
+        };
+        let batches = |epoch| PartitionCommand::AppendBatches {
+            timestamp_ms: 1,
+            delivery: DeliveryPolicy::default(),
+            batches: vec![batch(epoch)],
+        };
+        let spanned = |span| PartitionCommand::AppendSpanned {
+            timestamp_ms: 1,
+            delivery: DeliveryPolicy::default(),
+            batches: vec![SpannedBatch {
+                batch: batch(1),
+                sequence_span: span,
+            }],
+        };
+        let all = [
+            batches(1).digest(),
+            batches(2).digest(),
+            spanned(1).digest(),
+            spanned(2).digest(),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.is_some());
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn only_appends_are_checked() {
+        let seek = PartitionCommand::Truncate { before: 3 };
+        assert_eq!(seek.digest(), None);
+        assert_eq!(seek.clone().checked(), seek);
+        assert!(PartitionCommand::verify(0, seek).is_err());
+        let nested = append(vec![]).checked();
+        assert!(
+            PartitionCommand::verify(0, nested).is_err(),
+            "a checked entry inside another is never valid"
+        );
     }
 }

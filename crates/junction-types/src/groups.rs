@@ -539,6 +539,7 @@ pub fn apply_cursor_command(
         PartitionCommand::Append { .. }
         | PartitionCommand::AppendBatches { .. }
         | PartitionCommand::AppendSpanned { .. }
+        | PartitionCommand::Checked { .. }
         | PartitionCommand::Truncate { .. }
         | PartitionCommand::Compact { .. }
         | PartitionCommand::DataLost { .. } => CommandResponse::WrongGroup,

@@ -16,10 +16,12 @@
 //! - [`policy`]: storage tier, retention, discard and compaction settings of a station.
 //! - [`quota`]: per-tenant limits and the token bucket that enforces rates.
 //! - [`schema`]: the schema registry (versions, compatibility modes, station bindings).
+//! - [`format_level`]: the cluster's format level, raised once every member understands it.
 
 pub mod auth;
 pub mod command;
 pub mod exactly_once;
+pub mod format_level;
 pub mod groups;
 pub mod meta;
 pub mod names;

@@ -104,6 +104,8 @@ pub struct MetaState {
     pub schemas: SchemaRegistry,
     /// Replica moves and node removals in progress.
     pub reconfig: Reconfig,
+    /// The cluster's format level (metadata format version 8; see [`crate::format_level`]).
+    pub format_level: u16,
 }
 
 /// Changes of where replicas live that are in progress (metadata format version 7). They
@@ -136,6 +138,7 @@ impl Default for MetaState {
             quotas: BTreeMap::new(),
             schemas: SchemaRegistry::default(),
             reconfig: Reconfig::default(),
+            format_level: crate::format_level::BASE,
         }
     }
 }
@@ -241,6 +244,10 @@ impl MetaState {
             }
             MetaCommand::SetRebalancing { on } => {
                 self.reconfig.rebalancing = *on;
+                CommandResponse::Done
+            }
+            MetaCommand::RaiseFormatLevel { level } => {
+                self.format_level = self.format_level.max(*level);
                 CommandResponse::Done
             }
             MetaCommand::CreateGroup {
@@ -848,6 +855,7 @@ pub mod v1 {
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -888,6 +896,7 @@ pub mod v2 {
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -930,6 +939,7 @@ pub mod v3 {
                 quotas: BTreeMap::new(),
                 schemas: SchemaRegistry::default(),
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -974,6 +984,7 @@ pub mod v4 {
                 quotas: v.quotas,
                 schemas: SchemaRegistry::default(),
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -1019,6 +1030,7 @@ pub mod v5 {
                 quotas: v.quotas,
                 schemas: v.schemas,
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -1065,6 +1077,53 @@ pub mod v6 {
                 quotas: v.quotas,
                 schemas: v.schemas,
                 reconfig: Default::default(),
+                format_level: crate::format_level::BASE,
+            }
+        }
+    }
+}
+
+pub mod v7 {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{MetaState, Reconfig, StationMeta};
+    use crate::auth::KeyRegistry;
+    use crate::exactly_once::ProducerRegistry;
+    use crate::groups::GroupMeta;
+    use crate::quota::TenantQuotas;
+    use crate::schema::SchemaRegistry;
+
+    /// The metadata state as version 7 stored it (before format levels: level 1).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MetaStateV7 {
+        pub tenants: BTreeMap<String, i64>,
+        pub stations: BTreeMap<String, StationMeta>,
+        pub next_group_id: u64,
+        pub groups: BTreeMap<(String, String), GroupMeta>,
+        pub next_group_uid: u64,
+        pub producers: ProducerRegistry,
+        pub api_keys: KeyRegistry,
+        pub quotas: BTreeMap<String, TenantQuotas>,
+        pub schemas: SchemaRegistry,
+        pub reconfig: Reconfig,
+    }
+
+    impl From<MetaStateV7> for MetaState {
+        fn from(v: MetaStateV7) -> Self {
+            MetaState {
+                tenants: v.tenants,
+                stations: v.stations,
+                next_group_id: v.next_group_id,
+                groups: v.groups,
+                next_group_uid: v.next_group_uid,
+                producers: v.producers,
+                api_keys: v.api_keys,
+                quotas: v.quotas,
+                schemas: v.schemas,
+                reconfig: v.reconfig,
+                format_level: crate::format_level::BASE,
             }
         }
     }
@@ -1320,5 +1379,18 @@ mod tests {
             name: "a".into(),
         });
         assert!(s.quotas.is_empty(), "{:?}", s.quotas);
+    }
+
+    #[test]
+    fn the_format_level_starts_at_the_base_and_only_rises() {
+        let mut s = MetaState::default();
+        assert_eq!(s.format_level, crate::format_level::BASE);
+        assert_eq!(
+            s.apply(&MetaCommand::RaiseFormatLevel { level: 2 }),
+            CommandResponse::Done
+        );
+        assert_eq!(s.format_level, 2);
+        s.apply(&MetaCommand::RaiseFormatLevel { level: 1 });
+        assert_eq!(s.format_level, 2, "never lowered");
     }
 }
