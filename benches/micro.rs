@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the hot paths: the partitioner, record encoding, the storage append
-//! path (one partition entry's messages in one RocksDB batch), the read path, and validating
-//! a 1 KiB message against a schema of each type.
+//! path (one partition entry's messages in one RocksDB batch), the read path, the leader's
+//! checksum of an append, and validating a 1 KiB message against a schema of each type.
 //! Run: `cargo bench --bench micro` (numbers are per iteration; compare runs on one machine).
 
 use junction_storage::Store;
@@ -24,6 +24,22 @@ fn record(size: usize) -> StoredRecord {
 fn partition_a_key(bencher: divan::Bencher, len: usize) {
     let key = vec![b'k'; len];
     bencher.bench(|| partition_for_key(divan::black_box(&key), 64));
+}
+
+/// The CRC32C a leader carries with an append of 200 messages (and every replica checks).
+#[divan::bench(args = [128, 1024])]
+fn digest_an_append_of_200(bencher: divan::Bencher, size: usize) {
+    let cmd = junction_types::PartitionCommand::Append {
+        timestamp_ms: 1_795_000_000_000,
+        records: (0..200)
+            .map(|_| Record {
+                key: Some(b"tenant-042".to_vec()),
+                headers: vec![],
+                payload: vec![7u8; size],
+            })
+            .collect(),
+    };
+    bencher.bench(|| divan::black_box(&cmd).digest());
 }
 
 #[divan::bench(args = [128, 1024])]

@@ -239,6 +239,12 @@ async fn the_level_rises_when_the_last_node_is_upgraded_and_never_goes_back() {
             "node 3 holds the cluster at level 1"
         );
     }
+    let status = client.cluster_status().await.expect("status");
+    assert_eq!(
+        status.format_level,
+        u32::from(BASE),
+        "ClusterStatus reports it"
+    );
     every_replica_holds(&cluster, group, 5).await;
 
     // Node 3 is upgraded: restarted without the limit.
@@ -254,6 +260,8 @@ async fn the_level_rises_when_the_last_node_is_upgraded_and_never_goes_back() {
         )
         .await;
     }
+    let status = client.cluster_status().await.expect("status");
+    assert_eq!(status.format_level, u32::from(CHECKED_APPENDS));
     for i in 0..5 {
         client
             .produce("rolling", vec![keyed("k", format!("after {i}"))])

@@ -66,6 +66,7 @@ pub(crate) async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     "cluster_id": status.cluster_id,
                     "moves_in_progress": status.moves_in_progress,
                     "rebalancing": status.rebalancing,
+                    "format_level": status.format_level,
                     "stations": status.stations.iter().map(station_json).collect::<Vec<_>>(),
                 }))
             } else {
@@ -186,10 +187,11 @@ pub(crate) fn scrub_text(report: &ScrubResponse) -> String {
 }
 
 pub(crate) fn status_text(status: &ClusterStatusResponse) -> String {
-    let mut text = if status.cluster_id.is_empty() {
-        String::new()
-    } else {
-        format!("cluster: {}\n", status.cluster_id)
+    let mut text = match (status.cluster_id.is_empty(), status.format_level) {
+        (true, 0) => String::new(),
+        (true, level) => format!("format level: {level}\n"),
+        (false, 0) => format!("cluster: {}\n", status.cluster_id),
+        (false, level) => format!("cluster: {} (format level {level})\n", status.cluster_id),
     };
     text.push_str(&match status.metadata_leader {
         Some(id) => format!(
@@ -281,11 +283,12 @@ mod tests {
                 ..Default::default()
             }],
             cluster_id: "c0ffee".into(),
+            format_level: 2,
             ..Default::default()
         };
         assert_eq!(
             super::status_text(&status),
-            "cluster: c0ffee\n\
+            "cluster: c0ffee (format level 2)\n\
              metadata leader: node 1 (term 3)\n\n\
              NODE  ADDRESS         ALIVE  REPLICAS  LEADERS\n\
              1     127.0.0.1:7701  yes    2         1\n\n\

@@ -329,6 +329,7 @@ impl Admin for AdminService {
             cluster_id: self.broker.identity().get().unwrap_or_default(),
             moves_in_progress: meta.reconfig.moves.len() as u32,
             rebalancing: meta.reconfig.rebalancing,
+            format_level: u32::from(meta.format_level),
         }))
     }
 

@@ -64,6 +64,8 @@ pub struct Cluster {
     pub moves_in_progress: u32,
     /// A rebalance runs.
     pub rebalancing: bool,
+    /// The cluster's format level: which kinds of log entries it writes.
+    pub format_level: u32,
 }
 
 impl From<pb::ClusterStatusResponse> for Cluster {
@@ -87,6 +89,7 @@ impl From<pb::ClusterStatusResponse> for Cluster {
             stations: c.stations.into_iter().map(Station::from).collect(),
             moves_in_progress: c.moves_in_progress,
             rebalancing: c.rebalancing,
+            format_level: c.format_level,
         }
     }
 }
