@@ -22,21 +22,9 @@ use crate::harness::{TestCluster, keyed, local_contents, wait_until};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn appends_carry_their_leaders_checksum_once_every_node_reads_them() {
     let mut cluster = TestCluster::start(3).await;
-    for id in 1..=3u64 {
-        let broker = cluster.broker(id);
-        wait_until(
-            Duration::from_secs(20),
-            &format!("node {id} to see format level {CHECKED_APPENDS}"),
-            || async { (broker.metadata().format_level == CHECKED_APPENDS).then_some(()) },
-        )
-        .await;
-    }
+    every_node_sees_level(&cluster, CHECKED_APPENDS).await;
     let client = cluster.client();
-    let spec = junction_client::StationSpec::new("checked")
-        .partitions(1)
-        .replication_factor(3);
-    let s = client.create_station_with(spec).await.expect("create");
-    let group = s.partition_info[0].group_id;
+    let group = station(&cluster, "checked").await;
     let n = 30;
     for i in 0..n {
         client
@@ -44,15 +32,7 @@ async fn appends_carry_their_leaders_checksum_once_every_node_reads_them() {
             .await
             .expect("produce");
     }
-    for id in 1..=3u64 {
-        let broker = cluster.broker(id);
-        wait_until(
-            Duration::from_secs(10),
-            &format!("node {id} to hold every message"),
-            || async { (local_contents(&broker, group).await.len() == n).then_some(()) },
-        )
-        .await;
-    }
+    every_replica_holds(&cluster, group, n).await;
     let leader = wait_until(Duration::from_secs(10), "a leader", || async {
         cluster.partition_leader(group)
     })
@@ -166,6 +146,19 @@ async fn appends_carry_their_leaders_checksum_once_every_node_reads_them() {
     cluster.shutdown().await;
 }
 
+/// Waits until every running node's metadata is at format level `level`.
+async fn every_node_sees_level(cluster: &TestCluster, level: u16) {
+    for id in cluster.running() {
+        let broker = cluster.broker(id);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("node {id} to see format level {level}"),
+            || async { (broker.metadata().format_level == level).then_some(()) },
+        )
+        .await;
+    }
+}
+
 /// Creates the one-partition station `name` with three replicas; returns its group.
 async fn station(cluster: &TestCluster, name: &str) -> u64 {
     let spec = junction_client::StationSpec::new(name)
@@ -251,15 +244,7 @@ async fn the_level_rises_when_the_last_node_is_upgraded_and_never_goes_back() {
     held.store(false, Ordering::SeqCst);
     cluster.stop(3).await;
     cluster.restart(3).await;
-    for id in 1..=3u64 {
-        let broker = cluster.broker(id);
-        wait_until(
-            Duration::from_secs(20),
-            &format!("node {id} to see level {CHECKED_APPENDS}"),
-            || async { (broker.metadata().format_level == CHECKED_APPENDS).then_some(()) },
-        )
-        .await;
-    }
+    every_node_sees_level(&cluster, CHECKED_APPENDS).await;
     let status = client.cluster_status().await.expect("status");
     assert_eq!(status.format_level, u32::from(CHECKED_APPENDS));
     for i in 0..5 {

@@ -349,6 +349,13 @@ impl Digest {
         }
     }
 
+    /// An append's kind (1, 2, 3), timestamp and number of records or batches.
+    fn head(&mut self, kind: u64, timestamp_ms: i64, items: usize) {
+        self.u64(kind);
+        self.u64(timestamp_ms as u64);
+        self.u64(items as u64);
+    }
+
     fn finish(mut self) -> u32 {
         self.flush();
         self.crc
@@ -398,9 +405,7 @@ impl PartitionCommand {
                 timestamp_ms,
                 records,
             } => {
-                d.u64(1);
-                d.u64(*timestamp_ms as u64);
-                d.u64(records.len() as u64);
+                d.head(1, *timestamp_ms, records.len());
                 for r in records {
                     d.record(r);
                 }
@@ -410,9 +415,7 @@ impl PartitionCommand {
                 batches,
                 ..
             } => {
-                d.u64(2);
-                d.u64(*timestamp_ms as u64);
-                d.u64(batches.len() as u64);
+                d.head(2, *timestamp_ms, batches.len());
                 for b in batches {
                     d.batch(b);
                 }
@@ -422,9 +425,7 @@ impl PartitionCommand {
                 batches,
                 ..
             } => {
-                d.u64(3);
-                d.u64(*timestamp_ms as u64);
-                d.u64(batches.len() as u64);
+                d.head(3, *timestamp_ms, batches.len());
                 for b in batches {
                     d.u64(u64::from(b.sequence_span));
                     d.batch(&b.batch);
