@@ -87,6 +87,25 @@ impl Default for EngineSettings {
     }
 }
 
+/// How much further than its window a dispatcher may read while nothing it holds can go.
+pub const HOLD_GROWTH: usize = 4;
+/// The most unfinished messages a dispatcher ever holds.
+pub const MAX_HOLD: usize = 20_000;
+
+/// How many unfinished messages a dispatcher may hold, `pending` of them held now and
+/// `ready` of those deliverable: its `window`, or, while none of those held may go anywhere
+/// (each waits behind its key's delivery, say to a member that crashed, until that expires),
+/// up to [`HOLD_GROWTH`] windows (at most [`MAX_HOLD`]), so that the keys one member held up do
+/// not hold up every other key of the partition. Without that, a full window of such keys'
+/// messages stops the partition until their deliveries expire.
+pub fn hold_limit(window: usize, pending: usize, ready: usize) -> usize {
+    if ready == 0 && pending > 0 {
+        (window * HOLD_GROWTH).min(MAX_HOLD).max(window)
+    } else {
+        window
+    }
+}
+
 /// Why a message was given up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GiveUp {
@@ -289,6 +308,11 @@ impl Engine {
     /// Messages read and not finished.
     pub fn pending(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Messages that may be delivered now as far as their keys are concerned.
+    pub fn ready(&self) -> usize {
+        self.ready.len()
     }
 
     /// How many times the message at `offset` was delivered (None: not held).
@@ -1004,6 +1028,67 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_hold_limit_grows_only_while_nothing_held_can_go() {
+        assert_eq!(hold_limit(1000, 0, 0), 1000, "nothing held: the window");
+        assert_eq!(
+            hold_limit(1000, 1000, 3),
+            1000,
+            "something can go: the window"
+        );
+        assert_eq!(hold_limit(1000, 1000, 0), 4000);
+        assert_eq!(hold_limit(10_000, 10_000, 0), MAX_HOLD);
+        assert_eq!(
+            hold_limit(MAX_HOLD, 5, 0),
+            MAX_HOLD,
+            "never below the window"
+        );
+    }
+
+    /// A member that crashed holds the heads of a few keys until their deliveries expire;
+    /// the window is full of those keys' later messages. Reading on by the hold limit lets the
+    /// other keys reach the member that is left at once.
+    #[test]
+    fn keys_held_up_by_a_crashed_member_do_not_hold_up_the_others() {
+        let mut e = shared(10, OnExhausted::DeadLetter);
+        let window = 8;
+        e.attach("a", 1, 100);
+        e.attach("b", 1, 100);
+        // Keys 1 and 2 only, until the window is full.
+        let mut next = 0u64;
+        while e.pending() < window {
+            e.read(next, key(1 + (next % 2) as u32));
+            next += 1;
+        }
+        let first = step(&mut e, 0);
+        assert_eq!(deliveries(&first).len(), 2, "each key's head goes out");
+        // Both heads went to whoever owns them; both owners crash.
+        e.detach("a");
+        e.detach("b");
+        e.attach("c", 1, 100);
+        assert!(
+            deliveries(&step(&mut e, 1)).is_empty(),
+            "held until the deliveries expire"
+        );
+        assert_eq!((e.pending(), e.ready()), (window, 0));
+        // The window's rule alone would read nothing more; the hold limit reads on.
+        let limit = hold_limit(window, e.pending(), e.ready());
+        assert!(limit > window);
+        while e.pending() < limit {
+            e.read(next, key(3 + (next % 5) as u32));
+            next += 1;
+        }
+        assert!(e.ready() > 0);
+        assert_eq!(
+            hold_limit(window, e.pending(), e.ready()),
+            window,
+            "while something can go, reading stops at the window"
+        );
+        let more = deliveries(&step(&mut e, 2));
+        assert_eq!(more.len(), 5, "every other key's head goes to c: {more:?}");
+        assert!(more.iter().all(|(m, _, _)| m == "c"));
     }
 
     fn step(e: &mut Engine, now: u64) -> Vec<Command> {

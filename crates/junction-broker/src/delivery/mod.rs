@@ -761,7 +761,11 @@ impl Dispatcher {
             return Ok(());
         }
         let (tenant, station) = self.station.split_once('/').unwrap_or(("", &self.station));
-        while self.engine.pending() < window && self.read_pos < state.next_offset {
+        // Reads on past the window while nothing held can go (see `engine::hold_limit`).
+        while self.engine.pending()
+            < engine::hold_limit(window, self.engine.pending(), self.engine.ready())
+            && self.read_pos < state.next_offset
+        {
             // Over the tenant's consume rate: read on once it is paid back.
             if let Err(BrokerError::Throttled { retry_after_ms, .. }) =
                 self.broker.check_consume(tenant, station)
@@ -769,7 +773,8 @@ impl Dispatcher {
                 self.throttled_until = Some(Instant::now() + Duration::from_millis(retry_after_ms));
                 break;
             }
-            let want = window - self.engine.pending();
+            let want = engine::hold_limit(window, self.engine.pending(), self.engine.ready())
+                - self.engine.pending();
             let (msgs, _) = self
                 .broker
                 .read(self.replica.group, self.read_pos, want, READ_BYTES)
