@@ -82,6 +82,10 @@ impl RaftTuning {
             install_snapshot_timeout: 60_000,
             max_payload_entries: 512,
             enable_pre_vote: Some(true),
+            // openraft keeps a ring of per-entry stage timestamps per group (1,024 by
+            // default, six stages), read only with its `runtime-stats` feature, which is off:
+            // one slot is enough, and saves the memory in every replica.
+            log_stage_capacity: Some(1),
             ..Default::default()
         };
         c.validate().map(Arc::new)
