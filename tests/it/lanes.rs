@@ -528,3 +528,66 @@ async fn concurrent_handlers_keep_each_key_to_one_at_a_time() {
     }
     cluster.shutdown().await;
 }
+
+/// A member that crashed holds the heads of keys `a` and `b` until `ack_wait` (60 s) passes,
+/// and the dispatcher's window (256 messages, the least) is full of those keys' later
+/// messages. A message of key `c` produced after them still reaches the member that is left
+/// long before then: while nothing it holds can go, the dispatcher reads past its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_held_by_a_crashed_member_do_not_hold_up_the_others() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.create_station("held", 1, 3).await.expect("create");
+    for batch in 0..4 {
+        let msgs = (0..100)
+            .map(|i| {
+                let seq = batch * 50 + i / 2;
+                let key = if i % 2 == 0 { "a" } else { "b" };
+                keyed(key, format!("{key}:{seq}"))
+            })
+            .collect();
+        client.produce("held", msgs).await.expect("produce");
+    }
+    let options = GroupOptions {
+        settings: GroupSettings {
+            max_in_flight: 10,
+            ..key_shared(60_000)
+        },
+        ..GroupOptions::default()
+    };
+    let mut crashing = client
+        .group_consumer("held", "g", options.clone())
+        .await
+        .expect("join");
+    let mut heads = BTreeSet::new();
+    while heads.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), crashing.recv())
+            .await
+            .expect("the heads of a and b within 20 s")
+            .expect("a message");
+        heads.insert(String::from_utf8_lossy(&m.message.payload).into_owned());
+    }
+    assert_eq!(
+        heads,
+        BTreeSet::from(["a:0".to_owned(), "b:0".to_owned()]),
+        "one message per key at a time"
+    );
+    // The crash: dropped without acking or leaving.
+    drop(crashing);
+    client
+        .produce("held", vec![keyed("c", "c:0".to_owned())])
+        .await
+        .expect("produce c");
+    let mut other = client
+        .group_consumer("held", "g", options)
+        .await
+        .expect("join");
+    let m = tokio::time::timeout(Duration::from_secs(20), other.recv())
+        .await
+        .expect("key c within 20 s, not after a and b's 60 s ack_wait")
+        .expect("a message");
+    assert_eq!(String::from_utf8_lossy(&m.message.payload), "c:0");
+    assert_eq!(m.delivery_count, 1);
+    assert!(other.ack(&m));
+    cluster.shutdown().await;
+}
