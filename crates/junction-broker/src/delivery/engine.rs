@@ -315,6 +315,12 @@ impl Engine {
         self.ready.len()
     }
 
+    /// How many more messages may be read in, for a dispatcher whose window is `window`
+    /// ([`hold_limit`] of what is held now).
+    pub fn room(&self, window: usize) -> usize {
+        hold_limit(window, self.pending(), self.ready()).saturating_sub(self.pending())
+    }
+
     /// How many times the message at `offset` was delivered (None: not held).
     pub fn attempts(&self, offset: u64) -> Option<u32> {
         self.entries.get(&offset).map(|e| e.attempts)

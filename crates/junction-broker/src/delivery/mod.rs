@@ -762,10 +762,11 @@ impl Dispatcher {
         }
         let (tenant, station) = self.station.split_once('/').unwrap_or(("", &self.station));
         // Reads on past the window while nothing held can go (see `engine::hold_limit`).
-        while self.engine.pending()
-            < engine::hold_limit(window, self.engine.pending(), self.engine.ready())
-            && self.read_pos < state.next_offset
-        {
+        while self.read_pos < state.next_offset {
+            let want = self.engine.room(window);
+            if want == 0 {
+                break;
+            }
             // Over the tenant's consume rate: read on once it is paid back.
             if let Err(BrokerError::Throttled { retry_after_ms, .. }) =
                 self.broker.check_consume(tenant, station)
@@ -773,8 +774,6 @@ impl Dispatcher {
                 self.throttled_until = Some(Instant::now() + Duration::from_millis(retry_after_ms));
                 break;
             }
-            let want = engine::hold_limit(window, self.engine.pending(), self.engine.ready())
-                - self.engine.pending();
             let (msgs, _) = self
                 .broker
                 .read(self.replica.group, self.read_pos, want, READ_BYTES)
