@@ -19,6 +19,7 @@
 pub mod flusher;
 pub mod keys;
 pub mod retention;
+pub mod segment;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -66,6 +67,21 @@ pub enum StorageError {
         supported: u8,
         hint: &'static str,
     },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the segment file {path} is in segment format {found}, which this build cannot read \
+         (it reads format {supported})"
+    )]
+    SegmentVersion {
+        path: std::path::PathBuf,
+        found: u8,
+        supported: u8,
+    },
     #[error("resolving the store path {path}: {source}")]
     Path {
         path: std::path::PathBuf,
@@ -85,6 +101,9 @@ impl From<StorageError> for std::io::Error {
 pub const STORE_FORMAT: u8 = 1;
 /// Where the store format is kept.
 pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
+
+/// The directory under the store's path that holds segment logs ([`segment`]).
+pub const SEGMENTS_DIR: &str = "segments";
 
 /// Where a node keeps the id of the cluster its data belongs to.
 pub const CLUSTER_ID_KEY: &[u8] = b"junction/cluster-id";
@@ -303,6 +322,11 @@ struct Inner {
     /// late apply of a closing replica cannot bring back data after its deletion. Writers
     /// hold the read side while they write; a deletion takes the write side.
     deleted: parking_lot::RwLock<std::collections::HashSet<GroupId>>,
+    /// Where segment logs live (`<store>/segments`); none for a memory store.
+    segments_root: Option<std::path::PathBuf>,
+    segments: segment::Registry,
+    /// Bytes appended to segment files since the store opened.
+    segment_bytes_written: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -310,6 +334,135 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("path", &self.inner.db.path())
             .finish()
+    }
+}
+
+/// The segment log of one group (see [`segment`]): appends, reads, truncation and purging
+/// of its Raft log entries. Cheap to clone; every clone is the same log.
+#[derive(Clone)]
+pub struct SegmentLog {
+    store: Store,
+    group: GroupId,
+    log: Arc<parking_lot::Mutex<segment::GroupLog>>,
+}
+
+impl std::fmt::Debug for SegmentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentLog")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl SegmentLog {
+    /// Appends entries `(index, payload)` (consecutive, following the last one) and calls
+    /// `done` once they are durable, from the flusher thread. Readable when this returns.
+    pub fn append(
+        &self,
+        entries: &[(u64, &[u8])],
+        done: FlushCallback,
+    ) -> Result<(), StorageError> {
+        let store = &self.store;
+        store.check_poisoned()?;
+        let files = store.fenced(&[self.group], || {
+            let mut log = self.log.lock();
+            let written = log.append(entries).inspect_err(|e| {
+                if matches!(e, StorageError::Io { .. }) {
+                    store.inner.poisoned.store(true, Ordering::Release);
+                    tracing::error!(error = %e, "segment write failed; the store is now poisoned");
+                }
+            })?;
+            store
+                .inner
+                .segment_bytes_written
+                .fetch_add(written, Ordering::Relaxed);
+            Ok(log.take_dirty())
+        })?;
+        store.inner.flusher.submit(flusher::Job {
+            wal: false,
+            files,
+            cb: done,
+        });
+        Ok(())
+    }
+
+    /// Fsyncs what this log's appends wrote so far, on the calling thread.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.store.check_poisoned()?;
+        let set = self.log.lock().take_dirty();
+        set.sync().map_err(|source| {
+            self.store.inner.poisoned.store(true, Ordering::Release);
+            StorageError::Io {
+                op: "sync segments of group",
+                path: std::path::PathBuf::from(self.group.to_string()),
+                source,
+            }
+        })
+    }
+
+    /// Visits the entries in `[from, to)` in order; `visit` returns `false` to stop.
+    pub fn read(
+        &self,
+        from: u64,
+        to: u64,
+        visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        self.log.lock().read(from, to, visit)
+    }
+
+    /// Returns the entries in `[from, to)`.
+    pub fn range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        self.read(from, to, |i, b| {
+            out.push((i, b.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Returns the last entry.
+    pub fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let log = self.log.lock();
+        let Some(last) = log.last_index() else {
+            return Ok(None);
+        };
+        let mut out = None;
+        log.read(last, last + 1, |i, b| {
+            out = Some((i, b.to_vec()));
+            Ok(false)
+        })?;
+        Ok(out)
+    }
+
+    /// The first and last index held, if any.
+    pub fn bounds(&self) -> Option<(u64, u64)> {
+        let log = self.log.lock();
+        Some((log.first_index()?, log.last_index()?))
+    }
+
+    /// Removes every entry from `from` on; durable when this returns.
+    pub fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
+        self.store.check_poisoned()?;
+        self.log.lock().truncate_from(from)
+    }
+
+    /// Removes the segments whose entries are all at or below `upto`; durable when this
+    /// returns. Entries at or below `upto` in a segment that also holds later ones stay
+    /// until that segment goes.
+    pub fn purge_through(&self, upto: u64) -> Result<(), StorageError> {
+        self.store.check_poisoned()?;
+        self.log.lock().purge_through(upto)
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) -> Result<(), StorageError> {
+        self.store.check_poisoned()?;
+        self.log.lock().remove_all()
+    }
+
+    /// Bytes in the group's segment files.
+    pub fn bytes(&self) -> u64 {
+        self.log.lock().bytes()
     }
 }
 
@@ -325,6 +478,8 @@ pub struct WrittenBytes {
     pub flush: u64,
     /// Table files written by compactions.
     pub compaction: u64,
+    /// Segment files (the partition logs, outside RocksDB).
+    pub segments: u64,
 }
 
 /// How a [`Store`] is opened. The default is what production runs.
@@ -459,6 +614,9 @@ impl Store {
                 opts,
                 memory: env.is_some(),
                 deleted: parking_lot::RwLock::default(),
+                segments_root: env.is_none().then(|| path.join(SEGMENTS_DIR)),
+                segments: segment::Registry::default(),
+                segment_bytes_written: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -616,7 +774,11 @@ impl Store {
             done(Ok(()));
             return Ok(());
         }
-        self.inner.flusher.submit(done);
+        self.inner.flusher.submit(flusher::Job {
+            wal: true,
+            files: segment::SyncSet::default(),
+            cb: done,
+        });
         Ok(())
     }
 
@@ -822,7 +984,46 @@ impl Store {
             b.delete_group_range(cf, group)?;
         }
         self.check_poisoned()?;
-        self.write_durably(b.wb)
+        self.write_durably(b.wb)?;
+        if let Some(root) = &self.inner.segments_root {
+            match self.inner.segments.get(group) {
+                Some(log) => log.lock().remove_all()?,
+                None => segment::remove_group(root, group)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the segment log of `group` (see [`segment`]), removing segments wholly at or
+    /// below `discard_through` (what Raft has purged); `None` for a memory store, whose
+    /// logs stay in RocksDB.
+    pub fn segment_log(
+        &self,
+        group: GroupId,
+        discard_through: Option<u64>,
+    ) -> Result<Option<SegmentLog>, StorageError> {
+        self.segment_log_sized(group, discard_through, segment::DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`Store::segment_log`] with segments of `segment_bytes` (tests use small ones).
+    pub fn segment_log_sized(
+        &self,
+        group: GroupId,
+        discard_through: Option<u64>,
+        segment_bytes: u64,
+    ) -> Result<Option<SegmentLog>, StorageError> {
+        let Some(root) = &self.inner.segments_root else {
+            return Ok(None);
+        };
+        let log = self
+            .inner
+            .segments
+            .open(root, group, discard_through, segment_bytes)?;
+        Ok(Some(SegmentLog {
+            store: self.clone(),
+            group,
+            log,
+        }))
     }
 
     /// Accepts writes to `group` again after [`Store::delete_group`] (a replica placed on
@@ -839,6 +1040,7 @@ impl Store {
             wal: t(Ticker::WalFileBytes),
             flush: t(Ticker::FlushWriteBytes),
             compaction: t(Ticker::CompactWriteBytes),
+            segments: self.inner.segment_bytes_written.load(Ordering::Relaxed),
         }
     }
 
