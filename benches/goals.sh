@@ -50,7 +50,7 @@ PY
       ;;
     writeamp)
       "$J" bench produce --message-size 1024 --messages 2000000 --producers 1 --in-flight 5 --batch-size 200 --partitions 3 --spawn 3 --replication-factor 3 --quiet --json "$OUT/writeamp.json" | tee "$OUT/writeamp.log"
-      echo "writeamp: $(grep -E 'write amp|by RocksDB' "$OUT/writeamp.log" | tr -s ' ' | paste -sd ';')" | tee -a "$OUT/summary.md"
+      echo "writeamp: $(grep -E 'write amp|by cause' "$OUT/writeamp.log" | tr -s ' ' | paste -sd ';')" | tee -a "$OUT/summary.md"
       ;;
     idle)
       for p in $PARTITIONS_LIST; do

@@ -1034,18 +1034,35 @@ async fn a_corrupt_log_entry_is_refused_and_the_replica_rebuilt() {
     let bad = (1..=3).find(|n| *n != leader).expect("a follower");
     cluster.stop(bad).await;
     let store = cluster.open_store(bad).await;
-    let (index, mut bytes) = store
-        .last_log(group)
+    let log = store
+        .segment_log(group, None)
+        .expect("open the segment log")
+        .expect("a partition on disk keeps its log in segments");
+    let (index, mut bytes) = log
+        .last()
         .expect("read the log")
         .expect("the log has entries");
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    let mut batch = store.batch();
-    batch.put_log(group, index, &bytes).expect("put");
-    store.write_sync(batch).expect("write");
     let e = junction_raft::format::decode_log_entry(&bytes).expect_err("a flipped bit is caught");
     assert!(junction_raft::names_corruption(&e.to_string()), "{e}");
+    // The same bit flipped on disk, in the entry's frame.
+    let (path, payload_at) = log.locate(index).expect("the entry is on disk");
+    drop(log);
     drop(store);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the segment");
+        let pos = payload_at + at as u64;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, pos).expect("read");
+        f.write_all_at(&[b[0] ^ 0x10], pos).expect("write");
+        f.sync_all().expect("sync");
+    }
     cluster.restart(bad).await;
     wait_rebuilt(&cluster, bad, group, &want).await;
     // It takes part again: a write commits and reaches it.

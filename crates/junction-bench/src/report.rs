@@ -64,8 +64,9 @@ pub struct Report {
     pub node_rss_mib: Vec<f64>,
     /// Bytes the nodes wrote to storage per payload byte, per replica.
     pub write_amplification: Option<f64>,
-    /// The same, from RocksDB's own counters, by cause: WAL, flush, compaction.
-    pub write_amplification_rocksdb: Option<[f64; 3]>,
+    /// The same, from the store's own counters, by cause: RocksDB's WAL, flush and
+    /// compaction, then segment files.
+    pub write_amplification_rocksdb: Option<[f64; 4]>,
     pub per_second: Vec<u64>,
 }
 
@@ -234,10 +235,10 @@ impl Report {
             "write amp.      {} bytes written per byte produced, per replica",
             opt(self.write_amplification, "")
         );
-        if let Some([wal, flush, compaction]) = self.write_amplification_rocksdb {
+        if let Some([wal, flush, compaction, segments]) = self.write_amplification_rocksdb {
             let _ = writeln!(
                 t,
-                "  by RocksDB    WAL {wal:.2} + flush {flush:.2} + compaction {compaction:.2} (memtables not yet flushed at the end are not counted)"
+                "  by cause      segments {segments:.2} + RocksDB WAL {wal:.2} + flush {flush:.2} + compaction {compaction:.2} (memtables not yet flushed at the end are not counted)"
             );
         }
         let _ = writeln!(

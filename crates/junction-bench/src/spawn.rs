@@ -27,9 +27,9 @@ pub struct ProcUsage {
     /// CPU time (µs) of each node, in node order.
     pub node_cpu_us: Vec<u64>,
     pub write_bytes: u64,
-    /// What RocksDB says it wrote (`junction_storage_written_bytes_total`), by cause:
-    /// WAL, memtable flushes, compactions.
-    pub rocksdb: [u64; 3],
+    /// What the store says it wrote (`junction_storage_written_bytes_total`), by cause:
+    /// RocksDB's WAL, memtable flushes and compactions, then segment files.
+    pub rocksdb: [u64; 4],
     /// Resident memory of each node when measured (not a difference), in node order.
     pub node_rss_bytes: Vec<u64>,
 }
@@ -184,7 +184,10 @@ impl Spawned {
         }
         for h in &self.http {
             if let Some(page) = http_get(h, "/metrics") {
-                for (i, cause) in ["wal", "flush", "compaction"].iter().enumerate() {
+                for (i, cause) in ["wal", "flush", "compaction", "segments"]
+                    .iter()
+                    .enumerate()
+                {
                     u.rocksdb[i] += written_bytes(&page, cause);
                 }
             }

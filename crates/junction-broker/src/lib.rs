@@ -829,7 +829,20 @@ impl Broker {
         let log_store = if memory {
             LogStore::with_vote_store(store.clone(), self.store.clone(), group)
         } else {
-            LogStore::new(store.clone(), group)
+            // Opening reads the newest segment through (and moves an older build's log out
+            // of RocksDB): off the async workers.
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || LogStore::segmented(s, group))
+                .await
+                .map_err(|e| BrokerError::Raft(e.to_string()))?
+                .map_err(|e| {
+                    let detail = e.to_string();
+                    if junction_raft::names_corruption(&detail) {
+                        BrokerError::CorruptReplica { group, detail }
+                    } else {
+                        BrokerError::from(e)
+                    }
+                })?
         };
         let config = self
             .cfg

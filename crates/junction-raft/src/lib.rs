@@ -86,9 +86,13 @@ pub enum RaftStoreError {
 /// Whether an error's text names a [`RaftStoreError::Corrupt`] of a log entry or a stored
 /// record. openraft keeps a storage error that stopped a group only as text.
 pub fn names_corruption(text: &str) -> bool {
-    ["corrupt log entry", "corrupt stored record"]
-        .iter()
-        .any(|mark| text.contains(mark))
+    [
+        "corrupt log entry",
+        "corrupt stored record",
+        "corrupt segment",
+    ]
+    .iter()
+    .any(|mark| text.contains(mark))
 }
 
 impl From<RaftStoreError> for std::io::Error {

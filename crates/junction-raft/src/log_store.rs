@@ -1,11 +1,13 @@
-//! The Raft log of one group in the node's shared RocksDB.
+//! The Raft log of one group: its entries in segment files (a partition on disk, see
+//! [`junction_storage::segment`]) or in the node's RocksDB (the metadata group, and groups
+//! of a memory store); its vote, committed marker and last purged id in RocksDB.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 
 use junction_storage::keys::{CF_RAFT_META, raft_tag};
-use junction_storage::{StorageError, Store};
+use junction_storage::{SegmentLog, StorageError, Store};
 use junction_types::GroupId;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
@@ -22,15 +24,21 @@ pub struct LogStore {
     /// Where the vote lives: `store`, or the disk store for a group whose log is in memory
     /// (a restarted replica must never vote twice in a term).
     vote_store: Store,
+    /// Where the entries live: segment files, or `store`'s `raft_log` column family.
+    segments: Option<SegmentLog>,
 }
 
+/// Log entries moved from RocksDB into segments per write.
+const MIGRATE_CHUNK: u64 = 1_000;
+
 impl LogStore {
-    /// Returns the log store of `group`.
+    /// Returns the log store of `group`, entries in RocksDB.
     pub fn new(store: Store, group: GroupId) -> Self {
         Self {
             vote_store: store.clone(),
             store,
             group,
+            segments: None,
         }
     }
 
@@ -40,7 +48,49 @@ impl LogStore {
             store,
             group,
             vote_store,
+            segments: None,
         }
+    }
+
+    /// Returns the log store of `group` with its entries in segment files (RocksDB for a
+    /// memory store). Entries an earlier build kept in RocksDB move into segments first:
+    /// copied and fsynced, then removed from RocksDB with a synced write, so a crash at any
+    /// point leaves them whole in one place or the other (the copy starts over).
+    pub fn segmented(store: Store, group: GroupId) -> io::Result<Self> {
+        let mut log = Self::new(store, group);
+        let last_purged: Option<LogId> = log.get_meta(raft_tag::LAST_PURGED, &format::LOG_ID)?;
+        let Some(seg) = log.store.segment_log(group, last_purged.map(|l| l.index))? else {
+            return Ok(log);
+        };
+        if let Some((last, _)) = log.store.last_log(group)? {
+            seg.clear()?;
+            let mut next = 0u64;
+            while next <= last {
+                let raw = log
+                    .store
+                    .log_range(group, next, next.saturating_add(MIGRATE_CHUNK))?;
+                let refs: Vec<(u64, &[u8])> = raw.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+                if !refs.is_empty() {
+                    seg.append_durably(&refs)?;
+                }
+                next = next.saturating_add(MIGRATE_CHUNK);
+            }
+            let mut b = log.store.batch();
+            b.delete_logs(group, 0, u64::MAX)?;
+            log.store.write_sync(b)?;
+            tracing::info!(
+                group,
+                last,
+                "moved the group's log entries into segment files"
+            );
+        }
+        log.segments = Some(seg);
+        Ok(log)
+    }
+
+    /// Whether the entries live in segment files.
+    pub fn is_segmented(&self) -> bool {
+        self.segments.is_some()
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -70,18 +120,32 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x,
             Bound::Unbounded => u64::MAX,
         };
-        let raw = self.store.log_range(self.group, start, end)?;
-        let mut out = Vec::with_capacity(raw.len());
-        for (index, bytes) in raw {
-            let entry: Entry = format::decode_log_entry(&bytes)?;
-            if entry.log_id.index != index {
-                return Err(io::Error::other(StorageError::Corrupt {
+        let group = self.group;
+        let mut out = Vec::new();
+        let mut take = |index: u64, bytes: &[u8]| -> Result<bool, StorageError> {
+            let entry: Entry =
+                format::decode_log_entry(bytes).map_err(|e| StorageError::Corrupt {
                     what: "log entry",
-                    group: self.group,
-                    detail: format!("key index {index} holds entry {}", entry.log_id.index),
-                }));
+                    group,
+                    detail: format!("at index {index}: {e}"),
+                })?;
+            if entry.log_id.index != index {
+                return Err(StorageError::Corrupt {
+                    what: "log entry",
+                    group,
+                    detail: format!("index {index} holds entry {}", entry.log_id.index),
+                });
             }
             out.push(entry);
+            Ok(true)
+        };
+        match &self.segments {
+            Some(seg) => seg.read(start, end, take)?,
+            None => {
+                for (index, bytes) in self.store.log_range(group, start, end)? {
+                    take(index, &bytes)?;
+                }
+            }
         }
         Ok(out)
     }
@@ -102,7 +166,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.get_meta(raft_tag::LAST_PURGED, &format::LOG_ID)?;
-        let last = match self.store.last_log(self.group)? {
+        let last = match &self.segments {
+            Some(seg) => seg.last()?,
+            None => self.store.last_log(self.group)?,
+        };
+        let last = match last {
             None => None,
             Some((_, bytes)) => {
                 let e: Entry = format::decode_log_entry(&bytes)?;
@@ -160,6 +228,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        if let Some(seg) = &self.segments {
+            let encoded = entries
+                .into_iter()
+                .map(|e| Ok((e.log_id.index, format::encode_log_entry(&e)?)))
+                .collect::<Result<Vec<_>, crate::RaftStoreError>>()?;
+            let refs: Vec<(u64, &[u8])> = encoded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+            // Readable now; `callback` fires once the segment files are fsynced, which is
+            // when openraft may count this node towards a commit quorum.
+            seg.append(&refs, Box::new(move |r| callback.io_completed(r)))?;
+            return Ok(());
+        }
         let mut b = self.store.batch();
         for entry in entries {
             b.put_log(
@@ -177,6 +256,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
+        if let Some(seg) = &self.segments {
+            // Durable when it returns: a later append at these indexes must never be followed,
+            // after a crash, by the entries it replaced.
+            seg.truncate_from(from)?;
+            return Ok(());
+        }
         let mut b = self.store.batch();
         b.delete_logs(self.group, from, u64::MAX)?;
         // Not synced: the WAL keeps order, so the truncation is durable before any later
@@ -195,8 +280,93 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             raft_tag::LAST_PURGED,
             &encode(&format::LOG_ID, &log_id)?,
         )?;
+        if let Some(seg) = &self.segments {
+            // The marker is durable before any segment goes; a segment a crash brings back
+            // after its removal is wholly at or below it and is discarded on open.
+            self.store.write_sync(b)?;
+            seg.purge_through(log_id.index)?;
+            return Ok(());
+        }
         b.delete_logs(self.group, 0, log_id.index + 1)?;
         self.store.write(b)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::EntryPayload;
+    use openraft::storage::RaftLogStorage;
+
+    use super::*;
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        openraft::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 },
+            index,
+        )
+    }
+
+    fn blank(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: log_id(term, index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_rocksdb_moves_into_segments_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        // As an earlier build left it: entries 1..=50 in the raft_log column family, and
+        // entries of another group that must stay.
+        let mut b = store.batch();
+        for i in 1..=50 {
+            b.put_log(9, i, &format::encode_log_entry(&blank(2, i)).unwrap())
+                .unwrap();
+        }
+        b.put_log(3, 1, &format::encode_log_entry(&blank(1, 1)).unwrap())
+            .unwrap();
+        store.write_sync(b).unwrap();
+
+        let mut log = LogStore::segmented(store.clone(), 9).unwrap();
+        assert!(log.is_segmented());
+        assert!(store.last_log(9).unwrap().is_none(), "moved out of RocksDB");
+        assert!(
+            store.last_log(3).unwrap().is_some(),
+            "other groups untouched"
+        );
+        let entries = log.try_get_log_entries(1..51).await.unwrap();
+        let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
+        assert_eq!(ids, (1..=50).map(|i| log_id(2, i)).collect::<Vec<_>>());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(2, 50)));
+
+        // Purge and truncate through the segment log, then reopen: what was said stays said.
+        log.purge(log_id(2, 10)).await.unwrap();
+        log.truncate_after(Some(log_id(2, 40))).await.unwrap();
+        drop(log);
+        let mut log = LogStore::segmented(store.clone(), 9).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(2, 10)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 40)));
+        let entries = log.try_get_log_entries(0..100).await.unwrap();
+        assert_eq!(entries.first().map(|e| e.log_id), Some(log_id(2, 11)));
+        assert_eq!(entries.len(), 30);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_segment_entry_reads_as_a_corrupt_log_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let seg = store.segment_log(4, None).unwrap().unwrap();
+        let good = format::encode_log_entry(&blank(1, 1)).unwrap();
+        // A frame whose own checksum holds but whose entry does not decode.
+        seg.append_durably(&[(1, good.as_slice()), (2, b"\x02garbage".as_slice())])
+            .unwrap();
+        drop(seg);
+        let mut log = LogStore::segmented(store, 4).unwrap();
+        let err = log.try_get_log_entries(1..3).await.unwrap_err();
+        assert!(crate::names_corruption(&err.to_string()), "{err}");
     }
 }

@@ -14,6 +14,8 @@ use openraft::testing::log::{StoreBuilder, Suite};
 /// Every build gets a fresh store; the temp dir lives as long as the guard.
 struct MetaBuilder;
 struct PartitionBuilder;
+/// A partition whose log is in segment files, as every partition on disk has.
+struct SegmentedBuilder;
 
 fn store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -44,6 +46,30 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir
                 .expect("state machine");
         Ok((dir, LogStore::new(store, 7), sm))
     }
+}
+
+impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir>
+    for SegmentedBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, PartitionStateMachine), StorageError<TypeConfig>>
+    {
+        let (dir, store) = store();
+        let sm =
+            PartitionStateMachine::open(store.clone(), 7, junction_raft::TailBudget::new(1 << 20))
+                .expect("state machine");
+        let log = LogStore::segmented(store, 7).expect("segment log");
+        assert!(log.is_segmented());
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segment_log_store_and_a_partition_state_machine_pass_openraft_s_suite() {
+    Suite::test_all(SegmentedBuilder)
+        .await
+        .expect("openraft storage suite");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

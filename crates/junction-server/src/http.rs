@@ -101,12 +101,14 @@ async fn metrics_page(State(broker): State<Arc<Broker>>) -> (StatusCode, String)
         .set(tail_used as f64);
     metrics::gauge!("junction_tail_window_limit_bytes", "node" => node_label.clone())
         .set(tail_limit as f64);
-    // Bytes RocksDB wrote, by cause: with the bytes produced, this gives write amplification.
+    // Bytes the store wrote, by cause (RocksDB's WAL, flushes and compactions, and the
+    // partition logs' segment files): with the bytes produced, this gives write amplification.
     let written = broker.store().written_bytes();
     for (cause, bytes) in [
         ("wal", written.wal),
         ("flush", written.flush),
         ("compaction", written.compaction),
+        ("segments", written.segments),
     ] {
         metrics::counter!("junction_storage_written_bytes_total", "node" => node_label.clone(), "cause" => cause)
             .absolute(bytes);

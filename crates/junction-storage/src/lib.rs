@@ -98,7 +98,12 @@ impl From<StorageError> for std::io::Error {
 /// The layout of a data directory as a whole: key schema and the versioned value encodings
 /// (`junction_raft::format`). Stored under [`STORE_FORMAT_KEY`] in the default column family
 /// when a store is created; a store without it but with data predates versioned formats.
-pub const STORE_FORMAT: u8 = 1;
+///
+/// - 1: every Raft log in the `raft_log` column family.
+/// - 2: partition logs in segment files ([`segment`]). A format 1 store is upgraded in
+///   place: the marker first (so an older build refuses the store from then on), then each
+///   partition's entries as its log is opened (`junction_raft::LogStore::segmented`).
+pub const STORE_FORMAT: u8 = 2;
 /// Where the store format is kept.
 pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
 
@@ -274,6 +279,12 @@ fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
         .map_err(rocks("read the store format"))?
     {
         Some(v) if v.as_slice() == [STORE_FORMAT] => Ok(()),
+        Some(v) if v.as_slice() == [1] => {
+            let mut w = rocksdb::WriteOptions::default();
+            w.set_sync(true);
+            db.put_opt(STORE_FORMAT_KEY, [STORE_FORMAT], &w)
+                .map_err(rocks("write the store format"))
+        }
         Some(v) => Err(refuse(
             v.first().copied().unwrap_or(0),
             " (written by a newer Junction?)",
@@ -355,16 +366,12 @@ impl std::fmt::Debug for SegmentLog {
 }
 
 impl SegmentLog {
-    /// Appends entries `(index, payload)` (consecutive, following the last one) and calls
-    /// `done` once they are durable, from the flusher thread. Readable when this returns.
-    pub fn append(
-        &self,
-        entries: &[(u64, &[u8])],
-        done: FlushCallback,
-    ) -> Result<(), StorageError> {
+    /// Writes entries `(index, payload)` (consecutive, following the last one); returns what
+    /// must be fsynced for them to be durable.
+    fn write(&self, entries: &[(u64, &[u8])]) -> Result<segment::SyncSet, StorageError> {
         let store = &self.store;
         store.check_poisoned()?;
-        let files = store.fenced(&[self.group], || {
+        store.fenced(&[self.group], || {
             let mut log = self.log.lock();
             let written = log.append(entries).inspect_err(|e| {
                 if matches!(e, StorageError::Io { .. }) {
@@ -377,8 +384,18 @@ impl SegmentLog {
                 .segment_bytes_written
                 .fetch_add(written, Ordering::Relaxed);
             Ok(log.take_dirty())
-        })?;
-        store.inner.flusher.submit(flusher::Job {
+        })
+    }
+
+    /// Appends entries `(index, payload)` (consecutive, following the last one) and calls
+    /// `done` once they are durable, from the flusher thread. Readable when this returns.
+    pub fn append(
+        &self,
+        entries: &[(u64, &[u8])],
+        done: FlushCallback,
+    ) -> Result<(), StorageError> {
+        let files = self.write(entries)?;
+        self.store.inner.flusher.submit(flusher::Job {
             wal: false,
             files,
             cb: done,
@@ -386,14 +403,13 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Fsyncs what this log's appends wrote so far, on the calling thread.
-    pub fn sync(&self) -> Result<(), StorageError> {
-        self.store.check_poisoned()?;
-        let set = self.log.lock().take_dirty();
-        set.sync().map_err(|source| {
+    /// Appends entries like [`SegmentLog::append`] and fsyncs them on the calling thread.
+    pub fn append_durably(&self, entries: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        let files = self.write(entries)?;
+        files.sync().map_err(|source| {
             self.store.inner.poisoned.store(true, Ordering::Release);
             StorageError::Io {
-                op: "sync segments of group",
+                op: "sync the segments of group",
                 path: std::path::PathBuf::from(self.group.to_string()),
                 source,
             }
@@ -463,6 +479,12 @@ impl SegmentLog {
     /// Bytes in the group's segment files.
     pub fn bytes(&self) -> u64 {
         self.log.lock().bytes()
+    }
+
+    /// Where entry `index`'s payload is on disk: its segment file and the payload's position
+    /// in it (for inspection tools and fault-injection tests).
+    pub fn locate(&self, index: u64) -> Option<(std::path::PathBuf, u64)> {
+        self.log.lock().locate(index)
     }
 }
 
@@ -1360,8 +1382,8 @@ mod tests {
         };
         let text = err.to_string();
         assert!(
-            text.contains("store format 2")
-                && text.contains("reads format 1")
+            text.contains(&format!("store format {}", STORE_FORMAT + 1))
+                && text.contains(&format!("reads format {STORE_FORMAT}"))
                 && text.contains("newer"),
             "{text}"
         );
@@ -1509,5 +1531,48 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_format_1_store_is_marked_format_2_and_refused_by_nothing_older_after() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.inner.db.put(STORE_FORMAT_KEY, [1u8]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
+            Some(&[2u8][..])
+        );
+    }
+
+    #[test]
+    fn deleting_a_group_removes_its_segments_and_refuses_later_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let seg = store.segment_log(5, None).unwrap().unwrap();
+        seg.append_durably(&[(1, b"a".as_slice()), (2, b"b".as_slice())])
+            .unwrap();
+        let other = store.segment_log(6, None).unwrap().unwrap();
+        other.append_durably(&[(1, b"c".as_slice())]).unwrap();
+        let seg_dir = segment::group_dir(&dir.path().join(SEGMENTS_DIR), 5);
+        assert!(seg_dir.exists());
+        assert_eq!(store.written_bytes().segments, 3 * 16 + 3 + 2 * 28);
+        store.delete_group(5).unwrap();
+        assert!(!seg_dir.exists());
+        assert_eq!(seg.bounds(), None);
+        let err = seg.append_durably(&[(3, b"x".as_slice())]).unwrap_err();
+        assert!(matches!(err, StorageError::GroupDeleted(5)), "{err}");
+        assert!(!seg_dir.exists(), "a refused append creates nothing");
+        assert_eq!(other.range(0, 10).unwrap(), vec![(1, b"c".to_vec())]);
+        // Placed here again: a fresh log.
+        store.reinstate_group(5);
+        let seg = store.segment_log(5, None).unwrap().unwrap();
+        seg.append_durably(&[(7, b"n".as_slice())]).unwrap();
+        assert_eq!(seg.range(0, 10).unwrap(), vec![(7, b"n".to_vec())]);
+        // A memory store keeps its logs in RocksDB.
+        let mem = Store::open_in_memory(&dir.path().join("mem")).unwrap();
+        assert!(mem.segment_log(5, None).unwrap().is_none());
     }
 }

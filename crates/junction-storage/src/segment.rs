@@ -136,6 +136,38 @@ fn check_frame(b: &[u8]) -> Option<FrameAt> {
     })
 }
 
+/// Whether a frame that fails its check at file position `pos`, with `rest` the bytes from
+/// there to the end of the file, is what a crash leaves of unsynced appends rather than
+/// damage to a synced entry: the frame is cut short by the end of the file, or a 512-byte
+/// sector within it reads as zeros (written blocks never reached the disk). A whole frame
+/// with neither is damage, and is reported rather than cut away with what follows it.
+fn is_torn(rest: &[u8], pos: u64) -> bool {
+    if rest.len() < FRAME_HEADER_LEN {
+        return true;
+    }
+    let len = le_u32(rest, 0);
+    let frame_end = FRAME_HEADER_LEN.saturating_add(len as usize);
+    if len > MAX_PAYLOAD || frame_end > rest.len() {
+        return true;
+    }
+    const SECTOR: u64 = 512;
+    let frame = &rest[..frame_end];
+    if frame.iter().all(|b| *b == 0) {
+        return true;
+    }
+    // Sectors wholly inside the frame.
+    let first_sector = pos.div_ceil(SECTOR) * SECTOR;
+    let mut s = first_sector;
+    while s + SECTOR <= pos + frame.len() as u64 {
+        let a = (s - pos) as usize;
+        if frame[a..a + SECTOR as usize].iter().all(|b| *b == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    false
+}
+
 fn io_err<'a>(
     op: &'static str,
     path: &'a Path,
@@ -224,6 +256,9 @@ pub(crate) struct GroupLog {
     dir: PathBuf,
     segments: Vec<Segment>,
     segment_bytes: u64,
+    /// The first index that may be read: entries below it were purged, though the segment
+    /// holding them may remain while it holds later ones too.
+    floor: u64,
     /// What must be synced before the appends so far are durable.
     dirty: SyncSet,
 }
@@ -253,6 +288,7 @@ impl GroupLog {
             dir: dir.clone(),
             segments: Vec::new(),
             segment_bytes,
+            floor: discard_through.map_or(0, |d| d.saturating_add(1)),
             dirty: SyncSet::default(),
         };
         if !dir.exists() {
@@ -372,7 +408,22 @@ impl GroupLog {
                         positions.push(pos + at as u64);
                         at += FRAME_HEADER_LEN + fr.payload_len as usize;
                     }
-                    _ => break,
+                    Some(fr) => {
+                        return Err(corrupt(format!(
+                            "the frame at {} holds index {}, expected {}",
+                            pos + at as u64,
+                            fr.index,
+                            first + positions.len() as u64
+                        )));
+                    }
+                    None if is_torn(&body[at..], pos + at as u64) => break,
+                    None => {
+                        return Err(corrupt(format!(
+                            "the frame of entry {} at {} fails its checksum (whole, not torn)",
+                            first + positions.len() as u64,
+                            pos + at as u64
+                        )));
+                    }
                 }
             }
             let end = pos + at as u64;
@@ -422,10 +473,14 @@ impl GroupLog {
     }
 
     pub(crate) fn first_index(&self) -> Option<u64> {
-        self.segments
+        let last = self.last_index()?;
+        let first = self
+            .segments
             .iter()
             .find(|s| !s.positions.is_empty())
-            .map(|s| s.first)
+            .map(|s| s.first)?;
+        let first = first.max(self.floor);
+        (first <= last).then_some(first)
     }
 
     pub(crate) fn last_index(&self) -> Option<u64> {
@@ -500,6 +555,7 @@ impl GroupLog {
                     std::fs::remove_file(&s.path).map_err(io_err("remove segment", &s.path))?;
                 }
                 self.create(index)?;
+                written += HEADER_LEN as u64;
             }
             let seg = self.segments.last_mut().ok_or(StorageError::Poisoned)?;
             // Every entry that fits this segment, in one vectored write.
@@ -551,13 +607,14 @@ impl GroupLog {
         to: u64,
         mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
+        let from = from.max(self.floor);
         for seg in &self.segments {
             let Some(last) = seg.last() else { continue };
-            if last < from || seg.first >= to {
-                continue;
-            }
             let lo = from.max(seg.first);
             let hi = to.min(last + 1);
+            if lo >= hi {
+                continue;
+            }
             let (a, b) = ((lo - seg.first) as usize, (hi - seg.first) as usize);
             let start = seg.positions[a];
             let end = seg.end_of(b - 1);
@@ -622,6 +679,7 @@ impl GroupLog {
 
     /// Removes the segments whose entries are all at or below `upto`, durably.
     pub(crate) fn purge_through(&mut self, upto: u64) -> Result<(), StorageError> {
+        self.floor = self.floor.max(upto.saturating_add(1));
         let mut removed = false;
         while let Some(seg) = self.segments.first() {
             let whole = match seg.last() {
@@ -645,12 +703,23 @@ impl GroupLog {
     pub(crate) fn remove_all(&mut self) -> Result<(), StorageError> {
         self.segments.clear();
         self.dirty = SyncSet::default();
+        self.floor = 0;
         remove_group(&self.root, self.group)
     }
 
     /// Bytes in the group's segment files.
     pub(crate) fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Where entry `index`'s payload is: its segment file and the payload's position.
+    pub(crate) fn locate(&self, index: u64) -> Option<(PathBuf, u64)> {
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.last().is_some_and(|l| s.first <= index && index <= l))?;
+        let at = seg.positions[(index - seg.first) as usize] + FRAME_HEADER_LEN as u64;
+        Some((seg.path.clone(), at))
     }
 }
 
@@ -792,6 +861,11 @@ mod tests {
         append_range(&mut log, 40, 41);
         assert!(files(dir.path(), 3).len() > 3, "small segments roll");
         expect_range(&log, 1, 41);
+        // Empty and reversed ranges read nothing.
+        for (a, b) in [(13, 13), (13, 10), (41, 50), (0, 1)] {
+            log.read(a, b, |i, _| panic!("read {i} from [{a}, {b})"))
+                .unwrap();
+        }
         let mut part = Vec::new();
         log.read(10, 13, |i, b| {
             part.push((i, b.to_vec()));
@@ -851,7 +925,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_checksum_in_the_newest_segment_ends_it_there() {
+    fn a_bad_checksum_in_a_whole_frame_of_the_newest_segment_is_damage_not_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
         append_range(&mut log, 1, 10);
@@ -866,10 +940,46 @@ mod tests {
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-        drop(f);
+        let size = f.metadata().unwrap().len();
+        let err = GroupLog::open(dir.path(), 2, None, 1 << 20).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                StorageError::Corrupt {
+                    what: "segment",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("entry 7"), "{err}");
+        assert_eq!(f.metadata().unwrap().len(), size, "nothing was cut");
+    }
+
+    #[test]
+    fn a_tail_of_zeroed_sectors_is_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
+        append_range(&mut log, 1, 4);
+        let big = vec![7u8; 3000];
+        log.append(&[(4, big.as_slice()), (5, b"after".as_slice())])
+            .unwrap();
+        log.take_dirty().sync().unwrap();
+        let frame4 = log.segments[0].positions[3];
+        let path = log.segments[0].path.clone();
+        drop(log);
+        // The blocks of entry 4's payload never reached the disk; entry 5's did.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let zero_from = (frame4 + 600).div_ceil(512) * 512;
+        f.write_all_at(&[0u8; 1024], zero_from).unwrap();
         let log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
-        assert_eq!(log.last_index(), Some(6), "entries 7.. were never synced");
-        expect_range(&log, 1, 7);
+        assert_eq!(log.last_index(), Some(3));
+        assert_eq!(f.metadata().unwrap().len(), frame4, "cut before entry 4");
+        expect_range(&log, 1, 4);
     }
 
     #[test]
@@ -1002,9 +1112,11 @@ mod tests {
         append_range(&mut log, 1, 40);
         let seg_first: Vec<u64> = log.segments.iter().map(|s| s.first).collect();
         log.purge_through(seg_first[2]).unwrap();
-        // The segment holding seg_first[2] also holds later entries: it stays.
-        assert_eq!(log.first_index(), Some(seg_first[2]));
-        assert_eq!(all(&log).last().map(|e| e.0), Some(39));
+        // The segment holding seg_first[2] also holds later entries: it stays on disk, and
+        // what was purged in it is no longer read.
+        assert_eq!(log.segments[0].first, seg_first[2]);
+        assert_eq!(log.first_index(), Some(seg_first[2] + 1));
+        expect_range(&log, seg_first[2] + 1, 40);
         drop(log);
         // Reopen as after a crash that kept segments a purge had covered.
         let log = GroupLog::open(dir.path(), 6, Some(seg_first[4] - 1), 200).unwrap();
