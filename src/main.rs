@@ -42,7 +42,38 @@ async fn serve(args: junction_server::ServeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Raises the soft limit on open files to the hard limit: a node keeps one file open per
+/// partition log segment, besides RocksDB's table files and its connections.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we own.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if got != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(
+            from = before,
+            to = lim.rlim_max,
+            "raised the open file limit"
+        );
+    } else {
+        tracing::warn!(
+            limit = before,
+            error = %std::io::Error::last_os_error(),
+            "could not raise the open file limit"
+        );
+    }
+}
+
 async fn serve_node(config: junction_server::Config) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let handle = junction_server::Server::start(config).await?;
     tracing::info!(grpc = %handle.grpc_addr, http = %handle.http_addr, peer = ?handle.peer_addr, "node serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

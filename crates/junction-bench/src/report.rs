@@ -95,7 +95,7 @@ impl Report {
     pub fn new(args: &BenchArgs, command: String, r: &LoadResult) -> Self {
         let secs = r.elapsed.as_secs_f64().max(1e-9);
         let durability = format!(
-            "replication factor {}; acknowledged after a majority committed it, each fsyncing its WAL (RocksDB flush_wal(sync)) before acking",
+            "replication factor {}; acknowledged after a majority committed it, each fsyncing its log (the partition's segment file) before acking",
             args.replication_factor
         );
         let produced_bytes = r.payload_bytes as f64;

@@ -24,7 +24,7 @@ pub struct ClientOptions {
     pub retry_deadline: Duration,
     /// First delay between retries (default 50 ms); doubles after each failure.
     pub initial_backoff: Duration,
-    /// Longest delay between retries (default 1 s).
+    /// Longest delay between retries (default 250 ms).
     pub max_backoff: Duration,
     /// Timeout of establishing one TCP/HTTP2 connection (default 5 s).
     pub connect_timeout: Duration,
