@@ -126,12 +126,7 @@ async fn appends_carry_their_leaders_checksum_once_every_node_reads_them() {
     // The follower's own log: every append in it is a checked one.
     cluster.stop(follower).await;
     let store = cluster.open_store(follower).await;
-    let log = store
-        .segment_log(group, None)
-        .expect("open the segment log")
-        .expect("a partition on disk keeps its log in segments")
-        .range(0, u64::MAX)
-        .expect("read the log");
+    let log = stored_log(&store, group);
     let mut checked = 0;
     for (index, bytes) in &log {
         let entry = junction_raft::format::decode_log_entry(bytes).expect("decode");
@@ -283,12 +278,7 @@ async fn the_level_rises_when_the_last_node_is_upgraded_and_never_goes_back() {
 
     // Node 3's log holds the five unchecked appends, then the five checked ones.
     let store = cluster.open_store(3).await;
-    let log = store
-        .segment_log(group, None)
-        .expect("open the segment log")
-        .expect("a partition on disk keeps its log in segments")
-        .range(0, u64::MAX)
-        .expect("read the log");
+    let log = stored_log(&store, group);
     let appends: Vec<bool> = log
         .iter()
         .filter_map(|(_, bytes)| {
@@ -317,4 +307,15 @@ async fn the_level_rises_when_the_last_node_is_upgraded_and_never_goes_back() {
     cluster.restart(3).await;
     every_replica_holds(&cluster, group, 10).await;
     cluster.shutdown().await;
+}
+
+/// Every entry of `group`'s log in a stopped node's store (a partition on disk keeps it in
+/// segment files).
+fn stored_log(store: &junction_storage::Store, group: u64) -> Vec<(u64, Vec<u8>)> {
+    store
+        .segment_log(group, None)
+        .expect("open the segment log")
+        .expect("a partition on disk keeps its log in segments")
+        .range(0, u64::MAX)
+        .expect("read the log")
 }

@@ -33,6 +33,21 @@ impl StoreBuilder<TypeConfig, LogStore, MetaStateMachine, tempfile::TempDir> for
     }
 }
 
+/// A partition state machine on a fresh store, with its log in RocksDB or in segment files.
+fn partition(segmented: bool) -> (tempfile::TempDir, LogStore, PartitionStateMachine) {
+    let (dir, store) = store();
+    let sm = PartitionStateMachine::open(store.clone(), 7, junction_raft::TailBudget::new(1 << 20))
+        .expect("state machine");
+    let log = if segmented {
+        let log = LogStore::segmented(store, 7).expect("segment log");
+        assert!(log.is_segmented());
+        log
+    } else {
+        LogStore::new(store, 7)
+    };
+    (dir, log, sm)
+}
+
 impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir>
     for PartitionBuilder
 {
@@ -40,11 +55,7 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, PartitionStateMachine), StorageError<TypeConfig>>
     {
-        let (dir, store) = store();
-        let sm =
-            PartitionStateMachine::open(store.clone(), 7, junction_raft::TailBudget::new(1 << 20))
-                .expect("state machine");
-        Ok((dir, LogStore::new(store, 7), sm))
+        Ok(partition(false))
     }
 }
 
@@ -55,13 +66,7 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, tempfile::TempDir
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, PartitionStateMachine), StorageError<TypeConfig>>
     {
-        let (dir, store) = store();
-        let sm =
-            PartitionStateMachine::open(store.clone(), 7, junction_raft::TailBudget::new(1 << 20))
-                .expect("state machine");
-        let log = LogStore::segmented(store, 7).expect("segment log");
-        assert!(log.is_segmented());
-        Ok((dir, log, sm))
+        Ok(partition(true))
     }
 }
 

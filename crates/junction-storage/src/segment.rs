@@ -806,6 +806,33 @@ mod tests {
         log.take_dirty().sync().unwrap();
     }
 
+    /// A fresh log of `group` in a temp dir, holding entries `1..to`.
+    fn written(group: GroupId, segment_bytes: u64, to: u64) -> (tempfile::TempDir, GroupLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = GroupLog::open(dir.path(), group, None, segment_bytes).unwrap();
+        append_range(&mut log, 1, to);
+        (dir, log)
+    }
+
+    /// Flips bits of the byte at `at` in the file at `path`, as a failing disk would.
+    fn flip(path: &Path, at: u64, mask: u8) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ mask], at).unwrap();
+    }
+
+    fn assert_corrupt(err: &StorageError, what: &str) {
+        assert!(
+            matches!(err, StorageError::Corrupt { what: w, .. } if *w == what),
+            "expected corrupt {what}, got {err}"
+        );
+    }
+
     fn all(log: &GroupLog) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::new();
         log.read(0, u64::MAX, |i, b| {
@@ -885,16 +912,7 @@ mod tests {
         let mut log = GroupLog::open(dir.path(), 1, None, 1 << 20).unwrap();
         append_range(&mut log, 5, 8);
         let err = log.append(&[(9, b"x".as_slice())]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StorageError::Corrupt {
-                    what: "log append",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_corrupt(&err, "log append");
         let err = log
             .append(&[(8, b"x".as_slice()), (10, b"y".as_slice())])
             .unwrap_err();
@@ -904,9 +922,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_to_the_last_whole_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
-        append_range(&mut log, 1, 6);
+        let (dir, log) = written(2, 1 << 20, 6);
         let path = files(dir.path(), 2).pop().unwrap();
         let good = std::fs::metadata(&path).unwrap().len();
         drop(log);
@@ -926,41 +942,25 @@ mod tests {
 
     #[test]
     fn a_bad_checksum_in_a_whole_frame_of_the_newest_segment_is_damage_not_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
-        append_range(&mut log, 1, 10);
+        let (dir, log) = written(2, 1 << 20, 10);
         let at = log.segments[0].positions[6] + FRAME_HEADER_LEN as u64 + 2;
         let path = log.segments[0].path.clone();
         drop(log);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-        let size = f.metadata().unwrap().len();
+        flip(&path, at, 0x10);
+        let size = std::fs::metadata(&path).unwrap().len();
         let err = GroupLog::open(dir.path(), 2, None, 1 << 20).err().unwrap();
-        assert!(
-            matches!(
-                err,
-                StorageError::Corrupt {
-                    what: "segment",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_corrupt(&err, "segment");
         assert!(err.to_string().contains("entry 7"), "{err}");
-        assert_eq!(f.metadata().unwrap().len(), size, "nothing was cut");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            size,
+            "nothing was cut"
+        );
     }
 
     #[test]
     fn a_tail_of_zeroed_sectors_is_a_torn_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 2, None, 1 << 20).unwrap();
-        append_range(&mut log, 1, 4);
+        let (dir, mut log) = written(2, 1 << 20, 4);
         let big = vec![7u8; 3000];
         log.append(&[(4, big.as_slice()), (5, b"after".as_slice())])
             .unwrap();
@@ -984,9 +984,7 @@ mod tests {
 
     #[test]
     fn damage_in_a_sealed_segment_is_reported_not_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 2, None, 150).unwrap();
-        append_range(&mut log, 1, 30);
+        let (dir, log) = written(2, 150, 30);
         let first = log.segments[0].path.clone();
         drop(log);
         // Cut the oldest segment in the middle of a frame.
@@ -998,45 +996,22 @@ mod tests {
             .set_len(len - 3)
             .unwrap();
         let err = GroupLog::open(dir.path(), 2, None, 150).err().unwrap();
-        assert!(
-            matches!(
-                err,
-                StorageError::Corrupt {
-                    what: "segment",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_corrupt(&err, "segment");
         // A flipped payload bit in a sealed segment passes the open (headers only) and is
         // caught by the read.
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 2, None, 150).unwrap();
-        append_range(&mut log, 1, 30);
+        let (dir, log) = written(2, 150, 30);
         let at = log.segments[0].positions[1] + FRAME_HEADER_LEN as u64;
         let path = log.segments[0].path.clone();
         drop(log);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(b"#", at).unwrap();
+        flip(&path, at, 0x01);
         let log = GroupLog::open(dir.path(), 2, None, 150).unwrap();
         let err = log.read(1, 30, |_, _| Ok(true)).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StorageError::Corrupt {
-                    what: "log entry",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_corrupt(&err, "log entry");
     }
 
     #[test]
     fn a_newest_segment_with_a_torn_header_is_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 4, None, 1 << 20).unwrap();
-        append_range(&mut log, 1, 4);
+        let (dir, log) = written(4, 1 << 20, 4);
         drop(log);
         let torn = group_dir(dir.path(), 4).join(segment_name(4));
         std::fs::write(&torn, &encode_header(4, 4)[..10]).unwrap();
@@ -1049,9 +1024,7 @@ mod tests {
 
     #[test]
     fn another_segment_version_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 4, None, 1 << 20).unwrap();
-        append_range(&mut log, 1, 3);
+        let (dir, log) = written(4, 1 << 20, 3);
         let path = log.segments[0].path.clone();
         drop(log);
         let mut h = encode_header(4, 1);
@@ -1076,9 +1049,7 @@ mod tests {
 
     #[test]
     fn truncation_removes_later_entries_durably() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 5, None, 200).unwrap();
-        append_range(&mut log, 1, 30);
+        let (dir, mut log) = written(5, 200, 30);
         let before = files(dir.path(), 5).len();
         log.truncate_from(12).unwrap();
         assert_eq!(log.last_index(), Some(11));
@@ -1107,9 +1078,7 @@ mod tests {
 
     #[test]
     fn purging_drops_whole_segments_and_reopen_discards_purged_leftovers() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 6, None, 200).unwrap();
-        append_range(&mut log, 1, 40);
+        let (dir, mut log) = written(6, 200, 40);
         let seg_first: Vec<u64> = log.segments.iter().map(|s| s.first).collect();
         log.purge_through(seg_first[2]).unwrap();
         // The segment holding seg_first[2] also holds later entries: it stays on disk, and
@@ -1134,22 +1103,11 @@ mod tests {
 
     #[test]
     fn a_gap_between_segments_is_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = GroupLog::open(dir.path(), 8, None, 200).unwrap();
-        append_range(&mut log, 1, 30);
+        let (dir, log) = written(8, 200, 30);
         let middle = log.segments[1].path.clone();
         drop(log);
         std::fs::remove_file(middle).unwrap();
         let err = GroupLog::open(dir.path(), 8, None, 200).err().unwrap();
-        assert!(
-            matches!(
-                err,
-                StorageError::Corrupt {
-                    what: "segment sequence",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_corrupt(&err, "segment sequence");
     }
 }
