@@ -564,11 +564,22 @@ impl GroupLog {
             let mut n = 0;
             while i + n < entries.len() && (n == 0 || end < self.segment_bytes) {
                 let (idx, payload) = entries[i + n];
-                if idx != index + n as u64 {
+                let want = index + n as u64;
+                if idx != want {
                     return Err(StorageError::Corrupt {
                         what: "log append",
                         group: self.group,
-                        detail: format!("entry {idx} follows {} in one append", idx - 1),
+                        detail: format!("entry {idx} stands where entry {want} belongs"),
+                    });
+                }
+                if payload.len() > MAX_PAYLOAD as usize {
+                    return Err(StorageError::Corrupt {
+                        what: "log append",
+                        group: self.group,
+                        detail: format!(
+                            "entry {idx} is {} bytes, above the frame limit of {MAX_PAYLOAD}",
+                            payload.len()
+                        ),
                     });
                 }
                 heads.push(encode_frame_header(idx, payload));
@@ -916,6 +927,20 @@ mod tests {
         let err = log
             .append(&[(8, b"x".as_slice()), (10, b"y".as_slice())])
             .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("entry 10 stands where entry 9 belongs"),
+            "{err}"
+        );
+        // An index of 0 inside a batch names what was expected (no arithmetic below zero).
+        let err = log
+            .append(&[(8, b"x".as_slice()), (0, b"y".as_slice())])
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("entry 0 stands where entry 9 belongs"),
+            "{err}"
+        );
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
         expect_range(&log, 5, 8);
     }
