@@ -64,7 +64,8 @@ impl LogStore {
         };
         if let Some((last, _)) = log.store.last_log(group)? {
             seg.clear()?;
-            let mut next = 0u64;
+            // A purge removed every entry up to its marker, so the log starts after it.
+            let mut next = last_purged.map_or(0, |l| l.index + 1);
             while next <= last {
                 let raw = log
                     .store

@@ -76,10 +76,7 @@ fn run(db: Arc<DB>, poisoned: Arc<AtomicBool>, rx: mpsc::Receiver<Job>) {
             waiting.push(more);
         }
         let wal = waiting.iter().any(|j| j.wal);
-        let mut files = SyncSet::default();
-        for j in &mut waiting {
-            files.merge(std::mem::take(&mut j.files));
-        }
+        let files = SyncSet::union(waiting.iter_mut().map(|j| std::mem::take(&mut j.files)));
         // A failed fsync leaves the page cache in an unknown state (fsyncgate): never report
         // success again after one, so no write is acknowledged that might not be on disk.
         let result = if poisoned.load(Ordering::Acquire) {

@@ -378,8 +378,7 @@ impl SegmentLog {
             let mut log = self.log.lock();
             let written = log.append(entries).inspect_err(|e| {
                 if matches!(e, StorageError::Io { .. }) {
-                    store.inner.poisoned.store(true, Ordering::Release);
-                    tracing::error!(error = %e, "segment write failed; the store is now poisoned");
+                    store.poison("segment append", e);
                 }
             })?;
             store
@@ -410,7 +409,7 @@ impl SegmentLog {
     pub fn append_durably(&self, entries: &[(u64, &[u8])]) -> Result<(), StorageError> {
         let files = self.write(entries)?;
         files.sync().map_err(|source| {
-            self.store.inner.poisoned.store(true, Ordering::Release);
+            self.store.poison("segment sync", &source);
             StorageError::Io {
                 op: "sync the segments of group",
                 path: std::path::PathBuf::from(self.group.to_string()),
@@ -426,7 +425,10 @@ impl SegmentLog {
         to: u64,
         visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
-        self.log.lock().read(from, to, visit)
+        // Located under the lock; read, checked and visited (decoded, by the log store)
+        // without it, so appends never wait on a reader.
+        let spans = self.log.lock().plan_read(from, to);
+        segment::read_spans(&spans, visit)
     }
 
     /// Returns the entries in `[from, to)`.
@@ -441,12 +443,15 @@ impl SegmentLog {
 
     /// Returns the last entry.
     pub fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        let log = self.log.lock();
-        let Some(last) = log.last_index() else {
-            return Ok(None);
+        let spans = {
+            let log = self.log.lock();
+            let Some(last) = log.last_index() else {
+                return Ok(None);
+            };
+            log.plan_read(last, last + 1)
         };
         let mut out = None;
-        log.read(last, last + 1, |i, b| {
+        segment::read_spans(&spans, |i, b| {
             out = Some((i, b.to_vec()));
             Ok(false)
         })?;
@@ -761,9 +766,10 @@ impl Store {
         }
     }
 
-    fn poison(&self, op: &str, e: &rocksdb::Error) {
+    /// Poisons the store after a failed write or fsync (of RocksDB or a segment file).
+    fn poison(&self, op: &str, e: &dyn std::fmt::Display) {
         if !self.inner.poisoned.swap(true, Ordering::AcqRel) {
-            tracing::error!(op, error = %e, "a RocksDB write failed; the store is now poisoned and accepts no more writes");
+            tracing::error!(op, error = %e, "a write to the store failed; the store is now poisoned and accepts no more writes");
         }
     }
 

@@ -217,14 +217,22 @@ impl SyncSet {
         Ok(())
     }
 
-    /// Moves `other`'s members into this set.
-    pub(crate) fn merge(&mut self, other: SyncSet) {
-        for f in &other.files {
-            self.add_file(f);
+    /// Moves the members of `others` into one set, each file and directory once (a flush
+    /// round can hold many appends to the same files).
+    pub(crate) fn union(others: impl IntoIterator<Item = SyncSet>) -> SyncSet {
+        let mut out = SyncSet::default();
+        let mut seen = std::collections::HashSet::new();
+        for other in others {
+            for f in other.files {
+                if seen.insert(Arc::as_ptr(&f)) {
+                    out.files.push(f);
+                }
+            }
+            for d in other.dirs {
+                out.add_dir(&d);
+            }
         }
-        for d in &other.dirs {
-            self.add_dir(d);
-        }
+        out
     }
 }
 
@@ -611,14 +619,12 @@ impl GroupLog {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Visits entries in `[from, to)` in order; `visit` returns `false` to stop.
-    pub(crate) fn read(
-        &self,
-        from: u64,
-        to: u64,
-        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
-    ) -> Result<(), StorageError> {
+    /// Where the entries in `[from, to)` are: one span per segment that holds some of them.
+    /// Reading the spans needs no lock: appends only add past them, and a segment removed
+    /// meanwhile stays readable through the span's open file.
+    pub(crate) fn plan_read(&self, from: u64, to: u64) -> Vec<ReadSpan> {
         let from = from.max(self.floor);
+        let mut spans = Vec::new();
         for seg in &self.segments {
             let Some(last) = seg.last() else { continue };
             let lo = from.max(seg.first);
@@ -627,34 +633,28 @@ impl GroupLog {
                 continue;
             }
             let (a, b) = ((lo - seg.first) as usize, (hi - seg.first) as usize);
-            let start = seg.positions[a];
-            let end = seg.end_of(b - 1);
-            let mut buf = vec![0u8; (end - start) as usize];
-            seg.file
-                .read_exact_at(&mut buf, start)
-                .map_err(io_err("read segment", &seg.path))?;
-            let mut at = 0usize;
-            for index in lo..hi {
-                let fr = check_frame(&buf[at..])
-                    .filter(|f| f.index == index)
-                    .ok_or_else(|| StorageError::Corrupt {
-                        what: "log entry",
-                        group: self.group,
-                        detail: format!(
-                            "{} at {}: the frame of entry {index} fails its checksum",
-                            seg.path.display(),
-                            start + at as u64
-                        ),
-                    })?;
-                let payload =
-                    &buf[at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + fr.payload_len as usize];
-                if !visit(index, payload)? {
-                    return Ok(());
-                }
-                at += FRAME_HEADER_LEN + fr.payload_len as usize;
-            }
+            spans.push(ReadSpan {
+                group: self.group,
+                file: seg.file.clone(),
+                path: seg.path.clone(),
+                start: seg.positions[a],
+                end: seg.end_of(b - 1),
+                entries: lo..hi,
+            });
         }
-        Ok(())
+        spans
+    }
+
+    /// Visits entries in `[from, to)` in order; `visit` returns `false` to stop (the tests'
+    /// way in; [`crate::SegmentLog::read`] reads outside the log's lock).
+    #[cfg(test)]
+    pub(crate) fn read(
+        &self,
+        from: u64,
+        to: u64,
+        visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        read_spans(&self.plan_read(from, to), visit)
     }
 
     /// Removes every entry from `from` on, durably.
@@ -732,6 +732,51 @@ impl GroupLog {
         let at = seg.positions[(index - seg.first) as usize] + FRAME_HEADER_LEN as u64;
         Some((seg.path.clone(), at))
     }
+}
+
+/// Consecutive entries of one segment, located by [`GroupLog::plan_read`].
+pub(crate) struct ReadSpan {
+    group: GroupId,
+    file: Arc<File>,
+    path: PathBuf,
+    start: u64,
+    end: u64,
+    entries: std::ops::Range<u64>,
+}
+
+/// Reads spans in order, checking each frame, and visits their entries; `visit` returns
+/// `false` to stop.
+pub(crate) fn read_spans(
+    spans: &[ReadSpan],
+    mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+) -> Result<(), StorageError> {
+    for span in spans {
+        let mut buf = vec![0u8; (span.end - span.start) as usize];
+        span.file
+            .read_exact_at(&mut buf, span.start)
+            .map_err(io_err("read segment", &span.path))?;
+        let mut at = 0usize;
+        for index in span.entries.clone() {
+            let fr = check_frame(&buf[at..])
+                .filter(|f| f.index == index)
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: "log entry",
+                    group: span.group,
+                    detail: format!(
+                        "{} at {}: the frame of entry {index} fails its checksum",
+                        span.path.display(),
+                        span.start + at as u64
+                    ),
+                })?;
+            let payload =
+                &buf[at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + fr.payload_len as usize];
+            if !visit(index, payload)? {
+                return Ok(());
+            }
+            at += FRAME_HEADER_LEN + fr.payload_len as usize;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the directory of `group`'s segments under `root`, durably.
