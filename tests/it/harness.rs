@@ -303,7 +303,12 @@ impl TestCluster {
         wait_until(
             Duration::from_secs(10),
             &format!("node {id}'s store to be free"),
-            || async { junction_storage::Store::open(&db).ok() },
+            || async {
+                let store = junction_storage::Store::open(&db).ok()?;
+                // Its messages may point into the partition logs: let reads resolve them.
+                junction_raft::pointers::install(&store);
+                Some(store)
+            },
         )
         .await
     }

@@ -805,26 +805,8 @@ impl Broker {
         } else {
             None
         };
-        let sm = junction_raft::PartitionStateMachine::open(
-            store.clone(),
-            group,
-            self.tail_budget.clone(),
-        )
-        .map_err(|e| {
-            match e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
-            {
-                Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
-                    BrokerError::CorruptReplica {
-                        group,
-                        detail: e.to_string(),
-                    }
-                }
-                _ => BrokerError::from(e),
-            }
-        })?;
-        let shared = sm.shared();
+        // The log first: the state machine's messages may point into it (and it reads
+        // them as it opens).
         // A memory group's vote stays on disk: a restarted replica never votes twice.
         let log_store = if memory {
             LogStore::with_vote_store(store.clone(), self.store.clone(), group)
@@ -844,6 +826,33 @@ impl Broker {
                     }
                 })?
         };
+        let sm = junction_raft::PartitionStateMachine::open(
+            store.clone(),
+            group,
+            self.tail_budget.clone(),
+        )
+        .map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
+            {
+                Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
+                    BrokerError::CorruptReplica {
+                        group,
+                        detail: e.to_string(),
+                    }
+                }
+                // A stored message (or the log entry it points to) that fails its checks.
+                _ if junction_raft::names_corruption(&e.to_string()) => {
+                    BrokerError::CorruptReplica {
+                        group,
+                        detail: e.to_string(),
+                    }
+                }
+                _ => BrokerError::from(e),
+            }
+        })?;
+        let shared = sm.shared();
         let config = self
             .cfg
             .tuning

@@ -73,6 +73,7 @@ pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 /// and the bit. Returns (group, offset) of the changed message.
 pub fn flip_stored_bit(data_dir: &Path, pick: u64) -> Result<(u64, u64), String> {
     let store = junction_storage::Store::open(&data_dir.join("db")).map_err(|e| e.to_string())?;
+    junction_raft::pointers::install(&store);
     let groups: Vec<u64> = store
         .hosted_groups()
         .map_err(|e| e.to_string())?

@@ -83,6 +83,12 @@ pub const RECORD: Format = Format {
     what: "stored record",
     version: 2,
 };
+/// The first log index a partition's stored messages point to (see
+/// [`junction_storage::pointer`]), kept in its state machine's `sm_meta`.
+pub const POINTERS_FROM: Format = Format {
+    what: "message pointers floor",
+    version: 1,
+};
 /// Peer payload: an AppendEntries request.
 pub const APPEND_ENTRIES: Format = Format {
     what: "append entries",

@@ -20,6 +20,7 @@ pub mod network;
 pub mod partition_sm;
 pub mod peer_auth;
 pub mod peer_service;
+pub mod pointers;
 pub mod promotion;
 pub mod quiesce;
 pub mod rejoin;
@@ -90,6 +91,7 @@ pub fn names_corruption(text: &str) -> bool {
         "corrupt log entry",
         "corrupt stored record",
         "corrupt segment",
+        "corrupt message",
     ]
     .iter()
     .any(|mark| text.contains(mark))

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use junction_storage::Store;
+use junction_storage::keys::{CF_SM_META, sm_tag};
+use junction_storage::pointer::Pointer;
 use junction_types::command::{BatchOutcome, SpannedBatch};
 use junction_types::exactly_once::{
     DedupIndex, DeliveryPolicy, MSG_ID_HEADER, Placement, ProducerTable, SequenceCheck,
@@ -179,12 +181,24 @@ pub struct PartitionStateMachine {
     /// The encoding of `state` and `groups` as last persisted: what a snapshot carries.
     state_bytes: Vec<u8>,
     shared: Arc<PartitionShared>,
+    /// The partition's segment log, when its messages may point into it (a partition on
+    /// disk; see [`junction_storage::pointer`]).
+    log: Option<junction_storage::SegmentLog>,
+    /// The first log index a stored message points to (`None`: none does).
+    pointers_from: Option<u64>,
 }
 
 impl PartitionStateMachine {
     /// Opens the state machine of `group`, recovering its state from the store; its tail
     /// window draws on `budget`.
     pub fn open(store: Store, group: GroupId, budget: Arc<TailBudget>) -> io::Result<Self> {
+        crate::pointers::install(&store);
+        // Open already when the group's log store was opened first, as a node does.
+        let log = store.open_segment_log(group);
+        let pointers_from = match store.get_tag(CF_SM_META, group, sm_tag::POINTERS_FROM)? {
+            Some(b) => Some(format::decode::<u64>(&format::POINTERS_FROM, &b)?),
+            None => None,
+        };
         let (applied, membership) = sm_common::load_applied(&store, group)?;
         let (persisted, state_bytes) = sm_common::load_state(
             &store,
@@ -214,9 +228,57 @@ impl PartitionStateMachine {
                 exactly_once: etx,
                 window: TailWindow::new(budget),
             }),
+            log,
+            pointers_from,
         };
+        sm.release_unpointed();
         sm.publish_exactly_once();
         Ok(sm)
+    }
+
+    /// Tells the segment log where stored messages start to point: the segments below it go
+    /// once that is durable and Raft has purged them.
+    fn release_unpointed(&self) {
+        if let Some(log) = &self.log {
+            let next = self.applied.map_or(0, |a| a.index + 1);
+            log.release_below(self.pointers_from.unwrap_or(next));
+        }
+    }
+
+    /// Finds where stored messages start to point after messages were removed (retention or
+    /// compaction), and records it in `b` if it moved. Messages at or above `from` are all
+    /// the ones that may still point (compaction writes its survivors inline).
+    fn repoint(
+        &mut self,
+        b: &mut junction_storage::Batch<'_>,
+        from: u64,
+    ) -> Result<(), RaftStoreError> {
+        if self.pointers_from.is_none() {
+            return Ok(());
+        }
+        let found = self.store.first_pointer(self.group, from)?;
+        self.set_pointers_from(b, found)
+    }
+
+    fn set_pointers_from(
+        &mut self,
+        b: &mut junction_storage::Batch<'_>,
+        to: Option<u64>,
+    ) -> Result<(), RaftStoreError> {
+        if to == self.pointers_from {
+            return Ok(());
+        }
+        match to {
+            Some(i) => b.put_tag(
+                CF_SM_META,
+                self.group,
+                sm_tag::POINTERS_FROM,
+                &encode(&format::POINTERS_FROM, &i)?,
+            )?,
+            None => b.delete_tag(CF_SM_META, self.group, sm_tag::POINTERS_FROM)?,
+        }
+        self.pointers_from = to;
+        Ok(())
     }
 
     fn publish_exactly_once(&self) {
@@ -251,9 +313,9 @@ impl PartitionStateMachine {
         &mut self,
         b: &mut junction_storage::Batch<'_>,
         state: &mut PartitionState,
-        timestamp_ms: i64,
-        delivery: &DeliveryPolicy,
+        (timestamp_ms, delivery): (i64, &DeliveryPolicy),
         batches: Vec<SpannedBatch>,
+        at: Option<u64>,
         fresh: &mut Fresh,
     ) -> Result<CommandResponse, RaftStoreError> {
         let ts = timestamp_ms.max(state.last_timestamp_ms);
@@ -265,12 +327,17 @@ impl PartitionStateMachine {
         let mut outcomes = Vec::with_capacity(batches.len());
         // What the batches store, written at the end in one go (one size-index record per
         // entry, as for a plain append); `next` is where the next stored record lands.
-        let mut stored: Vec<Record> = Vec::new();
+        let mut stored: Vec<(u32, Record)> = Vec::new();
+        // Each record's place in the entry (see `pointers::records_of`).
+        let mut ordinal = 0u32;
         for SpannedBatch {
             batch,
             sequence_span,
         } in batches
         {
+            let first_ordinal = ordinal;
+            ordinal =
+                ordinal.saturating_add(u32::try_from(batch.records.len()).unwrap_or(u32::MAX));
             let next = state.next_offset + stored.len() as u64;
             // The producer's sequence counts what it sent, including records taken out before
             // the entry (a plain batch's span is its length).
@@ -291,10 +358,11 @@ impl PartitionStateMachine {
                     }
                 }
             }
-            let mut records = batch.records;
+            let mut records: Vec<(u32, Record)> = (first_ordinal..).zip(batch.records).collect();
             let mut dups = Vec::new();
             if delivery.dedup_window_ms.is_some() {
-                let plan = match self.dedup.plan(&records, next, delivery.dedup_max_ids) {
+                let plain = records.iter().map(|(_, r)| r);
+                let plan = match self.dedup.plan(plain, next, delivery.dedup_max_ids) {
                     Ok(plan) => plan,
                     Err(r) => {
                         outcomes.push(Err(r));
@@ -329,18 +397,20 @@ impl PartitionStateMachine {
                 duplicate: false,
             }));
         }
-        self.append_records(b, state, ts, stored, fresh)?;
+        self.append_records(b, state, ts, stored, at, fresh)?;
         Ok(CommandResponse::Batches(outcomes))
     }
 
-    /// Writes records at the next offsets with timestamp `ts` (≥ the last one); returns the
-    /// first offset.
+    /// Writes records `(ordinal, record)` at the next offsets with timestamp `ts` (≥ the last
+    /// one); returns the first offset. With `at` (the index of their log entry, durable on
+    /// this node) each is stored as a pointer into the log, else as a copy.
     fn append_records(
-        &self,
+        &mut self,
         b: &mut junction_storage::Batch<'_>,
         state: &mut PartitionState,
         ts: i64,
-        records: Vec<Record>,
+        records: Vec<(u32, Record)>,
+        at: Option<u64>,
         fresh: &mut Fresh,
     ) -> Result<u64, RaftStoreError> {
         let base = state.next_offset;
@@ -351,7 +421,7 @@ impl PartitionStateMachine {
         }
         let sizes: Vec<u32> = records
             .iter()
-            .map(|r| u32::try_from(r.size()).unwrap_or(u32::MAX))
+            .map(|(_, r)| u32::try_from(r.size()).unwrap_or(u32::MAX))
             .collect();
         if !sizes.is_empty() {
             b.put_size_index(self.group, base, state.appended_bytes, &sizes)?;
@@ -360,7 +430,13 @@ impl PartitionStateMachine {
         if ts > state.last_timestamp_ms || base == 0 {
             b.put_time_index(self.group, ts, base)?;
         }
-        for (i, r) in records.into_iter().enumerate() {
+        if let Some(index) = at
+            && self.pointers_from.is_none()
+        {
+            self.set_pointers_from(b, Some(index))?;
+        }
+        for (i, (ordinal, r)) in records.into_iter().enumerate() {
+            let offset = base + i as u64;
             let stored = StoredRecord {
                 timestamp_ms: ts,
                 key: r.key,
@@ -368,8 +444,19 @@ impl PartitionStateMachine {
                 payload: r.payload,
             };
             let encoded = format::encode_record(&stored)?;
-            b.put_message(self.group, base + i as u64, &encoded)?;
-            fresh.push(base + i as u64, encoded);
+            match at {
+                Some(index) => b.put_message_pointer(
+                    self.group,
+                    offset,
+                    &Pointer {
+                        index,
+                        ordinal,
+                        timestamp_ms: ts,
+                    },
+                )?,
+                None => b.put_message(self.group, offset, &encoded)?,
+            }
+            fresh.push(offset, encoded);
         }
         state.next_offset = base + count;
         state.last_timestamp_ms = ts;
@@ -400,6 +487,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let mut fresh = Fresh::default();
         while let Some((entry, responder)) = entries.try_next().await? {
             applied = Some(entry.log_id);
+            // Messages point into the log only where it is fsynced on this node: openraft
+            // applies what a quorum holds, which may not yet include this node's own copy.
+            let at = self
+                .log
+                .as_ref()
+                .filter(|log| log.durable_below() > entry.log_id.index)
+                .map(|_| entry.log_id.index);
             let payload = match entry.payload {
                 // The leader's checksum: checked on receipt (the peer service), and again here
                 // before anything is stored, against a change in this node's memory or log.
@@ -432,7 +526,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     let ts = timestamp_ms.max(state.last_timestamp_ms);
                     let count = records.len() as u32;
                     self.dedup.disable(state.next_offset + u64::from(count));
-                    let base = self.append_records(&mut b, &mut state, ts, records, &mut fresh)?;
+                    let records = (0..).zip(records).collect();
+                    let base =
+                        self.append_records(&mut b, &mut state, ts, records, at, &mut fresh)?;
                     CommandResponse::Appended {
                         base_offset: base,
                         count,
@@ -454,9 +550,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     self.append_batches(
                         &mut b,
                         &mut state,
-                        timestamp_ms,
-                        &delivery,
+                        (timestamp_ms, &delivery),
                         batches,
+                        at,
                         &mut fresh,
                     )?
                 }
@@ -467,9 +563,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 })) => self.append_batches(
                     &mut b,
                     &mut state,
-                    timestamp_ms,
-                    &delivery,
+                    (timestamp_ms, &delivery),
                     batches,
+                    at,
                     &mut fresh,
                 )?,
                 EntryPayload::Normal(Command::Partition(PartitionCommand::Truncate { before })) => {
@@ -496,6 +592,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         for c in g.values_mut() {
                             c.skip_to(before);
                         }
+                        self.repoint(&mut b, before.max(state.compacted_upto))?;
                     }
                     CommandResponse::Retained {
                         start_offset: state.start_offset,
@@ -524,6 +621,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     // Compaction removed messages below `upto`: the window keeps none of them.
                     self.shared.window.trim_below(upto);
                     state.compacted_upto = state.compacted_upto.max(upto);
+                    self.repoint(&mut b, state.compacted_upto.max(state.start_offset))?;
                     state.tombstone_cutoff_ms = cutoff;
                     state.tombstones = plan.tombstones_kept;
                     CommandResponse::Retained {
@@ -559,6 +657,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         if applied.is_some() {
             self.applied = applied;
         }
+        self.release_unpointed();
         if let Some(m) = membership {
             self.membership = m;
         }
@@ -608,6 +707,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         })
         .await
         .map_err(io::Error::other)??;
+        // Every message the snapshot carries is a copy: none points into the log any more.
+        let store = self.store.clone();
+        let mut b = store.batch();
+        self.set_pointers_from(&mut b, None)?;
+        store.write(b).map_err(RaftStoreError::from)?;
         let persisted = PersistedState::decode(&state_bytes)?;
         let state = persisted.log;
         let (store, group, from) = (self.store.clone(), self.group, persisted.dedup_from);
@@ -625,6 +729,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         self.shared.groups.send_replace(self.groups.clone());
         self.shared.window.clear();
         self.applied = meta.last_log_id;
+        self.release_unpointed();
         self.membership = meta.last_membership.clone();
         self.shared.tx.send_replace(state);
         Ok(())

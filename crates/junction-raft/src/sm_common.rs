@@ -297,7 +297,7 @@ pub(crate) fn install_from_file(
         }
         carried.sort_unstable();
         let mut stale = Vec::new();
-        store.scan_messages(group, compacted.start, compacted.end, |o, _| {
+        store.scan_stored_messages(group, compacted.start, compacted.end, |o, _| {
             if carried.binary_search(&o).is_err() {
                 stale.push(o);
             }

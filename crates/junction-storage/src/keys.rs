@@ -58,6 +58,9 @@ pub mod sm_tag {
     pub const MEMBERSHIP: u8 = 2;
     pub const STATE: u8 = 3;
     pub const SNAPSHOT_META: u8 = 4;
+    /// The first log index the group's stored messages point to; absent when none does.
+    /// Never part of a snapshot.
+    pub const POINTERS_FROM: u8 = 5;
 }
 
 /// Returns `group · n` (16 bytes).

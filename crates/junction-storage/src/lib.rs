@@ -18,6 +18,7 @@
 
 pub mod flusher;
 pub mod keys;
+pub mod pointer;
 pub mod retention;
 pub mod segment;
 
@@ -82,6 +83,11 @@ pub enum StorageError {
         found: u8,
         supported: u8,
     },
+    #[error(
+        "the message at offset {offset} of group {group} is stored as a pointer into the log, \
+         and this process has no decoder for log entries"
+    )]
+    NoEntryDecoder { group: GroupId, offset: u64 },
     #[error("resolving the store path {path}: {source}")]
     Path {
         path: std::path::PathBuf,
@@ -103,7 +109,10 @@ impl From<StorageError> for std::io::Error {
 /// - 2: partition logs in segment files ([`segment`]). A format 1 store is upgraded in
 ///   place: the marker first (so an older build refuses the store from then on), then each
 ///   partition's entries as its log is opened (`junction_raft::LogStore::segmented`).
-pub const STORE_FORMAT: u8 = 2;
+/// - 3: stored messages may be pointers into the segment log ([`pointer`]) instead of
+///   copies. A format 1 or 2 store is marked 3 on open (an older build then refuses it);
+///   the copies it holds stay valid.
+pub const STORE_FORMAT: u8 = 3;
 /// Where the store format is kept.
 pub const STORE_FORMAT_KEY: &[u8] = b"junction/store-format";
 
@@ -282,7 +291,7 @@ fn check_store_format(db: &DB, path: &Path) -> Result<(), StorageError> {
         .map_err(rocks("read the store format"))?
     {
         Some(v) if v.as_slice() == [STORE_FORMAT] => Ok(()),
-        Some(v) if v.as_slice() == [1] => {
+        Some(v) if v.as_slice() == [1] || v.as_slice() == [2] => {
             let mut w = rocksdb::WriteOptions::default();
             w.set_sync(true);
             db.put_opt(STORE_FORMAT_KEY, [STORE_FORMAT], &w)
@@ -341,6 +350,8 @@ struct Inner {
     segments: segment::Registry,
     /// Bytes appended to segment files since the store opened.
     segment_bytes_written: std::sync::atomic::AtomicU64,
+    /// Decodes log entries into stored records, to resolve message pointers.
+    entry_records: std::sync::OnceLock<Arc<dyn pointer::EntryRecords>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -370,8 +381,11 @@ impl std::fmt::Debug for SegmentLog {
 
 impl SegmentLog {
     /// Writes entries `(index, payload)` (consecutive, following the last one); returns what
-    /// must be fsynced for them to be durable.
-    fn write(&self, entries: &[(u64, &[u8])]) -> Result<segment::SyncSet, StorageError> {
+    /// must be fsynced for them to be durable, and the mark that records it once they are.
+    fn write(
+        &self,
+        entries: &[(u64, &[u8])],
+    ) -> Result<(segment::SyncSet, (u64, u64)), StorageError> {
         let store = &self.store;
         store.check_poisoned()?;
         store.fenced(&[self.group], || {
@@ -385,7 +399,7 @@ impl SegmentLog {
                 .inner
                 .segment_bytes_written
                 .fetch_add(written, Ordering::Relaxed);
-            Ok(log.take_dirty())
+            Ok((log.take_dirty(), log.append_mark()))
         })
     }
 
@@ -396,18 +410,24 @@ impl SegmentLog {
         entries: &[(u64, &[u8])],
         done: FlushCallback,
     ) -> Result<(), StorageError> {
-        let files = self.write(entries)?;
+        let (files, (generation, below)) = self.write(entries)?;
+        let log = self.log.clone();
         self.store.inner.flusher.submit(flusher::Job {
             wal: false,
             files,
-            cb: done,
+            cb: Box::new(move |r| {
+                if r.is_ok() {
+                    log.lock().mark_durable(generation, below);
+                }
+                done(r)
+            }),
         });
         Ok(())
     }
 
     /// Appends entries like [`SegmentLog::append`] and fsyncs them on the calling thread.
     pub fn append_durably(&self, entries: &[(u64, &[u8])]) -> Result<(), StorageError> {
-        let files = self.write(entries)?;
+        let (files, (generation, below)) = self.write(entries)?;
         files.sync().map_err(|source| {
             self.store.poison("segment sync", &source);
             StorageError::Io {
@@ -415,7 +435,29 @@ impl SegmentLog {
                 path: std::path::PathBuf::from(self.group.to_string()),
                 source,
             }
-        })
+        })?;
+        self.log.lock().mark_durable(generation, below);
+        Ok(())
+    }
+
+    /// Every entry below this index is fsynced on this node: a message may point to it.
+    pub fn durable_below(&self) -> u64 {
+        self.log.lock().durable_below()
+    }
+
+    /// Records that the state machine's latest write points no message below `from`. The
+    /// segments below it go once that write is durable: at the next
+    /// [`Store::persist_applied`] (until then a crash could bring back messages pointing
+    /// into them), and once Raft has purged them too.
+    pub fn release_below(&self, from: u64) {
+        self.log.lock().set_pending_release(from);
+    }
+
+    /// Like [`SegmentLog::release_below`], for a point already durable (read back from the
+    /// store as a replica opens): segments below it and Raft's purge point go now.
+    pub fn release_durable_below(&self, from: u64) -> Result<(), StorageError> {
+        self.store.check_poisoned()?;
+        self.log.lock().release_below(from)
     }
 
     /// Visits the entries in `[from, to)` in order; `visit` returns `false` to stop.
@@ -660,6 +702,7 @@ impl Store {
                 segments_root: env.is_none().then(|| path.join(SEGMENTS_DIR)),
                 segments: segment::Registry::default(),
                 segment_bytes_written: std::sync::atomic::AtomicU64::new(0),
+                entry_records: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -750,12 +793,30 @@ impl Store {
             .iter()
             .map(|name| self.cf(name))
             .collect::<Result<Vec<_>, _>>()?;
+        // Releases written before the flush are durable after it.
+        let releases: Vec<_> = self
+            .inner
+            .segments
+            .all()
+            .into_iter()
+            .map(|log| {
+                let from = log.lock().pending_release();
+                (log, from)
+            })
+            .collect();
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
         self.inner
             .db
             .flush_cfs_opt(&cfs, &fo)
-            .map_err(self.poisoning("flush"))
+            .map_err(self.poisoning("flush"))?;
+        for (log, from) in releases {
+            // Only disk space is at stake: a segment left behind goes with a later release.
+            if let Err(e) = log.lock().release_below(from) {
+                tracing::warn!(error = %e, "removing segments no message points into failed");
+            }
+        }
+        Ok(())
     }
 
     /// Maps a failed write to its error and poisons the store (see [`Store::write`]).
@@ -965,12 +1026,14 @@ impl Store {
     }
 
     /// Visits every state-machine key of `group` (column families [`SM_CFS`]) from one
-    /// consistent RocksDB snapshot. `visit(cf_index, key_suffix, value)` returns `false` to stop.
+    /// consistent RocksDB snapshot, message pointers resolved to inline records. `visit(cf_index, key_suffix, value)` returns `false` to stop.
     pub fn scan_group_sm(
         &self,
         group: GroupId,
         mut visit: impl FnMut(u8, &[u8], &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
+        // Pinned before the snapshot: whatever it points to stays on disk while it is read.
+        let mut resolver = Resolver::new(self, group);
         let snap = self.inner.db.snapshot();
         for (i, cf_name) in SM_CFS.iter().enumerate() {
             let cf = self.cf(cf_name)?;
@@ -986,12 +1049,89 @@ impl Store {
             for item in it {
                 let (k, v) = item.map_err(rocks("scan group"))?;
                 let suffix = k.get(8..).unwrap_or_default();
-                if !visit(i as u8, suffix, &v)? {
+                let resolved = if cf_name == &CF_MESSAGES {
+                    resolver.resolve(u64_at(suffix, 0).unwrap_or(0), &v)?
+                } else {
+                    None
+                };
+                if !visit(i as u8, suffix, resolved.as_deref().unwrap_or(&v))? {
                     return Ok(());
                 }
             }
         }
         Ok(())
+    }
+
+    /// Visits the messages of `group` with offsets in `[from, upto)` in order, each as an
+    /// inline record (pointers resolved, see [`pointer`]); `visit(offset, value)` returns
+    /// `false` to stop.
+    pub fn scan_messages(
+        &self,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        // Pinned before the scan starts: whatever it points to stays on disk while it runs.
+        let mut resolver = Resolver::new(self, group);
+        self.scan_range(
+            CF_MESSAGES,
+            "message key",
+            group,
+            from,
+            upto,
+            |o, v| match resolver.resolve(o, v)? {
+                Some(record) => visit(o, &record),
+                None => visit(o, v),
+            },
+        )
+    }
+
+    /// Visits the stored values of `group`'s messages in `[from, upto)` as they are, inline
+    /// records and pointers alike (fault injection and tests).
+    pub fn scan_stored_messages(
+        &self,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        self.scan_range(CF_MESSAGES, "message key", group, from, upto, visit)
+    }
+
+    /// The log index the first message pointer at or after offset `from` names, if any.
+    pub fn first_pointer(&self, group: GroupId, from: u64) -> Result<Option<u64>, StorageError> {
+        let mut found = None;
+        self.scan_range(CF_MESSAGES, "message key", group, from, u64::MAX, |o, v| {
+            match pointer::Pointer::decode(v) {
+                Ok(Some(p)) => {
+                    found = Some(p.index);
+                    Ok(false)
+                }
+                Ok(None) => Ok(true),
+                Err(detail) => Err(StorageError::Corrupt {
+                    what: "message pointer",
+                    group,
+                    detail: format!("offset {o}: {detail}"),
+                }),
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// Installs the decoder that resolves message pointers (the first one installed stays).
+    pub fn set_entry_records(&self, records: Arc<dyn pointer::EntryRecords>) {
+        let _already = self.inner.entry_records.set(records);
+    }
+
+    /// Returns `group`'s segment log if it is open in this process.
+    pub fn open_segment_log(&self, group: GroupId) -> Option<SegmentLog> {
+        let log = self.inner.segments.get(group)?;
+        Some(SegmentLog {
+            store: self.clone(),
+            group,
+            log,
+        })
     }
 
     /// Lists the groups that have Raft state on this node.
@@ -1163,6 +1303,22 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Puts a pointer for the message at `offset` (see [`pointer`]).
+    pub fn put_message_pointer(
+        &mut self,
+        group: GroupId,
+        offset: u64,
+        p: &pointer::Pointer,
+    ) -> Result<(), StorageError> {
+        self.touch(group);
+        self.wb.put_cf(
+            self.store.cf(CF_MESSAGES)?,
+            group_u64(group, offset),
+            p.encode(),
+        );
+        Ok(())
+    }
+
     /// Puts a message at `offset`.
     pub fn put_message(
         &mut self,
@@ -1233,6 +1389,120 @@ impl Batch<'_> {
     /// Returns whether the batch holds no operation.
     pub fn is_empty(&self) -> bool {
         self.wb.is_empty()
+    }
+}
+
+/// Resolves the message pointers one scan meets (see [`pointer`]). It pins the group's
+/// segment log as it is made, so the entries that the messages stored at that moment point to
+/// stay on disk until it is dropped.
+struct Resolver<'a> {
+    store: &'a Store,
+    group: GroupId,
+    log: Option<(Arc<parking_lot::Mutex<segment::GroupLog>>, Option<u64>)>,
+    /// The entry decoded last: the next pointers name it too, as a rule.
+    current: Option<(u64, Box<dyn pointer::EntryMessages>)>,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(store: &'a Store, group: GroupId) -> Self {
+        let log = store.inner.segments.get(group).map(|log| {
+            let pin = log.lock().pin();
+            (log, Some(pin))
+        });
+        Self {
+            store,
+            group,
+            log,
+            current: None,
+        }
+    }
+
+    /// The inline record for a stored value: `None` when it is one already.
+    fn resolve(&mut self, offset: u64, value: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let group = self.group;
+        let p = match pointer::Pointer::decode(value) {
+            Ok(None) => return Ok(None),
+            Ok(Some(p)) => p,
+            Err(detail) => {
+                return Err(StorageError::Corrupt {
+                    what: "message pointer",
+                    group,
+                    detail: format!("offset {offset}: {detail}"),
+                });
+            }
+        };
+        if self.current.as_ref().is_none_or(|(i, _)| *i != p.index) {
+            let records = self
+                .store
+                .inner
+                .entry_records
+                .get()
+                .ok_or(StorageError::NoEntryDecoder { group, offset })?;
+            if self.log.is_none() {
+                // Not open in this process (an offline tool): open it, nothing pinned, as
+                // nothing else writes.
+                let root = self.store.inner.segments_root.as_ref().ok_or_else(|| {
+                    StorageError::Corrupt {
+                        what: "message pointer",
+                        group,
+                        detail: format!("offset {offset} points into a log, in a memory store"),
+                    }
+                })?;
+                let log = self.store.inner.segments.open(
+                    root,
+                    group,
+                    None,
+                    segment::DEFAULT_SEGMENT_BYTES,
+                )?;
+                self.log = Some((log, None));
+            }
+            let spans = match &self.log {
+                Some((log, _)) => log.lock().plan_read_kept(p.index, p.index + 1),
+                None => Vec::new(),
+            };
+            let mut decoded = None;
+            segment::read_spans(&spans, |_, entry| {
+                decoded = Some(records.open(group, p.index, entry));
+                Ok(false)
+            })?;
+            let decoded = decoded
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: "message",
+                    group,
+                    detail: format!(
+                        "offset {offset} points to log entry {}, which is not on disk",
+                        p.index
+                    ),
+                })?
+                .map_err(|detail| StorageError::Corrupt {
+                    what: "message",
+                    group,
+                    detail: format!("offset {offset} (log entry {}): {detail}", p.index),
+                })?;
+            self.current = Some((p.index, decoded));
+        }
+        let Some((_, entry)) = &self.current else {
+            return Err(StorageError::Poisoned);
+        };
+        entry
+            .record(p.ordinal, p.timestamp_ms)
+            .map(Some)
+            .map_err(|detail| StorageError::Corrupt {
+                what: "message",
+                group,
+                detail: format!(
+                    "offset {offset} (log entry {}, record {}): {detail}",
+                    p.index, p.ordinal
+                ),
+            })
+    }
+}
+
+impl Drop for Resolver<'_> {
+    fn drop(&mut self) {
+        if let Some((log, Some(pin))) = &self.log {
+            log.lock().unpin(*pin);
+        }
     }
 }
 
@@ -1556,17 +1826,19 @@ mod tests {
     }
 
     #[test]
-    fn a_format_1_store_is_marked_format_2_and_refused_by_nothing_older_after() {
-        let dir = tempfile::tempdir().unwrap();
-        {
+    fn format_1_and_2_stores_are_marked_format_3() {
+        for older in [1u8, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = Store::open(dir.path()).unwrap();
+                store.inner.db.put(STORE_FORMAT_KEY, [older]).unwrap();
+            }
             let store = Store::open(dir.path()).unwrap();
-            store.inner.db.put(STORE_FORMAT_KEY, [1u8]).unwrap();
+            assert_eq!(
+                store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
+                Some(&[3u8][..])
+            );
         }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store.inner.db.get(STORE_FORMAT_KEY).unwrap().as_deref(),
-            Some(&[2u8][..])
-        );
     }
 
     #[test]

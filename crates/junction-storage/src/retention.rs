@@ -123,18 +123,6 @@ impl Store {
             size_index_below,
         })
     }
-
-    /// Visits the messages of `group` with offsets in `[from, upto)` in order;
-    /// `visit(offset, value)` returns `false` to stop.
-    pub fn scan_messages(
-        &self,
-        group: GroupId,
-        from: u64,
-        upto: u64,
-        visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
-    ) -> Result<(), StorageError> {
-        self.scan_range(CF_MESSAGES, "message key", group, from, upto, visit)
-    }
 }
 
 impl Batch<'_> {

@@ -264,9 +264,24 @@ pub(crate) struct GroupLog {
     dir: PathBuf,
     segments: Vec<Segment>,
     segment_bytes: u64,
-    /// The first index that may be read: entries below it were purged, though the segment
-    /// holding them may remain while it holds later ones too.
+    /// The first index Raft may read: entries below it were purged, though the segment
+    /// holding them may remain while it holds later ones too, or while messages point into it.
     floor: u64,
+    /// The first index stored messages may point to (see [`crate::pointer`]): no segment
+    /// holding an entry at or above it is removed, purged or not. 0 until the state machine
+    /// says otherwise: everything is kept.
+    keep_from: u64,
+    /// A `keep_from` the state machine wrote, not yet known durable (see
+    /// [`crate::SegmentLog::release_below`]).
+    pending_release: u64,
+    /// Readers that may resolve pointers at or above an index: no segment they need goes
+    /// while they read. Index → how many readers.
+    pins: std::collections::BTreeMap<u64, usize>,
+    /// Every entry below this index is fsynced.
+    durable_below: u64,
+    /// Bumped by every truncation, so a flush that completes after one never marks the
+    /// entries that replaced the truncated ones as durable.
+    generation: u64,
     /// What must be synced before the appends so far are durable.
     dirty: SyncSet,
 }
@@ -297,6 +312,11 @@ impl GroupLog {
             segments: Vec::new(),
             segment_bytes,
             floor: discard_through.map_or(0, |d| d.saturating_add(1)),
+            keep_from: 0,
+            pending_release: 0,
+            pins: std::collections::BTreeMap::new(),
+            durable_below: 0,
+            generation: 0,
             dirty: SyncSet::default(),
         };
         if !dir.exists() {
@@ -331,16 +351,12 @@ impl GroupLog {
                 }
             }
         }
-        // Segments the last purge covered whole, and empty ones that are not the newest.
+        // Empty segments that are not the newest. Segments a purge covered whole stay until
+        // the state machine says no message points into them ([`GroupLog::release_below`]).
         let newest = log.segments.len().saturating_sub(1);
         let mut keep = Vec::with_capacity(log.segments.len());
         for (i, seg) in std::mem::take(&mut log.segments).into_iter().enumerate() {
-            let purged = match (seg.last(), discard_through) {
-                (Some(last), Some(d)) => last <= d,
-                (None, _) => i != newest,
-                (Some(_), None) => false,
-            };
-            if purged {
+            if seg.last().is_none() && i != newest {
                 std::fs::remove_file(&seg.path).map_err(io_err("remove segment", &seg.path))?;
                 removed = true;
             } else {
@@ -353,7 +369,10 @@ impl GroupLog {
         }
         for pair in log.segments.windows(2) {
             let expected = pair[0].last().map_or(pair[0].first, |l| l + 1);
-            if pair[1].first != expected {
+            // A gap is where a log emptied by a purge went on after it (a snapshot installed
+            // past its end), the segments before the gap kept for the messages pointing in.
+            let purged_gap = pair[1].first > expected && pair[1].first <= log.floor;
+            if pair[1].first != expected && !purged_gap {
                 return Err(StorageError::Corrupt {
                     what: "segment sequence",
                     group,
@@ -365,6 +384,13 @@ impl GroupLog {
                 });
             }
         }
+        // What a crash left in the page cache is on disk from here on.
+        if let Some(seg) = log.segments.last() {
+            seg.file
+                .sync_data()
+                .map_err(io_err("sync segment", &seg.path))?;
+        }
+        log.durable_below = log.held_last().map_or(0, |l| l + 1);
         Ok(log)
     }
 
@@ -491,7 +517,13 @@ impl GroupLog {
         (first <= last).then_some(first)
     }
 
+    /// The last index Raft may read (`None` when everything held is purged).
     pub(crate) fn last_index(&self) -> Option<u64> {
+        self.held_last().filter(|l| *l >= self.floor)
+    }
+
+    /// The last index on disk, purged or not.
+    fn held_last(&self) -> Option<u64> {
         self.segments.iter().rev().find_map(Segment::last)
     }
 
@@ -537,7 +569,10 @@ impl GroupLog {
         while i < entries.len() {
             let index = entries[i].0;
             let expected = self.last_index().map(|l| l + 1);
-            if expected.is_some_and(|e| e != index) {
+            // Past a purge of everything held (a snapshot installed beyond the log's end), the
+            // log goes on at the purge point; segments kept for pointers stay before the gap.
+            let after_purge = expected.is_some_and(|e| e < index && index <= self.floor);
+            if expected.is_some_and(|e| e != index) && !after_purge {
                 return Err(StorageError::Corrupt {
                     what: "log append",
                     group: self.group,
@@ -552,6 +587,7 @@ impl GroupLog {
                 Some(s) => {
                     (s.len >= self.segment_bytes && !s.positions.is_empty())
                         || (s.positions.is_empty() && s.first != index)
+                        || s.last().is_some_and(|l| l + 1 != index)
                 }
             };
             if roll {
@@ -623,7 +659,12 @@ impl GroupLog {
     /// Reading the spans needs no lock: appends only add past them, and a segment removed
     /// meanwhile stays readable through the span's open file.
     pub(crate) fn plan_read(&self, from: u64, to: u64) -> Vec<ReadSpan> {
-        let from = from.max(self.floor);
+        self.plan_read_kept(from.max(self.floor), to)
+    }
+
+    /// Like [`GroupLog::plan_read`], below Raft's purge point too: what is still on disk
+    /// (pointers resolve there).
+    pub(crate) fn plan_read_kept(&self, from: u64, to: u64) -> Vec<ReadSpan> {
         let mut spans = Vec::new();
         for seg in &self.segments {
             let Some(last) = seg.last() else { continue };
@@ -659,6 +700,8 @@ impl GroupLog {
 
     /// Removes every entry from `from` on, durably.
     pub(crate) fn truncate_from(&mut self, from: u64) -> Result<(), StorageError> {
+        self.generation += 1;
+        self.durable_below = self.durable_below.min(from);
         let mut removed_file = false;
         while let Some(seg) = self.segments.last() {
             if seg.first < from {
@@ -688,18 +731,50 @@ impl GroupLog {
         Ok(())
     }
 
-    /// Removes the segments whose entries are all at or below `upto`, durably.
+    /// Hides the entries at or below `upto` from Raft's reads, and removes the segments no
+    /// longer needed (see [`GroupLog::remove_unneeded`]), durably.
     pub(crate) fn purge_through(&mut self, upto: u64) -> Result<(), StorageError> {
         self.floor = self.floor.max(upto.saturating_add(1));
+        self.remove_unneeded()
+    }
+
+    /// Records that no stored message points below `from` any more, and removes the
+    /// segments no longer needed.
+    pub(crate) fn release_below(&mut self, from: u64) -> Result<(), StorageError> {
+        self.keep_from = self.keep_from.max(from);
+        self.remove_unneeded()
+    }
+
+    /// Records a release the state machine wrote but did not yet make durable.
+    pub(crate) fn set_pending_release(&mut self, from: u64) {
+        self.pending_release = self.pending_release.max(from);
+    }
+
+    /// The release written so far: durable once the store's next flush completes.
+    pub(crate) fn pending_release(&self) -> u64 {
+        self.pending_release
+    }
+
+    /// Whether [`GroupLog::remove_unneeded`] would remove a segment now.
+    pub(crate) fn has_unneeded(&self) -> bool {
+        let below = self.removable_below();
+        self.segments.first().is_some_and(|s| match s.last() {
+            Some(l) => l < below,
+            None => s.first < below,
+        })
+    }
+
+    /// Entries below this index are needed by nobody: purged by Raft, pointed to by no
+    /// message, and pinned by no reader.
+    fn removable_below(&self) -> u64 {
+        let pinned = self.pins.keys().next().copied().unwrap_or(u64::MAX);
+        self.floor.min(self.keep_from).min(pinned)
+    }
+
+    /// Removes the segments whose entries are all needed by nobody, durably.
+    fn remove_unneeded(&mut self) -> Result<(), StorageError> {
         let mut removed = false;
-        while let Some(seg) = self.segments.first() {
-            let whole = match seg.last() {
-                Some(l) => l <= upto,
-                None => seg.first <= upto,
-            };
-            if !whole {
-                break;
-            }
+        while self.has_unneeded() {
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(io_err("remove segment", &seg.path))?;
             removed = true;
@@ -710,11 +785,49 @@ impl GroupLog {
         Ok(())
     }
 
+    /// Keeps the segments that messages stored now may point to while a reader resolves
+    /// them; returns the pin for [`GroupLog::unpin`].
+    pub(crate) fn pin(&mut self) -> u64 {
+        *self.pins.entry(self.keep_from).or_default() += 1;
+        self.keep_from
+    }
+
+    pub(crate) fn unpin(&mut self, pin: u64) {
+        if let Some(n) = self.pins.get_mut(&pin) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(&pin);
+            }
+        }
+    }
+
+    /// The generation and end of the appends so far: what [`GroupLog::mark_durable`] takes
+    /// once they are synced.
+    pub(crate) fn append_mark(&self) -> (u64, u64) {
+        (self.generation, self.held_last().map_or(0, |l| l + 1))
+    }
+
+    /// Records that the entries below `below` are synced, unless a truncation came between.
+    pub(crate) fn mark_durable(&mut self, generation: u64, below: u64) {
+        if generation == self.generation {
+            self.durable_below = self.durable_below.max(below);
+        }
+    }
+
+    /// Every entry below this index is fsynced.
+    pub(crate) fn durable_below(&self) -> u64 {
+        self.durable_below
+    }
+
     /// Removes every segment and the group's directory.
     pub(crate) fn remove_all(&mut self) -> Result<(), StorageError> {
         self.segments.clear();
         self.dirty = SyncSet::default();
         self.floor = 0;
+        self.keep_from = 0;
+        self.pending_release = 0;
+        self.generation += 1;
+        self.durable_below = 0;
         remove_group(&self.root, self.group)
     }
 
@@ -839,6 +952,15 @@ impl Registry {
         open.insert(group, Arc::downgrade(&log));
         open.retain(|_, w| w.strong_count() > 0);
         Ok(log)
+    }
+
+    /// Returns every open log.
+    pub(crate) fn all(&self) -> Vec<Arc<Mutex<GroupLog>>> {
+        self.open
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// Returns the open log of `group`, if any.
@@ -1149,6 +1271,7 @@ mod tests {
     #[test]
     fn purging_drops_whole_segments_and_reopen_discards_purged_leftovers() {
         let (dir, mut log) = written(6, 200, 40);
+        log.release_below(u64::MAX).unwrap();
         let seg_first: Vec<u64> = log.segments.iter().map(|s| s.first).collect();
         log.purge_through(seg_first[2]).unwrap();
         // The segment holding seg_first[2] also holds later entries: it stays on disk, and
@@ -1157,18 +1280,96 @@ mod tests {
         assert_eq!(log.first_index(), Some(seg_first[2] + 1));
         expect_range(&log, seg_first[2] + 1, 40);
         drop(log);
-        // Reopen as after a crash that kept segments a purge had covered.
-        let log = GroupLog::open(dir.path(), 6, Some(seg_first[4] - 1), 200).unwrap();
+        // Reopen as after a crash that kept segments a purge had covered: hidden at once,
+        // removed once nothing points into them.
+        let mut log = GroupLog::open(dir.path(), 6, Some(seg_first[4] - 1), 200).unwrap();
         assert_eq!(log.first_index(), Some(seg_first[4]));
         expect_range(&log, seg_first[4], 40);
-        // A purge beyond the last entry empties the log; the next append starts anywhere.
-        let mut log = log;
+        assert_eq!(log.segments[0].first, seg_first[2]);
+        log.release_below(u64::MAX).unwrap();
+        assert_eq!(log.segments[0].first, seg_first[4]);
+        assert_eq!(files(dir.path(), 6).len(), log.segments.len());
+        // A purge beyond the last entry empties the log; the next append starts there.
         log.purge_through(100).unwrap();
         assert_eq!((log.first_index(), log.last_index()), (None, None));
         append_range(&mut log, 101, 103);
         drop(log);
         let log = GroupLog::open(dir.path(), 6, Some(100), 200).unwrap();
         expect_range(&log, 101, 103);
+    }
+
+    #[test]
+    fn segments_messages_point_into_outlive_the_raft_purge_until_released() {
+        let (dir, mut log) = written(12, 200, 40);
+        let seg_first: Vec<u64> = log.segments.iter().map(|s| s.first).collect();
+        log.release_below(seg_first[3]).unwrap();
+        // A snapshot installed past the end: Raft purges everything and goes on at 51.
+        log.purge_through(50).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (None, None));
+        assert_eq!(log.segments[0].first, seg_first[3], "kept for pointers");
+        let pin = log.pin();
+        assert_eq!(pin, seg_first[3]);
+        append_range(&mut log, 51, 55);
+        assert_eq!((log.first_index(), log.last_index()), (Some(51), Some(54)));
+        // Entries kept for pointers are read past Raft's purge point, never by Raft.
+        let mut kept = Vec::new();
+        read_spans(
+            &log.plan_read_kept(seg_first[3], seg_first[3] + 1),
+            |i, b| {
+                kept.push((i, b.to_vec()));
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert_eq!(kept, vec![(seg_first[3], payload(seg_first[3]))]);
+        assert!(log.plan_read(0, 51).is_empty());
+        drop(log);
+        // The gap below the purge point is no corruption on reopen.
+        let mut log = GroupLog::open(dir.path(), 12, Some(50), 200).unwrap();
+        expect_range(&log, 51, 55);
+        assert_eq!(log.segments[0].first, seg_first[3]);
+        // A pin keeps what it covers after a release; unpinning lets it go.
+        let pin2 = log.pin();
+        assert_eq!(pin2, 0);
+        log.release_below(51).unwrap();
+        assert_eq!(log.segments[0].first, seg_first[3]);
+        log.unpin(pin2);
+        log.release_below(51).unwrap();
+        assert_eq!(log.segments[0].first, 51);
+        assert_eq!(files(dir.path(), 12).len(), log.segments.len());
+        drop(log);
+        // A gap above the purge point is corruption.
+        let (dir, mut log) = written(14, 200, 10);
+        log.purge_through(20).unwrap();
+        append_range(&mut log, 21, 23);
+        drop(log);
+        let err = GroupLog::open(dir.path(), 14, Some(5), 200).err().unwrap();
+        assert_corrupt(&err, "segment sequence");
+        assert!(GroupLog::open(dir.path(), 14, Some(20), 200).is_ok());
+    }
+
+    #[test]
+    fn durability_marks_skip_a_truncation_in_between() {
+        let (dir, log) = written(13, 1 << 20, 10);
+        drop(log);
+        let mut log = GroupLog::open(dir.path(), 13, None, 1 << 20).unwrap();
+        assert_eq!(
+            log.durable_below(),
+            10,
+            "appends before a reopen are synced by it"
+        );
+        append_range(&mut log, 10, 15);
+        let (generation, below) = log.append_mark();
+        assert_eq!(below, 15);
+        assert_eq!(log.durable_below(), 10);
+        log.truncate_from(12).unwrap();
+        append_range(&mut log, 12, 14);
+        // The flush of the truncated appends completes late: it marks nothing.
+        log.mark_durable(generation, below);
+        assert_eq!(log.durable_below(), 10);
+        let (generation, below) = log.append_mark();
+        log.mark_durable(generation, below);
+        assert_eq!(log.durable_below(), 14);
     }
 
     #[test]

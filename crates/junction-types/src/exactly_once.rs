@@ -415,16 +415,16 @@ impl DedupIndex {
     /// and the duplicates (batch index, offset of the first copy), or `DedupFull`. Records
     /// stored get offsets from `next_offset` in order; an id repeated inside the batch is a
     /// duplicate of its first occurrence. Nothing changes until [`DedupIndex::commit`].
-    pub fn plan(
+    pub fn plan<'a>(
         &self,
-        records: &[Record],
+        records: impl IntoIterator<Item = &'a Record>,
         next_offset: u64,
         max_ids: u32,
     ) -> Result<DedupPlan, AppendReject> {
         let mut plan = DedupPlan::default();
         let mut fresh: HashMap<&[u8], u64> = HashMap::new();
         let mut next = next_offset;
-        for (i, r) in records.iter().enumerate() {
+        for (i, r) in records.into_iter().enumerate() {
             let i = i as u32;
             match msg_id(r) {
                 Some(id) => {
