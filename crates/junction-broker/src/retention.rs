@@ -31,6 +31,9 @@ pub struct RetentionTuning {
     pub tick: Duration,
     /// Least time between two compactions of a partition.
     pub compaction_every: Duration,
+    /// Least time between two flushes that let segments no message points into go (see
+    /// `junction_storage::SegmentLog::release_below`).
+    pub release_every: Duration,
 }
 
 impl Default for RetentionTuning {
@@ -38,6 +41,7 @@ impl Default for RetentionTuning {
         Self {
             tick: Duration::from_secs(1),
             compaction_every: Duration::from_secs(60),
+            release_every: Duration::from_secs(30),
         }
     }
 }
@@ -431,6 +435,7 @@ impl Broker {
     pub(crate) async fn retention_loop(self: Arc<Self>) {
         let tuning = self.config().retention;
         let mut last_compaction: HashMap<GroupId, tokio::time::Instant> = HashMap::new();
+        let mut last_release = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -450,6 +455,18 @@ impl Broker {
                     .await
                 {
                     tracing::debug!(group = replica.group, error = %e, "retention pass failed; will retry");
+                }
+            }
+            // Segments that retention or compaction left no message pointing into go once
+            // the writes that said so are durable; snapshots flush them too, but an idle
+            // partition takes none, so flush for them now and then.
+            if last_release.elapsed() >= tuning.release_every && self.store.releases_waiting() {
+                last_release = tokio::time::Instant::now();
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.persist_applied()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "flushing to release segments failed"),
+                    Err(e) => tracing::warn!(error = %e, "flushing to release segments failed"),
                 }
             }
             self.retention_passes

@@ -243,3 +243,66 @@ async fn segments_stay_while_messages_point_into_them_and_go_after_retention() {
     assert!(junction_raft::names_corruption(&err), "{err}");
     assert_eq!(bad[0], pointer::VERSION);
 }
+
+#[tokio::test]
+async fn compaction_turns_its_survivors_into_copies_so_old_segments_can_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, seg, mut log, mut sm) = open(dir.path());
+    // 30 entries of two messages, keys k0..k4 in turn: compaction keeps the newest per key.
+    for i in 1..=30u64 {
+        let records = (0..2u64)
+            .map(|j| Record {
+                key: Some(format!("k{}", (2 * i + j) % 5).into_bytes()),
+                headers: vec![],
+                payload: format!("v{i}-{j}").into_bytes(),
+            })
+            .collect();
+        let cmd = PartitionCommand::Append {
+            timestamp_ms: TS,
+            records,
+        };
+        log_and_apply(&seg, &mut sm, entry(i, cmd.checked())).await;
+    }
+    let files = segment_files(dir.path());
+    let before = payloads(&store);
+    sm.apply(futures::stream::iter([Ok((
+        entry(
+            31,
+            PartitionCommand::Compact {
+                upto: 50,
+                tombstones_before_ms: 0,
+            },
+        ),
+        None,
+    ))]))
+    .await
+    .unwrap();
+    let after = payloads(&store);
+    // Below 50 one message per key survives, each the newest of its key there.
+    let below: Vec<&(u64, Vec<u8>)> = after.iter().filter(|(o, _)| *o < 50).collect();
+    assert_eq!(below.len(), 5, "{below:?}");
+    for (o, p) in &below {
+        assert_eq!(before.iter().find(|(b, _)| b == o).map(|(_, v)| v), Some(p));
+        assert!(*o >= 45, "offset {o} is not the newest of its key below 50");
+    }
+    assert_eq!(after.len(), 5 + 10);
+    let kinds = stored_kinds(&store);
+    assert_eq!(kinds[..5], [false; 5], "survivors are copies");
+    assert_eq!(kinds[5..], [true; 10], "the rest still points");
+
+    // Once Raft purged its log and the state machine's writes are durable, only the
+    // segments holding entries 26 on (offsets 50 on) stay.
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    log.purge(log_id(31)).await.unwrap();
+    let left = segment_files(dir.path());
+    assert!(left < files, "{left} of {files} segments left");
+    assert_eq!(payloads(&store), after);
+    drop((snap, sm, seg, log, store));
+    let (store, _seg, _log, _sm) = open(dir.path());
+    assert_eq!(payloads(&store), after);
+}

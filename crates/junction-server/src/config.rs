@@ -805,6 +805,7 @@ impl Config {
             retention: junction_broker::RetentionTuning {
                 tick: Duration::from_millis(self.retention_tick_ms.max(10)),
                 compaction_every: Duration::from_millis(self.compaction_every_ms),
+                ..junction_broker::RetentionTuning::default()
             },
             memory_limit_bytes: self.memory_limit_bytes,
             cluster_secret: self.cluster_secret()?,

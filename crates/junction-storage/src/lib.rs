@@ -469,7 +469,7 @@ impl SegmentLog {
     ) -> Result<(), StorageError> {
         // Located under the lock; read, checked and visited (decoded, by the log store)
         // without it, so appends never wait on a reader.
-        let spans = self.log.lock().plan_read(from, to);
+        let spans = self.log.lock().plan_read(from, to)?;
         segment::read_spans(&spans, visit)
     }
 
@@ -490,7 +490,7 @@ impl SegmentLog {
             let Some(last) = log.last_index() else {
                 return Ok(None);
             };
-            log.plan_read(last, last + 1)
+            log.plan_read(last, last + 1)?
         };
         let mut out = None;
         segment::read_spans(&spans, |i, b| {
@@ -819,6 +819,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a segment that no message points into any more waits for
+    /// [`Store::persist_applied`] (see [`SegmentLog::release_below`]).
+    pub fn releases_waiting(&self) -> bool {
+        self.inner
+            .segments
+            .all()
+            .iter()
+            .any(|log| log.lock().release_waiting())
+    }
+
     /// Maps a failed write to its error and poisons the store (see [`Store::write`]).
     fn poisoning(&self, op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError + '_ {
         move |source| {
@@ -1097,6 +1107,39 @@ impl Store {
         visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
         self.scan_range(CF_MESSAGES, "message key", group, from, upto, visit)
+    }
+
+    /// Rewrites the messages of `group` in `[from, upto)` that are stored as pointers into
+    /// copies, except those `skip` names (about to be deleted); returns how many it rewrote.
+    /// Compaction does this to its survivors, so that the segments they pointed into can go.
+    /// Written as it goes, like the state machine's own writes (without the WAL): a copy holds
+    /// exactly what its pointer resolves to, so no reader sees a difference, whenever a crash
+    /// comes.
+    pub fn inline_pointers(
+        &self,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<u64, StorageError> {
+        let mut resolver = Resolver::new(self, group);
+        let mut b = self.batch();
+        let mut rewritten = 0;
+        self.scan_range(CF_MESSAGES, "message key", group, from, upto, |o, v| {
+            if skip(o) {
+                return Ok(true);
+            }
+            if let Some(copy) = resolver.resolve(o, v)? {
+                b.put_message(group, o, &copy)?;
+                rewritten += 1;
+                if b.size_bytes() >= 4 << 20 {
+                    self.write_applied(std::mem::replace(&mut b, self.batch()))?;
+                }
+            }
+            Ok(true)
+        })?;
+        self.write_applied(b)?;
+        Ok(rewritten)
     }
 
     /// The log index the first message pointer at or after offset `from` names, if any.
@@ -1457,7 +1500,7 @@ impl<'a> Resolver<'a> {
                 self.log = Some((log, None));
             }
             let spans = match &self.log {
-                Some((log, _)) => log.lock().plan_read_kept(p.index, p.index + 1),
+                Some((log, _)) => log.lock().plan_read_kept(p.index, p.index + 1)?,
                 None => Vec::new(),
             };
             let mut decoded = None;

@@ -239,7 +239,10 @@ impl SyncSet {
 struct Segment {
     first: u64,
     path: PathBuf,
-    file: Arc<File>,
+    /// The open file of the newest segment (appends go there). A sealed segment is opened
+    /// for each read and closed after it, so the files a node holds open do not grow with
+    /// the data it keeps.
+    file: Option<Arc<File>>,
     /// Where entry `first + i`'s frame starts.
     positions: Vec<u64>,
     /// The end of the last frame: where the next one goes.
@@ -254,6 +257,32 @@ impl Segment {
     /// The end of entry `first + i`'s frame.
     fn end_of(&self, i: usize) -> u64 {
         self.positions.get(i + 1).copied().unwrap_or(self.len)
+    }
+
+    /// A handle to read the segment: the newest one's own, or a new one for a sealed segment.
+    fn reader(&self) -> Result<Arc<File>, StorageError> {
+        match &self.file {
+            Some(f) => Ok(f.clone()),
+            None => File::open(&self.path)
+                .map(Arc::new)
+                .map_err(io_err("open segment", &self.path)),
+        }
+    }
+
+    /// The handle appends and truncations go through, opened if the segment was sealed.
+    fn writer(&mut self) -> Result<Arc<File>, StorageError> {
+        if let Some(f) = &self.file {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(io_err("open segment", &self.path))?,
+        );
+        self.file = Some(f.clone());
+        Ok(f)
     }
 }
 
@@ -384,9 +413,14 @@ impl GroupLog {
                 });
             }
         }
+        // Only the newest segment stays open.
+        let count = log.segments.len();
+        for seg in log.segments.iter_mut().take(count.saturating_sub(1)) {
+            seg.file = None;
+        }
         // What a crash left in the page cache is on disk from here on.
-        if let Some(seg) = log.segments.last() {
-            seg.file
+        if let Some(seg) = log.segments.last_mut() {
+            seg.writer()?
                 .sync_data()
                 .map_err(io_err("sync segment", &seg.path))?;
         }
@@ -500,7 +534,7 @@ impl GroupLog {
         Ok(Some(Segment {
             first,
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
             positions,
             len: pos,
         }))
@@ -552,10 +586,14 @@ impl GroupLog {
         let file = Arc::new(file);
         self.dirty.add_file(&file);
         self.dirty.add_dir(&self.dir);
+        // The newest until now is sealed: closed once its pending syncs and reads are done.
+        if let Some(last) = self.segments.last_mut() {
+            last.file = None;
+        }
         self.segments.push(Segment {
             first,
             path,
-            file,
+            file: Some(file),
             positions: Vec::new(),
             len: HEADER_LEN as u64,
         });
@@ -635,7 +673,8 @@ impl GroupLog {
                 slices.push(IoSlice::new(h));
                 slices.push(IoSlice::new(entries[i + k].1));
             }
-            write_all_vectored(&seg.file, &mut slices).map_err(io_err("append", &seg.path))?;
+            let file = seg.writer()?;
+            write_all_vectored(&file, &mut slices).map_err(io_err("append", &seg.path))?;
             let mut pos = seg.len;
             for k in 0..n {
                 seg.positions.push(pos);
@@ -643,7 +682,6 @@ impl GroupLog {
             }
             written += pos - seg.len;
             seg.len = pos;
-            let file = seg.file.clone();
             self.dirty.add_file(&file);
             i += n;
         }
@@ -658,13 +696,13 @@ impl GroupLog {
     /// Where the entries in `[from, to)` are: one span per segment that holds some of them.
     /// Reading the spans needs no lock: appends only add past them, and a segment removed
     /// meanwhile stays readable through the span's open file.
-    pub(crate) fn plan_read(&self, from: u64, to: u64) -> Vec<ReadSpan> {
+    pub(crate) fn plan_read(&self, from: u64, to: u64) -> Result<Vec<ReadSpan>, StorageError> {
         self.plan_read_kept(from.max(self.floor), to)
     }
 
     /// Like [`GroupLog::plan_read`], below Raft's purge point too: what is still on disk
     /// (pointers resolve there).
-    pub(crate) fn plan_read_kept(&self, from: u64, to: u64) -> Vec<ReadSpan> {
+    pub(crate) fn plan_read_kept(&self, from: u64, to: u64) -> Result<Vec<ReadSpan>, StorageError> {
         let mut spans = Vec::new();
         for seg in &self.segments {
             let Some(last) = seg.last() else { continue };
@@ -676,14 +714,14 @@ impl GroupLog {
             let (a, b) = ((lo - seg.first) as usize, (hi - seg.first) as usize);
             spans.push(ReadSpan {
                 group: self.group,
-                file: seg.file.clone(),
+                file: seg.reader()?,
                 path: seg.path.clone(),
                 start: seg.positions[a],
                 end: seg.end_of(b - 1),
                 entries: lo..hi,
             });
         }
-        spans
+        Ok(spans)
     }
 
     /// Visits entries in `[from, to)` in order; `visit` returns `false` to stop (the tests'
@@ -695,7 +733,7 @@ impl GroupLog {
         to: u64,
         visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
-        read_spans(&self.plan_read(from, to), visit)
+        read_spans(&self.plan_read(from, to)?, visit)
     }
 
     /// Removes every entry from `from` on, durably.
@@ -716,17 +754,20 @@ impl GroupLog {
         {
             let keep = (from - seg.first) as usize;
             let cut = seg.positions[keep];
-            seg.file
-                .set_len(cut)
+            let file = seg.writer()?;
+            file.set_len(cut)
                 .map_err(io_err("truncate segment", &seg.path))?;
-            seg.file
-                .sync_data()
+            file.sync_data()
                 .map_err(io_err("sync segment", &seg.path))?;
             seg.positions.truncate(keep);
             seg.len = cut;
         }
         if removed_file {
             sync_dir(&self.dir)?;
+        }
+        // The last one left is the newest now: appends go there.
+        if let Some(seg) = self.segments.last_mut() {
+            seg.writer()?;
         }
         Ok(())
     }
@@ -753,6 +794,19 @@ impl GroupLog {
     /// The release written so far: durable once the store's next flush completes.
     pub(crate) fn pending_release(&self) -> u64 {
         self.pending_release
+    }
+
+    /// Whether a segment would go once the pending release is durable.
+    pub(crate) fn release_waiting(&self) -> bool {
+        if self.pending_release <= self.keep_from {
+            return false;
+        }
+        let pinned = self.pins.keys().next().copied().unwrap_or(u64::MAX);
+        let below = self.floor.min(self.pending_release).min(pinned);
+        self.segments.first().is_some_and(|s| match s.last() {
+            Some(l) => l < below,
+            None => s.first < below,
+        })
     }
 
     /// Whether [`GroupLog::remove_unneeded`] would remove a segment now.
@@ -1314,7 +1368,7 @@ mod tests {
         // Entries kept for pointers are read past Raft's purge point, never by Raft.
         let mut kept = Vec::new();
         read_spans(
-            &log.plan_read_kept(seg_first[3], seg_first[3] + 1),
+            &log.plan_read_kept(seg_first[3], seg_first[3] + 1).unwrap(),
             |i, b| {
                 kept.push((i, b.to_vec()));
                 Ok(true)
@@ -1322,7 +1376,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(kept, vec![(seg_first[3], payload(seg_first[3]))]);
-        assert!(log.plan_read(0, 51).is_empty());
+        assert!(log.plan_read(0, 51).unwrap().is_empty());
         drop(log);
         // The gap below the purge point is no corruption on reopen.
         let mut log = GroupLog::open(dir.path(), 12, Some(50), 200).unwrap();
@@ -1346,6 +1400,33 @@ mod tests {
         let err = GroupLog::open(dir.path(), 14, Some(5), 200).err().unwrap();
         assert_corrupt(&err, "segment sequence");
         assert!(GroupLog::open(dir.path(), 14, Some(20), 200).is_ok());
+    }
+
+    /// Files of this process open under `dir`.
+    fn open_files_under(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    #[test]
+    fn only_the_newest_segment_stays_open() {
+        let (dir, mut log) = written(15, 200, 40);
+        assert!(log.segments.len() > 4);
+        assert_eq!(open_files_under(dir.path()), 1);
+        // Reads and a truncation into a sealed segment open what they need, and only the
+        // segment left newest stays open.
+        expect_range(&log, 1, 40);
+        let middle = log.segments[2].first + 1;
+        log.truncate_from(middle).unwrap();
+        assert_eq!(open_files_under(dir.path()), 1);
+        append_range(&mut log, middle, 45);
+        drop(log);
+        let log = GroupLog::open(dir.path(), 15, None, 200).unwrap();
+        assert_eq!(open_files_under(dir.path()), 1);
+        expect_range(&log, 1, 45);
     }
 
     #[test]
