@@ -255,6 +255,21 @@ pub fn encode_record(r: &junction_types::StoredRecord) -> Result<Vec<u8>, RaftSt
     encode_checked(&RECORD, r)
 }
 
+/// Encodes `record` stored with `timestamp_ms` like [`encode_record`] does the
+/// [`junction_types::StoredRecord`] it would become, without building one.
+pub fn encode_record_of(
+    timestamp_ms: i64,
+    record: &junction_types::Record,
+) -> Result<Vec<u8>, RaftStoreError> {
+    encode_checked(
+        &RECORD,
+        &junction_types::StoredRecordOf {
+            timestamp_ms,
+            record,
+        },
+    )
+}
+
 /// Checks a stored message's checksum without decoding it: the body of a version 2 record
 /// whose CRC32C matches, or of a version 1 record (which has none). A checksum that does not
 /// match is [`RaftStoreError::Corrupt`]; a newer version is refused.
@@ -455,6 +470,17 @@ mod tests {
     #[test]
     fn stored_records_carry_a_checksum_and_old_ones_are_still_read() {
         assert_eq!(hex(&encode_record(&record()).unwrap()), RECORD_V2);
+        let r = record();
+        let unstored = junction_types::Record {
+            key: r.key,
+            headers: r.headers,
+            payload: r.payload,
+        };
+        assert_eq!(
+            hex(&encode_record_of(r.timestamp_ms, &unstored).unwrap()),
+            RECORD_V2,
+            "a resolved pointer encodes as the copy"
+        );
         assert_eq!(decode_record(&unhex(RECORD_V2)).unwrap(), record());
         assert_eq!(decode_record(&unhex(RECORD_V1)).unwrap(), record());
         // The borrowed decode reads both versions alike.

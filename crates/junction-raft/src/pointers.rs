@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use junction_storage::Store;
 use junction_storage::pointer::{EntryMessages, EntryRecords};
-use junction_types::{Command, GroupId, PartitionCommand, Record, StoredRecord};
+use junction_types::{Command, GroupId, PartitionCommand, Record};
 use openraft::EntryPayload;
 
 use crate::format;
@@ -57,13 +57,7 @@ impl EntryMessages for Decoded {
             .0
             .get(ordinal as usize)
             .ok_or_else(|| format!("the entry carries {} records", self.0.len()))?;
-        format::encode_record(&StoredRecord {
-            timestamp_ms,
-            key: r.key.clone(),
-            headers: r.headers.clone(),
-            payload: r.payload.clone(),
-        })
-        .map_err(|e| e.to_string())
+        format::encode_record_of(timestamp_ms, r).map_err(|e| e.to_string())
     }
 }
 

@@ -50,6 +50,33 @@ pub struct StoredRecordRef<'a> {
     pub payload: &'a [u8],
 }
 
+/// A [`Record`] stored with `timestamp_ms`, encoded exactly like the [`StoredRecord`] it
+/// would become, without copying its fields into one first.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredRecordOf<'a> {
+    pub timestamp_ms: i64,
+    pub record: &'a Record,
+}
+
+impl Serialize for StoredRecordOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Headers<'a>(&'a [(String, Vec<u8>)]);
+        impl Serialize for Headers<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                header_bytes::serialize(self.0, s)
+            }
+        }
+        let r = self.record;
+        let mut st = s.serialize_struct("StoredRecord", 4)?;
+        st.serialize_field("timestamp_ms", &self.timestamp_ms)?;
+        st.serialize_field("key", &r.key.as_deref().map(ByteRef))?;
+        st.serialize_field("headers", &Headers(&r.headers))?;
+        st.serialize_field("payload", &ByteRef(&r.payload))?;
+        st.end()
+    }
+}
+
 // Byte fields go through serde's bytes API. Without it a `Vec<u8>` is a sequence of `u8`,
 // visited one element at a time: encoding and decoding records took 18 % of a node's CPU when
 // producing 1 KiB messages. Postcard writes both forms identically (a varint length, then the
@@ -181,6 +208,17 @@ mod tests {
         };
         let new_bytes = postcard::to_allocvec(&r).unwrap();
         assert_eq!(new_bytes, postcard::to_allocvec(&old).unwrap());
+        // A record encoded with its timestamp, unstored, encodes as the stored record.
+        let unstored = Record {
+            key: r.key.clone(),
+            headers: r.headers.clone(),
+            payload: r.payload.clone(),
+        };
+        let of = StoredRecordOf {
+            timestamp_ms: r.timestamp_ms,
+            record: &unstored,
+        };
+        assert_eq!(postcard::to_allocvec(&of).unwrap(), new_bytes);
         let back: StoredRecord = postcard::from_bytes(&new_bytes).unwrap();
         assert_eq!(back, r);
         // The borrowed form reads the same bytes, and its payload lies inside them.
