@@ -270,6 +270,18 @@ pub fn encode_record_of(
     )
 }
 
+/// Encodes a borrowed stored message like [`encode_record`] does the owned one.
+pub fn encode_record_ref(
+    r: &junction_types::StoredRecordRef<'_>,
+) -> Result<Vec<u8>, RaftStoreError> {
+    encode_checked(&RECORD, r)
+}
+
+/// Checks a log entry's checksum; returns its body, not decoded.
+pub(crate) fn check_log_entry(b: &[u8]) -> Result<&[u8], RaftStoreError> {
+    check_checked(&LOG_ENTRY, b)
+}
+
 /// Checks a stored message's checksum without decoding it: the body of a version 2 record
 /// whose CRC32C matches, or of a version 1 record (which has none). A checksum that does not
 /// match is [`RaftStoreError::Corrupt`]; a newer version is refused.

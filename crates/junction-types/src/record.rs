@@ -50,6 +50,24 @@ pub struct StoredRecordRef<'a> {
     pub payload: &'a [u8],
 }
 
+impl Serialize for StoredRecordRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Headers<'h, 'a>(&'h [(&'a str, &'a [u8])]);
+        impl Serialize for Headers<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|(k, b)| (k, ByteRef(b))))
+            }
+        }
+        let mut st = s.serialize_struct("StoredRecord", 4)?;
+        st.serialize_field("timestamp_ms", &self.timestamp_ms)?;
+        st.serialize_field("key", &self.key.map(ByteRef))?;
+        st.serialize_field("headers", &Headers(&self.headers))?;
+        st.serialize_field("payload", &ByteRef(self.payload))?;
+        st.end()
+    }
+}
+
 /// A [`Record`] stored with `timestamp_ms`, encoded exactly like the [`StoredRecord`] it
 /// would become, without copying its fields into one first.
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +237,8 @@ mod tests {
             record: &unstored,
         };
         assert_eq!(postcard::to_allocvec(&of).unwrap(), new_bytes);
+        let borrowed: StoredRecordRef<'_> = postcard::from_bytes(&new_bytes).unwrap();
+        assert_eq!(postcard::to_allocvec(&borrowed).unwrap(), new_bytes);
         let back: StoredRecord = postcard::from_bytes(&new_bytes).unwrap();
         assert_eq!(back, r);
         // The borrowed form reads the same bytes, and its payload lies inside them.
