@@ -271,8 +271,8 @@ mod tests {
 
     fn record(i: u8) -> Record {
         Record {
-            key: (i % 2 == 0).then(|| vec![b'k', i]),
-            headers: if i % 3 == 0 {
+            key: i.is_multiple_of(2).then(|| vec![b'k', i]),
+            headers: if i.is_multiple_of(3) {
                 vec![("h".into(), vec![i; 3]), ("é".into(), vec![])]
             } else {
                 vec![]
