@@ -3,28 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{entry, log_id};
 use junction_raft::partition_sm::PartitionStateMachine;
-use junction_raft::types::{Entry, LogId};
-use junction_types::{Command, PartitionCommand, Record};
-use openraft::EntryPayload;
+use junction_raft::types::Entry;
+use junction_types::{PartitionCommand, Record};
 use openraft::storage::RaftStateMachine;
-
-fn log_id(index: u64) -> LogId {
-    openraft::LogId::new(
-        openraft::impls::leader_id_adv::LeaderId {
-            term: 1,
-            node_id: 1,
-        },
-        index,
-    )
-}
-
-fn entry(index: u64, cmd: PartitionCommand) -> Entry {
-    Entry {
-        log_id: log_id(index),
-        payload: EntryPayload::Normal(Command::Partition(cmd)),
-    }
-}
 
 fn append(payloads: &[&[u8]]) -> PartitionCommand {
     PartitionCommand::Append {

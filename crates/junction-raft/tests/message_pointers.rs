@@ -4,37 +4,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{entry, log_id};
 use junction_raft::format;
 use junction_raft::log_store::LogStore;
 use junction_raft::partition_sm::PartitionStateMachine;
-use junction_raft::types::{Entry, LogId};
+use junction_raft::types::Entry;
 use junction_storage::pointer::{self, Pointer};
 use junction_storage::{SegmentLog, Store};
 use junction_types::command::AppendBatch;
 use junction_types::exactly_once::{DeliveryPolicy, MSG_ID_HEADER};
-use junction_types::{Command, PartitionCommand, Record, StoredRecord};
+use junction_types::{PartitionCommand, Record, StoredRecord};
+use openraft::RaftLogReader;
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{EntryPayload, RaftLogReader};
 
 const GROUP: u64 = 7;
 const TS: i64 = 1_700_000_000_000;
-
-fn log_id(index: u64) -> LogId {
-    openraft::LogId::new(
-        openraft::impls::leader_id_adv::LeaderId {
-            term: 1,
-            node_id: 1,
-        },
-        index,
-    )
-}
-
-fn entry(index: u64, cmd: PartitionCommand) -> Entry {
-    Entry {
-        log_id: log_id(index),
-        payload: EntryPayload::Normal(Command::Partition(cmd)),
-    }
-}
 
 fn record(payload: &[u8], id: Option<&str>) -> Record {
     Record {
@@ -79,6 +65,22 @@ async fn log_and_apply(seg: &SegmentLog, sm: &mut PartitionStateMachine, e: Entr
     sm.apply(futures::stream::iter([Ok((e, None))]))
         .await
         .unwrap();
+}
+
+/// Builds a snapshot and purges Raft's log up to `index`, as openraft does after one.
+async fn snapshot_and_purge(
+    sm: &mut PartitionStateMachine,
+    log: &mut LogStore,
+    index: u64,
+) -> junction_raft::types::Snapshot {
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    log.purge(log_id(index)).await.unwrap();
+    snap
 }
 
 fn payloads(store: &Store) -> Vec<(u64, Vec<u8>)> {
@@ -187,13 +189,7 @@ async fn segments_stay_while_messages_point_into_them_and_go_after_retention() {
 
     // Raft purges its log up to a snapshot: the entries are no longer Raft's to read, but
     // every message still points into them.
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    log.purge(log_id(40)).await.unwrap();
+    let snap = snapshot_and_purge(&mut sm, &mut log, 40).await;
     assert!(
         log.try_get_log_entries(1..41).await.unwrap().is_empty(),
         "purged for Raft"
@@ -297,13 +293,7 @@ async fn compaction_turns_its_survivors_into_copies_so_old_segments_can_go() {
 
     // Once Raft purged its log and the state machine's writes are durable, only the
     // segments holding entries 26 on (offsets 50 on) stay.
-    let snap = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    log.purge(log_id(31)).await.unwrap();
+    let snap = snapshot_and_purge(&mut sm, &mut log, 31).await;
     let left = segment_files(dir.path());
     assert!(left < files, "{left} of {files} segments left");
     assert_eq!(payloads(&store), after);

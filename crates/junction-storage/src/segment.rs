@@ -509,16 +509,25 @@ impl GroupLog {
             }
             pos = end;
         } else {
-            // Sealed: walk the frame headers (payload checksums are checked on read).
-            let mut fh = [0u8; FRAME_HEADER_LEN];
+            // Sealed: walk the frame headers (payload checksums are checked on read), read
+            // in windows so that small frames do not cost a read each.
+            const WINDOW: u64 = 64 << 10;
+            let mut window: Vec<u8> = Vec::new();
+            let mut window_at = 0u64;
             while pos < size {
                 if size - pos < FRAME_HEADER_LEN as u64 {
                     return Err(corrupt(format!("a frame header is cut short at {pos}")));
                 }
-                file.read_exact_at(&mut fh, pos)
-                    .map_err(io_err("read segment", path))?;
-                let len = u64::from(le_u32(&fh, 0));
-                let index = le_u64(&fh, 8);
+                if pos + FRAME_HEADER_LEN as u64 > window_at + window.len() as u64 {
+                    window.resize((size - pos).min(WINDOW) as usize, 0);
+                    file.read_exact_at(&mut window, pos)
+                        .map_err(io_err("read segment", path))?;
+                    window_at = pos;
+                }
+                let at = (pos - window_at) as usize;
+                let fh = &window[at..at + FRAME_HEADER_LEN];
+                let len = u64::from(le_u32(fh, 0));
+                let index = le_u64(fh, 8);
                 let expected = first + positions.len() as u64;
                 if index != expected || pos + FRAME_HEADER_LEN as u64 + len > size {
                     return Err(corrupt(format!(
@@ -1409,6 +1418,16 @@ mod tests {
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .filter(|target| target.starts_with(dir))
             .count()
+    }
+
+    #[test]
+    fn sealed_segments_larger_than_the_read_window_reopen_whole() {
+        let (dir, log) = written(16, 200 << 10, 12_000);
+        assert!(log.segments.len() >= 2);
+        assert!(log.segments[0].len > 64 << 10);
+        drop(log);
+        let log = GroupLog::open(dir.path(), 16, None, 200 << 10).unwrap();
+        expect_range(&log, 1, 12_000);
     }
 
     #[test]
