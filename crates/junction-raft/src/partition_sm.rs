@@ -618,16 +618,19 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     .map_err(io::Error::other)??;
                     // Survivors that point into the log become copies, so the segments
                     // below the compacted range can go once retention no longer needs them.
-                    let (store, group, from) = (self.store.clone(), self.group, state.start_offset);
-                    let removed = plan.remove.clone();
-                    tokio::task::spawn_blocking(move || {
-                        store.inline_pointers(group, from, upto, |o| {
-                            removed.binary_search(&o).is_ok()
+                    if self.pointers_from.is_some() {
+                        let (store, group, from) =
+                            (self.store.clone(), self.group, state.start_offset);
+                        let removed = plan.remove.clone();
+                        tokio::task::spawn_blocking(move || {
+                            store.inline_pointers(group, from, upto, |o| {
+                                removed.binary_search(&o).is_ok()
+                            })
                         })
-                    })
-                    .await
-                    .map_err(io::Error::other)?
-                    .map_err(RaftStoreError::from)?;
+                        .await
+                        .map_err(io::Error::other)?
+                        .map_err(RaftStoreError::from)?;
+                    }
                     crate::compaction::apply_plan(&mut b, self.group, &plan)?;
                     self.dedup.removed(&plan.remove);
                     // Compaction removed messages below `upto`: the window keeps none of them.
