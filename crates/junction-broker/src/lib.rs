@@ -806,8 +806,8 @@ impl Broker {
             None
         };
         // The log first: the state machine's messages may point into it (and it reads
-        // them as it opens).
-        // A memory group's vote stays on disk: a restarted replica never votes twice.
+        // them as it opens). A memory group's vote stays on disk: a restarted replica
+        // never votes twice.
         let log_store = if memory {
             LogStore::with_vote_store(store.clone(), self.store.clone(), group)
         } else {
@@ -817,41 +817,14 @@ impl Broker {
             tokio::task::spawn_blocking(move || LogStore::segmented(s, group))
                 .await
                 .map_err(|e| BrokerError::Raft(e.to_string()))?
-                .map_err(|e| {
-                    let detail = e.to_string();
-                    if junction_raft::names_corruption(&detail) {
-                        BrokerError::CorruptReplica { group, detail }
-                    } else {
-                        BrokerError::from(e)
-                    }
-                })?
+                .map_err(|e| open_failure(group, e))?
         };
         let sm = junction_raft::PartitionStateMachine::open(
             store.clone(),
             group,
             self.tail_budget.clone(),
         )
-        .map_err(|e| {
-            match e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>())
-            {
-                Some(junction_raft::RaftStoreError::Corrupt { .. }) => {
-                    BrokerError::CorruptReplica {
-                        group,
-                        detail: e.to_string(),
-                    }
-                }
-                // A stored message (or the log entry it points to) that fails its checks.
-                _ if junction_raft::names_corruption(&e.to_string()) => {
-                    BrokerError::CorruptReplica {
-                        group,
-                        detail: e.to_string(),
-                    }
-                }
-                _ => BrokerError::from(e),
-            }
-        })?;
+        .map_err(|e| open_failure(group, e))?;
         let shared = sm.shared();
         let config = self
             .cfg
@@ -1116,5 +1089,21 @@ impl GroupHost for Broker {
                 })
             })
             .collect()
+    }
+}
+
+/// Maps a failure to open a replica's log or state machine: damage (a checked entry, record,
+/// pointer or segment that fails its checks) means the replica is rebuilt from the leader.
+fn open_failure(group: GroupId, e: std::io::Error) -> BrokerError {
+    let typed = matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<junction_raft::RaftStoreError>()),
+        Some(junction_raft::RaftStoreError::Corrupt { .. })
+    );
+    let detail = e.to_string();
+    if typed || junction_raft::names_corruption(&detail) {
+        BrokerError::CorruptReplica { group, detail }
+    } else {
+        BrokerError::from(e)
     }
 }

@@ -261,13 +261,7 @@ pub fn encode_record_of(
     timestamp_ms: i64,
     record: &junction_types::Record,
 ) -> Result<Vec<u8>, RaftStoreError> {
-    encode_checked(
-        &RECORD,
-        &junction_types::StoredRecordOf {
-            timestamp_ms,
-            record,
-        },
-    )
+    encode_record_ref(&junction_types::StoredRecordRef::of(timestamp_ms, record))
 }
 
 /// Encodes a borrowed stored message like [`encode_record`] does the owned one.

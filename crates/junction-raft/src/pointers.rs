@@ -104,8 +104,7 @@ mod view {
     #[derive(Deserialize)]
     enum PartitionView<'a> {
         Append {
-            #[allow(dead_code)]
-            timestamp_ms: i64,
+            _timestamp_ms: i64,
             #[serde(borrow)]
             records: Vec<RecordView<'a>>,
         },
@@ -118,26 +117,21 @@ mod view {
         Compact,
         DataLost,
         AppendBatches {
-            #[allow(dead_code)]
-            timestamp_ms: i64,
-            #[allow(dead_code)]
-            delivery: DeliveryPolicy,
+            _timestamp_ms: i64,
+            _delivery: DeliveryPolicy,
             #[serde(borrow)]
             batches: Vec<BatchView<'a>>,
         },
         AppendSpanned {
-            #[allow(dead_code)]
-            timestamp_ms: i64,
-            #[allow(dead_code)]
-            delivery: DeliveryPolicy,
+            _timestamp_ms: i64,
+            _delivery: DeliveryPolicy,
             #[serde(borrow)]
             batches: Vec<SpannedView<'a>>,
         },
         GroupPark,
         GroupIsolation,
         Checked {
-            #[allow(dead_code)]
-            crc: u32,
+            _crc: u32,
             #[serde(borrow)]
             command: Box<PartitionView<'a>>,
         },
@@ -145,8 +139,7 @@ mod view {
 
     #[derive(Deserialize)]
     struct BatchView<'a> {
-        #[allow(dead_code)]
-        producer: Option<ProducerBatch>,
+        _producer: Option<ProducerBatch>,
         #[serde(borrow)]
         records: Vec<RecordView<'a>>,
     }
@@ -155,8 +148,7 @@ mod view {
     struct SpannedView<'a> {
         #[serde(borrow)]
         batch: BatchView<'a>,
-        #[allow(dead_code)]
-        sequence_span: u32,
+        _sequence_span: u32,
     }
 
     #[derive(Deserialize)]

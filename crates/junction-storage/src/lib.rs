@@ -453,13 +453,6 @@ impl SegmentLog {
         self.log.lock().set_pending_release(from);
     }
 
-    /// Like [`SegmentLog::release_below`], for a point already durable (read back from the
-    /// store as a replica opens): segments below it and Raft's purge point go now.
-    pub fn release_durable_below(&self, from: u64) -> Result<(), StorageError> {
-        self.store.check_poisoned()?;
-        self.log.lock().release_below(from)
-    }
-
     /// Visits the entries in `[from, to)` in order; `visit` returns `false` to stop.
     pub fn read(
         &self,
@@ -1146,18 +1139,8 @@ impl Store {
     pub fn first_pointer(&self, group: GroupId, from: u64) -> Result<Option<u64>, StorageError> {
         let mut found = None;
         self.scan_range(CF_MESSAGES, "message key", group, from, u64::MAX, |o, v| {
-            match pointer::Pointer::decode(v) {
-                Ok(Some(p)) => {
-                    found = Some(p.index);
-                    Ok(false)
-                }
-                Ok(None) => Ok(true),
-                Err(detail) => Err(StorageError::Corrupt {
-                    what: "message pointer",
-                    group,
-                    detail: format!("offset {o}: {detail}"),
-                }),
-            }
+            found = decode_pointer(group, o, v)?.map(|p| p.index);
+            Ok(found.is_none())
         })?;
         Ok(found)
     }
@@ -1353,13 +1336,7 @@ impl Batch<'_> {
         offset: u64,
         p: &pointer::Pointer,
     ) -> Result<(), StorageError> {
-        self.touch(group);
-        self.wb.put_cf(
-            self.store.cf(CF_MESSAGES)?,
-            group_u64(group, offset),
-            p.encode(),
-        );
-        Ok(())
+        self.put_message(group, offset, &p.encode())
     }
 
     /// Puts a message at `offset`.
@@ -1435,6 +1412,20 @@ impl Batch<'_> {
     }
 }
 
+/// Decodes a stored message value: `None` for an inline record, a damaged pointer as
+/// corruption of the message at `offset`.
+fn decode_pointer(
+    group: GroupId,
+    offset: u64,
+    value: &[u8],
+) -> Result<Option<pointer::Pointer>, StorageError> {
+    pointer::Pointer::decode(value).map_err(|detail| StorageError::Corrupt {
+        what: "message pointer",
+        group,
+        detail: format!("offset {offset}: {detail}"),
+    })
+}
+
 /// Resolves the message pointers one scan meets (see [`pointer`]). It pins the group's
 /// segment log as it is made, so the entries that the messages stored at that moment point to
 /// stay on disk until it is dropped.
@@ -1463,25 +1454,46 @@ impl<'a> Resolver<'a> {
     /// The inline record for a stored value: `None` when it is one already.
     fn resolve(&mut self, offset: u64, value: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let group = self.group;
-        let p = match pointer::Pointer::decode(value) {
-            Ok(None) => return Ok(None),
-            Ok(Some(p)) => p,
-            Err(detail) => {
-                return Err(StorageError::Corrupt {
-                    what: "message pointer",
-                    group,
-                    detail: format!("offset {offset}: {detail}"),
-                });
+        let Some(p) = decode_pointer(group, offset, value)? else {
+            return Ok(None);
+        };
+        let entry = match &mut self.current {
+            Some((index, entry)) if *index == p.index => entry,
+            _ => {
+                let decoded = self.decode_entry(offset, p.index)?;
+                &self.current.insert((p.index, decoded)).1
             }
         };
-        if self.current.as_ref().is_none_or(|(i, _)| *i != p.index) {
-            let records = self
-                .store
-                .inner
-                .entry_records
-                .get()
-                .ok_or(StorageError::NoEntryDecoder { group, offset })?;
-            if self.log.is_none() {
+        entry
+            .record(p.ordinal, p.timestamp_ms)
+            .map(Some)
+            .map_err(|detail| StorageError::Corrupt {
+                what: "message",
+                group,
+                detail: format!(
+                    "offset {offset} (log entry {}, record {}): {detail}",
+                    p.index, p.ordinal
+                ),
+            })
+    }
+
+    /// Reads log entry `index`, which the message at `offset` points to, and decodes its
+    /// records.
+    fn decode_entry(
+        &mut self,
+        offset: u64,
+        index: u64,
+    ) -> Result<Box<dyn pointer::EntryMessages>, StorageError> {
+        let group = self.group;
+        let records = self
+            .store
+            .inner
+            .entry_records
+            .get()
+            .ok_or(StorageError::NoEntryDecoder { group, offset })?;
+        let log = match &self.log {
+            Some((log, _)) => log.clone(),
+            None => {
                 // Not open in this process (an offline tool): open it, nothing pinned, as
                 // nothing else writes.
                 let root = self.store.inner.segments_root.as_ref().ok_or_else(|| {
@@ -1497,46 +1509,28 @@ impl<'a> Resolver<'a> {
                     None,
                     segment::DEFAULT_SEGMENT_BYTES,
                 )?;
-                self.log = Some((log, None));
+                self.log = Some((log.clone(), None));
+                log
             }
-            let spans = match &self.log {
-                Some((log, _)) => log.lock().plan_read_kept(p.index, p.index + 1)?,
-                None => Vec::new(),
-            };
-            let mut decoded = None;
-            segment::read_spans(&spans, |_, entry| {
-                decoded = Some(records.open(group, p.index, entry));
-                Ok(false)
-            })?;
-            let decoded = decoded
-                .ok_or_else(|| StorageError::Corrupt {
-                    what: "message",
-                    group,
-                    detail: format!(
-                        "offset {offset} points to log entry {}, which is not on disk",
-                        p.index
-                    ),
-                })?
-                .map_err(|detail| StorageError::Corrupt {
-                    what: "message",
-                    group,
-                    detail: format!("offset {offset} (log entry {}): {detail}", p.index),
-                })?;
-            self.current = Some((p.index, decoded));
-        }
-        let Some((_, entry)) = &self.current else {
-            return Err(StorageError::Poisoned);
         };
-        entry
-            .record(p.ordinal, p.timestamp_ms)
-            .map(Some)
-            .map_err(|detail| StorageError::Corrupt {
+        let spans = log.lock().plan_read_kept(index, index + 1)?;
+        let mut decoded = None;
+        segment::read_spans(&spans, |_, entry| {
+            decoded = Some(records.open(group, index, entry));
+            Ok(false)
+        })?;
+        decoded
+            .ok_or_else(|| StorageError::Corrupt {
                 what: "message",
                 group,
                 detail: format!(
-                    "offset {offset} (log entry {}, record {}): {detail}",
-                    p.index, p.ordinal
+                    "offset {offset} points to log entry {index}, which is not on disk"
                 ),
+            })?
+            .map_err(|detail| StorageError::Corrupt {
+                what: "message",
+                group,
+                detail: format!("offset {offset} (log entry {index}): {detail}"),
             })
     }
 }

@@ -807,31 +807,32 @@ impl GroupLog {
 
     /// Whether a segment would go once the pending release is durable.
     pub(crate) fn release_waiting(&self) -> bool {
-        if self.pending_release <= self.keep_from {
-            return false;
-        }
-        let pinned = self.pins.keys().next().copied().unwrap_or(u64::MAX);
-        let below = self.floor.min(self.pending_release).min(pinned);
+        self.pending_release > self.keep_from
+            && self.first_wholly_below(self.floor.min(self.pending_release).min(self.min_pin()))
+    }
+
+    /// Whether [`GroupLog::remove_unneeded`] would remove a segment now.
+    fn has_unneeded(&self) -> bool {
+        self.first_wholly_below(self.removable_below())
+    }
+
+    /// Whether every entry of the first segment is below `below`.
+    fn first_wholly_below(&self, below: u64) -> bool {
         self.segments.first().is_some_and(|s| match s.last() {
             Some(l) => l < below,
             None => s.first < below,
         })
     }
 
-    /// Whether [`GroupLog::remove_unneeded`] would remove a segment now.
-    pub(crate) fn has_unneeded(&self) -> bool {
-        let below = self.removable_below();
-        self.segments.first().is_some_and(|s| match s.last() {
-            Some(l) => l < below,
-            None => s.first < below,
-        })
+    /// The lowest index a reader pinned (`u64::MAX`: none).
+    fn min_pin(&self) -> u64 {
+        self.pins.keys().next().copied().unwrap_or(u64::MAX)
     }
 
     /// Entries below this index are needed by nobody: purged by Raft, pointed to by no
     /// message, and pinned by no reader.
     fn removable_below(&self) -> u64 {
-        let pinned = self.pins.keys().next().copied().unwrap_or(u64::MAX);
-        self.floor.min(self.keep_from).min(pinned)
+        self.floor.min(self.keep_from).min(self.min_pin())
     }
 
     /// Removes the segments whose entries are all needed by nobody, durably.

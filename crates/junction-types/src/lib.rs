@@ -38,7 +38,7 @@ pub use names::{NameError, StationName};
 pub use policy::{
     CompactionPolicy, DiscardPolicy, PolicyError, Retention, StationPolicy, StorageTier,
 };
-pub use record::{Record, StoredRecord, StoredRecordOf, StoredRecordRef};
+pub use record::{Record, StoredRecord, StoredRecordRef};
 
 /// Raft group id. Group 0 is the metadata group; partitions get ids from 1 upwards.
 pub type GroupId = u64;

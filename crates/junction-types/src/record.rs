@@ -68,30 +68,20 @@ impl Serialize for StoredRecordRef<'_> {
     }
 }
 
-/// A [`Record`] stored with `timestamp_ms`, encoded exactly like the [`StoredRecord`] it
-/// would become, without copying its fields into one first.
-#[derive(Debug, Clone, Copy)]
-pub struct StoredRecordOf<'a> {
-    pub timestamp_ms: i64,
-    pub record: &'a Record,
-}
-
-impl Serialize for StoredRecordOf<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        struct Headers<'a>(&'a [(String, Vec<u8>)]);
-        impl Serialize for Headers<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                header_bytes::serialize(self.0, s)
-            }
+impl<'a> StoredRecordRef<'a> {
+    /// `record` as stored with `timestamp_ms`, borrowed: it encodes exactly like the
+    /// [`StoredRecord`] it would become, without copying its fields into one.
+    pub fn of(timestamp_ms: i64, record: &'a Record) -> Self {
+        Self {
+            timestamp_ms,
+            key: record.key.as_deref(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect(),
+            payload: &record.payload,
         }
-        let r = self.record;
-        let mut st = s.serialize_struct("StoredRecord", 4)?;
-        st.serialize_field("timestamp_ms", &self.timestamp_ms)?;
-        st.serialize_field("key", &r.key.as_deref().map(ByteRef))?;
-        st.serialize_field("headers", &Headers(&r.headers))?;
-        st.serialize_field("payload", &ByteRef(&r.payload))?;
-        st.end()
     }
 }
 
@@ -232,10 +222,7 @@ mod tests {
             headers: r.headers.clone(),
             payload: r.payload.clone(),
         };
-        let of = StoredRecordOf {
-            timestamp_ms: r.timestamp_ms,
-            record: &unstored,
-        };
+        let of = StoredRecordRef::of(r.timestamp_ms, &unstored);
         assert_eq!(postcard::to_allocvec(&of).unwrap(), new_bytes);
         let borrowed: StoredRecordRef<'_> = postcard::from_bytes(&new_bytes).unwrap();
         assert_eq!(postcard::to_allocvec(&borrowed).unwrap(), new_bytes);
