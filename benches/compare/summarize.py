@@ -75,8 +75,10 @@ def main():
     print("| workload | n | NATS msg/s | Junction msg/s | ratio | NATS p99 ms | Junction p99 ms | "
           "p99 ratio | NATS CPU µs/msg | Junction CPU µs/msg | CPU ratio | Junction write amp |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for wl in ["sync", "async128", "async1k", "rate", "consume"]:
-        n, j = nats.get(wl, []), junc.get(wl, [])
+    for wl in ["sync", "async128", "async1k", "rate", "consume", "groupack"]:
+        # groupack: Junction's acked consumer group against NATS's acked pull consumer, which
+        # is the `consume` run on the NATS side.
+        n, j = nats.get("consume" if wl == "groupack" else wl, []), junc.get(wl, [])
         if not n and not j:
             continue
         nt, jt = med(n, "msgs_per_s"), med(j, "msgs_per_s")

@@ -5,9 +5,20 @@ use std::process::Command;
 
 /// Runs `junction bench produce` with `extra` flags and returns its JSON report.
 fn bench(dir: &std::path::Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    bench_workload(dir, "produce", name, extra)
+}
+
+/// Runs `junction bench <workload>` (3,000 messages) with `extra` flags and returns its JSON
+/// report.
+fn bench_workload(
+    dir: &std::path::Path,
+    workload: &str,
+    name: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let json = dir.join(format!("{name}.json"));
     let out = Command::new(env!("CARGO_BIN_EXE_junction"))
-        .args(["bench", "produce", "--spawn", "3", "--quiet"])
+        .args(["bench", workload, "--spawn", "3", "--quiet"])
         .args([
             "--messages",
             "3000",
@@ -65,6 +76,37 @@ fn bench_measures_the_sdk_producer_and_the_raw_rpc() {
             "{name}: no latency recorded: {report}"
         );
     }
+}
+
+/// The like-for-like consumption workload: the bench writes the messages, then one member of
+/// a fresh group takes and acks every one (with a window smaller than the station, so the
+/// acks must be replicated for delivery to go on).
+#[test]
+fn bench_consume_takes_and_acks_every_stored_message() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = bench_workload(
+        dir.path(),
+        "consume",
+        "consume",
+        &["--member-in-flight", "200"],
+    );
+    assert_eq!(report["workload"], "consume", "{report}");
+    assert_eq!(report["messages"], 3000, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(
+        report["msgs_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "no throughput: {report}"
+    );
+    assert!(
+        report["server_cpu_us_per_msg"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "no server CPU measured: {report}"
+    );
+    assert!(
+        report["write_amplification"].is_null(),
+        "a consume run reports no write amplification: {report}"
+    );
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub enum Workload {
     Produce,
     /// Replay `--messages` messages from earliest (produced first if the station is new).
     Read,
+    /// A consumer group of one member (the SDK's `GroupConsumer`) consumes `--messages`
+    /// stored messages from earliest and acks each one on its own (produced first if the
+    /// station has fewer): the like-for-like counterpart of a pull consumer with acks.
+    Consume,
     /// Produce and tail at once, measuring produce → delivery.
     E2e,
     /// Create the station, wait until every partition has a leader, then only measure the
@@ -55,10 +59,18 @@ pub enum Workload {
     Rest,
 }
 
+impl Workload {
+    /// Whether the workload reads stored messages (written first when the station has fewer
+    /// than `--messages`), so bytes written are not what it measures.
+    pub fn replays(self) -> bool {
+        matches!(self, Workload::Read | Workload::Consume)
+    }
+}
+
 /// Flags of `junction bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// produce | read | e2e | idle | isolation | lanes | groups | idempotence | rest
+    /// produce | read | consume | e2e | idle | isolation | lanes | groups | idempotence | rest
     #[arg(value_enum)]
     pub workload: Workload,
     /// Cluster to load (comma-separated host:port). Without it, --spawn nodes are started.
@@ -170,7 +182,8 @@ pub struct BenchArgs {
     pub work: Duration,
     /// `lanes`: each member's limit of unacknowledged messages per partition (0: the
     /// group's `max_in_flight`, 1000). A member that joins first takes up to this many keys
-    /// before the others arrive, and a key moves only once it is drained.
+    /// before the others arrive, and a key moves only once it is drained. `consume`: the
+    /// group's `max_in_flight` and the member's limit (0: the server's default, 1,000).
     #[arg(long, default_value_t = 0)]
     pub member_in_flight: u32,
     /// `groups`: how many consumer groups read the station.

@@ -225,7 +225,7 @@ pub async fn run(
     } else {
         prepare(args, addrs, &station).await?;
     }
-    if args.workload == Workload::Read {
+    if args.workload.replays() {
         let existing = total_offsets(args, addrs, &station).await?;
         if existing < args.messages {
             eprintln!("writing {} messages to replay", args.messages - existing);
@@ -252,6 +252,7 @@ pub async fn run(
             (h, counters.done.load(Ordering::Relaxed))
         }
         Workload::Read => read(args, addrs, &station, &counters).await?,
+        Workload::Consume => consume(args, addrs, &station, &counters).await?,
         Workload::Isolation
         | Workload::Lanes
         | Workload::Groups
@@ -1085,6 +1086,68 @@ async fn read(
         n += got;
     }
     Ok((total, n))
+}
+
+/// One member of a fresh consumer group takes every stored message from earliest and acks
+/// each one as it arrives, until `--messages` first deliveries; the latency histogram holds
+/// the gaps between consecutive deliveries.
+async fn consume(
+    args: &BenchArgs,
+    addrs: &[String],
+    station: &str,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    use junction_client::proto::{GroupSettings, group_settings};
+    let client = admin(addrs, args.token.as_deref())?;
+    let group = format!("bench-consume-{}", now_us());
+    let group_options = junction_client::GroupOptions {
+        settings: GroupSettings {
+            start: Some(group_settings::Start::Position(
+                StartPosition::Earliest as i32,
+            )),
+            // 0: the server's default (1,000 per partition).
+            max_in_flight: args.member_in_flight,
+            ..Default::default()
+        },
+        client: "junction bench consume".into(),
+        max_in_flight: args.member_in_flight,
+        ..Default::default()
+    };
+    let mut consumer = client
+        .group_consumer(station, &group, group_options)
+        .await
+        .with_context(|| format!("joining group {group}"))?;
+    let mut gaps = new_histogram()?;
+    let mut delivered = 0u64;
+    let mut last = Instant::now();
+    // A stall this long means the group stopped delivering: fail rather than report it.
+    let stall = Duration::from_secs(60);
+    while delivered < args.messages {
+        let m = match tokio::time::timeout(stall, consumer.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("the group consumer stopped after {delivered} messages"),
+            Err(_) => bail!("no delivery for {stall:?} after {delivered} messages"),
+        };
+        let now = Instant::now();
+        gaps.saturating_record((now - last).as_micros() as u64);
+        last = now;
+        if !consumer.ack(&m) {
+            bail!(
+                "partition {} moved away from the only member of {group}",
+                m.partition()
+            );
+        }
+        if m.delivery_count == 1 {
+            delivered += 1;
+            counters.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    consumer.close().await.context("leaving the group")?;
+    client
+        .delete_group(station, &group)
+        .await
+        .with_context(|| format!("deleting group {group}"))?;
+    Ok((gaps, delivered))
 }
 
 /// Produces while tails follow every partition; latency is produce → delivery.

@@ -150,7 +150,7 @@ impl Report {
             write_amplification: r
                 .usage
                 .as_ref()
-                .filter(|_| args.workload != Workload::Read && produced_bytes > 0.0)
+                .filter(|_| !args.workload.replays() && produced_bytes > 0.0)
                 .map(|u| {
                     u.write_bytes as f64
                         / (produced_bytes * f64::from(args.replication_factor.max(1)))
@@ -158,7 +158,7 @@ impl Report {
             write_amplification_rocksdb: r
                 .usage
                 .as_ref()
-                .filter(|_| args.workload != Workload::Read && produced_bytes > 0.0)
+                .filter(|_| !args.workload.replays() && produced_bytes > 0.0)
                 .map(|u| {
                     let per = produced_bytes * f64::from(args.replication_factor.max(1));
                     u.rocksdb.map(|b| b as f64 / per)
