@@ -271,9 +271,28 @@ pub fn encode_record_ref(
     encode_checked(&RECORD, r)
 }
 
-/// Checks a log entry's checksum; returns its body, not decoded.
-pub(crate) fn check_log_entry(b: &[u8]) -> Result<&[u8], RaftStoreError> {
-    check_checked(&LOG_ENTRY, b)
+/// The body of a log entry read out of a segment frame whose CRC32C matched: that checksum
+/// covers exactly these bytes, so the entry's own is not computed a second time. The version
+/// is still checked (a newer one is refused, a version 1 entry has no checksum).
+pub(crate) fn log_entry_body_of_checked_frame(b: &[u8]) -> Result<&[u8], RaftStoreError> {
+    match b.split_first() {
+        Some((&v, rest)) if v == LOG_ENTRY.version => {
+            rest.get(4..).ok_or_else(|| RaftStoreError::Corrupt {
+                what: LOG_ENTRY.what,
+                detail: format!("{} bytes, too short for a checksum", b.len()),
+            })
+        }
+        Some((1, body)) => Ok(body),
+        Some((&found, _)) => Err(RaftStoreError::Version {
+            what: LOG_ENTRY.what,
+            found,
+            supported: LOG_ENTRY.version,
+        }),
+        None => Err(RaftStoreError::Format {
+            what: LOG_ENTRY.what,
+            detail: "no bytes at all".to_owned(),
+        }),
+    }
 }
 
 /// Checks a stored message's checksum without decoding it: the body of a version 2 record
@@ -1236,5 +1255,38 @@ mod tests {
             &SnapshotResponse::<TypeConfig>::new(vote),
             "01030201",
         );
+    }
+
+    /// A log entry read from a checked frame gives the body the checked decode gives, without
+    /// its checksum computed again; its version is still checked.
+    #[test]
+    fn an_entry_of_a_checked_frame_gives_its_body_and_keeps_its_version_check() {
+        let entry = Entry {
+            log_id: log_id(2, 1, 9),
+            payload: EntryPayload::Normal(Command::Meta(MetaCommand::ForgetNode { node: 4 })),
+        };
+        let bytes = encode_log_entry(&entry).unwrap();
+        let body = log_entry_body_of_checked_frame(&bytes).unwrap();
+        assert_eq!(body, check_checked(&LOG_ENTRY, &bytes).unwrap());
+        let back: Entry = decode_body(&LOG_ENTRY, body).unwrap();
+        assert_eq!(back.log_id, entry.log_id);
+        // Version 1 had no checksum: its body follows the version byte.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(body);
+        assert_eq!(log_entry_body_of_checked_frame(&v1).unwrap(), body);
+        let mut newer = bytes.clone();
+        newer[0] = LOG_ENTRY.version + 1;
+        assert!(matches!(
+            log_entry_body_of_checked_frame(&newer),
+            Err(RaftStoreError::Version { .. })
+        ));
+        assert!(matches!(
+            log_entry_body_of_checked_frame(&bytes[..3]),
+            Err(RaftStoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            log_entry_body_of_checked_frame(&[]),
+            Err(RaftStoreError::Format { .. })
+        ));
     }
 }

@@ -78,7 +78,9 @@ impl Pointer {
 /// Turns log entries into stored records: the Raft layer's knowledge of its entry format,
 /// installed in the store with [`crate::Store::set_entry_records`].
 pub trait EntryRecords: Send + Sync {
-    /// Decodes the entry at `index` of `group` (its bytes as the segment log holds them).
+    /// Decodes the entry at `index` of `group`: its bytes as the segment log holds them,
+    /// read out of a frame whose checksum matched (so the entry's own need not be checked
+    /// again).
     fn open(
         &self,
         group: GroupId,
