@@ -314,6 +314,13 @@ pub fn decode_log_entry(b: &[u8]) -> Result<crate::types::Entry, RaftStoreError>
     decode_body(&LOG_ENTRY, check_checked(&LOG_ENTRY, b)?)
 }
 
+/// Decodes a log entry read out of a segment frame whose checksum matched, like
+/// [`decode_log_entry`] without computing the entry's own checksum a second time (see
+/// [`log_entry_body_of_checked_frame`]).
+pub fn decode_log_entry_of_checked_frame(b: &[u8]) -> Result<crate::types::Entry, RaftStoreError> {
+    decode_body(&LOG_ENTRY, log_entry_body_of_checked_frame(b)?)
+}
+
 /// Decodes a stored message written by [`encode_record`] (or an unchecked version 1 one).
 /// A checksum that does not match is [`RaftStoreError::Corrupt`], never a record.
 pub fn decode_record(b: &[u8]) -> Result<junction_types::StoredRecord, RaftStoreError> {

@@ -123,13 +123,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let group = self.group;
         let mut out = Vec::new();
+        // A segment log hands out entries whose frame checksum it has just checked over the
+        // same bytes; entries kept in RocksDB are checked by their own.
+        let decode_entry = if self.segments.is_some() {
+            format::decode_log_entry_of_checked_frame
+        } else {
+            format::decode_log_entry
+        };
         let mut take = |index: u64, bytes: &[u8]| -> Result<bool, StorageError> {
-            let entry: Entry =
-                format::decode_log_entry(bytes).map_err(|e| StorageError::Corrupt {
-                    what: "log entry",
-                    group,
-                    detail: format!("at index {index}: {e}"),
-                })?;
+            let entry: Entry = decode_entry(bytes).map_err(|e| StorageError::Corrupt {
+                what: "log entry",
+                group,
+                detail: format!("at index {index}: {e}"),
+            })?;
             if entry.log_id.index != index {
                 return Err(StorageError::Corrupt {
                     what: "log entry",
