@@ -230,11 +230,18 @@ impl Report {
                 .collect();
             let _ = writeln!(t, "RSS per node    {}", per.join(", "));
         }
-        let _ = writeln!(
-            t,
-            "write amp.      {} bytes written per byte produced, per replica",
-            opt(self.write_amplification, "")
-        );
+        if self.workload.replays() {
+            let _ = writeln!(
+                t,
+                "write amp.      n/a (the workload reads what was produced before it)"
+            );
+        } else {
+            let _ = writeln!(
+                t,
+                "write amp.      {} bytes written per byte produced, per replica",
+                opt(self.write_amplification, "")
+            );
+        }
         if let Some([wal, flush, compaction, segments]) = self.write_amplification_rocksdb {
             let _ = writeln!(
                 t,

@@ -999,22 +999,13 @@ impl Store {
     ) -> Result<Vec<RawMessage>, StorageError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        // Pinned before the scan starts: whatever it points to stays on disk while it runs.
-        let mut resolver = Resolver::new(self, group);
-        self.scan_range(
-            CF_MESSAGES,
-            "message key",
-            group,
-            from,
-            upto,
-            |offset, v| {
-                // A resolved pointer is already a fresh record: kept as it is, not copied.
-                let record = resolver.resolve(offset, v)?.unwrap_or_else(|| v.to_vec());
-                bytes += record.len();
-                out.push((offset, record));
-                Ok(out.len() < max_count && bytes < max_bytes)
-            },
-        )?;
+        self.scan_resolved(group, from, upto, |offset, record| {
+            // A resolved pointer is already a fresh record: kept as it is, not copied.
+            let record = record.into_owned();
+            bytes += record.len();
+            out.push((offset, record));
+            Ok(out.len() < max_count && bytes < max_bytes)
+        })?;
         Ok(out)
     }
 
@@ -1084,6 +1075,19 @@ impl Store {
         upto: u64,
         mut visit: impl FnMut(u64, &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
+        self.scan_resolved(group, from, upto, |o, record| visit(o, &record))
+    }
+
+    /// Like [`Store::scan_messages`], each record lent (an inline copy as RocksDB holds it)
+    /// or given (a pointer resolved into a fresh record).
+    fn scan_resolved(
+        &self,
+        group: GroupId,
+        from: u64,
+        upto: u64,
+        mut visit: impl FnMut(u64, std::borrow::Cow<'_, [u8]>) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        use std::borrow::Cow;
         // Pinned before the scan starts: whatever it points to stays on disk while it runs.
         let mut resolver = Resolver::new(self, group);
         self.scan_range(
@@ -1093,8 +1097,8 @@ impl Store {
             from,
             upto,
             |o, v| match resolver.resolve(o, v)? {
-                Some(record) => visit(o, &record),
-                None => visit(o, v),
+                Some(record) => visit(o, Cow::Owned(record)),
+                None => visit(o, Cow::Borrowed(v)),
             },
         )
     }

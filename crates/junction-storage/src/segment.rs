@@ -616,9 +616,17 @@ impl GroupLog {
         while i < entries.len() {
             let index = entries[i].0;
             let expected = self.last_index().map(|l| l + 1);
-            // Past a purge of everything held (a snapshot installed beyond the log's end), the
-            // log goes on at the purge point; segments kept for pointers stay before the gap.
-            let after_purge = expected.is_some_and(|e| e < index && index <= self.floor);
+            // Past a snapshot installed beyond the log's end, the log goes on after the
+            // snapshot; segments kept for pointers stay before the gap. openraft counts the
+            // entries the snapshot covers as purged from the moment it accepts the snapshot,
+            // and may hand over the next entries before it asks the log to purge them (seen
+            // in chaos: a rejoining replica got its second snapshot, then entry 99098 after
+            // its last entry 98809, before the purge through 99097). So a jump forward is
+            // that purge, implied: nothing below it is read any more.
+            let after_purge = expected.is_some_and(|e| e < index);
+            if after_purge {
+                self.floor = self.floor.max(index);
+            }
             if expected.is_some_and(|e| e != index) && !after_purge {
                 return Err(StorageError::Corrupt {
                     what: "log append",
@@ -1149,11 +1157,12 @@ mod tests {
     }
 
     #[test]
-    fn an_append_that_skips_an_index_is_refused() {
+    fn an_append_that_skips_an_index_inside_a_batch_or_goes_back_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = GroupLog::open(dir.path(), 1, None, 1 << 20).unwrap();
         append_range(&mut log, 5, 8);
-        let err = log.append(&[(9, b"x".as_slice())]).unwrap_err();
+        // Going back over held entries without a truncation first.
+        let err = log.append(&[(6, b"x".as_slice())]).unwrap_err();
         assert_corrupt(&err, "log append");
         let err = log
             .append(&[(8, b"x".as_slice()), (10, b"y".as_slice())])
@@ -1174,6 +1183,23 @@ mod tests {
         );
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
         expect_range(&log, 5, 8);
+    }
+
+    /// openraft may hand over the entries after an installed snapshot before it asks the log
+    /// to purge what the snapshot covers: the jump forward purges it, implied.
+    #[test]
+    fn a_jump_forward_past_the_end_is_the_purge_a_snapshot_implies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = GroupLog::open(dir.path(), 1, None, 1 << 20).unwrap();
+        append_range(&mut log, 5, 8);
+        append_range(&mut log, 12, 14);
+        assert_eq!(log.first_index(), Some(12));
+        assert_eq!(log.last_index(), Some(13));
+        expect_range(&log, 12, 14);
+        // The log goes on from there; the purge that follows changes nothing.
+        append_range(&mut log, 14, 15);
+        log.purge_through(11).unwrap();
+        expect_range(&log, 12, 15);
     }
 
     #[test]
