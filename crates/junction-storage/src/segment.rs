@@ -622,20 +622,22 @@ impl GroupLog {
             // and may hand over the next entries before it asks the log to purge them (seen
             // in chaos: a rejoining replica got its second snapshot, then entry 99098 after
             // its last entry 98809, before the purge through 99097). So a jump forward is
-            // that purge, implied: nothing below it is read any more.
-            let after_purge = expected.is_some_and(|e| e < index);
-            if after_purge {
-                self.floor = self.floor.max(index);
-            }
-            if expected.is_some_and(|e| e != index) && !after_purge {
-                return Err(StorageError::Corrupt {
-                    what: "log append",
-                    group: self.group,
-                    detail: format!(
-                        "entry {index} does not follow the last entry {}",
-                        expected.unwrap_or(0).saturating_sub(1)
-                    ),
-                });
+            // that purge, implied: nothing below it is read any more. Only going back over
+            // held entries (without a truncation first) is refused.
+            if let Some(e) = expected {
+                if e > index {
+                    return Err(StorageError::Corrupt {
+                        what: "log append",
+                        group: self.group,
+                        detail: format!(
+                            "entry {index} does not follow the last entry {}",
+                            e.saturating_sub(1)
+                        ),
+                    });
+                }
+                if e < index {
+                    self.floor = self.floor.max(index);
+                }
             }
             let roll = match self.segments.last() {
                 None => true,
