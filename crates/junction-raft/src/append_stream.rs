@@ -88,8 +88,8 @@ struct Sent {
 
 /// The open gRPC stream of a session.
 struct OpenCall {
-    /// Requests go here; `None` once openraft ended the session and the answers still owed
-    /// are awaited.
+    /// Requests go here; `None` once the leader side closed its half (idle, or openraft ended
+    /// the session) and waits for the follower to end the stream.
     requests: Option<mpsc::Sender<RaftRequest>>,
     replies: Streaming<RaftReply>,
     sent: VecDeque<Sent>,
@@ -228,12 +228,6 @@ where
                 }
                 continue;
             };
-            if call.requests.is_none() && call.sent.is_empty() {
-                // Closed on our side with every request answered: nothing more can come.
-                // Dropping the call resets the stream, which ends the follower's side.
-                self.call = None;
-                continue;
-            }
             let wake_at = match call.sent.front() {
                 Some(oldest) => oldest.at + self.deadline,
                 None => call.quiet_since + IDLE_CLOSE,
@@ -282,7 +276,7 @@ where
                         call.sent.push_back(sent);
                     }
                     None => {
-                        // openraft ended the session: collect what is owed, then end.
+                        // openraft ended the session: close our half, collect what is owed.
                         self.requests_ended = true;
                         call.requests = None;
                     }
@@ -298,8 +292,9 @@ where
                         }
                         Some(_) => {}
                         None if call.quiet_since + IDLE_CLOSE <= now => {
-                            // Idle: the stream goes, and the next request opens a new one.
-                            self.call = None;
+                            // Idle: close our half; the follower ends the stream, and the
+                            // next request opens a new one.
+                            call.requests = None;
                         }
                         None => {}
                     }

@@ -96,17 +96,8 @@ impl ServerHandle {
         self.stop.cancel();
         self.broker.shutdown().await;
         self.peer_stop.cancel();
-        for mut t in self.tasks {
-            // A listener's graceful stop waits for the calls still open on it; streams a
-            // client or a peer keeps busy (a consumer's delivery stream, a replication
-            // session) would hold it, and the node, open. After the grace period they are cut.
-            if tokio::time::timeout(Duration::from_secs(5), &mut t)
-                .await
-                .is_err()
-            {
-                t.abort();
-                let _ = t.await;
-            }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
     }
 
