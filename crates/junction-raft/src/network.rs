@@ -258,10 +258,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        // A stream that holds one request at most is a heartbeat (openraft sends each as a
-        // stream of one): one unary call costs less than opening and closing a stream.
-        let one = input.size_hint().1.is_some_and(|n| n <= 1);
-        if one || !self.streams.load(Ordering::Relaxed) {
+        if !self.streams.load(Ordering::Relaxed) {
             return stream_append_sequential(self, input, option);
         }
         let leader = Leader::new(

@@ -241,31 +241,6 @@ async fn a_session_is_one_pipelined_stream_closed_when_idle_and_opened_again() {
     )
     .await;
 
-    // A heartbeat (a stream of one request, as openraft sends them) is one unary call.
-    let mut heartbeat_conn = connection(&f.addr, GROUP).await;
-    let mut heartbeat = heartbeat_conn
-        .stream_append(
-            futures::stream::once(async { request(Some(3), vec![], Some(3)) }).boxed(),
-            option(),
-        )
-        .await
-        .expect("a heartbeat");
-    assert_eq!(
-        heartbeat
-            .next()
-            .await
-            .expect("an answer")
-            .expect("answered"),
-        Ok(Some(log_id(3)))
-    );
-    assert!(heartbeat.next().await.is_none());
-    assert_eq!(
-        f.streams.opened.load(Ordering::Relaxed),
-        2,
-        "the heartbeat opened no stream"
-    );
-    drop(heartbeat);
-
     // openraft ends the session: the stream ends once every request is answered.
     drop(tx);
     assert!(answers.next().await.is_none(), "the session ended");
