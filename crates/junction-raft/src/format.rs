@@ -114,12 +114,6 @@ pub const APPEND_REPLY: Format = Format {
     what: "append entries reply",
     version: 1,
 };
-/// Peer payload: the answer to one request of an append stream (openraft's
-/// `StreamAppendResult`: the last log id the follower holds after it, or why it was refused).
-pub const STREAM_APPEND_REPLY: Format = Format {
-    what: "stream append reply",
-    version: 1,
-};
 /// Peer payload: the reply to Vote or PreVote.
 pub const VOTE_REPLY: Format = Format {
     what: "vote reply",
@@ -369,8 +363,8 @@ mod tests {
     use junction_types::meta::MetaState;
     use junction_types::{Command, CommandResponse, MetaCommand, StoredRecord};
     use openraft::raft::{
-        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError,
-        StreamAppendResult, TransferLeaderRequest, VoteRequest, VoteResponse,
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+        VoteRequest, VoteResponse,
     };
     use openraft::{EntryPayload, Membership};
 
@@ -1244,14 +1238,6 @@ mod tests {
             &AppendEntriesResponse::<TypeConfig>::Success,
             "0100",
         );
-        let appended: StreamAppendResult<TypeConfig> = Ok(Some(log_id(3, 2, 41)));
-        frozen(&STREAM_APPEND_REPLY, &appended, "010001030229");
-        let conflict: StreamAppendResult<TypeConfig> =
-            Err(StreamAppendError::Conflict(log_id(3, 2, 40)));
-        frozen(&STREAM_APPEND_REPLY, &conflict, "010100030228");
-        let higher: StreamAppendResult<TypeConfig> =
-            Err(StreamAppendError::HigherVote(Vote::new(4, 1)));
-        frozen(&STREAM_APPEND_REPLY, &higher, "010101040100");
         frozen(
             &TRANSFER_LEADER,
             &TransferLeaderRequest::<TypeConfig>::new(vote, 3, Some(log_id(3, 2, 41))),

@@ -12,7 +12,6 @@
 //!
 //! Depends on types, proto and storage; knows nothing of stations, produce or read requests.
 
-pub mod append_stream;
 pub mod compaction;
 pub mod format;
 pub mod log_store;

@@ -6,25 +6,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use junction_proto::peer::peer_client::PeerClient;
 use junction_proto::peer::{RaftReply, RaftRequest, SnapshotChunk};
 use junction_types::GroupId;
-use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, stream_append_sequential};
+use openraft::network::RPCOption;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{RaftNetworkFactory, RaftNetworkV2};
 use parking_lot::Mutex;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::append_stream::Leader;
 use crate::format::{self, Format, decode, encode};
 use crate::peer_auth::{AttachSecret, ClusterIdentity, ClusterSecret};
 use crate::snapshot::SnapshotData;
@@ -184,7 +180,6 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             client: self.pool.client(&node.addr).map_err(|e| e.to_string()),
-            streams: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -194,9 +189,6 @@ pub struct PeerConnection {
     group: GroupId,
     target: u64,
     client: Result<PeerClient<PeerChannel>, String>,
-    /// Whether replication sessions go over `AppendStream` (see [`crate::append_stream`]);
-    /// cleared for a peer that does not serve it, which then gets unary calls.
-    streams: Arc<AtomicBool>,
 }
 
 fn unreachable(msg: impl ToString) -> RpcErr {
@@ -249,31 +241,6 @@ impl PeerConnection {
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = SnapshotData;
-
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RpcErr>>, RpcErr>>
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        if !self.streams.load(Ordering::Relaxed) {
-            return stream_append_sequential(self, input, option);
-        }
-        let leader = Leader::new(
-            self.group,
-            self.target,
-            self.client.clone(),
-            input,
-            rpc_deadline(&option),
-            self.streams.clone(),
-        );
-        Box::pin(async move {
-            let answers: BoxStream<'s, _> = Box::pin(leader.answers());
-            Ok(answers)
-        })
-    }
 
     async fn append_entries(
         &mut self,

@@ -107,17 +107,6 @@ enum AnyRaft {
 pub struct PeerService<H> {
     host: Arc<H>,
     spool_seq: AtomicU64,
-    /// `None`: `AppendStream` answers "unimplemented", as a build from before it did.
-    append_streams: Option<Arc<AppendStreamStats>>,
-}
-
-/// The append streams a peer service served (see [`crate::append_stream`]).
-#[derive(Debug, Default)]
-pub struct AppendStreamStats {
-    /// Streams opened since the service started.
-    pub opened: AtomicU64,
-    /// Streams open now.
-    pub open: AtomicU64,
 }
 
 impl<H: GroupHost> PeerService<H> {
@@ -125,20 +114,7 @@ impl<H: GroupHost> PeerService<H> {
         Self {
             host,
             spool_seq: AtomicU64::new(0),
-            append_streams: Some(Arc::default()),
         }
-    }
-
-    /// Behaves as a build from before append streams: leaders replicate to this node with
-    /// unary calls (for tests of a cluster in a rolling upgrade).
-    pub fn without_append_streams(mut self) -> Self {
-        self.append_streams = None;
-        self
-    }
-
-    /// The counts of the append streams this service serves (zero if it serves none).
-    pub fn append_streams(&self) -> Arc<AppendStreamStats> {
-        self.append_streams.clone().unwrap_or_default()
     }
 
     fn raft(&self, group: GroupId) -> Option<AnyRaft> {
@@ -181,35 +157,20 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(
     }))
 }
 
-/// Decodes an AppendEntries request for `group` (unary or one of a stream) and checks the
-/// leader's checksum of every checked append among its entries: entries that fail it changed
-/// on the way, none is stored, and the leader sends them again (read again from its log).
-pub(crate) fn accept_append(
-    group: GroupId,
-    payload: &[u8],
-) -> Result<AppendEntriesRequest<TypeConfig>, Status> {
-    let rpc: AppendEntriesRequest<TypeConfig> =
-        decode(&format::APPEND_ENTRIES, payload).map_err(bad)?;
-    if group == META_GROUP {
-        return Ok(rpc);
-    }
+/// Checks the leader's checksum of every checked append among received entries.
+fn check_received(group: GroupId, rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
     for e in &rpc.entries {
-        let openraft::EntryPayload::Normal(junction_types::Command::Partition(cmd)) = &e.payload
-        else {
-            continue;
-        };
-        if let Err(m) = cmd.check() {
-            let detail = format!(
-                "corrupt log entry received: group {group} at {}: {m}",
-                e.log_id
-            );
-            metrics::counter!("junction_corruption_events_total", "kind" => "replication")
-                .increment(1);
-            tracing::error!(group, %detail, "refused corrupt entries from the leader");
-            return Err(Status::data_loss(detail));
+        if let openraft::EntryPayload::Normal(junction_types::Command::Partition(cmd)) = &e.payload
+        {
+            cmd.check().map_err(|m| {
+                format!(
+                    "corrupt log entry received: group {group} at {}: {m}",
+                    e.log_id
+                )
+            })?;
         }
     }
-    Ok(rpc)
+    Ok(())
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -218,34 +179,27 @@ fn bad(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl<H: GroupHost> Peer for PeerService<H> {
-    type AppendStreamStream = crate::append_stream::Replies;
-
-    async fn append_stream(
-        &self,
-        req: Request<Streaming<RaftRequest>>,
-    ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        let stats = self.append_streams.clone().ok_or_else(|| {
-            Status::unimplemented("this node replicates with unary AppendEntries calls")
-        })?;
-        Ok(Response::new(crate::append_stream::serve(
-            self.host.clone(),
-            stats,
-            req.into_inner(),
-        )))
-    }
-
     async fn append_entries(
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        let rpc = accept_append(r.group, &r.payload)?;
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode(&format::APPEND_ENTRIES, &r.payload).map_err(bad)?;
         match self.raft(r.group) {
             None => Ok(not_hosted()),
             Some(AnyRaft::Meta(raft)) => {
                 reply(&format::APPEND_REPLY, raft.append_entries(rpc).await)
             }
             Some(AnyRaft::Partition(raft)) => {
+                // Entries that fail their leader's checksum changed on the way: none is
+                // stored, and the leader sends them again (read again from its log).
+                if let Err(detail) = check_received(r.group, &rpc) {
+                    metrics::counter!("junction_corruption_events_total", "kind" => "replication")
+                        .increment(1);
+                    tracing::error!(group = r.group, %detail, "refused corrupt entries from the leader");
+                    return Err(Status::data_loss(detail));
+                }
                 // Entries wake a quiet follower once they are in (its election timer then
                 // starts from this leader's message); heartbeats wake nobody.
                 let entries = !rpc.entries.is_empty();

@@ -167,21 +167,11 @@ fn grpc_builder() -> tonic::transport::Server<
 /// secret, or mutual TLS) reach this port.
 const PEER_PENDING_RESETS: usize = 1 << 16;
 
-/// Streams open at once on one connection to the peer port. h2's default (200) is a public
-/// port's guard; here each replication session of a group with traffic holds one stream (see
-/// `junction_raft::append_stream`), so a node leading a thousand busy partitions keeps about a
-/// thousand open to each peer. A session over the limit would wait for another to close.
-const PEER_MAX_STREAMS: u32 = 1 << 16;
-
-/// The server builder of the peer port (see [`PEER_PENDING_RESETS`], [`PEER_MAX_STREAMS`]).
-/// With `--peer-port-offset 0` the client port is built with it too, as it carries the
-/// peer service.
+/// The server builder of the peer port (see [`PEER_PENDING_RESETS`]).
 fn peer_grpc_builder() -> tonic::transport::Server<
     tower::layer::util::Stack<telemetry::RpcSpans, tower::layer::util::Identity>,
 > {
-    grpc_builder()
-        .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS))
-        .max_concurrent_streams(Some(PEER_MAX_STREAMS))
+    grpc_builder().http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS))
 }
 
 /// Starts a node.
@@ -360,12 +350,7 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| BrokerError::Raft(format!("reflection: {e}")))?;
 
-        let mut client_port = if peer.is_some() {
-            grpc_builder()
-        } else {
-            peer_grpc_builder()
-        };
-        let router = client_port
+        let router = grpc_builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
