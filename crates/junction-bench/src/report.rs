@@ -230,18 +230,15 @@ impl Report {
                 .collect();
             let _ = writeln!(t, "RSS per node    {}", per.join(", "));
         }
-        if self.workload.replays() {
-            let _ = writeln!(
-                t,
-                "write amp.      n/a (the workload reads what was produced before it)"
-            );
+        let amplification = if self.workload.replays() {
+            "n/a (the workload reads what was produced before it)".to_owned()
         } else {
-            let _ = writeln!(
-                t,
-                "write amp.      {} bytes written per byte produced, per replica",
+            format!(
+                "{} bytes written per byte produced, per replica",
                 opt(self.write_amplification, "")
-            );
-        }
+            )
+        };
+        let _ = writeln!(t, "write amp.      {amplification}");
         if let Some([wal, flush, compaction, segments]) = self.write_amplification_rocksdb {
             let _ = writeln!(
                 t,
